@@ -1,0 +1,192 @@
+"""Every knob of imagegen, read once from the environment and `.env` into one frozen object.
+
+Why one object: settings are checked at start-up (a bad value stops the server with a message that
+names the variable) and then passed down; nothing reads `os.environ` at request time. The
+environment wins over `.env`; an explicit setting wins over the performance preset. Field names map
+to upper-case variables (`port` <- `PORT`); CONFIGURATION.md documents each one.
+
+This module imports nothing from the `imagegen` package.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent
+
+# Defaults that follow PERFORMANCE_PRESET unless the variable itself is set. Sizes suit the
+# embedded 64x64 demo model on a CPU; a real model wants DEFAULT_WIDTH/HEIGHT=512 and a GPU preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "low": {
+        "default_steps": 15,
+        "max_steps": 30,
+        "max_width": 256,
+        "max_height": 256,
+        "max_batch_size": 2,
+        "attention_slicing": True,
+        "vae_tiling": True,
+        "cpu_offload": True,
+        "torch_dtype": "auto",
+    },
+    "balanced": {
+        "default_steps": 20,
+        "max_steps": 50,
+        "max_width": 512,
+        "max_height": 512,
+        "max_batch_size": 4,
+        "attention_slicing": False,
+        "vae_tiling": False,
+        "cpu_offload": False,
+        "torch_dtype": "auto",
+    },
+    "high": {
+        "default_steps": 20,
+        "max_steps": 100,
+        "max_width": 1024,
+        "max_height": 1024,
+        "max_batch_size": 8,
+        "attention_slicing": False,
+        "vae_tiling": False,
+        "cpu_offload": False,
+        "torch_dtype": "auto",
+    },
+}
+
+
+class Settings(BaseSettings):
+    """The server's configuration; see CONFIGURATION.md for each variable's meaning and range."""
+
+    model_config = SettingsConfigDict(
+        env_file=ROOT / ".env",
+        env_file_encoding="utf-8",
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
+    )
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(5000, ge=1, le=65535)
+    app_env: Literal["development", "production"] = "development"
+    threads: int = Field(8, ge=1, le=256)
+    request_timeout_seconds: float = Field(300.0, gt=0, le=3600)
+
+    # Model and engine
+    model_id: str = "models/tiny-random"
+    models: str = ""
+    device: str = "auto"
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    performance_preset: Literal["low", "balanced", "high"] = "balanced"
+    model_preload: bool = True
+    max_loaded_models: int = Field(1, ge=1, le=16)
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    max_queue_size: int = Field(64, ge=1, le=100_000)
+    max_batch_size: int = Field(4, ge=1, le=64)
+    batch_wait_ms: int = Field(0, ge=0, le=10_000)
+
+    # Request limits and defaults
+    default_steps: int = Field(20, ge=1, le=500)
+    max_steps: int = Field(50, ge=1, le=500)
+    default_width: int = Field(64, ge=8, le=4096)
+    default_height: int = Field(64, ge=8, le=4096)
+    max_width: int = Field(512, ge=8, le=4096)
+    max_height: int = Field(512, ge=8, le=4096)
+    default_guidance_scale: float = Field(5.0, ge=0, le=30)
+    max_prompt_length: int = Field(500, ge=1, le=10_000)
+    max_images_per_request: int = Field(4, ge=1, le=64)
+
+    # Storage and logs
+    image_dir: Path = ROOT / "generated_images"
+    log_dir: Path = ROOT / "logs"
+    data_dir: Path = ROOT / "data"
+    image_ttl_seconds: int = Field(86_400, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_max_bytes: int = Field(1_000_000, ge=1024)
+    log_backup_count: int = Field(5, ge=0, le=100)
+    log_format: Literal["text", "json"] = "text"
+
+    # Access
+    admin_token: str = ""
+    rate_limit: str = "10/minute"
+    rate_limit_default: str = "300/minute"
+    rate_limit_storage_uri: str = "memory://"
+    blocked_words: str = ""
+    blocked_patterns_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fills preset-controlled fields that were not given explicitly."""
+        if not isinstance(data, dict):
+            return data
+        given = {key.lower(): value for key, value in data.items()}
+        preset = PRESETS.get(str(given.get("performance_preset", "balanced")).lower(), {})
+        return {**preset, **given}
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in {"auto", "cpu", "cuda", "mps"} or (index and not (kind == "cuda" and index.isdigit())):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Relative paths are relative to the project, so `make run` works from any directory."""
+        return value if value is None or value.is_absolute() else ROOT / value
+
+    @field_validator("default_guidance_scale", "request_timeout_seconds")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        for name in ("default_steps", "default_width", "default_height"):
+            bound = name.replace("default", "max")
+            if getattr(self, name) > getattr(self, bound):
+                raise ValueError(f"{name.upper()} must not exceed {bound.upper()}")
+        for name in ("default_width", "default_height", "max_width", "max_height"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name.upper()} must be a multiple of 8")
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        """MODEL_ID first, then the other models a request may choose (MODELS, comma-separated)."""
+        extra = [m.strip() for m in self.models.split(",") if m.strip() and m.strip() != self.model_id]
+        return (self.model_id, *extra)
+
+    @staticmethod
+    def model_source(model_id: str) -> str:
+        """A model id as given (hub id, absolute path), or resolved against the project when it names
+        a folder or file in it."""
+        candidate = ROOT / model_id
+        return str(candidate) if not Path(model_id).is_absolute() and candidate.exists() else model_id
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Reads the settings, turning a bad value into one line that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SystemExit(f"invalid configuration: {problems}") from None

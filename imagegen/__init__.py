@@ -1,0 +1,61 @@
+"""imagegen: a text-to-image HTTP server on Flask and diffusers.
+
+`create_app` only wires the parts together; each part lives in its own module. Creating the app
+starts the one generation worker thread (which loads the default model in the background when
+MODEL_PRELOAD is on); importing this package starts nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+
+from flask import Flask
+
+from config import Settings, load_settings
+
+__version__ = "0.1.0"
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Builds the Flask app and its services from settings (read from the environment if not given)."""
+    from imagegen import errors, middleware
+    from imagegen.api import common, core, jobs, ops
+    from imagegen.db import Database
+    from imagegen.engine.models import ModelManager
+    from imagegen.engine.worker import GenerationWorker
+    from imagegen.jobs import JobStore
+    from imagegen.logs import setup_logging
+    from imagegen.monitoring import Monitor
+    from imagegen.security import init_limiter
+    from imagegen.storage import ImageStore
+
+    settings = settings or load_settings()
+    setup_logging(settings)
+    app = Flask(__name__)
+    app.config.update(
+        IMAGEGEN_PRODUCTION=settings.is_production,
+        PROPAGATE_EXCEPTIONS=False,
+        TRAP_HTTP_EXCEPTIONS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    db = Database(settings.data_dir / "imagegen.sqlite3")
+    monitor = Monitor()
+    job_store = JobStore(db)
+    image_store = ImageStore(settings.image_dir, db)
+    models = ModelManager(settings)
+    worker = GenerationWorker(settings, models, job_store, image_store, monitor)
+    app.extensions["imagegen"] = common.Services(settings, job_store, image_store, models, worker, monitor)
+
+    errors.init_app(app)
+    middleware.init_app(app)
+    for blueprint in (core.bp, jobs.bp, ops.bp):
+        app.register_blueprint(blueprint)
+    init_limiter(app, settings)
+
+    worker.start()
+    atexit.register(worker.stop, 5)
+    log.info("imagegen %s (%s) with model %s on %s", __version__, settings.app_env, settings.model_id, models.device)
+    return app

@@ -1,0 +1,1 @@
+"""HTTP surfaces, one blueprint per module; routes stay thin and call the services in `common`."""

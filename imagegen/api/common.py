@@ -1,0 +1,208 @@
+"""What every route shares: the app's services, JSON parsing, job submission and job rendering.
+
+Why here: the native, OpenAI and A1111 surfaces all validate, queue and wait the same way; only
+their request and response shapes differ.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import current_app, request, url_for
+from pydantic import BaseModel
+
+from config import Settings
+from imagegen.engine.models import ModelManager, ModelState
+from imagegen.engine.worker import GenerationWorker, QueueFull
+from imagegen.errors import APIError
+from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
+from imagegen.monitoring import Monitor
+from imagegen.schemas import MAX_SEED
+from imagegen.security import client_key, screen_prompt
+from imagegen.storage import ImageStore
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+@dataclass
+class Services:
+    """Everything a request may use, built once by create_app and kept in app.extensions."""
+
+    settings: Settings
+    jobs: JobStore
+    images: ImageStore
+    models: ModelManager
+    worker: GenerationWorker
+    monitor: Monitor
+
+
+def services() -> Services:
+    return current_app.extensions["imagegen"]
+
+
+def parse(schema: type[Schema], data: Any = None) -> Schema:
+    """Validates the JSON body (or given data) against a schema; errors become 400s naming the field."""
+    if data is None:
+        data = request.get_json(silent=True)
+        if data is None:
+            raise APIError(400, "invalid_json", "The request body must be a valid JSON document.")
+    return schema.model_validate(data, context={"settings": services().settings})
+
+
+def resolve_params(
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    guidance_scale: float | None,
+    seed: int | None,
+    num_images: int,
+    scheduler: str | None,
+    model: str | None,
+) -> GenerationParams:
+    """Screens the prompts, applies defaults, checks the model and draws missing seeds."""
+    settings = services().settings
+    screen_prompt("prompt", prompt, settings)
+    if negative_prompt:
+        screen_prompt("negative_prompt", negative_prompt, settings)
+    model = model or settings.model_id
+    if model not in settings.allowed_models:
+        raise APIError(
+            400, "unknown_model", f"`model` must be one of {', '.join(settings.allowed_models)}", {"field": "model"}
+        )
+    if seed is None:
+        seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(num_images))
+    else:
+        seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(num_images))
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        width=width or settings.default_width,
+        height=height or settings.default_height,
+        steps=steps or settings.default_steps,
+        guidance_scale=settings.default_guidance_scale if guidance_scale is None else guidance_scale,
+        seeds=seeds,
+        scheduler=scheduler or "default",
+        model=model,
+    )
+
+
+def ensure_runnable(model: str) -> None:
+    """503 with the reason while the model cannot run: still on its first load, or failed to load."""
+    info = services().models.state(model)
+    if info.state == ModelState.FAILED:
+        raise APIError(
+            503, "model_unavailable", f"Model `{model}` failed to load: {info.error}", headers={"Retry-After": "30"}
+        )
+    if info.state == ModelState.LOADING and info.load_seconds is None:
+        raise APIError(
+            503, "model_loading", f"Model `{model}` is loading; try again shortly.", headers={"Retry-After": "5"}
+        )
+    if not services().worker.alive:
+        raise APIError(503, "worker_stopped", "The generation worker is not running.")
+
+
+def submit(params: GenerationParams) -> Job:
+    """Queues a job for the worker; a full queue is a 503 with Retry-After."""
+    ensure_runnable(params.model)
+    job = Job(params=params, client=client_key())
+    try:
+        services().worker.submit(job)
+    except QueueFull as exc:
+        raise APIError(
+            503,
+            "queue_full",
+            "The generation queue is full; retry later.",
+            {"max_queue_size": services().settings.max_queue_size},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    return job
+
+
+def wait_for(job: Job) -> Job | None:
+    """Waits up to REQUEST_TIMEOUT_SECONDS; the finished job, or None if it is still going."""
+    svc = services()
+    if not svc.worker.wait(job.id, svc.settings.request_timeout_seconds):
+        return None
+    return svc.jobs.get(job.id)
+
+
+def job_failure(job: Job) -> APIError:
+    """A failed job as the error a synchronous client receives."""
+    error = job.error or {"code": "generation_failed", "message": "Generation failed."}
+    status = 503 if error["code"] == "out_of_memory" else 409 if job.status == JobStatus.CANCELLED else 500
+    return APIError(status, error["code"], error["message"], {"job_id": job.id})
+
+
+def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
+    """Each image as a URL (default) or inline base64 PNG, with its seed and size."""
+    store = services().images
+    views = []
+    for image in job.images:
+        view: dict[str, Any] = {"seed": image["seed"], "width": image["width"], "height": image["height"]}
+        if response_format == "b64_json":
+            view["b64_json"] = base64.b64encode(store.read(image["name"])).decode("ascii")
+        else:
+            view["url"] = url_for("core.image", name=image["name"], _external=True)
+        views.append(view)
+    return views
+
+
+def timings(job: Job) -> dict[str, float | None]:
+    def span(start: float | None, end: float | None) -> float | None:
+        return round(end - start, 4) if start is not None and end is not None else None
+
+    return {
+        "queue_seconds": span(job.created_at, job.started_at),
+        "generation_seconds": span(job.started_at, job.finished_at),
+        "total_seconds": span(job.created_at, job.finished_at),
+    }
+
+
+def parameters(job: Job) -> dict[str, Any]:
+    p = job.params
+    return {
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        "width": p.width,
+        "height": p.height,
+        "steps": p.steps,
+        "guidance_scale": p.guidance_scale,
+        "seeds": list(p.seeds),
+        "scheduler": p.scheduler,
+        "num_images": len(p.seeds),
+    }
+
+
+def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
+    """A job as GET /jobs/<id> shows it: state, position or progress, then images or error."""
+    svc = services()
+    view: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status,
+        "model": job.params.model,
+        "created_at": job.created_at,
+        "parameters": parameters(job),
+        "timings": timings(job),
+    }
+    if job.status == JobStatus.QUEUED:
+        view["position"] = svc.worker.position(job.id)
+    if job.status == JobStatus.RUNNING:
+        view.update(progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps)
+    if job.status == JobStatus.SUCCEEDED:
+        view.update(progress=1.0, images=image_views(job, response_format))
+    if job.error:
+        view["error"] = job.error
+    return view
+
+
+def accepted(job: Job) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """202 with the job's current view and a Location header to poll."""
+    location = url_for("jobs.get_job", job_id=job.id)
+    current = services().jobs.get(job.id) or job
+    return {**job_view(current), "location": location}, 202, {"Location": location}

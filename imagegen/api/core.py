@@ -1,0 +1,92 @@
+"""The native surface: the index, POST /generate, and the stored images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file
+
+from config import Settings
+from imagegen import __version__
+from imagegen.api.common import (
+    accepted,
+    image_views,
+    job_failure,
+    parameters,
+    parse,
+    resolve_params,
+    services,
+    submit,
+    timings,
+    wait_for,
+)
+from imagegen.errors import APIError
+from imagegen.jobs import Job
+from imagegen.schemas import GenerateRequest
+from imagegen.security import generation_route
+
+bp = Blueprint("core", __name__)
+
+ENDPOINTS = [
+    ("GET", "/", "This index: name, version and every endpoint."),
+    ("POST", "/generate", "Generate images from a text prompt (JSON); waits for the result."),
+    ("GET", "/images/<name>", "Download a generated PNG."),
+    ("GET", "/jobs/<id>", "A job's status, timings and images."),
+    ("GET", "/health", "Readiness: 200 when a generation could start now, else 503 with a reason."),
+    ("GET", "/status", "System and application figures for operators."),
+    ("POST", "/cleanup", "Admin: delete old images, optionally unload models."),
+]
+
+
+@bp.get("/")
+def index() -> Response:
+    """Names the server and lists its endpoints."""
+    settings: Settings = services().settings
+    return jsonify(
+        {
+            "name": "imagegen",
+            "version": __version__,
+            "model": settings.model_id,
+            "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in ENDPOINTS],
+        }
+    )
+
+
+def generation_response(job: Job, response_format: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The finished job as /generate's body, or 202 with its link if it outlives the request timeout."""
+    finished = wait_for(job)
+    if finished is None:
+        return accepted(job)
+    if finished.error or not finished.images:
+        raise job_failure(finished)
+    body = {
+        "id": finished.id,
+        "model": finished.params.model,
+        "images": image_views(finished, response_format),
+        "parameters": parameters(finished),
+        "timings": timings(finished),
+    }
+    return body, 200, {}
+
+
+@bp.post("/generate")
+@generation_route
+def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Validates, queues and (by default) waits for a generation; answers with the images."""
+    body = parse(GenerateRequest)
+    params = resolve_params(**body.model_dump(exclude={"response_format", "run_async"}))
+    job = submit(params)
+    if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
+        return accepted(job)
+    return generation_response(job, body.response_format)
+
+
+@bp.get("/images/<path:name>")
+def image(name: str) -> Response:
+    """Serves a PNG this server wrote; any other name, however encoded, is a 404."""
+    stored = services().images.find(name)
+    if stored is None:
+        raise APIError(404, "not_found", "No such image.")
+    response = send_file(stored.path, mimetype="image/png", etag=True, max_age=3600, conditional=True)
+    response.headers["Cache-Control"] = "private, max-age=3600, immutable"
+    return response

@@ -1,0 +1,1 @@
+"""The generation engine: the only code that imports torch and diffusers at module level."""

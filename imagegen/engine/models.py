@@ -1,0 +1,187 @@
+"""ModelManager: loads diffusers pipelines, keeps the recently used ones, and unloads them.
+
+Why it is called only from the worker thread: a diffusers pipeline is not safe to share between
+threads, so loading, swapping schedulers and unloading all happen on the one thread that runs
+generations. Other threads read `describe()`, a snapshot kept under a lock.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import psutil
+import torch
+import transformers
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+from config import Settings
+from imagegen.engine.names import DEFAULT_SCHEDULER, SCHEDULERS
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelInfo:
+    """What operators see about one model."""
+
+    id: str
+    state: ModelState = ModelState.UNLOADED
+    device: str | None = None
+    dtype: str | None = None
+    load_seconds: float | None = None
+    last_used: float | None = None
+    error: str | None = None
+
+
+def resolve_device(setting: str) -> str:
+    """DEVICE=auto picks CUDA, then Apple's MPS, then the CPU."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    """TORCH_DTYPE=auto: half precision on CUDA, full precision where fp16 is slow or unsupported."""
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, setting)
+
+
+def memory_snapshot(device: str) -> str:
+    """Process RSS, and allocated VRAM on CUDA, for load/unload log lines."""
+    rss = psutil.Process().memory_info().rss / 2**20
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"rss={rss:.0f}MB vram={torch.cuda.memory_allocated(device) / 2**20:.0f}MB"
+    return f"rss={rss:.0f}MB"
+
+
+class ModelManager:
+    """An LRU cache of loaded pipelines, at most MAX_LOADED_MODELS at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.torch_dtype, self.device)
+        self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
+        self._default_schedulers: dict[str, Any] = {}
+        # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
+        first_state = ModelState.LOADING if settings.model_preload else ModelState.UNLOADED
+        self._info: dict[str, ModelInfo] = {settings.model_id: ModelInfo(settings.model_id, first_state)}
+        self._lock = threading.Lock()
+        # Progress bars on stderr are noise in a server's logs.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+    def _set(self, model_id: str, **changes: Any) -> None:
+        with self._lock:
+            info = self._info.setdefault(model_id, ModelInfo(model_id))
+            for key, value in changes.items():
+                setattr(info, key, value)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """A thread-safe snapshot of every known model's state."""
+        with self._lock:
+            return [asdict(info) for info in self._info.values()]
+
+    def state(self, model_id: str) -> ModelInfo:
+        with self._lock:
+            return ModelInfo(**asdict(self._info.get(model_id, ModelInfo(model_id))))
+
+    def _load(self, model_id: str) -> DiffusionPipeline:
+        source = self.settings.model_source(model_id)
+        self._set(model_id, state=ModelState.LOADING, error=None)
+        log.info(
+            "loading model %s on %s (%s); before: %s", model_id, self.device, self.dtype, memory_snapshot(self.device)
+        )
+        started = time.perf_counter()
+        try:
+            if Path(source).is_file():
+                pipe = StableDiffusionPipeline.from_single_file(source, dtype=self.dtype)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
+            self._apply_memory_options(pipe)
+        except Exception as exc:
+            self._set(model_id, state=ModelState.FAILED, error=f"{type(exc).__name__}: {exc}")
+            log.error("model %s failed to load: %s", model_id, exc)
+            raise
+        pipe.set_progress_bar_config(disable=True)
+        seconds = time.perf_counter() - started
+        self._default_schedulers[model_id] = pipe.scheduler
+        self._set(
+            model_id,
+            state=ModelState.READY,
+            device=self.device,
+            dtype=str(self.dtype).removeprefix("torch."),
+            load_seconds=round(seconds, 3),
+        )
+        log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
+        return pipe
+
+    def _apply_memory_options(self, pipe: DiffusionPipeline) -> None:
+        """The preset's memory trade-offs; CPU offload only means something on an accelerator."""
+        if self.settings.attention_slicing:
+            pipe.enable_attention_slicing()
+        if self.settings.vae_tiling and hasattr(pipe, "vae"):
+            pipe.vae.enable_tiling()
+        if self.settings.cpu_offload and self.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+
+    def get(self, model_id: str, scheduler: str = DEFAULT_SCHEDULER) -> DiffusionPipeline:
+        """The loaded pipeline for model_id with the requested scheduler, loading (and evicting) as needed."""
+        pipe = self._pipes.get(model_id)
+        if pipe is None:
+            while len(self._pipes) >= self.settings.max_loaded_models:
+                self.unload(next(iter(self._pipes)))
+            pipe = self._pipes[model_id] = self._load(model_id)
+        self._pipes.move_to_end(model_id)
+        self._set(model_id, last_used=time.time())
+        default = self._default_schedulers[model_id]
+        if scheduler == DEFAULT_SCHEDULER:
+            pipe.scheduler = default
+        else:
+            class_name, options = SCHEDULERS[scheduler]
+            scheduler_class = getattr(diffusers, class_name)
+            if type(pipe.scheduler).__name__ != class_name or any(
+                pipe.scheduler.config.get(k) != v for k, v in options.items()
+            ):
+                pipe.scheduler = scheduler_class.from_config(default.config, **options)
+        return pipe
+
+    def loaded(self) -> list[str]:
+        return list(self._pipes)
+
+    def unload(self, model_id: str | None = None) -> list[str]:
+        """Drops one model (or all) and returns the memory to the system."""
+        targets = [model_id] if model_id else list(self._pipes)
+        unloaded = [target for target in targets if self._pipes.pop(target, None) is not None]
+        for target in unloaded:
+            self._default_schedulers.pop(target, None)
+            self._set(target, state=ModelState.UNLOADED)
+        if unloaded:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.info("unloaded %s; after: %s", ", ".join(unloaded), memory_snapshot(self.device))
+        return unloaded

@@ -1,0 +1,99 @@
+"""The one error type and its JSON shape, and the handlers that give every failure that shape.
+
+Why one place: clients parse `{"error": {"code", "message", "details"?}}` for every status, so no
+route formats its own errors and no traceback or internal path reaches a client in production.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, current_app, g, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's status codes mapped to our stable, documented error codes.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class APIError(Exception):
+    """An error a client can act on: status, stable code, message, optional details and headers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details, self.headers = details, headers or {}
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The JSON body of every error; the request id lets a user quote it to an operator."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    request_id = g.get("request_id")
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def error_response(error: APIError) -> Response:
+    """Renders an APIError with its status and headers."""
+    current_app.extensions["imagegen"].monitor.record_error(error.code)
+    response = jsonify(error_body(error.code, error.message, error.details))
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """Turns a pydantic failure into a 400 whose message names the first bad field."""
+    details = [
+        {"field": ".".join(str(part) for part in err["loc"]) or "body", "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    first = details[0]
+    return APIError(400, "invalid_request", f"`{first['field']}`: {first['message']}", details)
+
+
+def _handle_http(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    headers = dict(exc.get_headers()) if exc.response is None else {}
+    headers.pop("Content-Type", None)
+    return error_response(APIError(status, HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers))
+
+
+def _handle_unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    details = None if current_app.config["IMAGEGEN_PRODUCTION"] else f"{type(exc).__name__}: {exc}"
+    return error_response(APIError(500, "internal_error", "An internal error occurred.", details))
+
+
+def init_app(app: Flask) -> None:
+    """Registers the handlers so every error, ours or Werkzeug's, leaves in the one shape."""
+    app.register_error_handler(APIError, error_response)
+    app.register_error_handler(ValidationError, lambda exc: error_response(validation_error(exc)))
+    app.register_error_handler(HTTPException, _handle_http)
+    app.register_error_handler(Exception, _handle_unexpected)

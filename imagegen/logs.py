@@ -1,0 +1,66 @@
+"""Logging set-up: a rotating file under LOG_DIR plus the console, as text or JSON lines.
+
+Why a filter adds the request id: every line logged while a request is handled (by routes,
+screening, the limiter) carries that request's X-Request-ID, so one grep follows one request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import time
+
+from flask import g, has_request_context
+
+from config import Settings
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the current request's id, or '-' outside a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(settings: Settings) -> None:
+    """Replaces the root logger's handlers with the console and LOG_DIR/app.log (rotating)."""
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    file_handler = logging.handlers.RotatingFileHandler(
+        settings.log_dir / "app.log",
+        maxBytes=settings.log_max_bytes,
+        backupCount=settings.log_backup_count,
+        encoding="utf-8",
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in (logging.StreamHandler(), file_handler):
+        handler.setFormatter(formatter)
+        handler.addFilter(RequestIdFilter())
+        root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    # waitress logs each queue warning at WARNING; diffusers and transformers chatter at INFO.
+    for noisy in ("diffusers", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,143 @@
+"""Figures about the process and the app: what /status reports and /metrics exposes.
+
+Why both come from here: one place records each request and generation, so the JSON summary for
+people and the Prometheus series for machines never disagree.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _window_summary(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"avg": None, "p50": None, "p95": None, "count": 0}
+    ordered = sorted(values)
+    return {
+        "avg": round(statistics.fmean(ordered), 4),
+        "p50": round(ordered[int(0.50 * (len(ordered) - 1))], 4),
+        "p95": round(ordered[int(0.95 * (len(ordered) - 1))], 4),
+        "count": len(ordered),
+    }
+
+
+class Monitor:
+    """Counters and latency windows for one app; its own Prometheus registry so apps never mix."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.started = time.time()
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imagegen_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            "imagegen_request_seconds",
+            "HTTP request latency.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generation_seconds = Histogram(
+            "imagegen_generation_seconds",
+            "Time of one pipeline call (a batch).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "imagegen_batch_size",
+            "Images per pipeline call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.errors = Counter("imagegen_errors", "Errors by code.", ["code"], registry=self.registry)
+        self._lock = threading.Lock()
+        self._responses: deque[float] = deque(maxlen=window)
+        self._generations: deque[float] = deque(maxlen=window)
+        self._total = 0
+        self._failed = 0
+
+    def record_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+        with self._lock:
+            self._total += 1
+            self._failed += status >= 400
+            self._responses.append(seconds)
+
+    def record_error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def record_generation(self, seconds: float, images: int) -> None:
+        self.generation_seconds.observe(seconds)
+        self.batch_size.observe(images)
+        with self._lock:
+            self._generations.append(seconds)
+
+    def recent_generation_seconds(self) -> float | None:
+        """Mean of the last few batches, for Retry-After and ETA estimates."""
+        with self._lock:
+            recent = list(self._generations)[-10:]
+        return statistics.fmean(recent) if recent else None
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            total, failed = self._total, self._failed
+            responses, generations = list(self._responses), list(self._generations)
+        return {
+            "requests": {"total": total, "errors": failed, "error_rate": round(failed / total, 4) if total else 0.0},
+            "response_time": _window_summary(responses),
+            "generation_time": _window_summary(generations),
+        }
+
+
+def gpu_memory() -> list[dict[str, Any]] | None:
+    """Per-GPU memory from torch.cuda, or None where there is no CUDA (torch stays unimported then)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append(
+            {
+                "index": index,
+                "name": torch.cuda.get_device_name(index),
+                "total_bytes": total,
+                "used_bytes": total - free,
+                "allocated_bytes": torch.cuda.memory_allocated(index),
+                "percent": round(100 * (total - free) / total, 1),
+            }
+        )
+    return gpus
+
+
+def system_status(image_dir: Path, started: float) -> dict[str, Any]:
+    """CPU, RAM, process RSS, GPU memory, the image disk and uptime."""
+    memory = psutil.virtual_memory()
+    disk = shutil.disk_usage(image_dir)
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "ram": {"total_bytes": memory.total, "used_bytes": memory.total - memory.available, "percent": memory.percent},
+        "process_rss_bytes": psutil.Process().memory_info().rss,
+        "gpus": gpu_memory(),
+        "disk": {
+            "path": image_dir.name,
+            "total_bytes": disk.total,
+            "free_bytes": disk.free,
+            "percent": round(100 * (disk.total - disk.free) / disk.total, 1),
+        },
+        "uptime_seconds": round(time.time() - started, 1),
+    }

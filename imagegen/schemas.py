@@ -1,0 +1,83 @@
+"""Request schemas: every field typed and range-checked before anything is queued.
+
+Why pydantic with a context: the bounds are settings (MAX_STEPS, MAX_WIDTH, ...), so the schema
+reads them from the validation context and its messages name the field and the bound, e.g.
+"`steps` must be between 1 and 50, got 500".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from config import Settings
+from imagegen.engine.names import SCHEDULER_NAMES
+
+MAX_SEED = 2**32 - 1
+
+
+def _bounded(value: int | float | None, info: ValidationInfo, low: float, high_setting: str) -> Any:
+    if value is None:
+        return value
+    settings: Settings = info.context["settings"]
+    high = getattr(settings, high_setting)
+    if not low <= value <= high:
+        raise PydanticCustomError(
+            "out_of_range",
+            "`{field}` must be between {low} and {high}, got {value}",
+            {"field": info.field_name, "low": low, "high": high, "value": value},
+        )
+    return value
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = 1
+    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    model: str | None = Field(None, min_length=1, max_length=500)
+    response_format: Literal["url", "b64_json"] = "url"
+    run_async: bool = Field(False, alias="async")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, value: int | None, info: ValidationInfo) -> int | None:
+        _bounded(value, info, 8, f"max_{info.field_name}")
+        if value is not None and value % 8:
+            raise PydanticCustomError(
+                "multiple_of_8",
+                "`{field}` must be a multiple of 8, got {value}",
+                {"field": info.field_name, "value": value},
+            )
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _bounded(value, info, 1, "max_steps")
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images(cls, value: int, info: ValidationInfo) -> int:
+        return _bounded(value, info, 1, "max_images_per_request")
+
+
+class CleanupRequest(BaseModel):
+    """POST /cleanup: every field optional; an empty body deletes images older than IMAGE_TTL_SECONDS."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images_older_than_seconds: int | None = Field(None, ge=0)
+    unload_models: bool = False
+    dry_run: bool = False

@@ -1,0 +1,81 @@
+"""Settings: environment over .env, explicit values over presets, bad values stop start-up by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import ROOT, Settings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("PORT", "MAX_STEPS", "PERFORMANCE_PRESET", "DEFAULT_STEPS", "IMAGE_DIR", "APP_ENV"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults():
+    settings = Settings(_env_file=None)
+    assert (settings.host, settings.port, settings.app_env) == ("127.0.0.1", 5000, "development")
+    assert settings.max_prompt_length == 500 and settings.log_max_bytes == 1_000_000
+    assert settings.log_backup_count == 5 and settings.default_steps == 20
+    assert settings.image_dir == ROOT / "generated_images"
+
+
+def test_environment_beats_dotenv(tmp_path, monkeypatch):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=6000\nMAX_STEPS=33\n")
+    monkeypatch.setenv("PORT", "7000")
+    settings = Settings(_env_file=env_file)
+    assert settings.port == 7000
+    assert settings.max_steps == 33
+
+
+def test_preset_sets_defaults_and_explicit_values_win(monkeypatch):
+    low = Settings(_env_file=None, performance_preset="low")
+    assert (low.default_steps, low.max_batch_size, low.attention_slicing, low.vae_tiling) == (15, 2, True, True)
+    high = Settings(_env_file=None, performance_preset="high")
+    assert high.max_batch_size == 8 and high.max_width == 1024
+    monkeypatch.setenv("PERFORMANCE_PRESET", "low")
+    monkeypatch.setenv("MAX_STEPS", "40")
+    mixed = Settings(_env_file=None)
+    assert (mixed.default_steps, mixed.max_steps) == (15, 40)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("PORT", "not-a-port", "PORT"),
+        ("PORT", "70000", "PORT"),
+        ("APP_ENV", "staging", "APP_ENV"),
+        ("DEVICE", "tpu", "DEVICE"),
+        ("MAX_WIDTH", "100", "MAX_WIDTH"),
+        ("DEFAULT_STEPS", "80", "DEFAULT_STEPS"),
+        ("TORCH_DTYPE", "int8", "TORCH_DTYPE"),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_variable(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        load_settings(_env_file=None)
+    assert fragment in str(stop.value)
+
+
+def test_settings_are_frozen():
+    settings = Settings(_env_file=None)
+    with pytest.raises(ValueError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_relative_paths_resolve_against_the_project():
+    settings = Settings(_env_file=None, image_dir="somewhere/images")
+    assert settings.image_dir == ROOT / "somewhere" / "images"
+    assert Settings.model_source("models/tiny-random") == str(ROOT / "models" / "tiny-random")
+    assert Settings.model_source("org/hub-model") == "org/hub-model"
+
+
+def test_every_setting_is_documented():
+    configuration = (ROOT / "CONFIGURATION.md").read_text()
+    example = (ROOT / ".env.example").read_text()
+    for name in Settings.model_fields:
+        assert f"`{name.upper()}`" in configuration, f"{name.upper()} missing from CONFIGURATION.md"
+        assert f"{name.upper()}=" in example, f"{name.upper()} missing from .env.example"

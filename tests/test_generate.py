@@ -1,0 +1,160 @@
+"""POST /generate, GET /images and GET /jobs through the test client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+PROMPT = "a red circle on a blue background"
+
+
+def png(client, url: str) -> Image.Image:
+    with client.get(url.removeprefix("http://localhost")) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "image/png"
+        return Image.open(io.BytesIO(response.data))
+
+
+def test_generate_returns_downloadable_png_with_parameters(client):
+    response = client.post("/generate", json={"prompt": PROMPT, "seed": 7, "steps": 3})
+    assert response.status_code == 200, response.json
+    body = response.json
+    assert body["model"] == "models/tiny-random"
+    [image] = body["images"]
+    assert (image["seed"], image["width"], image["height"]) == (7, 64, 64)
+    picture = png(client, image["url"])
+    assert picture.size == (64, 64)
+    embedded = json.loads(picture.text["parameters"])
+    assert embedded["prompt"] == PROMPT and embedded["seed"] == 7 and embedded["steps"] == 3
+    assert body["parameters"]["steps"] == 3
+    timings = body["timings"]
+    assert timings["total_seconds"] >= timings["generation_seconds"] > 0
+    assert response.headers["X-Request-ID"]
+
+
+def test_same_seed_same_image_and_seeds_drawn_when_missing(client):
+    def pixels(**extra):
+        body = client.post(
+            "/generate", json={"prompt": PROMPT, "steps": 3, "response_format": "b64_json", **extra}
+        ).json
+        return [
+            (i["seed"], np.asarray(Image.open(io.BytesIO(base64.b64decode(i["b64_json"]))))) for i in body["images"]
+        ]
+
+    [(_, a)] = pixels(seed=42)
+    [(_, b)] = pixels(seed=42)
+    assert np.array_equal(a, b)
+    drawn = pixels(num_images=2)
+    assert len({seed for seed, _ in drawn}) == 2
+    assert not np.array_equal(drawn[0][1], drawn[1][1])
+    [(_, again)] = pixels(seed=drawn[1][0])
+    # made alone rather than in a batch of two: equal up to batched float arithmetic
+    assert np.abs(again.astype(int) - drawn[1][1]).mean() <= 2, "a returned seed must reproduce its image"
+
+
+def test_explicit_seed_numbers_each_image(client):
+    body = client.post("/generate", json={"prompt": PROMPT, "seed": 10, "num_images": 3, "steps": 2}).json
+    assert [i["seed"] for i in body["images"]] == [10, 11, 12]
+    assert len({i["url"] for i in body["images"]}) == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": PROMPT, "steps": 500}, "steps"),
+        ({"prompt": PROMPT, "width": 63}, "width"),
+        ({"prompt": PROMPT, "height": 4096}, "height"),
+        ({"prompt": PROMPT, "num_images": 99}, "num_images"),
+        ({"prompt": PROMPT, "seed": -1}, "seed"),
+        ({"prompt": PROMPT, "guidance_scale": "high"}, "guidance_scale"),
+        ({"prompt": PROMPT, "scheduler": "warp"}, "scheduler"),
+        ({"prompt": PROMPT, "colour": "red"}, "colour"),
+        ({"prompt": 5}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
+def test_invalid_bodies_name_the_field(client, body, field):
+    response = client.post("/generate", json=body)
+    assert response.status_code == 400
+    error = response.json["error"]
+    assert error["code"] == "invalid_request"
+    assert field in error["message"]
+    assert any(d["field"] == field for d in error["details"])
+
+
+def test_error_shapes(client):
+    cases = [
+        (client.post("/generate", data="{nope", content_type="application/json"), 400, "invalid_json"),
+        (client.post("/generate", data="prompt=x", content_type="text/plain"), 415, "unsupported_media_type"),
+        (client.get("/generate"), 405, "method_not_allowed"),
+        (client.get("/missing"), 404, "not_found"),
+        (client.get("/images/nope.png"), 404, "not_found"),
+        (client.get("/jobs/unknown"), 404, "not_found"),
+        (client.post("/generate", json={"prompt": PROMPT, "model": "other"}), 400, "unknown_model"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.json
+        assert response.json["error"]["code"] == code
+        assert response.json["error"]["message"]
+
+
+def test_job_record_is_readable_after_generation(client):
+    body = client.post("/generate", json={"prompt": PROMPT, "steps": 2}).json
+    job = client.get(f"/jobs/{body['id']}").json
+    assert job["status"] == "succeeded"
+    assert job["progress"] == 1.0
+    assert job["images"][0]["url"] == body["images"][0]["url"]
+
+
+def test_pipeline_exception_fails_only_that_job(client, monkeypatch):
+    original = StableDiffusionPipeline.__call__
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom inside the pipeline")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", flaky)
+    failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    assert failed.status_code == 500
+    assert failed.json["error"]["code"] == "generation_failed"
+    assert "boom" in failed.json["error"]["message"]  # development shows the cause
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
+
+
+def test_out_of_memory_fails_the_job_clearly(client, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", oom)
+    response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "out_of_memory"
+    monkeypatch.undo()
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
+
+
+def test_production_hides_internals(app_factory, monkeypatch):
+    app = app_factory(app_env="production", admin_token="x" * 32)
+    client = app.test_client()
+    from tests.conftest import wait_ready
+
+    wait_ready(client)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("secret /internal/path")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", broken)
+    response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    assert response.status_code == 500
+    assert "/internal/path" not in response.get_data(as_text=True)
+    assert "Traceback" not in response.get_data(as_text=True)

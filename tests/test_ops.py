@@ -1,0 +1,120 @@
+"""/, /health, /status and /cleanup."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import wait_ready
+
+PROMPT = "a green square on a white background"
+
+
+def test_index_lists_every_endpoint(client):
+    body = client.get("/").json
+    assert body["name"] == "imagegen"
+    paths = {e["path"] for e in body["endpoints"]}
+    assert {"/generate", "/health", "/status", "/cleanup", "/images/<name>"} <= paths
+    assert all(e["description"] for e in body["endpoints"])
+
+
+def test_health_says_loading_until_the_model_is_ready(app):
+    client = app.test_client()
+    first = client.get("/health")
+    if first.status_code == 503:  # the load may already be done on a fast machine
+        assert first.json["reason"] == "model is loading"
+        assert first.json["status"] == "unavailable"
+    wait_ready(client)
+    assert client.get("/health").json["status"] == "ok"
+
+
+def test_generate_is_refused_while_loading(app_factory, monkeypatch):
+    from imagegen.engine import models
+
+    original = models.ModelManager._load
+
+    def slow_load(self, model_id):
+        time.sleep(1.0)
+        return original(self, model_id)
+
+    monkeypatch.setattr(models.ModelManager, "_load", slow_load)
+    client = app_factory().test_client()
+    response = client.post("/generate", json={"prompt": PROMPT})
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "model_loading"
+    assert response.headers["Retry-After"]
+
+
+def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tmp_path):
+    app = app_factory(model_id=str(tmp_path / "no-such-model"))
+    client = app.test_client()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and client.get("/health").json.get("model_state") != "failed":
+        time.sleep(0.05)
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.json["reason"].startswith("model failed to load")
+    generate = client.post("/generate", json={"prompt": PROMPT})
+    assert generate.status_code == 503
+    assert generate.json["error"]["code"] == "model_unavailable"
+    assert client.get("/status").json["app"]["model"]["state"] == "failed"
+
+
+def test_status_reports_system_and_app_figures(client):
+    client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    status = client.get("/status").json
+    system, app = status["system"], status["app"]
+    assert system["ram"]["total_bytes"] > 0 and system["process_rss_bytes"] > 0
+    assert system["gpus"] is None  # no CUDA on the test machines
+    assert system["disk"]["total_bytes"] > 0 and system["uptime_seconds"] >= 0
+    assert app["model"]["state"] == "ready" and app["model"]["device"] == "cpu"
+    assert app["model"]["dtype"] == "float32"
+    assert app["queue"] == {"depth": 0, "max": 64, "active": 0}
+    assert app["images"]["count"] == 1 and app["images"]["bytes"] > 0
+    assert app["requests"]["total"] >= 2
+    assert app["generation_time"]["count"] == 1 and app["generation_time"]["p95"] > 0
+    assert app["response_time"]["p50"] is not None
+
+
+def test_cleanup_deletes_old_images_and_unloads(client):
+    url = client.post("/generate", json={"prompt": PROMPT, "steps": 2}).json["images"][0]["url"]
+    path = url.removeprefix("http://localhost")
+    dry = client.post("/cleanup", json={"images_older_than_seconds": 0, "dry_run": True}).json
+    assert dry["images"]["deleted"] == 1
+    with client.get(path) as still_there:
+        assert still_there.status_code == 200
+    young = client.post("/cleanup", json={"images_older_than_seconds": 3600}).json
+    assert young["images"]["deleted"] == 0
+    done = client.post("/cleanup", json={"images_older_than_seconds": 0, "unload_models": True}).json
+    assert done["images"]["deleted"] == 1 and done["unloaded_models"] == ["models/tiny-random"]
+    assert client.get(path).status_code == 404
+    assert client.get("/status").json["app"]["model"]["state"] == "unloaded"
+    # the next request loads the model again without the client noticing anything but time
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
+
+
+def test_cleanup_needs_the_admin_token_when_one_is_set(app_factory):
+    client = app_factory(admin_token="t" * 20).test_client()
+    assert client.post("/cleanup").status_code == 401
+    assert client.post("/cleanup", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.post("/cleanup", headers={"Authorization": f"Bearer {'t' * 20}"})
+    assert ok.status_code == 200 and "images" in ok.json
+
+
+def test_cleanup_without_token_is_loopback_only_in_development(app_factory):
+    client = app_factory().test_client()
+    assert client.post("/cleanup").status_code == 200
+    remote = client.post("/cleanup", environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    assert remote.status_code == 403
+
+
+def test_cleanup_is_disabled_in_production_without_a_token(app_factory):
+    client = app_factory(app_env="production").test_client()
+    response = client.post("/cleanup")
+    assert response.status_code == 403
+    assert response.json["error"]["code"] == "admin_disabled"
+
+
+def test_cleanup_rejects_bad_options(client):
+    response = client.post("/cleanup", json={"images_older_than_seconds": -5})
+    assert response.status_code == 400
+    assert response.json["error"]["details"][0]["field"] == "images_older_than_seconds"

@@ -1,0 +1,95 @@
+"""The demo model's world: procedural shapes, their captions, and a pixel classifier.
+
+Training, evaluation and the server's tests all read images through this one module, so the
+palette, the drawing and the judging of an image cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZE = 64
+# Shapes span 20-48 px: below that an 8x-downscaling VAE has too few latents to draw corners.
+MIN_SHAPE, MAX_SHAPE = 20, 48
+
+_COLOURS = np.array(list(PALETTE.values()), dtype=np.float32)
+_NAMES = list(PALETTE)
+# A pixel belongs to the shape when it is nearer the shape's side than half the closest pair of
+# palette colours (orange/yellow, 71 apart): the widest margin that still separates every pair.
+_SHAPE_DISTANCE = min(float(np.linalg.norm(a - b)) for a, b in combinations(_COLOURS, 2)) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One drawable prompt: what the model is asked for and what a judge expects back."""
+
+    shape: str
+    colour: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} on a {self.background} background"
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """Draws a scene whose shape and background colours differ."""
+    colour, background = rng.choice(len(_NAMES), size=2, replace=False)
+    return Scene(SHAPES[rng.integers(len(SHAPES))], _NAMES[colour], _NAMES[background])
+
+
+def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """Renders a scene at a random size and position as a 64x64 RGB uint8 array."""
+    size = int(rng.integers(MIN_SHAPE, MAX_SHAPE + 1))
+    x0, y0 = (int(v) for v in rng.integers(0, SIZE - size + 1, size=2))
+    x1, y1 = x0 + size - 1, y0 + size - 1
+    image = Image.new("RGB", (SIZE, SIZE), PALETTE[scene.background])
+    pen = ImageDraw.Draw(image)
+    fill = PALETTE[scene.colour]
+    if scene.shape == "circle":
+        pen.ellipse((x0, y0, x1, y1), fill=fill)
+    elif scene.shape == "square":
+        pen.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        pen.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    return np.asarray(image)
+
+
+def _nearest(rgb: np.ndarray) -> str:
+    return _NAMES[int(np.argmin(np.linalg.norm(_COLOURS - rgb, axis=1)))]
+
+
+def classify(pixels: np.ndarray) -> Scene | None:
+    """Judges an RGB image: the shape's colour, the background's, and the shape; None if no shape.
+
+    Background is the median of the border; the shape is every pixel far from it. A triangle is
+    much narrower in the top quarter of its bounding box than in the bottom quarter; of the rest,
+    a square fills its box (1.0) and a circle fills pi/4 of it, so the midpoint 0.89 splits them.
+    """
+    rgb = np.asarray(pixels, dtype=np.float32)[..., :3]
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(rgb - background, axis=2) > _SHAPE_DISTANCE
+    if mask.sum() < 16:
+        return None
+    rows, cols = np.nonzero(mask)
+    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    quarter = max(1, box.shape[0] // 4)
+    top, bottom = box[:quarter].sum(axis=1).mean(), box[-quarter:].sum(axis=1).mean()
+    shape = "triangle" if top < 0.6 * bottom else "square" if box.mean() > 0.89 else "circle"
+    return Scene(shape, _nearest(np.median(rgb[mask], axis=0)), _nearest(background))
