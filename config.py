@@ -115,6 +115,13 @@ class Settings(BaseSettings):
 
     # Access
     admin_token: str = ""
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    secret_key: str = ""
+    image_url_ttl_seconds: int = Field(3600, ge=1, le=30 * 86_400)
+    max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
+    trusted_proxy_count: int = Field(0, ge=0, le=10)
+    cors_origins: str = ""
     rate_limit: str = "10/minute"
     rate_limit_default: str = "300/minute"
     rate_limit_storage_uri: str = "memory://"
@@ -139,7 +146,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file")
+    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file", "api_keys_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
@@ -161,6 +168,10 @@ class Settings(BaseSettings):
         for name in ("default_width", "default_height", "max_width", "max_height"):
             if getattr(self, name) % 8:
                 raise ValueError(f"{name.upper()} must be a multiple of 8")
+        for name in ("api_keys_file", "blocked_patterns_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name.upper()} names a file that does not exist: {path}")
         return self
 
     @property
@@ -172,6 +183,14 @@ class Settings(BaseSettings):
         """MODEL_ID first, then the other models a request may choose (MODELS, comma-separated)."""
         extra = [m.strip() for m in self.models.split(",") if m.strip() and m.strip() != self.model_id]
         return (self.model_id, *extra)
+
+    def api_key_list(self) -> list[str]:
+        """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        return keys
 
     @staticmethod
     def model_source(model_id: str) -> str:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Builds the Flask app and its services from settings (read from the environment if not given)."""
-    from imagegen import errors, middleware
+    from imagegen import errors, middleware, security
     from imagegen.api import common, core, jobs, ops
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
@@ -29,7 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     from imagegen.jobs import JobStore
     from imagegen.logs import setup_logging
     from imagegen.monitoring import Monitor
-    from imagegen.security import init_limiter
     from imagegen.storage import ImageStore
 
     settings = settings or load_settings()
@@ -39,21 +38,25 @@ def create_app(settings: Settings | None = None) -> Flask:
         IMAGEGEN_PRODUCTION=settings.is_production,
         PROPAGATE_EXCEPTIONS=False,
         TRAP_HTTP_EXCEPTIONS=False,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.merge_slashes = False  # "/images//etc/passwd" is a 404, not a redirect
     db = Database(settings.data_dir / "imagegen.sqlite3")
     monitor = Monitor()
     job_store = JobStore(db)
     image_store = ImageStore(settings.image_dir, db)
     models = ModelManager(settings)
     worker = GenerationWorker(settings, models, job_store, image_store, monitor)
-    app.extensions["imagegen"] = common.Services(settings, job_store, image_store, models, worker, monitor)
+    app.extensions["imagegen"] = common.Services(
+        settings, security.Access.from_settings(settings), job_store, image_store, models, worker, monitor
+    )
 
     errors.init_app(app)
     middleware.init_app(app)
     for blueprint in (core.bp, jobs.bp, ops.bp):
         app.register_blueprint(blueprint)
-    init_limiter(app, settings)
+    security.init_app(app, settings)
 
     worker.start()
     atexit.register(worker.stop, 5)

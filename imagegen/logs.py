@@ -43,7 +43,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(settings: Settings) -> None:
-    """Replaces the root logger's handlers with the console and LOG_DIR/app.log (rotating)."""
+    """Logs to the console and LOG_DIR/app.log (rotating), replacing handlers an earlier call added."""
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
     file_handler = logging.handlers.RotatingFileHandler(
@@ -53,12 +53,14 @@ def setup_logging(settings: Settings) -> None:
         encoding="utf-8",
     )
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    # Replace only our own handlers (from an earlier app), never a host's or a test harness's.
+    for handler in [h for h in root.handlers if getattr(h, "imagegen", False)]:
         root.removeHandler(handler)
         handler.close()
     for handler in (logging.StreamHandler(), file_handler):
         handler.setFormatter(formatter)
         handler.addFilter(RequestIdFilter())
+        handler.imagegen = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(settings.log_level)
     # waitress logs each queue warning at WARNING; diffusers and transformers chatter at INFO.

@@ -1,4 +1,4 @@
-"""Prompt screening and access checks: what a request must pass before it can queue work.
+"""Prompt screening and access control: what a request must pass before it can queue work.
 
 Why screening normalises first: look-alike characters (full-width angle brackets, ligatures, odd
 case) must hit the same rules as their plain forms, so every rule runs on the NFKC, case-folded
@@ -8,18 +8,24 @@ id and client only.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
 import re
+import secrets
+import time
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app, g, request
+from flask_cors import CORS
 from flask_limiter import Limiter
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from imagegen.errors import APIError
@@ -83,9 +89,71 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+@dataclass(frozen=True)
+class Access:
+    """The app's secrets, parsed once: API keys (by their SHA-256), the admin token, the URL key."""
+
+    key_ids: dict[bytes, str]
+    admin_token: str
+    url_key: bytes
+    url_ttl_seconds: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Access:
+        digests = {hashlib.sha256(key.encode()).digest(): "" for key in settings.api_key_list()}
+        # A key's id is a short digest: safe to log and to show as a job's owner, useless to an attacker.
+        key_ids = {digest: digest.hex()[:12] for digest in digests}
+        url_key = settings.secret_key.encode() or secrets.token_bytes(32)
+        return cls(key_ids, settings.admin_token, url_key, settings.image_url_ttl_seconds)
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self.key_ids)
+
+    def identify(self, key: str | None) -> str | None:
+        """The id of a valid key, compared in constant time, else None."""
+        if not key:
+            return None
+        given = hashlib.sha256(key.encode()).digest()
+        match = None
+        for digest, key_id in self.key_ids.items():
+            if hmac.compare_digest(given, digest):
+                match = key_id
+        return match
+
+    def sign(self, name: str, now: float | None = None) -> dict[str, str]:
+        """Query parameters that let `<img src>` fetch one image until they expire."""
+        expires = str(int((now or time.time()) + self.url_ttl_seconds))
+        return {"expires": expires, "sig": self._signature(name, expires)}
+
+    def verify(self, name: str, expires: str, signature: str) -> bool:
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._signature(name, expires), signature)
+
+    def _signature(self, name: str, expires: str) -> str:
+        return hmac.new(self.url_key, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def access() -> Access:
+    return current_app.extensions["imagegen"].access
+
+
+def presented_key() -> str | None:
+    """The API key a request carries: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    return bearer_token() or request.headers.get("X-API-Key", "").strip() or None
+
+
+def api_key_id() -> str | None:
+    """The id of the request's valid API key, worked out once per request."""
+    if "api_key_id" not in g:
+        g.api_key_id = access().identify(presented_key())
+    return g.api_key_id
+
+
 def client_key() -> str:
     """Who a request counts against for limits and job ownership: its API key, else its IP."""
-    key_id = g.get("api_key_id")
+    key_id = api_key_id()
     return f"key:{key_id}" if key_id else f"ip:{client_address()}"
 
 
@@ -107,42 +175,77 @@ MIN_ADMIN_TOKEN_LENGTH = 16
 
 def require_admin() -> None:
     """Admin routes: the ADMIN_TOKEN as Bearer; with no token, loopback only and only in development."""
-    settings: Settings = current_app.extensions["imagegen"].settings
-    token = settings.admin_token
-    if settings.is_production and len(token) < MIN_ADMIN_TOKEN_LENGTH:
+    production = current_app.config["IMAGEGEN_PRODUCTION"]
+    token = access().admin_token
+    if production and len(token) < MIN_ADMIN_TOKEN_LENGTH:
         raise APIError(403, "admin_disabled", "Admin routes are disabled: set an ADMIN_TOKEN of 16+ characters.")
     if token:
-        given = bearer_token() or ""
+        given = request.headers.get("X-Admin-Token") or bearer_token() or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise APIError(
                 401,
                 "unauthorized",
-                "A valid admin token is required (Authorization: Bearer <ADMIN_TOKEN>).",
+                "A valid admin token is required (Authorization: Bearer <ADMIN_TOKEN> or X-Admin-Token).",
                 headers={"WWW-Authenticate": "Bearer"},
             )
     elif not _is_loopback(client_address()):
         raise APIError(403, "forbidden", "With no ADMIN_TOKEN set, admin routes answer loopback clients only.")
-    g.is_admin = True
 
 
-def generation_route(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks a view that queues generations: it is limited by RATE_LIMIT instead of the default."""
-    view.imagegen_limit = "generation"  # type: ignore[attr-defined]
-    return view
+def _mark(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
+        marks = getattr(view, "imagegen_marks", set())
+        view.imagegen_marks = marks | {kind}  # type: ignore[attr-defined]
+        return view
+
+    return decorate
 
 
-def unlimited(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks a view that no rate limit applies to (load-balancer health checks)."""
-    view.imagegen_limit = "exempt"  # type: ignore[attr-defined]
-    return view
+# Markers a view carries; init_app reads them to wire limits and authentication per app.
+generation_route = _mark("generation")  # limited by RATE_LIMIT instead of RATE_LIMIT_DEFAULT
+unlimited = _mark("unlimited")  # no rate limit (load-balancer health checks)
+public = _mark("public")  # no API key needed even when keys are on
+signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
 
 
-def init_limiter(app: Flask, settings: Settings) -> Limiter:
-    """Binds a limiter to this app: RATE_LIMIT on generation views, RATE_LIMIT_DEFAULT elsewhere.
+def _marks() -> set[str]:
+    view = current_app.view_functions.get(request.endpoint or "")
+    return getattr(view, "imagegen_marks", set())
+
+
+def _authenticate() -> None:
+    """With API keys configured, every view not marked public needs a valid key (or signed URL)."""
+    if not access().keys_required or request.endpoint is None or request.method == "OPTIONS":
+        return
+    marks = _marks()
+    if "public" in marks:
+        return
+    if "signed" in marks:
+        name = (request.view_args or {}).get("name", "")
+        if access().verify(name, request.args.get("expires", ""), request.args.get("sig", "")):
+            return
+        raise APIError(403, "forbidden", "This image URL is unsigned, expired or altered.")
+    if api_key_id() is None:
+        raise APIError(
+            401,
+            "unauthorized",
+            "A valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def init_app(app: Flask, settings: Settings) -> Limiter:
+    """Proxy handling, CORS, authentication and rate limits for this app.
 
     A limiter per app (not one per module) because its storage and limits are this app's settings;
-    the markers above say which views get which limit.
+    the view markers above say which views get which limit and which need no key.
     """
+    if settings.trusted_proxy_count:
+        n = settings.trusted_proxy_count
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+    if settings.cors_origins:
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        CORS(app, origins=origins, expose_headers=["X-Request-ID", "Retry-After", "Location"])
     limiter = Limiter(
         key_func=client_key,
         app=app,
@@ -153,9 +256,13 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
         strategy="moving-window",
     )
     for endpoint, view in list(app.view_functions.items()):
-        kind = getattr(view, "imagegen_limit", None)
-        if kind == "generation":
+        marks = getattr(view, "imagegen_marks", set())
+        if "generation" in marks:
             app.view_functions[endpoint] = limiter.limit(settings.rate_limit, scope="generation")(view)
-        elif kind == "exempt":
+        elif "unlimited" in marks:
             app.view_functions[endpoint] = limiter.exempt(view)
+    # After the limiter's own hook, so guessing keys is rate limited like anything else.
+    app.before_request(_authenticate)
+    if settings.is_production and not settings.api_key_list():
+        log.warning("running in production with no API_KEYS: every client can generate; see CONFIGURATION.md")
     return limiter

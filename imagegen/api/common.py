@@ -21,7 +21,7 @@ from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Monitor
 from imagegen.schemas import MAX_SEED
-from imagegen.security import client_key, screen_prompt
+from imagegen.security import Access, client_key, screen_prompt
 from imagegen.storage import ImageStore
 
 Schema = TypeVar("Schema", bound=BaseModel)
@@ -32,6 +32,7 @@ class Services:
     """Everything a request may use, built once by create_app and kept in app.extensions."""
 
     settings: Settings
+    access: Access
     jobs: JobStore
     images: ImageStore
     models: ModelManager
@@ -141,14 +142,16 @@ def job_failure(job: Job) -> APIError:
 
 def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
     """Each image as a URL (default) or inline base64 PNG, with its seed and size."""
-    store = services().images
+    svc = services()
+    store = svc.images
     views = []
     for image in job.images:
         view: dict[str, Any] = {"seed": image["seed"], "width": image["width"], "height": image["height"]}
         if response_format == "b64_json":
             view["b64_json"] = base64.b64encode(store.read(image["name"])).decode("ascii")
         else:
-            view["url"] = url_for("core.image", name=image["name"], _external=True)
+            signature = svc.access.sign(image["name"]) if svc.access.keys_required else {}
+            view["url"] = url_for("core.image", name=image["name"], _external=True, **signature)
         views.append(view)
     return views
 

@@ -23,7 +23,7 @@ from imagegen.api.common import (
 from imagegen.errors import APIError
 from imagegen.jobs import Job
 from imagegen.schemas import GenerateRequest
-from imagegen.security import generation_route
+from imagegen.security import generation_route, public, signed
 
 bp = Blueprint("core", __name__)
 
@@ -39,6 +39,7 @@ ENDPOINTS = [
 
 
 @bp.get("/")
+@public
 def index() -> Response:
     """Names the server and lists its endpoints."""
     settings: Settings = services().settings
@@ -82,6 +83,7 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 
 @bp.get("/images/<path:name>")
+@signed
 def image(name: str) -> Response:
     """Serves a PNG this server wrote; any other name, however encoded, is a 404."""
     stored = services().images.find(name)

@@ -11,7 +11,7 @@ from imagegen.api.common import parse, services
 from imagegen.engine.models import ModelState
 from imagegen.monitoring import system_status
 from imagegen.schemas import CleanupRequest
-from imagegen.security import require_admin, unlimited
+from imagegen.security import public, require_admin, unlimited
 
 bp = Blueprint("ops", __name__)
 
@@ -34,6 +34,7 @@ def readiness() -> str | None:
 
 
 @bp.get("/health")
+@public
 @unlimited
 def health() -> tuple[dict[str, Any], int]:
     """200 when a generation could start now; 503 with the reason otherwise (the process stays up)."""

