@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(0, ge=0, le=10_000)
+    max_jobs_per_client: int = Field(0, ge=0, le=100_000)
+    result_cache: bool = True
+    webhook_allowed_hosts: str = ""
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retries: int = Field(3, ge=0, le=10)
 
     # Request limits and defaults
     default_steps: int = Field(20, ge=1, le=500)

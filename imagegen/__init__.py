@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+from typing import Any
 
 from flask import Flask
 
@@ -26,10 +27,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
     from imagegen.engine.worker import GenerationWorker
-    from imagegen.jobs import JobStore
+    from imagegen.jobs import Job, JobStore
     from imagegen.logs import setup_logging
     from imagegen.monitoring import Monitor
     from imagegen.storage import ImageStore
+    from imagegen.webhooks import WebhookSender
 
     settings = settings or load_settings()
     setup_logging(settings)
@@ -47,10 +49,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     job_store = JobStore(db)
     image_store = ImageStore(settings.image_dir, db)
     models = ModelManager(settings)
-    worker = GenerationWorker(settings, models, job_store, image_store, monitor)
-    app.extensions["imagegen"] = common.Services(
-        settings, security.Access.from_settings(settings), job_store, image_store, models, worker, monitor
+
+    def payload(job: Job) -> dict[str, Any]:
+        with app.app_context():
+            return common.webhook_payload(job)
+
+    webhooks = WebhookSender(settings, job_store, payload)
+    worker = GenerationWorker(settings, models, job_store, image_store, monitor, on_finish=webhooks.notify)
+    services = common.Services(
+        settings, security.Access.from_settings(settings), job_store, image_store, models, worker, monitor, webhooks
     )
+    app.extensions["imagegen"] = services
 
     errors.init_app(app)
     middleware.init_app(app)
@@ -59,6 +68,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     security.init_app(app, settings)
 
     worker.start()
-    atexit.register(worker.stop, 5)
+    atexit.register(services.stop, 5)
     log.info("imagegen %s (%s) with model %s on %s", __version__, settings.app_env, settings.model_id, models.device)
     return app

@@ -23,9 +23,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     step INTEGER NOT NULL DEFAULT 0,
     images TEXT,
-    error TEXT
+    error TEXT,
+    cache_key TEXT,
+    callback_url TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client, created_at);
+CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
     job_id TEXT,

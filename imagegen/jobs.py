@@ -6,6 +6,7 @@ poll it, a restart re-queues it), and every reader (routes, the worker, /status)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -47,6 +48,11 @@ class GenerationParams:
         """Jobs with equal keys can share one pipeline call; prompts and seeds may differ."""
         return (self.model, self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
 
+    @property
+    def digest(self) -> str:
+        """Identifies the exact request (seeds included), for the result cache."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
 
 @dataclass
 class Job:
@@ -62,6 +68,8 @@ class Job:
     step: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    cache_key: str | None = None
+    callback_url: str | None = None
 
     @property
     def progress(self) -> float:
@@ -82,6 +90,8 @@ def _row_to_job(row: Any) -> Job:
         step=row["step"],
         images=json.loads(row["images"] or "[]"),
         error=json.loads(row["error"]) if row["error"] else None,
+        cache_key=row["cache_key"],
+        callback_url=row["callback_url"],
     )
 
 
@@ -95,8 +105,17 @@ class JobStore:
         """Records a new queued job."""
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO jobs (id, status, client, params, created_at) VALUES (?, ?, ?, ?, ?)",
-                (job.id, job.status, job.client, json.dumps(asdict(job.params)), job.created_at),
+                "INSERT INTO jobs (id, status, client, params, created_at, cache_key, callback_url)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.status,
+                    job.client,
+                    json.dumps(asdict(job.params)),
+                    job.created_at,
+                    job.cache_key,
+                    job.callback_url,
+                ),
             )
         return job
 
@@ -136,6 +155,47 @@ class JobStore:
                     JobStatus.RUNNING,
                 ),
             )
+
+    def cancel(self, job_id: str) -> bool:
+        """Marks a queued or running job cancelled; False if it had already ended."""
+        with self.db.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
+                (
+                    JobStatus.CANCELLED,
+                    time.time(),
+                    json.dumps({"code": "cancelled", "message": "The job was cancelled."}),
+                    job_id,
+                    JobStatus.QUEUED,
+                    JobStatus.RUNNING,
+                ),
+            ).rowcount
+        return bool(changed)
+
+    def cancelled_among(self, job_ids: list[str]) -> set[str]:
+        marks = ",".join("?" * len(job_ids))
+        rows = self.db.query(
+            f"SELECT id FROM jobs WHERE status = ? AND id IN ({marks})", (JobStatus.CANCELLED, *job_ids)
+        )
+        return {row["id"] for row in rows}
+
+    def recent(self, client: str | None = None, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
+        """Newest first, optionally only one client's or one status's."""
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if client is not None:
+            sql, args = sql + " AND client = ?", [*args, client]
+        if status is not None:
+            sql, args = sql + " AND status = ?", [*args, status]
+        rows = self.db.query(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+        return [_row_to_job(row) for row in rows]
+
+    def cached(self, cache_key: str) -> Job | None:
+        """The newest succeeded job made from exactly these parameters."""
+        rows = self.db.query(
+            "SELECT * FROM jobs WHERE cache_key = ? AND status = ? ORDER BY created_at DESC LIMIT 1",
+            (cache_key, JobStatus.SUCCEEDED),
+        )
+        return _row_to_job(rows[0]) if rows else None
 
     def unfinished(self) -> list[Job]:
         """Jobs a previous process accepted but did not end, oldest first, to queue again."""

@@ -49,6 +49,7 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=500)
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
+    callback_url: str | None = Field(None, max_length=2000)
 
     @field_validator("width", "height")
     @classmethod

@@ -58,7 +58,7 @@ def app_factory(tmp_path: Path) -> Iterator[Any]:
 
     yield build
     for app in apps:
-        app.extensions["imagegen"].worker.stop(30)
+        app.extensions["imagegen"].stop(30)
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
         "DATA_DIR": str(tmp_path / "data"),
         "DEFAULT_STEPS": "4",
         "RATE_LIMIT": "1000/minute",
+        "RATE_LIMIT_DEFAULT": "100000/minute",
         **env,
     }
     process = subprocess.Popen(
@@ -90,3 +91,36 @@ def test_generate_download_and_logs_over_real_http(server, tmp_path):
     assert "[e2e-test-1] imagegen.access: POST /generate 200" in log
     assert "generated 1 jobs (1 images) 64x64 steps=4" in log
     assert "loaded model models/tiny-random" in log and "rss=" in log
+
+
+def test_jobs_survive_a_hard_kill(tmp_path):
+    process, base = start_server(tmp_path, MAX_BATCH_SIZE="1")
+    ids = []
+    try:
+        for i in range(6):
+            status, _, body = call(f"{base}/generate", {"prompt": f"a red circle {i}", "steps": 40, "async": True})
+            assert status == 202
+            ids.append(json.loads(body)["id"])
+        states = [json.loads(call(f"{base}/jobs/{job_id}")[2])["status"] for job_id in ids]
+    finally:
+        process.kill()  # SIGKILL: no chance to clean up
+        process.wait(10)
+    assert "queued" in states, "the kill must catch jobs still queued"
+
+    process, base = start_server(tmp_path, MAX_BATCH_SIZE="1")
+    try:
+        deadline = time.monotonic() + 120
+        final: dict[str, str] = {}
+        while time.monotonic() < deadline and len(final) < len(ids):
+            for job_id in ids:
+                status = json.loads(call(f"{base}/jobs/{job_id}")[2])["status"]
+                if status in {"succeeded", "failed", "cancelled"}:
+                    final[job_id] = status
+            time.sleep(0.2)
+        assert final == dict.fromkeys(ids, "succeeded")
+        for job_id in ids:
+            image = json.loads(call(f"{base}/jobs/{job_id}")[2])["images"][0]["url"]
+            assert call(image)[0] == 200
+    finally:
+        process.terminate()
+        process.wait(30)

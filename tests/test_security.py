@@ -367,7 +367,7 @@ def fuzz_client(tmp_path_factory):
     client = app.test_client()
     wait_ready(client)
     yield client
-    app.extensions["imagegen"].worker.stop(30)
+    app.extensions["imagegen"].stop(30)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

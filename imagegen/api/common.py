@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,13 +18,14 @@ from pydantic import BaseModel
 
 from config import Settings
 from imagegen.engine.models import ModelManager, ModelState
-from imagegen.engine.worker import GenerationWorker, QueueFull
+from imagegen.engine.worker import GenerationWorker, QueueFull, TooManyJobs
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Monitor
 from imagegen.schemas import MAX_SEED
 from imagegen.security import Access, client_key, screen_prompt
 from imagegen.storage import ImageStore
+from imagegen.webhooks import WebhookSender, check_callback_url
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -38,6 +41,12 @@ class Services:
     models: ModelManager
     worker: GenerationWorker
     monitor: Monitor
+    webhooks: WebhookSender
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stops the worker after its current batch, then the webhook sender."""
+        self.worker.stop(timeout)
+        self.webhooks.stop()
 
 
 def services() -> Services:
@@ -108,12 +117,38 @@ def ensure_runnable(model: str) -> None:
         raise APIError(503, "worker_stopped", "The generation worker is not running.")
 
 
-def submit(params: GenerationParams) -> Job:
-    """Queues a job for the worker; a full queue is a 503 with Retry-After."""
+def cached(params: GenerationParams) -> Job | None:
+    """With RESULT_CACHE, the earlier job made from exactly these parameters, while its images exist."""
+    svc = services()
+    if not svc.settings.result_cache:
+        return None
+    hit = svc.jobs.cached(params.digest)
+    if hit and all(svc.images.find(image["name"]) for image in hit.images):
+        return hit
+    return None
+
+
+def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: str | None = None) -> Job:
+    """Queues a job for the worker; a full queue is a 503 with Retry-After, a greedy client a 429."""
     ensure_runnable(params.model)
-    job = Job(params=params, client=client_key())
+    if callback_url:
+        check_callback_url(callback_url, services().settings)
+    job = Job(
+        params=params,
+        client=client_key(),
+        cache_key=params.digest if cacheable else None,
+        callback_url=callback_url,
+    )
     try:
         services().worker.submit(job)
+    except TooManyJobs:
+        limit = services().settings.max_jobs_per_client
+        raise APIError(
+            429,
+            "too_many_jobs",
+            f"You already have {limit} jobs queued; wait for one to finish.",
+            headers={"Retry-After": str(services().worker.retry_after())},
+        ) from None
     except QueueFull as exc:
         raise APIError(
             503,
@@ -196,7 +231,9 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
     if job.status == JobStatus.QUEUED:
         view["position"] = svc.worker.position(job.id)
     if job.status == JobStatus.RUNNING:
-        view.update(progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps)
+        view.update(
+            progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps, eta_seconds=eta_seconds(job)
+        )
     if job.status == JobStatus.SUCCEEDED:
         view.update(progress=1.0, images=image_views(job, response_format))
     if job.error:
@@ -209,3 +246,31 @@ def accepted(job: Job) -> tuple[dict[str, Any], int, dict[str, str]]:
     location = url_for("jobs.get_job", job_id=job.id)
     current = services().jobs.get(job.id) or job
     return {**job_view(current), "location": location}, 202, {"Location": location}
+
+
+def eta_seconds(job: Job) -> float | None:
+    """Time left at the pace of the steps so far."""
+    if not job.started_at or not job.step:
+        return None
+    per_step = (time.time() - job.started_at) / job.step
+    return round(per_step * (job.params.steps - job.step), 2)
+
+
+def owned_job(job_id: str) -> Job:
+    """The job, if it exists and (with API keys on) belongs to the caller; else a 404."""
+    svc = services()
+    job = svc.jobs.get(job_id)
+    if job is None or (svc.access.keys_required and job.client != client_key()):
+        raise APIError(404, "not_found", "No such job.")
+    return job
+
+
+def webhook_payload(job: Job) -> dict[str, Any]:
+    """What a callback receives: the job's outcome with image paths (signed when keys are on)."""
+    svc = services()
+    images = []
+    for image in job.images:
+        query = urllib.parse.urlencode(svc.access.sign(image["name"])) if svc.access.keys_required else ""
+        path = f"/images/{image['name']}" + (f"?{query}" if query else "")
+        images.append({"path": path, "seed": image["seed"], "width": image["width"], "height": image["height"]})
+    return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": timings(job)}

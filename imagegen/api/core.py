@@ -10,6 +10,7 @@ from config import Settings
 from imagegen import __version__
 from imagegen.api.common import (
     accepted,
+    cached,
     image_views,
     job_failure,
     parameters,
@@ -31,7 +32,11 @@ ENDPOINTS = [
     ("GET", "/", "This index: name, version and every endpoint."),
     ("POST", "/generate", "Generate images from a text prompt (JSON); waits for the result."),
     ("GET", "/images/<name>", "Download a generated PNG."),
-    ("GET", "/jobs/<id>", "A job's status, timings and images."),
+    ("GET", "/jobs", "Recent jobs (yours, with API keys); ?status= filters."),
+    ("GET", "/jobs/<id>", "A job's status, position, progress, ETA, timings and images."),
+    ("DELETE", "/jobs/<id>", "Cancel a queued or running job."),
+    ("GET", "/jobs/<id>/events", "Server-Sent Events with the job's progress until it ends."),
+    ("GET", "/queue", "Queue depth, running jobs and average generation time."),
     ("GET", "/health", "Readiness: 200 when a generation could start now, else 503 with a reason."),
     ("GET", "/status", "System and application figures for operators."),
     ("POST", "/cleanup", "Admin: delete old images, optionally unload models."),
@@ -60,14 +65,18 @@ def generation_response(job: Job, response_format: str) -> tuple[dict[str, Any],
         return accepted(job)
     if finished.error or not finished.images:
         raise job_failure(finished)
-    body = {
-        "id": finished.id,
-        "model": finished.params.model,
-        "images": image_views(finished, response_format),
-        "parameters": parameters(finished),
-        "timings": timings(finished),
+    return finished_body(finished, response_format), 200, {}
+
+
+def finished_body(job: Job, response_format: str) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "model": job.params.model,
+        "images": image_views(job, response_format),
+        "parameters": parameters(job),
+        "timings": timings(job),
+        "cached": False,
     }
-    return body, 200, {}
 
 
 @bp.post("/generate")
@@ -75,8 +84,12 @@ def generation_response(job: Job, response_format: str) -> tuple[dict[str, Any],
 def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Validates, queues and (by default) waits for a generation; answers with the images."""
     body = parse(GenerateRequest)
-    params = resolve_params(**body.model_dump(exclude={"response_format", "run_async"}))
-    job = submit(params)
+    params = resolve_params(**body.model_dump(exclude={"response_format", "run_async", "callback_url"}))
+    explicit_seed = body.seed is not None
+    hit = cached(params) if explicit_seed else None
+    if hit is not None:
+        return {**finished_body(hit, body.response_format), "cached": True}, 200, {}
+    job = submit(params, cacheable=explicit_seed, callback_url=body.callback_url)
     if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
         return accepted(job)
     return generation_response(job, body.response_format)

@@ -1,26 +1,102 @@
-"""The job surface: read a job's state and result."""
+"""The job surface: list, read, cancel and follow jobs, and the queue summary."""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request, stream_with_context
 
-from imagegen.api.common import job_view, services
+from imagegen.api.common import job_view, owned_job, services
 from imagegen.errors import APIError
+from imagegen.jobs import JobStatus
+from imagegen.security import client_key
 
 bp = Blueprint("jobs", __name__)
+
+EVENT_INTERVAL_SECONDS = 0.25
+EVENT_MAX_SECONDS = 3600
+
+
+def _response_format() -> str:
+    value = request.args.get("response_format", "url")
+    if value not in {"url", "b64_json"}:
+        raise APIError(
+            400, "invalid_request", "`response_format` must be url or b64_json", {"field": "response_format"}
+        )
+    return value
+
+
+@bp.get("/jobs")
+def list_jobs() -> dict[str, Any]:
+    """Recent jobs, newest first; with API keys, only the caller's."""
+    svc = services()
+    status = request.args.get("status")
+    if status is not None and status not in set(JobStatus):
+        raise APIError(400, "invalid_request", f"`status` must be one of {', '.join(JobStatus)}", {"field": "status"})
+    limit = request.args.get("limit", "50")
+    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+        raise APIError(400, "invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
+    owner = client_key() if svc.access.keys_required else None
+    jobs = svc.jobs.recent(owner, JobStatus(status) if status else None, int(limit))
+    return {"jobs": [job_view(job) for job in jobs]}
 
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str) -> dict[str, Any]:
     """A job's status, position while queued, progress while running, images or error when done."""
-    job = services().jobs.get(job_id)
-    if job is None:
-        raise APIError(404, "not_found", "No such job.")
-    response_format = request.args.get("response_format", "url")
-    if response_format not in {"url", "b64_json"}:
-        raise APIError(
-            400, "invalid_request", "`response_format` must be url or b64_json", {"field": "response_format"}
-        )
-    return job_view(job, response_format)
+    return job_view(owned_job(job_id), _response_format())
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> dict[str, Any]:
+    """Cancels exactly this job: dropped from the queue, or stopped at the next step if running."""
+    job = owned_job(job_id)
+    if not services().worker.cancel(job.id):
+        raise APIError(409, "job_finished", f"The job has already ended ({job.status}).")
+    return job_view(owned_job(job_id))
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """Server-Sent Events: a `progress` event whenever the job changes, then one `done` event."""
+    owned_job(job_id)
+    svc = services()
+
+    def stream() -> Iterator[str]:
+        last, deadline = None, time.monotonic() + EVENT_MAX_SECONDS
+        while time.monotonic() < deadline:
+            job = svc.jobs.get(job_id)
+            if job is None:
+                return
+            view = job_view(job)
+            payload = json.dumps(view)
+            if JobStatus(job.status).finished:
+                yield f"event: done\ndata: {payload}\n\n"
+                return
+            if payload != last:
+                yield f"event: progress\ndata: {payload}\n\n"
+                last = payload
+            time.sleep(EVENT_INTERVAL_SECONDS)
+
+    response = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+@bp.get("/queue")
+def queue_summary() -> dict[str, Any]:
+    """Depth, running jobs with their progress, and the recent average generation time."""
+    svc = services()
+    snapshot = svc.worker.snapshot()
+    running = [job_view(job) for job_id in snapshot["running"] if (job := svc.jobs.get(job_id))]
+    generation = svc.monitor.summary()["generation_time"]
+    return {
+        "depth": snapshot["depth"],
+        "max": snapshot["max"],
+        "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in running],
+        "average_generation_seconds": generation["avg"],
+    }

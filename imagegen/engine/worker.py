@@ -36,6 +36,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class TooManyJobs(Exception):
+    """The client already has MAX_JOBS_PER_CLIENT jobs waiting."""
+
+
 class GenerationWorker:
     """Takes queued jobs, batches the compatible ones, runs them, stores images, ends the jobs."""
 
@@ -46,8 +50,10 @@ class GenerationWorker:
         jobs: JobStore,
         images: ImageStore,
         monitor: Monitor,
+        on_finish: Callable[[str], None] | None = None,
     ) -> None:
         self.settings, self.models, self.jobs, self.images, self.monitor = settings, models, jobs, images, monitor
+        self.on_finish = on_finish
         self._queue: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
@@ -87,11 +93,33 @@ class GenerationWorker:
         with self._cond:
             if len(self._queue) >= self.settings.max_queue_size:
                 raise QueueFull(self.retry_after())
+            limit = self.settings.max_jobs_per_client
+            if limit and sum(queued.client == job.client for queued in self._queue) >= limit:
+                raise TooManyJobs
             self.jobs.create(job)
             self._done[job.id] = threading.Event()
             self._queue.append(job)
             self._cond.notify_all()
             return len(self._queue)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancels a queued or running job: dropped from the queue, or stopped at the next step."""
+        with self._cond:
+            if not self.jobs.cancel(job_id):
+                return False
+            for job in self._queue:
+                if job.id == job_id:
+                    self._queue.remove(job)
+                    self._release(job_id)
+                    break
+        return True
+
+    def _release(self, job_id: str) -> None:
+        event = self._done.pop(job_id, None)
+        if event:
+            event.set()
+        if self.on_finish:
+            self.on_finish(job_id)
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """Blocks until the job ends; False if it is still going after `timeout` seconds."""
@@ -180,8 +208,10 @@ class GenerationWorker:
         try:
             pipe = self.models.get(params.model, params.scheduler)
             images = self._generate(pipe, batch)
+            cancelled = self.jobs.cancelled_among(ids)
             for job, job_images in zip(batch, images, strict=True):
-                self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
+                if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
+                    self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
             seconds = time.perf_counter() - started
             self.monitor.record_generation(seconds, sum(len(job.params.seeds) for job in batch))
             log.info(
@@ -200,9 +230,7 @@ class GenerationWorker:
             with self._cond:
                 self._running = []
             for job_id in ids:
-                event = self._done.pop(job_id, None)
-                if event:
-                    event.set()
+                self._release(job_id)
 
     def _generate(self, pipe: Any, batch: list[Job]) -> list[list[Any]]:
         """One pipeline call for the whole batch; one seeded CPU generator per image, so an image is
@@ -215,8 +243,10 @@ class GenerationWorker:
                 negatives.append(job.params.negative_prompt)
                 generators.append(torch.Generator("cpu").manual_seed(seed))
 
-        def progress(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def progress(running: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             self.jobs.set_step(ids, step + 1)
+            if len(self.jobs.cancelled_among(ids)) == len(ids):
+                running._interrupt = True  # every job of the batch was cancelled: skip the remaining steps
             return tensors
 
         ids = [job.id for job in batch]

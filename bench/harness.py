@@ -1,0 +1,143 @@
+"""Shared benchmark plumbing: an imagegen server on a free port, and concurrent HTTP clients.
+
+Why a real server: the figures must include everything a client pays for (HTTP, JSON, the queue,
+PNG encoding), so the app runs under waitress exactly as `make run` serves it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from waitress.server import create_server
+
+from config import Settings
+from imagegen import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(**overrides: Any) -> Iterator[str]:
+    """An imagegen app under waitress on 127.0.0.1 (tmp storage, generous limits); yields its URL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        values: dict[str, Any] = {
+            "image_dir": Path(tmp) / "images",
+            "data_dir": Path(tmp) / "data",
+            "log_dir": Path(tmp) / "logs",
+            "log_level": "WARNING",
+            "rate_limit": "1000000/minute",
+            "rate_limit_default": "1000000/minute",
+            "result_cache": False,
+            "max_queue_size": 1000,
+            "threads": 32,
+            "_env_file": None,
+            **overrides,
+        }
+        settings = Settings(**values)
+        app = create_app(settings)
+        server = create_server(app, host="127.0.0.1", port=free_port(), threads=settings.threads)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.effective_port}"
+        try:
+            wait_ready(base)
+            yield base
+        finally:
+            server.close()
+            app.extensions["imagegen"].stop(60)
+
+
+def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+def wait_ready(base: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if request(f"{base}/health", timeout=5)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{base} never became ready")
+
+
+@dataclass
+class Load:
+    """What a burst of concurrent clients saw."""
+
+    wall_seconds: float
+    latencies: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    retry_after: list[str | None] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return sum(status == 200 for status in self.statuses)
+
+    def percentile(self, q: float, only_ok: bool = True) -> float | None:
+        values = sorted(lat for lat, s in zip(self.latencies, self.statuses, strict=True) if s == 200 or not only_ok)
+        if not values:
+            return None
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.latencies) if self.latencies else None
+
+
+def burst(base: str, clients: int, per_client: int, body: dict[str, Any], path: str = "/generate") -> Load:
+    """`clients` threads, each sending `per_client` requests one after another; distinct prompts and seeds."""
+
+    def one(index: int) -> list[tuple[float, int, str | None]]:
+        results = []
+        for n in range(per_client):
+            started = time.perf_counter()
+            payload = {**body, "seed": index * 1000 + n}
+            if "prompt" in payload:
+                payload["prompt"] = f"{payload['prompt']} {index}"
+            status, headers, _ = request(f"{base}{path}", payload)
+            results.append((time.perf_counter() - started, status, headers.get("Retry-After")))
+        return results
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = [row for rows in pool.map(one, range(clients)) for row in rows]
+    load = Load(time.perf_counter() - started)
+    for latency, status, retry_after in outcomes:
+        load.latencies.append(latency)
+        load.statuses.append(status)
+        load.retry_after.append(retry_after)
+    return load
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Saves a benchmark's figures as JSON under bench/results/."""
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
