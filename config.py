@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     log_backup_count: int = Field(5, ge=0, le=100)
     log_format: Literal["text", "json"] = "text"
 
+    # Operations
+    cleanup_interval_seconds: int = Field(300, ge=1, le=86_400)
+    max_image_storage_mb: int = Field(0, ge=0)
+    model_idle_timeout_seconds: int = Field(0, ge=0)
+    memory_alert_percent: float = Field(90, gt=0, le=100)
+    gpu_memory_alert_percent: float = Field(90, gt=0, le=100)
+    disk_alert_percent: float = Field(90, gt=0, le=100)
+    shutdown_grace_seconds: float = Field(30, ge=0, le=3600)
+
     # Access
     admin_token: str = ""
     api_keys: str = ""

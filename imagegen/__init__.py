@@ -23,17 +23,21 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> Flask:
     """Builds the Flask app and its services from settings (read from the environment if not given)."""
     from imagegen import errors, middleware, security
-    from imagegen.api import common, core, jobs, ops
+    from imagegen.api import admin, common, core, jobs, ops
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
     from imagegen.engine.worker import GenerationWorker
     from imagegen.jobs import Job, JobStore
     from imagegen.logs import setup_logging
-    from imagegen.monitoring import Monitor
+    from imagegen.maintenance import MaintenanceLoop
+    from imagegen.monitoring import Alerts, Gauges, Monitor, app_readings
     from imagegen.storage import ImageStore
     from imagegen.webhooks import WebhookSender
 
     settings = settings or load_settings()
+    overrides = admin.runtime_overrides(settings)
+    if overrides:
+        settings = Settings(**{**settings.model_dump(), **overrides, "_env_file": None})
     setup_logging(settings)
     app = Flask(__name__)
     app.config.update(
@@ -57,17 +61,29 @@ def create_app(settings: Settings | None = None) -> Flask:
     webhooks = WebhookSender(settings, job_store, payload)
     worker = GenerationWorker(settings, models, job_store, image_store, monitor, on_finish=webhooks.notify)
     services = common.Services(
-        settings, security.Access.from_settings(settings), job_store, image_store, models, worker, monitor, webhooks
+        settings,
+        security.Access.from_settings(settings),
+        job_store,
+        image_store,
+        models,
+        worker,
+        monitor,
+        webhooks,
+        Alerts(settings),
     )
     app.extensions["imagegen"] = services
+    monitor.registry.register(Gauges(lambda: app_readings(services)))
 
     errors.init_app(app)
     middleware.init_app(app)
-    for blueprint in (core.bp, jobs.bp, ops.bp):
+    for blueprint in (core.bp, jobs.bp, ops.bp, admin.bp):
         app.register_blueprint(blueprint)
     security.init_app(app, settings)
 
     worker.start()
+    maintenance = MaintenanceLoop(services)
+    services.background.append(maintenance)
+    maintenance.start()
     atexit.register(services.stop, 5)
     log.info("imagegen %s (%s) with model %s on %s", __version__, settings.app_env, settings.model_id, models.device)
     return app

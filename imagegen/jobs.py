@@ -197,6 +197,14 @@ class JobStore:
         )
         return _row_to_job(rows[0]) if rows else None
 
+    def delete_finished_before(self, cutoff: float) -> int:
+        """Forgets ended jobs older than the cutoff (their images have expired by then)."""
+        with self.db.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM jobs WHERE finished_at < ? AND status IN (?, ?, ?)",
+                (cutoff, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED),
+            ).rowcount
+
     def unfinished(self) -> list[Job]:
         """Jobs a previous process accepted but did not end, oldest first, to queue again."""
         rows = self.db.query(

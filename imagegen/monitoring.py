@@ -6,16 +6,24 @@ people and the Prometheus series for machines never disagree.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from config import Settings
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -101,6 +109,47 @@ class Monitor:
         }
 
 
+class Gauges(Collector):
+    """Figures read at scrape time (queue depth, models loaded, memory, images) from callbacks."""
+
+    def __init__(self, readings: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.readings = readings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, (description, value) in self.readings().items():
+            yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
+
+
+class Alerts:
+    """RAM, GPU memory and disk above their thresholds: listed in /status, logged once per crossing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    def check(self, system: dict[str, Any]) -> list[dict[str, Any]]:
+        """Compares the system figures with the thresholds; warns when one newly goes above."""
+        readings = [
+            ("ram", system["ram"]["percent"], self.settings.memory_alert_percent),
+            ("disk", system["disk"]["percent"], self.settings.disk_alert_percent),
+        ]
+        for gpu in system["gpus"] or []:
+            readings.append((f"gpu{gpu['index']}_memory", gpu["percent"], self.settings.gpu_memory_alert_percent))
+        alerts = [{"name": n, "percent": v, "threshold": t} for n, v, t in readings if v >= t]
+        names = {alert["name"] for alert in alerts}
+        with self._lock:
+            for alert in alerts:
+                if alert["name"] not in self._active:
+                    log.warning(
+                        "alert: %s at %.1f%% (threshold %.1f%%)", alert["name"], alert["percent"], alert["threshold"]
+                    )
+            for cleared in self._active - names:
+                log.info("alert cleared: %s", cleared)
+            self._active = names
+        return alerts
+
+
 def gpu_memory() -> list[dict[str, Any]] | None:
     """Per-GPU memory from torch.cuda, or None where there is no CUDA (torch stays unimported then)."""
     import sys
@@ -141,3 +190,21 @@ def system_status(image_dir: Path, started: float) -> dict[str, Any]:
         },
         "uptime_seconds": round(time.time() - started, 1),
     }
+
+
+def app_readings(svc: Any) -> dict[str, tuple[str, float]]:
+    """The gauges /metrics reads at scrape time from the app's services."""
+    queue = svc.worker.snapshot()
+    images = svc.images.stats()
+    values = {
+        "queue_depth": ("Jobs waiting in the queue.", queue["depth"]),
+        "jobs_running": ("Jobs in the running batch.", len(queue["running"])),
+        "models_loaded": ("Pipelines in memory.", len(svc.models.loaded())),
+        "ram_used_bytes": ("System RAM in use.", psutil.virtual_memory().used),
+        "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
+        "images_stored": ("Images in the store.", images["count"]),
+        "images_stored_bytes": ("Bytes of images in the store.", images["bytes"]),
+    }
+    for gpu in gpu_memory() or []:
+        values[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
+    return values

@@ -82,3 +82,32 @@ class CleanupRequest(BaseModel):
     images_older_than_seconds: int | None = Field(None, ge=0)
     unload_models: bool = False
     dry_run: bool = False
+
+
+def _limit(value: str | None) -> str | None:
+    """A flask-limiter limit string such as `10/minute` or `100/hour;10/minute`."""
+    if value is not None:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            message = "must be a limit such as 10/minute, got {value}"
+            raise PydanticCustomError("rate_limit", message, {"value": value}) from None
+    return value
+
+
+class SettingsPatch(BaseModel):
+    """PATCH /admin/settings: the settings that are safe to change while serving."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+    default_steps: int | None = Field(None, ge=1, le=500)
+    max_batch_size: int | None = Field(None, ge=1, le=64)
+    model_idle_timeout_seconds: int | None = Field(None, ge=0)
+    rate_limit: str | None = Field(None, max_length=200)
+    rate_limit_default: str | None = Field(None, max_length=200)
+    persist: bool = False
+
+    _check_limits = field_validator("rate_limit", "rate_limit_default")(_limit)

@@ -246,10 +246,15 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     if settings.cors_origins:
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
         CORS(app, origins=origins, expose_headers=["X-Request-ID", "Retry-After", "Location"])
+
+    def tunable(name: str) -> Callable[[], str]:
+        # Read per request, so PATCH /admin/settings changes limits without a restart.
+        return lambda: getattr(current_app.extensions["imagegen"].settings, name)
+
     limiter = Limiter(
         key_func=client_key,
         app=app,
-        default_limits=[settings.rate_limit_default],
+        default_limits=[tunable("rate_limit_default")],
         storage_uri=settings.rate_limit_storage_uri,
         headers_enabled=True,
         key_prefix="imagegen",
@@ -258,7 +263,7 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     for endpoint, view in list(app.view_functions.items()):
         marks = getattr(view, "imagegen_marks", set())
         if "generation" in marks:
-            app.view_functions[endpoint] = limiter.limit(settings.rate_limit, scope="generation")(view)
+            app.view_functions[endpoint] = limiter.limit(tunable("rate_limit"), scope="generation")(view)
         elif "unlimited" in marks:
             app.view_functions[endpoint] = limiter.exempt(view)
     # After the limiter's own hook, so guessing keys is rate limited like anything else.

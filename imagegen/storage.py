@@ -91,17 +91,33 @@ class ImageStore:
         """Deletes images created more than `seconds` ago, oldest first; returns what it freed."""
         cutoff = time.time() - seconds
         rows = self.db.query("SELECT name, bytes FROM images WHERE created_at < ? ORDER BY created_at", (cutoff,))
+        return self._delete(rows, dry_run, f"older than {seconds}s")
+
+    def enforce_quota(self, max_bytes: int, dry_run: bool = False) -> dict[str, int]:
+        """Deletes the oldest images until the store holds at most `max_bytes`."""
+        excess = self.stats()["bytes"] - max_bytes
+        rows, freed = [], 0
+        if excess > 0:
+            for row in self.db.query("SELECT name, bytes FROM images ORDER BY created_at"):
+                if freed >= excess:
+                    break
+                rows.append(row)
+                freed += row["bytes"]
+        return self._delete(rows, dry_run, f"over the {max_bytes}-byte quota")
+
+    def _delete(self, rows: list[Any], dry_run: bool, why: str) -> dict[str, int]:
         if not dry_run:
             for row in rows:
                 (self.directory / row["name"]).unlink(missing_ok=True)
             with self.db.transaction() as conn:
                 conn.executemany("DELETE FROM images WHERE name = ?", [(row["name"],) for row in rows])
         freed = {"deleted": len(rows), "bytes": sum(row["bytes"] for row in rows)}
-        log.info(
-            "image cleanup%s: %d images, %d bytes older than %ss",
-            " (dry run)" if dry_run else "",
-            freed["deleted"],
-            freed["bytes"],
-            seconds,
-        )
+        if rows:
+            log.info(
+                "image cleanup%s: %d images, %d bytes %s",
+                " (dry run)" if dry_run else "",
+                freed["deleted"],
+                freed["bytes"],
+                why,
+            )
         return freed

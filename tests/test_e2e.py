@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,6 +122,36 @@ def test_jobs_survive_a_hard_kill(tmp_path):
         for job_id in ids:
             image = json.loads(call(f"{base}/jobs/{job_id}")[2])["images"][0]["url"]
             assert call(image)[0] == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_sigterm_finishes_the_running_batch_and_keeps_the_queue(tmp_path):
+    process, base = start_server(tmp_path, MAX_BATCH_SIZE="1", SHUTDOWN_GRACE_SECONDS="60")
+    ids = [
+        json.loads(call(f"{base}/generate", {"prompt": f"a blue square {i}", "steps": 40, "async": True})[2])["id"]
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 30
+    while json.loads(call(f"{base}/jobs/{ids[0]}")[2])["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    log = (tmp_path / "logs" / "app.log").read_text()
+    assert "signal SIGTERM: draining" in log and "jobs left queued for the next start" in log
+
+    process, base = start_server(tmp_path, MAX_BATCH_SIZE="1")
+    try:
+        first = json.loads(call(f"{base}/jobs/{ids[0]}")[2])
+        assert first["status"] == "succeeded", "the running batch finished before exit"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            statuses = [json.loads(call(f"{base}/jobs/{job_id}")[2])["status"] for job_id in ids]
+            if all(s == "succeeded" for s in statuses):
+                break
+            time.sleep(0.2)
+        assert statuses == ["succeeded"] * 4
     finally:
         process.terminate()
         process.wait(30)

@@ -7,10 +7,11 @@ their request and response shapes differ.
 from __future__ import annotations
 
 import base64
+import logging
 import secrets
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import current_app, request, url_for
@@ -21,7 +22,7 @@ from imagegen.engine.models import ModelManager, ModelState
 from imagegen.engine.worker import GenerationWorker, QueueFull, TooManyJobs
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
-from imagegen.monitoring import Monitor
+from imagegen.monitoring import Alerts, Monitor
 from imagegen.schemas import MAX_SEED
 from imagegen.security import Access, client_key, screen_prompt
 from imagegen.storage import ImageStore
@@ -42,11 +43,27 @@ class Services:
     worker: GenerationWorker
     monitor: Monitor
     webhooks: WebhookSender
+    alerts: Alerts
+    background: list[Any] = field(default_factory=list)  # loops to stop with the app (maintenance)
+    draining: bool = False
 
     def stop(self, timeout: float = 30) -> None:
-        """Stops the worker after its current batch, then the webhook sender."""
+        """Stops taking work, lets the worker finish its current batch (up to `timeout`), then the rest.
+
+        Jobs still queued stay queued in the store, and the next start runs them.
+        """
+        self.draining = True
+        for loop in self.background:
+            loop.stop()
         self.worker.stop(timeout)
         self.webhooks.stop()
+
+    def apply(self, settings: Settings) -> None:
+        """Swaps in adjusted settings (PATCH /admin/settings) for every part that reads tunables."""
+        self.settings = settings
+        self.worker.settings = settings
+        self.alerts.settings = settings
+        logging.getLogger().setLevel(settings.log_level)
 
 
 def services() -> Services:
@@ -104,6 +121,13 @@ def resolve_params(
 
 def ensure_runnable(model: str) -> None:
     """503 with the reason while the model cannot run: still on its first load, or failed to load."""
+    if services().draining:
+        raise APIError(
+            503,
+            "shutting_down",
+            "The server is shutting down; retry on another instance or shortly.",
+            headers={"Retry-After": "10"},
+        )
     info = services().models.state(model)
     if info.state == ModelState.FAILED:
         raise APIError(

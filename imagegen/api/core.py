@@ -38,8 +38,14 @@ ENDPOINTS = [
     ("GET", "/jobs/<id>/events", "Server-Sent Events with the job's progress until it ends."),
     ("GET", "/queue", "Queue depth, running jobs and average generation time."),
     ("GET", "/health", "Readiness: 200 when a generation could start now, else 503 with a reason."),
-    ("GET", "/status", "System and application figures for operators."),
+    ("GET", "/health/live", "Liveness: the process answers."),
+    ("GET", "/status", "System and application figures for operators, with alerts."),
+    ("GET", "/metrics", "Prometheus metrics."),
+    ("GET", "/models", "Configured models and their states."),
+    ("POST", "/models/<id>/load", "Admin: load a model now."),
+    ("POST", "/models/<id>/unload", "Admin: unload a model."),
     ("POST", "/cleanup", "Admin: delete old images, optionally unload models."),
+    ("PATCH", "/admin/settings", "Admin: adjust log level, default steps, batch size, idle timeout, rate limits."),
 ]
 
 

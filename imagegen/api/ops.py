@@ -1,17 +1,17 @@
-"""The operators' surface: readiness, status figures and cleanup."""
+"""The operators' surface: readiness and liveness, status figures, Prometheus metrics, models."""
 
 from __future__ import annotations
 
 import shutil
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagegen.api.common import parse, services
+from imagegen.api.common import services
 from imagegen.engine.models import ModelState
 from imagegen.monitoring import system_status
-from imagegen.schemas import CleanupRequest
-from imagegen.security import public, require_admin, unlimited
+from imagegen.security import public, unlimited
 
 bp = Blueprint("ops", __name__)
 
@@ -21,6 +21,8 @@ MIN_FREE_DISK_BYTES = 50 * 2**20
 def readiness() -> str | None:
     """Why a generation could not start now, or None when it could."""
     svc = services()
+    if svc.draining:
+        return "shutting down"
     if not svc.worker.alive:
         return "the generation worker is not running"
     info = svc.models.state(svc.settings.model_id)
@@ -37,7 +39,7 @@ def readiness() -> str | None:
 @public
 @unlimited
 def health() -> tuple[dict[str, Any], int]:
-    """200 when a generation could start now; 503 with the reason otherwise (the process stays up)."""
+    """Readiness: 200 when a generation could start now; 503 with the reason otherwise."""
     reason = readiness()
     model = services().models.state(services().settings.model_id)
     body: dict[str, Any] = {
@@ -50,14 +52,23 @@ def health() -> tuple[dict[str, Any], int]:
     return body, 200 if reason is None else 503
 
 
+@bp.get("/health/live")
+@public
+@unlimited
+def live() -> dict[str, str]:
+    """Liveness: the process answers (restart it only when this fails)."""
+    return {"status": "alive"}
+
+
 @bp.get("/status")
 def status() -> dict[str, Any]:
-    """System figures (CPU, RAM, GPU, disk, uptime) and app figures (model, queue, images, latency)."""
+    """System figures (CPU, RAM, GPU, disk, uptime), models, queue, images, latency and alerts."""
     svc = services()
     default = svc.models.state(svc.settings.model_id)
     queue = svc.worker.snapshot()
+    system = system_status(svc.images.directory, svc.monitor.started)
     return {
-        "system": system_status(svc.images.directory, svc.monitor.started),
+        "system": system,
         "app": {
             "model": {
                 "id": default.id,
@@ -73,22 +84,23 @@ def status() -> dict[str, Any]:
             "images": svc.images.stats(),
             **svc.monitor.summary(),
         },
+        "alerts": svc.alerts.check(system),
     }
 
 
-@bp.post("/cleanup")
-def cleanup() -> dict[str, Any]:
-    """Admin: deletes images older than the given (or IMAGE_TTL_SECONDS) age; can unload models."""
-    require_admin()
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format: requests, latency, generation time, batch sizes, queue, memory, images."""
+    return Response(generate_latest(services().monitor.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/models")
+def list_models() -> dict[str, Any]:
+    """Every model a request may choose, with its state; the default first."""
     svc = services()
-    options = parse(CleanupRequest, request.get_json() if request.content_length else {})
-    age = options.images_older_than_seconds
-    result: dict[str, Any] = {
-        "dry_run": options.dry_run,
-        "images": svc.images.delete_older_than(svc.settings.image_ttl_seconds if age is None else age, options.dry_run),
-    }
-    if options.unload_models:
-        result["unloaded_models"] = (
-            svc.models.loaded() if options.dry_run else svc.worker.call(svc.models.unload, timeout=600)
-        )
-    return result
+    known = {info["id"]: info for info in svc.models.describe()}
+    models = [
+        {**known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED}), "default": i == 0}
+        for i, model_id in enumerate(svc.settings.allowed_models)
+    ]
+    return {"models": models}

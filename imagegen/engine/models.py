@@ -176,7 +176,21 @@ class ModelManager:
         return pipe
 
     def loaded(self) -> list[str]:
-        return list(self._pipes)
+        """Models in memory now (safe to ask from any thread)."""
+        with self._lock:
+            return [m for m, info in self._info.items() if info.state == ModelState.READY]
+
+    def idle(self, seconds: float) -> list[str]:
+        """Loaded models unused for at least `seconds` (safe to ask from any thread)."""
+        cutoff = time.time() - seconds
+        with self._lock:
+            return [
+                m for m, info in self._info.items() if info.state == ModelState.READY and (info.last_used or 0) < cutoff
+            ]
+
+    def unload_many(self, model_ids: list[str]) -> list[str]:
+        """Worker thread only: unloads each of the given models still loaded."""
+        return [unloaded for model_id in model_ids for unloaded in self.unload(model_id)]
 
     def unload(self, model_id: str | None = None) -> list[str]:
         """Drops one model (or all) and returns the memory to the system."""

@@ -1,0 +1,100 @@
+"""The admin surface: cleanup, loading and unloading models, adjusting settings at run time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from flask import Blueprint, request
+
+from config import Settings
+from imagegen.api.common import parse, services
+from imagegen.errors import APIError
+from imagegen.schemas import CleanupRequest, SettingsPatch
+from imagegen.security import require_admin
+
+bp = Blueprint("admin", __name__)
+log = logging.getLogger(__name__)
+
+RUNTIME_SETTINGS_FILE = "runtime-settings.json"
+
+
+@bp.before_request
+def _admin_only() -> None:
+    require_admin()
+
+
+@bp.post("/cleanup")
+def cleanup() -> dict[str, Any]:
+    """Deletes images older than the given (or IMAGE_TTL_SECONDS) age; can unload models; can dry-run."""
+    svc = services()
+    options = parse(CleanupRequest, request.get_json(silent=True) if request.content_length else {})
+    age = (
+        svc.settings.image_ttl_seconds
+        if options.images_older_than_seconds is None
+        else options.images_older_than_seconds
+    )
+    result: dict[str, Any] = {
+        "dry_run": options.dry_run,
+        "images": svc.images.delete_older_than(age, options.dry_run),
+    }
+    if options.unload_models:
+        result["unloaded_models"] = (
+            svc.models.loaded() if options.dry_run else svc.worker.call(svc.models.unload, timeout=600)
+        )
+    log.info("cleanup by admin: %s", result)
+    return result
+
+
+def _known_model(model_id: str) -> str:
+    if model_id not in services().settings.allowed_models:
+        raise APIError(404, "not_found", f"No configured model `{model_id}`.")
+    return model_id
+
+
+@bp.post("/models/<path:model_id>/load")
+def load_model(model_id: str) -> dict[str, Any]:
+    """Loads a configured model now (on the worker thread), so the first request does not wait."""
+    svc = services()
+    _known_model(model_id)
+    try:
+        svc.worker.call(lambda: svc.models.get(model_id) and None, timeout=600)
+    except Exception as exc:
+        raise APIError(503, "model_unavailable", f"Model `{model_id}` failed to load: {exc}") from None
+    return {"model": model_id, "state": svc.models.state(model_id).state}
+
+
+@bp.post("/models/<path:model_id>/unload")
+def unload_model(model_id: str) -> dict[str, Any]:
+    """Unloads a model and returns its memory; the next request that needs it loads it again."""
+    svc = services()
+    _known_model(model_id)
+    unloaded = svc.worker.call(lambda: svc.models.unload(model_id), timeout=600)
+    return {"model": model_id, "unloaded": bool(unloaded), "state": svc.models.state(model_id).state}
+
+
+def runtime_overrides(settings: Settings) -> dict[str, Any]:
+    """Adjustments an admin saved with `"persist": true`, applied again at start-up."""
+    path = settings.data_dir / RUNTIME_SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@bp.patch("/admin/settings")
+def adjust_settings() -> dict[str, Any]:
+    """Changes a safe subset of settings now; saved for the next start only when asked."""
+    svc = services()
+    patch = parse(SettingsPatch)
+    changes = patch.model_dump(exclude_unset=True, exclude={"persist"})
+    if not changes:
+        raise APIError(400, "invalid_request", "Give at least one setting to change.")
+    try:
+        adjusted = Settings(**{**svc.settings.model_dump(), **changes, "_env_file": None})
+    except ValueError as exc:
+        raise APIError(400, "invalid_request", str(exc).splitlines()[0]) from None
+    svc.apply(adjusted)
+    if patch.persist:
+        path = adjusted.data_dir / RUNTIME_SETTINGS_FILE
+        path.write_text(json.dumps({**runtime_overrides(adjusted), **changes}, indent=2))
+    log.warning("settings adjusted by admin%s: %s", " (persisted)" if patch.persist else "", changes)
+    return {"changed": changes, "persisted": patch.persist, "settings": {k: getattr(adjusted, k) for k in changes}}

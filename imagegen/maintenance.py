@@ -1,0 +1,58 @@
+"""The periodic housekeeping loop: image TTL and quota, job records, idle model unload, alerts.
+
+Why a loop of its own: the disk must not fill and an idle GPU must be given back even when nobody
+calls /cleanup. It never touches a pipeline itself: unloading goes through the worker's `call`, so
+the one-thread rule holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from imagegen.api.common import Services
+from imagegen.monitoring import system_status
+
+log = logging.getLogger(__name__)
+
+
+def run_once(svc: Services) -> dict[str, Any]:
+    """One pass: expire images (and their jobs), enforce the storage quota, unload idle models."""
+    settings = svc.settings
+    result: dict[str, Any] = {"expired": svc.images.delete_older_than(settings.image_ttl_seconds)}
+    result["jobs_deleted"] = svc.jobs.delete_finished_before(time.time() - settings.image_ttl_seconds)
+    if settings.max_image_storage_mb:
+        result["quota"] = svc.images.enforce_quota(settings.max_image_storage_mb * 2**20)
+    if settings.model_idle_timeout_seconds:
+        idle = svc.models.idle(settings.model_idle_timeout_seconds)
+        result["unloaded_models"] = svc.worker.call(lambda: svc.models.unload_many(idle)) if idle else []
+    svc.alerts.check(system_status(svc.images.directory, svc.monitor.started))
+    if any(result.get(k) for k in ("jobs_deleted", "unloaded_models")) or result["expired"]["deleted"]:
+        log.info("maintenance: %s", result)
+    return result
+
+
+class MaintenanceLoop:
+    """Runs `run_once` every CLEANUP_INTERVAL_SECONDS on a daemon thread until stopped."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.svc.settings.cleanup_interval_seconds):
+            try:
+                run_once(self.svc)
+            except Exception:
+                log.exception("maintenance pass failed; the next one runs on schedule")

@@ -1,0 +1,152 @@
+"""Operations: liveness, alerts, Prometheus metrics, JSON logs, maintenance, models, runtime settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from imagegen.maintenance import run_once
+from tests.conftest import wait_ready
+
+PROMPT = "an orange circle on a green background"
+
+
+def test_liveness_answers_even_when_not_ready(app_factory, tmp_path):
+    client = app_factory(model_id=str(tmp_path / "missing")).test_client()
+    assert client.get("/health/live").json == {"status": "alive"}
+
+
+def test_metrics_parse_with_prometheus_client(client):
+    client.post("/generate", json={"prompt": PROMPT, "steps": 2, "num_images": 2})
+    client.post("/generate", json={"prompt": PROMPT, "steps": 900})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    families = {f.name: f for f in text_string_to_metric_families(response.get_data(as_text=True))}
+    requests = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["imagegen_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert requests[("/generate", "200")] == 1 and requests[("/generate", "400")] == 1
+    generation = {s.name: s.value for s in families["imagegen_generation_seconds"].samples}
+    assert generation["imagegen_generation_seconds_count"] == 1
+    batch = {s.name: s.value for s in families["imagegen_batch_size"].samples}
+    assert batch["imagegen_batch_size_sum"] == 2
+    errors = {s.labels["code"]: s.value for s in families["imagegen_errors"].samples if s.name.endswith("_total")}
+    assert errors["invalid_request"] == 1
+    assert "imagegen_request_seconds" in families
+    for gauge in ("queue_depth", "models_loaded", "ram_used_bytes", "process_rss_bytes", "images_stored"):
+        assert f"imagegen_{gauge}" in families, gauge
+    assert families["imagegen_images_stored"].samples[0].value == 2
+    assert families["imagegen_models_loaded"].samples[0].value == 1
+
+
+def test_metrics_need_a_key_when_keys_are_on(app_factory):
+    client = app_factory(api_keys="metrics-key-0123456789").test_client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"X-API-Key": "metrics-key-0123456789"}).status_code == 200
+
+
+def test_alerts_show_in_status_and_warn_once_per_crossing(app_factory, caplog):
+    client = app_factory(memory_alert_percent=0.1, disk_alert_percent=100).test_client()
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        alerts = client.get("/status").json["alerts"]
+    assert [a["name"] for a in alerts] == ["ram"] and alerts[0]["threshold"] == 0.1
+    warnings = [r for r in caplog.records if r.getMessage().startswith("alert: ram")]
+    assert len(warnings) == 1
+
+
+def test_json_logs_carry_the_request_id(app_factory, tmp_path):
+    client = app_factory(log_format="json").test_client()
+    client.get("/status", headers={"X-Request-ID": "json-log-1"})
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()]
+    access = [entry for entry in lines if entry["request_id"] == "json-log-1"]
+    assert access and access[0]["logger"] == "imagegen.access" and "GET /status 200" in access[0]["message"]
+    assert {"time", "level", "logger", "request_id", "message"} <= set(lines[0])
+
+
+def test_log_file_rotates(app_factory, tmp_path):
+    client = app_factory(log_max_bytes=2048, log_backup_count=2).test_client()
+    for _ in range(60):
+        client.get("/health/live")
+    names = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert names == ["app.log", "app.log.1", "app.log.2"]
+
+
+def test_maintenance_expires_images_and_jobs(app_factory):
+    app = app_factory(image_ttl_seconds=1)
+    client = app.test_client()
+    wait_ready(client)
+    body = client.post("/generate", json={"prompt": PROMPT, "steps": 1}).json
+    time.sleep(1.2)
+    result = run_once(app.extensions["imagegen"])
+    assert result["expired"]["deleted"] == 1 and result["jobs_deleted"] == 1
+    assert client.get(body["images"][0]["url"].removeprefix("http://localhost")).status_code == 404
+    assert client.get(f"/jobs/{body['id']}").status_code == 404
+
+
+def test_maintenance_enforces_the_storage_quota_oldest_first(app_factory):
+    app = app_factory(max_image_storage_mb=1)
+    svc = app.extensions["imagegen"]
+    client = app.test_client()
+    wait_ready(client)
+    urls = [client.post("/generate", json={"prompt": PROMPT, "steps": 1}).json["images"][0]["url"] for _ in range(3)]
+    oldest = svc.images.find(urls[0].rsplit("/", 1)[1])
+    assert svc.images.enforce_quota(svc.images.stats()["bytes"] - oldest.bytes)["deleted"] == 1
+    first, *rest = (client.get(u.removeprefix("http://localhost")) for u in urls)
+    assert first.status_code == 404 and all(r.status_code == 200 for r in rest)
+    for response in rest:
+        response.close()
+
+
+def test_idle_models_are_unloaded_and_reload_on_demand(app_factory):
+    app = app_factory(model_idle_timeout_seconds=1, cleanup_interval_seconds=1)
+    client = app.test_client()
+    wait_ready(client)
+    client.post("/generate", json={"prompt": PROMPT, "steps": 1})
+    deadline = time.monotonic() + 15
+    while client.get("/models").json["models"][0]["state"] != "unloaded" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/models").json["models"][0]["state"] == "unloaded"
+    assert client.get("/health").status_code == 200, "an idle-unloaded model is still loadable"
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}).status_code == 200
+
+
+def test_models_list_load_and_unload(app_factory):
+    client = app_factory(models="models/tiny-random,other/missing-model").test_client()
+    wait_ready(client)
+    models = client.get("/models").json["models"]
+    assert [(m["id"], m["default"]) for m in models] == [("models/tiny-random", True), ("other/missing-model", False)]
+    assert client.post("/models/models/tiny-random/unload").json == {
+        "model": "models/tiny-random",
+        "unloaded": True,
+        "state": "unloaded",
+    }
+    assert client.post("/models/models/tiny-random/load").json["state"] == "ready"
+    assert client.post("/models/nope/load").status_code == 404
+    assert (
+        client.post("/models/models/tiny-random/load", environ_base={"REMOTE_ADDR": "203.0.113.1"}).status_code == 403
+    )
+
+
+def test_runtime_settings_apply_now_and_persist_only_when_asked(app_factory, tmp_path):
+    client = app_factory().test_client()
+    wait_ready(client)
+    changed = client.patch("/admin/settings", json={"default_steps": 3, "rate_limit": "1/minute"})
+    assert changed.status_code == 200 and changed.json["persisted"] is False
+    assert client.post("/generate", json={"prompt": PROMPT}).json["parameters"]["steps"] == 3
+    assert client.post("/generate", json={"prompt": PROMPT}).status_code == 429
+    assert not (tmp_path / "data" / "runtime-settings.json").exists()
+    assert client.patch("/admin/settings", json={"default_steps": 999}).status_code == 400
+    assert client.patch("/admin/settings", json={"rate_limit": "lots"}).status_code == 400
+    assert client.patch("/admin/settings", json={"max_width": 1024}).status_code == 400
+    kept = client.patch("/admin/settings", json={"max_batch_size": 2, "persist": True})
+    assert kept.json["persisted"] is True
+    restarted = app_factory().test_client()
+    wait_ready(restarted)
+    assert restarted.application.extensions["imagegen"].settings.max_batch_size == 2
+    assert restarted.application.extensions["imagegen"].settings.default_steps == 4  # not persisted
