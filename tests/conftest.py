@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,3 +78,53 @@ def client(app: Flask) -> FlaskClient:
     client = app.test_client()
     wait_ready(client)
     return client
+
+
+# ----- a real server process, for end-to-end and browser tests -----
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, Any, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """Starts app.py with the settings given as environment variables and waits for readiness."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PORT": str(port),
+        "MODEL_ID": TINY_MODEL,
+        "IMAGE_DIR": str(tmp_path / "images"),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "DEFAULT_STEPS": "4",
+        "RATE_LIMIT": "1000/minute",
+        "RATE_LIMIT_DEFAULT": "100000/minute",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if call(f"{base}/health")[0] == 200:
+                return process, base
+        except OSError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not become ready")

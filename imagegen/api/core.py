@@ -29,7 +29,8 @@ from imagegen.security import generation_route, public, signed
 bp = Blueprint("core", __name__)
 
 ENDPOINTS = [
-    ("GET", "/", "This index: name, version and every endpoint."),
+    ("GET", "/", "This index: name, version, models, limits and every endpoint."),
+    ("GET", "/ui", "The playground: generate images in the browser."),
     ("POST", "/generate", "Generate images from a text prompt (JSON); waits for the result."),
     ("GET", "/images/<name>", "Download a generated PNG."),
     ("GET", "/jobs", "Recent jobs (yours, with API keys); ?status= filters."),
@@ -59,6 +60,20 @@ def index() -> Response:
             "name": "imagegen",
             "version": __version__,
             "model": settings.model_id,
+            "models": list(settings.allowed_models),
+            "limits": {
+                name: getattr(settings, name)
+                for name in (
+                    "max_width",
+                    "max_height",
+                    "max_steps",
+                    "max_images_per_request",
+                    "max_prompt_length",
+                    "default_width",
+                    "default_height",
+                    "default_steps",
+                )
+            },
             "endpoints": [{"method": m, "path": p, "description": d} for m, p, d in ENDPOINTS],
         }
     )
