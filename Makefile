@@ -26,3 +26,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench: install
+	$(BIN)/python -m bench.suite
+	$(BIN)/python -m bench.batching

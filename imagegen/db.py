@@ -12,32 +12,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    client TEXT NOT NULL,
-    params TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    images TEXT,
-    error TEXT,
-    cache_key TEXT,
-    callback_url TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
-CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client, created_at);
-CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
-CREATE TABLE IF NOT EXISTS images (
-    name TEXT PRIMARY KEY,
-    job_id TEXT,
-    created_at REAL NOT NULL,
-    bytes INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS images_created ON images (created_at);
-"""
+# Each entry moves the schema one version on (PRAGMA user_version); never edit a shipped entry.
+MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        client TEXT NOT NULL,
+        params TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        step INTEGER NOT NULL DEFAULT 0,
+        images TEXT,
+        error TEXT
+    );
+    CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+    CREATE TABLE IF NOT EXISTS images (
+        name TEXT PRIMARY KEY,
+        job_id TEXT,
+        created_at REAL NOT NULL,
+        bytes INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS images_created ON images (created_at);
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN cache_key TEXT;
+    ALTER TABLE jobs ADD COLUMN callback_url TEXT;
+    CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client, created_at);
+    CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
+    """,
+)
 
 
 class Database:
@@ -47,7 +52,14 @@ class Database:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Brings an older database file up to the current schema, one version at a time."""
+        conn = self._connection()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

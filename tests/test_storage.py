@@ -51,3 +51,20 @@ def test_delete_older_than_removes_files_and_records(store):
     assert store.delete_older_than(cutoff) == {"deleted": 1, "bytes": old.bytes}
     assert not old.path.exists() and store.find(old.name) is None
     assert store.find(fresh.name) is not None
+
+
+def test_an_older_database_is_migrated_in_place(tmp_path):
+    import sqlite3
+
+    from imagegen.db import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:  # a database as the first release wrote it
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("INSERT INTO jobs (id, status, client, params, created_at) VALUES ('j', 'queued', 'c', '{}', 1)")
+    db = Database(path)
+    columns = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
+    assert {"cache_key", "callback_url"} <= columns
+    assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    assert db.query("SELECT id FROM jobs")[0]["id"] == "j"
+    Database(path)  # opening again is a no-op

@@ -7,8 +7,11 @@ generations. Other threads read `describe()`, a snapshot kept under a lock.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -70,6 +73,13 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     if setting == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, setting)
+
+
+def release_freed_ram() -> None:
+    """Hands freed heap pages back to the OS; glibc keeps them otherwise, so RSS would not drop."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def memory_snapshot(device: str) -> str:
@@ -201,6 +211,7 @@ class ModelManager:
             self._set(target, state=ModelState.UNLOADED)
         if unloaded:
             gc.collect()
+            release_freed_ram()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.info("unloaded %s; after: %s", ", ".join(unloaded), memory_snapshot(self.device))

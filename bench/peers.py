@@ -1,0 +1,73 @@
+"""The two server patterns imagegen is measured against, written as plain code.
+
+- `locked`: the seed's pattern: one global pipeline behind a lock, served by threaded Flask.
+- `from_pipe`: diffusers' example-server pattern: a shared pipeline, and for every request a
+  `from_pipe` copy with its own scheduler, called from the server's threads concurrently.
+
+Both answer POST /generate with base64 PNGs, like imagegen's `response_format: b64_json`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+from bench.harness import free_port
+
+
+def _png(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def peer_app(pipe: DiffusionPipeline, pattern: str) -> Flask:
+    app = Flask(f"peer-{pattern}")
+    lock = threading.Lock()
+
+    @app.post("/generate")
+    def generate() -> Any:
+        body = request.get_json()
+        kwargs = {
+            "prompt": body["prompt"],
+            "num_inference_steps": body["steps"],
+            "width": body["width"],
+            "height": body["height"],
+            "generator": torch.Generator("cpu").manual_seed(body["seed"]),
+        }
+        try:
+            if pattern == "locked":
+                with lock:
+                    image = pipe(**kwargs).images[0]
+            else:
+                scheduler = pipe.scheduler.from_config(pipe.scheduler.config)
+                image = StableDiffusionPipeline.from_pipe(pipe, scheduler=scheduler)(**kwargs).images[0]
+        except Exception as exc:  # the pattern under test has no error handling of its own
+            return jsonify({"error": str(exc)}), 500
+        return jsonify({"images": [_png(image)]})
+
+    return app
+
+
+@contextmanager
+def serve_peer(pipe: DiffusionPipeline, pattern: str) -> Iterator[str]:
+    """A peer pattern on a threaded werkzeug server on a free port; yields its URL."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = make_server("127.0.0.1", free_port(), peer_app(pipe, pattern), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
