@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> Flask:
     """Builds the Flask app and its services from settings (read from the environment if not given)."""
     from imagegen import errors, middleware, security
-    from imagegen.api import admin, common, core, jobs, ops, ui
+    from imagegen.api import a1111, admin, common, core, jobs, openai, ops, ui
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
     from imagegen.engine.worker import GenerationWorker
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.init_app(app)
     middleware.init_app(app)
-    for blueprint in (core.bp, jobs.bp, ops.bp, admin.bp, ui.bp):
+    for blueprint in (core.bp, jobs.bp, ops.bp, admin.bp, ui.bp, openai.bp, a1111.bp):
         app.register_blueprint(blueprint)
     security.init_app(app, settings)
 

@@ -140,8 +140,10 @@ def access() -> Access:
 
 
 def presented_key() -> str | None:
-    """The API key a request carries: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
-    return bearer_token() or request.headers.get("X-API-Key", "").strip() or None
+    """The API key a request carries: `Authorization: Bearer <key>`, `X-API-Key: <key>`, or HTTP Basic
+    with the key as password (how A1111 clients such as webuiapi authenticate)."""
+    basic = request.authorization.password if request.authorization and request.authorization.type == "basic" else None
+    return bearer_token() or request.headers.get("X-API-Key", "").strip() or basic or None
 
 
 def api_key_id() -> str | None:

@@ -1,0 +1,326 @@
+"""The AUTOMATIC1111 surface under /sdapi/v1, for scripts and the `webuiapi` package.
+
+Same worker, queue, validation, limits and keys as the native API. Requests may carry every field
+A1111 knows (unknown ones are ignored); answers have A1111's shapes (`images` as plain base64,
+`info` as a JSON string), and errors A1111's `{"error", "detail", "errors"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import psutil
+from flask import Blueprint, Response, current_app, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from imagegen.api.common import (
+    eta_seconds,
+    image_views,
+    job_failure,
+    parse,
+    resolve_params,
+    services,
+    submit,
+    wait_for,
+)
+from imagegen.errors import APIError, validation_error
+from imagegen.monitoring import gpu_memory
+from imagegen.schemas import MAX_SEED, GenerateRequest
+from imagegen.security import generation_route
+
+bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
+
+# A1111 sampler names (lower-cased) -> our scheduler names.
+SAMPLERS = {
+    "euler": "euler",
+    "euler a": "euler_a",
+    "dpm++ 2m": "dpm++_2m",
+    "dpm++ 2m karras": "dpm++_2m_karras",
+    "ddim": "ddim",
+    "pndm": "pndm",
+    "plms": "pndm",
+    "lms": "lms",
+    "heun": "heun",
+    "unipc": "unipc",
+}
+SAMPLER_TITLES = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PNDM", "LMS", "Heun", "UniPC"]
+A1111_SCHEDULERS = ["automatic", "karras", "uniform"]
+
+
+class Txt2ImgRequest(BaseModel):
+    """The txt2img fields imagegen honours; every other A1111 field is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+
+
+def _error(status: int, kind: str, detail: str, errors: Any = None) -> Response:
+    response = jsonify({"error": kind, "detail": detail, "body": "", "errors": errors or ""})
+    response.status_code = status
+    return response
+
+
+@bp.errorhandler(APIError)
+def _api_error(error: APIError) -> Response:
+    services().monitor.record_error(error.code)
+    response = _error(error.status, error.code, error.message, error.details)
+    response.headers.update(error.headers)
+    return response
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(exc: ValidationError) -> Response:
+    return _api_error(validation_error(exc))
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    response = _error(exc.code or 500, exc.name, exc.description or exc.name)
+    if exc.code == 429:
+        response.headers.update(dict(exc.get_headers()))
+        response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def current_model() -> str:
+    """The checkpoint A1111 clients see as loaded (`sd_model_checkpoint`), MODEL_ID until changed."""
+    return current_app.extensions.get("imagegen_a1111_model") or services().settings.model_id
+
+
+def scheduler_for(sampler: str | None, schedule: str | None) -> str:
+    """Maps an A1111 sampler (and, from A1111 1.9 on, its scheduler) to a diffusers scheduler."""
+    if not sampler:
+        return "default"
+    key = sampler.strip().lower()
+    if (schedule or "").strip().lower() == "karras" and f"{key} karras" in SAMPLERS:
+        key = f"{key} karras"
+    if key not in SAMPLERS:
+        raise APIError(
+            400,
+            "invalid_sampler",
+            f"Unknown sampler `{sampler}`; use one of {', '.join(SAMPLER_TITLES)}.",
+            {"field": "sampler_name"},
+        )
+    return SAMPLERS[key]
+
+
+@bp.post("/txt2img")
+@generation_route
+def txt2img() -> dict[str, Any]:
+    """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
+    body = parse(Txt2ImgRequest)
+    # -1 draws the first seed; A1111 numbers the rest of the batch from it.
+    first_seed = secrets.randbelow(MAX_SEED + 1) if body.seed == -1 else body.seed
+    native = parse(
+        GenerateRequest,
+        {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt or None,
+            "width": body.width,
+            "height": body.height,
+            "steps": body.steps,
+            "guidance_scale": body.cfg_scale,
+            "seed": first_seed,
+            "num_images": body.batch_size * body.n_iter,
+            "scheduler": scheduler_for(body.sampler_name or body.sampler_index, body.scheduler),
+            "model": current_model(),
+        },
+    )
+    params = resolve_params(**native.model_dump(exclude={"response_format", "run_async", "callback_url"}))
+    job = submit(params)
+    finished = wait_for(job)
+    if finished is None:
+        raise APIError(
+            503, "timeout", f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id}."
+        )
+    if finished.error or not finished.images:
+        raise job_failure(finished)
+    seeds = list(params.seeds)
+    sampler = body.sampler_name or body.sampler_index or "Default"
+    infotext = (
+        f"{params.prompt}\nNegative prompt: {params.negative_prompt}\nSteps: {params.steps}, Sampler: "
+        f"{sampler}, CFG scale: {params.guidance_scale}, Seed: {seeds[0]}, Size: {params.width}x{params.height}, "
+        f"Model: {params.model}"
+    )
+    info = {
+        "prompt": params.prompt,
+        "all_prompts": [params.prompt] * len(seeds),
+        "negative_prompt": params.negative_prompt,
+        "all_negative_prompts": [params.negative_prompt] * len(seeds),
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "width": params.width,
+        "height": params.height,
+        "sampler_name": sampler,
+        "cfg_scale": params.guidance_scale,
+        "steps": params.steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "sd_model_name": params.model,
+        "sd_model_hash": None,
+        "job_id": finished.id,
+        "infotexts": [infotext.replace(f"Seed: {seeds[0]}", f"Seed: {s}") for s in seeds],
+    }
+    images = [view["b64_json"] for view in image_views(finished, "b64_json")]
+    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+@bp.get("/options")
+def get_options() -> dict[str, Any]:
+    return {"sd_model_checkpoint": current_model(), "samples_format": "png"}
+
+
+@bp.post("/options")
+def set_options() -> dict[str, Any]:
+    """Honours `sd_model_checkpoint` (switches the model, loading it now); other options are ignored."""
+    options = request.get_json(silent=True)
+    if not isinstance(options, dict):
+        raise APIError(400, "invalid_request", "The body must be a JSON object of options.")
+    checkpoint = options.get("sd_model_checkpoint")
+    if checkpoint is not None:
+        svc = services()
+        if checkpoint not in svc.settings.allowed_models:
+            raise APIError(
+                400,
+                "unknown_model",
+                f"`sd_model_checkpoint` must be one of {', '.join(svc.settings.allowed_models)}",
+                {"field": "sd_model_checkpoint"},
+            )
+        svc.worker.call(lambda: svc.models.get(checkpoint) and None, timeout=600)
+        current_app.extensions["imagegen_a1111_model"] = checkpoint
+    return {}
+
+
+@bp.get("/sd-models")
+def sd_models() -> list[dict[str, Any]]:
+    return [
+        {
+            "title": m,
+            "model_name": m.rstrip("/").rsplit("/", 1)[-1],
+            "hash": None,
+            "sha256": None,
+            "filename": m,
+            "config": None,
+        }
+        for m in services().settings.allowed_models
+    ]
+
+
+@bp.get("/samplers")
+def samplers() -> list[dict[str, Any]]:
+    return [{"name": name, "aliases": [SAMPLERS[name.lower()]], "options": {}} for name in SAMPLER_TITLES]
+
+
+@bp.get("/schedulers")
+def schedulers() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "label": name.title(), "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for name in A1111_SCHEDULERS
+    ]
+
+
+@bp.get("/scripts")
+def scripts() -> dict[str, list[str]]:
+    """No A1111 extension scripts here (webuiapi asks at start-up)."""
+    return {"txt2img": [], "img2img": []}
+
+
+@bp.get("/progress")
+def progress() -> dict[str, Any]:
+    """The running job's progress in A1111's shape."""
+    svc = services()
+    snapshot = svc.worker.snapshot()
+    running = [job for job_id in snapshot["running"] if (job := svc.jobs.get(job_id))]
+    job = running[0] if running else None
+    fraction = round(job.progress, 4) if job else 0.0
+    eta = (eta_seconds(job) or 0.0) if job else 0.0
+    return {
+        "progress": fraction,
+        "eta_relative": eta,
+        "state": {
+            "skipped": False,
+            "interrupted": False,
+            "job": job.id if job else "",
+            "job_count": snapshot["depth"] + len(running),
+            "job_timestamp": str(int(job.created_at)) if job else "0",
+            "job_no": 0,
+            "sampling_step": job.step if job else 0,
+            "sampling_steps": job.params.steps if job else 0,
+        },
+        "current_image": None,
+        "textinfo": None,
+    }
+
+
+def _stop_current() -> dict[str, Any]:
+    svc = services()
+    for job_id in svc.worker.snapshot()["running"]:
+        svc.worker.cancel(job_id)
+    return {}
+
+
+@bp.post("/interrupt")
+def interrupt() -> dict[str, Any]:
+    """Stops the running job(s) at their next step; queued jobs are untouched."""
+    return _stop_current()
+
+
+@bp.post("/skip")
+def skip() -> dict[str, Any]:
+    """As /interrupt: imagegen runs a request's images in one call, so there is no next image to skip to."""
+    return _stop_current()
+
+
+@bp.post("/refresh-checkpoints")
+def refresh_checkpoints() -> dict[str, Any]:
+    """Models come from MODEL_ID and MODELS; nothing to rescan."""
+    return {}
+
+
+@bp.post("/unload-checkpoint")
+def unload_checkpoint() -> dict[str, Any]:
+    svc = services()
+    svc.worker.call(svc.models.unload, timeout=600)
+    return {}
+
+
+@bp.post("/reload-checkpoint")
+def reload_checkpoint() -> dict[str, Any]:
+    svc = services()
+    model = current_model()
+    svc.worker.call(lambda: svc.models.get(model) and None, timeout=600)
+    return {}
+
+
+@bp.get("/memory")
+def memory() -> dict[str, Any]:
+    ram = psutil.virtual_memory()
+    gpus = gpu_memory()
+    cuda: dict[str, Any] = {"error": "no CUDA device"}
+    if gpus:
+        gpu = gpus[0]
+        cuda = {
+            "system": {
+                "free": gpu["total_bytes"] - gpu["used_bytes"],
+                "used": gpu["used_bytes"],
+                "total": gpu["total_bytes"],
+            }
+        }
+    return {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}, "cuda": cuda}

@@ -1,0 +1,148 @@
+"""The OpenAI Images surface under /v1, for the `openai` SDK and tools built on it.
+
+Same worker, queue, validation, limits and keys as the native API; only the shapes differ:
+OpenAI's request fields, `{"created", "data": [...]}` answers, and OpenAI's error shape
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from imagegen.api.common import image_views, job_failure, parse, resolve_params, services, submit, wait_for
+from imagegen.errors import APIError, validation_error
+from imagegen.schemas import MAX_SEED, GenerateRequest
+from imagegen.security import generation_route
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+# Model names OpenAI clients often send without asking: they mean "the server's default model".
+OPENAI_ALIASES = {"dall-e-2", "dall-e-3", "gpt-image-1"}
+# Our field names -> the OpenAI request field a client should fix.
+PARAMS = {"num_images": "n", "width": "size", "height": "size"}
+
+
+class ImagesRequest(BaseModel):
+    """POST /v1/images/generations; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
+    response_format: Literal["url", "b64_json"] = "b64_json"
+    user: str | None = None
+    quality: str | None = None  # accepted and ignored
+    style: str | None = None  # accepted and ignored
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    response.status_code = status
+    return response
+
+
+@bp.errorhandler(APIError)
+def _api_error(error: APIError) -> Response:
+    services().monitor.record_error(error.code)
+    details = error.details if isinstance(error.details, dict) else {}
+    field = details.get("field") or (error.details[0]["field"] if isinstance(error.details, list) else None)
+    response = openai_error(error.status, error.message, PARAMS.get(field, field), error.code)
+    response.headers.update(error.headers)
+    return response
+
+
+@bp.errorhandler(ValidationError)
+def _validation_error(exc: ValidationError) -> Response:
+    return _api_error(validation_error(exc))
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    response = openai_error(exc.code or 500, exc.description or exc.name)
+    if exc.code == 429:
+        response.headers.update(dict(exc.get_headers()))
+        response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def _size(size: str | None) -> tuple[int | None, int | None]:
+    if size in (None, "auto"):
+        return None, None
+    width, height = size.split("x")
+    return int(width), int(height)
+
+
+@bp.post("/images/generations")
+@generation_route
+def generations() -> dict[str, Any]:
+    """Creates images from a prompt, as OpenAI's Images API does."""
+    body = parse(ImagesRequest)
+    width, height = _size(body.size)
+    model = None if body.model in OPENAI_ALIASES else body.model
+    native = parse(
+        GenerateRequest,
+        {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "width": width,
+            "height": height,
+            "steps": body.steps,
+            "guidance_scale": body.guidance_scale,
+            "seed": body.seed,
+            "num_images": body.n,
+            "model": model,
+        },
+    )
+    params = resolve_params(**native.model_dump(exclude={"response_format", "run_async", "callback_url"}))
+    job = submit(params)
+    finished = wait_for(job)
+    if finished is None:
+        raise APIError(
+            503,
+            "timeout",
+            f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id} (GET /jobs/{job.id}).",
+        )
+    if finished.error or not finished.images:
+        raise job_failure(finished)
+    data = [
+        {
+            **({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}),
+            "revised_prompt": body.prompt,
+        }
+        for view in image_views(finished, body.response_format)
+    ]
+    return {"created": int(finished.created_at), "data": data}
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(services().monitor.started), "owned_by": "imagegen"}
+
+
+@bp.get("/models")
+def models() -> dict[str, Any]:
+    """The models a request may name, in OpenAI's list shape."""
+    return {"object": "list", "data": [_model_entry(m) for m in services().settings.allowed_models]}
+
+
+@bp.get("/models/<path:model_id>")
+def model(model_id: str) -> dict[str, Any]:
+    if model_id not in services().settings.allowed_models:
+        raise APIError(404, "model_not_found", f"The model `{model_id}` does not exist.", {"field": "model"})
+    return _model_entry(model_id)

@@ -1,0 +1,176 @@
+"""The OpenAI and AUTOMATIC1111 surfaces, driven by their real client libraries over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import openai
+import pytest
+import webuiapi
+from PIL import Image
+
+from tests.conftest import call, start_server, wait_ready
+
+pytestmark = pytest.mark.slow
+KEY = "compat-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    process, base = start_server(
+        tmp_path_factory.mktemp("compat"), API_KEYS=KEY, MAX_STEPS="400", RATE_LIMIT_DEFAULT="100000/minute"
+    )
+    yield base
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_images_generate_b64_and_url(client, server):
+    result = client.images.generate(
+        prompt="a red circle on a blue background",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"steps": 3, "seed": 11},
+    )
+    assert len(result.data) == 2 and result.created > 0
+    for item in result.data:
+        assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (64, 64)
+        assert item.revised_prompt == "a red circle on a blue background"
+    by_url = client.images.generate(
+        prompt="a green square on a white background", response_format="url", size="128x64", extra_body={"steps": 2}
+    )
+    status, _headers, png = call(by_url.data[0].url)  # signed: no key needed
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (128, 64)
+
+
+def test_openai_defaults_to_b64_and_accepts_openai_model_names(client):
+    result = client.images.generate(
+        prompt="a white circle on a black background", model="dall-e-2", quality="standard", extra_body={"steps": 2}
+    )
+    assert result.data[0].b64_json and result.data[0].url is None
+
+
+def test_openai_models(client):
+    listed = [m.id for m in client.models.list()]
+    assert listed == ["models/tiny-random"]
+    assert client.models.retrieve("models/tiny-random").owned_by == "imagegen"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_openai_errors_in_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a red circle", size="65x65")
+    assert bad.value.body["param"] == "size" and bad.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as screened:
+        client.images.generate(prompt="<script>alert(1)</script>")
+    assert screened.value.body["code"] == "prompt_rejected"
+    anonymous = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.images.generate(prompt="a red circle")
+
+
+@pytest.fixture
+def webui(server) -> webuiapi.WebUIApi:
+    host, port = urlsplit(server).hostname, urlsplit(server).port
+    return webuiapi.WebUIApi(host=host, port=port, username="anyone", password=KEY)
+
+
+def test_webuiapi_txt2img_with_batch_and_fixed_seed(webui):
+    result = webui.txt2img(
+        prompt="a yellow triangle on a purple background",
+        negative_prompt="blurry",
+        seed=42,
+        batch_size=2,
+        steps=3,
+        width=64,
+        height=64,
+        cfg_scale=5,
+        sampler_name="Euler a",
+    )
+    assert len(result.images) == 2 and all(image.size == (64, 64) for image in result.images)
+    assert result.info["all_seeds"] == [42, 43] and result.info["seed"] == 42
+    assert result.info["sampler_name"] == "Euler a" and len(result.info["infotexts"]) == 2
+    again = webui.txt2img(
+        prompt="a yellow triangle on a purple background",
+        negative_prompt="blurry",
+        seed=42,
+        batch_size=1,
+        steps=3,
+        width=64,
+        height=64,
+        cfg_scale=5,
+        sampler_name="Euler a",
+    )
+    assert again.images[0].tobytes() == result.images[0].tobytes()
+
+
+def test_webuiapi_models_progress_and_interrupt(webui, server):
+    assert [m["title"] for m in webui.get_sd_models()] == ["models/tiny-random"]
+    assert {"progress", "eta_relative", "state"} <= set(webui.get_progress())
+    _status, _, body = call(
+        f"{server}/generate",
+        {"prompt": "a blue square on a red background", "steps": 400, "async": True},
+        {"X-API-Key": KEY},
+    )
+    job_id = json.loads(body)["id"]
+    deadline = time.monotonic() + 30
+    while webui.get_progress()["state"]["sampling_steps"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress = webui.get_progress()
+    assert progress["state"]["sampling_steps"] == 400 and progress["state"]["job"] == job_id
+    webui.interrupt()
+    job = json.loads(call(f"{server}/jobs/{job_id}", headers={"X-API-Key": KEY})[2])
+    assert job["status"] == "cancelled"
+
+
+def test_a1111_bad_sampler_and_options(webui, server):
+    with pytest.raises(RuntimeError) as bad:
+        webui.txt2img(prompt="a red circle", sampler_name="Warp Drive", steps=2, width=64, height=64)
+    assert bad.value.args[0] == 400 and "Unknown sampler" in bad.value.args[1]
+    assert webui.get_options()["sd_model_checkpoint"] == "models/tiny-random"
+    webui.set_options({"sd_model_checkpoint": "models/tiny-random", "some_other_option": 1})
+    assert [s["name"] for s in webui.get_samplers()][:2] == ["Euler", "Euler a"]
+    status, _, body = call(f"{server}/sdapi/v1/txt2img", {"prompt": "a red circle"})
+    assert status == 401 and json.loads(body)["detail"]
+
+
+def test_a1111_surface_through_the_test_client(app_factory):
+    client = app_factory().test_client()
+    wait_ready(client)
+    for path in ("/sdapi/v1/memory", "/sdapi/v1/schedulers", "/sdapi/v1/scripts", "/sdapi/v1/options"):
+        assert client.get(path).status_code == 200, path
+    for path in (
+        "/sdapi/v1/refresh-checkpoints",
+        "/sdapi/v1/unload-checkpoint",
+        "/sdapi/v1/reload-checkpoint",
+        "/sdapi/v1/skip",
+    ):
+        assert client.post(path).status_code == 200, path
+    memory = client.get("/sdapi/v1/memory").json
+    assert memory["ram"]["total"] > 0 and "error" in memory["cuda"]
+    response = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": "a red circle",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "n_iter": 2,
+            "alwayson_scripts": {},
+            "styles": [],
+        },
+    )
+    assert response.status_code == 200 and len(response.json["images"]) == 2
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 63}).json["errors"][0]["field"] == "width"
