@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> Flask:
     """Builds the Flask app and its services from settings (read from the environment if not given)."""
     from imagegen import errors, middleware, security
-    from imagegen.api import a1111, admin, common, core, jobs, openai, ops, ui
+    from imagegen.api import a1111, admin, common, core, docs, jobs, openai, ops, ui
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
     from imagegen.engine.worker import GenerationWorker
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if overrides:
         settings = Settings(**{**settings.model_dump(), **overrides, "_env_file": None})
     setup_logging(settings)
-    app = Flask(__name__)
+    app = docs.new_app(__name__, __version__)
     app.config.update(
         IMAGEGEN_PRODUCTION=settings.is_production,
         PROPAGATE_EXCEPTIONS=False,
@@ -76,8 +76,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.init_app(app)
     middleware.init_app(app)
-    for blueprint in (core.bp, jobs.bp, ops.bp, admin.bp, ui.bp, openai.bp, a1111.bp):
+    for api in (core.bp, jobs.bp, ops.bp, admin.bp):
+        app.register_api(api)
+    for blueprint in (ui.bp, openai.bp, a1111.bp):
         app.register_blueprint(blueprint)
+    docs.init_app(app)
     security.init_app(app, settings)
 
     worker.start()

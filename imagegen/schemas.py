@@ -111,3 +111,132 @@ class SettingsPatch(BaseModel):
     persist: bool = False
 
     _check_limits = field_validator("rate_limit", "rate_limit_default")(_limit)
+
+
+# ----- responses (the OpenAPI document's source; the routes build plain dicts of these shapes) -----
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every native error: `{"error": {"code", "message", "details"?, "request_id"}}`."""
+
+    error: ErrorDetail
+
+
+class ImageView(BaseModel):
+    url: str | None = Field(None, description="Absolute URL of the PNG (signed when API keys are on).")
+    b64_json: str | None = Field(None, description="The PNG, base64-encoded, with response_format b64_json.")
+    seed: int
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    queue_seconds: float | None
+    generation_seconds: float | None
+    total_seconds: float | None
+
+
+class Parameters(BaseModel):
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: list[int]
+    scheduler: str
+    num_images: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    images: list[ImageView]
+    parameters: Parameters
+    timings: Timings
+    cached: bool
+
+
+class JobView(BaseModel):
+    """A job; `position` while queued, `progress`/`step`/`eta_seconds` while running, `images` when done."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created_at: float
+    parameters: Parameters
+    timings: Timings
+    position: int | None = None
+    progress: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    eta_seconds: float | None = None
+    images: list[ImageView] | None = None
+    error: dict[str, Any] | None = None
+    location: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class QueueSummary(BaseModel):
+    depth: int
+    max: int
+    running: list[dict[str, Any]]
+    average_generation_seconds: float | None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model: str
+    model_state: str
+    reason: str | None = None
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+
+
+class Index(BaseModel):
+    name: str
+    version: str
+    model: str
+    models: list[str]
+    limits: dict[str, int]
+    endpoints: list[dict[str, str]]
+
+
+class Status(BaseModel):
+    system: dict[str, Any]
+    app: dict[str, Any]
+    alerts: list[dict[str, Any]]
+
+
+class ModelList(BaseModel):
+    models: list[dict[str, Any]]
+
+
+class ModelChange(BaseModel):
+    model: str
+    state: str
+    unloaded: bool | None = None
+
+
+class CleanupResponse(BaseModel):
+    dry_run: bool
+    images: dict[str, int]
+    unloaded_models: list[str] | None = None
+
+
+class SettingsChange(BaseModel):
+    changed: dict[str, Any]
+    persisted: bool
+    settings: dict[str, Any]

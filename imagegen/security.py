@@ -210,6 +210,10 @@ public = _mark("public")  # no API key needed even when keys are on
 signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
 
 
+# Swagger UI's page and assets (flask-openapi3's blueprints): documentation, no data, no key needed.
+DOCS_BLUEPRINTS = {"openapi", "swagger"}
+
+
 def _marks() -> set[str]:
     view = current_app.view_functions.get(request.endpoint or "")
     return getattr(view, "imagegen_marks", set())
@@ -220,7 +224,7 @@ def _authenticate() -> None:
     if not access().keys_required or request.endpoint is None or request.method == "OPTIONS":
         return
     marks = _marks()
-    if "public" in marks or request.endpoint == "static":  # the playground's own assets
+    if "public" in marks or request.endpoint == "static" or request.blueprint in DOCS_BLUEPRINTS:
         return
     if "signed" in marks:
         name = (request.view_args or {}).get("name", "")

@@ -6,15 +6,18 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, request
+from flask import request
+from flask_openapi3 import APIBlueprint, Tag
 
 from config import Settings
+from imagegen import schemas
 from imagegen.api.common import parse, services
+from imagegen.api.docs import raw, spec
 from imagegen.errors import APIError
 from imagegen.schemas import CleanupRequest, SettingsPatch
 from imagegen.security import require_admin
 
-bp = Blueprint("admin", __name__)
+bp = APIBlueprint("admin", __name__, abp_tags=[Tag(name="admin")])
 log = logging.getLogger(__name__)
 
 RUNTIME_SETTINGS_FILE = "runtime-settings.json"
@@ -25,7 +28,19 @@ def _admin_only() -> None:
     require_admin()
 
 
-@bp.post("/cleanup")
+ADMIN_ERRORS = (400, 401, 403, 404, 415, 429, 503)
+
+
+@bp.post(
+    "/cleanup",
+    **spec(
+        {200: schemas.CleanupResponse},
+        body=CleanupRequest,
+        example={"images_older_than_seconds": 3600, "unload_models": False, "dry_run": True},
+        errors=ADMIN_ERRORS,
+    ),
+)
+@raw
 def cleanup() -> dict[str, Any]:
     """Deletes images older than the given (or IMAGE_TTL_SECONDS) age; can unload models; can dry-run."""
     svc = services()
@@ -53,7 +68,11 @@ def _known_model(model_id: str) -> str:
     return model_id
 
 
-@bp.post("/models/<path:model_id>/load")
+MODEL_ID = {"model_id": "A model from GET /models."}
+
+
+@bp.post("/models/<path:model_id>/load", **spec({200: schemas.ModelChange}, parameters=MODEL_ID, errors=ADMIN_ERRORS))
+@raw
 def load_model(model_id: str) -> dict[str, Any]:
     """Loads a configured model now (on the worker thread), so the first request does not wait."""
     svc = services()
@@ -65,7 +84,8 @@ def load_model(model_id: str) -> dict[str, Any]:
     return {"model": model_id, "state": svc.models.state(model_id).state}
 
 
-@bp.post("/models/<path:model_id>/unload")
+@bp.post("/models/<path:model_id>/unload", **spec({200: schemas.ModelChange}, parameters=MODEL_ID, errors=ADMIN_ERRORS))
+@raw
 def unload_model(model_id: str) -> dict[str, Any]:
     """Unloads a model and returns its memory; the next request that needs it loads it again."""
     svc = services()
@@ -80,7 +100,16 @@ def runtime_overrides(settings: Settings) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-@bp.patch("/admin/settings")
+@bp.patch(
+    "/admin/settings",
+    **spec(
+        {200: schemas.SettingsChange},
+        body=SettingsPatch,
+        example={"default_steps": 25, "rate_limit": "20/minute"},
+        errors=ADMIN_ERRORS,
+    ),
+)
+@raw
 def adjust_settings() -> dict[str, Any]:
     """Changes a safe subset of settings now; saved for the next start only when asked."""
     svc = services()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, send_file
+from flask import Response, jsonify, request, send_file
+from flask_openapi3 import APIBlueprint, Tag
 
 from config import Settings
-from imagegen import __version__
+from imagegen import __version__, schemas
 from imagegen.api.common import (
     accepted,
     cached,
@@ -21,16 +22,21 @@ from imagegen.api.common import (
     timings,
     wait_for,
 )
+from imagegen.api.docs import raw, spec
 from imagegen.errors import APIError
 from imagegen.jobs import Job
 from imagegen.schemas import GenerateRequest
 from imagegen.security import generation_route, public, signed
 
-bp = Blueprint("core", __name__)
+bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
 
 ENDPOINTS = [
     ("GET", "/", "This index: name, version, models, limits and every endpoint."),
     ("GET", "/ui", "The playground: generate images in the browser."),
+    ("GET", "/openapi.json", "The OpenAPI 3 document of the native API."),
+    ("GET", "/docs", "Swagger UI for the native API."),
+    ("POST", "/v1/images/generations", "OpenAI Images API (also GET /v1/models)."),
+    ("POST", "/sdapi/v1/txt2img", "AUTOMATIC1111 API (also options, sd-models, samplers, progress, interrupt, ...)."),
     ("POST", "/generate", "Generate images from a text prompt (JSON); waits for the result."),
     ("GET", "/images/<name>", "Download a generated PNG."),
     ("GET", "/jobs", "Recent jobs (yours, with API keys); ?status= filters."),
@@ -50,8 +56,9 @@ ENDPOINTS = [
 ]
 
 
-@bp.get("/")
+@bp.get("/", **spec({200: schemas.Index}, errors=(429,)))
 @public
+@raw
 def index() -> Response:
     """Names the server and lists its endpoints."""
     settings: Settings = services().settings
@@ -100,8 +107,20 @@ def finished_body(job: Job, response_format: str) -> dict[str, Any]:
     }
 
 
-@bp.post("/generate")
+GENERATE_EXAMPLE = {"prompt": "a red circle on a blue background", "seed": 42, "steps": 20, "num_images": 1}
+
+
+@bp.post(
+    "/generate",
+    **spec(
+        {200: schemas.GenerateResponse, 202: schemas.JobView},
+        body=GenerateRequest,
+        example=GENERATE_EXAMPLE,
+        errors=(400, 401, 409, 413, 415, 429, 503),
+    ),
+)
 @generation_route
+@raw
 def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Validates, queues and (by default) waits for a generation; answers with the images."""
     body = parse(GenerateRequest)
@@ -116,8 +135,17 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     return generation_response(job, body.response_format)
 
 
-@bp.get("/images/<path:name>")
+@bp.get(
+    "/images/<path:name>",
+    **spec(
+        {200: None},
+        parameters={"name": "An image name from a result."},
+        query={"expires": "Signed URL expiry", "sig": "Signed URL signature"},
+        errors=(403, 404, 429),
+    ),
+)
 @signed
+@raw
 def image(name: str) -> Response:
     """Serves a PNG this server wrote; any other name, however encoded, is a 404."""
     stored = services().images.find(name)

@@ -7,14 +7,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, request, stream_with_context
+from flask import Response, request, stream_with_context
+from flask_openapi3 import APIBlueprint, Tag
 
+from imagegen import schemas
 from imagegen.api.common import job_view, owned_job, services
+from imagegen.api.docs import raw, spec
 from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
 from imagegen.security import client_key
 
-bp = Blueprint("jobs", __name__)
+bp = APIBlueprint("jobs", __name__, abp_tags=[Tag(name="jobs")])
 
 EVENT_INTERVAL_SECONDS = 0.25
 EVENT_MAX_SECONDS = 3600
@@ -29,7 +32,8 @@ def _response_format() -> str:
     return value
 
 
-@bp.get("/jobs")
+@bp.get("/jobs", **spec({200: schemas.JobList}, query={"status": "Only jobs in this state", "limit": "1-500"}))
+@raw
 def list_jobs() -> dict[str, Any]:
     """Recent jobs, newest first; with API keys, only the caller's."""
     svc = services()
@@ -44,13 +48,26 @@ def list_jobs() -> dict[str, Any]:
     return {"jobs": [job_view(job) for job in jobs]}
 
 
-@bp.get("/jobs/<job_id>")
+JOB_ID = {"job_id": "The id from POST /generate."}
+
+
+@bp.get(
+    "/jobs/<job_id>",
+    **spec(
+        {200: schemas.JobView},
+        parameters=JOB_ID,
+        query={"response_format": "url or b64_json"},
+        errors=(400, 401, 404, 429),
+    ),
+)
+@raw
 def get_job(job_id: str) -> dict[str, Any]:
     """A job's status, position while queued, progress while running, images or error when done."""
     return job_view(owned_job(job_id), _response_format())
 
 
-@bp.delete("/jobs/<job_id>")
+@bp.delete("/jobs/<job_id>", **spec({200: schemas.JobView}, parameters=JOB_ID, errors=(401, 404, 409, 429)))
+@raw
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancels exactly this job: dropped from the queue, or stopped at the next step if running."""
     job = owned_job(job_id)
@@ -59,7 +76,8 @@ def cancel_job(job_id: str) -> dict[str, Any]:
     return job_view(owned_job(job_id))
 
 
-@bp.get("/jobs/<job_id>/events")
+@bp.get("/jobs/<job_id>/events", **spec({200: None}, parameters=JOB_ID, errors=(401, 404, 429)))
+@raw
 def job_events(job_id: str) -> Response:
     """Server-Sent Events: a `progress` event whenever the job changes, then one `done` event."""
     owned_job(job_id)
@@ -87,7 +105,8 @@ def job_events(job_id: str) -> Response:
     return response
 
 
-@bp.get("/queue")
+@bp.get("/queue", **spec({200: schemas.QueueSummary}, errors=(401, 429)))
+@raw
 def queue_summary() -> dict[str, Any]:
     """Depth, running jobs with their progress, and the recent average generation time."""
     svc = services()

@@ -5,15 +5,18 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Response
+from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from imagegen import schemas
 from imagegen.api.common import services
+from imagegen.api.docs import raw, spec
 from imagegen.engine.models import ModelState
 from imagegen.monitoring import system_status
 from imagegen.security import public, unlimited
 
-bp = Blueprint("ops", __name__)
+bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
 
 MIN_FREE_DISK_BYTES = 50 * 2**20
 
@@ -35,9 +38,10 @@ def readiness() -> str | None:
     return None
 
 
-@bp.get("/health")
+@bp.get("/health", **spec({200: schemas.Health, 503: schemas.Health}, errors=()))
 @public
 @unlimited
+@raw
 def health() -> tuple[dict[str, Any], int]:
     """Readiness: 200 when a generation could start now; 503 with the reason otherwise."""
     reason = readiness()
@@ -52,15 +56,17 @@ def health() -> tuple[dict[str, Any], int]:
     return body, 200 if reason is None else 503
 
 
-@bp.get("/health/live")
+@bp.get("/health/live", **spec({200: schemas.Liveness}, errors=()))
 @public
 @unlimited
+@raw
 def live() -> dict[str, str]:
     """Liveness: the process answers (restart it only when this fails)."""
     return {"status": "alive"}
 
 
-@bp.get("/status")
+@bp.get("/status", **spec({200: schemas.Status}, errors=(401, 429)))
+@raw
 def status() -> dict[str, Any]:
     """System figures (CPU, RAM, GPU, disk, uptime), models, queue, images, latency and alerts."""
     svc = services()
@@ -88,13 +94,15 @@ def status() -> dict[str, Any]:
     }
 
 
-@bp.get("/metrics")
+@bp.get("/metrics", **spec({200: None}, errors=(401, 429)))
+@raw
 def metrics() -> Response:
     """Prometheus text format: requests, latency, generation time, batch sizes, queue, memory, images."""
     return Response(generate_latest(services().monitor.registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-@bp.get("/models")
+@bp.get("/models", **spec({200: schemas.ModelList}, errors=(401, 429)))
+@raw
 def list_models() -> dict[str, Any]:
     """Every model a request may choose, with its state; the default first."""
     svc = services()
