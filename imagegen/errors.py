@@ -7,9 +7,10 @@ route formats its own errors and no traceback or internal path reaches a client 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, current_app, g, jsonify
+from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -60,8 +61,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def error_response(error: APIError) -> Response:
-    """Renders an APIError with its status and headers."""
-    current_app.extensions["imagegen"].monitor.record_error(error.code)
+    """Renders an APIError in the native shape with its status and headers."""
     response = jsonify(error_body(error.code, error.message, error.details))
     response.status_code = error.status
     response.headers.update(error.headers)
@@ -78,22 +78,37 @@ def validation_error(exc: ValidationError) -> APIError:
     return APIError(400, "invalid_request", f"`{first['field']}`: {first['message']}", details)
 
 
-def _handle_http(exc: HTTPException) -> Response:
+def http_error(exc: HTTPException) -> APIError:
+    """A Werkzeug HTTP error (404, 405, 413, the limiter's 429, ...) as an APIError, headers kept."""
     status = exc.code or 500
     headers = dict(exc.get_headers()) if exc.response is None else {}
     headers.pop("Content-Type", None)
-    return error_response(APIError(status, HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers))
+    return APIError(status, HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers)
 
 
-def _handle_unexpected(exc: Exception) -> Response:
+def unexpected_error(exc: Exception) -> APIError:
+    """Our own bug: logged with its traceback, shown to the client without internals in production."""
     log.exception("unhandled error")
     details = None if current_app.config["IMAGEGEN_PRODUCTION"] else f"{type(exc).__name__}: {exc}"
-    return error_response(APIError(500, "internal_error", "An internal error occurred.", details))
+    return APIError(500, "internal_error", "An internal error occurred.", details)
+
+
+def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = error_response) -> None:
+    """Makes every error raised under `target` an APIError, counted, then drawn by `render`.
+
+    The app installs the native shape; the compatibility blueprints install their clients' shapes.
+    """
+
+    def handle(error: APIError) -> Response:
+        current_app.extensions["imagegen"].monitor.record_error(error.code)
+        return render(error)
+
+    target.register_error_handler(APIError, handle)
+    target.register_error_handler(ValidationError, lambda exc: handle(validation_error(exc)))
+    target.register_error_handler(HTTPException, lambda exc: handle(http_error(exc)))
+    target.register_error_handler(Exception, lambda exc: handle(unexpected_error(exc)))
 
 
 def init_app(app: Flask) -> None:
     """Registers the handlers so every error, ours or Werkzeug's, leaves in the one shape."""
-    app.register_error_handler(APIError, error_response)
-    app.register_error_handler(ValidationError, lambda exc: error_response(validation_error(exc)))
-    app.register_error_handler(HTTPException, _handle_http)
-    app.register_error_handler(Exception, _handle_unexpected)
+    install(app)

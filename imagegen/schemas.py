@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from config import Settings
 from imagegen.engine.names import SCHEDULER_NAMES
+from imagegen.jobs import JobStatus
 
 MAX_SEED = 2**32 - 1
 
@@ -168,7 +169,7 @@ class JobView(BaseModel):
     """A job; `position` while queued, `progress`/`step`/`eta_seconds` while running, `images` when done."""
 
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     model: str
     created_at: float
     parameters: Parameters

@@ -42,6 +42,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+# Limits under which any valid request generates in a blink: for fuzzing that may send valid bodies.
+FAST_LIMITS = {"max_steps": 2, "default_steps": 1, "max_width": 64, "max_height": 64, "max_images_per_request": 2}
+
+
 def wait_ready(client: FlaskClient, timeout: float = 30) -> None:
     """Polls /health until the model is loaded."""
     deadline = time.monotonic() + timeout

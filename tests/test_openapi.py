@@ -18,7 +18,7 @@ from schemathesis.checks import (
 )
 
 from imagegen import create_app
-from tests.conftest import make_settings, start_server, wait_ready
+from tests.conftest import FAST_LIMITS, make_settings, start_server, wait_ready
 
 NATIVE_ROUTES = {
     ("get", "/"),
@@ -96,16 +96,7 @@ def test_swagger_ui_renders_offline_in_chromium(tmp_path):
 
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
-    app = create_app(
-        make_settings(
-            tmp_path_factory.mktemp("schemathesis"),
-            max_steps=2,
-            default_steps=1,
-            max_width=64,
-            max_height=64,
-            max_images_per_request=2,
-        )
-    )
+    app = create_app(make_settings(tmp_path_factory.mktemp("schemathesis"), **FAST_LIMITS))
     wait_ready(app.test_client())
     yield app
     app.extensions["imagegen"].stop(30)

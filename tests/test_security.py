@@ -351,19 +351,9 @@ bodies = st.one_of(
 @pytest.fixture(scope="module")
 def fuzz_client(tmp_path_factory):
     from imagegen import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import FAST_LIMITS, make_settings
 
-    app = create_app(
-        make_settings(
-            tmp_path_factory.mktemp("fuzz"),
-            max_steps=2,
-            default_steps=1,
-            max_width=64,
-            max_height=64,
-            max_images_per_request=2,
-            max_queue_size=1000,
-        )
-    )
+    app = create_app(make_settings(tmp_path_factory.mktemp("fuzz"), **FAST_LIMITS, max_queue_size=1000))
     client = app.test_client()
     wait_ready(client)
     yield client

@@ -13,8 +13,7 @@ from typing import Any
 
 import psutil
 from flask import Blueprint, Response, current_app, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from werkzeug.exceptions import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api.common import (
     eta_seconds,
@@ -26,7 +25,7 @@ from imagegen.api.common import (
     submit,
     wait_for,
 )
-from imagegen.errors import APIError, validation_error
+from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import generation_route
@@ -75,26 +74,14 @@ def _error(status: int, kind: str, detail: str, errors: Any = None) -> Response:
     return response
 
 
-@bp.errorhandler(APIError)
-def _api_error(error: APIError) -> Response:
-    services().monitor.record_error(error.code)
+def render_error(error: APIError) -> Response:
+    """Any error on this surface, in A1111's (FastAPI's) shape."""
     response = _error(error.status, error.code, error.message, error.details)
     response.headers.update(error.headers)
     return response
 
 
-@bp.errorhandler(ValidationError)
-def _validation_error(exc: ValidationError) -> Response:
-    return _api_error(validation_error(exc))
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    response = _error(exc.code or 500, exc.name, exc.description or exc.name)
-    if exc.code == 429:
-        response.headers.update(dict(exc.get_headers()))
-        response.headers["Content-Type"] = "application/json"
-    return response
+install(bp, render_error)
 
 
 def current_model() -> str:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from werkzeug.exceptions import HTTPException
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api.common import image_views, job_failure, parse, resolve_params, services, submit, wait_for
-from imagegen.errors import APIError, validation_error
+from imagegen.errors import APIError, install
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import generation_route
 
@@ -58,9 +57,8 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
     return response
 
 
-@bp.errorhandler(APIError)
-def _api_error(error: APIError) -> Response:
-    services().monitor.record_error(error.code)
+def render_error(error: APIError) -> Response:
+    """Any error on this surface, in OpenAI's shape; `param` names the OpenAI field to fix."""
     details = error.details if isinstance(error.details, dict) else {}
     field = details.get("field") or (error.details[0]["field"] if isinstance(error.details, list) else None)
     response = openai_error(error.status, error.message, PARAMS.get(field, field), error.code)
@@ -68,18 +66,7 @@ def _api_error(error: APIError) -> Response:
     return response
 
 
-@bp.errorhandler(ValidationError)
-def _validation_error(exc: ValidationError) -> Response:
-    return _api_error(validation_error(exc))
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    response = openai_error(exc.code or 500, exc.description or exc.name)
-    if exc.code == 429:
-        response.headers.update(dict(exc.get_headers()))
-        response.headers["Content-Type"] = "application/json"
-    return response
+install(bp, render_error)
 
 
 def _size(size: str | None) -> tuple[int | None, int | None]:
