@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(300.0, gt=0, le=3600)
 
     # Model and engine
-    model_id: str = "models/tiny-random"
+    model_id: str = "models/demo-shapes"
     models: str = ""
     device: str = "auto"
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

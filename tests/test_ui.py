@@ -22,7 +22,12 @@ SCREENSHOT = ROOT / "docs" / "playground.png"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    process, base = start_server(tmp_path_factory.mktemp("ui"), MAX_STEPS="400", RATE_LIMIT_DEFAULT="100000/minute")
+    process, base = start_server(
+        tmp_path_factory.mktemp("ui"),
+        MODEL_ID="models/demo-shapes",
+        MAX_STEPS="400",
+        RATE_LIMIT_DEFAULT="100000/minute",
+    )
     yield base
     process.terminate()
     process.wait(30)
@@ -70,6 +75,11 @@ def test_generate_shows_progress_then_the_image_at_its_size(page):
     assert size == [128, 64]
     assert "Done in" in page.text_content("#message")
     assert page.locator("#gallery img").count() == 1
+    # the README's screenshot: the demo model at its native size
+    page.select_option("#width", "64")
+    page.fill("#steps", "20")
+    page.click("#generate")
+    playwright.expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert page.errors == []
 

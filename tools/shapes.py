@@ -6,6 +6,7 @@ palette, the drawing and the judging of an image cannot drift apart.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -74,22 +75,54 @@ def _nearest(rgb: np.ndarray) -> str:
     return _NAMES[int(np.argmin(np.linalg.norm(_COLOURS - rgb, axis=1)))]
 
 
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (stray specks and halos fall away)."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        region, queue = [], deque([start])
+        seen[start] = True
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    largest = np.zeros_like(mask)
+    if best:
+        largest[tuple(np.array(best).T)] = True
+    return largest
+
+
 def classify(pixels: np.ndarray) -> Scene | None:
     """Judges an RGB image: the shape's colour, the background's, and the shape; None if no shape.
 
-    Background is the median of the border; the shape is every pixel far from it. A triangle is
-    much narrower in the top quarter of its bounding box than in the bottom quarter; of the rest,
-    a square fills its box (1.0) and a circle fills pi/4 of it, so the midpoint 0.89 splits them.
+    Each pixel takes its nearest palette colour. The background is the border's most common
+    colour; the shape's colour is the most common other colour among pixels far from the background,
+    and the shape is the largest connected region of that colour. A triangle is much narrower in
+    the top quarter of its bounding box than in the bottom quarter; of the rest, a square fills its
+    box (1.0) and a circle pi/4 of it, so the midpoint 0.89 splits them.
     """
     rgb = np.asarray(pixels, dtype=np.float32)[..., :3]
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    background = np.median(border, axis=0)
-    mask = np.linalg.norm(rgb - background, axis=2) > _SHAPE_DISTANCE
-    if mask.sum() < 16:
+    labels = np.argmin(np.linalg.norm(rgb[:, :, None, :] - _COLOURS[None, None], axis=3), axis=2)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    background_rgb = _COLOURS[background]
+    far = np.linalg.norm(rgb - background_rgb, axis=2) > _SHAPE_DISTANCE
+    candidates = labels[far & (labels != background)]
+    if candidates.size < 16:
         return None
-    rows, cols = np.nonzero(mask)
-    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    colour = int(np.bincount(candidates, minlength=len(_NAMES)).argmax())
+    region = _largest_region(labels == colour)
+    rows, cols = np.nonzero(region)
+    box = region[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     quarter = max(1, box.shape[0] // 4)
     top, bottom = box[:quarter].sum(axis=1).mean(), box[-quarter:].sum(axis=1).mean()
     shape = "triangle" if top < 0.6 * bottom else "square" if box.mean() > 0.89 else "circle"
-    return Scene(shape, _nearest(np.median(rgb[mask], axis=0)), _nearest(background))
+    return Scene(shape, _NAMES[colour], _NAMES[background])
