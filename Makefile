@@ -27,6 +27,8 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
+# About 8 minutes on 2 CPU cores; results land in bench/results/*.json.
 bench: install
 	$(BIN)/python -m bench.suite
 	$(BIN)/python -m bench.batching
+	$(BIN)/python -m bench.request_path

@@ -16,9 +16,9 @@ from bench.harness import burst, serve, write_results
 
 def throughput(batch: int, clients: int, per_client: int, steps: int) -> float:
     """Images per second that `clients` concurrent clients get with this MAX_BATCH_SIZE."""
-    with serve(max_batch_size=batch) as base:
+    with serve(max_batch_size=batch) as server:
         body = {"prompt": "a red circle on a blue background", "steps": steps, "width": 64, "height": 64}
-        load = burst(base, clients, per_client, body)
+        load = burst(server.base, clients, per_client, body)
         assert load.ok == clients * per_client, f"errors: {load.statuses}"
         return load.ok / load.wall_seconds
 

@@ -1,16 +1,19 @@
-"""Shared benchmark plumbing: an imagegen server on a free port, and concurrent HTTP clients.
+"""Shared benchmark plumbing: servers in their own processes on free ports, and concurrent clients.
 
-Why a real server: the figures must include everything a client pays for (HTTP, JSON, the queue,
-PNG encoding), so the app runs under waitress exactly as `make run` serves it.
+Why real server processes: the figures must include everything a client pays for (HTTP, JSON, the
+queue, PNG encoding), so the app runs under waitress exactly as `make run` serves it, and the load
+generator never shares its GIL.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from waitress.server import create_server
+import psutil
 
-from config import Settings
-from imagegen import create_app
+from config import ROOT
 
 
 def free_port() -> int:
@@ -33,9 +35,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class Server:
+    """A server process under test: its URL and its process (for RSS readings)."""
+
+    base: str
+    process: psutil.Process
+
+
 @contextmanager
-def serve(**overrides: Any) -> Iterator[str]:
-    """An imagegen app under waitress on 127.0.0.1 (tmp storage, generous limits); yields its URL."""
+def serve(**overrides: Any) -> Iterator[Server]:
+    """`python app.py` in its own process (tmp storage, generous limits), so load generated here never
+    competes with it for the GIL, as real clients never do; yields its URL and process."""
     with tempfile.TemporaryDirectory() as tmp:
         values: dict[str, Any] = {
             "image_dir": Path(tmp) / "images",
@@ -47,21 +58,26 @@ def serve(**overrides: Any) -> Iterator[str]:
             "result_cache": False,
             "max_queue_size": 1000,
             "threads": 32,
-            "_env_file": None,
+            "port": free_port(),
             **overrides,
         }
-        settings = Settings(**values)
-        app = create_app(settings)
-        server = create_server(app, host="127.0.0.1", port=free_port(), threads=settings.threads)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{server.effective_port}"
-        try:
-            wait_ready(base)
-            yield base
-        finally:
-            server.close()
-            app.extensions["imagegen"].stop(60)
+        yield from _run(
+            [sys.executable, "app.py"],
+            {name.upper(): str(v) for name, v in values.items()},
+            f"http://127.0.0.1:{values['port']}",
+        )
+
+
+def _run(command: list[str], env: dict[str, str], base: str) -> Iterator[Server]:
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_ready(base)
+        yield Server(base, psutil.Process(process.pid))
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
@@ -75,11 +91,11 @@ def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) 
             return error.code, dict(error.headers), error.read()
 
 
-def wait_ready(base: str, timeout: float = 120) -> None:
+def wait_ready(base: str, timeout: float = 120, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if request(f"{base}/health", timeout=5)[0] == 200:
+            if request(f"{base}{path}", timeout=5)[0] == 200:
                 return
         except OSError:
             pass

@@ -12,17 +12,20 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from bench.harness import free_port
+from bench.harness import Server, _run, free_port
+from config import Settings
 
 
 def _png(image: Any) -> str:
@@ -34,6 +37,10 @@ def _png(image: Any) -> str:
 def peer_app(pipe: DiffusionPipeline, pattern: str) -> Flask:
     app = Flask(f"peer-{pattern}")
     lock = threading.Lock()
+
+    @app.get("/health")
+    def health() -> Any:
+        return {"status": "ok"}
 
     @app.post("/generate")
     def generate() -> Any:
@@ -59,15 +66,23 @@ def peer_app(pipe: DiffusionPipeline, pattern: str) -> Flask:
     return app
 
 
-@contextmanager
-def serve_peer(pipe: DiffusionPipeline, pattern: str) -> Iterator[str]:
-    """A peer pattern on a threaded werkzeug server on a free port; yields its URL."""
+def main() -> None:
+    """`python -m bench.peers PATTERN PORT`: one peer pattern on its own threaded werkzeug server."""
+    pattern, port = sys.argv[1], int(sys.argv[2])
+    diffusers.utils.logging.disable_progress_bar()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = make_server("127.0.0.1", free_port(), peer_app(pipe, pattern), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    settings = Settings(_env_file=None)
+    pipe = DiffusionPipeline.from_pretrained(settings.model_source(settings.model_id), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    make_server("127.0.0.1", port, peer_app(pipe, pattern), threaded=True).serve_forever()
+
+
+@contextmanager
+def serve_peer(pattern: str) -> Iterator[Server]:
+    """A peer pattern in its own process on a free port."""
+    port = free_port()
+    yield from _run([sys.executable, "-m", "bench.peers", pattern, str(port)], {}, f"http://127.0.0.1:{port}")
+
+
+if __name__ == "__main__":
+    main()

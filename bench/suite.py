@@ -15,12 +15,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import diffusers
-import psutil
 import torch
 from diffusers import DiffusionPipeline
 
@@ -29,6 +29,7 @@ from bench.peers import serve_peer
 from config import ROOT, Settings
 
 PROMPT = "a red circle on a blue background"
+BATCH_WAIT_MS = 50
 
 
 def raw_call(pipe: DiffusionPipeline, size: int, steps: int, batch: int, seed: int = 0) -> float:
@@ -51,7 +52,8 @@ def raw_call(pipe: DiffusionPipeline, size: int, steps: int, batch: int, seed: i
 def single_request(pipe: DiffusionPipeline, size: int, steps: int, repeats: int = 3) -> dict[str, float]:
     """One request through HTTP against one raw pipeline call, alternating, medians compared."""
     http, raw = [], []
-    with serve(max_batch_size=8) as base:
+    with serve(max_batch_size=8) as server:
+        base = server.base
         body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "response_format": "b64_json"}
         request(f"{base}/generate", {**body, "seed": 999})  # warm
         for i in range(repeats):
@@ -82,8 +84,11 @@ def concurrency(
 ) -> dict[str, Any]:
     """`clients` concurrent clients, one request each: imagegen against the raw pipeline and peers."""
     body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps}
-    with serve(max_batch_size=best_batch) as base:
-        ours = burst(base, clients, 1, {**body, "response_format": "b64_json"})
+    with serve(max_batch_size=best_batch) as server:
+        ours = burst(server.base, clients, 1, {**body, "response_format": "b64_json"})
+    # BATCH_WAIT_MS lets the first request of a burst wait for its batch-mates instead of running alone.
+    with serve(max_batch_size=best_batch, batch_wait_ms=BATCH_WAIT_MS) as server:
+        waiting = burst(server.base, clients, 1, {**body, "response_format": "b64_json"})
     raw_serial = sum(raw_call(pipe, size, steps, 1, seed=i) for i in range(clients))
     raw_batched = clients / best_batch * scale[best_batch]["call_seconds"]
     result: dict[str, Any] = {
@@ -92,10 +97,15 @@ def concurrency(
         "raw_best_batch_seconds": raw_batched,
         "vs_raw_serial": raw_serial / ours.wall_seconds,
         "vs_raw_best_batch": raw_batched / ours.wall_seconds,
+        "with_batch_wait": {
+            "wall_seconds": waiting.wall_seconds,
+            "errors": clients - waiting.ok,
+            "vs_raw_best_batch": raw_batched / waiting.wall_seconds,
+        },
     }
     for pattern in ("locked", "from_pipe"):
-        with serve_peer(pipe, pattern) as base:
-            peer = burst(base, clients, 1, body)
+        with serve_peer(pattern) as server:
+            peer = burst(server.base, clients, 1, body)
         result[pattern] = {
             "wall_seconds": peer.wall_seconds,
             "errors": clients - peer.ok,
@@ -128,42 +138,39 @@ def cold_start() -> float:
 
 
 def memory(size: int, steps: int) -> dict[str, float]:
-    """Process RSS (MB) before the model loads, loaded, during a batch of 8, and after idle unload."""
-    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731
-    figures = {"before_load_mb": rss()}
-    with serve(max_batch_size=8, model_idle_timeout_seconds=1, cleanup_interval_seconds=1) as base:
+    """Server RSS (MB) before the model loads, loaded, peak during a batch of 8, after idle unload."""
+    with serve(
+        max_batch_size=8, model_preload="false", model_idle_timeout_seconds=2, cleanup_interval_seconds=1
+    ) as server:
+        rss = lambda: server.process.memory_info().rss / 2**20  # noqa: E731
+        figures = {"before_load_mb": rss()}
+        model = Settings(_env_file=None).model_id
+        assert request(f"{server.base}/models/{model}/load", {})[0] == 200
         figures["loaded_mb"] = rss()
-        peak = [0.0]
-        done = False
+        peak, done = [0.0], threading.Event()
 
         def sample() -> None:
-            while not done:
+            while not done.is_set():
                 peak[0] = max(peak[0], rss())
                 time.sleep(0.01)
 
-        import threading
-
         sampler = threading.Thread(target=sample)
         sampler.start()
-        burst(base, 8, 1, {"prompt": PROMPT, "width": size, "height": size, "steps": steps})
-        done = True
+        burst(server.base, 8, 1, {"prompt": PROMPT, "width": size, "height": size, "steps": steps})
+        done.set()
         sampler.join()
         figures["during_batch_peak_mb"] = peak[0]
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            models = request(f"{base}/models")[2]
-            if b'"unloaded"' in models:
-                break
+        while b'"unloaded"' not in request(f"{server.base}/models")[2] and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(0.5)
         figures["after_idle_unload_mb"] = rss()
     return figures
 
 
 def overload(size: int, steps: int) -> dict[str, Any]:
     """64 concurrent clients against MAX_QUEUE_SIZE=16: accepted latency, rejections, no 5xx."""
-    with serve(max_batch_size=8, max_queue_size=16) as base:
-        load = burst(base, 64, 1, {"prompt": PROMPT, "width": size, "height": size, "steps": steps})
+    with serve(max_batch_size=8, max_queue_size=16) as server:
+        load = burst(server.base, 64, 1, {"prompt": PROMPT, "width": size, "height": size, "steps": steps})
     rejected = [i for i, s in enumerate(load.statuses) if s == 503]
     return {
         "accepted": load.ok,
@@ -183,7 +190,6 @@ def main() -> None:
     args = parser.parse_args()
     diffusers.utils.logging.disable_progress_bar()
     settings = Settings(_env_file=None)
-    first_memory = memory(64, args.steps)  # before this process loads its own copy of the model
     pipe = DiffusionPipeline.from_pretrained(settings.model_source(settings.model_id), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     started = time.monotonic()
@@ -206,7 +212,7 @@ def main() -> None:
         }
         print_size(size, results["sizes"][size], args.clients)
     results["cold_start_seconds"] = cold_start()
-    results["memory"] = first_memory
+    results["memory"] = memory(64, args.steps)
     results["overload"] = overload(64, args.steps)
     results["total_seconds"] = time.monotonic() - started
     print_tail(results)
@@ -229,6 +235,8 @@ def print_size(size: int, r: dict[str, Any], clients: int) -> None:
         f"| {clients} clients: raw best batch ({r['best_batch']}) time / imagegen time | {c['vs_raw_best_batch']:.2f}x"
         f" | >= 0.8x |"
     )
+    waited = c["with_batch_wait"]["vs_raw_best_batch"]
+    print(f"| ... the same with BATCH_WAIT_MS={BATCH_WAIT_MS} | {waited:.2f}x | >= 0.8x |")
     for pattern in ("locked", "from_pipe"):
         print(
             f"| {clients} clients: {pattern} peer time / imagegen time | {c[pattern]['speedup']:.2f}x "
