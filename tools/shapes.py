@@ -71,10 +71,6 @@ def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image)
 
 
-def _nearest(rgb: np.ndarray) -> str:
-    return _NAMES[int(np.argmin(np.linalg.norm(_COLOURS - rgb, axis=1)))]
-
-
 def _largest_region(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean mask (stray specks and halos fall away)."""
     seen = np.zeros_like(mask)
