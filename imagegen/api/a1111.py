@@ -17,13 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api.common import (
     eta_seconds,
+    generate_now,
     image_views,
-    job_failure,
     parse,
     resolve_params,
+    running_jobs,
     services,
-    submit,
-    wait_for,
 )
 from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
@@ -128,15 +127,8 @@ def txt2img() -> dict[str, Any]:
             "model": current_model(),
         },
     )
-    params = resolve_params(**native.model_dump(exclude={"response_format", "run_async", "callback_url"}))
-    job = submit(params)
-    finished = wait_for(job)
-    if finished is None:
-        raise APIError(
-            503, "timeout", f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id}."
-        )
-    if finished.error or not finished.images:
-        raise job_failure(finished)
+    params = resolve_params(native)
+    finished = generate_now(params)
     seeds = list(params.seeds)
     sampler = body.sampler_name or body.sampler_index or "Default"
     infotext = (
@@ -233,8 +225,7 @@ def scripts() -> dict[str, list[str]]:
 def progress() -> dict[str, Any]:
     """The running job's progress in A1111's shape."""
     svc = services()
-    snapshot = svc.worker.snapshot()
-    running = [job for job_id in snapshot["running"] if (job := svc.jobs.get(job_id))]
+    running = running_jobs()
     job = running[0] if running else None
     fraction = round(job.progress, 4) if job else 0.0
     eta = (eta_seconds(job) or 0.0) if job else 0.0
@@ -245,7 +236,7 @@ def progress() -> dict[str, Any]:
             "skipped": False,
             "interrupted": False,
             "job": job.id if job else "",
-            "job_count": snapshot["depth"] + len(running),
+            "job_count": svc.worker.snapshot()["depth"] + len(running),
             "job_timestamp": str(int(job.created_at)) if job else "0",
             "job_no": 0,
             "sampling_step": job.step if job else 0,

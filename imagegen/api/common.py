@@ -23,7 +23,7 @@ from imagegen.engine.worker import GenerationWorker, QueueFull, TooManyJobs
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Alerts, Monitor
-from imagegen.schemas import MAX_SEED
+from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import Access, client_key, screen_prompt
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender, check_callback_url
@@ -79,42 +79,33 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
     return schema.model_validate(data, context={"settings": services().settings})
 
 
-def resolve_params(
-    *,
-    prompt: str,
-    negative_prompt: str | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    guidance_scale: float | None,
-    seed: int | None,
-    num_images: int,
-    scheduler: str | None,
-    model: str | None,
-) -> GenerationParams:
-    """Screens the prompts, applies defaults, checks the model and draws missing seeds."""
+def resolve_params(body: GenerateRequest) -> GenerationParams:
+    """Screens the prompts, applies defaults, checks the model and draws missing seeds.
+
+    Every surface (native, OpenAI, A1111) maps its request onto a GenerateRequest and comes here.
+    """
     settings = services().settings
-    screen_prompt("prompt", prompt, settings)
-    if negative_prompt:
-        screen_prompt("negative_prompt", negative_prompt, settings)
-    model = model or settings.model_id
+    screen_prompt("prompt", body.prompt, settings)
+    if body.negative_prompt:
+        screen_prompt("negative_prompt", body.negative_prompt, settings)
+    model = body.model or settings.model_id
     if model not in settings.allowed_models:
         raise APIError(
             400, "unknown_model", f"`model` must be one of {', '.join(settings.allowed_models)}", {"field": "model"}
         )
-    if seed is None:
-        seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(num_images))
+    if body.seed is None:
+        seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(body.num_images))
     else:
-        seeds = tuple((seed + i) % (MAX_SEED + 1) for i in range(num_images))
+        seeds = tuple((body.seed + i) % (MAX_SEED + 1) for i in range(body.num_images))
     return GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative_prompt or "",
-        width=width or settings.default_width,
-        height=height or settings.default_height,
-        steps=steps or settings.default_steps,
-        guidance_scale=settings.default_guidance_scale if guidance_scale is None else guidance_scale,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or "",
+        width=body.width or settings.default_width,
+        height=body.height or settings.default_height,
+        steps=body.steps or settings.default_steps,
+        guidance_scale=settings.default_guidance_scale if body.guidance_scale is None else body.guidance_scale,
         seeds=seeds,
-        scheduler=scheduler or "default",
+        scheduler=body.scheduler or "default",
         model=model,
     )
 
@@ -190,6 +181,31 @@ def wait_for(job: Job) -> Job | None:
     if not svc.worker.wait(job.id, svc.settings.request_timeout_seconds):
         return None
     return svc.jobs.get(job.id)
+
+
+def generate_now(params: GenerationParams) -> Job:
+    """Queues and waits for a job, for surfaces whose clients expect the images in the answer.
+
+    A job that outlives REQUEST_TIMEOUT_SECONDS is not lost: the 503 names it, and it can be read at
+    /jobs/<id>. A failed job is raised as its error.
+    """
+    job = submit(params)
+    finished = wait_for(job)
+    if finished is None:
+        raise APIError(
+            503,
+            "timeout",
+            f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id} (GET /jobs/{job.id}).",
+        )
+    if finished.error or not finished.images:
+        raise job_failure(finished)
+    return finished
+
+
+def running_jobs() -> list[Job]:
+    """The jobs of the batch the worker is running now."""
+    svc = services()
+    return [job for job_id in svc.worker.snapshot()["running"] if (job := svc.jobs.get(job_id))]
 
 
 def job_failure(job: Job) -> APIError:

@@ -124,7 +124,7 @@ GENERATE_EXAMPLE = {"prompt": "a red circle on a blue background", "seed": 42, "
 def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Validates, queues and (by default) waits for a generation; answers with the images."""
     body = parse(GenerateRequest)
-    params = resolve_params(**body.model_dump(exclude={"response_format", "run_async", "callback_url"}))
+    params = resolve_params(body)
     explicit_seed = body.seed is not None
     hit = cached(params) if explicit_seed else None
     if hit is not None:

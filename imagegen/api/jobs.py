@@ -11,7 +11,7 @@ from flask import Response, request, stream_with_context
 from flask_openapi3 import APIBlueprint, Tag
 
 from imagegen import schemas
-from imagegen.api.common import job_view, owned_job, services
+from imagegen.api.common import job_view, owned_job, running_jobs, services
 from imagegen.api.docs import raw, spec
 from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
@@ -111,7 +111,7 @@ def queue_summary() -> dict[str, Any]:
     """Depth, running jobs with their progress, and the recent average generation time."""
     svc = services()
     snapshot = svc.worker.snapshot()
-    running = [job_view(job) for job_id in snapshot["running"] if (job := svc.jobs.get(job_id))]
+    running = [job_view(job) for job in running_jobs()]
     generation = svc.monitor.summary()["generation_time"]
     return {
         "depth": snapshot["depth"],

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.api.common import image_views, job_failure, parse, resolve_params, services, submit, wait_for
+from imagegen.api.common import generate_now, image_views, parse, resolve_params, services
 from imagegen.errors import APIError, install
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import generation_route
@@ -97,17 +97,7 @@ def generations() -> dict[str, Any]:
             "model": model,
         },
     )
-    params = resolve_params(**native.model_dump(exclude={"response_format", "run_async", "callback_url"}))
-    job = submit(params)
-    finished = wait_for(job)
-    if finished is None:
-        raise APIError(
-            503,
-            "timeout",
-            f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id} (GET /jobs/{job.id}).",
-        )
-    if finished.error or not finished.images:
-        raise job_failure(finished)
+    finished = generate_now(resolve_params(native))
     data = [
         {
             **({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}),

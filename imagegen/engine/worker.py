@@ -213,11 +213,12 @@ class GenerationWorker:
                 if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
                     self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
             seconds = time.perf_counter() - started
-            self.monitor.record_generation(seconds, sum(len(job.params.seeds) for job in batch))
+            image_count = sum(len(job.params.seeds) for job in batch)
+            self.monitor.record_generation(seconds, image_count)
             log.info(
                 "generated %d jobs (%d images) %dx%d steps=%d model=%s in %.2fs",
                 len(batch),
-                sum(len(j.params.seeds) for j in batch),
+                image_count,
                 params.width,
                 params.height,
                 params.steps,
