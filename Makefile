@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run worker test lint bench clean
 
 # Re-installs only when a requirements file changed since the last install.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/python app.py
+
+# A cluster worker (QUEUE_BACKEND=celery and the cluster settings; see docs/scaling.md).
+worker: install
+	$(BIN)/python -m imagegen.worker
 
 test: install
 	$(BIN)/python -m pytest

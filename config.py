@@ -142,6 +142,18 @@ class Settings(BaseSettings):
     blocked_words: str = ""
     blocked_patterns_file: Path | None = None
 
+    # Scale-out (docs/scaling.md)
+    queue_backend: Literal["local", "celery"] = "local"
+    broker_url: str = ""
+    broker_queue: str = Field("imagegen", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")
+    database_url: str = ""
+    storage_url: str = ""
+    s3_endpoint_url: str = ""
+    storage_presigned_urls: bool = False
+    job_max_retries: int = Field(2, ge=0, le=100)
+    worker_name: str = ""
+    worker_heartbeat_seconds: float = Field(5.0, gt=0, le=300)
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -186,6 +198,22 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name.upper()} names a file that does not exist: {path}")
+        if self.queue_backend == "celery":
+            missing = [
+                why
+                for given, why in (
+                    (self.broker_url, "BROKER_URL (e.g. amqp://guest:guest@127.0.0.1:5672//)"),
+                    (self.database_url, "DATABASE_URL (e.g. postgresql+psycopg://user@host/imagegen)"),
+                    (self.storage_url, "STORAGE_URL (s3://bucket/prefix, or a folder every machine mounts)"),
+                )
+                if not given
+            ]
+            if missing:
+                raise ValueError(f"QUEUE_BACKEND=celery needs a shared {', '.join(missing)}")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("QUEUE_BACKEND=celery needs a DATABASE_URL every machine reaches, not SQLite")
+            if (self.api_keys or self.api_keys_file) and not self.secret_key:
+                raise ValueError("QUEUE_BACKEND=celery with API keys needs SECRET_KEY, the same on every machine")
         return self
 
     @property
@@ -197,6 +225,16 @@ class Settings(BaseSettings):
         """MODEL_ID first, then the other models a request may choose (MODELS, comma-separated)."""
         extra = [m.strip() for m in self.models.split(",") if m.strip() and m.strip() != self.model_id]
         return (self.model_id, *extra)
+
+    @property
+    def database(self) -> str:
+        """DATABASE_URL, or the embedded SQLite file under DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'imagegen.sqlite3'}"
+
+    @property
+    def storage(self) -> str:
+        """STORAGE_URL, or the local IMAGE_DIR."""
+        return self.storage_url or str(self.image_dir)
 
     def api_key_list(self) -> list[str]:
         """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-from typing import Any
 
 from flask import Flask
 
@@ -24,10 +23,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Builds the Flask app and its services from settings (read from the environment if not given)."""
     from imagegen import errors, middleware, security
     from imagegen.api import a1111, admin, common, core, docs, jobs, openai, ops, ui
+    from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
     from imagegen.engine.worker import GenerationWorker
-    from imagegen.jobs import Job, JobStore
+    from imagegen.jobs import JobStore
     from imagegen.logs import setup_logging
     from imagegen.maintenance import MaintenanceLoop
     from imagegen.monitoring import Alerts, Gauges, Monitor, app_readings
@@ -48,21 +48,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.merge_slashes = False  # "/images//etc/passwd" is a 404, not a redirect
-    db = Database(settings.data_dir / "imagegen.sqlite3")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # runtime settings; the disk figures in /status
+    db = Database(settings.database)
     monitor = Monitor()
     job_store = JobStore(db)
-    image_store = ImageStore(settings.image_dir, db)
-    models = ModelManager(settings)
-
-    def payload(job: Job) -> dict[str, Any]:
-        with app.app_context():
-            return common.webhook_payload(job)
-
-    webhooks = WebhookSender(settings, job_store, payload)
-    worker = GenerationWorker(settings, models, job_store, image_store, monitor, on_finish=webhooks.notify)
+    image_store = ImageStore(settings.storage, db, settings.s3_endpoint_url)
+    access = security.Access.from_settings(settings)
+    webhooks = WebhookSender(settings, job_store, access)
+    worker: GenerationWorker | CeleryQueue
+    if settings.queue_backend == "celery":  # the workers load models; this process never does
+        models = ModelManager(settings.model_copy(update={"model_preload": False}))
+        registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
+        worker = CeleryQueue(settings, job_store, image_store, registry, make_celery(settings), webhooks.notify)
+    else:
+        models = ModelManager(settings)
+        worker = GenerationWorker(settings, models, job_store, image_store, monitor, on_finish=webhooks.notify)
     services = common.Services(
         settings,
-        security.Access.from_settings(settings),
+        access,
         job_store,
         image_store,
         models,
@@ -88,5 +91,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     services.background.append(maintenance)
     maintenance.start()
     atexit.register(services.stop, 5)
-    log.info("imagegen %s (%s) with model %s on %s", __version__, settings.app_env, settings.model_id, models.device)
+    log.info(
+        "imagegen %s (%s, %s queue) with model %s on %s; jobs in %s, images in %s",
+        __version__,
+        settings.app_env,
+        settings.queue_backend,
+        settings.model_id,
+        "the workers" if settings.queue_backend == "celery" else models.device,
+        db.url,
+        image_store.url,
+    )
     return app

@@ -1,88 +1,123 @@
-"""The embedded SQLite database that holds job and image records under DATA_DIR.
+"""The SQL database that holds job, image and worker records: SQLite embedded, PostgreSQL in a cluster.
 
-Why a module of its own: the job store and the image store share one file and one connection
-policy (a connection per thread, WAL so readers never wait for the worker's writes).
+Why SQLAlchemy Core and Alembic: the same statements run on both databases, and the schema moves on
+by numbered migrations that every process applies at start-up (under a lock on PostgreSQL, where
+an API and its workers may start at once), so no one edits a table by hand.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-# Each entry moves the schema one version on (PRAGMA user_version); never edit a shipped entry.
-MIGRATIONS = (
-    """
-    CREATE TABLE IF NOT EXISTS jobs (
-        id TEXT PRIMARY KEY,
-        status TEXT NOT NULL,
-        client TEXT NOT NULL,
-        params TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        step INTEGER NOT NULL DEFAULT 0,
-        images TEXT,
-        error TEXT
-    );
-    CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
-    CREATE TABLE IF NOT EXISTS images (
-        name TEXT PRIMARY KEY,
-        job_id TEXT,
-        created_at REAL NOT NULL,
-        bytes INTEGER NOT NULL
-    );
-    CREATE INDEX IF NOT EXISTS images_created ON images (created_at);
-    """,
-    """
-    ALTER TABLE jobs ADD COLUMN cache_key TEXT;
-    ALTER TABLE jobs ADD COLUMN callback_url TEXT;
-    CREATE INDEX IF NOT EXISTS jobs_client ON jobs (client, created_at);
-    CREATE INDEX IF NOT EXISTS jobs_cache ON jobs (cache_key, status);
-    """,
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Column, Connection, Float, Integer, MetaData, String, Table, Text, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Any fixed number: the PostgreSQL advisory lock that lets one process at a time migrate.
+MIGRATION_LOCK = 7_041_985
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("client", Text, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("step", Integer, nullable=False, server_default="0"),
+    Column("images", Text),
+    Column("error", Text),
+    Column("cache_key", String(64)),
+    Column("callback_url", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("worker", Text),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("job_id", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("bytes", Integer, nullable=False),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("device", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("jobs_done", Integer, nullable=False, server_default="0"),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
 )
 
 
 class Database:
-    """A SQLite file with one connection per thread; `transaction()` commits or rolls back."""
+    """An engine on DATABASE_URL, brought to the newest schema when opened."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._local = threading.local()
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            options.update(pool_size=10, max_overflow=20)
+        self.engine = create_engine(url, **options)
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.url = parsed.render_as_string(hide_password=True)
         self._migrate()
 
     def _migrate(self) -> None:
-        """Brings an older database file up to the current schema, one version at a time."""
-        conn = self._connection()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            conn.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
-
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        """Applies every migration this database lacks, one process at a time."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Runs the block in one immediate transaction, so concurrent writers queue instead of failing."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self.engine.begin() as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
-    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        """Reads rows outside any write transaction."""
-        return self._connection().execute(sql, args).fetchall()
+    def query(self, statement: Any, args: dict[str, Any] | None = None) -> list[Any]:
+        """Rows of one read."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(statement, args or {}).mappings())
+
+    def ping(self) -> None:
+        """Raises when the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL so readers never wait for the worker's writes; NORMAL sync is safe with WAL."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

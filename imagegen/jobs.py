@@ -1,7 +1,8 @@
-"""Job records: what was asked, where it stands, what it made. SQLite is the one truth about a job.
+"""Job records: what was asked, where it stands, what it made. The SQL record is the one truth about a job.
 
 Why a store and not objects in memory: a job outlives the request that made it (async clients
-poll it, a restart re-queues it), and every reader (routes, the worker, /status) sees one record.
+poll it, a restart or a dead worker runs it again), and every reader (routes on any API replica,
+the workers, /status) sees one record: state, queue position, progress, cancel request, images.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import delete, func, insert, select, update
+
 from imagegen.db import Database
+from imagegen.db import jobs as table
 
 
 class JobStatus(StrEnum):
@@ -70,10 +74,24 @@ class Job:
     error: dict[str, Any] | None = None
     cache_key: str | None = None
     callback_url: str | None = None
+    attempts: int = 0
+    worker: str | None = None
 
     @property
     def progress(self) -> float:
         return 1.0 if self.status == JobStatus.SUCCEEDED else self.step / self.params.steps
+
+    def timings(self) -> dict[str, float | None]:
+        """Seconds queued, generating and in all, once each span has ended."""
+
+        def span(start: float | None, end: float | None) -> float | None:
+            return round(end - start, 4) if start is not None and end is not None else None
+
+        return {
+            "queue_seconds": span(self.created_at, self.started_at),
+            "generation_seconds": span(self.started_at, self.finished_at),
+            "total_seconds": span(self.created_at, self.finished_at),
+        }
 
 
 def _row_to_job(row: Any) -> Job:
@@ -92,11 +110,17 @@ def _row_to_job(row: Any) -> Job:
         error=json.loads(row["error"]) if row["error"] else None,
         cache_key=row["cache_key"],
         callback_url=row["callback_url"],
+        attempts=row["attempts"],
+        worker=row["worker"],
     )
 
 
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
 class JobStore:
-    """Creates, reads and moves jobs through their states."""
+    """Creates, reads and moves jobs through their states; every change is one conditional UPDATE,
+    so concurrent writers (API replicas, workers) can never end a job twice."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -105,34 +129,62 @@ class JobStore:
         """Records a new queued job."""
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO jobs (id, status, client, params, created_at, cache_key, callback_url)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id,
-                    job.status,
-                    job.client,
-                    json.dumps(asdict(job.params)),
-                    job.created_at,
-                    job.cache_key,
-                    job.callback_url,
-                ),
+                insert(table).values(
+                    id=job.id,
+                    status=job.status,
+                    client=job.client,
+                    params=json.dumps(asdict(job.params)),
+                    created_at=job.created_at,
+                    cache_key=job.cache_key,
+                    callback_url=job.callback_url,
+                )
             )
         return job
 
     def get(self, job_id: str) -> Job | None:
-        rows = self.db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self.db.query(select(table).where(table.c.id == job_id))
         return _row_to_job(rows[0]) if rows else None
 
-    def mark_running(self, job_ids: list[str]) -> None:
+    def many(self, job_ids: list[str]) -> list[Job]:
+        """The jobs of these ids that exist, in the order given."""
+        found = {row["id"]: _row_to_job(row) for row in self.db.query(select(table).where(table.c.id.in_(job_ids)))}
+        return [found[job_id] for job_id in job_ids if job_id in found]
+
+    def claim(self, job_ids: list[str], worker: str) -> list[Job]:
+        """Marks these jobs running on `worker` and counts the attempt; returns those it claimed.
+
+        A job already ended (succeeded, failed, cancelled) is left alone, so a redelivered message
+        never runs it again; a job left `running` by a worker that died is taken over.
+        """
         with self.db.transaction() as conn:
-            conn.executemany(
-                "UPDATE jobs SET status = ?, started_at = ? WHERE id = ? AND status = ?",
-                [(JobStatus.RUNNING, time.time(), job_id, JobStatus.QUEUED) for job_id in job_ids],
+            conn.execute(
+                update(table)
+                .where(table.c.id.in_(job_ids), table.c.status.in_(UNFINISHED))
+                .values(
+                    status=JobStatus.RUNNING,
+                    started_at=time.time(),
+                    step=0,
+                    attempts=table.c.attempts + 1,
+                    worker=worker,
+                )
+            )
+        return [job for job in self.many(job_ids) if job.status == JobStatus.RUNNING and job.worker == worker]
+
+    def requeue(self, job_ids: list[str]) -> None:
+        """Puts running jobs back in the queued state, to be run again."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                update(table)
+                .where(table.c.id.in_(job_ids), table.c.status == JobStatus.RUNNING)
+                .values(status=JobStatus.QUEUED, started_at=None, step=0)
             )
 
-    def set_step(self, job_ids: list[str], step: int) -> None:
+    def set_step(self, job_ids: list[str], step: int) -> int:
+        """Records progress; returns how many of the jobs are still running (not cancelled)."""
         with self.db.transaction() as conn:
-            conn.executemany("UPDATE jobs SET step = ? WHERE id = ?", [(step, job_id) for job_id in job_ids])
+            return conn.execute(
+                update(table).where(table.c.id.in_(job_ids), table.c.status == JobStatus.RUNNING).values(step=step)
+            ).rowcount
 
     def finish(
         self,
@@ -140,60 +192,47 @@ class JobStore:
         status: JobStatus,
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
-    ) -> None:
-        """Ends a job once; a job already finished keeps its first outcome."""
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, images = ?, error = ? WHERE id = ? AND status IN (?, ?)",
-                (
-                    status,
-                    time.time(),
-                    json.dumps(images or []),
-                    json.dumps(error) if error else None,
-                    job_id,
-                    JobStatus.QUEUED,
-                    JobStatus.RUNNING,
-                ),
-            )
-
-    def cancel(self, job_id: str) -> bool:
-        """Marks a queued or running job cancelled; False if it had already ended."""
+    ) -> bool:
+        """Ends a job once; a job already finished keeps its first outcome (and this returns False)."""
         with self.db.transaction() as conn:
             changed = conn.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
-                (
-                    JobStatus.CANCELLED,
-                    time.time(),
-                    json.dumps({"code": "cancelled", "message": "The job was cancelled."}),
-                    job_id,
-                    JobStatus.QUEUED,
-                    JobStatus.RUNNING,
-                ),
+                update(table)
+                .where(table.c.id == job_id, table.c.status.in_(UNFINISHED))
+                .values(
+                    status=status,
+                    finished_at=time.time(),
+                    images=json.dumps(images or []),
+                    error=json.dumps(error) if error else None,
+                )
             ).rowcount
         return bool(changed)
 
+    def cancel(self, job_id: str) -> bool:
+        """Marks a queued or running job cancelled; False if it had already ended."""
+        error = {"code": "cancelled", "message": "The job was cancelled."}
+        return self.finish(job_id, JobStatus.CANCELLED, error=error)
+
     def cancelled_among(self, job_ids: list[str]) -> set[str]:
-        marks = ",".join("?" * len(job_ids))
-        rows = self.db.query(
-            f"SELECT id FROM jobs WHERE status = ? AND id IN ({marks})", (JobStatus.CANCELLED, *job_ids)
-        )
+        rows = self.db.query(select(table.c.id).where(table.c.id.in_(job_ids), table.c.status == JobStatus.CANCELLED))
         return {row["id"] for row in rows}
 
     def recent(self, client: str | None = None, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
         """Newest first, optionally only one client's or one status's."""
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        query = select(table)
         if client is not None:
-            sql, args = sql + " AND client = ?", [*args, client]
+            query = query.where(table.c.client == client)
         if status is not None:
-            sql, args = sql + " AND status = ?", [*args, status]
-        rows = self.db.query(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit))
+            query = query.where(table.c.status == status)
+        rows = self.db.query(query.order_by(table.c.created_at.desc()).limit(limit))
         return [_row_to_job(row) for row in rows]
 
     def cached(self, cache_key: str) -> Job | None:
         """The newest succeeded job made from exactly these parameters."""
         rows = self.db.query(
-            "SELECT * FROM jobs WHERE cache_key = ? AND status = ? ORDER BY created_at DESC LIMIT 1",
-            (cache_key, JobStatus.SUCCEEDED),
+            select(table)
+            .where(table.c.cache_key == cache_key, table.c.status == JobStatus.SUCCEEDED)
+            .order_by(table.c.created_at.desc())
+            .limit(1)
         )
         return _row_to_job(rows[0]) if rows else None
 
@@ -201,13 +240,31 @@ class JobStore:
         """Forgets ended jobs older than the cutoff (their images have expired by then)."""
         with self.db.transaction() as conn:
             return conn.execute(
-                "DELETE FROM jobs WHERE finished_at < ? AND status IN (?, ?, ?)",
-                (cutoff, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED),
+                delete(table).where(table.c.finished_at < cutoff, table.c.status.not_in(UNFINISHED))
             ).rowcount
 
     def unfinished(self) -> list[Job]:
-        """Jobs a previous process accepted but did not end, oldest first, to queue again."""
-        rows = self.db.query(
-            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY created_at", (JobStatus.QUEUED, JobStatus.RUNNING)
-        )
+        """Jobs accepted but not ended, oldest first (a restarted local server queues them again)."""
+        rows = self.db.query(select(table).where(table.c.status.in_(UNFINISHED)).order_by(table.c.created_at))
         return [_row_to_job(row) for row in rows]
+
+    def running(self) -> list[Job]:
+        """Jobs some worker is running now, oldest first."""
+        rows = self.db.query(select(table).where(table.c.status == JobStatus.RUNNING).order_by(table.c.created_at))
+        return [_row_to_job(row) for row in rows]
+
+    def position(self, job: Job) -> int:
+        """1 + the queued jobs accepted before this one: the same answer from every replica."""
+        rows = self.db.query(
+            select(func.count().label("n"))
+            .select_from(table)
+            .where(table.c.status == JobStatus.QUEUED, table.c.created_at < job.created_at)
+        )
+        return rows[0]["n"] + 1
+
+    def depth(self, client: str | None = None) -> int:
+        """Jobs queued and not yet started across the whole cluster, or one client's (MAX_JOBS_PER_CLIENT)."""
+        query = select(func.count().label("n")).select_from(table).where(table.c.status == JobStatus.QUEUED)
+        if client is not None:
+            query = query.where(table.c.client == client)
+        return self.db.query(query)[0]["n"]

@@ -42,12 +42,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(settings: Settings) -> None:
-    """Logs to the console and LOG_DIR/app.log (rotating), replacing handlers an earlier call added."""
+def setup_logging(settings: Settings, filename: str = "app.log") -> None:
+    """Logs to the console and LOG_DIR/<filename> (rotating; one file per process, as rotation is not
+    safe across processes), replacing handlers an earlier call added."""
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
     file_handler = logging.handlers.RotatingFileHandler(
-        settings.log_dir / "app.log",
+        settings.log_dir / filename,
         maxBytes=settings.log_max_bytes,
         backupCount=settings.log_backup_count,
         encoding="utf-8",

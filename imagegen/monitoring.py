@@ -112,12 +112,18 @@ class Monitor:
 class Gauges(Collector):
     """Figures read at scrape time (queue depth, models loaded, memory, images) from callbacks."""
 
-    def __init__(self, readings: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, readings: Callable[[], dict[str, tuple[str, float | dict[str, float]]]]) -> None:
         self.readings = readings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, (description, value) in self.readings().items():
-            yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
+            if isinstance(value, dict):  # one figure per cluster worker
+                family = GaugeMetricFamily(f"imagegen_{name}", description, labels=["worker"])
+                for worker, figure in value.items():
+                    family.add_metric([worker], figure)
+                yield family
+            else:
+                yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
 
 
 class Alerts:
@@ -192,11 +198,11 @@ def system_status(image_dir: Path, started: float) -> dict[str, Any]:
     }
 
 
-def app_readings(svc: Any) -> dict[str, tuple[str, float]]:
+def app_readings(svc: Any) -> dict[str, tuple[str, float | dict[str, float]]]:
     """The gauges /metrics reads at scrape time from the app's services."""
     queue = svc.worker.snapshot()
     images = svc.images.stats()
-    values = {
+    values: dict[str, tuple[str, float | dict[str, float]]] = {
         "queue_depth": ("Jobs waiting in the queue.", queue["depth"]),
         "jobs_running": ("Jobs in the running batch.", len(queue["running"])),
         "models_loaded": ("Pipelines in memory.", len(svc.models.loaded())),
@@ -207,4 +213,16 @@ def app_readings(svc: Any) -> dict[str, tuple[str, float]]:
     }
     for gpu in gpu_memory() or []:
         values[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
+    if svc.settings.queue_backend == "celery":
+        cluster = svc.worker.cluster_view()
+        workers = cluster["workers"]
+        values["workers_alive"] = ("Cluster workers with a recent heartbeat.", sum(w["alive"] for w in workers))
+        values["worker_up"] = ("1 while the worker's heartbeat is recent.", {w["name"]: w["alive"] for w in workers})
+        values["worker_jobs_done"] = ("Jobs the worker has run.", {w["name"]: w["jobs_done"] for w in workers})
+        values["worker_heartbeat_age_seconds"] = (
+            "Seconds since the worker's last heartbeat.",
+            {w["name"]: round(time.time() - w["last_heartbeat"], 1) for w in workers},
+        )
+        if cluster["broker_queue_depth"] is not None:
+            values["broker_queue_depth"] = ("Messages waiting in the broker.", cluster["broker_queue_depth"])
     return values

@@ -1,9 +1,10 @@
-"""ImageStore: the only code that writes, finds and deletes files under IMAGE_DIR.
+"""ImageStore: the only code that writes, finds and deletes generated images, in a folder or in
+S3-compatible object storage, through one fsspec interface.
 
 Why it is strict: image names come from clients on the way back in (`GET /images/<name>`), so a
 name is served only if it matches the shape this store generates *and* a record says the store
-wrote it; nothing else under or outside IMAGE_DIR can be reached. Writes are atomic (temp file +
-rename) so a reader never sees half a PNG.
+wrote it; nothing else in or outside the store can be reached. The record is written after the
+whole file, so a reader never sees half a PNG, and a write cut short is never served.
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from sqlalchemy import delete, func, insert, select
 
 from imagegen.db import Database
+from imagegen.db import images as table
 
 log = logging.getLogger(__name__)
 
@@ -33,64 +35,78 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 @dataclass(frozen=True)
 class StoredImage:
     name: str
-    path: Path
     bytes: int
 
 
 class ImageStore:
-    """PNG files with their generation parameters embedded, plus a record of each one."""
+    """PNG files with their generation parameters embedded, plus a record of each one.
 
-    def __init__(self, directory: Path, db: Database) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory.resolve()
+    `url` is a local folder or `s3://bucket/prefix` (with `endpoint_url` for a non-AWS store).
+    """
+
+    def __init__(self, url: str, db: Database, endpoint_url: str = "") -> None:
+        options = {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {}
+        self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+        self.remote = "file" not in self.fs.protocol
+        self.fs.makedirs(self.root, exist_ok=True)
         self.db = db
+        self.url = url
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The folder on this machine's disk, or None for object storage."""
+        return None if self.remote else Path(self.root)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
 
     def save(self, image: Image.Image, parameters: dict[str, Any], job_id: str) -> StoredImage:
-        """Writes the PNG atomically under a random, unguessable name and records it."""
+        """Writes the PNG under a random, unguessable name, then records it."""
         info = PngInfo()
         info.add_text("parameters", json.dumps(parameters, sort_keys=True))
         buffer = io.BytesIO()
         # compress_level 1: PNG's default level 6 costs several times the encoding time for a few % of size.
         image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
         name = f"{secrets.token_urlsafe(16)}.png"
-        path = self.directory / name
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".png")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-        os.replace(tmp, path)
-        size = len(buffer.getbuffer())
+        data = buffer.getvalue()
+        self.fs.pipe_file(self._path(name), data)
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT INTO images (name, job_id, created_at, bytes) VALUES (?, ?, ?, ?)",
-                (name, job_id, time.time(), size),
-            )
-        return StoredImage(name, path, size)
+            conn.execute(insert(table).values(name=name, job_id=job_id, created_at=time.time(), bytes=len(data)))
+        return StoredImage(name, len(data))
 
     def find(self, name: str) -> StoredImage | None:
         """The stored image of that exact name, or None for anything this store did not write."""
         if not NAME_PATTERN.fullmatch(name):
             return None
-        rows = self.db.query("SELECT bytes FROM images WHERE name = ?", (name,))
-        path = self.directory / name
-        if not rows or not path.is_file():
-            return None
-        return StoredImage(name, path, rows[0]["bytes"])
+        rows = self.db.query(select(table.c.bytes).where(table.c.name == name))
+        return StoredImage(name, rows[0]["bytes"]) if rows else None
 
     def read(self, name: str) -> bytes:
-        """The PNG bytes of a stored image (for base64 responses)."""
-        image = self.find(name)
-        if image is None:
+        """The PNG bytes of a stored image; FileNotFoundError if it is unknown or gone."""
+        if self.find(name) is None:
             raise FileNotFoundError(name)
-        return image.path.read_bytes()
+        return self.fs.cat_file(self._path(name))
+
+    def presigned_url(self, name: str, seconds: int) -> str:
+        """A URL of the object itself that works for `seconds` (object storage only)."""
+        return self.fs.url(self._path(name), expires=seconds)
+
+    def ping(self) -> None:
+        """Raises when the storage does not answer (a bucket is listed: an empty prefix does not exist)."""
+        self.fs.ls(self.root.split("/", 1)[0] if self.remote else self.root, detail=False, refresh=True)
 
     def stats(self) -> dict[str, int]:
-        row = self.db.query("SELECT COUNT(*) AS count, COALESCE(SUM(bytes), 0) AS bytes FROM images")[0]
-        return {"count": row["count"], "bytes": row["bytes"]}
+        row = self.db.query(
+            select(func.count().label("count"), func.coalesce(func.sum(table.c.bytes), 0).label("bytes"))
+        )[0]
+        return {"count": row["count"], "bytes": int(row["bytes"])}
 
     def delete_older_than(self, seconds: float, dry_run: bool = False) -> dict[str, int]:
         """Deletes images created more than `seconds` ago, oldest first; returns what it freed."""
         cutoff = time.time() - seconds
-        rows = self.db.query("SELECT name, bytes FROM images WHERE created_at < ? ORDER BY created_at", (cutoff,))
+        rows = self.db.query(
+            select(table.c.name, table.c.bytes).where(table.c.created_at < cutoff).order_by(table.c.created_at)
+        )
         return self._delete(rows, dry_run, f"older than {seconds}s")
 
     def enforce_quota(self, max_bytes: int, dry_run: bool = False) -> dict[str, int]:
@@ -98,7 +114,7 @@ class ImageStore:
         excess = self.stats()["bytes"] - max_bytes
         rows, freed = [], 0
         if excess > 0:
-            for row in self.db.query("SELECT name, bytes FROM images ORDER BY created_at"):
+            for row in self.db.query(select(table.c.name, table.c.bytes).order_by(table.c.created_at)):
                 if freed >= excess:
                     break
                 rows.append(row)
@@ -106,11 +122,16 @@ class ImageStore:
         return self._delete(rows, dry_run, f"over the {max_bytes}-byte quota")
 
     def _delete(self, rows: list[Any], dry_run: bool, why: str) -> dict[str, int]:
-        if not dry_run:
-            for row in rows:
-                (self.directory / row["name"]).unlink(missing_ok=True)
+        """Record first, then file: once the record is gone nothing serves the file, even if its delete fails."""
+        names = [row["name"] for row in rows]
+        if names and not dry_run:
             with self.db.transaction() as conn:
-                conn.executemany("DELETE FROM images WHERE name = ?", [(row["name"],) for row in rows])
+                conn.execute(delete(table).where(table.c.name.in_(names)))
+            paths = [self._path(name) for name in names]
+            # Object stores delete missing keys quietly; a folder raises, so skip files already gone.
+            existing = [path for path in paths if self.fs.exists(path)] if not self.remote else paths
+            if existing:
+                self.fs.rm(existing)
         freed = {"deleted": len(rows), "bytes": sum(row["bytes"] for row in rows)}
         if rows:
             log.info(

@@ -16,12 +16,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 from config import Settings
 from imagegen.errors import APIError
 from imagegen.jobs import Job, JobStore
+from imagegen.security import Access
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,21 @@ def check_callback_url(url: str, settings: Settings) -> str:
     return url
 
 
+def payload(job: Job, access: Access) -> dict[str, Any]:
+    """What a callback receives: the job's outcome with image paths (signed when keys are on)."""
+    images = []
+    for image in job.images:
+        query = urllib.parse.urlencode(access.sign(image["name"])) if access.keys_required else ""
+        path = f"/images/{image['name']}" + (f"?{query}" if query else "")
+        images.append({"path": path, "seed": image["seed"], "width": image["width"], "height": image["height"]})
+    return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": job.timings()}
+
+
 class WebhookSender:
     """Posts each finished job that asked for it, with retries and a timeout."""
 
-    def __init__(self, settings: Settings, jobs: JobStore, payload: Callable[[Job], dict[str, Any]]) -> None:
-        self.settings, self.jobs, self.payload = settings, jobs, payload
+    def __init__(self, settings: Settings, jobs: JobStore, access: Access) -> None:
+        self.settings, self.jobs, self.access = settings, jobs, access
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
         self._thread.start()
@@ -69,7 +79,7 @@ class WebhookSender:
                 self._deliver(job)
 
     def _deliver(self, job: Job) -> None:
-        body = json.dumps(self.payload(job)).encode()
+        body = json.dumps(payload(job, self.access)).encode()
         for attempt in range(self.settings.webhook_retries + 1):
             request = urllib.request.Request(
                 job.callback_url or "", data=body, method="POST", headers={"Content-Type": "application/json"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -103,8 +104,9 @@ def call(url: str, body: dict | None = None, headers: dict | None = None) -> tup
         return error.code, error.headers, error.read()
 
 
-def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
-    """Starts app.py with the settings given as environment variables and waits for readiness."""
+def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subprocess.Popen, str]:
+    """Starts app.py with the settings given as environment variables and waits for readiness (or,
+    with ready=False, only for an answer)."""
     port = free_port()
     environment = {
         **os.environ,
@@ -125,10 +127,101 @@ def start_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if call(f"{base}/health")[0] == 200:
+            if call(f"{base}/health")[0] == 200 or not ready:
                 return process, base
         except OSError:
             pass
         time.sleep(0.2)
     process.kill()
     raise AssertionError("server did not become ready")
+
+
+# ----- the real services a cluster uses: PostgreSQL, RabbitMQ, Redis (started on this machine and on
+# CI's), and an S3-compatible server that the tests start (moto's, as s3fs's own tests do) -----
+
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS = "redis://127.0.0.1:6379"
+# Credentials for the S3 test server; botocore would otherwise look for real ones (even on the network).
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def service_up(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def need_service(name: str, port: int) -> None:
+    if not service_up(port):
+        pytest.skip(f"{name} is not running on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    need_service("PostgreSQL", 5432)
+    import psycopg
+
+    name = f"imagegen_test_{secrets.token_hex(6)}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"{POSTGRES}/{name}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3-compatible server in its own process, for the whole session."""
+    os.environ.update(S3_ENV)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while not service_up(port):
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the S3 test server did not start")
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """A fresh bucket and prefix on the S3 test server (the store creates the bucket)."""
+    return f"s3://imagegen-{secrets.token_hex(4)}/images"
+
+
+def cluster_env(tmp_path: Path, database_url: str, **env: str) -> dict[str, str]:
+    """Settings of one cluster (its own broker queue, so runs sharing the broker never meet)."""
+    return {
+        "QUEUE_BACKEND": "celery",
+        "BROKER_URL": RABBITMQ,
+        "BROKER_QUEUE": f"imagegen-test-{secrets.token_hex(4)}",
+        "DATABASE_URL": database_url,
+        "STORAGE_URL": str(tmp_path / "shared-images"),
+        "WORKER_HEARTBEAT_SECONDS": "0.5",
+        **S3_ENV,
+        **env,
+    }
+
+
+def start_worker(tmp_path: Path, name: str, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m imagegen.worker` with the tiny model, on one CPU thread; its log in tmp_path."""
+    environment = {
+        **os.environ,
+        "MODEL_ID": TINY_MODEL,
+        "LOG_DIR": str(tmp_path / "logs"),
+        "DATA_DIR": str(tmp_path / "data"),
+        "WORKER_NAME": name,
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    with open(tmp_path / f"{name}.out", "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "imagegen.worker"], cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+        )

@@ -79,3 +79,20 @@ def test_every_setting_is_documented():
     for name in Settings.model_fields:
         assert f"`{name.upper()}`" in configuration, f"{name.upper()} missing from CONFIGURATION.md"
         assert f"{name.upper()}=" in example, f"{name.upper()} missing from .env.example"
+
+
+def test_cluster_mode_names_what_is_missing():
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(_env_file=None, queue_backend="celery", broker_url="amqp://h//")
+    assert "DATABASE_URL" in str(stopped.value) and "STORAGE_URL" in str(stopped.value)
+    assert "BROKER_URL" not in str(stopped.value).split("needs a shared")[1]
+    cluster = {"queue_backend": "celery", "broker_url": "amqp://h//", "storage_url": "s3://b/p"}
+    with pytest.raises(SystemExit, match="not SQLite"):
+        load_settings(_env_file=None, database_url="sqlite:////tmp/x.db", **cluster)
+    cluster["database_url"] = "postgresql+psycopg://u@h/db"
+    with pytest.raises(SystemExit, match="SECRET_KEY"):
+        load_settings(_env_file=None, api_keys="k" * 20, **cluster)
+    settings = load_settings(_env_file=None, **cluster)
+    assert settings.database == cluster["database_url"] and settings.storage == "s3://b/p"
+    local = load_settings(_env_file=None)
+    assert local.database.endswith("data/imagegen.sqlite3") and local.storage == str(local.image_dir)

@@ -12,6 +12,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from tests.conftest import wait_ready
+
 PROMPT = "a red circle on a blue background"
 
 
@@ -113,17 +115,37 @@ def test_job_record_is_readable_after_generation(client):
     assert job["images"][0]["url"] == body["images"][0]["url"]
 
 
-def test_pipeline_exception_fails_only_that_job(client, monkeypatch):
+def fail_first_calls(monkeypatch, failures: int) -> dict[str, int]:
+    """Makes the pipeline raise on its first `failures` calls; counts every call."""
     original = StableDiffusionPipeline.__call__
     calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] <= failures:
             raise RuntimeError("boom inside the pipeline")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", flaky)
+    return calls
+
+
+def test_a_failed_batch_is_retried_up_to_job_max_retries(client, monkeypatch):
+    calls = fail_first_calls(monkeypatch, failures=2)  # JOB_MAX_RETRIES defaults to 2
+    response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    assert response.status_code == 200 and calls["n"] == 3
+    job = client.get(f"/jobs/{response.json['id']}").json
+    assert job["status"] == "succeeded"
+    calls = fail_first_calls(monkeypatch, failures=3)
+    failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
+    assert failed.status_code == 500 and calls["n"] == 3  # one try and two retries, then failed
+    assert client.get(f"/jobs/{failed.json['error']['details']['job_id']}").json["status"] == "failed"
+
+
+def test_pipeline_exception_fails_only_that_job(app_factory, monkeypatch):
+    client = app_factory(job_max_retries=0).test_client()
+    wait_ready(client)
+    fail_first_calls(monkeypatch, failures=1)
     failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert failed.status_code == 500
     assert failed.json["error"]["code"] == "generation_failed"
@@ -133,12 +155,15 @@ def test_pipeline_exception_fails_only_that_job(client, monkeypatch):
 
 def test_out_of_memory_fails_the_job_clearly(client, monkeypatch):
     def oom(self, *args, **kwargs):
+        calls.append(1)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    calls: list[int] = []
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", oom)
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert response.status_code == 503
     assert response.json["error"]["code"] == "out_of_memory"
+    assert len(calls) == 3  # retried JOB_MAX_RETRIES times first
     monkeypatch.undo()
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
@@ -146,7 +171,6 @@ def test_out_of_memory_fails_the_job_clearly(client, monkeypatch):
 def test_production_hides_internals(app_factory, monkeypatch):
     app = app_factory(app_env="production", admin_token="x" * 32)
     client = app.test_client()
-    from tests.conftest import wait_ready
 
     wait_ready(client)
 

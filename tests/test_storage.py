@@ -1,7 +1,9 @@
-"""ImageStore: atomic writes with parameters, lookups only of what it wrote, age-based cleanup."""
+"""ImageStore on a folder and on S3-compatible storage: writes with parameters, lookups only of
+what it wrote, cleanup by age and quota."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -12,19 +14,27 @@ from imagegen.db import Database
 from imagegen.storage import ImageStore
 
 
-@pytest.fixture
-def store(tmp_path):
-    return ImageStore(tmp_path / "images", Database(tmp_path / "db.sqlite3"))
+@pytest.fixture(params=["folder", "s3"])
+def store(request, tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    if request.param == "folder":
+        return ImageStore(str(tmp_path / "images"), database)
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return ImageStore(request.getfixturevalue("s3_url"), database, endpoint_url=endpoint)
+
+
+def png(color: str = "red") -> Image.Image:
+    return Image.new("RGB", (8, 8), color)
 
 
 def test_save_writes_png_with_parameters_under_random_name(store):
-    first = store.save(Image.new("RGB", (8, 8), "red"), {"prompt": "p", "seed": 1}, "job1")
-    second = store.save(Image.new("RGB", (8, 8), "red"), {"prompt": "p", "seed": 1}, "job1")
+    first = store.save(png(), {"prompt": "p", "seed": 1}, "job1")
+    second = store.save(png(), {"prompt": "p", "seed": 1}, "job1")
     assert first.name != second.name and len(first.name) == 26
-    with Image.open(first.path) as image:
+    with Image.open(io.BytesIO(store.read(first.name))) as image:
         assert json.loads(image.text["parameters"]) == {"prompt": "p", "seed": 1}
-    assert not [p for p in store.directory.iterdir() if p.name.startswith(".tmp")]
     assert store.stats() == {"count": 2, "bytes": first.bytes + second.bytes}
+    store.ping()
 
 
 @pytest.mark.parametrize(
@@ -33,38 +43,42 @@ def test_save_writes_png_with_parameters_under_random_name(store):
 )
 def test_find_refuses_anything_it_did_not_write(store, name):
     assert store.find(name) is None
+    with pytest.raises(FileNotFoundError):
+        store.read(name)
 
 
 def test_find_refuses_a_well_formed_file_it_has_no_record_of(store):
-    planted = store.directory / ("A" * 22 + ".png")
-    planted.write_bytes(b"not ours")
-    assert store.find(planted.name) is None
+    planted = "A" * 22 + ".png"
+    store.fs.pipe_file(f"{store.root}/{planted}", b"not ours")
+    assert store.find(planted) is None
 
 
 def test_delete_older_than_removes_files_and_records(store):
-    old = store.save(Image.new("RGB", (8, 8)), {}, "j")
+    old = store.save(png(), {}, "j")
     time.sleep(0.05)
     cutoff = 0.02
-    fresh = store.save(Image.new("RGB", (8, 8)), {}, "j")
+    fresh = store.save(png(), {}, "j")
     assert store.delete_older_than(cutoff, dry_run=True)["deleted"] == 1
-    assert old.path.exists()
+    assert store.read(old.name)
     assert store.delete_older_than(cutoff) == {"deleted": 1, "bytes": old.bytes}
-    assert not old.path.exists() and store.find(old.name) is None
-    assert store.find(fresh.name) is not None
+    assert store.find(old.name) is None and not store.fs.exists(f"{store.root}/{old.name}")
+    assert store.read(fresh.name)
 
 
-def test_an_older_database_is_migrated_in_place(tmp_path):
-    import sqlite3
+def test_quota_deletes_the_oldest_first(store):
+    saved = [store.save(png(color), {}, "j") for color in ("red", "green", "blue")]
+    keep = saved[-1].bytes + saved[-2].bytes
+    assert store.enforce_quota(keep) == {"deleted": 1, "bytes": saved[0].bytes}
+    assert [store.find(image.name) is not None for image in saved] == [False, True, True]
+    assert not store.fs.exists(f"{store.root}/{saved[0].name}")
 
-    from imagegen.db import MIGRATIONS
 
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as conn:  # a database as the first release wrote it
-        conn.executescript(MIGRATIONS[0])
-        conn.execute("INSERT INTO jobs (id, status, client, params, created_at) VALUES ('j', 'queued', 'c', '{}', 1)")
-    db = Database(path)
-    columns = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
-    assert {"cache_key", "callback_url"} <= columns
-    assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
-    assert db.query("SELECT id FROM jobs")[0]["id"] == "j"
-    Database(path)  # opening again is a no-op
+def test_presigned_url_fetches_the_object(s3_endpoint, s3_url, tmp_path):
+    import urllib.request
+
+    store = ImageStore(s3_url, Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), endpoint_url=s3_endpoint)
+    saved = store.save(png(), {}, "j")
+    url = store.presigned_url(saved.name, 60)
+    assert "Signature=" in url or "X-Amz-Signature=" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == store.read(saved.name)

@@ -249,8 +249,8 @@ def progress() -> dict[str, Any]:
 
 def _stop_current() -> dict[str, Any]:
     svc = services()
-    for job_id in svc.worker.snapshot()["running"]:
-        svc.worker.cancel(job_id)
+    for job in running_jobs():
+        svc.worker.cancel(job.id)
     return {}
 
 

@@ -10,7 +10,6 @@ import base64
 import logging
 import secrets
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ from flask import current_app, request, url_for
 from pydantic import BaseModel
 
 from config import Settings
+from imagegen.cluster import BrokerUnavailable, CeleryQueue
 from imagegen.engine.models import ModelManager, ModelState
 from imagegen.engine.worker import GenerationWorker, QueueFull, TooManyJobs
 from imagegen.errors import APIError
@@ -40,7 +40,7 @@ class Services:
     jobs: JobStore
     images: ImageStore
     models: ModelManager
-    worker: GenerationWorker
+    worker: GenerationWorker | CeleryQueue  # the local worker thread, or the cluster's broker
     monitor: Monitor
     webhooks: WebhookSender
     alerts: Alerts
@@ -61,7 +61,7 @@ class Services:
     def apply(self, settings: Settings) -> None:
         """Swaps in adjusted settings (PATCH /admin/settings) for every part that reads tunables."""
         self.settings = settings
-        self.worker.settings = settings
+        self.worker.apply(settings)
         self.alerts.settings = settings
         logging.getLogger().setLevel(settings.log_level)
 
@@ -164,6 +164,10 @@ def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: s
             f"You already have {limit} jobs queued; wait for one to finish.",
             headers={"Retry-After": str(services().worker.retry_after())},
         ) from None
+    except BrokerUnavailable:
+        raise APIError(
+            503, "queue_unavailable", "The job queue is unreachable; retry shortly.", headers={"Retry-After": "5"}
+        ) from None
     except QueueFull as exc:
         raise APIError(
             503,
@@ -203,9 +207,8 @@ def generate_now(params: GenerationParams) -> Job:
 
 
 def running_jobs() -> list[Job]:
-    """The jobs of the batch the worker is running now."""
-    svc = services()
-    return [job for job_id in svc.worker.snapshot()["running"] if (job := svc.jobs.get(job_id))]
+    """The jobs running now, on this server's worker or on any worker of the cluster."""
+    return services().jobs.running()
 
 
 def job_failure(job: Job) -> APIError:
@@ -229,17 +232,6 @@ def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
             view["url"] = url_for("core.image", name=image["name"], _external=True, **signature)
         views.append(view)
     return views
-
-
-def timings(job: Job) -> dict[str, float | None]:
-    def span(start: float | None, end: float | None) -> float | None:
-        return round(end - start, 4) if start is not None and end is not None else None
-
-    return {
-        "queue_seconds": span(job.created_at, job.started_at),
-        "generation_seconds": span(job.started_at, job.finished_at),
-        "total_seconds": span(job.created_at, job.finished_at),
-    }
 
 
 def parameters(job: Job) -> dict[str, Any]:
@@ -266,10 +258,10 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         "model": job.params.model,
         "created_at": job.created_at,
         "parameters": parameters(job),
-        "timings": timings(job),
+        "timings": job.timings(),
     }
     if job.status == JobStatus.QUEUED:
-        view["position"] = svc.worker.position(job.id)
+        view["position"] = svc.jobs.position(job)
     if job.status == JobStatus.RUNNING:
         view.update(
             progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps, eta_seconds=eta_seconds(job)
@@ -303,14 +295,3 @@ def owned_job(job_id: str) -> Job:
     if job is None or (svc.access.keys_required and job.client != client_key()):
         raise APIError(404, "not_found", "No such job.")
     return job
-
-
-def webhook_payload(job: Job) -> dict[str, Any]:
-    """What a callback receives: the job's outcome with image paths (signed when keys are on)."""
-    svc = services()
-    images = []
-    for image in job.images:
-        query = urllib.parse.urlencode(svc.access.sign(image["name"])) if svc.access.keys_required else ""
-        path = f"/images/{image['name']}" + (f"?{query}" if query else "")
-        images.append({"path": path, "seed": image["seed"], "width": image["width"], "height": image["height"]})
-    return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": timings(job)}

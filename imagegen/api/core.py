@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
-from flask import Response, jsonify, request, send_file
+from flask import Response, jsonify, redirect, request, send_file
 from flask_openapi3 import APIBlueprint, Tag
 
 from config import Settings
@@ -19,7 +20,6 @@ from imagegen.api.common import (
     resolve_params,
     services,
     submit,
-    timings,
     wait_for,
 )
 from imagegen.api.docs import raw, spec
@@ -29,6 +29,9 @@ from imagegen.schemas import GenerateRequest
 from imagegen.security import generation_route, public, signed
 
 bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
+
+# A redirect's object-storage URL only has to outlive the client following it.
+PRESIGNED_URL_SECONDS = 300
 
 ENDPOINTS = [
     ("GET", "/", "This index: name, version, models, limits and every endpoint."),
@@ -102,7 +105,7 @@ def finished_body(job: Job, response_format: str) -> dict[str, Any]:
         "model": job.params.model,
         "images": image_views(job, response_format),
         "parameters": parameters(job),
-        "timings": timings(job),
+        "timings": job.timings(),
         "cached": False,
     }
 
@@ -147,10 +150,18 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
 @signed
 @raw
 def image(name: str) -> Response:
-    """Serves a PNG this server wrote; any other name, however encoded, is a 404."""
-    stored = services().images.find(name)
-    if stored is None:
+    """Serves a PNG this server wrote (or redirects to its short-lived object-storage URL); any other
+    name, however encoded, is a 404."""
+    svc = services()
+    store = svc.images
+    if store.find(name) is None:
         raise APIError(404, "not_found", "No such image.")
-    response = send_file(stored.path, mimetype="image/png", etag=True, max_age=3600, conditional=True)
+    if store.remote and svc.settings.storage_presigned_urls:
+        return redirect(store.presigned_url(name, PRESIGNED_URL_SECONDS), 302)
+    try:
+        data = store.read(name)
+    except FileNotFoundError:
+        raise APIError(404, "not_found", "No such image.") from None
+    response = send_file(io.BytesIO(data), mimetype="image/png", etag=name, max_age=3600, conditional=True)
     response.headers["Cache-Control"] = "private, max-age=3600, immutable"
     return response

@@ -26,14 +26,10 @@ def readiness() -> str | None:
     svc = services()
     if svc.draining:
         return "shutting down"
-    if not svc.worker.alive:
-        return "the generation worker is not running"
-    info = svc.models.state(svc.settings.model_id)
-    if info.state == ModelState.FAILED:
-        return f"model failed to load: {info.error}"
-    if info.state == ModelState.LOADING and info.load_seconds is None:
-        return "model is loading"
-    if shutil.disk_usage(svc.images.directory).free < MIN_FREE_DISK_BYTES:
+    if problem := svc.worker.problem():
+        return problem
+    folder = svc.images.local_dir
+    if folder is not None and shutil.disk_usage(folder).free < MIN_FREE_DISK_BYTES:
         return "image disk is full"
     return None
 
@@ -45,11 +41,11 @@ def readiness() -> str | None:
 def health() -> tuple[dict[str, Any], int]:
     """Readiness: 200 when a generation could start now; 503 with the reason otherwise."""
     reason = readiness()
-    model = services().models.state(services().settings.model_id)
+    svc = services()
     body: dict[str, Any] = {
         "status": "ok" if reason is None else "unavailable",
-        "model": model.id,
-        "model_state": model.state,
+        "model": svc.settings.model_id,
+        "model_state": svc.worker.model_state(),
     }
     if reason:
         body["reason"] = reason
@@ -72,7 +68,8 @@ def status() -> dict[str, Any]:
     svc = services()
     default = svc.models.state(svc.settings.model_id)
     queue = svc.worker.snapshot()
-    system = system_status(svc.images.directory, svc.monitor.started)
+    system = system_status(svc.images.local_dir or svc.settings.data_dir, svc.monitor.started)
+    cluster = svc.worker.cluster_view() if svc.settings.queue_backend == "celery" else {}
     return {
         "system": system,
         "app": {
@@ -88,6 +85,7 @@ def status() -> dict[str, Any]:
             "models": svc.models.describe(),
             "queue": {"depth": queue["depth"], "max": queue["max"], "active": len(queue["running"])},
             "images": svc.images.stats(),
+            **cluster,
             **svc.monitor.summary(),
         },
         "alerts": svc.alerts.check(system),

@@ -1,4 +1,4 @@
-"""GenerationWorker: the one thread that runs pipelines, fed by a bounded queue of jobs.
+"""GenerationWorker: the one thread that runs pipelines in local mode, fed by a bounded queue of jobs.
 
 Why one thread: diffusers pipelines crash or corrupt each other when two threads call them, and one
 owner makes batching, progress, cancel and clean timing natural. HTTP threads only `submit`, `wait`
@@ -17,11 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-
 from config import Settings
-from imagegen.engine.models import ModelManager
-from imagegen.jobs import Job, JobStatus, JobStore
+from imagegen.engine.models import ModelManager, ModelState
+from imagegen.engine.runner import Engine, gather
+from imagegen.jobs import Job, JobStore
 from imagegen.monitoring import Monitor
 from imagegen.storage import ImageStore
 
@@ -41,7 +40,7 @@ class TooManyJobs(Exception):
 
 
 class GenerationWorker:
-    """Takes queued jobs, batches the compatible ones, runs them, stores images, ends the jobs."""
+    """Takes queued jobs, batches the compatible ones and hands each batch to the engine."""
 
     def __init__(
         self,
@@ -52,7 +51,8 @@ class GenerationWorker:
         monitor: Monitor,
         on_finish: Callable[[str], None] | None = None,
     ) -> None:
-        self.settings, self.models, self.jobs, self.images, self.monitor = settings, models, jobs, images, monitor
+        self.settings, self.models, self.jobs, self.monitor = settings, models, jobs, monitor
+        self.engine = Engine(settings, models, jobs, images, monitor, name="local")
         self.on_finish = on_finish
         self._queue: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -134,11 +134,22 @@ class GenerationWorker:
             self._cond.notify_all()
         return future.result(timeout)
 
-    def position(self, job_id: str) -> int | None:
-        with self._cond:
-            for index, job in enumerate(self._queue):
-                if job.id == job_id:
-                    return index + 1
+    def apply(self, settings: Settings) -> None:
+        """Adjusted tunables (PATCH /admin/settings) take effect from the next batch."""
+        self.settings = self.engine.settings = settings
+
+    def model_state(self) -> str:
+        return self.models.state(self.settings.model_id).state
+
+    def problem(self) -> str | None:
+        """Why a generation could not start now (thread stopped, default model failed or loading)."""
+        if not self.alive:
+            return "the generation worker is not running"
+        info = self.models.state(self.settings.model_id)
+        if info.state == ModelState.FAILED:
+            return f"model failed to load: {info.error}"
+        if info.state == ModelState.LOADING and info.load_seconds is None:
+            return "model is loading"
         return None
 
     def snapshot(self) -> dict[str, Any]:
@@ -178,21 +189,15 @@ class GenerationWorker:
             future.set_exception(exc)
 
     def _take_batch(self) -> list[Job]:
-        """The oldest job plus queued jobs that share its batch key, up to MAX_BATCH_SIZE images."""
+        """The oldest job plus queued jobs that share its batch, waiting up to BATCH_WAIT_MS for more."""
         first = self._queue.popleft()
         batch, images = [first], len(first.params.seeds)
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
         while True:
-            for job in list(self._queue):
-                if images >= self.settings.max_batch_size:
-                    break
-                if (
-                    job.params.batch_key == first.params.batch_key
-                    and images + len(job.params.seeds) <= self.settings.max_batch_size
-                ):
-                    self._queue.remove(job)
-                    batch.append(job)
-                    images += len(job.params.seeds)
+            for job in gather(first, list(self._queue), images, self.settings.max_batch_size):
+                self._queue.remove(job)
+                batch.append(job)
+                images += len(job.params.seeds)
             remaining = deadline - time.monotonic()
             if images >= self.settings.max_batch_size or remaining <= 0 or self._stopping:
                 break
@@ -201,103 +206,11 @@ class GenerationWorker:
         return batch
 
     def _execute(self, batch: list[Job]) -> None:
-        params = batch[0].params
-        ids = [job.id for job in batch]
-        self.jobs.mark_running(ids)
-        started = time.perf_counter()
-        try:
-            pipe = self.models.get(params.model, params.scheduler)
-            images = self._generate(pipe, batch)
-            cancelled = self.jobs.cancelled_among(ids)
-            for job, job_images in zip(batch, images, strict=True):
-                if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
-                    self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
-            seconds = time.perf_counter() - started
-            image_count = sum(len(job.params.seeds) for job in batch)
-            self.monitor.record_generation(seconds, image_count)
-            log.info(
-                "generated %d jobs (%d images) %dx%d steps=%d model=%s in %.2fs",
-                len(batch),
-                image_count,
-                params.width,
-                params.height,
-                params.steps,
-                params.model,
-                seconds,
-            )
-        except Exception as exc:
-            self._fail(batch, exc)
-        finally:
-            with self._cond:
-                self._running = []
-            for job_id in ids:
-                self._release(job_id)
-
-    def _generate(self, pipe: Any, batch: list[Job]) -> list[list[Any]]:
-        """One pipeline call for the whole batch; one seeded CPU generator per image, so an image is
-        the same whether made alone or in a batch, on any device."""
-        params = batch[0].params
-        prompts, negatives, generators = [], [], []
+        retry = self.engine.run(batch)
+        with self._cond:
+            self._running = []
+            self._queue.extendleft(reversed(retry))  # a retried job keeps its place at the front
+        retried = {job.id for job in retry}
         for job in batch:
-            for seed in job.params.seeds:
-                prompts.append(job.params.prompt)
-                negatives.append(job.params.negative_prompt)
-                generators.append(torch.Generator("cpu").manual_seed(seed))
-
-        def progress(running: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            self.jobs.set_step(ids, step + 1)
-            if len(self.jobs.cancelled_among(ids)) == len(ids):
-                running._interrupt = True  # every job of the batch was cancelled: skip the remaining steps
-            return tensors
-
-        ids = [job.id for job in batch]
-        with torch.inference_mode():
-            output = pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
-                width=params.width,
-                height=params.height,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                generator=generators,
-                callback_on_step_end=progress,
-            )
-        grouped, start = [], 0
-        for job in batch:
-            grouped.append(output.images[start : start + len(job.params.seeds)])
-            start += len(job.params.seeds)
-        return grouped
-
-    def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
-        p = job.params
-        stored = []
-        for image, seed in zip(images, p.seeds, strict=True):
-            metadata = {
-                "prompt": p.prompt,
-                "negative_prompt": p.negative_prompt,
-                "seed": seed,
-                "width": p.width,
-                "height": p.height,
-                "steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-                "scheduler": p.scheduler,
-                "model": p.model,
-            }
-            saved = self.images.save(image, metadata, job.id)
-            stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
-        return stored
-
-    def _fail(self, batch: list[Job], exc: Exception) -> None:
-        """Fails this batch's jobs with a clear error; the worker itself carries on."""
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-            error = {"code": "out_of_memory", "message": "The device ran out of memory; try a smaller size or batch."}
-        else:
-            message = "Generation failed." if self.settings.is_production else f"{type(exc).__name__}: {exc}"
-            error = {"code": "generation_failed", "message": message}
-        log.error(
-            "batch of %d jobs failed: %s", len(batch), exc, exc_info=not isinstance(exc, torch.cuda.OutOfMemoryError)
-        )
-        self.monitor.record_error(error["code"])
-        for job in batch:
-            self.jobs.finish(job.id, JobStatus.FAILED, error=error)
+            if job.id not in retried:
+                self._release(job.id)

@@ -1,0 +1,191 @@
+"""The engine: one batch of compatible jobs -> one pipeline call -> stored images -> ended jobs.
+
+Why a module of its own: the local worker thread and the cluster's Celery workers feed this same
+code, so there is one batching rule, one pipeline call, one way to store images and one retry rule.
+Whoever calls `run` must be the only thread touching the pipelines of its ModelManager.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from config import Settings
+from imagegen.engine.models import ModelManager
+from imagegen.jobs import Job, JobStatus, JobStore
+from imagegen.monitoring import Monitor
+from imagegen.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+
+def gather(first: Job, candidates: Iterable[Job], images: int, max_images: int) -> list[Job]:
+    """The candidates that can join `first`'s batch (already `images` images), oldest first, while
+    the batch stays within `max_images`: jobs with the same batch key, whole jobs only."""
+    joined = []
+    for job in candidates:
+        if images >= max_images:
+            break
+        if job.params.batch_key == first.params.batch_key and images + len(job.params.seeds) <= max_images:
+            joined.append(job)
+            images += len(job.params.seeds)
+    return joined
+
+
+def plan_batches(jobs: list[Job], max_images: int) -> list[list[Job]]:
+    """Splits jobs into batches by `gather`, in the order they came."""
+    batches, waiting = [], list(jobs)
+    while waiting:
+        first = waiting.pop(0)
+        joined = gather(first, waiting, len(first.params.seeds), max_images)
+        waiting = [job for job in waiting if job not in joined]
+        batches.append([first, *joined])
+    return batches
+
+
+class Engine:
+    """Runs batches on one ModelManager and records every outcome in the job store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelManager,
+        jobs: JobStore,
+        images: ImageStore,
+        monitor: Monitor,
+        name: str,
+    ) -> None:
+        self.settings, self.models, self.jobs, self.images, self.monitor = settings, models, jobs, images, monitor
+        self.name = name
+        self.jobs_done = 0
+
+    def run(self, batch: list[Job]) -> list[Job]:
+        """Runs one batch and returns the jobs to queue again (they failed with attempts left).
+
+        Jobs that already ended (a redelivered message, a cancel) are skipped; a job whose earlier
+        attempts all died with their worker fails instead of taking down one more.
+        """
+        claimed = self.jobs.claim([job.id for job in batch], self.name)
+        runnable = []
+        for job in claimed:
+            if job.attempts > self.settings.job_max_retries + 1:
+                self._end_failed(
+                    [job],
+                    {
+                        "code": "worker_lost",
+                        "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
+                    },
+                )
+            else:
+                runnable.append(job)
+        if not runnable:
+            return []
+        params = runnable[0].params
+        ids = [job.id for job in runnable]
+        started = time.perf_counter()
+        try:
+            pipe = self.models.get(params.model, params.scheduler)
+            images = self._generate(pipe, runnable)
+            cancelled = self.jobs.cancelled_among(ids)
+            for job, job_images in zip(runnable, images, strict=True):
+                if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
+                    self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
+        except Exception as exc:
+            return self._fail(runnable, exc)
+        seconds = time.perf_counter() - started
+        image_count = sum(len(job.params.seeds) for job in runnable)
+        self.jobs_done += len(runnable)
+        self.monitor.record_generation(seconds, image_count)
+        log.info(
+            "generated %d jobs (%d images) %dx%d steps=%d model=%s in %.2fs",
+            len(runnable),
+            image_count,
+            params.width,
+            params.height,
+            params.steps,
+            params.model,
+            seconds,
+        )
+        return []
+
+    def _generate(self, pipe: Any, batch: list[Job]) -> list[list[Any]]:
+        """One pipeline call for the whole batch; one seeded CPU generator per image, so an image is
+        the same whether made alone or in a batch, on any device."""
+        params = batch[0].params
+        prompts, negatives, generators = [], [], []
+        for job in batch:
+            for seed in job.params.seeds:
+                prompts.append(job.params.prompt)
+                negatives.append(job.params.negative_prompt)
+                generators.append(torch.Generator("cpu").manual_seed(seed))
+
+        def progress(running: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if not self.jobs.set_step(ids, step + 1):
+                running._interrupt = True  # every job of the batch was cancelled: skip the remaining steps
+            return tensors
+
+        ids = [job.id for job in batch]
+        with torch.inference_mode():
+            output = pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                width=params.width,
+                height=params.height,
+                num_inference_steps=params.steps,
+                guidance_scale=params.guidance_scale,
+                generator=generators,
+                callback_on_step_end=progress,
+            )
+        grouped, start = [], 0
+        for job in batch:
+            grouped.append(output.images[start : start + len(job.params.seeds)])
+            start += len(job.params.seeds)
+        return grouped
+
+    def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
+        p = job.params
+        stored = []
+        for image, seed in zip(images, p.seeds, strict=True):
+            metadata = {
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt,
+                "seed": seed,
+                "width": p.width,
+                "height": p.height,
+                "steps": p.steps,
+                "guidance_scale": p.guidance_scale,
+                "scheduler": p.scheduler,
+                "model": p.model,
+            }
+            saved = self.images.save(image, metadata, job.id)
+            stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
+        return stored
+
+    def _fail(self, batch: list[Job], exc: Exception) -> list[Job]:
+        """A failed batch: jobs with retries left go back to the queue, the others fail with the reason."""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            error = {"code": "out_of_memory", "message": "The device ran out of memory; try a smaller size or batch."}
+        else:
+            message = "Generation failed." if self.settings.is_production else f"{type(exc).__name__}: {exc}"
+            error = {"code": "generation_failed", "message": message}
+        retry = [job for job in batch if job.attempts <= self.settings.job_max_retries]
+        log.error(
+            "batch of %d jobs failed (%d to retry): %s",
+            len(batch),
+            len(retry),
+            exc,
+            exc_info=not isinstance(exc, torch.cuda.OutOfMemoryError),
+        )
+        self.monitor.record_error(error["code"])
+        self.jobs.requeue([job.id for job in retry])
+        self._end_failed([job for job in batch if job not in retry], error)
+        return retry
+
+    def _end_failed(self, jobs: list[Job], error: dict[str, Any]) -> None:
+        for job in jobs:
+            self.jobs.finish(job.id, JobStatus.FAILED, error=error)

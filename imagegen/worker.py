@@ -1,0 +1,145 @@
+"""`python -m imagegen.worker` (`make worker`): one cluster worker process that owns one device.
+
+It loads MODEL_ID on DEVICE, then consumes job ids from the broker with celery-batches (up to
+MAX_BATCH_SIZE messages, or whatever arrived within BATCH_WAIT_MS) in one solo-pool process, and
+feeds them to the same engine the local mode runs. Messages are acknowledged only after their
+batch ran, so a worker killed mid-batch hands its jobs back to the broker; the job record decides
+what runs again (an ended job never does). A heartbeat in the database tells every API replica
+that this worker is alive, what it runs, and how much it has done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+from celery_batches import Batches
+
+from config import Settings, load_settings
+from imagegen.cluster import TASK, WorkerRegistry, make_celery, publish
+from imagegen.db import Database
+from imagegen.engine.models import ModelManager
+from imagegen.engine.runner import Engine, plan_batches
+from imagegen.jobs import JobStore
+from imagegen.logs import setup_logging
+from imagegen.monitoring import Monitor
+from imagegen.security import Access
+from imagegen.storage import ImageStore
+from imagegen.webhooks import WebhookSender
+
+log = logging.getLogger("imagegen.worker")
+
+
+class Heartbeat:
+    """Writes this worker's row every WORKER_HEARTBEAT_SECONDS from a thread of its own, so a long
+    batch never makes a live worker look dead."""
+
+    def __init__(self, registry: WorkerRegistry, name: str, settings: Settings, engine: Engine) -> None:
+        self.registry, self.name, self.settings, self.engine = registry, name, settings, engine
+        self.state = "loading"
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def set(self, state: str) -> None:
+        self.state = state
+        self.beat()
+
+    def beat(self) -> None:
+        self.registry.beat(
+            self.name,
+            self.engine.models.device,
+            self.settings.model_id,
+            self.state,
+            self.engine.jobs_done,
+            self.started,
+        )
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.set("stopped")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception as exc:  # the database may be away for a moment; the next beat retries
+                log.warning("heartbeat failed: %s", exc)
+
+
+def main() -> None:
+    """Builds the engine, loads the model, registers the batch task and runs the Celery worker."""
+    settings = load_settings()
+    if settings.queue_backend != "celery":
+        raise SystemExit("imagegen.worker needs QUEUE_BACKEND=celery (see docs/scaling.md)")
+    name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    setup_logging(settings, f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log")
+    db = Database(settings.database)
+    jobs = JobStore(db)
+    images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
+    engine = Engine(settings, ModelManager(settings), jobs, images, Monitor(), name)
+    webhooks = WebhookSender(settings, jobs, Access.from_settings(settings))
+    heartbeat = Heartbeat(WorkerRegistry(db, settings.worker_heartbeat_seconds), name, settings, engine)
+    celery = make_celery(settings)
+
+    @celery.task(
+        name=TASK,
+        base=Batches,
+        flush_every=settings.max_batch_size,
+        flush_interval=max(settings.batch_wait_ms, 5) / 1000,
+        acks_late=True,
+    )
+    def generate(requests: list[Any]) -> None:
+        """One flush of messages: the jobs still to run, in batches by the engine's rule."""
+        ids = list(dict.fromkeys(request.args[0] for request in requests))  # a redelivery may repeat an id
+        pending = [job for job in jobs.many(ids) if not job.status.finished]
+        for batch in plan_batches(pending, settings.max_batch_size):
+            heartbeat.set("busy")
+            retry = engine.run(batch)
+            publish(celery, [job.id for job in retry])  # a new message each: this one is acked with its batch
+            retried = {job.id for job in retry}
+            for job in batch:
+                if job.id not in retried:
+                    webhooks.notify(job.id)
+        heartbeat.set("ready")
+
+    heartbeat.start()
+    log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
+    try:
+        engine.models.get(settings.model_id)
+    except Exception as exc:
+        heartbeat.stop()
+        raise SystemExit(f"worker {name}: model {settings.model_id} failed to load: {exc}") from None
+    heartbeat.set("ready")
+    log.info("worker %s: consuming %s from %s", name, settings.broker_queue, celery.connection_for_read().as_uri())
+    try:
+        celery.worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                f"--hostname={name}@%h",
+                f"--queues={settings.broker_queue}",
+                f"--loglevel={settings.log_level}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
+    finally:
+        heartbeat.stop()
+        webhooks.stop()
+        log.info("worker %s: stopped after %d jobs", name, engine.jobs_done)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Cluster mode end to end: API processes and Celery worker processes on the real RabbitMQ,
+PostgreSQL and Redis of this machine, with images in a shared folder or S3-compatible storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagegen.db import Database
+from imagegen.jobs import JobStatus, JobStore
+from tests.conftest import REDIS, ROOT, call, cluster_env, need_service, start_server, start_worker
+
+pytestmark = pytest.mark.usefixtures("services_up")
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture
+def services_up() -> None:
+    need_service("RabbitMQ", 5672)
+    need_service("PostgreSQL", 5432)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Every process a test starts, killed at its end."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[JobStore]:
+    """The cluster's job records, read directly (to see which worker runs what)."""
+    database = Database(postgres_url)
+    yield JobStore(database)
+    database.close()
+
+
+def wait_until(check: Any, timeout: float = 60, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {check}")
+
+
+def post(base: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    status, _, raw = call(f"{base}/generate", body, headers)
+    return status, json.loads(raw)
+
+
+def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    status, _, raw = call(f"{base}{path}", headers=headers)
+    return status, json.loads(raw) if raw.startswith(b"{") else raw
+
+
+def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, s3_endpoint, s3_url, store, processes):
+    env = cluster_env(tmp_path, postgres_url, STORAGE_URL=s3_url, S3_ENDPOINT_URL=s3_endpoint, MAX_BATCH_SIZE="4")
+    api, base = start_server(tmp_path, ready=False, **env)
+    processes.append(api)
+    status, health = get(base, "/health")
+    assert status == 503 and health["reason"] == "no generation worker is alive"
+    workers = {name: start_worker(tmp_path, name, env) for name in ("w1", "w2")}
+    processes.extend(workers.values())
+    wait_until(
+        lambda: {w["name"] for w in get(base, "/status")[1]["app"]["workers"] if w["state"] == "ready"} == set(workers)
+    )
+    assert get(base, "/health")[0] == 200
+
+    ids = []
+    for i in range(12):
+        status, body = post(base, {"prompt": PROMPT, "seed": i, "steps": 50, "async": True})
+        assert status == 202, body
+        ids.append(body["id"])
+    victim = wait_until(lambda: next((job.worker for job in store.running() if job.worker), None), every=0.01)
+    killed = [job.id for job in store.running() if job.worker == victim]
+    workers[victim].send_signal(signal.SIGKILL)
+    workers[victim].wait(10)
+
+    finished = wait_until(lambda: (jobs := store.many(ids)) and all(j.status.finished for j in jobs) and jobs, 120)
+    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 12
+    survivor = next(name for name in workers if name != victim)
+    for job in finished:
+        assert len(job.images) == 1 and job.error is None
+        if job.id in killed:  # run again, to the end, by the worker that lived
+            assert job.attempts == 2 and job.worker == survivor
+    assert any(job.id in killed for job in finished) and all(job.attempts <= 2 for job in finished)
+    for job_id in ids:
+        status, view = get(base, f"/jobs/{job_id}")
+        assert status == 200 and view["status"] == "succeeded"
+        with urllib.request.urlopen(view["images"][0]["url"], timeout=10) as response:
+            assert response.read().startswith(b"\x89PNG")
+    workers_view = {w["name"]: w for w in get(base, "/status")[1]["app"]["workers"]}
+    assert workers_view[survivor]["alive"] and not workers_view[victim]["alive"]
+    assert "imagegen_workers_alive 1.0" in call(f"{base}/metrics")[2].decode()
+
+
+def test_two_api_processes_share_jobs_and_one_rate_limit(tmp_path, postgres_url, processes):
+    need_service("Redis", 6379)
+    key = secrets.token_hex(16)  # limits count per key, so this run's count starts at zero
+    env = cluster_env(
+        tmp_path,
+        postgres_url,
+        API_KEYS=key,
+        SECRET_KEY=secrets.token_hex(16),
+        RATE_LIMIT="6/minute",
+        RATE_LIMIT_STORAGE_URI=f"{REDIS}/0",
+        MAX_STEPS="500",
+        MAX_WIDTH="256",
+        MAX_HEIGHT="256",
+    )
+    processes.append(start_worker(tmp_path, "w1", env))
+    first, a = start_server(tmp_path, **env)
+    second, b = start_server(tmp_path, LOG_DIR=str(tmp_path / "logs-b"), **env)
+    processes.extend([first, second])
+    auth = {"Authorization": f"Bearer {key}"}
+
+    status, job = post(a, {"prompt": PROMPT, "steps": 500, "width": 256, "height": 256, "async": True}, auth)
+    assert status == 202
+    status, seen = get(b, f"/jobs/{job['id']}", auth)
+    assert status == 200 and seen["id"] == job["id"] and seen["status"] in {"queued", "running"}
+    request = urllib.request.Request(f"{b}/jobs/{job['id']}/events", headers=auth)
+    with urllib.request.urlopen(request, timeout=30) as stream:
+        first_event = [stream.readline().decode().strip() for _ in range(2)]
+    assert first_event[0] == "event: progress" and job["id"] in first_event[1]
+    status, cancelled = _delete(f"{b}/jobs/{job['id']}", auth)
+    assert status == 200 and cancelled["status"] == "cancelled"
+    assert get(a, f"/jobs/{job['id']}", auth)[1]["status"] == "cancelled"
+    status, done = post(a, {"prompt": PROMPT, "steps": 2}, auth)  # the worker is free again at once
+    assert status == 200, done
+    image = urllib.request.Request(done["images"][0]["url"].replace(a, b))
+    with urllib.request.urlopen(image, timeout=10) as response:  # signed on A, served by B
+        assert response.read().startswith(b"\x89PNG")
+
+    # 6 per minute for this key across both replicas: 2 used above, 4 more pass, the rest are 429
+    answers = [post(base, {"prompt": PROMPT, "steps": 1, "async": True}, auth)[0] for base in (a, b) * 4]
+    assert answers.count(202) == 4 and answers.count(429) == 4
+
+
+def _delete(url: str, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, method="DELETE", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.status, json.loads(response.read())
+
+
+def test_a_worker_refuses_to_start_outside_cluster_mode(tmp_path):
+    process = start_worker(tmp_path, "w", {"QUEUE_BACKEND": "local"})
+    assert process.wait(60) != 0
+    assert "needs QUEUE_BACKEND=celery" in (tmp_path / "w.out").read_text()
+
+
+def test_cluster_settings_half_given_stop_start_up(tmp_path: Path):
+
+    env = {**os.environ, "QUEUE_BACKEND": "celery", "BROKER_URL": "amqp://x//", "DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "DATABASE_URL" in result.stderr and "STORAGE_URL" in result.stderr
