@@ -31,8 +31,10 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# About 8 minutes on 2 CPU cores; results land in bench/results/*.json.
+# About 13 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
+# RabbitMQ and PostgreSQL of docs/scaling.md.
 bench: install
 	$(BIN)/python -m bench.suite
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.request_path
+	$(BIN)/python -m bench.scale

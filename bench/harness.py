@@ -44,9 +44,13 @@ class Server:
 
 
 @contextmanager
-def serve(**overrides: Any) -> Iterator[Server]:
+def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
     """`python app.py` in its own process (tmp storage, generous limits), so load generated here never
-    competes with it for the GIL, as real clients never do; yields its URL and process."""
+    competes with it for the GIL, as real clients never do; yields its URL and process.
+
+    With `workers`, a cluster instead: that many `python -m imagegen.worker` processes behind it,
+    on this machine's RabbitMQ and a fresh PostgreSQL database, ready before this yields.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         values: dict[str, Any] = {
             "image_dir": Path(tmp) / "images",
@@ -61,23 +65,75 @@ def serve(**overrides: Any) -> Iterator[Server]:
             "port": free_port(),
             **overrides,
         }
-        yield from _run(
-            [sys.executable, "app.py"],
-            {name.upper(): str(v) for name, v in values.items()},
-            f"http://127.0.0.1:{values['port']}",
-        )
+        with cluster_database(workers) as database:
+            if workers:
+                values.update(
+                    queue_backend="celery",
+                    broker_url=RABBITMQ,
+                    broker_queue=f"imagegen-bench-{os.getpid()}",
+                    database_url=database,
+                    storage_url=Path(tmp) / "images",
+                    worker_heartbeat_seconds=1,
+                )
+            env = {name.upper(): str(v) for name, v in values.items()}
+            processes = [
+                _start([sys.executable, "-m", "imagegen.worker"], {**env, "WORKER_NAME": f"w{i}"})
+                for i in range(workers)
+            ]
+            processes.append(_start([sys.executable, "app.py"], env))
+            base = f"http://127.0.0.1:{values['port']}"
+            try:
+                wait_ready(base)
+                while workers and sum(w["state"] == "ready" for w in status(base)["app"]["workers"]) < workers:
+                    time.sleep(0.1)
+                yield Server(base, psutil.Process(processes[-1].pid))
+            finally:
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    process.wait(60)
+
+
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def cluster_database(needed: bool) -> Iterator[str | None]:
+    """A fresh PostgreSQL database for one cluster run (none when not `needed`), dropped afterwards."""
+    if not needed:
+        yield None
+        return
+    import psycopg
+
+    name = f"imagegen_bench_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _run(command: list[str], env: dict[str, str], base: str) -> Iterator[Server]:
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = _start(command, env)
     try:
         wait_ready(base)
         yield Server(base, psutil.Process(process.pid))
     finally:
         process.terminate()
         process.wait(60)
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def status(base: str) -> dict[str, Any]:
+    return json.loads(request(f"{base}/status")[2])
 
 
 def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:

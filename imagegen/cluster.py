@@ -28,7 +28,9 @@ from imagegen.storage import ImageStore
 log = logging.getLogger(__name__)
 
 TASK = "imagegen.generate"
-WAIT_POLL_SECONDS = 0.02
+# A waiting request reads its job every elapsed/20 seconds, within these bounds: a short job is seen
+# ending within a few ms, and a thousand long waits cost the database little.
+WAIT_POLL_SECONDS = (0.005, 0.1)
 
 
 class BrokerUnavailable(Exception):
@@ -126,6 +128,7 @@ class CeleryQueue:
     ) -> None:
         self.settings, self.jobs, self.images, self.registry, self.app = settings, jobs, images, registry, app
         self.on_finish = on_finish
+        self._alive_checked = (0.0, False)
 
     def start(self) -> None:
         """Nothing runs here: the workers are other processes."""
@@ -138,7 +141,11 @@ class CeleryQueue:
 
     @property
     def alive(self) -> bool:
-        return bool(self.registry.alive())
+        """A worker is alive (checked at most once a second: heartbeats come every few seconds anyway)."""
+        now = time.monotonic()
+        if now - self._alive_checked[0] > 1:
+            self._alive_checked = (now, bool(self.registry.alive()))
+        return self._alive_checked[1]
 
     def submit(self, job: Job) -> int:
         """Records the job, then publishes it; a full queue is QueueFull, a greedy client TooManyJobs."""
@@ -169,14 +176,16 @@ class CeleryQueue:
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """Polls the record until the job ends; False if it is still going after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        shortest, longest = WAIT_POLL_SECONDS
         while True:
             job = self.jobs.get(job_id)
             if job is None or job.status.finished:
                 return True
-            if time.monotonic() >= deadline:
+            elapsed = time.monotonic() - started
+            if elapsed >= timeout:
                 return False
-            time.sleep(WAIT_POLL_SECONDS)
+            time.sleep(min(longest, max(shortest, elapsed / 20), timeout - elapsed))
 
     def call(self, fn: Any, timeout: float | None = None) -> Any:
         """Models live in the workers; an API replica cannot load or unload them."""

@@ -34,6 +34,26 @@ from imagegen.webhooks import WebhookSender
 
 log = logging.getLogger("imagegen.worker")
 
+OUTAGE_PAUSE_SECONDS = 5
+
+
+class JobBatches(Batches):
+    """celery-batches, with its flush timer re-armed by the first message after each flush.
+
+    Its timer repeats from the first message ever buffered; with the solo pool it falls due while a
+    batch runs, so the first message that arrives afterwards was flushed alone before the others the
+    broker was still delivering (measured: batches of 1 between batches of 4). Disarming it after a
+    flush makes BATCH_WAIT_MS count from a batch's first message, as it does in local mode.
+    (Reaches into celery-batches' `_tref`, `_buffer` and `_pending`; the pin in requirements.txt
+    keeps them as this was written against.)
+    """
+
+    def _do_flush(self) -> None:
+        super()._do_flush()
+        if self._tref is not None and self._buffer.empty() and self._pending.empty():
+            self._tref.cancel()
+            self._tref = None
+
 
 class Heartbeat:
     """Writes this worker's row every WORKER_HEARTBEAT_SECONDS from a thread of its own, so a long
@@ -94,23 +114,32 @@ def main() -> None:
 
     @celery.task(
         name=TASK,
-        base=Batches,
+        base=JobBatches,
         flush_every=settings.max_batch_size,
+        # at least 5 ms: the broker's deliveries after an acknowledgement take a moment to arrive
         flush_interval=max(settings.batch_wait_ms, 5) / 1000,
         acks_late=True,
     )
     def generate(requests: list[Any]) -> None:
         """One flush of messages: the jobs still to run, in batches by the engine's rule."""
         ids = list(dict.fromkeys(request.args[0] for request in requests))  # a redelivery may repeat an id
-        pending = [job for job in jobs.many(ids) if not job.status.finished]
-        for batch in plan_batches(pending, settings.max_batch_size):
-            heartbeat.set("busy")
-            retry = engine.run(batch)
-            publish(celery, [job.id for job in retry])  # a new message each: this one is acked with its batch
-            retried = {job.id for job in retry}
-            for job in batch:
-                if job.id not in retried:
-                    webhooks.notify(job.id)
+        try:
+            pending = [job for job in jobs.many(ids) if not job.status.finished]
+            for batch in plan_batches(pending, settings.max_batch_size):
+                heartbeat.set("busy")
+                retry = engine.run(batch)
+                publish(celery, [job.id for job in retry])  # a new message each: this one is acked with its batch
+                retried = {job.id for job in retry}
+                for job in batch:
+                    if job.id not in retried and job.callback_url:
+                        webhooks.notify(job.id)
+        except Exception:
+            # Not a job's own failure (the engine ends those) but the database's or the broker's: these
+            # messages are acknowledged when this returns, so their jobs go back to the queue as new
+            # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
+            log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
+            time.sleep(OUTAGE_PAUSE_SECONDS)
+            publish(celery, ids)
         heartbeat.set("ready")
 
     heartbeat.start()

@@ -171,3 +171,35 @@ def test_cluster_settings_half_given_stop_start_up(tmp_path: Path):
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr and "STORAGE_URL" in result.stderr
+
+
+def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, tmp_path):
+    from imagegen.cluster import WorkerRegistry
+    from tests.conftest import free_port
+
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    app = app_factory(**{**_cluster(postgres_url, tmp_path), "broker_url": dead_broker})
+    client = app.test_client()
+    assert client.get("/health").json["reason"] == "the broker does not answer: OperationalError"
+    app = app_factory(**_cluster(postgres_url, tmp_path))
+    client = app.test_client()
+    assert client.get("/health").json["reason"] == "no generation worker is alive"
+    assert client.post("/generate", json={"prompt": PROMPT}).json["error"]["code"] == "worker_stopped"
+    registry = WorkerRegistry(app.extensions["imagegen"].jobs.db, heartbeat_seconds=5)
+    registry.beat("w", "cuda:1", "m", "loading", 0, time.time())
+    assert client.get("/health").json["reason"] == "the workers are loading the model"
+    registry.beat("w", "cuda:1", "m", "ready", 0, time.time())
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json["model_state"] == "ready"
+    refused = client.post("/models/models/tiny-random/load")  # models live in the workers
+    assert refused.status_code == 409 and refused.json["error"]["code"] == "cluster_mode"
+
+
+def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "queue_backend": "celery",
+        "broker_url": "amqp://guest:guest@127.0.0.1:5672//",
+        "broker_queue": f"imagegen-test-{secrets.token_hex(4)}",
+        "database_url": database_url,
+        "storage_url": str(tmp_path / "shared"),
+    }

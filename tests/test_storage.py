@@ -82,3 +82,32 @@ def test_presigned_url_fetches_the_object(s3_endpoint, s3_url, tmp_path):
     assert "Signature=" in url or "X-Amz-Signature=" in url
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == store.read(saved.name)
+
+
+def test_the_api_serves_images_from_object_storage(app_factory, s3_endpoint, s3_url):
+    from tests.conftest import wait_ready
+
+    app = app_factory(storage_url=s3_url, s3_endpoint_url=s3_endpoint)
+    client = app.test_client()
+    wait_ready(client)
+    body = client.post("/generate", json={"prompt": "a red circle", "steps": 2}).json
+    path = body["images"][0]["url"].removeprefix("http://localhost")
+    served = client.get(path)
+    assert served.status_code == 200 and served.mimetype == "image/png"
+    assert served.data == app.extensions["imagegen"].images.read(path.rsplit("/", 1)[1])
+    assert client.get(f"/images/{'A' * 22}.png").status_code == 404
+
+
+def test_presigned_urls_redirect_to_the_object(app_factory, s3_endpoint, s3_url):
+    import urllib.request
+
+    from tests.conftest import wait_ready
+
+    app = app_factory(storage_url=s3_url, s3_endpoint_url=s3_endpoint, storage_presigned_urls=True)
+    client = app.test_client()
+    wait_ready(client)
+    body = client.post("/generate", json={"prompt": "a red circle", "steps": 2}).json
+    answer = client.get(body["images"][0]["url"].removeprefix("http://localhost"))
+    assert answer.status_code == 302 and answer.location.startswith(s3_endpoint)
+    with urllib.request.urlopen(answer.location, timeout=10) as response:
+        assert response.read().startswith(b"\x89PNG")

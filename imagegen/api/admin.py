@@ -79,6 +79,8 @@ def load_model(model_id: str) -> dict[str, Any]:
     _known_model(model_id)
     try:
         svc.worker.call(lambda: svc.models.get(model_id) and None, timeout=600)
+    except APIError:
+        raise
     except Exception as exc:
         raise APIError(503, "model_unavailable", f"Model `{model_id}` failed to load: {exc}") from None
     return {"model": model_id, "state": svc.models.state(model_id).state}

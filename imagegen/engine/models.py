@@ -136,6 +136,7 @@ class ModelManager:
                 else:
                     pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
             self._apply_memory_options(pipe)
+            self._warm_up(pipe)
         except Exception as exc:
             self._set(model_id, state=ModelState.FAILED, error=f"{type(exc).__name__}: {exc}")
             log.error("model %s failed to load: %s", model_id, exc)
@@ -152,6 +153,18 @@ class ModelManager:
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
+
+    def _warm_up(self, pipe: DiffusionPipeline) -> None:
+        """One step at the default size before the model counts as ready: the first call pays for lazy
+        set-up (kernels, allocator pools), and otherwise the first request would."""
+        with torch.inference_mode():
+            pipe(
+                prompt="",
+                num_inference_steps=1,
+                width=self.settings.default_width,
+                height=self.settings.default_height,
+                generator=torch.Generator("cpu").manual_seed(0),
+            )
 
     def _apply_memory_options(self, pipe: DiffusionPipeline) -> None:
         """The preset's memory trade-offs; CPU offload only means something on an accelerator."""
