@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
     from imagegen.db import Database
     from imagegen.engine.models import ModelManager
+    from imagegen.engine.runner import Engine
     from imagegen.engine.worker import GenerationWorker
     from imagegen.jobs import JobStore
     from imagegen.logs import setup_logging
@@ -62,7 +63,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         worker = CeleryQueue(settings, job_store, image_store, registry, make_celery(settings), webhooks.notify)
     else:
         models = ModelManager(settings)
-        worker = GenerationWorker(settings, models, job_store, image_store, monitor, on_finish=webhooks.notify)
+        engine = Engine(settings, models, job_store, image_store, monitor, name="local")
+        worker = GenerationWorker(engine, on_finish=webhooks.notify)
     services = common.Services(
         settings,
         access,

@@ -18,11 +18,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from config import Settings
-from imagegen.engine.models import ModelManager, ModelState
+from imagegen.engine.models import ModelState
 from imagegen.engine.runner import Engine, gather
-from imagegen.jobs import Job, JobStore
-from imagegen.monitoring import Monitor
-from imagegen.storage import ImageStore
+from imagegen.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +40,14 @@ class TooManyJobs(Exception):
 class GenerationWorker:
     """Takes queued jobs, batches the compatible ones and hands each batch to the engine."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        models: ModelManager,
-        jobs: JobStore,
-        images: ImageStore,
-        monitor: Monitor,
-        on_finish: Callable[[str], None] | None = None,
-    ) -> None:
-        self.settings, self.models, self.jobs, self.monitor = settings, models, jobs, monitor
-        self.engine = Engine(settings, models, jobs, images, monitor, name="local")
+    def __init__(self, engine: Engine, on_finish: Callable[[str], None] | None = None) -> None:
+        self.engine = engine
+        self.settings, self.models, self.jobs, self.monitor = (
+            engine.settings,
+            engine.models,
+            engine.jobs,
+            engine.monitor,
+        )
         self.on_finish = on_finish
         self._queue: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -206,7 +201,11 @@ class GenerationWorker:
         return batch
 
     def _execute(self, batch: list[Job]) -> None:
-        retry = self.engine.run(batch)
+        try:
+            retry = self.engine.run(batch)
+        except Exception:  # the records could not be written (a job's own failure is the engine's to end)
+            log.exception("batch of %d jobs could not be recorded; they run again at the next start", len(batch))
+            retry = []
         with self._cond:
             self._running = []
             self._queue.extendleft(reversed(retry))  # a retried job keeps its place at the front
