@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from imagegen.api.common import Services
-from imagegen.monitoring import system_status
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def run_once(svc: Services) -> dict[str, Any]:
     if settings.model_idle_timeout_seconds:
         idle = svc.models.idle(settings.model_idle_timeout_seconds)
         result["unloaded_models"] = svc.worker.call(lambda: svc.models.unload_many(idle)) if idle else []
-    svc.alerts.check(system_status(svc.images.local_dir or settings.data_dir, svc.monitor.started))
+    svc.alerts.check(svc.system())
     if any(result.get(k) for k in ("jobs_deleted", "unloaded_models")) or result["expired"]["deleted"]:
         log.info("maintenance: %s", result)
     return result

@@ -88,7 +88,10 @@ class ImageStore:
         return self.fs.cat_file(self._path(name))
 
     def presigned_url(self, name: str, seconds: int) -> str:
-        """A URL of the object itself that works for `seconds` (object storage only)."""
+        """A URL of the object itself that works for `seconds` (object storage only); FileNotFoundError
+        if the image is unknown."""
+        if self.find(name) is None:
+            raise FileNotFoundError(name)
         return self.fs.url(self._path(name), expires=seconds)
 
     def ping(self) -> None:

@@ -22,7 +22,7 @@ from imagegen.engine.models import ModelManager, ModelState
 from imagegen.engine.worker import GenerationWorker, QueueFull, TooManyJobs
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
-from imagegen.monitoring import Alerts, Monitor
+from imagegen.monitoring import Alerts, Monitor, system_status
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import Access, client_key, screen_prompt
 from imagegen.storage import ImageStore
@@ -57,6 +57,10 @@ class Services:
             loop.stop()
         self.worker.stop(timeout)
         self.webhooks.stop()
+
+    def system(self) -> dict[str, Any]:
+        """The machine's figures, with the disk of the image folder (or of DATA_DIR with object storage)."""
+        return system_status(self.images.local_dir or self.settings.data_dir, self.monitor.started)
 
     def apply(self, settings: Settings) -> None:
         """Swaps in adjusted settings (PATCH /admin/settings) for every part that reads tunables."""

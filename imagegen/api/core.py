@@ -154,11 +154,9 @@ def image(name: str) -> Response:
     name, however encoded, is a 404."""
     svc = services()
     store = svc.images
-    if store.find(name) is None:
-        raise APIError(404, "not_found", "No such image.")
-    if store.remote and svc.settings.storage_presigned_urls:
-        return redirect(store.presigned_url(name, PRESIGNED_URL_SECONDS), 302)
     try:
+        if store.remote and svc.settings.storage_presigned_urls:
+            return redirect(store.presigned_url(name, PRESIGNED_URL_SECONDS), 302)
         data = store.read(name)
     except FileNotFoundError:
         raise APIError(404, "not_found", "No such image.") from None

@@ -13,7 +13,6 @@ from imagegen import schemas
 from imagegen.api.common import services
 from imagegen.api.docs import raw, spec
 from imagegen.engine.models import ModelState
-from imagegen.monitoring import system_status
 from imagegen.security import public, unlimited
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
@@ -68,7 +67,7 @@ def status() -> dict[str, Any]:
     svc = services()
     default = svc.models.state(svc.settings.model_id)
     queue = svc.worker.snapshot()
-    system = system_status(svc.images.local_dir or svc.settings.data_dir, svc.monitor.started)
+    system = svc.system()
     cluster = svc.worker.cluster_view() if svc.settings.queue_backend == "celery" else {}
     return {
         "system": system,
