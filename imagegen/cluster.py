@@ -202,11 +202,15 @@ class CeleryQueue:
             "running": [job.id for job in self.jobs.running()],
         }
 
+    def recent_generation_seconds(self) -> float | None:
+        return self.jobs.recent_generation_seconds()
+
     def retry_after(self) -> int:
-        """Seconds until the queue should have room: its batches spread over the live workers."""
+        """Seconds until the queue should have room: its batches spread over the live workers, at the
+        recent pace."""
         workers = max(1, len(self.registry.alive()))
         batches = math.ceil((self.jobs.depth() + 1) / (self.settings.max_batch_size * workers))
-        return max(1, batches)
+        return max(1, math.ceil(batches * (self.recent_generation_seconds() or 1.0)))
 
     def problem(self) -> str | None:
         """Why a generation could not start now: the broker, database or storage down, or no worker."""

@@ -262,6 +262,16 @@ class JobStore:
         )
         return rows[0]["n"] + 1
 
+    def recent_generation_seconds(self, last: int = 10) -> float | None:
+        """Mean time from start to end of the last succeeded jobs (in a cluster, on any worker)."""
+        rows = self.db.query(
+            select((table.c.finished_at - table.c.started_at).label("seconds"))
+            .where(table.c.status == JobStatus.SUCCEEDED, table.c.started_at.is_not(None))
+            .order_by(table.c.finished_at.desc())
+            .limit(last)
+        )
+        return sum(row["seconds"] for row in rows) / len(rows) if rows else None
+
     def depth(self, client: str | None = None) -> int:
         """Jobs queued and not yet started across the whole cluster, or one client's (MAX_JOBS_PER_CLIENT)."""
         query = select(func.count().label("n")).select_from(table).where(table.c.status == JobStatus.QUEUED)

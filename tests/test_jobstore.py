@@ -104,6 +104,7 @@ def test_recent_cached_and_forgetting(store):
     assert [job.id for job in store.recent(client="x")] == [a.id]
     assert [job.id for job in store.recent(status=JobStatus.QUEUED)] == [b.id]
     assert store.cached("k").id == a.id and store.cached("other") is None
+    assert store.recent_generation_seconds() == pytest.approx(store.get(a.id).timings()["generation_seconds"], abs=1e-3)
     assert store.delete_finished_before(time.time() + 1) == 1  # only the ended job
     assert store.get(a.id) is None and store.get(b.id) is not None
 

@@ -112,10 +112,10 @@ def queue_summary() -> dict[str, Any]:
     svc = services()
     snapshot = svc.worker.snapshot()
     running = [job_view(job) for job in running_jobs()]
-    generation = svc.monitor.summary()["generation_time"]
+    recent = svc.worker.recent_generation_seconds()
     return {
         "depth": snapshot["depth"],
         "max": snapshot["max"],
         "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in running],
-        "average_generation_seconds": generation["avg"],
+        "average_generation_seconds": None if recent is None else round(recent, 4),
     }

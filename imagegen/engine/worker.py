@@ -154,7 +154,10 @@ class GenerationWorker:
     def retry_after(self) -> int:
         """Seconds until the queue should have room: its batches times the recent batch time."""
         batches = math.ceil((len(self._queue) + 1) / self.settings.max_batch_size)
-        return max(1, math.ceil(batches * (self.monitor.recent_generation_seconds() or 1.0)))
+        return max(1, math.ceil(batches * (self.recent_generation_seconds() or 1.0)))
+
+    def recent_generation_seconds(self) -> float | None:
+        return self.monitor.recent_generation_seconds()
 
     # ----- worker thread -----
     def _run(self) -> None:
