@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from amqp.exceptions import ChannelError
 from celery import Celery
 from sqlalchemy import insert, select, update
 
@@ -74,7 +75,10 @@ def broker_depth(app: Celery) -> int | None:
         with app.connection_for_read() as conn:
             queue = app.conf.task_default_queue
             return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
-    except Exception:  # the broker is down, or no worker has declared the queue yet
+    except ChannelError as exc:
+        # No such queue holds nothing: not declared yet, or (on Redis) empty, as Redis drops empty lists.
+        return 0 if str(exc.reply_code) == "404" else None  # an int from RabbitMQ, a str from Redis
+    except Exception:  # the broker is down
         return None
 
 

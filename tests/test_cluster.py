@@ -203,3 +203,16 @@ def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
         "database_url": database_url,
         "storage_url": str(tmp_path / "shared"),
     }
+
+
+def test_redis_can_be_the_broker(tmp_path, postgres_url, processes):
+    need_service("Redis", 6379)
+    env = cluster_env(tmp_path, postgres_url, BROKER_URL=f"{REDIS}/1")
+    processes.append(start_worker(tmp_path, "w1", env))
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    status, body = post(base, {"prompt": PROMPT, "seed": 5, "num_images": 2, "steps": 2})
+    assert status == 200, body
+    assert [image["seed"] for image in body["images"]] == [5, 6]
+    cluster = get(base, "/status")[1]["app"]
+    assert cluster["broker_queue_depth"] == 0 and cluster["workers"][0]["jobs_done"] == 1
