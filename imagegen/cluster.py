@@ -100,18 +100,22 @@ class WorkerRegistry:
         """Every worker seen in the last hour, with `alive` from its last heartbeat."""
         now = time.time()
         rows = self.db.query(select(table).where(table.c.heartbeat_at > now - 3600).order_by(table.c.name))
-        return [
-            {
-                "name": row["name"],
-                "device": row["device"],
-                "model": row["model"],
-                "state": row["state"] if now - row["heartbeat_at"] <= self.stale_after else "lost",
-                "jobs_done": row["jobs_done"],
-                "last_heartbeat": row["heartbeat_at"],
-                "alive": row["state"] != "stopped" and now - row["heartbeat_at"] <= self.stale_after,
-            }
-            for row in rows
-        ]
+        workers = []
+        for row in rows:
+            fresh = now - row["heartbeat_at"] <= self.stale_after
+            stopped = row["state"] == "stopped"  # said goodbye; a worker that just went quiet is "lost"
+            workers.append(
+                {
+                    "name": row["name"],
+                    "device": row["device"],
+                    "model": row["model"],
+                    "state": row["state"] if fresh or stopped else "lost",
+                    "jobs_done": row["jobs_done"],
+                    "last_heartbeat": row["heartbeat_at"],
+                    "alive": fresh and not stopped,
+                }
+            )
+        return workers
 
     def alive(self) -> list[dict[str, Any]]:
         return [worker for worker in self.describe() if worker["alive"]]

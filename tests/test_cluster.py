@@ -216,3 +216,22 @@ def test_redis_can_be_the_broker(tmp_path, postgres_url, processes):
     assert [image["seed"] for image in body["images"]] == [5, 6]
     cluster = get(base, "/status")[1]["app"]
     assert cluster["broker_queue_depth"] == 0 and cluster["workers"][0]["jobs_done"] == 1
+
+
+def test_sigterm_lets_a_worker_finish_its_batch_and_hand_back_the_rest(tmp_path, postgres_url, store, processes):
+    env = cluster_env(tmp_path, postgres_url, MAX_BATCH_SIZE="2")
+    workers = {name: start_worker(tmp_path, name, env) for name in ("w1", "w2")}
+    processes.extend(workers.values())
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    wait_until(lambda: len([w for w in get(base, "/status")[1]["app"]["workers"] if w["state"] == "ready"]) == 2)
+    ids = [post(base, {"prompt": PROMPT, "seed": i, "steps": 50, "async": True})[1]["id"] for i in range(8)]
+    victim = wait_until(lambda: next((job.worker for job in store.running() if job.step), None), every=0.005)
+    workers[victim].send_signal(signal.SIGTERM)
+    assert workers[victim].wait(60) == 0
+    finished = wait_until(lambda: (jobs := store.many(ids)) and all(j.status.finished for j in jobs) and jobs, 120)
+    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 8
+    assert all(job.attempts == 1 for job in finished)  # its batch ended there; nothing ran twice
+    time.sleep(2)  # past three heartbeats: a worker that stopped cleanly is not reported lost
+    states = {w["name"]: w["state"] for w in get(base, "/status")[1]["app"]["workers"]}
+    assert states[victim] == "stopped"
