@@ -126,7 +126,7 @@ def main() -> None:
         try:
             pending = [job for job in jobs.many(ids) if not job.status.finished]
             for batch in plan_batches(pending, settings.max_batch_size):
-                heartbeat.set("busy")
+                heartbeat.state = "busy"  # reported by the next beat: no database write per batch
                 retry = engine.run(batch)
                 publish(celery, [job.id for job in retry])  # a new message each: this one is acked with its batch
                 retried = {job.id for job in retry}
@@ -140,7 +140,7 @@ def main() -> None:
             log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
             time.sleep(OUTAGE_PAUSE_SECONDS)
             publish(celery, ids)
-        heartbeat.set("ready")
+        heartbeat.state = "ready"
 
     heartbeat.start()
     log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
