@@ -92,6 +92,8 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
                     process.terminate()
                 for process in processes:
                     process.wait(60)
+                if workers:
+                    delete_queue(RABBITMQ, values["broker_queue"])
 
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
@@ -114,6 +116,14 @@ def cluster_database(needed: bool) -> Iterator[str | None]:
     finally:
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def delete_queue(broker: str, name: str) -> None:
+    """Removes a run's queue from the broker, so benchmarks leave nothing behind."""
+    from kombu import Connection
+
+    with Connection(broker) as conn, conn.channel() as channel:
+        channel.queue_delete(name)
 
 
 def _run(command: list[str], env: dict[str, str], base: str) -> Iterator[Server]:

@@ -196,12 +196,35 @@ def s3_url(s3_endpoint: str) -> str:
     return f"s3://imagegen-{secrets.token_hex(4)}/images"
 
 
+BROKER_QUEUES: list[str] = []  # every broker queue the tests name, deleted when the session ends
+
+
+def broker_queue() -> str:
+    """A broker queue of a test's own, so runs sharing the broker never meet."""
+    BROKER_QUEUES.append(f"imagegen-test-{secrets.token_hex(4)}")
+    return BROKER_QUEUES[-1]
+
+
+def delete_broker_queues() -> None:
+    """Deletes the queues the tests named from RabbitMQ and Redis, so runs leave no queues behind."""
+    from kombu import Connection
+
+    for url, port in ((RABBITMQ, 5672), (f"{REDIS}/1", 6379)):
+        if not service_up(port):
+            continue
+        with Connection(url, connect_timeout=3) as conn:
+            for name in BROKER_QUEUES:
+                with conn.channel() as channel:
+                    channel.queue_delete(name)
+    BROKER_QUEUES.clear()
+
+
 def cluster_env(tmp_path: Path, database_url: str, **env: str) -> dict[str, str]:
-    """Settings of one cluster (its own broker queue, so runs sharing the broker never meet)."""
+    """Settings of one cluster."""
     return {
         "QUEUE_BACKEND": "celery",
         "BROKER_URL": RABBITMQ,
-        "BROKER_QUEUE": f"imagegen-test-{secrets.token_hex(4)}",
+        "BROKER_QUEUE": broker_queue(),
         "DATABASE_URL": database_url,
         "STORAGE_URL": str(tmp_path / "shared-images"),
         "WORKER_HEARTBEAT_SECONDS": "0.5",

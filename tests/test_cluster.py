@@ -19,7 +19,17 @@ import pytest
 
 from imagegen.db import Database
 from imagegen.jobs import JobStatus, JobStore
-from tests.conftest import REDIS, ROOT, call, cluster_env, need_service, start_server, start_worker
+from tests.conftest import (
+    REDIS,
+    ROOT,
+    broker_queue,
+    call,
+    cluster_env,
+    delete_broker_queues,
+    need_service,
+    start_server,
+    start_worker,
+)
 
 pytestmark = pytest.mark.usefixtures("services_up")
 
@@ -27,9 +37,11 @@ PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture
-def services_up() -> None:
+def services_up() -> Iterator[None]:
     need_service("RabbitMQ", 5672)
     need_service("PostgreSQL", 5432)
+    yield
+    delete_broker_queues()
 
 
 @pytest.fixture
@@ -199,7 +211,7 @@ def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
     return {
         "queue_backend": "celery",
         "broker_url": "amqp://guest:guest@127.0.0.1:5672//",
-        "broker_queue": f"imagegen-test-{secrets.token_hex(4)}",
+        "broker_queue": broker_queue(),
         "database_url": database_url,
         "storage_url": str(tmp_path / "shared"),
     }
