@@ -9,7 +9,6 @@ the broker carries only job ids, and every API replica answers from the record.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from sqlalchemy import insert, select, update
 from config import Settings
 from imagegen.db import Database
 from imagegen.db import workers as table
-from imagegen.engine.worker import QueueFull, TooManyJobs
+from imagegen.engine.worker import QueueFull, TooManyJobs, seconds_until_room
 from imagegen.errors import APIError
 from imagegen.jobs import Job, JobStatus, JobStore
 from imagegen.storage import ImageStore
@@ -214,11 +213,9 @@ class CeleryQueue:
         return self.jobs.recent_generation_seconds()
 
     def retry_after(self) -> int:
-        """Seconds until the queue should have room: its batches spread over the live workers, at the
-        recent pace."""
         workers = max(1, len(self.registry.alive()))
-        batches = math.ceil((self.jobs.depth() + 1) / (self.settings.max_batch_size * workers))
-        return max(1, math.ceil(batches * (self.recent_generation_seconds() or 1.0)))
+        depth = self.jobs.depth()
+        return seconds_until_room(depth, self.settings.max_batch_size, workers, self.recent_generation_seconds())
 
     def problem(self) -> str | None:
         """Why a generation could not start now: the broker, database or storage down, or no worker."""

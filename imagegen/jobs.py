@@ -255,12 +255,7 @@ class JobStore:
 
     def position(self, job: Job) -> int:
         """1 + the queued jobs accepted before this one: the same answer from every replica."""
-        rows = self.db.query(
-            select(func.count().label("n"))
-            .select_from(table)
-            .where(table.c.status == JobStatus.QUEUED, table.c.created_at < job.created_at)
-        )
-        return rows[0]["n"] + 1
+        return self._queued(table.c.created_at < job.created_at) + 1
 
     def recent_generation_seconds(self, last: int = 10) -> float | None:
         """Mean time from start to end of the last succeeded jobs (in a cluster, on any worker)."""
@@ -274,7 +269,9 @@ class JobStore:
 
     def depth(self, client: str | None = None) -> int:
         """Jobs queued and not yet started across the whole cluster, or one client's (MAX_JOBS_PER_CLIENT)."""
+        return self._queued() if client is None else self._queued(table.c.client == client)
+
+    def _queued(self, *conditions: Any) -> int:
+        """How many queued jobs meet the conditions."""
         query = select(func.count().label("n")).select_from(table).where(table.c.status == JobStatus.QUEUED)
-        if client is not None:
-            query = query.where(table.c.client == client)
-        return self.db.query(query)[0]["n"]
+        return self.db.query(query.where(*conditions))[0]["n"]

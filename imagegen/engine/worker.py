@@ -37,6 +37,12 @@ class TooManyJobs(Exception):
     """The client already has MAX_JOBS_PER_CLIENT jobs waiting."""
 
 
+def seconds_until_room(depth: int, batch_size: int, workers: int, batch_seconds: float | None) -> int:
+    """Retry-After for a full queue: its batches, spread over the workers, at the recent pace per batch."""
+    batches = math.ceil((depth + 1) / (batch_size * workers))
+    return max(1, math.ceil(batches * (batch_seconds or 1.0)))
+
+
 class GenerationWorker:
     """Takes queued jobs, batches the compatible ones and hands each batch to the engine."""
 
@@ -152,9 +158,7 @@ class GenerationWorker:
             return {"depth": len(self._queue), "max": self.settings.max_queue_size, "running": list(self._running)}
 
     def retry_after(self) -> int:
-        """Seconds until the queue should have room: its batches times the recent batch time."""
-        batches = math.ceil((len(self._queue) + 1) / self.settings.max_batch_size)
-        return max(1, math.ceil(batches * (self.recent_generation_seconds() or 1.0)))
+        return seconds_until_room(len(self._queue), self.settings.max_batch_size, 1, self.recent_generation_seconds())
 
     def recent_generation_seconds(self) -> float | None:
         return self.monitor.recent_generation_seconds()
