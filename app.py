@@ -24,7 +24,7 @@ if __name__ == "__main__":
         log = logging.getLogger("imagegen")
         log.warning("signal %s: draining (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace_seconds)
         services.stop(settings.shutdown_grace_seconds)
-        log.warning("shut down; %d jobs left queued for the next start", services.worker.snapshot()["depth"])
+        log.warning("shut down; %d jobs left queued for the next start", services.queue.snapshot().depth)
         server.close()
         sys.exit(0)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -20,9 +19,10 @@ from sqlalchemy import insert, select, update
 from config import Settings
 from imagegen.db import Database
 from imagegen.db import workers as table
-from imagegen.engine.worker import QueueFull, TooManyJobs, seconds_until_room
-from imagegen.errors import APIError
-from imagegen.jobs import Job, JobStatus, JobStore
+from imagegen.endings import Endings
+from imagegen.jobs import Job, JobStatus
+from imagegen.queue import ClusterMode, NotReady, QueueFull, QueueUnavailable, Snapshot, TooManyJobs, seconds_until_room
+from imagegen.states import ModelState, WorkerState
 from imagegen.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,6 @@ TASK = "imagegen.generate"
 # A waiting request reads its job every elapsed/20 seconds, within these bounds: a short job is seen
 # ending within a few ms, and a thousand long waits cost the database little.
 WAIT_POLL_SECONDS = (0.005, 0.1)
-
-
-class BrokerUnavailable(Exception):
-    """The broker did not take the job; the job is marked failed, so nothing waits for it."""
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -88,7 +84,7 @@ class WorkerRegistry:
         self.db = db
         self.stale_after = 3 * heartbeat_seconds
 
-    def beat(self, name: str, device: str, model: str, state: str, jobs_done: int, started_at: float) -> None:
+    def beat(self, name: str, device: str, model: str, state: WorkerState, jobs_done: int, started_at: float) -> None:
         """Records that this worker is alive and what it is doing."""
         values = {"device": device, "model": model, "state": state, "jobs_done": jobs_done, "heartbeat_at": time.time()}
         with self.db.transaction() as conn:
@@ -102,13 +98,13 @@ class WorkerRegistry:
         workers = []
         for row in rows:
             fresh = now - row["heartbeat_at"] <= self.stale_after
-            stopped = row["state"] == "stopped"  # said goodbye; a worker that just went quiet is "lost"
+            stopped = row["state"] == WorkerState.STOPPED  # said goodbye; a worker that just went quiet is lost
             workers.append(
                 {
                     "name": row["name"],
                     "device": row["device"],
                     "model": row["model"],
-                    "state": row["state"] if fresh or stopped else "lost",
+                    "state": WorkerState(row["state"]) if fresh or stopped else WorkerState.LOST,
                     "jobs_done": row["jobs_done"],
                     "last_heartbeat": row["heartbeat_at"],
                     "alive": fresh and not stopped,
@@ -121,20 +117,14 @@ class WorkerRegistry:
 
 
 class CeleryQueue:
-    """The API's side of the cluster: the same interface as the local GenerationWorker, but jobs go
-    to the broker, and the answers come from the job records and the workers' heartbeats."""
+    """The queue of a cluster's API process: jobs go to the broker; the answers come from the job
+    records and the workers' heartbeats. It runs nothing and loads no model."""
 
     def __init__(
-        self,
-        settings: Settings,
-        jobs: JobStore,
-        images: ImageStore,
-        registry: WorkerRegistry,
-        app: Celery,
-        on_finish: Callable[[str], None] | None = None,
+        self, settings: Settings, endings: Endings, images: ImageStore, registry: WorkerRegistry, app: Celery
     ) -> None:
-        self.settings, self.jobs, self.images, self.registry, self.app = settings, jobs, images, registry, app
-        self.on_finish = on_finish
+        self.settings, self.endings, self.images, self.registry, self.app = settings, endings, images, registry, app
+        self.jobs = endings.jobs
         self._alive_checked = (0.0, False)
 
     def start(self) -> None:
@@ -146,8 +136,7 @@ class CeleryQueue:
     def apply(self, settings: Settings) -> None:
         self.settings = settings
 
-    @property
-    def alive(self) -> bool:
+    def _any_alive(self) -> bool:
         """A worker is alive (checked at most once a second: heartbeats come every few seconds anyway)."""
         now = time.monotonic()
         if now - self._alive_checked[0] > 1:
@@ -155,31 +144,26 @@ class CeleryQueue:
         return self._alive_checked[1]
 
     def submit(self, job: Job) -> int:
-        """Records the job, then publishes it; a full queue is QueueFull, a greedy client TooManyJobs."""
+        """Records the job, then publishes it; if the broker refuses it, the job ends failed."""
         depth = self.jobs.depth()
         if depth >= self.settings.max_queue_size:
-            raise QueueFull(self.retry_after())
+            raise QueueFull(self.settings.max_queue_size, self.retry_after())
         limit = self.settings.max_jobs_per_client
         if limit and self.jobs.depth(job.client) >= limit:
-            raise TooManyJobs
+            raise TooManyJobs(limit, self.retry_after())
         self.jobs.create(job)
         try:
             publish(self.app, [job.id])
         except Exception as exc:
             log.error("broker refused job %s: %s", job.id, exc)
-            self.jobs.finish(
-                job.id, JobStatus.FAILED, error={"code": "broker_unavailable", "message": "The queue is unreachable."}
-            )
-            raise BrokerUnavailable(str(exc)) from exc
+            error = {"code": "broker_unavailable", "message": "The queue is unreachable."}
+            self.endings.end(job, JobStatus.FAILED, error=error)
+            raise QueueUnavailable(str(exc)) from exc
         return depth + 1
 
     def cancel(self, job_id: str) -> bool:
-        """Marks the job cancelled: a worker skips it, or stops its batch at the next step."""
-        if not self.jobs.cancel(job_id):
-            return False
-        if self.on_finish:
-            self.on_finish(job_id)
-        return True
+        """Ends the job cancelled: a worker skips it, or stops its batch at the next step."""
+        return self.endings.cancel(job_id)
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """Polls the record until the job ends; False if it is still going after `timeout` seconds."""
@@ -194,31 +178,32 @@ class CeleryQueue:
                 return False
             time.sleep(min(longest, max(shortest, elapsed / 20), timeout - elapsed))
 
-    def call(self, fn: Any, timeout: float | None = None) -> Any:
-        """Models live in the workers; an API replica cannot load or unload them."""
-        raise APIError(
-            409,
-            "cluster_mode",
-            "Models are loaded by the workers in cluster mode: set MODEL_ID on the workers and restart them.",
+    def load(self, model: str) -> ModelState:
+        raise ClusterMode(
+            "Models are loaded by the workers in cluster mode: set MODEL_ID on the workers and restart them."
         )
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "depth": self.jobs.depth(),
-            "max": self.settings.max_queue_size,
-            "running": [job.id for job in self.jobs.running()],
-        }
+    def unload(self, model: str | None = None) -> list[str]:
+        raise ClusterMode("Models are unloaded by the workers in cluster mode: stop the workers to free them.")
 
-    def recent_generation_seconds(self) -> float | None:
-        return self.jobs.recent_generation_seconds()
+    def unload_idle(self, seconds: float) -> list[str]:
+        """An API replica holds no model to unload."""
+        return []
+
+    def snapshot(self) -> Snapshot:
+        running = [job.id for job in self.jobs.running()]
+        return Snapshot(self.jobs.depth(), self.settings.max_queue_size, running)
 
     def retry_after(self) -> int:
         workers = max(1, len(self.registry.alive()))
         depth = self.jobs.depth()
-        return seconds_until_room(depth, self.settings.max_batch_size, workers, self.recent_generation_seconds())
+        return seconds_until_room(depth, self.settings.max_batch_size, workers, self.jobs.recent_generation_seconds())
 
-    def problem(self) -> str | None:
-        """Why a generation could not start now: the broker, database or storage down, or no worker."""
+    def problem(self, model: str, probe: bool = False) -> NotReady | None:
+        """No worker alive; with `probe`, also the broker, database or storage down, or workers loading."""
+        stopped = NotReady("worker_stopped", "No generation worker is alive.")
+        if not probe:
+            return None if self._any_alive() else stopped
         for part, check in (
             ("broker", lambda: broker_ping(self.app)),
             ("database", self.jobs.db.ping),
@@ -227,19 +212,38 @@ class CeleryQueue:
             try:
                 check()
             except Exception as exc:
-                return f"the {part} does not answer: {type(exc).__name__}"
-        states = {worker["state"] for worker in self.registry.alive()}
-        if not states:
-            return "no generation worker is alive"
-        if not states & {"ready", "busy"}:
-            return "the workers are loading the model"
+                return NotReady("queue_unavailable", f"The {part} does not answer: {type(exc).__name__}.", 5)
+        state = self._model_state(self.registry.alive())
+        if state == ModelState.UNLOADED:
+            return stopped
+        if state == ModelState.LOADING:
+            return NotReady("model_loading", "The workers are loading the model.", 5)
         return None
 
-    def cluster_view(self) -> dict[str, Any]:
-        """Each worker seen lately and the broker's queue depth, for /status and /metrics."""
-        return {"workers": self.registry.describe(), "broker_queue_depth": broker_depth(self.app)}
-
-    def model_state(self) -> str:
+    @staticmethod
+    def _model_state(alive: list[dict[str, Any]]) -> ModelState:
         """The default model's state as the live workers report it."""
-        states = {worker["state"] for worker in self.registry.alive()}
-        return "ready" if states & {"ready", "busy"} else "loading" if states else "unloaded"
+        if any(worker["state"].serving for worker in alive):
+            return ModelState.READY
+        return ModelState.LOADING if alive else ModelState.UNLOADED
+
+    def describe(self) -> dict[str, Any]:
+        """The default model as the workers report it, each worker seen lately, and the broker's depth."""
+        workers = self.registry.describe()
+        alive = [worker for worker in workers if worker["alive"]]
+        devices = sorted({worker["device"] for worker in alive})
+        model = {
+            "id": self.settings.model_id,
+            "state": self._model_state(alive),
+            "device": ", ".join(devices) or None,
+            "dtype": None,
+            "load_seconds": None,
+            "last_used": None,
+            "error": None,
+        }
+        return {
+            "model": model,
+            "models": [model],
+            "workers": workers,
+            "broker_queue_depth": broker_depth(self.app),
+        }

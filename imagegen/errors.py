@@ -1,7 +1,9 @@
 """The one error type and its JSON shape, and the handlers that give every failure that shape.
 
 Why one place: clients parse `{"error": {"code", "message", "details"?}}` for every status, so no
-route formats its own errors and no traceback or internal path reaches a client in production.
+route formats its own errors and no traceback or internal path reaches a client in production. The
+layers below the routes raise errors in their own words (`imagegen.queue`);
+`domain_error` is the one place that gives each of them its HTTP status.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+
+from imagegen.queue import (
+    CallbackRejected,
+    ClusterMode,
+    NotReady,
+    QueueError,
+    QueueFull,
+    QueueUnavailable,
+    TooManyJobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +98,33 @@ def http_error(exc: HTTPException) -> APIError:
     return APIError(status, HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers)
 
 
+def domain_error(exc: QueueError) -> APIError:
+    """What the queue or the webhook check refused, as the status and code a client acts on."""
+    match exc:
+        case QueueFull():
+            return APIError(
+                503,
+                "queue_full",
+                "The generation queue is full; retry later.",
+                {"max_queue_size": exc.max_size},
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+        case TooManyJobs():
+            message = f"You already have {exc.limit} jobs queued; wait for one to finish."
+            return APIError(429, "too_many_jobs", message, headers={"Retry-After": str(exc.retry_after)})
+        case QueueUnavailable():
+            message = "The job queue is unreachable; retry shortly."
+            return APIError(503, "queue_unavailable", message, headers={"Retry-After": "5"})
+        case NotReady():
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            return APIError(503, exc.code, exc.message, headers=headers)
+        case ClusterMode():
+            return APIError(409, "cluster_mode", str(exc))
+        case CallbackRejected():
+            return APIError(400, exc.code, exc.message, {"field": "callback_url"})
+    return unexpected_error(exc)  # a new domain error nobody gave a status yet
+
+
 def unexpected_error(exc: Exception) -> APIError:
     """Our own bug: logged with its traceback, shown to the client without internals in production."""
     log.exception("unhandled error")
@@ -104,6 +143,7 @@ def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = 
         return render(error)
 
     target.register_error_handler(APIError, handle)
+    target.register_error_handler(QueueError, lambda exc: handle(domain_error(exc)))
     target.register_error_handler(ValidationError, lambda exc: handle(validation_error(exc)))
     target.register_error_handler(HTTPException, lambda exc: handle(http_error(exc)))
     target.register_error_handler(Exception, lambda exc: handle(unexpected_error(exc)))

@@ -57,6 +57,17 @@ class GenerationParams:
         """Identifies the exact request (seeds included), for the result cache."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
+    def view(self) -> dict[str, Any]:
+        """Every field as a job's `parameters` show them (the response schema is made from the same
+        fields), with the image count."""
+        return {**asdict(self), "seeds": list(self.seeds), "num_images": len(self.seeds)}
+
+    def image_metadata(self, seed: int) -> dict[str, Any]:
+        """What one PNG records about how it was made: every field, with its own seed."""
+        fields = asdict(self)
+        del fields["seeds"]
+        return {**fields, "seed": seed}
+
 
 @dataclass
 class Job:
@@ -170,14 +181,14 @@ class JobStore:
             )
         return [job for job in self.many(job_ids) if job.status == JobStatus.RUNNING and job.worker == worker]
 
-    def requeue(self, job_ids: list[str]) -> None:
-        """Puts running jobs back in the queued state, to be run again."""
+    def requeue(self, job_ids: list[str]) -> int:
+        """Puts running jobs back in the queued state, to be run again; how many it put back."""
         with self.db.transaction() as conn:
-            conn.execute(
+            return conn.execute(
                 update(table)
                 .where(table.c.id.in_(job_ids), table.c.status == JobStatus.RUNNING)
                 .values(status=JobStatus.QUEUED, started_at=None, step=0)
-            )
+            ).rowcount
 
     def set_step(self, job_ids: list[str], step: int) -> int:
         """Records progress; returns how many of the jobs are still running (not cancelled)."""
@@ -206,11 +217,6 @@ class JobStore:
                 )
             ).rowcount
         return bool(changed)
-
-    def cancel(self, job_id: str) -> bool:
-        """Marks a queued or running job cancelled; False if it had already ended."""
-        error = {"code": "cancelled", "message": "The job was cancelled."}
-        return self.finish(job_id, JobStatus.CANCELLED, error=error)
 
     def cancelled_among(self, job_ids: list[str]) -> set[str]:
         rows = self.db.query(select(table.c.id).where(table.c.id.in_(job_ids), table.c.status == JobStatus.CANCELLED))

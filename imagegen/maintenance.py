@@ -1,8 +1,8 @@
 """The periodic housekeeping loop: image TTL and quota, job records, idle model unload, alerts.
 
 Why a loop of its own: the disk must not fill and an idle GPU must be given back even when nobody
-calls /cleanup. It never touches a pipeline itself: unloading goes through the worker's `call`, so
-the one-thread rule holds.
+calls /cleanup. It never touches a pipeline itself: unloading goes through the queue, so the
+one-thread rule holds.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagegen.api.common import Services
+if TYPE_CHECKING:
+    from imagegen.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,7 @@ def run_once(svc: Services) -> dict[str, Any]:
     if settings.max_image_storage_mb:
         result["quota"] = svc.images.enforce_quota(settings.max_image_storage_mb * 2**20)
     if settings.model_idle_timeout_seconds:
-        idle = svc.models.idle(settings.model_idle_timeout_seconds)
-        result["unloaded_models"] = svc.worker.call(lambda: svc.models.unload_many(idle)) if idle else []
+        result["unloaded_models"] = svc.queue.unload_idle(settings.model_idle_timeout_seconds)
     svc.alerts.check(svc.system())
     if any(result.get(k) for k in ("jobs_deleted", "unloaded_models")) or result["expired"]["deleted"]:
         log.info("maintenance: %s", result)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -22,6 +22,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config import Settings
+from imagegen.states import ModelState
+
+if TYPE_CHECKING:
+    from imagegen.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,12 @@ class Monitor:
             registry=self.registry,
         )
         self.errors = Counter("imagegen_errors", "Errors by code.", ["code"], registry=self.registry)
+        self.endings = Counter(
+            "imagegen_jobs_ended",
+            "Jobs ended in this process, by status (`retried`: sent back to the queue for another attempt).",
+            ["status"],
+            registry=self.registry,
+        )
         self._lock = threading.Lock()
         self._responses: deque[float] = deque(maxlen=window)
         self._generations: deque[float] = deque(maxlen=window)
@@ -86,17 +96,14 @@ class Monitor:
     def record_error(self, code: str) -> None:
         self.errors.labels(code).inc()
 
+    def record_ending(self, status: str) -> None:
+        self.endings.labels(status).inc()
+
     def record_generation(self, seconds: float, images: int) -> None:
         self.generation_seconds.observe(seconds)
         self.batch_size.observe(images)
         with self._lock:
             self._generations.append(seconds)
-
-    def recent_generation_seconds(self) -> float | None:
-        """Mean of the last few batches, for Retry-After and ETA estimates."""
-        with self._lock:
-            recent = list(self._generations)[-10:]
-        return statistics.fmean(recent) if recent else None
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
@@ -198,14 +205,16 @@ def system_status(image_dir: Path, started: float) -> dict[str, Any]:
     }
 
 
-def app_readings(svc: Any) -> dict[str, tuple[str, float | dict[str, float]]]:
+def app_readings(svc: Services) -> dict[str, tuple[str, float | dict[str, float]]]:
     """The gauges /metrics reads at scrape time from the app's services."""
-    queue = svc.worker.snapshot()
+    queue = svc.queue.snapshot()
+    runners = svc.queue.describe()
     images = svc.images.stats()
+    models_loaded = sum(model["state"] == ModelState.READY for model in runners["models"])
     values: dict[str, tuple[str, float | dict[str, float]]] = {
-        "queue_depth": ("Jobs waiting in the queue.", queue["depth"]),
-        "jobs_running": ("Jobs in the running batch.", len(queue["running"])),
-        "models_loaded": ("Pipelines in memory.", len(svc.models.loaded())),
+        "queue_depth": ("Jobs waiting in the queue.", queue.depth),
+        "jobs_running": ("Jobs in the running batch.", len(queue.running)),
+        "models_loaded": ("Pipelines in memory.", models_loaded),
         "ram_used_bytes": ("System RAM in use.", psutil.virtual_memory().used),
         "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
         "images_stored": ("Images in the store.", images["count"]),
@@ -213,9 +222,8 @@ def app_readings(svc: Any) -> dict[str, tuple[str, float | dict[str, float]]]:
     }
     for gpu in gpu_memory() or []:
         values[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
-    if svc.settings.queue_backend == "celery":
-        cluster = svc.worker.cluster_view()
-        workers = cluster["workers"]
+    if "workers" in runners:  # a cluster: its workers, each by name
+        workers = runners["workers"]
         values["workers_alive"] = ("Cluster workers with a recent heartbeat.", sum(w["alive"] for w in workers))
         values["worker_up"] = ("1 while the worker's heartbeat is recent.", {w["name"]: w["alive"] for w in workers})
         values["worker_jobs_done"] = ("Jobs the worker has run.", {w["name"]: w["jobs_done"] for w in workers})
@@ -223,6 +231,6 @@ def app_readings(svc: Any) -> dict[str, tuple[str, float | dict[str, float]]]:
             "Seconds since the worker's last heartbeat.",
             {w["name"]: round(time.time() - w["last_heartbeat"], 1) for w in workers},
         )
-        if cluster["broker_queue_depth"] is not None:
-            values["broker_queue_depth"] = ("Messages waiting in the broker.", cluster["broker_queue_depth"])
+    if runners.get("broker_queue_depth") is not None:
+        values["broker_queue_depth"] = ("Messages waiting in the broker.", runners["broker_queue_depth"])
     return values

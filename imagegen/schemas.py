@@ -7,14 +7,14 @@ reads them from the validation context and its messages name the field and the b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from config import Settings
-from imagegen.engine.names import SCHEDULER_NAMES
-from imagegen.jobs import JobStatus
+from imagegen.jobs import GenerationParams, JobStatus
+from imagegen.schedulers import SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
 
@@ -144,16 +144,12 @@ class Timings(BaseModel):
     total_seconds: float | None
 
 
-class Parameters(BaseModel):
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: list[int]
-    scheduler: str
-    num_images: int
+# A job's `parameters`: every field of GenerationParams (the one list of them), and the image count.
+Parameters = create_model(
+    "Parameters",
+    **{name: (hint, ...) for name, hint in get_type_hints(GenerationParams).items()},  # type: ignore[call-overload]
+    num_images=(int, ...),
+)
 
 
 class GenerateResponse(BaseModel):

@@ -19,8 +19,8 @@ import urllib.request
 from typing import Any
 
 from config import Settings
-from imagegen.errors import APIError
 from imagegen.jobs import Job, JobStore
+from imagegen.queue import CallbackRejected
 from imagegen.security import Access
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,12 @@ def allowed_hosts(settings: Settings) -> set[str]:
 
 
 def check_callback_url(url: str, settings: Settings) -> str:
-    """A callback URL is http(s) to an allowed host, or the request is a 400."""
+    """A callback URL is http(s) to an allowed host, or CallbackRejected."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise APIError(400, "invalid_request", "`callback_url` must be an http(s) URL", {"field": "callback_url"})
+        raise CallbackRejected("invalid_request", "`callback_url` must be an http(s) URL")
     if parts.hostname.lower() not in allowed_hosts(settings):
-        raise APIError(
-            400,
-            "callback_not_allowed",
-            "`callback_url` host is not in WEBHOOK_ALLOWED_HOSTS",
-            {"field": "callback_url"},
-        )
+        raise CallbackRejected("callback_not_allowed", "`callback_url` host is not in WEBHOOK_ALLOWED_HOSTS")
     return url
 
 
@@ -62,15 +57,18 @@ class WebhookSender:
         self.settings, self.jobs, self.access = settings, jobs, access
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def notify(self, job_id: str) -> None:
-        """Called by the worker as a job ends; returns at once."""
+        """Called once as a job ends (by `Endings`); returns at once."""
         self._queue.put(job_id)
 
     def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(5)
 
     def _run(self) -> None:
         while (job_id := self._queue.get()) is not None:

@@ -16,6 +16,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery_batches import Batches
@@ -23,12 +24,14 @@ from celery_batches import Batches
 from config import Settings, load_settings
 from imagegen.cluster import TASK, WorkerRegistry, make_celery, publish
 from imagegen.db import Database
+from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
 from imagegen.logs import setup_logging
 from imagegen.monitoring import Monitor
 from imagegen.security import Access
+from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
 
@@ -61,14 +64,19 @@ class Heartbeat:
 
     def __init__(self, registry: WorkerRegistry, name: str, settings: Settings, engine: Engine) -> None:
         self.registry, self.name, self.settings, self.engine = registry, name, settings, engine
-        self.state = "loading"
+        self.state = WorkerState.LOADING
         self.started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
-    def set(self, state: str) -> None:
+    def set(self, state: WorkerState) -> None:
+        """Changes the state and says so at once."""
         self.state = state
         self.beat()
+
+    def report(self, state: WorkerState) -> None:
+        """Changes the state; the next beat says so (no database write per batch)."""
+        self.state = state
 
     def beat(self) -> None:
         self.registry.beat(
@@ -87,7 +95,7 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        self.set("stopped")
+        self.set(WorkerState.STOPPED)
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.worker_heartbeat_seconds):
@@ -95,6 +103,33 @@ class Heartbeat:
                 self.beat()
             except Exception as exc:  # the database may be away for a moment; the next beat retries
                 log.warning("heartbeat failed: %s", exc)
+
+
+class Consumer:
+    """What the worker does with one flush of messages: the jobs still to run, in batches by the
+    engine's rule; a retried job goes back to the broker as a new message."""
+
+    def __init__(
+        self, engine: Engine, republish: Callable[[list[str]], None], report: Callable[[WorkerState], None]
+    ) -> None:
+        self.engine, self.republish, self.report = engine, republish, report
+
+    def __call__(self, job_ids: list[str]) -> None:
+        ids = list(dict.fromkeys(job_ids))  # a redelivery may repeat an id
+        try:
+            pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
+            for batch in plan_batches(pending, self.engine.settings.max_batch_size):
+                self.report(WorkerState.BUSY)
+                retry = self.engine.run(batch)
+                self.republish([job.id for job in retry])  # a new message each: this one is acked with its batch
+        except Exception:
+            # Not a job's own failure (the engine ends those) but the database's or the broker's: these
+            # messages are acknowledged when this returns, so their jobs go back to the queue as new
+            # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
+            log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
+            time.sleep(OUTAGE_PAUSE_SECONDS)
+            self.republish(ids)
+        self.report(WorkerState.READY)
 
 
 def main() -> None:
@@ -107,10 +142,12 @@ def main() -> None:
     db = Database(settings.database)
     jobs = JobStore(db)
     images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
-    engine = Engine(settings, ModelManager(settings), jobs, images, Monitor(), name)
+    monitor = Monitor()
     webhooks = WebhookSender(settings, jobs, Access.from_settings(settings))
+    engine = Engine(settings, ModelManager(settings), images, Endings(jobs, monitor, webhooks.notify), monitor, name)
     heartbeat = Heartbeat(WorkerRegistry(db, settings.worker_heartbeat_seconds), name, settings, engine)
     celery = make_celery(settings)
+    consume = Consumer(engine, lambda ids: publish(celery, ids), heartbeat.report)
 
     @celery.task(
         name=TASK,
@@ -121,27 +158,10 @@ def main() -> None:
         acks_late=True,
     )
     def generate(requests: list[Any]) -> None:
-        """One flush of messages: the jobs still to run, in batches by the engine's rule."""
-        ids = list(dict.fromkeys(request.args[0] for request in requests))  # a redelivery may repeat an id
-        try:
-            pending = [job for job in jobs.many(ids) if not job.status.finished]
-            for batch in plan_batches(pending, settings.max_batch_size):
-                heartbeat.state = "busy"  # reported by the next beat: no database write per batch
-                retry = engine.run(batch)
-                publish(celery, [job.id for job in retry])  # a new message each: this one is acked with its batch
-                retried = {job.id for job in retry}
-                for job in batch:
-                    if job.id not in retried and job.callback_url:
-                        webhooks.notify(job.id)
-        except Exception:
-            # Not a job's own failure (the engine ends those) but the database's or the broker's: these
-            # messages are acknowledged when this returns, so their jobs go back to the queue as new
-            # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
-            log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
-            time.sleep(OUTAGE_PAUSE_SECONDS)
-            publish(celery, ids)
-        heartbeat.state = "ready"
+        """One flush of messages, each carrying a job id."""
+        consume([request.args[0] for request in requests])
 
+    webhooks.start()
     heartbeat.start()
     log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
     try:
@@ -149,7 +169,7 @@ def main() -> None:
     except Exception as exc:
         heartbeat.stop()
         raise SystemExit(f"worker {name}: model {settings.model_id} failed to load: {exc}") from None
-    heartbeat.set("ready")
+    heartbeat.set(WorkerState.READY)
     log.info("worker %s: consuming %s from %s", name, settings.broker_queue, celery.connection_for_read().as_uri())
     try:
         celery.worker_main(

@@ -21,6 +21,8 @@ from flask.testing import FlaskClient
 
 from config import Settings
 from imagegen import create_app
+from imagegen.services import build
+from tests.fakes import FakePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "models/tiny-random"
@@ -59,16 +61,22 @@ def wait_ready(client: FlaskClient, timeout: float = 30) -> None:
 
 @pytest.fixture
 def app_factory(tmp_path: Path) -> Iterator[Any]:
-    """Builds apps with settings overrides and stops their workers afterwards."""
+    """Builds apps with settings overrides (on the tiny real model, or on `pipeline`, a fake one) and
+    stops their services afterwards."""
     apps: list[Flask] = []
 
-    def build(**overrides: Any) -> Flask:
-        app = create_app(make_settings(tmp_path, **overrides))
+    def build_app(pipeline: FakePipeline | None = None, **overrides: Any) -> Flask:
+        settings = make_settings(tmp_path, **overrides)
+        app = (
+            create_app(services=build(settings, load=lambda _source, _dtype: pipeline))
+            if pipeline
+            else create_app(settings)
+        )
         app.testing = True
         apps.append(app)
         return app
 
-    yield build
+    yield build_app
     for app in apps:
         app.extensions["imagegen"].stop(30)
 
@@ -82,6 +90,20 @@ def app(app_factory: Any) -> Flask:
 def client(app: Flask) -> FlaskClient:
     client = app.test_client()
     wait_ready(client)
+    return client
+
+
+@pytest.fixture
+def fake() -> FakePipeline:
+    return FakePipeline()
+
+
+@pytest.fixture
+def fake_client(app_factory: Any, fake: FakePipeline) -> FlaskClient:
+    """A ready app on the fake pipeline (its warm-up call already forgotten)."""
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    fake.calls.clear()
     return client
 
 

@@ -87,7 +87,7 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
     api, base = start_server(tmp_path, ready=False, **env)
     processes.append(api)
     status, health = get(base, "/health")
-    assert status == 503 and health["reason"] == "no generation worker is alive"
+    assert status == 503 and health["reason"] == "No generation worker is alive."
     workers = {name: start_worker(tmp_path, name, env) for name in ("w1", "w2")}
     processes.extend(workers.values())
     wait_until(
@@ -192,14 +192,14 @@ def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, t
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
     app = app_factory(**{**_cluster(postgres_url, tmp_path), "broker_url": dead_broker})
     client = app.test_client()
-    assert client.get("/health").json["reason"] == "the broker does not answer: OperationalError"
+    assert client.get("/health").json["reason"] == "The broker does not answer: OperationalError."
     app = app_factory(**_cluster(postgres_url, tmp_path))
     client = app.test_client()
-    assert client.get("/health").json["reason"] == "no generation worker is alive"
+    assert client.get("/health").json["reason"] == "No generation worker is alive."
     assert client.post("/generate", json={"prompt": PROMPT}).json["error"]["code"] == "worker_stopped"
     registry = WorkerRegistry(app.extensions["imagegen"].jobs.db, heartbeat_seconds=5)
     registry.beat("w", "cuda:1", "m", "loading", 0, time.time())
-    assert client.get("/health").json["reason"] == "the workers are loading the model"
+    assert client.get("/health").json["reason"] == "The workers are loading the model."
     registry.beat("w", "cuda:1", "m", "ready", 0, time.time())
     health = client.get("/health")
     assert health.status_code == 200 and health.json["model_state"] == "ready"

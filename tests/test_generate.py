@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from tests.conftest import wait_ready
@@ -36,6 +35,9 @@ def test_generate_returns_downloadable_png_with_parameters(client):
     embedded = json.loads(picture.text["parameters"])
     assert embedded["prompt"] == PROMPT and embedded["seed"] == 7 and embedded["steps"] == 3
     assert body["parameters"]["steps"] == 3
+    # the PNG records the same fields the response shows, with its own seed for the list of seeds
+    shown = {k: v for k, v in body["parameters"].items() if k not in {"seeds", "num_images"}}
+    assert embedded == {**shown, "seed": 7}
     timings = body["timings"]
     assert timings["total_seconds"] >= timings["generation_seconds"] > 0
     assert response.headers["X-Request-ID"]
@@ -115,37 +117,22 @@ def test_job_record_is_readable_after_generation(client):
     assert job["images"][0]["url"] == body["images"][0]["url"]
 
 
-def fail_first_calls(monkeypatch, failures: int) -> dict[str, int]:
-    """Makes the pipeline raise on its first `failures` calls; counts every call."""
-    original = StableDiffusionPipeline.__call__
-    calls = {"n": 0}
-
-    def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] <= failures:
-            raise RuntimeError("boom inside the pipeline")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", flaky)
-    return calls
-
-
-def test_a_failed_batch_is_retried_up_to_job_max_retries(client, monkeypatch):
-    calls = fail_first_calls(monkeypatch, failures=2)  # JOB_MAX_RETRIES defaults to 2
+def test_a_failed_batch_is_retried_up_to_job_max_retries(fake_client, fake):
+    client = fake_client
+    fake.failures = [RuntimeError("boom inside the pipeline")] * 2  # JOB_MAX_RETRIES defaults to 2
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
-    assert response.status_code == 200 and calls["n"] == 3
-    job = client.get(f"/jobs/{response.json['id']}").json
-    assert job["status"] == "succeeded"
-    calls = fail_first_calls(monkeypatch, failures=3)
+    assert response.status_code == 200 and len(fake.calls) == 3
+    assert client.get(f"/jobs/{response.json['id']}").json["status"] == "succeeded"
+    fake.failures = [RuntimeError("boom inside the pipeline")] * 3
     failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
-    assert failed.status_code == 500 and calls["n"] == 3  # one try and two retries, then failed
+    assert failed.status_code == 500 and len(fake.calls) == 6  # one try and two retries, then failed
     assert client.get(f"/jobs/{failed.json['error']['details']['job_id']}").json["status"] == "failed"
 
 
-def test_pipeline_exception_fails_only_that_job(app_factory, monkeypatch):
-    client = app_factory(job_max_retries=0).test_client()
+def test_pipeline_exception_fails_only_that_job(app_factory, fake):
+    client = app_factory(pipeline=fake, job_max_retries=0).test_client()
     wait_ready(client)
-    fail_first_calls(monkeypatch, failures=1)
+    fake.failures = [RuntimeError("boom")]
     failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert failed.status_code == 500
     assert failed.json["error"]["code"] == "generation_failed"
@@ -153,31 +140,20 @@ def test_pipeline_exception_fails_only_that_job(app_factory, monkeypatch):
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
-def test_out_of_memory_fails_the_job_clearly(client, monkeypatch):
-    def oom(self, *args, **kwargs):
-        calls.append(1)
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    calls: list[int] = []
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", oom)
+def test_out_of_memory_fails_the_job_clearly(fake_client, fake):
+    client = fake_client
+    fake.failures = [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")] * 3
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert response.status_code == 503
     assert response.json["error"]["code"] == "out_of_memory"
-    assert len(calls) == 3  # retried JOB_MAX_RETRIES times first
-    monkeypatch.undo()
+    assert len(fake.calls) == 3  # retried JOB_MAX_RETRIES times first
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
-def test_production_hides_internals(app_factory, monkeypatch):
-    app = app_factory(app_env="production", admin_token="x" * 32)
-    client = app.test_client()
-
+def test_production_hides_internals(app_factory, fake):
+    client = app_factory(pipeline=fake, app_env="production", admin_token="x" * 32).test_client()
     wait_ready(client)
-
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("secret /internal/path")
-
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", broken)
+    fake.failures = [RuntimeError("secret /internal/path")] * 3
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert response.status_code == 500
     assert "/internal/path" not in response.get_data(as_text=True)

@@ -29,27 +29,18 @@ def poll(client, job_id, until=("succeeded", "failed", "cancelled"), timeout=60,
     raise AssertionError(f"job {job_id} stuck: {job}")
 
 
-class Held:
-    """Keeps the worker busy on a task, so submitted jobs stay queued until release()."""
-
-    def __init__(self, app):
-        self.worker = app.extensions["imagegen"].worker
-        self.gate = threading.Event()
-        self.started = threading.Event()
-
-        def hold():
-            self.started.set()
-            self.gate.wait(30)
-
-        threading.Thread(target=self.worker.call, args=(hold,), daemon=True).start()
-        assert self.started.wait(10)
-
-    def release(self):
-        self.gate.set()
+def hold(client, fake) -> str:
+    """Keeps the generation thread inside the fake pipeline on a job of its own, so jobs submitted
+    next stay queued until `fake.let_go()`; the holding job's id."""
+    fake.hold()
+    job_id = client.post("/generate", json={"prompt": "hold", "steps": 1, "async": True}).json["id"]
+    assert fake.waiting.wait(10)
+    return job_id
 
 
-def test_async_submission_answers_202_and_job_moves_to_succeeded(app, client):
-    held = Held(app)
+def test_async_submission_answers_202_and_job_moves_to_succeeded(fake_client, fake):
+    client = fake_client
+    hold(client, fake)
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2, "async": True})
     assert response.status_code == 202
     body = response.json
@@ -57,45 +48,45 @@ def test_async_submission_answers_202_and_job_moves_to_succeeded(app, client):
     assert response.headers["Location"] == f"/jobs/{body['id']}" == body["location"]
     second = client.post("/generate", json={"prompt": PROMPT, "steps": 2}, headers={"Prefer": "respond-async"})
     assert second.status_code == 202 and second.json["position"] == 2
-    held.release()
+    fake.let_go()
     done = poll(client, body["id"])
     assert done["status"] == "succeeded" and done["progress"] == 1.0
     assert done["images"][0]["url"] and done["timings"]["total_seconds"] > 0
     assert "position" not in done
 
 
-def test_sync_request_outliving_the_timeout_gets_its_job_link(app_factory):
-    app = app_factory(request_timeout_seconds=0.05)
-    client = app.test_client()
+def test_sync_request_outliving_the_timeout_gets_its_job_link(app_factory, fake):
+    client = app_factory(pipeline=fake, request_timeout_seconds=0.05).test_client()
     wait_ready(client)
-    held = Held(app)
+    hold(client, fake)
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
-    held.release()
+    fake.let_go()
     assert response.status_code == 202
     assert poll(client, response.json["id"])["status"] == "succeeded"
 
 
-def test_running_job_reports_progress_and_eta(client):
+def test_running_job_reports_progress_and_eta(fake_client, fake):
+    client = fake_client
+    fake.hold(at_step=2)  # the first step's progress is written; the job waits in its third
     job_id = client.post("/generate", json={"prompt": PROMPT, "steps": 40, "async": True}).json["id"]
-    seen = poll(client, job_id, until=("running",))
-    deadline = time.monotonic() + 30
-    while seen["status"] == "running" and not seen.get("step") and time.monotonic() < deadline:
-        seen = client.get(f"/jobs/{job_id}").json
-    if seen["status"] == "running":
-        assert 0 < seen["progress"] < 1 and seen["total_steps"] == 40 and 1 <= seen["step"] <= 40
-        assert seen["eta_seconds"] is not None and seen["eta_seconds"] >= 0
+    assert fake.waiting.wait(10)
+    seen = client.get(f"/jobs/{job_id}").json
+    assert seen["status"] == "running" and seen["step"] == 1 and seen["total_steps"] == 40
+    assert seen["progress"] == 0.025 and seen["eta_seconds"] >= 0
+    fake.let_go()
     assert poll(client, job_id)["status"] == "succeeded"
 
 
-def test_cancel_a_queued_job_drops_it_and_leaves_the_others(app, client):
-    held = Held(app)
+def test_cancel_a_queued_job_drops_it_and_leaves_the_others(fake_client, fake):
+    client = fake_client
+    hold(client, fake)
     first = client.post("/generate", json={"prompt": PROMPT, "steps": 2, "async": True}).json["id"]
     second = client.post("/generate", json={"prompt": PROMPT, "steps": 2, "async": True}).json["id"]
     third = client.post("/generate", json={"prompt": PROMPT, "steps": 2, "async": True}).json["id"]
     cancelled = client.delete(f"/jobs/{second}")
     assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
     assert client.get(f"/jobs/{third}").json["position"] == 2
-    held.release()
+    fake.let_go()
     assert poll(client, first)["status"] == "succeeded"
     assert poll(client, third)["status"] == "succeeded"
     final = client.get(f"/jobs/{second}").json
@@ -104,29 +95,37 @@ def test_cancel_a_queued_job_drops_it_and_leaves_the_others(app, client):
     assert client.delete("/jobs/nope").status_code == 404
 
 
-def test_cancel_a_running_batch_member_keeps_the_others(app, client):
-    held = Held(app)
-    slow = {"steps": 50, "async": True, "seed": 1}
-    victim = client.post("/generate", json={"prompt": PROMPT, **slow}).json["id"]
-    mate = client.post("/generate", json={"prompt": "a red circle on a blue background", **slow}).json["id"]
-    held.release()
-    poll(client, victim, until=("running",))
+def test_cancel_a_running_batch_member_keeps_the_others(fake_client, fake):
+    client = fake_client
+    hold(client, fake)
+    same = {"steps": 4, "async": True, "seed": 1}
+    victim = client.post("/generate", json={"prompt": PROMPT, **same}).json["id"]
+    mate = client.post("/generate", json={"prompt": "a red circle on a blue background", **same}).json["id"]
+    fake.hold(at_step=1)
+    fake.let_go()  # the holding job ends; the two others run as one batch, held in its second step
+    assert fake.waiting.wait(10)
     assert client.delete(f"/jobs/{victim}").json["status"] == "cancelled"
+    fake.let_go()
     assert poll(client, mate)["status"] == "succeeded"
     ended = client.get(f"/jobs/{victim}").json
     assert ended["status"] == "cancelled" and "images" not in ended
+    assert fake.calls[-1].prompts == [PROMPT, "a red circle on a blue background"]
+    assert fake.calls[-1].steps_run == 4, "a batch-mate's cancel does not stop the batch"
 
 
-def test_cancel_stops_a_running_job_at_the_next_step(client):
+def test_cancel_stops_a_running_job_at_the_next_step(fake_client, fake):
+    client = fake_client
+    fake.step_seconds = 0.11  # longer than the progress interval: every step writes, and reads the cancel
+    fake.hold(at_step=1)
     job_id = client.post("/generate", json={"prompt": PROMPT, "steps": 50, "async": True}).json["id"]
-    poll(client, job_id, until=("running",))
+    assert fake.waiting.wait(10)
     client.delete(f"/jobs/{job_id}")
-    started = time.monotonic()
-    while client.get("/queue").json["running"]:
+    fake.let_go()
+    while client.get("/status").json["app"]["queue"]["active"]:  # the batch is still in the pipeline
         time.sleep(0.01)
-    assert time.monotonic() - started < 5
-    store = client.application.extensions["imagegen"].jobs
-    assert store.get(job_id).step < 50, "the remaining steps must be skipped"
+    [call] = fake.calls
+    assert call.interrupted and call.steps_run == 2, "the remaining steps must be skipped"
+    assert client.get(f"/jobs/{job_id}").json["status"] == "cancelled"
 
 
 def test_list_jobs_with_status_filter(client):
@@ -161,13 +160,15 @@ def test_events_stream_progress_then_done(client):
     assert final["status"] == "succeeded" and final["images"]
 
 
-def test_queue_summary(app, client):
-    held = Held(app)
+def test_queue_summary(fake_client, fake):
+    client = fake_client
+    holding = hold(client, fake)
     for _ in range(3):
         client.post("/generate", json={"prompt": PROMPT, "steps": 1, "async": True})
     summary = client.get("/queue").json
     assert summary["depth"] == 3 and summary["max"] == 64
-    held.release()
+    assert [job["id"] for job in summary["running"]] == [holding]
+    fake.let_go()
     client.post("/generate", json={"prompt": PROMPT, "steps": 1})
     assert client.get("/queue").json["average_generation_seconds"] > 0
 
@@ -177,21 +178,21 @@ def pixels(view) -> np.ndarray:
 
 
 def test_batched_images_match_the_same_seed_made_alone(app_factory):
-    app = app_factory(result_cache=False)
+    # The first job's batch waits (up to 10 s) for two more, so the three run as one call.
+    app = app_factory(result_cache=False, max_batch_size=3, batch_wait_ms=10_000)
     client = app.test_client()
     wait_ready(client)
-    held = Held(app)
     prompts = ["a red circle on a blue background", "a green square on a white background", PROMPT]
     requests = [
         {"prompt": p, "seed": 100 + i, "steps": 4, "response_format": "b64_json"} for i, p in enumerate(prompts)
     ]
     ids = [client.post("/generate", json={**r, "async": True}).json["id"] for r in requests]
-    held.release()
     batched = [poll(client, job_id) for job_id in ids]
     count = next(
         s for s in app.extensions["imagegen"].monitor.batch_size.collect()[0].samples if s.name.endswith("_count")
     )
     assert count.value == 1, "the three jobs ran as one pipeline call"
+    app.extensions["imagegen"].adjust({"max_batch_size": 1}, persist=False)
     for i, (request, job) in enumerate(zip(requests, batched, strict=True)):
         together = client.get(f"/jobs/{job['id']}?response_format=b64_json").json["images"][0]
         alone = client.post("/generate", json=request).json["images"][0]
@@ -219,16 +220,15 @@ def test_result_cache_can_be_turned_off(app_factory):
     assert client.post("/generate", json=request).json["id"] != client.post("/generate", json=request).json["id"]
 
 
-def test_max_jobs_per_client_answers_429(app_factory):
-    app = app_factory(max_jobs_per_client=2)
-    client = app.test_client()
+def test_max_jobs_per_client_answers_429(app_factory, fake):
+    client = app_factory(pipeline=fake, max_jobs_per_client=2).test_client()
     wait_ready(client)
-    held = Held(app)
+    hold(client, fake)  # the running job is not waiting: it does not count
     codes = [client.post("/generate", json={"prompt": PROMPT, "steps": 1, "async": True}).status_code for _ in range(3)]
     other = client.post(
         "/generate", json={"prompt": PROMPT, "steps": 1, "async": True}, environ_base={"REMOTE_ADDR": "192.0.2.50"}
     )
-    held.release()
+    fake.let_go()
     assert codes == [202, 202, 429]
     assert other.status_code == 202
 

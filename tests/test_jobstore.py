@@ -6,11 +6,13 @@ import sqlite3
 import time
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, text, update
 
 from imagegen.cluster import WorkerRegistry
 from imagegen.db import Database
+from imagegen.db import workers as workers_table
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
+from imagegen.states import WorkerState
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -50,7 +52,7 @@ def test_create_and_get_round_trip(store):
 
 def test_claim_counts_attempts_and_never_takes_an_ended_job(store):
     first, second, third = add(store), add(store), add(store)
-    store.cancel(third.id)
+    store.finish(third.id, JobStatus.CANCELLED)
     claimed = store.claim([first.id, second.id, third.id], "w1")
     assert [job.id for job in claimed] == [first.id, second.id]
     assert all(job.status == JobStatus.RUNNING and job.attempts == 1 and job.worker == "w1" for job in claimed)
@@ -66,7 +68,7 @@ def test_a_job_ends_exactly_once(store):
     store.claim([job.id], "w")
     assert store.finish(job.id, JobStatus.SUCCEEDED, images=[{"name": "a"}])
     assert not store.finish(job.id, JobStatus.FAILED, error={"code": "late"})
-    assert not store.cancel(job.id)
+    assert not store.finish(job.id, JobStatus.CANCELLED)
     ended = store.get(job.id)
     assert ended.status == JobStatus.SUCCEEDED and ended.error is None and ended.finished_at
 
@@ -76,10 +78,10 @@ def test_requeue_and_progress(store):
     store.claim([job.id, other.id], "w")
     assert store.set_step([job.id, other.id], 3) == 2
     assert store.get(job.id).step == 3 and store.get(job.id).progress == 0.75
-    store.cancel(other.id)
+    store.finish(other.id, JobStatus.CANCELLED)
     assert store.set_step([job.id, other.id], 4) == 1  # the cancelled one no longer counts
     assert store.cancelled_among([job.id, other.id]) == {other.id}
-    store.requeue([job.id, other.id])
+    assert store.requeue([job.id, other.id]) == 1
     back = store.get(job.id)
     assert back.status == JobStatus.QUEUED and back.step == 0 and back.started_at is None
     assert store.get(other.id).status == JobStatus.CANCELLED
@@ -110,15 +112,16 @@ def test_recent_cached_and_forgetting(store):
 
 
 def test_worker_heartbeats(db):
-    registry = WorkerRegistry(db, heartbeat_seconds=0.1)
-    registry.beat("w1", "cpu", "m", "loading", 0, time.time())
-    registry.beat("w1", "cpu", "m", "ready", 5, time.time())
-    registry.beat("w2", "cuda:1", "m", "stopped", 1, time.time())
+    registry = WorkerRegistry(db, heartbeat_seconds=10)
+    registry.beat("w1", "cpu", "m", WorkerState.LOADING, 0, time.time())
+    registry.beat("w1", "cpu", "m", WorkerState.READY, 5, time.time())
+    registry.beat("w2", "cuda:1", "m", WorkerState.STOPPED, 1, time.time())
     workers = {worker["name"]: worker for worker in registry.describe()}
-    assert workers["w1"]["state"] == "ready" and workers["w1"]["jobs_done"] == 5 and workers["w1"]["alive"]
+    assert workers["w1"]["state"] == WorkerState.READY and workers["w1"]["jobs_done"] == 5 and workers["w1"]["alive"]
     assert not workers["w2"]["alive"] and workers["w2"]["device"] == "cuda:1"
     assert [worker["name"] for worker in registry.alive()] == ["w1"]
-    time.sleep(0.35)
+    with db.transaction() as conn:  # both fall silent for 31 s: three heartbeats missed
+        conn.execute(update(workers_table).values(heartbeat_at=workers_table.c.heartbeat_at - 31))
     assert registry.alive() == []
     assert {worker["name"]: worker["state"] for worker in registry.describe()} == {"w1": "lost", "w2": "stopped"}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from tests.conftest import wait_ready
 
 PROMPT = "a green square on a white background"
@@ -17,31 +19,28 @@ def test_index_lists_every_endpoint(client):
     assert all(e["description"] for e in body["endpoints"])
 
 
-def test_health_says_loading_until_the_model_is_ready(app):
-    client = app.test_client()
-    first = client.get("/health")
-    if first.status_code == 503:  # the load may already be done on a fast machine
-        assert first.json["reason"] == "model is loading"
-        assert first.json["status"] == "unavailable"
+def test_health_says_loading_until_the_model_is_ready(app_factory, fake):
+    fake.hold()  # the load's warm-up call waits: the model stays loading
+    client = app_factory(pipeline=fake).test_client()
+    assert fake.waiting.wait(10)
+    loading = client.get("/health")
+    assert loading.status_code == 503 and loading.json["status"] == "unavailable"
+    assert loading.json["model_state"] == "loading"
+    assert loading.json["reason"] == "Model `models/tiny-random` is loading; try again shortly."
+    fake.let_go()
     wait_ready(client)
-    assert client.get("/health").json["status"] == "ok"
+    assert client.get("/health").json == {"status": "ok", "model": "models/tiny-random", "model_state": "ready"}
 
 
-def test_generate_is_refused_while_loading(app_factory, monkeypatch):
-    from imagegen.engine import models
-
-    original = models.ModelManager._load
-
-    def slow_load(self, model_id):
-        time.sleep(1.0)
-        return original(self, model_id)
-
-    monkeypatch.setattr(models.ModelManager, "_load", slow_load)
-    client = app_factory().test_client()
+def test_generate_is_refused_while_loading(app_factory, fake):
+    fake.hold()
+    client = app_factory(pipeline=fake).test_client()
+    assert fake.waiting.wait(10)
     response = client.post("/generate", json={"prompt": PROMPT})
+    fake.let_go()
     assert response.status_code == 503
     assert response.json["error"]["code"] == "model_loading"
-    assert response.headers["Retry-After"]
+    assert int(response.headers["Retry-After"]) >= 5
 
 
 def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tmp_path):
@@ -52,19 +51,21 @@ def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tm
         time.sleep(0.05)
     health = client.get("/health")
     assert health.status_code == 503
-    assert health.json["reason"].startswith("model failed to load")
+    assert health.json["reason"].startswith("Model `") and "failed to load" in health.json["reason"]
     generate = client.post("/generate", json={"prompt": PROMPT})
     assert generate.status_code == 503
     assert generate.json["error"]["code"] == "model_unavailable"
     assert client.get("/status").json["app"]["model"]["state"] == "failed"
 
 
-def test_status_reports_system_and_app_figures(client):
+def test_status_reports_system_and_app_figures(app_factory):
+    client = app_factory(device="cpu").test_client()
+    wait_ready(client)
     client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     status = client.get("/status").json
     system, app = status["system"], status["app"]
     assert system["ram"]["total_bytes"] > 0 and system["process_rss_bytes"] > 0
-    assert system["gpus"] is None  # no CUDA on the test machines
+    assert (system["gpus"] is None) == (not torch.cuda.is_available())
     assert system["disk"]["total_bytes"] > 0 and system["uptime_seconds"] >= 0
     assert app["model"]["state"] == "ready" and app["model"]["device"] == "cpu"
     assert app["model"]["dtype"] == "float32"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import pytest
 from PIL import Image
+from sqlalchemy import update
 
-from imagegen.db import Database
+from imagegen.db import Database, images
 from imagegen.storage import ImageStore
 
 
@@ -55,12 +55,12 @@ def test_find_refuses_a_well_formed_file_it_has_no_record_of(store):
 
 def test_delete_older_than_removes_files_and_records(store):
     old = store.save(png(), {}, "j")
-    time.sleep(0.05)
-    cutoff = 0.02
     fresh = store.save(png(), {}, "j")
-    assert store.delete_older_than(cutoff, dry_run=True)["deleted"] == 1
+    with store.db.transaction() as conn:  # `old` was written two hours ago
+        conn.execute(update(images).where(images.c.name == old.name).values(created_at=images.c.created_at - 7200))
+    assert store.delete_older_than(3600, dry_run=True)["deleted"] == 1
     assert store.read(old.name)
-    assert store.delete_older_than(cutoff) == {"deleted": 1, "bytes": old.bytes}
+    assert store.delete_older_than(3600) == {"deleted": 1, "bytes": old.bytes}
     assert store.find(old.name) is None and not store.fs.exists(f"{store.root}/{old.name}")
     assert store.read(fresh.name)
 

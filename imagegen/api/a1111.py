@@ -15,36 +15,17 @@ import psutil
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.api.common import (
-    eta_seconds,
-    generate_now,
-    image_views,
-    parse,
-    resolve_params,
-    running_jobs,
-    services,
-)
+from imagegen.api import services
+from imagegen.api.submission import generate_now, parse, resolve_params
+from imagegen.api.views import eta_seconds, image_views
 from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
+from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import generation_route
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
-# A1111 sampler names (lower-cased) -> our scheduler names.
-SAMPLERS = {
-    "euler": "euler",
-    "euler a": "euler_a",
-    "dpm++ 2m": "dpm++_2m",
-    "dpm++ 2m karras": "dpm++_2m_karras",
-    "ddim": "ddim",
-    "pndm": "pndm",
-    "plms": "pndm",
-    "lms": "lms",
-    "heun": "heun",
-    "unipc": "unipc",
-}
-SAMPLER_TITLES = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PNDM", "LMS", "Heun", "UniPC"]
 A1111_SCHEDULERS = ["automatic", "karras", "uniform"]
 
 
@@ -91,18 +72,18 @@ def current_model() -> str:
 def scheduler_for(sampler: str | None, schedule: str | None) -> str:
     """Maps an A1111 sampler (and, from A1111 1.9 on, its scheduler) to a diffusers scheduler."""
     if not sampler:
-        return "default"
+        return DEFAULT_SCHEDULER
     key = sampler.strip().lower()
-    if (schedule or "").strip().lower() == "karras" and f"{key} karras" in SAMPLERS:
+    if (schedule or "").strip().lower() == "karras" and f"{key} karras" in A1111_SAMPLERS:
         key = f"{key} karras"
-    if key not in SAMPLERS:
+    if key not in A1111_SAMPLERS:
         raise APIError(
             400,
             "invalid_sampler",
-            f"Unknown sampler `{sampler}`; use one of {', '.join(SAMPLER_TITLES)}.",
+            f"Unknown sampler `{sampler}`; use one of {', '.join(A1111_SAMPLER_TITLES)}.",
             {"field": "sampler_name"},
         )
-    return SAMPLERS[key]
+    return A1111_SAMPLERS[key]
 
 
 @bp.post("/txt2img")
@@ -182,7 +163,7 @@ def set_options() -> dict[str, Any]:
                 f"`sd_model_checkpoint` must be one of {', '.join(svc.settings.allowed_models)}",
                 {"field": "sd_model_checkpoint"},
             )
-        svc.worker.call(lambda: svc.models.get(checkpoint) and None, timeout=600)
+        svc.queue.load(checkpoint)
         current_app.extensions["imagegen_a1111_model"] = checkpoint
     return {}
 
@@ -204,7 +185,10 @@ def sd_models() -> list[dict[str, Any]]:
 
 @bp.get("/samplers")
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": name, "aliases": [SAMPLERS[name.lower()]], "options": {}} for name in SAMPLER_TITLES]
+    return [
+        {"name": scheduler.a1111_titles[0], "aliases": [scheduler.name], "options": {}}
+        for scheduler in SCHEDULERS.values()
+    ]
 
 
 @bp.get("/schedulers")
@@ -225,7 +209,7 @@ def scripts() -> dict[str, list[str]]:
 def progress() -> dict[str, Any]:
     """The running job's progress in A1111's shape."""
     svc = services()
-    running = running_jobs()
+    running = svc.jobs.running()
     job = running[0] if running else None
     fraction = round(job.progress, 4) if job else 0.0
     eta = (eta_seconds(job) or 0.0) if job else 0.0
@@ -236,7 +220,7 @@ def progress() -> dict[str, Any]:
             "skipped": False,
             "interrupted": False,
             "job": job.id if job else "",
-            "job_count": svc.worker.snapshot()["depth"] + len(running),
+            "job_count": svc.queue.snapshot().depth + len(running),
             "job_timestamp": str(int(job.created_at)) if job else "0",
             "job_no": 0,
             "sampling_step": job.step if job else 0,
@@ -249,8 +233,8 @@ def progress() -> dict[str, Any]:
 
 def _stop_current() -> dict[str, Any]:
     svc = services()
-    for job in running_jobs():
-        svc.worker.cancel(job.id)
+    for job in svc.jobs.running():
+        svc.queue.cancel(job.id)
     return {}
 
 
@@ -274,16 +258,13 @@ def refresh_checkpoints() -> dict[str, Any]:
 
 @bp.post("/unload-checkpoint")
 def unload_checkpoint() -> dict[str, Any]:
-    svc = services()
-    svc.worker.call(svc.models.unload, timeout=600)
+    services().queue.unload()
     return {}
 
 
 @bp.post("/reload-checkpoint")
 def reload_checkpoint() -> dict[str, Any]:
-    svc = services()
-    model = current_model()
-    svc.worker.call(lambda: svc.models.get(model) and None, timeout=600)
+    services().queue.load(current_model())
     return {}
 
 

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from flask import request
 from flask_openapi3 import APIBlueprint, Tag
 
-from config import Settings
 from imagegen import schemas
-from imagegen.api.common import parse, services
+from imagegen.api import services
 from imagegen.api.docs import raw, spec
+from imagegen.api.submission import parse
 from imagegen.errors import APIError
+from imagegen.queue import QueueError
 from imagegen.schemas import CleanupRequest, SettingsPatch
 from imagegen.security import require_admin
+from imagegen.states import ModelState
 
 bp = APIBlueprint("admin", __name__, abp_tags=[Tag(name="admin")])
 log = logging.getLogger(__name__)
-
-RUNTIME_SETTINGS_FILE = "runtime-settings.json"
 
 
 @bp.before_request
@@ -55,9 +54,11 @@ def cleanup() -> dict[str, Any]:
         "images": svc.images.delete_older_than(age, options.dry_run),
     }
     if options.unload_models:
-        result["unloaded_models"] = (
-            svc.models.loaded() if options.dry_run else svc.worker.call(svc.models.unload, timeout=600)
-        )
+        if options.dry_run:
+            models = svc.queue.describe()["models"]
+            result["unloaded_models"] = [model["id"] for model in models if model["state"] == ModelState.READY]
+        else:
+            result["unloaded_models"] = svc.queue.unload()
     log.info("cleanup by admin: %s", result)
     return result
 
@@ -75,31 +76,25 @@ MODEL_ID = {"model_id": "A model from GET /models."}
 @raw
 def load_model(model_id: str) -> dict[str, Any]:
     """Loads a configured model now (on the worker thread), so the first request does not wait."""
-    svc = services()
     _known_model(model_id)
     try:
-        svc.worker.call(lambda: svc.models.get(model_id) and None, timeout=600)
-    except APIError:
+        state = services().queue.load(model_id)
+    except QueueError:
         raise
     except Exception as exc:
         raise APIError(503, "model_unavailable", f"Model `{model_id}` failed to load: {exc}") from None
-    return {"model": model_id, "state": svc.models.state(model_id).state}
+    return {"model": model_id, "state": state}
 
 
 @bp.post("/models/<path:model_id>/unload", **spec({200: schemas.ModelChange}, parameters=MODEL_ID, errors=ADMIN_ERRORS))
 @raw
 def unload_model(model_id: str) -> dict[str, Any]:
     """Unloads a model and returns its memory; the next request that needs it loads it again."""
-    svc = services()
     _known_model(model_id)
-    unloaded = svc.worker.call(lambda: svc.models.unload(model_id), timeout=600)
-    return {"model": model_id, "unloaded": bool(unloaded), "state": svc.models.state(model_id).state}
-
-
-def runtime_overrides(settings: Settings) -> dict[str, Any]:
-    """Adjustments an admin saved with `"persist": true`, applied again at start-up."""
-    path = settings.data_dir / RUNTIME_SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    queue = services().queue
+    unloaded = queue.unload(model_id)
+    states = {model["id"]: model["state"] for model in queue.describe()["models"]}
+    return {"model": model_id, "unloaded": bool(unloaded), "state": states.get(model_id, ModelState.UNLOADED)}
 
 
 @bp.patch(
@@ -120,12 +115,8 @@ def adjust_settings() -> dict[str, Any]:
     if not changes:
         raise APIError(400, "invalid_request", "Give at least one setting to change.")
     try:
-        adjusted = Settings(**{**svc.settings.model_dump(), **changes, "_env_file": None})
+        adjusted = svc.adjust(changes, patch.persist)
     except ValueError as exc:
         raise APIError(400, "invalid_request", str(exc).splitlines()[0]) from None
-    svc.apply(adjusted)
-    if patch.persist:
-        path = adjusted.data_dir / RUNTIME_SETTINGS_FILE
-        path.write_text(json.dumps({**runtime_overrides(adjusted), **changes}, indent=2))
     log.warning("settings adjusted by admin%s: %s", " (persisted)" if patch.persist else "", changes)
     return {"changed": changes, "persisted": patch.persist, "settings": {k: getattr(adjusted, k) for k in changes}}

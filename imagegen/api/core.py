@@ -10,19 +10,10 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from config import Settings
 from imagegen import __version__, schemas
-from imagegen.api.common import (
-    accepted,
-    cached,
-    image_views,
-    job_failure,
-    parameters,
-    parse,
-    resolve_params,
-    services,
-    submit,
-    wait_for,
-)
+from imagegen.api import services
 from imagegen.api.docs import raw, spec
+from imagegen.api.submission import cached, job_failure, parse, resolve_params, submit, wait_for
+from imagegen.api.views import accepted, image_views
 from imagegen.errors import APIError
 from imagegen.jobs import Job
 from imagegen.schemas import GenerateRequest
@@ -104,7 +95,7 @@ def finished_body(job: Job, response_format: str) -> dict[str, Any]:
         "id": job.id,
         "model": job.params.model,
         "images": image_views(job, response_format),
-        "parameters": parameters(job),
+        "parameters": job.params.view(),
         "timings": job.timings(),
         "cached": False,
     }

@@ -11,8 +11,9 @@ from flask import Response, request, stream_with_context
 from flask_openapi3 import APIBlueprint, Tag
 
 from imagegen import schemas
-from imagegen.api.common import job_view, owned_job, running_jobs, services
+from imagegen.api import services
 from imagegen.api.docs import raw, spec
+from imagegen.api.views import job_view, owned_job
 from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
 from imagegen.security import client_key
@@ -71,7 +72,7 @@ def get_job(job_id: str) -> dict[str, Any]:
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancels exactly this job: dropped from the queue, or stopped at the next step if running."""
     job = owned_job(job_id)
-    if not services().worker.cancel(job.id):
+    if not services().queue.cancel(job.id):
         raise APIError(409, "job_finished", f"The job has already ended ({job.status}).")
     return job_view(owned_job(job_id))
 
@@ -110,12 +111,12 @@ def job_events(job_id: str) -> Response:
 def queue_summary() -> dict[str, Any]:
     """Depth, running jobs with their progress, and the recent average generation time."""
     svc = services()
-    snapshot = svc.worker.snapshot()
-    running = [job_view(job) for job in running_jobs()]
-    recent = svc.worker.recent_generation_seconds()
+    snapshot = svc.queue.snapshot()
+    running = [job_view(job) for job in svc.jobs.running()]
+    recent = svc.jobs.recent_generation_seconds()
     return {
-        "depth": snapshot["depth"],
-        "max": snapshot["max"],
+        "depth": snapshot.depth,
+        "max": snapshot.max,
         "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in running],
         "average_generation_seconds": None if recent is None else round(recent, 4),
     }

@@ -12,7 +12,9 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.api.common import generate_now, image_views, parse, resolve_params, services
+from imagegen.api import services
+from imagegen.api.submission import generate_now, parse, resolve_params
+from imagegen.api.views import image_views
 from imagegen.errors import APIError, install
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import generation_route

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from flask import Response
@@ -10,27 +9,12 @@ from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imagegen import schemas
-from imagegen.api.common import services
+from imagegen.api import services
 from imagegen.api.docs import raw, spec
-from imagegen.engine.models import ModelState
 from imagegen.security import public, unlimited
+from imagegen.states import ModelState
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
-
-MIN_FREE_DISK_BYTES = 50 * 2**20
-
-
-def readiness() -> str | None:
-    """Why a generation could not start now, or None when it could."""
-    svc = services()
-    if svc.draining:
-        return "shutting down"
-    if problem := svc.worker.problem():
-        return problem
-    folder = svc.images.local_dir
-    if folder is not None and shutil.disk_usage(folder).free < MIN_FREE_DISK_BYTES:
-        return "image disk is full"
-    return None
 
 
 @bp.get("/health", **spec({200: schemas.Health, 503: schemas.Health}, errors=()))
@@ -39,16 +23,16 @@ def readiness() -> str | None:
 @raw
 def health() -> tuple[dict[str, Any], int]:
     """Readiness: 200 when a generation could start now; 503 with the reason otherwise."""
-    reason = readiness()
     svc = services()
+    problem = svc.readiness(probe=True)
     body: dict[str, Any] = {
-        "status": "ok" if reason is None else "unavailable",
+        "status": "ok" if problem is None else "unavailable",
         "model": svc.settings.model_id,
-        "model_state": svc.worker.model_state(),
+        "model_state": svc.queue.describe()["model"]["state"],
     }
-    if reason:
-        body["reason"] = reason
-    return body, 200 if reason is None else 503
+    if problem:
+        body["reason"] = problem.message
+    return body, 200 if problem is None else 503
 
 
 @bp.get("/health/live", **spec({200: schemas.Liveness}, errors=()))
@@ -65,26 +49,14 @@ def live() -> dict[str, str]:
 def status() -> dict[str, Any]:
     """System figures (CPU, RAM, GPU, disk, uptime), models, queue, images, latency and alerts."""
     svc = services()
-    default = svc.models.state(svc.settings.model_id)
-    queue = svc.worker.snapshot()
+    queue = svc.queue.snapshot()
     system = svc.system()
-    cluster = svc.worker.cluster_view() if svc.settings.queue_backend == "celery" else {}
     return {
         "system": system,
         "app": {
-            "model": {
-                "id": default.id,
-                "state": default.state,
-                "device": svc.models.device,
-                "dtype": str(svc.models.dtype).removeprefix("torch."),
-                "load_seconds": default.load_seconds,
-                "last_used": default.last_used,
-                "error": default.error,
-            },
-            "models": svc.models.describe(),
-            "queue": {"depth": queue["depth"], "max": queue["max"], "active": len(queue["running"])},
+            **svc.queue.describe(),
+            "queue": {"depth": queue.depth, "max": queue.max, "active": len(queue.running)},
             "images": svc.images.stats(),
-            **cluster,
             **svc.monitor.summary(),
         },
         "alerts": svc.alerts.check(system),
@@ -103,7 +75,7 @@ def metrics() -> Response:
 def list_models() -> dict[str, Any]:
     """Every model a request may choose, with its state; the default first."""
     svc = services()
-    known = {info["id"]: info for info in svc.models.describe()}
+    known = {info["id"]: info for info in svc.queue.describe()["models"]}
     models = [
         {**known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED}), "default": i == 0}
         for i, model_id in enumerate(svc.settings.allowed_models)

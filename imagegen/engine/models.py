@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import transformers
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from config import Settings
-from imagegen.engine.names import DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.states import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,6 @@ log = logging.getLogger(__name__)
 # diffusers' low-memory loading patches torch's parameter registration process-wide while it runs,
 # so two loads at once (two apps in one process, as in tests) corrupt each other: one at a time.
 _LOAD_LOCK = threading.Lock()
-
-
-class ModelState(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADED = "unloaded"
-    FAILED = "failed"
 
 
 @dataclass
@@ -90,11 +84,25 @@ def memory_snapshot(device: str) -> str:
     return f"rss={rss:.0f}MB"
 
 
-class ModelManager:
-    """An LRU cache of loaded pipelines, at most MAX_LOADED_MODELS at a time."""
+def load_pipeline(source: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """A pipeline from a diffusers folder or hub id, or from one checkpoint file."""
+    if Path(source).is_file():
+        return StableDiffusionPipeline.from_single_file(source, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(source, dtype=dtype)
 
-    def __init__(self, settings: Settings) -> None:
+
+Loader = Callable[[str, torch.dtype], DiffusionPipeline]
+
+
+class ModelManager:
+    """An LRU cache of loaded pipelines, at most MAX_LOADED_MODELS at a time.
+
+    `load` makes a pipeline from a model's source; tests give one that returns a fake pipeline.
+    """
+
+    def __init__(self, settings: Settings, load: Loader = load_pipeline) -> None:
         self.settings = settings
+        self._load_pipeline = load
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
@@ -131,10 +139,7 @@ class ModelManager:
         started = time.perf_counter()
         try:
             with _LOAD_LOCK:
-                if Path(source).is_file():
-                    pipe = StableDiffusionPipeline.from_single_file(source, dtype=self.dtype)
-                else:
-                    pipe = DiffusionPipeline.from_pretrained(source, dtype=self.dtype)
+                pipe = self._load_pipeline(source, self.dtype)
             self._apply_memory_options(pipe)
             self._warm_up(pipe)
         except Exception as exc:
@@ -190,12 +195,12 @@ class ModelManager:
         if scheduler == DEFAULT_SCHEDULER:
             pipe.scheduler = default
         else:
-            class_name, options = SCHEDULERS[scheduler]
-            scheduler_class = getattr(diffusers, class_name)
-            if type(pipe.scheduler).__name__ != class_name or any(
-                pipe.scheduler.config.get(k) != v for k, v in options.items()
+            wanted = SCHEDULERS[scheduler]
+            if type(pipe.scheduler).__name__ != wanted.diffusers_class or any(
+                pipe.scheduler.config.get(k) != v for k, v in wanted.options.items()
             ):
-                pipe.scheduler = scheduler_class.from_config(default.config, **options)
+                scheduler_class = getattr(diffusers, wanted.diffusers_class)
+                pipe.scheduler = scheduler_class.from_config(default.config, **wanted.options)
         return pipe
 
     def loaded(self) -> list[str]:

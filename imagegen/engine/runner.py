@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from config import Settings
+from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
-from imagegen.jobs import Job, JobStatus, JobStore
+from imagegen.jobs import Job, JobStatus
 from imagegen.monitoring import Monitor
 from imagegen.storage import ImageStore
 
@@ -52,18 +53,19 @@ def plan_batches(jobs: list[Job], max_images: int) -> list[list[Job]]:
 
 
 class Engine:
-    """Runs batches on one ModelManager and records every outcome in the job store."""
+    """Runs batches on one ModelManager; every outcome goes through `endings`."""
 
     def __init__(
         self,
         settings: Settings,
         models: ModelManager,
-        jobs: JobStore,
         images: ImageStore,
+        endings: Endings,
         monitor: Monitor,
         name: str,
     ) -> None:
-        self.settings, self.models, self.jobs, self.images, self.monitor = settings, models, jobs, images, monitor
+        self.settings, self.models, self.images, self.endings, self.monitor = settings, models, images, endings, monitor
+        self.jobs = endings.jobs
         self.name = name
         self.jobs_done = 0
 
@@ -77,13 +79,11 @@ class Engine:
         runnable = []
         for job in claimed:
             if job.attempts > self.settings.job_max_retries + 1:
-                self._end_failed(
-                    [job],
-                    {
-                        "code": "worker_lost",
-                        "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
-                    },
-                )
+                error = {
+                    "code": "worker_lost",
+                    "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
+                }
+                self.endings.end(job, JobStatus.FAILED, error=error)
             else:
                 runnable.append(job)
         if not runnable:
@@ -97,7 +97,7 @@ class Engine:
             cancelled = self.jobs.cancelled_among(ids)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
-                    self.jobs.finish(job.id, JobStatus.SUCCEEDED, images=self._store(job, job_images))
+                    self.endings.end(job, JobStatus.SUCCEEDED, images=self._store(job, job_images))
         except Exception as exc:
             return self._fail(runnable, exc)
         seconds = time.perf_counter() - started
@@ -160,18 +160,7 @@ class Engine:
         p = job.params
         stored = []
         for image, seed in zip(images, p.seeds, strict=True):
-            metadata = {
-                "prompt": p.prompt,
-                "negative_prompt": p.negative_prompt,
-                "seed": seed,
-                "width": p.width,
-                "height": p.height,
-                "steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-                "scheduler": p.scheduler,
-                "model": p.model,
-            }
-            saved = self.images.save(image, metadata, job.id)
+            saved = self.images.save(image, p.image_metadata(seed), job.id)
             stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
         return stored
 
@@ -192,10 +181,6 @@ class Engine:
             exc_info=not isinstance(exc, torch.cuda.OutOfMemoryError),
         )
         self.monitor.record_error(error["code"])
-        self.jobs.requeue([job.id for job in retry])
-        self._end_failed([job for job in batch if job not in retry], error)
+        for job in batch:
+            self.endings.end(job, JobStatus.QUEUED if job in retry else JobStatus.FAILED, error=error)
         return retry
-
-    def _end_failed(self, jobs: list[Job], error: dict[str, Any]) -> None:
-        for job in jobs:
-            self.jobs.finish(job.id, JobStatus.FAILED, error=error)

@@ -1,15 +1,14 @@
-"""GenerationWorker: the one thread that runs pipelines in local mode, fed by a bounded queue of jobs.
+"""LocalQueue: the queue of local mode, a bounded deque of jobs and the one thread that runs them.
 
 Why one thread: diffusers pipelines crash or corrupt each other when two threads call them, and one
 owner makes batching, progress, cancel and clean timing natural. HTTP threads only `submit`, `wait`
-and read; anything that must touch a pipeline from elsewhere (unloading, say) goes through `call`,
-which runs it on this thread between batches.
+and read; anything that touches a pipeline from elsewhere (loading, unloading) runs on this thread
+between batches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -18,43 +17,20 @@ from concurrent.futures import Future
 from typing import Any
 
 from config import Settings
-from imagegen.engine.models import ModelState
 from imagegen.engine.runner import Engine, gather
 from imagegen.jobs import Job
+from imagegen.queue import NotReady, QueueFull, Snapshot, TooManyJobs, seconds_until_room
+from imagegen.states import ModelState
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    """The queue is at MAX_QUEUE_SIZE; `retry_after` estimates when a place frees up."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("queue full")
-        self.retry_after = retry_after
-
-
-class TooManyJobs(Exception):
-    """The client already has MAX_JOBS_PER_CLIENT jobs waiting."""
-
-
-def seconds_until_room(depth: int, batch_size: int, workers: int, batch_seconds: float | None) -> int:
-    """Retry-After for a full queue: its batches, spread over the workers, at the recent pace per batch."""
-    batches = math.ceil((depth + 1) / (batch_size * workers))
-    return max(1, math.ceil(batches * (batch_seconds or 1.0)))
-
-
-class GenerationWorker:
+class LocalQueue:
     """Takes queued jobs, batches the compatible ones and hands each batch to the engine."""
 
-    def __init__(self, engine: Engine, on_finish: Callable[[str], None] | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.settings, self.models, self.jobs, self.monitor = (
-            engine.settings,
-            engine.models,
-            engine.jobs,
-            engine.monitor,
-        )
-        self.on_finish = on_finish
+        self.settings, self.models, self.jobs = engine.settings, engine.models, engine.jobs
         self._queue: deque[Job] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
@@ -71,7 +47,7 @@ class GenerationWorker:
             self._queue.append(job)
         if self._queue:
             log.info("re-queued %d unfinished jobs from the last run", len(self._queue))
-        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30) -> None:
@@ -87,16 +63,16 @@ class GenerationWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, job: Job) -> int:
-        """Records and queues a job, returning its position (1 = next), or raises QueueFull.
+        """Records and queues a job, returning its position (1 = next).
 
-        The record is written under the queue's lock so the worker never sees a job the store lacks.
+        The record is written under the queue's lock so the thread never sees a job the store lacks.
         """
         with self._cond:
             if len(self._queue) >= self.settings.max_queue_size:
-                raise QueueFull(self.retry_after())
+                raise QueueFull(self.settings.max_queue_size, self.retry_after())
             limit = self.settings.max_jobs_per_client
             if limit and sum(queued.client == job.client for queued in self._queue) >= limit:
-                raise TooManyJobs
+                raise TooManyJobs(limit, self.retry_after())
             self.jobs.create(job)
             self._done[job.id] = threading.Event()
             self._queue.append(job)
@@ -106,7 +82,7 @@ class GenerationWorker:
     def cancel(self, job_id: str) -> bool:
         """Cancels a queued or running job: dropped from the queue, or stopped at the next step."""
         with self._cond:
-            if not self.jobs.cancel(job_id):
+            if not self.engine.endings.cancel(job_id):
                 return False
             for job in self._queue:
                 if job.id == job_id:
@@ -119,51 +95,68 @@ class GenerationWorker:
         event = self._done.pop(job_id, None)
         if event:
             event.set()
-        if self.on_finish:
-            self.on_finish(job_id)
 
     def wait(self, job_id: str, timeout: float) -> bool:
         """Blocks until the job ends; False if it is still going after `timeout` seconds."""
         event = self._done.get(job_id)
         return event is None or event.wait(timeout)
 
-    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Runs fn on the worker thread (between batches) and returns its result."""
+    def _call(self, fn: Callable[[], Any], timeout: float | None = 600) -> Any:
+        """Runs fn on the generation thread (between batches) and returns its result."""
         future: Future = Future()
         with self._cond:
             self._tasks.append((fn, future))
             self._cond.notify_all()
         return future.result(timeout)
 
+    def load(self, model: str) -> ModelState:
+        self._call(lambda: self.models.get(model))
+        return self.models.state(model).state
+
+    def unload(self, model: str | None = None) -> list[str]:
+        return self._call(lambda: self.models.unload(model))
+
+    def unload_idle(self, seconds: float) -> list[str]:
+        idle = self.models.idle(seconds)
+        return self._call(lambda: self.models.unload_many(idle)) if idle else []
+
     def apply(self, settings: Settings) -> None:
-        """Adjusted tunables (PATCH /admin/settings) take effect from the next batch."""
         self.settings = self.engine.settings = settings
 
-    def model_state(self) -> str:
-        return self.models.state(self.settings.model_id).state
-
-    def problem(self) -> str | None:
-        """Why a generation could not start now (thread stopped, default model failed or loading)."""
+    def problem(self, model: str, probe: bool = False) -> NotReady | None:
+        """The thread stopped, or the model failed or is on its first load (all cheap: `probe` adds nothing)."""
         if not self.alive:
-            return "the generation worker is not running"
-        info = self.models.state(self.settings.model_id)
+            return NotReady("worker_stopped", "The generation thread is not running.")
+        info = self.models.state(model)
         if info.state == ModelState.FAILED:
-            return f"model failed to load: {info.error}"
+            return NotReady("model_unavailable", f"Model `{model}` failed to load: {info.error}", retry_after=30)
         if info.state == ModelState.LOADING and info.load_seconds is None:
-            return "model is loading"
+            return NotReady("model_loading", f"Model `{model}` is loading; try again shortly.", retry_after=5)
         return None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         with self._cond:
-            return {"depth": len(self._queue), "max": self.settings.max_queue_size, "running": list(self._running)}
+            return Snapshot(len(self._queue), self.settings.max_queue_size, list(self._running))
 
     def retry_after(self) -> int:
-        return seconds_until_room(len(self._queue), self.settings.max_batch_size, 1, self.recent_generation_seconds())
+        depth = len(self._queue)
+        return seconds_until_room(depth, self.settings.max_batch_size, 1, self.jobs.recent_generation_seconds())
 
-    def recent_generation_seconds(self) -> float | None:
-        return self.monitor.recent_generation_seconds()
+    def describe(self) -> dict[str, Any]:
+        """This process's models, the default one first with the device and precision it runs in."""
+        default = self.models.state(self.settings.model_id)
+        model = {
+            "id": default.id,
+            "state": default.state,
+            "device": self.models.device,
+            "dtype": str(self.models.dtype).removeprefix("torch."),
+            "load_seconds": default.load_seconds,
+            "last_used": default.last_used,
+            "error": default.error,
+        }
+        return {"model": model, "models": self.models.describe()}
 
-    # ----- worker thread -----
+    # ----- the generation thread -----
     def _run(self) -> None:
         if self.settings.model_preload:
             try:

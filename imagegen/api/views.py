@@ -1,0 +1,82 @@
+"""How jobs and images look to a client, and which jobs a client may see.
+
+Why apart from submission: every surface renders the same job the same way (the native job view,
+the A1111 progress, SSE events), whatever path queued it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from flask import url_for
+
+from imagegen.api import services
+from imagegen.errors import APIError
+from imagegen.jobs import Job, JobStatus
+from imagegen.security import client_key
+
+
+def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
+    """Each image as a URL (default) or inline base64 PNG, with its seed and size."""
+    svc = services()
+    store = svc.images
+    views = []
+    for image in job.images:
+        view: dict[str, Any] = {"seed": image["seed"], "width": image["width"], "height": image["height"]}
+        if response_format == "b64_json":
+            view["b64_json"] = base64.b64encode(store.read(image["name"])).decode("ascii")
+        else:
+            signature = svc.access.sign(image["name"]) if svc.access.keys_required else {}
+            view["url"] = url_for("core.image", name=image["name"], _external=True, **signature)
+        views.append(view)
+    return views
+
+
+def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
+    """A job as GET /jobs/<id> shows it: state, position or progress, then images or error."""
+    svc = services()
+    view: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status,
+        "model": job.params.model,
+        "created_at": job.created_at,
+        "parameters": job.params.view(),
+        "timings": job.timings(),
+    }
+    if job.status == JobStatus.QUEUED:
+        view["position"] = svc.jobs.position(job)
+    if job.status == JobStatus.RUNNING:
+        view.update(
+            progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps, eta_seconds=eta_seconds(job)
+        )
+    if job.status == JobStatus.SUCCEEDED:
+        view.update(progress=1.0, images=image_views(job, response_format))
+    if job.error:
+        view["error"] = job.error
+    return view
+
+
+def accepted(job: Job) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """202 with the job's current view and a Location header to poll."""
+    location = url_for("jobs.get_job", job_id=job.id)
+    current = services().jobs.get(job.id) or job
+    return {**job_view(current), "location": location}, 202, {"Location": location}
+
+
+def eta_seconds(job: Job) -> float | None:
+    """Time left at the pace of the steps so far."""
+    if not job.started_at or not job.step:
+        return None
+    per_step = (time.time() - job.started_at) / job.step
+    return round(per_step * (job.params.steps - job.step), 2)
+
+
+def owned_job(job_id: str) -> Job:
+    """The job, if it exists and (with API keys on) belongs to the caller; else a 404."""
+    svc = services()
+    job = svc.jobs.get(job_id)
+    if job is None or (svc.access.keys_required and job.client != client_key()):
+        raise APIError(404, "not_found", "No such job.")
+    return job

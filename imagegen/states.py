@@ -1,0 +1,27 @@
+"""The lifecycles of a model and of a worker, as enums every layer shares (none of them needs torch).
+
+Why enums and not strings: `/health`, `/status`, `/metrics` and the workers' heartbeats all speak of
+these states, and a typo in one of them would otherwise pass silently.
+"""
+
+from enum import StrEnum
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADED = "unloaded"
+    FAILED = "failed"
+
+
+class WorkerState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPED = "stopped"  # said goodbye (SIGTERM)
+    LOST = "lost"  # went quiet: no heartbeat for three periods
+
+    @property
+    def serving(self) -> bool:
+        """Takes jobs now."""
+        return self in {WorkerState.READY, WorkerState.BUSY}

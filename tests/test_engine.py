@@ -1,0 +1,162 @@
+"""The engine on the fake pipeline: batching rules, one call per batch, retries, lost workers, and
+one ending per job. Milliseconds each: no model, no HTTP."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagegen.db import Database
+from imagegen.endings import Endings
+from imagegen.engine.models import ModelManager
+from imagegen.engine.runner import Engine, gather, plan_batches
+from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
+from imagegen.monitoring import Monitor
+from imagegen.storage import ImageStore
+from tests.conftest import make_settings
+from tests.fakes import FakePipeline
+
+
+def params(seeds: tuple[int, ...] = (1,), steps: int = 4, width: int = 64, prompt: str = "p") -> GenerationParams:
+    return GenerationParams(prompt, "", width, 64, steps, 5.0, seeds, "default", "models/tiny-random")
+
+
+@dataclass
+class Parts:
+    engine: Engine
+    jobs: JobStore
+    monitor: Monitor
+    notified: list[str]
+
+    def submit(self, p: GenerationParams, callback_url: str | None = None) -> Job:
+        return self.jobs.create(Job(params=p, client="c", callback_url=callback_url))
+
+    def ended(self, status: str) -> float:
+        return self.monitor.registry.get_sample_value("imagegen_jobs_ended_total", {"status": status}) or 0.0
+
+
+def engine_parts(tmp_path: Path, fake: FakePipeline, **overrides: object) -> Parts:
+    """An engine on the fake pipeline with real records (SQLite) and a real image folder."""
+    settings = make_settings(tmp_path, **overrides)
+    db = Database(settings.database)
+    jobs, monitor, notified = JobStore(db), Monitor(), []
+    endings = Endings(jobs, monitor, notified.append)
+    models = ModelManager(settings, lambda _source, _dtype: fake)
+    engine = Engine(settings, models, ImageStore(settings.storage, db), endings, monitor, "test")
+    models.get(settings.model_id)
+    fake.calls.clear()  # the load's warm-up call
+    return Parts(engine, jobs, monitor, notified)
+
+
+@pytest.fixture
+def parts(tmp_path, fake) -> Parts:
+    return engine_parts(tmp_path, fake)
+
+
+def job(p: GenerationParams) -> Job:
+    return Job(params=p)
+
+
+def test_gather_takes_whole_jobs_of_the_same_batch_key_within_the_bound():
+    first = job(params(seeds=(1, 2)))
+    other_steps, other_size = job(params(steps=9)), job(params(width=128))
+    three, one, two = job(params(seeds=(3, 4, 5))), job(params(seeds=(6,))), job(params(seeds=(7, 8)))
+    candidates = [other_steps, three, other_size, one, two]
+    assert gather(first, candidates, images=2, max_images=5) == [three], "different keys never join"
+    assert gather(first, candidates, images=2, max_images=4) == [one], "whole jobs only, in order, while they fit"
+    assert gather(first, candidates, images=4, max_images=4) == []
+
+
+def test_plan_batches_keeps_arrival_order_and_splits_by_key_and_size():
+    a, b, c, d = job(params()), job(params(steps=9)), job(params(seeds=(1, 2, 3))), job(params())
+    assert plan_batches([a, b, c, d], max_images=4) == [[a, c], [b], [d]]
+    assert plan_batches([], max_images=4) == []
+
+
+def test_a_batch_is_one_call_with_one_generator_per_image(parts, fake):
+    two = parts.submit(params(seeds=(1, 2), prompt="two"), callback_url="http://hooks.example/x")
+    one = parts.submit(params(seeds=(3,), prompt="one"))
+    assert parts.engine.run([two, one]) == []
+    [call] = fake.calls
+    assert call.prompts == ["two", "two", "one"] and call.steps == 4 and call.steps_run == 4
+    done = {j.id: j for j in parts.jobs.many([two.id, one.id])}
+    assert [image["seed"] for image in done[two.id].images] == [1, 2]
+    assert done[one.id].status == JobStatus.SUCCEEDED and done[one.id].attempts == 1
+    assert parts.notified == [two.id], "only the job that gave a callback URL, once"
+    assert parts.ended("succeeded") == 2
+
+
+def test_a_failing_batch_is_retried_then_fails_after_job_max_retries(parts, fake):
+    fake.failures = [RuntimeError("boom")] * 3  # JOB_MAX_RETRIES is 2: three attempts in all
+    submitted = parts.submit(params(), callback_url="http://hooks.example/x")
+    assert [j.id for j in parts.engine.run([submitted])] == [submitted.id]
+    assert parts.jobs.get(submitted.id).status == JobStatus.QUEUED
+    assert [j.id for j in parts.engine.run([submitted])] == [submitted.id]
+    assert parts.engine.run([submitted]) == []
+    ended = parts.jobs.get(submitted.id)
+    assert ended.status == JobStatus.FAILED and ended.attempts == 3
+    assert ended.error == {"code": "generation_failed", "message": "RuntimeError: boom"}
+    assert (parts.ended("retried"), parts.ended("failed")) == (2, 1)
+    assert parts.notified == [submitted.id], "retries send nothing; the failure once"
+
+
+def test_out_of_memory_fails_with_its_own_code(tmp_path, fake):
+    parts = engine_parts(tmp_path, fake, job_max_retries=0)
+    fake.failures = [torch.cuda.OutOfMemoryError("CUDA out of memory")]
+    submitted = parts.submit(params())
+    assert parts.engine.run([submitted]) == []
+    assert parts.jobs.get(submitted.id).error["code"] == "out_of_memory"
+
+
+def test_a_job_whose_workers_died_each_time_fails_as_worker_lost(parts, fake):
+    submitted = parts.submit(params(), callback_url="http://hooks.example/x")
+    for dead in ("w1", "w2", "w3"):  # claimed three times; each worker died before ending it
+        parts.jobs.claim([submitted.id], dead)
+    assert parts.engine.run([submitted]) == []
+    ended = parts.jobs.get(submitted.id)
+    assert ended.status == JobStatus.FAILED and ended.error["code"] == "worker_lost"
+    assert fake.calls == [], "a job that kills workers is not run once more"
+    assert parts.notified == [submitted.id]
+
+
+def test_ended_jobs_are_skipped_and_never_end_twice(parts, fake):
+    ended, live = parts.submit(params()), parts.submit(params())
+    assert parts.engine.endings.cancel(ended.id)
+    assert not parts.engine.endings.cancel(ended.id)
+    parts.engine.run([ended, live])
+    assert fake.calls[0].prompts == ["p"], "the cancelled job was not run"
+    assert parts.jobs.get(ended.id).status == JobStatus.CANCELLED
+    assert parts.ended("cancelled") == 1 and parts.ended("succeeded") == 1
+
+
+def test_a_cancelled_running_job_ends_once_and_its_batch_mate_succeeds(parts, fake):
+    fake.step_seconds = 0.11  # every step writes progress and reads cancels
+    fake.hold(at_step=1)
+    victim = parts.submit(params(prompt="victim"), callback_url="http://hooks.example/x")
+    mate = parts.submit(params(prompt="mate"), callback_url="http://hooks.example/y")
+    runner = threading.Thread(target=parts.engine.run, args=([victim, mate],))
+    runner.start()
+    assert fake.waiting.wait(10)
+    assert parts.engine.endings.cancel(victim.id)
+    fake.let_go()
+    runner.join(10)
+    assert parts.jobs.get(victim.id).status == JobStatus.CANCELLED and parts.jobs.get(victim.id).images == []
+    assert parts.jobs.get(mate.id).status == JobStatus.SUCCEEDED
+    assert sorted(parts.notified) == sorted([victim.id, mate.id]), "one webhook each"
+
+
+def test_a_batch_whose_every_job_is_cancelled_skips_its_remaining_steps(parts, fake):
+    fake.step_seconds = 0.11
+    fake.hold(at_step=1)
+    only = parts.submit(params(steps=20))
+    runner = threading.Thread(target=parts.engine.run, args=([only],))
+    runner.start()
+    assert fake.waiting.wait(10)
+    parts.engine.endings.cancel(only.id)
+    fake.let_go()
+    runner.join(10)
+    assert fake.calls[0].interrupted and fake.calls[0].steps_run == 2

@@ -1,0 +1,213 @@
+"""Both queues on the fake pipeline: the local queue's thread under failures, draining and batch
+waits; the cluster's queue with a broker that is down, and one ending per job in both modes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from imagegen import worker as worker_process
+from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
+from imagegen.db import Database
+from imagegen.endings import Endings
+from imagegen.engine.local_queue import LocalQueue
+from imagegen.engine.models import ModelManager
+from imagegen.engine.runner import Engine
+from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
+from imagegen.monitoring import Monitor
+from imagegen.queue import QueueUnavailable
+from imagegen.states import WorkerState
+from imagegen.storage import ImageStore
+from tests.conftest import free_port, make_settings, wait_ready
+
+PROMPT = "a red circle on a blue background"
+
+
+def idle(client) -> None:
+    """Waits until the local queue has taken every job and its batch has left the pipeline."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        queue = client.get("/status").json["app"]["queue"]
+        if queue["depth"] == 0 and queue["active"] == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the queue did not drain")
+
+
+def test_the_local_queue_outlives_a_batch_whose_records_cannot_be_written(app_factory, fake, monkeypatch):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    store = client.application.extensions["imagegen"].jobs
+
+    def database_down(*_args: Any, **_kwargs: Any) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(store, "claim", database_down)
+    stranded = client.post("/generate", json={"prompt": PROMPT, "async": True}).json["id"]
+    idle(client)
+    monkeypatch.undo()
+    assert client.post("/generate", json={"prompt": PROMPT}).status_code == 200, "the thread lives on"
+    assert client.get(f"/jobs/{stranded}").json["status"] == "queued", "accepted, not lost"
+    client.application.extensions["imagegen"].stop(10)
+    restarted = app_factory(pipeline=fake).test_client()  # the same data folder: the next start runs it
+    wait_ready(restarted)
+    deadline = time.monotonic() + 10
+    while restarted.get(f"/jobs/{stranded}").json["status"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert restarted.get(f"/jobs/{stranded}").json["status"] == "succeeded"
+
+
+def test_a_draining_server_refuses_new_jobs(fake_client):
+    fake_client.application.extensions["imagegen"].stop(10)
+    refused = fake_client.post("/generate", json={"prompt": PROMPT})
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "shutting_down"
+    assert int(refused.headers["Retry-After"]) >= 10  # flask-limiter raises it to its window's reset
+    health = fake_client.get("/health")
+    assert health.status_code == 503 and health.json["reason"].startswith("The server is shutting down")
+
+
+def test_batch_wait_gathers_jobs_that_arrive_within_it(app_factory, fake):
+    client = app_factory(pipeline=fake, max_batch_size=2, batch_wait_ms=10_000).test_client()
+    wait_ready(client)
+    fake.calls.clear()
+    first = client.post("/generate", json={"prompt": "first", "async": True}).json["id"]
+    second = client.post("/generate", json={"prompt": "second", "async": True}).json["id"]
+    idle(client)  # the batch was full at two, so it did not wait out the 10 s
+    assert [call.prompts for call in fake.calls] == [["first", "second"]]
+    assert {client.get(f"/jobs/{i}").json["status"] for i in (first, second)} == {"succeeded"}
+
+
+def test_without_batch_wait_a_lone_job_runs_at_once_and_later_ones_batch_behind_it(fake_client, fake):
+    fake.hold()
+    client = fake_client
+    client.post("/generate", json={"prompt": "alone", "async": True})
+    assert fake.waiting.wait(10)
+    for prompt in ("a", "b", "c"):
+        client.post("/generate", json={"prompt": prompt, "async": True, "steps": 3})
+    client.post("/generate", json={"prompt": "other steps", "async": True, "steps": 5})
+    fake.let_go()
+    idle(client)
+    assert [call.prompts for call in fake.calls] == [["alone"], ["a", "b", "c"], ["other steps"]]
+
+
+def test_local_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, fake):
+    settings = make_settings(tmp_path)
+    db = Database(settings.database)
+    notified: list[str] = []
+    endings = Endings(JobStore(db), Monitor(), notified.append)
+    models = ModelManager(settings, lambda _source, _dtype: fake)
+    queue = LocalQueue(Engine(settings, models, ImageStore(settings.storage, db), endings, Monitor(), "local"))
+    models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
+    queue.start()
+    fake.step_seconds = 0.11  # every step writes progress and reads cancels
+    fake.hold(at_step=1)
+    job = Job(params=params(), callback_url="http://hooks.example/x")
+    queue.submit(job)
+    assert fake.waiting.wait(10)
+    assert queue.cancel(job.id)
+    fake.let_go()
+    assert queue.wait(job.id, 10)
+    queue.stop(10)
+    assert notified == [job.id]
+
+
+def params() -> GenerationParams:
+    return GenerationParams(PROMPT, "", 64, 64, 6, 5.0, (1,), "default", "models/tiny-random")
+
+
+def cluster_settings(tmp_path: Path, database_url: str, broker_url: str = "memory://") -> Any:
+    return make_settings(
+        tmp_path,
+        queue_backend="celery",
+        broker_url=broker_url,
+        database_url=database_url,
+        storage_url=str(tmp_path / "shared"),
+    )
+
+
+def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, postgres_url, fake):
+    settings = cluster_settings(tmp_path, postgres_url)
+    api_db, worker_db = Database(postgres_url), Database(postgres_url)
+    api_notified: list[str] = []
+    queue = CeleryQueue(
+        settings,
+        Endings(JobStore(api_db), Monitor(), api_notified.append),
+        ImageStore(settings.storage, api_db),
+        WorkerRegistry(api_db, 5),
+        make_celery(settings),
+    )
+    worker_notified: list[str] = []
+    models = ModelManager(settings, lambda _source, _dtype: fake)
+    worker_endings = Endings(JobStore(worker_db), Monitor(), worker_notified.append)
+    engine = Engine(settings, models, ImageStore(settings.storage, worker_db), worker_endings, Monitor(), "w1")
+    republished: list[str] = []
+    states: list[WorkerState] = []
+    consume = worker_process.Consumer(engine, republished.extend, states.append)
+
+    models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
+    fake.step_seconds = 0.11
+    fake.hold(at_step=1)
+    job = Job(params=params(), callback_url="http://hooks.example/x")
+    queue.submit(job)
+    running = threading.Thread(target=consume, args=([job.id],))
+    running.start()
+    assert fake.waiting.wait(30)
+    assert queue.cancel(job.id)
+    fake.let_go()
+    running.join(10)
+    assert api_notified + worker_notified == [job.id], "the API's cancel sent it; the worker's end changed nothing"
+    assert queue.jobs.get(job.id).status == JobStatus.CANCELLED and republished == []
+    assert states == [WorkerState.BUSY, WorkerState.READY]
+    api_db.close()
+    worker_db.close()
+
+
+def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, postgres_url, fake, monkeypatch):
+    settings = cluster_settings(tmp_path, postgres_url)
+    db = Database(postgres_url)
+    engine = Engine(
+        settings,
+        ModelManager(settings, lambda _source, _dtype: fake),
+        ImageStore(settings.storage, db),
+        Endings(JobStore(db), Monitor(), lambda _job_id: None),
+        Monitor(),
+        "w1",
+    )
+    republished: list[str] = []
+    states: list[WorkerState] = []
+    consume = worker_process.Consumer(engine, republished.extend, states.append)
+
+    def database_down(*_args: Any) -> None:
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(engine.jobs, "many", database_down)
+    monkeypatch.setattr(worker_process, "OUTAGE_PAUSE_SECONDS", 0)
+    consume(["a", "b", "a"])  # a redelivery may repeat an id
+    assert republished == ["a", "b"] and fake.calls == []
+    assert states == [WorkerState.READY]
+    db.close()
+
+
+def test_a_broker_that_is_down_fails_the_job_and_answers_503(app_factory, tmp_path, postgres_url, fake):
+    from imagegen import create_app
+    from imagegen.services import build
+
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    services = build(cluster_settings(tmp_path, postgres_url, broker_url=dead))
+    WorkerRegistry(services.jobs.db, 5).beat("w1", "cpu", "m", WorkerState.READY, 0, time.time())
+    app = create_app(services=services)
+    try:
+        refused = app.test_client().post("/generate", json={"prompt": PROMPT})
+        assert refused.status_code == 503 and refused.json["error"]["code"] == "queue_unavailable"
+        [failed] = services.jobs.recent()
+        assert failed.status == JobStatus.FAILED and failed.error["code"] == "broker_unavailable"
+        with pytest.raises(QueueUnavailable):
+            services.queue.submit(Job(params=params()))
+    finally:
+        services.stop(5)
+        services.jobs.db.close()
