@@ -8,6 +8,7 @@ the broker carries only job ids, and every API replica answers from the record.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -21,13 +22,17 @@ from imagegen.db import Database
 from imagegen.db import workers as table
 from imagegen.endings import Endings
 from imagegen.jobs import Job, JobStatus
-from imagegen.queue import ClusterMode, NotReady, QueueFull, QueueUnavailable, Snapshot, TooManyJobs, seconds_until_room
+from imagegen.queue import NotReady, QueueFull, QueueUnavailable, Snapshot, TooManyJobs, seconds_until_room
 from imagegen.states import ModelState, WorkerState
 from imagegen.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
 TASK = "imagegen.generate"
+# Across workers, a model shows the best state any of them has it in.
+MODEL_STATE_RANK = [ModelState.READY, ModelState.LOADING, ModelState.FAILED, ModelState.UNLOADED]
+# How long an admin call waits for the workers' answers: a busy worker answers after its batch.
+CONTROL_REPLY_SECONDS = 60
 # A waiting request reads its job every elapsed/20 seconds, within these bounds: a short job is seen
 # ending within a few ms, and a thousand long waits cost the database little.
 WAIT_POLL_SECONDS = (0.005, 0.1)
@@ -84,15 +89,32 @@ class WorkerRegistry:
         self.db = db
         self.stale_after = 3 * heartbeat_seconds
 
-    def beat(self, name: str, device: str, model: str, state: WorkerState, jobs_done: int, started_at: float) -> None:
-        """Records that this worker is alive and what it is doing."""
-        values = {"device": device, "model": model, "state": state, "jobs_done": jobs_done, "heartbeat_at": time.time()}
+    def beat(
+        self,
+        name: str,
+        device: str,
+        model: str,
+        state: WorkerState,
+        jobs_done: int,
+        started_at: float,
+        report: dict[str, Any] | None = None,
+    ) -> None:
+        """Records that this worker is alive, what it is doing, and its figures (`report`)."""
+        values = {
+            "device": device,
+            "model": model,
+            "state": state,
+            "jobs_done": jobs_done,
+            "heartbeat_at": time.time(),
+            "report": json.dumps(report or {}),
+        }
         with self.db.transaction() as conn:
             if not conn.execute(update(table).where(table.c.name == name).values(**values)).rowcount:
                 conn.execute(insert(table).values(name=name, started_at=started_at, **values))
 
     def describe(self) -> list[dict[str, Any]]:
-        """Every worker seen in the last hour, with `alive` from its last heartbeat."""
+        """Every worker seen in the last hour, with `alive` from its last heartbeat and the figures of
+        its last report (memory, GPUs, models, histograms)."""
         now = time.time()
         rows = self.db.query(select(table).where(table.c.heartbeat_at > now - 3600).order_by(table.c.name))
         workers = []
@@ -108,6 +130,7 @@ class WorkerRegistry:
                     "jobs_done": row["jobs_done"],
                     "last_heartbeat": row["heartbeat_at"],
                     "alive": fresh and not stopped,
+                    **json.loads(row["report"] or "{}"),
                 }
             )
         return workers
@@ -178,17 +201,38 @@ class CeleryQueue:
                 return False
             time.sleep(min(longest, max(shortest, elapsed / 20), timeout - elapsed))
 
-    def load(self, model: str) -> ModelState:
-        raise ClusterMode(
-            "Models are loaded by the workers in cluster mode: set MODEL_ID on the workers and restart them."
-        )
+    def load(self, model: str) -> dict[str, ModelState]:
+        """Every live worker loads the model (one it may serve: its MODEL_ID or MODELS) between batches."""
+        answers = self._ask_workers("imagegen_load", model=model)
+        if not answers:
+            raise NotReady("worker_stopped", "No generation worker is alive.")
+        if failed := {name: answer["error"] for name, answer in answers.items() if "error" in answer}:
+            reasons = "; ".join(f"{name}: {error}" for name, error in failed.items())
+            raise NotReady("model_unavailable", f"Model `{model}` failed to load on {reasons}", retry_after=30)
+        return {name: ModelState(answer["state"]) for name, answer in answers.items()}
 
-    def unload(self, model: str | None = None) -> list[str]:
-        raise ClusterMode("Models are unloaded by the workers in cluster mode: stop the workers to free them.")
+    def unload(self, model: str | None = None) -> dict[str, list[str]]:
+        """Every live worker unloads the model (or all) between batches; what each one unloaded."""
+        return {
+            name: answer.get("unloaded", [])
+            for name, answer in self._ask_workers("imagegen_unload", model=model).items()
+        }
 
     def unload_idle(self, seconds: float) -> list[str]:
-        """An API replica holds no model to unload."""
+        """An API replica holds no model; each worker unloads its own idle models."""
         return []
+
+    def _ask_workers(self, command: str, **arguments: Any) -> dict[str, dict[str, Any]]:
+        """Sends a control command (worker.py) to every live worker through the broker; each one's
+        answer by worker name, or an error for one that did not answer within CONTROL_REPLY_SECONDS."""
+        alive = [worker["name"] for worker in self.registry.alive()]
+        if not alive:
+            return {}
+        replies = self.app.control.broadcast(
+            command, arguments=arguments, reply=True, timeout=CONTROL_REPLY_SECONDS, limit=len(alive)
+        )
+        answers = {host.rsplit("@", 1)[0]: answer for reply in replies for host, answer in reply.items()}
+        return {name: answers.get(name, {"error": "no answer"}) for name in alive}
 
     def snapshot(self) -> Snapshot:
         running = [job.id for job in self.jobs.running()]
@@ -228,22 +272,26 @@ class CeleryQueue:
         return ModelState.LOADING if alive else ModelState.UNLOADED
 
     def describe(self) -> dict[str, Any]:
-        """The default model as the workers report it, each worker seen lately, and the broker's depth."""
+        """The models as the live workers report them (each model's best state, and each worker's),
+        each worker seen lately with its figures, and the broker's depth."""
         workers = self.registry.describe()
         alive = [worker for worker in workers if worker["alive"]]
-        devices = sorted({worker["device"] for worker in alive})
+        models: dict[str, dict[str, Any]] = {}
+        for worker in alive:
+            for info in worker.get("models", []):
+                entry = models.setdefault(info["id"], {"id": info["id"], "workers": {}})
+                entry["workers"][worker["name"]] = info["state"]
+        for entry in models.values():
+            entry["state"] = min(entry["workers"].values(), key=MODEL_STATE_RANK.index)
+        default = models.get(self.settings.model_id, {"id": self.settings.model_id, "workers": {}})
         model = {
-            "id": self.settings.model_id,
+            **default,
             "state": self._model_state(alive),
-            "device": ", ".join(devices) or None,
-            "dtype": None,
-            "load_seconds": None,
-            "last_used": None,
-            "error": None,
+            "device": ", ".join(sorted({worker["device"] for worker in alive})) or None,
         }
         return {
             "model": model,
-            "models": [model],
+            "models": list(models.values()) or [model],
             "workers": workers,
             "broker_queue_depth": broker_depth(self.app),
         }

@@ -64,6 +64,7 @@ workers = Table(
     Column("jobs_done", Integer, nullable=False, server_default="0"),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
+    Column("report", Text),  # JSON: the worker's memory, GPUs, models and histograms (monitoring.runner_report)
 )
 
 

@@ -18,7 +18,6 @@ from werkzeug.exceptions import HTTPException
 
 from imagegen.queue import (
     CallbackRejected,
-    ClusterMode,
     NotReady,
     QueueError,
     QueueFull,
@@ -118,8 +117,6 @@ def domain_error(exc: QueueError) -> APIError:
         case NotReady():
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
             return APIError(503, exc.code, exc.message, headers=headers)
-        case ClusterMode():
-            return APIError(409, "cluster_mode", str(exc))
         case CallbackRejected():
             return APIError(400, exc.code, exc.message, {"field": "callback_url"})
     return unexpected_error(exc)  # a new domain error nobody gave a status yet

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from config import Settings
@@ -116,23 +116,6 @@ class Monitor:
         }
 
 
-class Gauges(Collector):
-    """Figures read at scrape time (queue depth, models loaded, memory, images) from callbacks."""
-
-    def __init__(self, readings: Callable[[], dict[str, tuple[str, float | dict[str, float]]]]) -> None:
-        self.readings = readings
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        for name, (description, value) in self.readings().items():
-            if isinstance(value, dict):  # one figure per cluster worker
-                family = GaugeMetricFamily(f"imagegen_{name}", description, labels=["worker"])
-                for worker, figure in value.items():
-                    family.add_metric([worker], figure)
-                yield family
-            else:
-                yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
-
-
 class Alerts:
     """RAM, GPU memory and disk above their thresholds: listed in /status, logged once per crossing."""
 
@@ -205,32 +188,98 @@ def system_status(image_dir: Path, started: float) -> dict[str, Any]:
     }
 
 
-def app_readings(svc: Services) -> dict[str, tuple[str, float | dict[str, float]]]:
-    """The gauges /metrics reads at scrape time from the app's services."""
-    queue = svc.queue.snapshot()
-    runners = svc.queue.describe()
-    images = svc.images.stats()
-    models_loaded = sum(model["state"] == ModelState.READY for model in runners["models"])
-    values: dict[str, tuple[str, float | dict[str, float]]] = {
-        "queue_depth": ("Jobs waiting in the queue.", queue.depth),
-        "jobs_running": ("Jobs in the running batch.", len(queue.running)),
-        "models_loaded": ("Pipelines in memory.", models_loaded),
-        "ram_used_bytes": ("System RAM in use.", psutil.virtual_memory().used),
-        "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
-        "images_stored": ("Images in the store.", images["count"]),
-        "images_stored_bytes": ("Bytes of images in the store.", images["bytes"]),
+def histogram_figures(histogram: Histogram) -> dict[str, Any]:
+    """A histogram's cumulative bucket counts and sum, to carry to another process."""
+    samples = histogram.collect()[0].samples
+    buckets = [[sample.labels["le"], sample.value] for sample in samples if sample.name.endswith("_bucket")]
+    return {"buckets": buckets, "sum": next(sample.value for sample in samples if sample.name.endswith("_sum"))}
+
+
+def runner_report(monitor: Monitor, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a cluster worker tells the API with each heartbeat: its memory, GPUs, models and histograms."""
+    return {
+        "ram_used_bytes": ram_used_bytes(),
+        "process_rss_bytes": psutil.Process().memory_info().rss,
+        "gpus": gpu_memory(),
+        "models": models,
+        "generation_seconds": histogram_figures(monitor.generation_seconds),
+        "batch_size": histogram_figures(monitor.batch_size),
     }
-    for gpu in gpu_memory() or []:
-        values[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
-    if "workers" in runners:  # a cluster: its workers, each by name
-        workers = runners["workers"]
-        values["workers_alive"] = ("Cluster workers with a recent heartbeat.", sum(w["alive"] for w in workers))
-        values["worker_up"] = ("1 while the worker's heartbeat is recent.", {w["name"]: w["alive"] for w in workers})
-        values["worker_jobs_done"] = ("Jobs the worker has run.", {w["name"]: w["jobs_done"] for w in workers})
-        values["worker_heartbeat_age_seconds"] = (
-            "Seconds since the worker's last heartbeat.",
-            {w["name"]: round(time.time() - w["last_heartbeat"], 1) for w in workers},
-        )
-    if runners.get("broker_queue_depth") is not None:
-        values["broker_queue_depth"] = ("Messages waiting in the broker.", runners["broker_queue_depth"])
-    return values
+
+
+def ram_used_bytes() -> int:
+    return psutil.virtual_memory().used
+
+
+class AppFigures(Collector):
+    """The figures /metrics reads at scrape time: the queue, models, memory and images of this
+    process, and each cluster worker's from its last report."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.svc
+        queue = svc.queue.snapshot()
+        runners = svc.queue.describe()
+        images = svc.images.stats()
+        gauges: dict[str, tuple[str, float]] = {
+            "queue_depth": ("Jobs waiting in the queue.", queue.depth),
+            "jobs_running": ("Jobs in the running batch.", len(queue.running)),
+            "models_loaded": ("Pipelines in memory.", models_loaded(runners["models"])),
+            "ram_used_bytes": ("System RAM in use.", ram_used_bytes()),
+            "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
+            "images_stored": ("Images in the store.", images["count"]),
+            "images_stored_bytes": ("Bytes of images in the store.", images["bytes"]),
+        }
+        for gpu in gpu_memory() or []:
+            gauges[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
+        if runners.get("broker_queue_depth") is not None:
+            gauges["broker_queue_depth"] = ("Messages waiting in the broker.", runners["broker_queue_depth"])
+        for name, (description, value) in gauges.items():
+            yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
+        if "workers" in runners:  # a cluster: its workers, each by name
+            yield from worker_figures(runners["workers"])
+
+
+def models_loaded(models: list[dict[str, Any]]) -> int:
+    return sum(model["state"] == ModelState.READY for model in models)
+
+
+WORKER_GAUGES: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
+    "up": ("1 while the worker's heartbeat is recent.", lambda w: w["alive"]),
+    "jobs_done": ("Jobs the worker has run.", lambda w: w["jobs_done"]),
+    "heartbeat_age_seconds": ("Seconds since the worker's heartbeat.", lambda w: time.time() - w["last_heartbeat"]),
+    "ram_used_bytes": ("RAM in use on the worker's machine.", lambda w: w.get("ram_used_bytes")),
+    "process_rss_bytes": ("The worker process's resident memory.", lambda w: w.get("process_rss_bytes")),
+    "models_loaded": ("Pipelines in the worker's memory.", lambda w: models_loaded(w.get("models") or [])),
+}
+
+
+def worker_figures(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each worker's gauges and histograms, labelled with its name, from the reports in its heartbeats."""
+    yield GaugeMetricFamily(
+        "imagegen_workers_alive", "Cluster workers with a recent heartbeat.", value=sum(w["alive"] for w in workers)
+    )
+    for name, (description, read) in WORKER_GAUGES.items():
+        family = GaugeMetricFamily(f"imagegen_worker_{name}", description, labels=["worker"])
+        for worker in workers:
+            if (value := read(worker)) is not None:
+                family.add_metric([worker["name"]], value)
+        yield family
+    vram = GaugeMetricFamily(
+        "imagegen_worker_gpu_memory_used_bytes", "GPU memory in use on the worker's GPUs.", labels=["worker", "gpu"]
+    )
+    for worker in workers:
+        for gpu in worker.get("gpus") or []:
+            vram.add_metric([worker["name"], str(gpu["index"])], gpu["used_bytes"])
+    yield vram
+    for name, description in (
+        ("generation_seconds", "Time of one pipeline call (a batch) on the worker."),
+        ("batch_size", "Images per pipeline call on the worker."),
+    ):
+        family = HistogramMetricFamily(f"imagegen_worker_{name}", description, labels=["worker"])
+        for worker in workers:
+            if figures := worker.get(name):
+                family.add_metric([worker["name"]], figures["buckets"], figures["sum"])
+        yield family

@@ -54,10 +54,6 @@ class CallbackRejected(QueueError):
         self.code, self.message = code, message
 
 
-class ClusterMode(QueueError):
-    """What an API process of a cluster cannot do itself (the workers own the models)."""
-
-
 class NotReady(QueueError):
     """Why a generation could not start now: `code` says what (model_loading, worker_stopped, ...)."""
 
@@ -103,14 +99,16 @@ class JobQueue(Protocol):
     def wait(self, job_id: str, timeout: float) -> bool:
         """Blocks until the job ends; False if it is still going after `timeout` seconds."""
 
-    def load(self, model: str) -> ModelState:
-        """Admin: loads a model now; its state after."""
+    def load(self, model: str) -> dict[str, ModelState]:
+        """Admin: loads a model now on every runner; each runner's state after, by runner name
+        (`local`, or each cluster worker's). A failed load is NotReady(model_unavailable)."""
 
-    def unload(self, model: str | None = None) -> list[str]:
-        """Admin: unloads one model (or all) and returns their memory; the models unloaded."""
+    def unload(self, model: str | None = None) -> dict[str, list[str]]:
+        """Admin: unloads one model (or all) and returns their memory; what each runner unloaded."""
 
     def unload_idle(self, seconds: float) -> list[str]:
-        """Maintenance: unloads the models unused for `seconds`; the models unloaded."""
+        """Maintenance: unloads this process's models unused for `seconds` (cluster workers watch
+        their own); the models unloaded."""
 
     def snapshot(self) -> Snapshot:
         """Depth, bound and running jobs, for /queue, /status and /metrics."""

@@ -225,12 +225,14 @@ class ModelChange(BaseModel):
     model: str
     state: str
     unloaded: bool | None = None
+    workers: dict[str, Any] = Field(description="What each runner did, by name (`local`, or each cluster worker).")
 
 
 class CleanupResponse(BaseModel):
     dry_run: bool
     images: dict[str, int]
     unloaded_models: list[str] | None = None
+    workers: dict[str, list[str]] | None = Field(None, description="With unload_models: what each runner unloaded.")
 
 
 class SettingsChange(BaseModel):

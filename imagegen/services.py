@@ -20,7 +20,7 @@ from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.jobs import JobStore
 from imagegen.maintenance import MaintenanceLoop
-from imagegen.monitoring import Alerts, Gauges, Monitor, app_readings, system_status
+from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
 from imagegen.queue import JobQueue, NotReady
 from imagegen.security import Access
 from imagegen.storage import ImageStore
@@ -141,5 +141,5 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
         models = ModelManager(settings) if load is None else ModelManager(settings, load)
         queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local"))
     services = Services(settings, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
-    monitor.registry.register(Gauges(lambda: app_readings(services)))
+    monitor.registry.register(AppFigures(services))
     return services

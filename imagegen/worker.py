@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery.worker.control import control_command
 from celery_batches import Batches
 
 from config import Settings, load_settings
@@ -29,7 +30,7 @@ from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
 from imagegen.logs import setup_logging
-from imagegen.monitoring import Monitor
+from imagegen.monitoring import Monitor, runner_report
 from imagegen.security import Access
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
@@ -60,10 +61,20 @@ class JobBatches(Batches):
 
 class Heartbeat:
     """Writes this worker's row every WORKER_HEARTBEAT_SECONDS from a thread of its own, so a long
-    batch never makes a live worker look dead."""
+    batch never makes a live worker look dead. Each beat carries the worker's figures (memory,
+    GPUs, models, generation histograms: `monitoring.runner_report`), which the API shows in
+    /status and /metrics, then runs `after_beat` (the idle watch)."""
 
-    def __init__(self, registry: WorkerRegistry, name: str, settings: Settings, engine: Engine) -> None:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        name: str,
+        settings: Settings,
+        engine: Engine,
+        after_beat: Callable[[], None] = lambda: None,
+    ) -> None:
         self.registry, self.name, self.settings, self.engine = registry, name, settings, engine
+        self.after_beat = after_beat
         self.state = WorkerState.LOADING
         self.started = time.time()
         self._stop = threading.Event()
@@ -86,6 +97,7 @@ class Heartbeat:
             self.state,
             self.engine.jobs_done,
             self.started,
+            runner_report(self.engine.monitor, self.engine.models.describe()),
         )
 
     def start(self) -> None:
@@ -101,8 +113,63 @@ class Heartbeat:
         while not self._stop.wait(self.settings.worker_heartbeat_seconds):
             try:
                 self.beat()
-            except Exception as exc:  # the database may be away for a moment; the next beat retries
+                self.after_beat()
+            except Exception as exc:  # the database or the broker may be away for a moment; the next beat retries
                 log.warning("heartbeat failed: %s", exc)
+
+
+class Commands:
+    """What the API asks of this worker through the broker (admin load and unload, /cleanup), and
+    what its idle watch asks of it. Celery runs control commands on the worker's main thread
+    between batches, the thread that runs the batches, so the one-thread rule holds here too.
+    Each answer is a JSON object: what was done, or `error`. After each command `done` runs (a
+    heartbeat), so the API reads the models' new states as soon as it has the answer."""
+
+    def __init__(self, engine: Engine, settings: Settings, done: Callable[[], None]) -> None:
+        self.engine, self.settings, self.done = engine, settings, done
+
+    def load(self, model: str) -> dict[str, Any]:
+        if model not in self.settings.allowed_models:
+            return {"error": f"`{model}` is not in this worker's MODEL_ID or MODELS"}
+        try:
+            self.engine.models.get(model)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"state": self.engine.models.state(model).state}
+
+    def unload(self, model: str | None = None) -> dict[str, Any]:
+        return {"unloaded": self.engine.models.unload(model)}
+
+    def unload_idle(self) -> dict[str, Any]:
+        """Unloads the models unused for MODEL_IDLE_TIMEOUT_SECONDS (judged here, on the main thread,
+        so a model that a batch has just used stays)."""
+        idle = self.engine.models.idle(self.settings.model_idle_timeout_seconds)
+        unloaded = self.engine.models.unload_many(idle)
+        if unloaded:
+            log.info("unloaded idle models: %s", ", ".join(unloaded))
+        return {"unloaded": unloaded}
+
+    def register(self) -> None:
+        """Makes the commands known to Celery's worker (imagegen_load, imagegen_unload, imagegen_unload_idle)."""
+
+        @control_command(name="imagegen_load", args=[("model", str)], signature="<model>")
+        def _load(_state: Any, model: str) -> dict[str, Any]:
+            return self._then_report(self.load(model))
+
+        @control_command(name="imagegen_unload", args=[("model", str)], signature="[model]")
+        def _unload(_state: Any, model: str | None = None) -> dict[str, Any]:
+            return self._then_report(self.unload(model))
+
+        @control_command(name="imagegen_unload_idle")
+        def _unload_idle(_state: Any) -> dict[str, Any]:
+            return self._then_report(self.unload_idle())
+
+    def _then_report(self, answer: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.done()
+        except Exception as exc:  # the answer still counts; the next heartbeat reports the change
+            log.warning("could not report after a command: %s", exc)
+        return answer
 
 
 class Consumer:
@@ -145,8 +212,18 @@ def main() -> None:
     monitor = Monitor()
     webhooks = WebhookSender(settings, jobs, Access.from_settings(settings))
     engine = Engine(settings, ModelManager(settings), images, Endings(jobs, monitor, webhooks.notify), monitor, name)
-    heartbeat = Heartbeat(WorkerRegistry(db, settings.worker_heartbeat_seconds), name, settings, engine)
     celery = make_celery(settings)
+    hostname = f"{name}@{socket.gethostname()}"  # the worker's name in Celery, for messages to itself
+
+    def idle_watch() -> None:
+        """Asks this worker's main thread, through the broker, to unload models left idle."""
+        timeout = settings.model_idle_timeout_seconds
+        if timeout and engine.models.idle(timeout):
+            celery.control.broadcast("imagegen_unload_idle", destination=[hostname])
+
+    registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
+    heartbeat = Heartbeat(registry, name, settings, engine, after_beat=idle_watch)
+    Commands(engine, settings, done=heartbeat.beat).register()
     consume = Consumer(engine, lambda ids: publish(celery, ids), heartbeat.report)
 
     @celery.task(
@@ -176,7 +253,7 @@ def main() -> None:
             [
                 "worker",
                 "--pool=solo",
-                f"--hostname={name}@%h",
+                f"--hostname={hostname}",
                 f"--queues={settings.broker_queue}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,8 +204,6 @@ def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, t
     registry.beat("w", "cuda:1", "m", "ready", 0, time.time())
     health = client.get("/health")
     assert health.status_code == 200 and health.json["model_state"] == "ready"
-    refused = client.post("/models/models/tiny-random/load")  # models live in the workers
-    assert refused.status_code == 409 and refused.json["error"]["code"] == "cluster_mode"
 
 
 def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
@@ -247,3 +246,79 @@ def test_sigterm_lets_a_worker_finish_its_batch_and_hand_back_the_rest(tmp_path,
     time.sleep(2)  # past three heartbeats: a worker that stopped cleanly is not reported lost
     states = {w["name"]: w["state"] for w in get(base, "/status")[1]["app"]["workers"]}
     assert states[victim] == "stopped"
+
+
+def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, postgres_url, processes):
+    env = cluster_env(tmp_path, postgres_url)
+    processes.append(start_worker(tmp_path, "w1", env))
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    assert post(base, {"prompt": PROMPT, "steps": 2})[0] == 200
+
+    def worker() -> dict[str, Any]:
+        return next(w for w in get(base, "/status")[1]["app"]["workers"] if w["name"] == "w1")
+
+    seen = wait_until(lambda: (w := worker())["jobs_done"] == 1 and w)  # by the next heartbeat
+    assert seen["process_rss_bytes"] > 50 * 2**20 and seen["ram_used_bytes"] > seen["process_rss_bytes"] / 10
+    assert [(m["id"], m["state"]) for m in seen["models"]] == [("models/tiny-random", "ready")]
+    assert seen["generation_seconds"]["sum"] > 0 and seen["batch_size"]["buckets"][0] == ["1.0", 1.0]
+    metrics = call(f"{base}/metrics")[2].decode()
+    assert 'imagegen_worker_generation_seconds_count{worker="w1"} 1.0' in metrics
+    assert 'imagegen_worker_models_loaded{worker="w1"} 1.0' in metrics
+    assert 'imagegen_worker_process_rss_bytes{worker="w1"}' in metrics
+
+    status, unloaded = call_json(f"{base}/models/models/tiny-random/unload")
+    assert status == 200 and unloaded["workers"] == {"w1": ["models/tiny-random"]}
+    assert unloaded["unloaded"] and unloaded["state"] == "unloaded", "the worker reported before it answered"
+    assert [m["state"] for m in worker()["models"]] == ["unloaded"]
+    status, loaded = call_json(f"{base}/models/models/tiny-random/load")
+    assert status == 200 and loaded["workers"] == {"w1": "ready"}
+    status, cleaned = call_json(f"{base}/cleanup", {"unload_models": True})
+    assert status == 200 and cleaned["unloaded_models"] == ["models/tiny-random"]
+    assert cleaned["workers"] == {"w1": ["models/tiny-random"]}
+    assert post(base, {"prompt": PROMPT, "steps": 2})[0] == 200  # the next job loads it again
+
+
+def call_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """A POST (with a JSON body, or none)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else b"", method="POST")
+    if body:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=90) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_worker_unloads_its_idle_model_by_itself(tmp_path, postgres_url, processes):
+    env = cluster_env(tmp_path, postgres_url)
+    processes.append(start_worker(tmp_path, "w1", {**env, "MODEL_IDLE_TIMEOUT_SECONDS": "1"}))
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    models = lambda: get(base, "/status")[1]["app"]["workers"][0]["models"]  # noqa: E731
+    wait_until(lambda: [m["state"] for m in models()] == ["unloaded"], timeout=30)
+    assert post(base, {"prompt": PROMPT, "steps": 2})[0] == 200  # and loads it again when asked
+
+
+API_ROLE = """
+import json, sys, time
+from imagegen import create_app
+client = create_app().test_client()
+deadline = time.monotonic() + 60
+while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+    time.sleep(0.1)
+answer = client.post("/generate", json={"prompt": "a red circle", "steps": 2})
+heavy = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "diffusers", "transformers"})
+print(json.dumps({"status": answer.status_code, "heavy": heavy}))
+"""
+
+
+def test_the_cluster_api_role_never_imports_torch(tmp_path, postgres_url, processes):
+    env = cluster_env(tmp_path, postgres_url)
+    processes.append(start_worker(tmp_path, "w1", env))
+    environment = {**os.environ, "LOG_DIR": str(tmp_path / "logs"), "DATA_DIR": str(tmp_path / "data"), **env}
+    ran = subprocess.run(
+        [sys.executable, "-c", API_ROLE], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(ran.stdout.strip().splitlines()[-1]) == {"status": 200, "heavy": []}, ran.stderr[-2000:]

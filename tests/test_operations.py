@@ -117,16 +117,24 @@ def test_idle_models_are_unloaded_and_reload_on_demand(app_factory):
 
 
 def test_models_list_load_and_unload(app_factory):
-    client = app_factory(models="models/tiny-random,other/missing-model").test_client()
+    missing = "other/missing-model"  # a hub id, never fetched: the tests run with HF_HUB_OFFLINE=1
+    client = app_factory(models=f"models/tiny-random,{missing}").test_client()
     wait_ready(client)
     models = client.get("/models").json["models"]
-    assert [(m["id"], m["default"]) for m in models] == [("models/tiny-random", True), ("other/missing-model", False)]
+    assert [(m["id"], m["default"]) for m in models] == [("models/tiny-random", True), (missing, False)]
     assert client.post("/models/models/tiny-random/unload").json == {
         "model": "models/tiny-random",
         "unloaded": True,
         "state": "unloaded",
+        "workers": {"local": ["models/tiny-random"]},
     }
-    assert client.post("/models/models/tiny-random/load").json["state"] == "ready"
+    assert client.post("/models/models/tiny-random/load").json == {
+        "model": "models/tiny-random",
+        "state": "ready",
+        "workers": {"local": "ready"},
+    }
+    failed = client.post(f"/models/{missing}/load")
+    assert failed.status_code == 503 and failed.json["error"]["code"] == "model_unavailable"
     assert client.post("/models/nope/load").status_code == 404
     assert (
         client.post("/models/models/tiny-random/load", environ_base={"REMOTE_ADDR": "203.0.113.1"}).status_code == 403

@@ -13,7 +13,6 @@ from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.api.submission import parse
 from imagegen.errors import APIError
-from imagegen.queue import QueueError
 from imagegen.schemas import CleanupRequest, SettingsPatch
 from imagegen.security import require_admin
 from imagegen.states import ModelState
@@ -58,7 +57,9 @@ def cleanup() -> dict[str, Any]:
             models = svc.queue.describe()["models"]
             result["unloaded_models"] = [model["id"] for model in models if model["state"] == ModelState.READY]
         else:
-            result["unloaded_models"] = svc.queue.unload()
+            by_runner = svc.queue.unload()
+            result["unloaded_models"] = sorted({model for models in by_runner.values() for model in models})
+            result["workers"] = by_runner
     log.info("cleanup by admin: %s", result)
     return result
 
@@ -75,26 +76,28 @@ MODEL_ID = {"model_id": "A model from GET /models."}
 @bp.post("/models/<path:model_id>/load", **spec({200: schemas.ModelChange}, parameters=MODEL_ID, errors=ADMIN_ERRORS))
 @raw
 def load_model(model_id: str) -> dict[str, Any]:
-    """Loads a configured model now (on the worker thread), so the first request does not wait."""
+    """Loads a configured model now (on the generation thread, or on every cluster worker), so the
+    first request does not wait."""
     _known_model(model_id)
-    try:
-        state = services().queue.load(model_id)
-    except QueueError:
-        raise
-    except Exception as exc:
-        raise APIError(503, "model_unavailable", f"Model `{model_id}` failed to load: {exc}") from None
-    return {"model": model_id, "state": state}
+    states = services().queue.load(model_id)
+    return {"model": model_id, "state": ModelState.READY, "workers": states}
 
 
 @bp.post("/models/<path:model_id>/unload", **spec({200: schemas.ModelChange}, parameters=MODEL_ID, errors=ADMIN_ERRORS))
 @raw
 def unload_model(model_id: str) -> dict[str, Any]:
-    """Unloads a model and returns its memory; the next request that needs it loads it again."""
+    """Unloads a model (on every cluster worker too) and returns its memory; the next request that
+    needs it loads it again."""
     _known_model(model_id)
     queue = services().queue
-    unloaded = queue.unload(model_id)
+    by_runner = queue.unload(model_id)
     states = {model["id"]: model["state"] for model in queue.describe()["models"]}
-    return {"model": model_id, "unloaded": bool(unloaded), "state": states.get(model_id, ModelState.UNLOADED)}
+    return {
+        "model": model_id,
+        "unloaded": any(by_runner.values()),
+        "state": states.get(model_id, ModelState.UNLOADED),
+        "workers": by_runner,
+    }
 
 
 @bp.patch(

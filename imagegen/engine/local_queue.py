@@ -109,12 +109,15 @@ class LocalQueue:
             self._cond.notify_all()
         return future.result(timeout)
 
-    def load(self, model: str) -> ModelState:
-        self._call(lambda: self.models.get(model))
-        return self.models.state(model).state
+    def load(self, model: str) -> dict[str, ModelState]:
+        try:
+            self._call(lambda: self.models.get(model))
+        except Exception as exc:
+            raise NotReady("model_unavailable", f"Model `{model}` failed to load: {exc}", retry_after=30) from exc
+        return {self.engine.name: self.models.state(model).state}
 
-    def unload(self, model: str | None = None) -> list[str]:
-        return self._call(lambda: self.models.unload(model))
+    def unload(self, model: str | None = None) -> dict[str, list[str]]:
+        return {self.engine.name: self._call(lambda: self.models.unload(model))}
 
     def unload_idle(self, seconds: float) -> list[str]:
         idle = self.models.idle(seconds)
