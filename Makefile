@@ -2,17 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
 
-.PHONY: install run worker test lint bench clean
+.PHONY: install install-dev run worker test lint bench screenshot clean
 
-# Re-installs only when a requirements file changed since the last install.
-$(STAMP): requirements.txt requirements-dev.txt
+# Each stamp re-installs only when its requirements file changed since the last install.
+# The runtime (requirements.txt) is all that `make run` needs; the test and lint tools
+# (requirements-dev.txt) come with `make test` and `make lint`.
+$(RUNTIME): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $(STAMP)
+	$(PIP) -r requirements.txt
+	touch $@
 
-install: $(STAMP)
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+install: $(RUNTIME)
+
+install-dev: $(DEV)
 
 run: install
 	$(BIN)/python app.py
@@ -21,12 +31,16 @@ run: install
 worker: install
 	$(BIN)/python -m imagegen.worker
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Redraws docs/playground.png (the tests never write into the tree); needs Debian's chromium.
+screenshot: install-dev
+	IMAGEGEN_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_ui.py -k shows_progress
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     cleanup_interval_seconds: int = Field(300, ge=1, le=86_400)
     max_image_storage_mb: int = Field(0, ge=0)
     model_idle_timeout_seconds: int = Field(0, ge=0)
+    model_load_retry_seconds: float = Field(5.0, gt=0, le=600)
     memory_alert_percent: float = Field(90, gt=0, le=100)
     gpu_memory_alert_percent: float = Field(90, gt=0, le=100)
     disk_alert_percent: float = Field(90, gt=0, le=100)

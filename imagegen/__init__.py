@@ -18,7 +18,7 @@ from config import Settings, load_settings
 if TYPE_CHECKING:
     from imagegen.services import Services
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger(__name__)
 

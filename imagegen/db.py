@@ -43,6 +43,7 @@ jobs = Table(
     Column("callback_url", Text),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("worker", Text),
+    Column("request_id", String(128)),  # X-Request-ID of the request that created the job (logs.job_context)
 )
 
 images = Table(

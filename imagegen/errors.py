@@ -44,6 +44,52 @@ HTTP_CODES = {
 }
 
 
+# Every `code` a client can meet, with its status(es) and what it means: the catalogue that
+# docs/errors.md lists and the OpenAPI document gives as an enum (a test checks that the code raises
+# no other). Codes marked "a job's error" also stand in a failed job's `error`.
+ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
+    "bad_request": ((400,), "The request could not be read at the HTTP level."),
+    "invalid_json": ((400,), "The body is not a valid JSON document."),
+    "invalid_request": ((400,), "A field is missing, of the wrong type or out of range; `details` names it."),
+    "prompt_rejected": ((400,), "A prompt broke a screening rule; `details.rule` names the rule."),
+    "unknown_model": ((400,), "`model` (or A1111's `sd_model_checkpoint`) is not MODEL_ID or one of MODELS."),
+    "invalid_sampler": ((400,), "AUTOMATIC1111 surface: an unknown `sampler_name`."),
+    "callback_not_allowed": ((400,), "`callback_url` names a host outside WEBHOOK_ALLOWED_HOSTS."),
+    "unauthorized": ((401,), "No API key or admin token where one is needed, or a wrong one."),
+    "forbidden": ((403,), "Not allowed: an admin route without the admin, or an unsigned or expired image URL."),
+    "admin_disabled": ((403,), "Admin routes are off (production without an ADMIN_TOKEN)."),
+    "not_found": ((404,), "No such route, job, image or model (a job of another key counts as none)."),
+    "model_not_found": ((404,), "OpenAI surface: no such model."),
+    "method_not_allowed": ((405,), "The route exists, but not for this method."),
+    "request_timeout": ((408,), "The client sent its request too slowly."),
+    "job_finished": ((409,), "The job has already ended, so it cannot be cancelled."),
+    "cancelled": ((409,), "The job was cancelled before it ended (a job's error)."),
+    "payload_too_large": ((413,), "The body is larger than MAX_REQUEST_BYTES."),
+    "unsupported_media_type": ((415,), "A request body that is not JSON."),
+    "unprocessable": ((422,), "The request was understood but cannot be processed."),
+    "rate_limited": ((429,), "Over RATE_LIMIT or RATE_LIMIT_DEFAULT; `Retry-After` says when to try again."),
+    "too_many_jobs": ((429,), "MAX_JOBS_PER_CLIENT of your jobs are already queued; `Retry-After` estimates the wait."),
+    "internal_error": ((500,), "A bug of ours, logged with its traceback under the request id."),
+    "generation_failed": ((500,), "The pipeline failed on every attempt (1 + JOB_MAX_RETRIES) (a job's error)."),
+    "worker_lost": ((500,), "Every worker that started the job died while running it (a job's error)."),
+    "broker_unavailable": ((500,), "The broker refused the job (a job's error; the request got queue_unavailable)."),
+    "out_of_memory": ((503,), "The device ran out of memory; a smaller size or batch may fit (a job's error)."),
+    "unavailable": ((503,), "The service cannot answer now."),
+    "queue_full": ((503,), "The queue holds MAX_QUEUE_SIZE jobs; `Retry-After` estimates when a place frees up."),
+    "queue_unavailable": ((503,), "Cluster: the broker (or the database, or storage) does not answer."),
+    "timeout": (
+        (503,),
+        "OpenAI and A1111 surfaces: the job outlived REQUEST_TIMEOUT_SECONDS; it goes on as the job named.",
+    ),
+    "shutting_down": ((503,), "The server is draining for a restart; retry on another instance or shortly."),
+    "model_loading": ((503,), "The model is loading; `Retry-After` says when to look again."),
+    "model_unavailable": ((503,), "The model failed to load; it is tried again with backoff (`Retry-After`)."),
+    "worker_stopped": ((503,), "No generation thread or cluster worker is running."),
+    "disk_full": ((503,), "The image disk is nearly full (a /health reason)."),
+    "error": ((), "Any other HTTP error status, with the status's own message."),
+}
+
+
 class APIError(Exception):
     """An error a client can act on: status, stable code, message, optional details and headers."""
 
@@ -137,6 +183,8 @@ def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = 
 
     def handle(error: APIError) -> Response:
         current_app.extensions["imagegen"].monitor.record_error(error.code)
+        if "Retry-After" in error.headers:  # ours wins over the rate limiter's window (middleware._finish)
+            g.retry_after = error.headers["Retry-After"]
         return render(error)
 
     target.register_error_handler(APIError, handle)

@@ -87,6 +87,7 @@ class Job:
     callback_url: str | None = None
     attempts: int = 0
     worker: str | None = None
+    request_id: str | None = None
 
     @property
     def progress(self) -> float:
@@ -123,6 +124,7 @@ def _row_to_job(row: Any) -> Job:
         callback_url=row["callback_url"],
         attempts=row["attempts"],
         worker=row["worker"],
+        request_id=row["request_id"],
     )
 
 
@@ -148,6 +150,7 @@ class JobStore:
                     created_at=job.created_at,
                     cache_key=job.cache_key,
                     callback_url=job.callback_url,
+                    request_id=job.request_id,
                 )
             )
         return job

@@ -1,7 +1,10 @@
 """Logging set-up: a rotating file under LOG_DIR plus the console, as text or JSON lines.
 
 Why a filter adds the request id: every line logged while a request is handled (by routes,
-screening, the limiter) carries that request's X-Request-ID, so one grep follows one request.
+screening, the limiter) carries that request's X-Request-ID, and every line logged while a batch
+runs (generation, failure with its traceback, retry, in the local thread or a cluster worker)
+carries the ids of its jobs and of the requests that created them (`job_context`), so one grep for
+a request id finds its whole trail.
 """
 
 from __future__ import annotations
@@ -10,19 +13,42 @@ import json
 import logging
 import logging.handlers
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from flask import g, has_request_context
 
 from config import Settings
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s%(jobs)s] %(name)s: %(message)s"
+
+# The jobs of the batch this thread is running: (job ids, the request ids that created them).
+_JOBS: ContextVar[tuple[list[str], list[str]] | None] = ContextVar("imagegen_jobs", default=None)
+
+
+@contextmanager
+def job_context(job_ids: list[str], request_ids: list[str | None]) -> Iterator[None]:
+    """Every line this thread logs inside the block carries these jobs and their requests' ids."""
+    token = _JOBS.set((job_ids, sorted({rid for rid in request_ids if rid})))
+    try:
+        yield
+    finally:
+        _JOBS.reset(token)
 
 
 class RequestIdFilter(logging.Filter):
-    """Stamps each record with the current request's id, or '-' outside a request."""
+    """Stamps each record with the current request's id (or, in a batch, its jobs' request ids and
+    job ids), or '-' outside both."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        jobs = _JOBS.get()
+        if has_request_context():
+            record.request_id = g.get("request_id", "-")
+        else:
+            record.request_id = (",".join(jobs[1]) or "-") if jobs else "-"
+        record.job_ids = jobs[0] if jobs else []
+        record.jobs = f" jobs={','.join(jobs[0])}" if jobs else ""
         return True
 
 
@@ -37,6 +63,8 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        if job_ids := getattr(record, "job_ids", None):
+            entry["job_ids"] = job_ids
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

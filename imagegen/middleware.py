@@ -34,6 +34,13 @@ def _begin() -> None:
 def _finish(response: Response) -> Response:
     """Stamps the id and security headers, records the request's figures and logs one line."""
     response.headers["X-Request-ID"] = g.get("request_id", "-")
+    # flask-limiter (whose after_request runs before this one) sets Retry-After on every response of
+    # a limited route, to its window's reset: only a 429 or 503 carries one, and ours when we gave one.
+    if response.status_code in {429, 503}:
+        if retry_after := g.get("retry_after"):
+            response.headers["Retry-After"] = retry_after
+    else:
+        response.headers.pop("Retry-After", None)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["Referrer-Policy"] = "no-referrer"

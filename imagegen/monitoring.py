@@ -111,8 +111,8 @@ class Monitor:
             responses, generations = list(self._responses), list(self._generations)
         return {
             "requests": {"total": total, "errors": failed, "error_rate": round(failed / total, 4) if total else 0.0},
-            "response_time": _window_summary(responses),
-            "generation_time": _window_summary(generations),
+            "response_seconds": _window_summary(responses),
+            "generation_seconds": _window_summary(generations),
         }
 
 
@@ -174,8 +174,8 @@ def system_status(image_dir: Path, started: float) -> dict[str, Any]:
     memory = psutil.virtual_memory()
     disk = shutil.disk_usage(image_dir)
     return {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "ram": {"total_bytes": memory.total, "used_bytes": memory.total - memory.available, "percent": memory.percent},
+        "cpu_percent": psutil.cpu_percent(interval=None),  # since the last call (the first: since psutil's import)
+        "ram": {"total_bytes": memory.total, "used_bytes": ram_used_bytes(), "percent": memory.percent},
         "process_rss_bytes": psutil.Process().memory_info().rss,
         "gpus": gpu_memory(),
         "disk": {
@@ -208,7 +208,10 @@ def runner_report(monitor: Monitor, models: list[dict[str, Any]]) -> dict[str, A
 
 
 def ram_used_bytes() -> int:
-    return psutil.virtual_memory().used
+    """RAM in use as psutil's `percent` counts it: all but what is available to new processes (its own
+    `used` leaves out buffers and cache that cannot be freed, so the two would disagree)."""
+    memory = psutil.virtual_memory()
+    return memory.total - memory.available
 
 
 class AppFigures(Collector):

@@ -17,6 +17,7 @@ class Scheduler:
     diffusers_class: str
     options: dict[str, Any] = field(default_factory=dict)
     a1111_titles: tuple[str, ...] = ()  # the first is the one /sdapi/v1/samplers lists; the rest are aliases
+    min_steps: int = 1  # fewer fail inside diffusers (PNDM's warm-up needs 4)
 
 
 SCHEDULERS: dict[str, Scheduler] = {
@@ -32,8 +33,8 @@ SCHEDULERS: dict[str, Scheduler] = {
             ("DPM++ 2M Karras",),
         ),
         Scheduler("ddim", "DDIMScheduler", {}, ("DDIM",)),
-        Scheduler("pndm", "PNDMScheduler", {}, ("PNDM", "PLMS")),
-        Scheduler("lms", "LMSDiscreteScheduler", {}, ("LMS",)),
+        Scheduler("pndm", "PNDMScheduler", {}, ("PNDM", "PLMS"), min_steps=4),
+        Scheduler("lms", "LMSDiscreteScheduler", {}, ("LMS",)),  # needs SciPy (in requirements.txt)
         Scheduler("heun", "HeunDiscreteScheduler", {}, ("Heun",)),
         Scheduler("unipc", "UniPCMultistepScheduler", {}, ("UniPC",)),
     )

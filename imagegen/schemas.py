@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 from pydantic_core import PydanticCustomError
 
 from config import Settings
+from imagegen.errors import ERROR_CODES
 from imagegen.jobs import GenerationParams, JobStatus
 from imagegen.schedulers import SCHEDULER_NAMES
 
@@ -118,7 +119,7 @@ class SettingsPatch(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str
+    code: Literal[tuple(ERROR_CODES)] = Field(description="See docs/errors.md.")  # type: ignore[valid-type]
     message: str
     details: Any = None
     request_id: str | None = None
@@ -212,6 +213,7 @@ class Index(BaseModel):
 
 
 class Status(BaseModel):
+    version: str
     system: dict[str, Any]
     app: dict[str, Any]
     alerts: list[dict[str, Any]]

@@ -180,7 +180,11 @@ def require_admin() -> None:
     production = current_app.config["IMAGEGEN_PRODUCTION"]
     token = access().admin_token
     if production and len(token) < MIN_ADMIN_TOKEN_LENGTH:
-        raise APIError(403, "admin_disabled", "Admin routes are disabled: set an ADMIN_TOKEN of 16+ characters.")
+        raise APIError(
+            403,
+            "admin_disabled",
+            f"Admin routes are disabled: set an ADMIN_TOKEN of {MIN_ADMIN_TOKEN_LENGTH}+ characters.",
+        )
     if token:
         given = request.headers.get("X-Admin-Token") or bearer_token() or ""
         if not hmac.compare_digest(given.encode(), token.encode()):

@@ -29,7 +29,7 @@ from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
-from imagegen.logs import setup_logging
+from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
 from imagegen.security import Access
 from imagegen.states import WorkerState
@@ -193,7 +193,8 @@ class Consumer:
             # Not a job's own failure (the engine ends those) but the database's or the broker's: these
             # messages are acknowledged when this returns, so their jobs go back to the queue as new
             # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
-            log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
+            with job_context(ids, []):
+                log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
             time.sleep(OUTAGE_PAUSE_SECONDS)
             self.republish(ids)
         self.report(WorkerState.READY)

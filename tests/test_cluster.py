@@ -253,7 +253,10 @@ def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, p
     processes.append(start_worker(tmp_path, "w1", env))
     api, base = start_server(tmp_path, **env)
     processes.append(api)
-    assert post(base, {"prompt": PROMPT, "steps": 2})[0] == 200
+    status, body = post(base, {"prompt": PROMPT, "steps": 2}, {"X-Request-ID": "cluster-trail-1"})
+    assert status == 200
+    worker_log = (tmp_path / "logs" / "worker-w1.log").read_text()
+    assert f"[cluster-trail-1 jobs={body['id']}] imagegen.engine.runner: generated 1 jobs" in worker_log
 
     def worker() -> dict[str, Any]:
         return next(w for w in get(base, "/status")[1]["app"]["workers"] if w["name"] == "w1")

@@ -158,3 +158,35 @@ def test_production_hides_internals(app_factory, fake):
     assert response.status_code == 500
     assert "/internal/path" not in response.get_data(as_text=True)
     assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_within_0_and_1(app_factory, monkeypatch):
+    from imagegen.engine import runner
+    from imagegen.schedulers import A1111_SAMPLERS, SCHEDULER_NAMES, SCHEDULERS
+
+    client = app_factory(max_steps=8).test_client()
+    wait_ready(client)
+    store = client.application.extensions["imagegen"].jobs
+    written: list[int] = []
+    set_step = store.set_step
+    monkeypatch.setattr(runner, "PROGRESS_INTERVAL_SECONDS", 0)  # every step is written
+    monkeypatch.setattr(store, "set_step", lambda ids, step: written.append(step) or set_step(ids, step))
+
+    def bounds(name: str) -> tuple[int, int]:
+        return (SCHEDULERS[name].min_steps if name in SCHEDULERS else 1), 8
+
+    for name in SCHEDULER_NAMES:
+        for steps in bounds(name):
+            written.clear()
+            response = client.post("/generate", json={"prompt": PROMPT, "scheduler": name, "steps": steps})
+            assert response.status_code == 200, (name, steps, response.json)
+            assert written and max(written) <= steps and written[-1] == steps, (name, steps, written)
+    for title, name in A1111_SAMPLERS.items():
+        for steps in bounds(name):
+            body = {"prompt": PROMPT, "sampler_name": title, "steps": steps, "width": 64, "height": 64}
+            answer = client.post("/sdapi/v1/txt2img", json=body)
+            assert answer.status_code == 200, (title, steps, answer.json)
+    too_few = client.post("/generate", json={"prompt": PROMPT, "scheduler": "pndm", "steps": 3})
+    assert too_few.status_code == 400
+    assert too_few.json["error"]["message"] == "`steps` must be at least 4 with the `pndm` scheduler, got 3"
+    assert too_few.json["error"]["details"] == {"field": "steps", "scheduler": "pndm"}

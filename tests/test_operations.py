@@ -69,6 +69,27 @@ def test_json_logs_carry_the_request_id(app_factory, tmp_path):
     assert {"time", "level", "logger", "request_id", "message"} <= set(lines[0])
 
 
+def test_a_jobs_log_lines_carry_its_request_id_and_job_id_in_json_and_text(app_factory, fake, tmp_path):
+    client = app_factory(pipeline=fake, log_format="json").test_client()
+    wait_ready(client)
+    fake.failures = [RuntimeError("boom in the pipeline")]  # the first attempt fails with a traceback
+    job_id = client.post("/generate", json={"prompt": PROMPT}, headers={"X-Request-ID": "trail-7"}).json["id"]
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()]
+    trail = [entry for entry in lines if entry["request_id"] == "trail-7"]
+    by_engine = [entry for entry in trail if entry["logger"] == "imagegen.engine.runner"]
+    assert [entry["job_ids"] for entry in by_engine] == [[job_id], [job_id]]
+    failure, success = by_engine
+    assert "failed (1 to retry)" in failure["message"] and "RuntimeError: boom" in failure["exception"]
+    assert success["message"].startswith("generated 1 jobs")
+    assert any(entry["logger"] == "imagegen.access" for entry in trail)
+
+    client = app_factory(pipeline=fake, log_dir=tmp_path / "text-logs").test_client()
+    wait_ready(client)
+    job_id = client.post("/generate", json={"prompt": PROMPT}, headers={"X-Request-ID": "trail-8"}).json["id"]
+    text = (tmp_path / "text-logs" / "app.log").read_text()
+    assert f"[trail-8 jobs={job_id}] imagegen.engine.runner: generated 1 jobs" in text
+
+
 def test_log_file_rotates(app_factory, tmp_path):
     client = app_factory(log_max_bytes=2048, log_backup_count=2).test_client()
     for _ in range(60):

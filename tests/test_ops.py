@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 
-from tests.conftest import wait_ready
+from tests.conftest import ROOT, wait_ready
 
 PROMPT = "a green square on a white background"
 
@@ -40,7 +41,7 @@ def test_generate_is_refused_while_loading(app_factory, fake):
     fake.let_go()
     assert response.status_code == 503
     assert response.json["error"]["code"] == "model_loading"
-    assert int(response.headers["Retry-After"]) >= 5
+    assert response.headers["Retry-After"] == "5"
 
 
 def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tmp_path):
@@ -72,11 +73,11 @@ def test_status_reports_system_and_app_figures(app_factory):
     assert app["queue"] == {"depth": 0, "max": 64, "active": 0}
     assert app["images"]["count"] == 1 and app["images"]["bytes"] > 0
     assert app["requests"]["total"] >= 2
-    assert app["generation_time"]["count"] == 1 and app["generation_time"]["p95"] > 0
-    assert app["response_time"]["p50"] is not None
+    assert app["generation_seconds"]["count"] == 1 and app["generation_seconds"]["p95"] > 0
+    assert app["response_seconds"]["p50"] is not None
 
 
-def test_cleanup_deletes_old_images_and_unloads(client):
+def test_cleanup_deletes_old_images_and_unloads(client, caplog):
     url = client.post("/generate", json={"prompt": PROMPT, "steps": 2}).json["images"][0]["url"]
     path = url.removeprefix("http://localhost")
     dry = client.post("/cleanup", json={"images_older_than_seconds": 0, "dry_run": True}).json
@@ -87,6 +88,8 @@ def test_cleanup_deletes_old_images_and_unloads(client):
     assert young["images"]["deleted"] == 0
     done = client.post("/cleanup", json={"images_older_than_seconds": 0, "unload_models": True}).json
     assert done["images"]["deleted"] == 1 and done["unloaded_models"] == ["models/tiny-random"]
+    [unload] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloaded ")]
+    assert re.fullmatch(r"unloaded models/tiny-random; before: rss=\d+MB; after: rss=\d+MB", unload)
     assert client.get(path).status_code == 404
     assert client.get("/status").json["app"]["model"]["state"] == "unloaded"
     # the next request loads the model again without the client noticing anything but time
@@ -119,3 +122,31 @@ def test_cleanup_rejects_bad_options(client):
     response = client.post("/cleanup", json={"images_older_than_seconds": -5})
     assert response.status_code == 400
     assert response.json["error"]["details"][0]["field"] == "images_older_than_seconds"
+
+
+def test_a_failed_load_is_tried_again_with_backoff_until_it_works(app_factory, fake):
+    fake.failures = [RuntimeError("CUDA out of memory"), RuntimeError("CUDA out of memory")]  # the first two loads
+    client = app_factory(pipeline=fake, model_load_retry_seconds=0.5).test_client()
+    deadline = time.monotonic() + 20
+    while client.get("/models").json["models"][0].get("failures", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    health = client.get("/health")
+    assert health.status_code == 503 and "failed to load: RuntimeError: CUDA out of memory" in health.json["reason"]
+    assert "the next try is in 1 s" in health.json["reason"]
+    [model] = [m for m in client.get("/models").json["models"] if m["default"]]
+    assert model["state"] == "failed" and model["retry_at"] > time.time() - 1
+    refused = client.post("/generate", json={"prompt": PROMPT})
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "model_unavailable"
+    wait_ready(client)  # the second try fails too (after 0.5 s), the third (after 1 s more) loads it
+    [model] = [m for m in client.get("/models").json["models"] if m["default"]]
+    assert (model["state"], model["failures"], model["retry_at"], model["error"]) == ("ready", 0, None, None)
+    assert len(fake.calls) == 3  # three warm-up calls: two failed, one that loaded
+    assert client.post("/generate", json={"prompt": PROMPT}).status_code == 200
+
+
+def test_the_version_is_reported_and_in_the_changelog(fake_client):
+    from imagegen import __version__
+
+    assert fake_client.get("/").json["version"] == __version__ == fake_client.get("/status").json["version"]
+    assert f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()
+    assert f"## {__version__} " in (ROOT / "CHANGELOG.md").read_text()

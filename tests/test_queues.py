@@ -66,7 +66,7 @@ def test_a_draining_server_refuses_new_jobs(fake_client):
     fake_client.application.extensions["imagegen"].stop(10)
     refused = fake_client.post("/generate", json={"prompt": PROMPT})
     assert refused.status_code == 503 and refused.json["error"]["code"] == "shutting_down"
-    assert int(refused.headers["Retry-After"]) >= 10  # flask-limiter raises it to its window's reset
+    assert refused.headers["Retry-After"] == "10"
     health = fake_client.get("/health")
     assert health.status_code == 503 and health.json["reason"].startswith("The server is shutting down")
 

@@ -8,7 +8,7 @@ from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagegen import schemas
+from imagegen import __version__, schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.security import public, unlimited
@@ -52,6 +52,7 @@ def status() -> dict[str, Any]:
     queue = svc.queue.snapshot()
     system = svc.system()
     return {
+        "version": __version__,
         "system": system,
         "app": {
             **svc.queue.describe(),

@@ -9,12 +9,13 @@ from __future__ import annotations
 import secrets
 from typing import Any, TypeVar
 
-from flask import request
+from flask import g, request
 from pydantic import BaseModel
 
 from imagegen.api import services
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus
+from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
 from imagegen.security import client_key, screen_prompt
 from imagegen.webhooks import check_callback_url
@@ -42,6 +43,15 @@ def resolve_params(body: GenerateRequest) -> GenerationParams:
         raise APIError(
             400, "unknown_model", f"`model` must be one of {', '.join(settings.allowed_models)}", {"field": "model"}
         )
+    steps = body.steps or settings.default_steps
+    scheduler = body.scheduler or DEFAULT_SCHEDULER
+    if scheduler in SCHEDULERS and steps < SCHEDULERS[scheduler].min_steps:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"`steps` must be at least {SCHEDULERS[scheduler].min_steps} with the `{scheduler}` scheduler, got {steps}",
+            {"field": "steps", "scheduler": scheduler},
+        )
     if body.seed is None:
         seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(body.num_images))
     else:
@@ -51,10 +61,10 @@ def resolve_params(body: GenerateRequest) -> GenerationParams:
         negative_prompt=body.negative_prompt or "",
         width=body.width or settings.default_width,
         height=body.height or settings.default_height,
-        steps=body.steps or settings.default_steps,
+        steps=steps,
         guidance_scale=settings.default_guidance_scale if body.guidance_scale is None else body.guidance_scale,
         seeds=seeds,
-        scheduler=body.scheduler or "default",
+        scheduler=scheduler,
         model=model,
     )
 
@@ -83,6 +93,7 @@ def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: s
         client=client_key(),
         cache_key=params.digest if cacheable else None,
         callback_url=callback_url,
+        request_id=g.get("request_id"),
     )
     svc.queue.submit(job)
     return job

@@ -8,7 +8,9 @@ between batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -19,6 +21,7 @@ from typing import Any
 from config import Settings
 from imagegen.engine.runner import Engine, gather
 from imagegen.jobs import Job
+from imagegen.logs import job_context
 from imagegen.queue import NotReady, QueueFull, Snapshot, TooManyJobs, seconds_until_room
 from imagegen.states import ModelState
 
@@ -132,7 +135,9 @@ class LocalQueue:
             return NotReady("worker_stopped", "The generation thread is not running.")
         info = self.models.state(model)
         if info.state == ModelState.FAILED:
-            return NotReady("model_unavailable", f"Model `{model}` failed to load: {info.error}", retry_after=30)
+            wait = max(1, math.ceil((info.retry_at or 0) - time.time()))
+            message = f"Model `{model}` failed to load: {info.error}; the next try is in {wait} s."
+            return NotReady("model_unavailable", message, retry_after=wait)
         if info.state == ModelState.LOADING and info.load_seconds is None:
             return NotReady("model_loading", f"Model `{model}` is loading; try again shortly.", retry_after=5)
         return None
@@ -169,15 +174,27 @@ class LocalQueue:
         while True:
             with self._cond:
                 while not (self._tasks or self._queue or self._stopping):
-                    self._cond.wait()
+                    due, wait = self.models.retry_due()
+                    if due:
+                        break
+                    self._cond.wait(wait)
                 if self._stopping:
                     return
                 task = self._tasks.popleft() if self._tasks else None
-                batch = None if task else self._take_batch()
+                batch = None if task or not self._queue else self._take_batch()
             if task:
                 self._run_task(*task)
             elif batch:
                 self._execute(batch)
+            else:
+                self._retry_loads()
+
+    def _retry_loads(self) -> None:
+        """Tries again the failed loads whose backoff has passed (a transient out-of-memory, a file
+        that appeared since), when there is nothing else to do."""
+        for model in self.models.retry_due()[0]:
+            with contextlib.suppress(Exception):  # logged by the model manager, with the next try's time
+                self.models.get(model)
 
     @staticmethod
     def _run_task(fn: Callable[[], Any], future: Future) -> None:
@@ -207,7 +224,8 @@ class LocalQueue:
         try:
             retry = self.engine.run(batch)
         except Exception:  # the records could not be written (a job's own failure is the engine's to end)
-            log.exception("batch of %d jobs could not be recorded; they run again at the next start", len(batch))
+            with job_context([job.id for job in batch], [job.request_id for job in batch]):
+                log.exception("batch of %d jobs could not be recorded; they run again at the next start", len(batch))
             retry = []
         with self._cond:
             self._running = []

@@ -33,6 +33,9 @@ from imagegen.states import ModelState
 log = logging.getLogger(__name__)
 
 
+# A failed load is tried again after MODEL_LOAD_RETRY_SECONDS, doubled after each failure, up to this.
+MAX_RETRY_SECONDS = 600
+
 # diffusers' low-memory loading patches torch's parameter registration process-wide while it runs,
 # so two loads at once (two apps in one process, as in tests) corrupt each other: one at a time.
 _LOAD_LOCK = threading.Lock()
@@ -49,6 +52,8 @@ class ModelInfo:
     load_seconds: float | None = None
     last_used: float | None = None
     error: str | None = None
+    failures: int = 0  # failed loads in a row
+    retry_at: float | None = None  # when a failed load is tried again (epoch seconds)
 
 
 def resolve_device(setting: str) -> str:
@@ -143,8 +148,11 @@ class ModelManager:
             self._apply_memory_options(pipe)
             self._warm_up(pipe)
         except Exception as exc:
-            self._set(model_id, state=ModelState.FAILED, error=f"{type(exc).__name__}: {exc}")
-            log.error("model %s failed to load: %s", model_id, exc)
+            failures = self.state(model_id).failures + 1
+            wait = min(MAX_RETRY_SECONDS, self.settings.model_load_retry_seconds * 2 ** (failures - 1))
+            error = f"{type(exc).__name__}: {exc}"
+            self._set(model_id, state=ModelState.FAILED, error=error, failures=failures, retry_at=time.time() + wait)
+            log.error("model %s failed to load (%d in a row; next try in %.0fs): %s", model_id, failures, wait, exc)
             raise
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
@@ -155,6 +163,8 @@ class ModelManager:
             device=self.device,
             dtype=str(self.dtype).removeprefix("torch."),
             load_seconds=round(seconds, 3),
+            failures=0,
+            retry_at=None,
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
@@ -208,6 +218,15 @@ class ModelManager:
         with self._lock:
             return [m for m, info in self._info.items() if info.state == ModelState.READY]
 
+    def retry_due(self) -> tuple[list[str], float | None]:
+        """Failed models whose next try is due, and the seconds until the next one that is not (or None)."""
+        now = time.time()
+        with self._lock:
+            waits = {m: info.retry_at - now for m, info in self._info.items() if info.state == ModelState.FAILED}
+        due = [model for model, wait in waits.items() if wait <= 0]
+        later = [wait for wait in waits.values() if wait > 0]
+        return due, min(later, default=None)
+
     def idle(self, seconds: float) -> list[str]:
         """Loaded models unused for at least `seconds` (safe to ask from any thread)."""
         cutoff = time.time() - seconds
@@ -223,6 +242,7 @@ class ModelManager:
     def unload(self, model_id: str | None = None) -> list[str]:
         """Drops one model (or all) and returns the memory to the system."""
         targets = [model_id] if model_id else list(self._pipes)
+        before = memory_snapshot(self.device)
         unloaded = [target for target in targets if self._pipes.pop(target, None) is not None]
         for target in unloaded:
             self._default_schedulers.pop(target, None)
@@ -232,5 +252,5 @@ class ModelManager:
             release_freed_ram()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.info("unloaded %s; after: %s", ", ".join(unloaded), memory_snapshot(self.device))
+            log.info("unloaded %s; before: %s; after: %s", ", ".join(unloaded), before, memory_snapshot(self.device))
         return unloaded

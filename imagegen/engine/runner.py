@@ -18,6 +18,7 @@ from config import Settings
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.jobs import Job, JobStatus
+from imagegen.logs import job_context
 from imagegen.monitoring import Monitor
 from imagegen.storage import ImageStore
 
@@ -73,8 +74,13 @@ class Engine:
         """Runs one batch and returns the jobs to queue again (they failed with attempts left).
 
         Jobs that already ended (a redelivered message, a cancel) are skipped; a job whose earlier
-        attempts all died with their worker fails instead of taking down one more.
+        attempts all died with their worker fails instead of taking down one more. Every line logged
+        meanwhile carries the jobs' ids and their requests' ids.
         """
+        with job_context([job.id for job in batch], [job.request_id for job in batch]):
+            return self._run(batch)
+
+    def _run(self, batch: list[Job]) -> list[Job]:
         claimed = self.jobs.claim([job.id for job in batch], self.name)
         runnable = []
         for job in claimed:
@@ -129,12 +135,14 @@ class Engine:
 
         written = [0.0]
 
-        def progress(running: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def progress(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()
             if now - written[0] < PROGRESS_INTERVAL_SECONDS:
                 return tensors
             written[0] = now
-            if not self.jobs.set_step(ids, step + 1):
+            # In the requested steps: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9).
+            step = (index + 1) * params.steps // len(running.scheduler.timesteps)
+            if not self.jobs.set_step(ids, step):
                 running._interrupt = True  # every job of the batch was cancelled: skip the remaining steps
             return tensors
 
