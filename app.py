@@ -18,7 +18,16 @@ if __name__ == "__main__":
 
     services = app.extensions["imagegen"]
     settings = services.settings
-    server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads, ident="imagegen")
+    # waitress reads a whole body before the app sees it: anything over the largest body a route
+    # accepts (MAX_REQUEST_BYTES, JSON) is refused by waitress itself, from its Content-Length, unread.
+    server = create_server(
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident="imagegen",
+        max_request_body_size=settings.max_request_bytes,
+    )
 
     def shut_down(signum: int, _frame: FrameType | None) -> None:
         log = logging.getLogger("imagegen")

@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from limits import parse, parse_many
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent
@@ -91,7 +92,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(0, ge=0, le=10_000)
-    max_jobs_per_client: int = Field(0, ge=0, le=100_000)
+    max_jobs_per_client: int = Field(16, ge=0, le=100_000)
+    max_waits_per_client: int = Field(4, ge=0, le=10_000)
+    max_streams_per_client: int = Field(4, ge=0, le=10_000)
     result_cache: bool = True
     webhook_allowed_hosts: str = ""
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
@@ -139,6 +142,7 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     rate_limit: str = "10/minute"
     rate_limit_default: str = "300/minute"
+    rate_limit_cost: str = "200/minute"
     rate_limit_storage_uri: str = "memory://"
     blocked_words: str = ""
     blocked_patterns_file: Path | None = None
@@ -178,6 +182,18 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
         return value if value is None or value.is_absolute() else ROOT / value
+
+    @field_validator("rate_limit", "rate_limit_default", "rate_limit_cost")
+    @classmethod
+    def _check_limit(cls, value: str, info: ValidationInfo) -> str:
+        """A limit string (`10/minute`, `100/hour;10/minute`); RATE_LIMIT_COST one amount per window,
+        or empty for no cost budget."""
+        if info.field_name == "rate_limit_cost":
+            if value:
+                parse(value)
+            return value
+        parse_many(value)
+        return value
 
     @field_validator("default_guidance_scale", "request_timeout_seconds")
     @classmethod

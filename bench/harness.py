@@ -61,6 +61,11 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
             "rate_limit_default": "1000000/minute",
             "result_cache": False,
             "max_queue_size": 1000,
+            # one client (this benchmark) stands for many: no per-client caps, no cost budget
+            "max_jobs_per_client": 0,
+            "max_waits_per_client": 0,
+            "max_streams_per_client": 0,
+            "rate_limit_cost": "",
             "threads": 32,
             "port": free_port(),
             **overrides,

@@ -68,6 +68,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "unsupported_media_type": ((415,), "A request body that is not JSON."),
     "unprocessable": ((422,), "The request was understood but cannot be processed."),
     "rate_limited": ((429,), "Over RATE_LIMIT or RATE_LIMIT_DEFAULT; `Retry-After` says when to try again."),
+    "too_many_waits": ((429,), "You hold MAX_WAITS_PER_CLIENT waiting generations or MAX_STREAMS_PER_CLIENT streams."),
     "too_many_jobs": ((429,), "MAX_JOBS_PER_CLIENT of your jobs are already queued; `Retry-After` estimates the wait."),
     "internal_error": ((500,), "A bug of ours, logged with its traceback under the request id."),
     "generation_failed": ((500,), "The pipeline failed on every attempt (1 + JOB_MAX_RETRIES) (a job's error)."),
@@ -75,6 +76,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "broker_unavailable": ((500,), "The broker refused the job (a job's error; the request got queue_unavailable)."),
     "out_of_memory": ((503,), "The device ran out of memory; a smaller size or batch may fit (a job's error)."),
     "unavailable": ((503,), "The service cannot answer now."),
+    "too_busy": ((503,), "Every thread this server may give to waiting requests is taken (THREADS - 2)."),
     "queue_full": ((503,), "The queue holds MAX_QUEUE_SIZE jobs; `Retry-After` estimates when a place frees up."),
     "queue_unavailable": ((503,), "Cluster: the broker (or the database, or storage) does not answer."),
     "timeout": (

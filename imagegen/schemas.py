@@ -110,9 +110,10 @@ class SettingsPatch(BaseModel):
     model_idle_timeout_seconds: int | None = Field(None, ge=0)
     rate_limit: str | None = Field(None, max_length=200)
     rate_limit_default: str | None = Field(None, max_length=200)
+    rate_limit_cost: str | None = Field(None, max_length=200)
     persist: bool = False
 
-    _check_limits = field_validator("rate_limit", "rate_limit_default")(_limit)
+    _check_limits = field_validator("rate_limit", "rate_limit_default", "rate_limit_cost")(_limit)
 
 
 # ----- responses (the OpenAPI document's source; the routes build plain dicts of these shapes) -----

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import secrets
 import time
@@ -25,10 +26,12 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
+from limits import parse as parse_limit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from imagegen.errors import APIError
+from imagegen.jobs import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +201,40 @@ def require_admin() -> None:
         raise APIError(403, "forbidden", "With no ADMIN_TOKEN set, admin routes answer loopback clients only.")
 
 
+def generation_cost(params: GenerationParams) -> int:
+    """What a generation counts against RATE_LIMIT_COST: megapixel-steps (width x height x steps x
+    images / 10^6), at least 1."""
+    return max(1, math.ceil(params.width * params.height * params.steps * len(params.seeds) / 1e6))
+
+
+def charge(params: GenerationParams) -> None:
+    """Counts a generation against the client's RATE_LIMIT_COST budget, or refuses it: 429 while the
+    window is spent, 400 for a request that costs more than a whole window allows."""
+    budget = current_app.extensions["imagegen"].settings.rate_limit_cost
+    if not budget:
+        return
+    limit = parse_limit(budget)
+    cost = generation_cost(params)
+    if cost > limit.amount:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"This request costs {cost} megapixel-steps (width x height x steps x images / 10^6), more than "
+            f"RATE_LIMIT_COST allows in a window ({budget}); ask for fewer or smaller images, or fewer steps.",
+            {"field": "steps", "cost": cost},
+        )
+    strategy = current_app.extensions["imagegen_limiter"].limiter
+    if not strategy.hit(limit, "imagegen-cost", client_key(), cost=cost):
+        reset = strategy.get_window_stats(limit, "imagegen-cost", client_key()).reset_time
+        raise APIError(
+            429,
+            "rate_limited",
+            f"Over your generation budget ({budget} megapixel-steps, RATE_LIMIT_COST); this request costs {cost}.",
+            {"cost": cost},
+            headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))},
+        )
+
+
 def _mark(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
         marks = getattr(view, "imagegen_marks", set())
@@ -270,12 +307,15 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         key_prefix="imagegen",
         strategy="moving-window",
     )
+    # One RATE_LIMIT per client across every generating route (native, OpenAI, A1111), not one per route.
+    generation_limit = limiter.shared_limit(tunable("rate_limit"), scope="generation")
     for endpoint, view in list(app.view_functions.items()):
         marks = getattr(view, "imagegen_marks", set())
         if "generation" in marks:
-            app.view_functions[endpoint] = limiter.limit(tunable("rate_limit"), scope="generation")(view)
+            app.view_functions[endpoint] = generation_limit(view)
         elif "unlimited" in marks:
             app.view_functions[endpoint] = limiter.exempt(view)
+    app.extensions["imagegen_limiter"] = limiter
     # After the limiter's own hook, so guessing keys is rate limited like anything else.
     app.before_request(_authenticate)
     if settings.is_production and not settings.api_key_list():

@@ -8,7 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from tests.conftest import wait_ready
 
 
-def test_eight_concurrent_generations_never_overlap_in_the_pipeline(fake_client, fake):
+def test_eight_concurrent_generations_never_overlap_in_the_pipeline(app_factory, fake):
+    fake_client = app_factory(pipeline=fake, max_waits_per_client=8, threads=16).test_client()
+    wait_ready(fake_client)
+    fake.calls.clear()
     fake.step_seconds = 0.005  # long enough for the eight requests to meet in the queue
 
     def one(i: int) -> tuple[int, dict]:

@@ -12,6 +12,7 @@ from config import Settings
 from imagegen import __version__, schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
+from imagegen.api.slots import waiting
 from imagegen.api.submission import cached, job_failure, parse, resolve_params, submit, wait_for
 from imagegen.api.views import accepted, image_views
 from imagegen.errors import APIError
@@ -123,10 +124,11 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     hit = cached(params) if explicit_seed else None
     if hit is not None:
         return {**finished_body(hit, body.response_format), "cached": True}, 200, {}
-    job = submit(params, cacheable=explicit_seed, callback_url=body.callback_url)
     if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
-        return accepted(job)
-    return generation_response(job, body.response_format)
+        return accepted(submit(params, cacheable=explicit_seed, callback_url=body.callback_url))
+    with waiting():  # a server thread waits with this request: capped per client and in all
+        job = submit(params, cacheable=explicit_seed, callback_url=body.callback_url)
+        return generation_response(job, body.response_format)
 
 
 @bp.get(

@@ -13,6 +13,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from imagegen import schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
+from imagegen.api.slots import stream_slot
 from imagegen.api.views import job_view, owned_job
 from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
@@ -22,6 +23,7 @@ bp = APIBlueprint("jobs", __name__, abp_tags=[Tag(name="jobs")])
 
 EVENT_INTERVAL_SECONDS = 0.25
 EVENT_MAX_SECONDS = 3600
+KEEPALIVE_SECONDS = 10
 
 
 def _response_format() -> str:
@@ -80,27 +82,38 @@ def cancel_job(job_id: str) -> dict[str, Any]:
 @bp.get("/jobs/<job_id>/events", **spec({200: None}, parameters=JOB_ID, errors=(401, 404, 429)))
 @raw
 def job_events(job_id: str) -> Response:
-    """Server-Sent Events: a `progress` event whenever the job changes, then one `done` event."""
+    """Server-Sent Events: a `progress` event whenever the job changes, then one `done` event; a
+    comment line every KEEPALIVE_SECONDS of silence, so a client that has gone is noticed (the write
+    fails) and its server thread freed."""
     owned_job(job_id)
     svc = services()
+    release = stream_slot()  # a server thread streams to this client: capped per client and in all
 
     def stream() -> Iterator[str]:
         last, deadline = None, time.monotonic() + EVENT_MAX_SECONDS
-        while time.monotonic() < deadline:
-            job = svc.jobs.get(job_id)
-            if job is None:
-                return
-            view = job_view(job)
-            payload = json.dumps(view)
-            if JobStatus(job.status).finished:
-                yield f"event: done\ndata: {payload}\n\n"
-                return
-            if payload != last:
-                yield f"event: progress\ndata: {payload}\n\n"
-                last = payload
-            time.sleep(EVENT_INTERVAL_SECONDS)
+        sent = time.monotonic()
+        try:
+            while time.monotonic() < deadline:
+                job = svc.jobs.get(job_id)
+                if job is None:
+                    return
+                view = job_view(job)
+                payload = json.dumps(view)
+                if JobStatus(job.status).finished:
+                    yield f"event: done\ndata: {payload}\n\n"
+                    return
+                if payload != last:
+                    yield f"event: progress\ndata: {payload}\n\n"
+                    last, sent = payload, time.monotonic()
+                elif time.monotonic() - sent >= KEEPALIVE_SECONDS:
+                    yield ": keep-alive\n\n"
+                    sent = time.monotonic()
+                time.sleep(EVENT_INTERVAL_SECONDS)
+        finally:
+            release()
 
     response = Response(stream_with_context(stream()), mimetype="text/event-stream")
+    response.call_on_close(release)  # also when the stream never started
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response

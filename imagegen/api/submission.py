@@ -13,11 +13,12 @@ from flask import g, request
 from pydantic import BaseModel
 
 from imagegen.api import services
+from imagegen.api.slots import waiting
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import client_key, screen_prompt
+from imagegen.security import charge, client_key, screen_prompt
 from imagegen.webhooks import check_callback_url
 
 Schema = TypeVar("Schema", bound=BaseModel)
@@ -86,6 +87,7 @@ def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: s
     svc = services()
     if problem := svc.readiness(params.model):
         raise problem
+    charge(params)  # RATE_LIMIT_COST: a budget of megapixel-steps per client
     if callback_url:
         check_callback_url(callback_url, svc.settings)
     job = Job(
@@ -113,8 +115,9 @@ def generate_now(params: GenerationParams) -> Job:
     A job that outlives REQUEST_TIMEOUT_SECONDS is not lost: the 503 names it, and it can be read at
     /jobs/<id>. A failed job is raised as its error.
     """
-    job = submit(params)
-    finished = wait_for(job)
+    with waiting():  # a server thread waits with this request: capped per client and in all
+        job = submit(params)
+        finished = wait_for(job)
     if finished is None:
         raise APIError(
             503,

@@ -1,0 +1,88 @@
+"""Caps on the requests that hold a server thread while they wait: synchronous generations and SSE
+streams, per client and in all.
+
+Why: waitress serves each request on one of THREADS threads, and a synchronous generation holds
+its thread until the job ends (up to REQUEST_TIMEOUT_SECONDS), an event stream until its job ends.
+Without caps a few clients take every thread and the health checks stop answering. So each client
+holds at most MAX_WAITS_PER_CLIENT waits and MAX_STREAMS_PER_CLIENT streams (429 beyond), and all
+clients together at most THREADS - 2 (503 beyond): two threads always stay free for /health and
+every short request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flask import Flask, current_app
+
+from imagegen.errors import APIError
+from imagegen.security import client_key
+
+FREE_THREADS = 2  # kept for /health, /health/live and every request that does not wait
+RETRY_AFTER_SECONDS = "5"
+
+
+class Slots:
+    """Counts the waits and streams held now, by kind and client (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def acquire(self, kind: str, client: str, per_client: int, in_all: int) -> Callable[[], None]:
+        """Takes a slot of `kind` ("wait" or "stream") for the client; the function that gives it back."""
+        with self._lock:
+            if sum(self._held.values()) >= in_all:
+                raise APIError(
+                    503,
+                    "too_busy",
+                    f"Every waiting slot of this server is taken ({in_all}); retry shortly or use async jobs.",
+                    headers={"Retry-After": RETRY_AFTER_SECONDS},
+                )
+            if per_client and self._held[kind, client] >= per_client:
+                setting = "MAX_WAITS_PER_CLIENT" if kind == "wait" else "MAX_STREAMS_PER_CLIENT"
+                raise APIError(
+                    429,
+                    "too_many_waits",
+                    f"You already hold {per_client} open {kind}s ({setting}); close one or use async jobs.",
+                    headers={"Retry-After": RETRY_AFTER_SECONDS},
+                )
+            self._held[kind, client] += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():  # once, however many paths end the request
+                released.set()
+                with self._lock:
+                    self._held[kind, client] -= 1
+
+        return release
+
+
+def _take(kind: str) -> Callable[[], None]:
+    settings = current_app.extensions["imagegen"].settings
+    per_client = settings.max_waits_per_client if kind == "wait" else settings.max_streams_per_client
+    in_all = max(1, settings.threads - FREE_THREADS)
+    return current_app.extensions["imagegen_slots"].acquire(kind, client_key(), per_client, in_all)
+
+
+@contextmanager
+def waiting() -> Iterator[None]:
+    """Holds a wait slot for a synchronous generation while the block runs."""
+    release = _take("wait")
+    try:
+        yield
+    finally:
+        release()
+
+
+def stream_slot() -> Callable[[], None]:
+    """A stream slot, held until the returned function is called (when the stream closes)."""
+    return _take("stream")
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["imagegen_slots"] = Slots()
