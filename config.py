@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent
+MIN_ADMIN_TOKEN_LENGTH = 16  # in production; a shorter token stops start-up
 
 # Defaults that follow PERFORMANCE_PRESET unless the variable itself is set. Sizes suit the
 # embedded 64x64 demo model on a CPU; a real model wants DEFAULT_WIDTH/HEIGHT=512 and a GPU preset.
@@ -67,6 +68,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         case_sensitive=False,
         extra="ignore",
+        env_ignore_empty=True,  # `NAME=` in .env or the environment means the default, not an empty value
         frozen=True,
         protected_namespaces=(),
     )
@@ -187,9 +189,9 @@ class Settings(BaseSettings):
     @classmethod
     def _check_limit(cls, value: str, info: ValidationInfo) -> str:
         """A limit string (`10/minute`, `100/hour;10/minute`); RATE_LIMIT_COST one amount per window,
-        or empty for no cost budget."""
+        or `off` for no cost budget."""
         if info.field_name == "rate_limit_cost":
-            if value:
+            if value != "off":
                 parse(value)
             return value
         parse_many(value)
@@ -211,6 +213,8 @@ class Settings(BaseSettings):
         for name in ("default_width", "default_height", "max_width", "max_height"):
             if getattr(self, name) % 8:
                 raise ValueError(f"{name.upper()} must be a multiple of 8")
+        if self.is_production and self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+            raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters in production")
         for name in ("api_keys_file", "blocked_patterns_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():

@@ -65,7 +65,7 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
             "max_jobs_per_client": 0,
             "max_waits_per_client": 0,
             "max_streams_per_client": 0,
-            "rate_limit_cost": "",
+            "rate_limit_cost": "off",
             "threads": 32,
             "port": free_port(),
             **overrides,

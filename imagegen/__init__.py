@@ -41,7 +41,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         TRAP_HTTP_EXCEPTIONS=False,
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.merge_slashes = False  # "/images//etc/passwd" is a 404, not a redirect
     app.extensions["imagegen"] = services
     errors.init_app(app)

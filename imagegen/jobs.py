@@ -235,11 +235,12 @@ class JobStore:
         rows = self.db.query(query.order_by(table.c.created_at.desc()).limit(limit))
         return [_row_to_job(row) for row in rows]
 
-    def cached(self, cache_key: str) -> Job | None:
-        """The newest succeeded job made from exactly these parameters."""
+    def cached(self, cache_key: str, client: str) -> Job | None:
+        """The newest succeeded job of this client made from exactly these parameters (a cache per
+        owner: another client never receives this one's job, timings or image links)."""
         rows = self.db.query(
             select(table)
-            .where(table.c.cache_key == cache_key, table.c.status == JobStatus.SUCCEEDED)
+            .where(table.c.cache_key == cache_key, table.c.client == client, table.c.status == JobStatus.SUCCEEDED)
             .order_by(table.c.created_at.desc())
             .limit(1)
         )

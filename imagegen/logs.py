@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from flask import g, has_request_context
 
 from config import Settings
 
+# C0 and C1 control characters and Unicode's line and paragraph separators.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s%(jobs)s] %(name)s: %(message)s"
 
 # The jobs of the batch this thread is running: (job ids, the request ids that created them).
@@ -42,6 +45,8 @@ class RequestIdFilter(logging.Filter):
     job ids), or '-' outside both."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # What a request put in a message (its path, a header) cannot forge a line: controls escaped.
+        record.msg, record.args = CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", record.getMessage()), None
         jobs = _JOBS.get()
         if has_request_context():
             record.request_id = g.get("request_id", "-")

@@ -10,8 +10,10 @@ import logging
 import re
 import secrets
 import time
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
+from flask.json.provider import DefaultJSONProvider
 
 from imagegen.errors import APIError
 
@@ -53,6 +55,20 @@ def _finish(response: Response) -> Response:
     return response
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, with keys kept in the order written, and a body nested too deeply for the
+    parser refused like any other bad JSON (a 400) instead of a RecursionError (a 500)."""
+
+    sort_keys = False
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("the JSON document is nested too deeply") from None
+
+
 def init_app(app: Flask) -> None:
+    app.json = JSONProvider(app)
     app.before_request(_begin)
     app.after_request(_finish)

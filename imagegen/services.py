@@ -11,9 +11,12 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from config import Settings
 from imagegen.db import Database
@@ -22,6 +25,7 @@ from imagegen.jobs import JobStore
 from imagegen.maintenance import MaintenanceLoop
 from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
 from imagegen.queue import JobQueue, NotReady
+from imagegen.schemas import SettingsPatch
 from imagegen.security import Access
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
@@ -96,16 +100,27 @@ class Services:
         self.queue.apply(adjusted)
         self.alerts.settings = adjusted
         logging.getLogger().setLevel(adjusted.log_level)
-        if persist:
+        if persist:  # written beside, then renamed over: a crash never leaves half a file
             path = adjusted.data_dir / RUNTIME_SETTINGS_FILE
-            path.write_text(json.dumps({**runtime_overrides(adjusted), **changes}, indent=2))
+            partial = path.with_suffix(".partial")
+            partial.write_text(json.dumps({**runtime_overrides(adjusted), **changes}, indent=2))
+            os.replace(partial, path)
         return adjusted
 
 
 def runtime_overrides(settings: Settings) -> dict[str, Any]:
-    """Adjustments an admin saved with `"persist": true`, applied again at start-up."""
+    """Adjustments an admin saved with `"persist": true`, applied again at start-up: only what
+    PATCH /admin/settings may change, checked by its schema; a file that is not that stops start-up
+    with one line naming it."""
     path = settings.data_dir / RUNTIME_SETTINGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        saved = SettingsPatch.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        reason = str(exc).splitlines()[1:3] if isinstance(exc, ValidationError) else [str(exc)]
+        raise SystemExit(f"invalid {path}: {' '.join(line.strip() for line in reason)}; fix or delete it") from None
+    return saved.model_dump(exclude_unset=True, exclude={"persist"})
 
 
 def with_overrides(settings: Settings) -> Settings:

@@ -40,7 +40,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "data_dir": tmp_path / "data",
         "rate_limit": "1000/minute",
         "rate_limit_default": "1000/minute",
-        "rate_limit_cost": "",
+        "rate_limit_cost": "off",
         "default_steps": 4,
         "request_timeout_seconds": 60,
         "_env_file": None,
@@ -144,7 +144,7 @@ def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subpro
         "DEFAULT_STEPS": "4",
         "RATE_LIMIT": "1000/minute",
         "RATE_LIMIT_DEFAULT": "100000/minute",
-        "RATE_LIMIT_COST": "",
+        "RATE_LIMIT_COST": "off",
         **env,
     }
     process = subprocess.Popen(

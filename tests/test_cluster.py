@@ -23,6 +23,7 @@ from imagegen.jobs import JobStatus, JobStore
 from tests.conftest import (
     REDIS,
     ROOT,
+    TINY_MODEL,
     broker_queue,
     call,
     cluster_env,
@@ -320,7 +321,13 @@ print(json.dumps({"status": answer.status_code, "heavy": heavy}))
 def test_the_cluster_api_role_never_imports_torch(tmp_path, postgres_url, processes):
     env = cluster_env(tmp_path, postgres_url)
     processes.append(start_worker(tmp_path, "w1", env))
-    environment = {**os.environ, "LOG_DIR": str(tmp_path / "logs"), "DATA_DIR": str(tmp_path / "data"), **env}
+    environment = {
+        **os.environ,
+        "MODEL_ID": TINY_MODEL,
+        "LOG_DIR": str(tmp_path / "logs"),
+        "DATA_DIR": str(tmp_path / "data"),
+        **env,
+    }
     ran = subprocess.run(
         [sys.executable, "-c", API_ROLE], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from config import ROOT, Settings, load_settings
@@ -96,3 +98,33 @@ def test_cluster_mode_names_what_is_missing():
     assert settings.database == cluster["database_url"] and settings.storage == "s3://b/p"
     local = load_settings(_env_file=None)
     assert local.database.endswith("data/imagegen.sqlite3") and local.storage == str(local.image_dir)
+
+
+def test_env_example_names_every_setting_once_and_starts_when_uncommented(tmp_path):
+    text = (ROOT / ".env.example").read_text()
+    names = re.findall(r"^# ([A-Z0-9_]+)=", text, re.MULTILINE)
+    assert sorted(names) == sorted(name.upper() for name in Settings.model_fields)
+    env = tmp_path / ".env"
+    env.write_text(re.sub(r"^# ([A-Z0-9_]+=)", r"\1", text, flags=re.MULTILINE))
+    assert Settings(_env_file=env) == Settings(_env_file=None), "uncommented, it is the defaults"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("RATE_LIMIT", "lots", "RATE_LIMIT"),
+        ("RATE_LIMIT_DEFAULT", "10 per fortnight", "RATE_LIMIT_DEFAULT"),
+        ("RATE_LIMIT_COST", "many", "RATE_LIMIT_COST"),
+    ],
+)
+def test_malformed_limits_stop_start_up(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=fragment):
+        load_settings(_env_file=None)
+
+
+def test_a_short_admin_token_stops_a_production_start(monkeypatch):
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("ADMIN_TOKEN", "short")
+    with pytest.raises(SystemExit, match="ADMIN_TOKEN must be at least 16 characters"):
+        load_settings(_env_file=None)

@@ -160,3 +160,11 @@ def test_a_batch_whose_every_job_is_cancelled_skips_its_remaining_steps(parts, f
     fake.let_go()
     runner.join(10)
     assert fake.calls[0].interrupted and fake.calls[0].steps_run == 2
+
+
+def test_a_record_naming_a_model_not_served_here_fails_unrun(parts, fake):
+    foreign = parts.submit(GenerationParams("p", "", 64, 64, 4, 5.0, (1,), "default", "/etc/evil-model"))
+    assert parts.engine.run([foreign]) == []
+    ended = parts.jobs.get(foreign.id)
+    assert ended.status == JobStatus.FAILED and ended.error["code"] == "unknown_model"
+    assert fake.calls == [] and parts.engine.models.state("/etc/evil-model").state == "unloaded"

@@ -105,7 +105,8 @@ def test_recent_cached_and_forgetting(store):
     assert [job.id for job in store.recent()] == [b.id, a.id]
     assert [job.id for job in store.recent(client="x")] == [a.id]
     assert [job.id for job in store.recent(status=JobStatus.QUEUED)] == [b.id]
-    assert store.cached("k").id == a.id and store.cached("other") is None
+    assert store.cached("k", "x").id == a.id and store.cached("other", "x") is None
+    assert store.cached("k", "y") is None, "each client's own cache"
     assert store.recent_generation_seconds() == pytest.approx(store.get(a.id).timings()["generation_seconds"], abs=1e-3)
     assert store.delete_finished_before(time.time() + 1) == 1  # only the ended job
     assert store.get(a.id) is None and store.get(b.id) is not None

@@ -94,9 +94,16 @@ def test_swagger_ui_renders_offline_in_chromium(tmp_path):
     assert "/generate" in [p.strip().replace("\u200b", "") for p in paths]
 
 
+FUZZ_KEY, FUZZ_ADMIN = "fuzz-key-0123456789", "fuzz-admin-token-0123456789"
+
+
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
-    app = create_app(make_settings(tmp_path_factory.mktemp("schemathesis"), **FAST_LIMITS))
+    # With an API key and the admin token, so every operation is reached past its authentication.
+    settings = make_settings(
+        tmp_path_factory.mktemp("schemathesis"), api_keys=FUZZ_KEY, admin_token=FUZZ_ADMIN, **FAST_LIMITS
+    )
+    app = create_app(settings)
     wait_ready(app.test_client())
     yield app
     app.extensions["imagegen"].stop(30)
@@ -116,7 +123,7 @@ def test_no_5xx_and_responses_match_the_schema(fuzz_app):
         @given(case=operation.as_strategy())
         @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def run(case: schemathesis.Case) -> None:
-            case.call_and_validate(checks=checks)
+            case.call_and_validate(checks=checks, headers={"X-API-Key": FUZZ_KEY, "X-Admin-Token": FUZZ_ADMIN})
 
         run()
     sent = fuzz_app.extensions["imagegen"].monitor.summary()["requests"]["total"]

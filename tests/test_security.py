@@ -366,3 +366,76 @@ def test_random_bodies_never_yield_5xx(fuzz_client, body):
     response = fuzz_client.post("/generate", json=body)
     assert response.status_code < 500, response.get_data(as_text=True)
     assert response.is_json and ("error" in response.json) == (response.status_code >= 400)
+
+
+# ----- the review's findings (each failed on the first wave's code) -----
+
+
+def test_format_characters_cannot_split_a_blocked_word(app_factory, fake):
+    client = app_factory(pipeline=fake, blocked_words="forbidden").test_client()
+    wait_ready(client)
+    for prompt in ("a forbid\u200bden cat", "a for\u00adbidden cat", "a \u2060forbidden\u2060 cat"):
+        response = client.post("/generate", json={"prompt": prompt})
+        assert response.status_code == 400 and response.json["error"]["details"]["rule"] == "blocked_word", prompt
+
+
+def test_odd_signed_url_and_query_values_are_4xx_not_500(keyed):
+    key = {"X-API-Key": "alpha-key-0123456789"}
+    url = keyed.post("/generate", json={"prompt": PROMPT, "steps": 1}, headers=key).json["images"][0]["url"]
+    path = urllib.parse.urlsplit(url).path
+    for query in (
+        {"expires": "\u0661\u0662\u0663", "sig": "0" * 64},  # Arabic-Indic digits pass str.isdigit()
+        {"expires": "9" * 5000, "sig": "0" * 64},  # more digits than int() takes
+        {"expires": "9999999999", "sig": "é" * 64},  # a non-ASCII signature
+    ):
+        assert keyed.get(path, query_string=query).status_code == 403
+    assert keyed.get("/jobs?limit=\u00b9", headers=key).status_code == 400  # a superscript one
+
+
+def test_json_nested_too_deeply_is_invalid_json(app_factory, fake):
+    client = app_factory(pipeline=fake).test_client()
+    deep = "[" * 200_000 + "]" * 200_000
+    for path in ("/generate", "/sdapi/v1/options", "/cleanup", "/v1/images/generations"):
+        response = client.post(path, data=deep, content_type="application/json")
+        assert response.status_code == 400, (path, response.status_code)
+
+
+def test_a_request_cannot_forge_log_lines(app_factory, fake, tmp_path):
+    client = app_factory(pipeline=fake).test_client()
+    client.get("/nothing%0a2026-01-01 00:00:00,000 INFO [x] imagegen.access: GET /forged 200 1.0ms")
+    lines = (tmp_path / "logs" / "app.log").read_text().splitlines()
+    assert not any(line.startswith("2026-01-01") for line in lines), "a request wrote a line of its own"
+    assert any("/nothing\\x0a2026-01-01" in line for line in lines)
+
+
+def test_the_result_cache_is_per_owner(app_factory, fake):
+    client = app_factory(pipeline=fake, api_keys="key-one-0123456789,key-two-0123456789").test_client()
+    wait_ready(client)
+    request = {"prompt": PROMPT, "seed": 3}
+    first = client.post("/generate", json=request, headers={"X-API-Key": "key-one-0123456789"}).json
+    again = client.post("/generate", json=request, headers={"X-API-Key": "key-one-0123456789"}).json
+    other = client.post("/generate", json=request, headers={"X-API-Key": "key-two-0123456789"}).json
+    assert again["cached"] and again["id"] == first["id"]
+    assert not other["cached"] and other["id"] != first["id"], "another key never gets the first key's job"
+
+
+def test_only_safetensors_checkpoints_are_loaded(app_factory, tmp_path):
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not even a pickle")
+    client = app_factory(model_id=str(pickled)).test_client()
+    deadline = time.monotonic() + 20
+    while client.get("/health").json["model_state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "only .safetensors checkpoints are loaded, not model.ckpt" in client.get("/health").json["reason"]
+
+
+def test_saved_runtime_settings_are_checked_at_start(app_factory, tmp_path):
+    client = app_factory().test_client()
+    wait_ready(client)
+    assert client.patch("/admin/settings", json={"default_steps": 3, "persist": True}).status_code == 200
+    saved = tmp_path / "data" / "runtime-settings.json"
+    assert list(saved.parent.glob("*.partial")) == [], "written beside, then renamed over"
+    for bad in ('{"admin_token": "mine"}', '{"default_steps": 3', '{"rate_limit": "lots"}'):
+        saved.write_text(bad)
+        with pytest.raises(SystemExit, match=r"invalid .*runtime-settings\.json"):
+            app_factory()

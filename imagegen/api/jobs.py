@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -44,7 +45,7 @@ def list_jobs() -> dict[str, Any]:
     if status is not None and status not in set(JobStatus):
         raise APIError(400, "invalid_request", f"`status` must be one of {', '.join(JobStatus)}", {"field": "status"})
     limit = request.args.get("limit", "50")
-    if not limit.isdigit() or not 1 <= int(limit) <= 500:
+    if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= 500:  # ASCII digits: "¹" is a digit too
         raise APIError(400, "invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
     owner = client_key() if svc.access.keys_required else None
     jobs = svc.jobs.recent(owner, JobStatus(status) if status else None, int(limit))

@@ -75,7 +75,7 @@ def cached(params: GenerationParams) -> Job | None:
     svc = services()
     if not svc.settings.result_cache:
         return None
-    hit = svc.jobs.cached(params.digest)
+    hit = svc.jobs.cached(params.digest, client_key())
     if hit and all(svc.images.find(image["name"]) for image in hit.images):
         return hit
     return None

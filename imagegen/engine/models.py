@@ -90,10 +90,13 @@ def memory_snapshot(device: str) -> str:
 
 
 def load_pipeline(source: str, dtype: torch.dtype) -> DiffusionPipeline:
-    """A pipeline from a diffusers folder or hub id, or from one checkpoint file."""
+    """A pipeline from a diffusers folder or hub id, or from one checkpoint file: safetensors weights
+    only, since a pickled checkpoint (.ckpt, .bin) can run code when it is loaded."""
     if Path(source).is_file():
+        if Path(source).suffix != ".safetensors":
+            raise ValueError(f"only .safetensors checkpoints are loaded, not {Path(source).name}")
         return StableDiffusionPipeline.from_single_file(source, dtype=dtype)
-    return DiffusionPipeline.from_pretrained(source, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
 
 
 Loader = Callable[[str, torch.dtype], DiffusionPipeline]

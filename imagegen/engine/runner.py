@@ -84,7 +84,10 @@ class Engine:
         claimed = self.jobs.claim([job.id for job in batch], self.name)
         runnable = []
         for job in claimed:
-            if job.attempts > self.settings.job_max_retries + 1:
+            if job.params.model not in self.settings.allowed_models:  # a record may name anything; we load ours
+                error = {"code": "unknown_model", "message": f"Model `{job.params.model}` is not served here."}
+                self.endings.end(job, JobStatus.FAILED, error=error)
+            elif job.attempts > self.settings.job_max_retries + 1:
                 error = {
                     "code": "worker_lost",
                     "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
