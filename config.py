@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     rate_limit_storage_uri: str = "memory://"
     blocked_words: str = ""
     blocked_patterns_file: Path | None = None
+    allow_anonymous: bool = False
 
     # Scale-out (docs/scaling.md)
     queue_backend: Literal["local", "celery"] = "local"
@@ -213,6 +214,10 @@ class Settings(BaseSettings):
         for name in ("default_width", "default_height", "max_width", "max_height"):
             if getattr(self, name) % 8:
                 raise ValueError(f"{name.upper()} must be a multiple of 8")
+        if self.is_production and not (self.api_keys or self.api_keys_file or self.allow_anonymous):
+            raise ValueError(
+                "APP_ENV=production needs API_KEYS (or API_KEYS_FILE), or ALLOW_ANONYMOUS=true for a private server"
+            )
         if self.is_production and self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters in production")
         for name in ("api_keys_file", "blocked_patterns_file"):

@@ -325,5 +325,5 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     # After the limiter's own hook, so guessing keys is rate limited like anything else.
     app.before_request(_authenticate)
     if settings.is_production and not settings.api_key_list():
-        log.warning("running in production with no API_KEYS: every client can generate; see CONFIGURATION.md")
+        log.warning("running in production with ALLOW_ANONYMOUS and no API_KEYS: any client that reaches it generates")
     return limiter

@@ -126,5 +126,6 @@ def test_malformed_limits_stop_start_up(monkeypatch, name, value, fragment):
 def test_a_short_admin_token_stops_a_production_start(monkeypatch):
     monkeypatch.setenv("APP_ENV", "production")
     monkeypatch.setenv("ADMIN_TOKEN", "short")
+    monkeypatch.setenv("ALLOW_ANONYMOUS", "true")
     with pytest.raises(SystemExit, match="ADMIN_TOKEN must be at least 16 characters"):
         load_settings(_env_file=None)

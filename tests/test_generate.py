@@ -151,7 +151,7 @@ def test_out_of_memory_fails_the_job_clearly(fake_client, fake):
 
 
 def test_production_hides_internals(app_factory, fake):
-    client = app_factory(pipeline=fake, app_env="production", admin_token="x" * 32).test_client()
+    client = app_factory(pipeline=fake, app_env="production", admin_token="x" * 32, allow_anonymous=True).test_client()
     wait_ready(client)
     fake.failures = [RuntimeError("secret /internal/path")] * 3
     response = client.post("/generate", json={"prompt": PROMPT, "steps": 2})

@@ -112,7 +112,7 @@ def test_cleanup_without_token_is_loopback_only_in_development(app_factory):
 
 
 def test_cleanup_is_disabled_in_production_without_a_token(app_factory):
-    client = app_factory(app_env="production").test_client()
+    client = app_factory(app_env="production", allow_anonymous=True).test_client()
     response = client.post("/cleanup")
     assert response.status_code == 403
     assert response.json["error"]["code"] == "admin_disabled"

@@ -305,9 +305,52 @@ def test_rate_limit_is_per_key(app_factory):
     assert client.get("/status", headers=two).status_code == 200
 
 
-def test_production_warns_without_keys(app_factory, caplog):
-    app_factory(app_env="production")
-    assert any("no API_KEYS" in r.getMessage() for r in caplog.records)
+def test_production_needs_keys_or_says_it_is_private(app_factory, caplog, tmp_path):
+    from config import load_settings
+
+    with pytest.raises(SystemExit, match="APP_ENV=production needs API_KEYS"):
+        load_settings(app_env="production", data_dir=tmp_path, _env_file=None)
+    app_factory(app_env="production", allow_anonymous=True)
+    assert any("ALLOW_ANONYMOUS and no API_KEYS" in r.getMessage() for r in caplog.records)
+
+
+def test_without_keys_a_job_belongs_to_its_address(app_factory, fake):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    fake.hold()
+    mine = client.post("/generate", json={"prompt": PROMPT, "async": True}).json["id"]
+    assert fake.waiting.wait(10)
+    stranger = {"REMOTE_ADDR": "198.51.100.4"}
+    assert client.get(f"/jobs/{mine}", environ_base=stranger).status_code == 404
+    assert client.delete(f"/jobs/{mine}", environ_base=stranger).status_code == 404
+    assert client.get("/jobs", environ_base=stranger).json["jobs"] == []
+    assert [job["id"] for job in client.get("/jobs").json["jobs"]] == [mine]
+    fake.let_go()
+
+
+def test_a1111_controls_touch_only_your_jobs_and_shared_state_needs_the_admin(app_factory, fake):
+    token = "admin-token-0123456789"
+    keys = {"one": {"X-API-Key": "key-one-0123456789"}, "two": {"X-API-Key": "key-two-0123456789"}}
+    client = app_factory(
+        pipeline=fake, api_keys="key-one-0123456789,key-two-0123456789", admin_token=token, models="other/model"
+    ).test_client()
+    wait_ready(client)
+    fake.step_seconds = 0.11  # every step reads cancels
+    fake.hold(at_step=1)
+    job = client.post("/generate", json={"prompt": PROMPT, "async": True, "steps": 8}, headers=keys["one"]).json
+    assert fake.waiting.wait(10)
+    assert client.post("/sdapi/v1/interrupt", headers=keys["two"]).status_code == 200
+    assert client.get(f"/jobs/{job['id']}", headers=keys["one"]).json["status"] == "running", "not theirs to stop"
+    assert client.post("/sdapi/v1/interrupt", headers=keys["one"]).status_code == 200
+    assert client.get(f"/jobs/{job['id']}", headers=keys["one"]).json["status"] == "cancelled"
+    fake.let_go()
+    for path in ("/sdapi/v1/unload-checkpoint", "/sdapi/v1/reload-checkpoint"):
+        assert client.post(path, headers=keys["two"]).status_code == 401, path
+        assert client.post(path, headers={**keys["two"], "X-Admin-Token": token}).status_code == 200, path
+    switch = {"sd_model_checkpoint": "other/model"}
+    assert client.post("/sdapi/v1/options", json=switch, headers=keys["two"]).status_code == 401
+    unchanged = {"sd_model_checkpoint": "models/tiny-random", "samples_format": "png"}
+    assert client.post("/sdapi/v1/options", json=unchanged, headers=keys["two"]).status_code == 200
 
 
 def test_status_and_errors_never_show_secrets(keyed):

@@ -22,7 +22,7 @@ from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import generation_route
+from imagegen.security import client_key, generation_route, require_admin
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -149,12 +149,14 @@ def get_options() -> dict[str, Any]:
 
 @bp.post("/options")
 def set_options() -> dict[str, Any]:
-    """Honours `sd_model_checkpoint` (switches the model, loading it now); other options are ignored."""
+    """Honours `sd_model_checkpoint` (switches every client's model, loading it now: the admin's to
+    do); other options are ignored."""
     options = request.get_json(silent=True)
     if not isinstance(options, dict):
         raise APIError(400, "invalid_request", "The body must be a JSON object of options.")
     checkpoint = options.get("sd_model_checkpoint")
-    if checkpoint is not None:
+    if checkpoint is not None and checkpoint != current_model():
+        require_admin()
         svc = services()
         if checkpoint not in svc.settings.allowed_models:
             raise APIError(
@@ -232,15 +234,17 @@ def progress() -> dict[str, Any]:
 
 
 def _stop_current() -> dict[str, Any]:
+    """Cancels the caller's own running jobs (an A1111 server has one user; this one has many)."""
     svc = services()
     for job in svc.jobs.running():
-        svc.queue.cancel(job.id)
+        if job.client == client_key():
+            svc.queue.cancel(job.id)
     return {}
 
 
 @bp.post("/interrupt")
 def interrupt() -> dict[str, Any]:
-    """Stops the running job(s) at their next step; queued jobs are untouched."""
+    """Stops the caller's running job(s) at their next step; queued jobs are untouched."""
     return _stop_current()
 
 
@@ -258,12 +262,16 @@ def refresh_checkpoints() -> dict[str, Any]:
 
 @bp.post("/unload-checkpoint")
 def unload_checkpoint() -> dict[str, Any]:
+    """Admin: unloads every model (for every client)."""
+    require_admin()
     services().queue.unload()
     return {}
 
 
 @bp.post("/reload-checkpoint")
 def reload_checkpoint() -> dict[str, Any]:
+    """Admin: loads the current checkpoint again."""
+    require_admin()
     services().queue.load(current_model())
     return {}
 

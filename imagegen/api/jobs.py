@@ -39,7 +39,7 @@ def _response_format() -> str:
 @bp.get("/jobs", **spec({200: schemas.JobList}, query={"status": "Only jobs in this state", "limit": "1-500"}))
 @raw
 def list_jobs() -> dict[str, Any]:
-    """Recent jobs, newest first; with API keys, only the caller's."""
+    """The caller's recent jobs, newest first (by API key, or without keys by address)."""
     svc = services()
     status = request.args.get("status")
     if status is not None and status not in set(JobStatus):
@@ -47,8 +47,7 @@ def list_jobs() -> dict[str, Any]:
     limit = request.args.get("limit", "50")
     if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= 500:  # ASCII digits: "¹" is a digit too
         raise APIError(400, "invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
-    owner = client_key() if svc.access.keys_required else None
-    jobs = svc.jobs.recent(owner, JobStatus(status) if status else None, int(limit))
+    jobs = svc.jobs.recent(client_key(), JobStatus(status) if status else None, int(limit))
     return {"jobs": [job_view(job) for job in jobs]}
 
 
