@@ -6,18 +6,18 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev run worker test lint bench screenshot clean
+.PHONY: install install-dev run worker test lint bench screenshot lock audit clean
 
 # Each stamp re-installs only when its requirements file changed since the last install.
 # The runtime (requirements.txt) is all that `make run` needs; the test and lint tools
 # (requirements-dev.txt) come with `make test` and `make lint`.
-$(RUNTIME): requirements.txt
+$(RUNTIME): requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -r requirements.txt
+	$(PIP) -c constraints.txt -r requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) requirements-dev.txt
-	$(PIP) -r requirements-dev.txt
+$(DEV): $(RUNTIME) requirements-dev.txt constraints.txt
+	$(PIP) -c constraints.txt -r requirements-dev.txt
 	touch $@
 
 install: $(RUNTIME)
@@ -42,8 +42,21 @@ lint: install-dev
 screenshot: install-dev
 	IMAGEGEN_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_ui.py -k shows_progress
 
+# Re-pins the whole tree (constraints.txt) from a fresh environment of requirements-dev.txt.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/python -m pip freeze | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-lock
+
+# Known vulnerabilities in every pinned package (pip-audit, in an environment of its own; it asks
+# PyPI's vulnerability data, so it needs the network and is not part of `make test`).
+audit:
+	test -x .venv-audit/bin/pip-audit || { $(PYTHON) -m venv .venv-audit && .venv-audit/bin/python -m pip install --quiet pip-audit; }
+	.venv-audit/bin/pip-audit --requirement constraints.txt --no-deps --disable-pip
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .venv-audit .pytest_cache .ruff_cache
 
 # About 13 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
 # RabbitMQ and PostgreSQL of docs/scaling.md.
