@@ -135,6 +135,7 @@ class Settings(BaseSettings):
 
     # Access
     admin_token: str = ""
+    metrics_token: str = ""
     api_keys: str = ""
     api_keys_file: Path | None = None
     secret_key: str = ""

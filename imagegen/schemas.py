@@ -189,13 +189,14 @@ class JobList(BaseModel):
 class QueueSummary(BaseModel):
     depth: int
     max: int
-    running: list[dict[str, Any]]
+    active: int = Field(description="Jobs running now, everyone's.")
+    running: list[dict[str, Any]] = Field(description="Your running jobs.")
     average_generation_seconds: float | None
 
 
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
-    model: str
+    model: str | None = Field(None, description="Development only.")
     model_state: str
     reason: str | None = None
 
@@ -207,8 +208,8 @@ class Liveness(BaseModel):
 class Index(BaseModel):
     name: str
     version: str
-    model: str
-    models: list[str]
+    model: str | None = Field(None, description="Development only.")
+    models: list[str] | None = Field(None, description="Development only.")
     limits: dict[str, int]
     endpoints: list[dict[str, str]]
 

@@ -184,6 +184,16 @@ def bearer_token() -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+def require_operator() -> None:
+    """Host figures (/status, /metrics, A1111's /memory): METRICS_TOKEN (Bearer or X-Metrics-Token),
+    for a Prometheus that holds no API key, or else the admin."""
+    token = current_app.extensions["imagegen"].settings.metrics_token
+    given = request.headers.get("X-Metrics-Token") or bearer_token() or ""
+    if token and hmac.compare_digest(given.encode(), token.encode()):
+        return
+    require_admin()
+
+
 def require_admin() -> None:
     """Admin routes: the ADMIN_TOKEN as Bearer; with no token, loopback only and only in development."""
     production = current_app.config["IMAGEGEN_PRODUCTION"]
@@ -254,6 +264,7 @@ def _mark(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 generation_route = _mark("generation")  # limited by RATE_LIMIT instead of RATE_LIMIT_DEFAULT
 unlimited = _mark("unlimited")  # no rate limit (load-balancer health checks)
 public = _mark("public")  # no API key needed even when keys are on
+operator = _mark("operator")  # host figures: the admin, or METRICS_TOKEN (Prometheus), not any key
 signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
 
 
@@ -267,10 +278,16 @@ def _marks() -> set[str]:
 
 
 def _authenticate() -> None:
-    """With API keys configured, every view not marked public needs a valid key (or signed URL)."""
-    if not access().keys_required or request.endpoint is None or request.method == "OPTIONS":
+    """Host figures need the operator (with keys or without); with API keys configured, every other
+    view not marked public needs a valid key (or signed URL)."""
+    if request.endpoint is None or request.method == "OPTIONS":
         return
     marks = _marks()
+    if "operator" in marks:
+        require_operator()
+        return
+    if not access().keys_required:
+        return
     if "public" in marks or request.endpoint == "static" or request.blueprint in DOCS_BLUEPRINTS:
         return
     if "signed" in marks:

@@ -167,7 +167,9 @@ def test_queue_summary(fake_client, fake):
         client.post("/generate", json={"prompt": PROMPT, "steps": 1, "async": True})
     summary = client.get("/queue").json
     assert summary["depth"] == 3 and summary["max"] == 64
-    assert [job["id"] for job in summary["running"]] == [holding]
+    assert [job["id"] for job in summary["running"]] == [holding] and summary["active"] == 1
+    stranger = client.get("/queue", environ_base={"REMOTE_ADDR": "198.51.100.9"}).json
+    assert stranger["running"] == [] and stranger["active"] == 1, "others' jobs only as a count"
     fake.let_go()
     client.post("/generate", json={"prompt": PROMPT, "steps": 1})
     assert client.get("/queue").json["average_generation_seconds"] > 0

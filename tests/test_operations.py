@@ -44,10 +44,33 @@ def test_metrics_parse_with_prometheus_client(client):
     assert families["imagegen_models_loaded"].samples[0].value == 1
 
 
-def test_metrics_need_a_key_when_keys_are_on(app_factory):
-    client = app_factory(api_keys="metrics-key-0123456789").test_client()
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers={"X-API-Key": "metrics-key-0123456789"}).status_code == 200
+def test_host_figures_are_for_the_admin_or_the_metrics_token(app_factory):
+    client = app_factory(
+        api_keys="a-key-0123456789", admin_token="admin-token-0123456789", metrics_token="metrics-token-0123456789"
+    ).test_client()
+    key = {"X-API-Key": "a-key-0123456789"}
+    for path in ("/metrics", "/status", "/sdapi/v1/memory"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers=key).status_code == 401, f"{path}: any key is not enough"
+        assert client.get(path, headers={"X-Admin-Token": "admin-token-0123456789"}).status_code == 200, path
+    # Prometheus holds one bearer credential, and no API key
+    prometheus = {"Authorization": "Bearer metrics-token-0123456789"}
+    assert client.get("/metrics", headers=prometheus).status_code == 200
+    remote = app_factory().test_client()  # development without an admin token: loopback only
+    assert remote.get("/status", environ_base={"REMOTE_ADDR": "203.0.113.5"}).status_code == 403
+
+
+def test_production_health_and_index_disclose_no_paths(app_factory, tmp_path):
+    client = app_factory(
+        app_env="production", allow_anonymous=True, model_id=str(tmp_path / "secret-dir")
+    ).test_client()
+    deadline = time.monotonic() + 20
+    while client.get("/health").json["model_state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = client.get("/health").json
+    assert health == {"status": "unavailable", "model_state": "failed", "reason": "model_unavailable"}
+    index = client.get("/").json
+    assert "models" not in index and "secret-dir" not in json.dumps(index)
 
 
 def test_alerts_show_in_status_and_warn_once_per_crossing(app_factory, caplog):

@@ -195,15 +195,15 @@ def test_generation_limit_answers_429_with_headers(app_factory):
 
 def test_default_limit_covers_other_routes_and_forwarded_for_is_ignored(app_factory):
     client = app_factory(rate_limit_default="3/minute").test_client()
-    spoofed = [client.get("/status", headers={"X-Forwarded-For": f"10.0.0.{i}"}) for i in range(4)]
+    spoofed = [client.get("/models", headers={"X-Forwarded-For": f"10.0.0.{i}"}) for i in range(4)]
     assert [r.status_code for r in spoofed] == [200, 200, 200, 429]
 
 
 def test_trusted_proxy_uses_forwarded_for(app_factory):
     client = app_factory(rate_limit_default="2/minute", trusted_proxy_count=1).test_client()
     for i in range(3):
-        assert client.get("/status", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code == 200
-    same = [client.get("/status", headers={"X-Forwarded-For": "203.0.113.99"}) for _ in range(3)]
+        assert client.get("/models", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code == 200
+    same = [client.get("/models", headers={"X-Forwarded-For": "203.0.113.99"}) for _ in range(3)]
     assert [r.status_code for r in same] == [200, 200, 429]
 
 
@@ -223,7 +223,7 @@ def test_redis_storage_shares_limits_across_apps(app_factory):
     # a fresh address per run, since Redis keeps counters between test runs
     address = f"2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}"
     ip = {"REMOTE_ADDR": address}
-    results = [c.get("/status", environ_base=ip).status_code for c in (first, second, first, second)]
+    results = [c.get("/models", environ_base=ip).status_code for c in (first, second, first, second)]
     assert results == [200, 200, 200, 429]
     keys = redis.Redis.from_url(url).keys(f"*{address}*")
     assert keys, "the limiter must keep its counters in Redis"
@@ -251,19 +251,19 @@ def keyed(app_factory, tmp_path):
 def test_keys_required_everywhere_but_index_and_health(keyed):
     assert keyed.get("/").status_code == 200
     assert keyed.get("/health").status_code == 200
-    for method, path in [("get", "/status"), ("post", "/generate"), ("get", "/jobs/x"), ("post", "/cleanup")]:
+    for method, path in [("get", "/models"), ("post", "/generate"), ("get", "/jobs/x"), ("post", "/cleanup")]:
         response = getattr(keyed, method)(path, json={"prompt": PROMPT})
         assert response.status_code == 401, path
         assert response.json["error"]["code"] == "unauthorized"
-    assert keyed.get("/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert keyed.get("/status", headers={"Authorization": "Bearer alpha-key-0123456789"}).status_code == 200
-    assert keyed.get("/status", headers={"X-API-Key": "beta-key-0123456789"}).status_code == 200
-    assert keyed.get("/status", headers={"X-API-Key": "key-from-file-0123456789"}).status_code == 200
+    assert keyed.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert keyed.get("/models", headers={"Authorization": "Bearer alpha-key-0123456789"}).status_code == 200
+    assert keyed.get("/models", headers={"X-API-Key": "beta-key-0123456789"}).status_code == 200
+    assert keyed.get("/models", headers={"X-API-Key": "key-from-file-0123456789"}).status_code == 200
 
 
 def test_keys_never_logged(keyed, caplog):
-    keyed.get("/status", headers={"Authorization": "Bearer alpha-key-0123456789"})
-    keyed.get("/status", headers={"Authorization": "Bearer guessed-key"})
+    keyed.get("/models", headers={"Authorization": "Bearer alpha-key-0123456789"})
+    keyed.get("/models", headers={"Authorization": "Bearer guessed-key"})
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "alpha-key-0123456789" not in text and "guessed-key" not in text
 
@@ -301,8 +301,8 @@ def test_rate_limit_is_per_key(app_factory):
         api_keys="k1-0123456789abcdef,k2-0123456789abcdef", rate_limit_default="2/minute"
     ).test_client()
     one, two = {"X-API-Key": "k1-0123456789abcdef"}, {"X-API-Key": "k2-0123456789abcdef"}
-    assert [client.get("/status", headers=one).status_code for _ in range(3)] == [200, 200, 429]
-    assert client.get("/status", headers=two).status_code == 200
+    assert [client.get("/models", headers=one).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/models", headers=two).status_code == 200
 
 
 def test_production_needs_keys_or_says_it_is_private(app_factory, caplog, tmp_path):
@@ -355,7 +355,7 @@ def test_a1111_controls_touch_only_your_jobs_and_shared_state_needs_the_admin(ap
 
 def test_status_and_errors_never_show_secrets(keyed):
     key = {"X-API-Key": "alpha-key-0123456789"}
-    text = keyed.get("/status", headers=key).get_data(as_text=True)
+    text = keyed.get("/status", headers={**key, "X-Admin-Token": "admin-token-0123456789"}).get_data(as_text=True)
     text += keyed.post("/generate", json={"prompt": PROMPT, "oops": 1}, headers=key).get_data(as_text=True)
     for secret in ("alpha-key", "admin-token", "s" * 32):
         assert secret not in text

@@ -22,7 +22,7 @@ from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import client_key, generation_route, require_admin
+from imagegen.security import client_key, generation_route, operator, require_admin
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -212,7 +212,7 @@ def progress() -> dict[str, Any]:
     """The running job's progress in A1111's shape."""
     svc = services()
     running = svc.jobs.running()
-    job = running[0] if running else None
+    job = next((job for job in running if job.client == client_key()), None)  # the caller's own
     fraction = round(job.progress, 4) if job else 0.0
     eta = (eta_seconds(job) or 0.0) if job else 0.0
     return {
@@ -277,6 +277,7 @@ def reload_checkpoint() -> dict[str, Any]:
 
 
 @bp.get("/memory")
+@operator
 def memory() -> dict[str, Any]:
     ram = psutil.virtual_memory()
     gpus = gpu_memory()

@@ -55,14 +55,15 @@ ENDPOINTS = [
 @public
 @raw
 def index() -> Response:
-    """Names the server and lists its endpoints."""
+    """Names the server and lists its endpoints; in development also its models (in production their
+    ids, which can be server paths, are for key holders: GET /models)."""
     settings: Settings = services().settings
+    models = {} if settings.is_production else {"model": settings.model_id, "models": list(settings.allowed_models)}
     return jsonify(
         {
             "name": "imagegen",
             "version": __version__,
-            "model": settings.model_id,
-            "models": list(settings.allowed_models),
+            **models,
             "limits": {
                 name: getattr(settings, name)
                 for name in (

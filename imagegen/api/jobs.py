@@ -122,14 +122,17 @@ def job_events(job_id: str) -> Response:
 @bp.get("/queue", **spec({200: schemas.QueueSummary}, errors=(401, 429)))
 @raw
 def queue_summary() -> dict[str, Any]:
-    """Depth, running jobs with their progress, and the recent average generation time."""
+    """Depth, the caller's running jobs with their progress (others' only as the count `active`), and
+    the recent average generation time."""
     svc = services()
     snapshot = svc.queue.snapshot()
-    running = [job_view(job) for job in svc.jobs.running()]
+    running = svc.jobs.running()
+    mine = [job_view(job) for job in running if job.client == client_key()]
     recent = svc.jobs.recent_generation_seconds()
     return {
         "depth": snapshot.depth,
         "max": snapshot.max,
-        "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in running],
+        "active": len(running),
+        "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in mine],
         "average_generation_seconds": None if recent is None else round(recent, 4),
     }

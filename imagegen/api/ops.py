@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from imagegen import __version__, schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
-from imagegen.security import public, unlimited
+from imagegen.security import operator, public, unlimited
 from imagegen.states import ModelState
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
@@ -25,13 +25,12 @@ def health() -> tuple[dict[str, Any], int]:
     """Readiness: 200 when a generation could start now; 503 with the reason otherwise."""
     svc = services()
     problem = svc.readiness(probe=True)
-    body: dict[str, Any] = {
-        "status": "ok" if problem is None else "unavailable",
-        "model": svc.settings.model_id,
-        "model_state": svc.queue.describe()["model"]["state"],
-    }
-    if problem:
-        body["reason"] = problem.message
+    body: dict[str, Any] = {"status": "ok" if problem is None else "unavailable"}
+    if not svc.settings.is_production:  # a model id can be a server path
+        body["model"] = svc.settings.model_id
+    body["model_state"] = svc.queue.describe()["model"]["state"]
+    if problem:  # in production its code only: a load error can name server paths
+        body["reason"] = problem.code if svc.settings.is_production else problem.message
     return body, 200 if problem is None else 503
 
 
@@ -44,7 +43,8 @@ def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@bp.get("/status", **spec({200: schemas.Status}, errors=(401, 429)))
+@bp.get("/status", **spec({200: schemas.Status}, errors=(401, 403, 429)))
+@operator
 @raw
 def status() -> dict[str, Any]:
     """System figures (CPU, RAM, GPU, disk, uptime), models, queue, images, latency and alerts."""
@@ -64,7 +64,8 @@ def status() -> dict[str, Any]:
     }
 
 
-@bp.get("/metrics", **spec({200: None}, errors=(401, 429)))
+@bp.get("/metrics", **spec({200: None}, errors=(401, 403, 429)))
+@operator
 @raw
 def metrics() -> Response:
     """Prometheus text format: requests, latency, generation time, batch sizes, queue, memory, images."""

@@ -49,7 +49,14 @@ async function loadConfig() {
   $("steps").max = limits.max_steps;
   $("steps").value = limits.default_steps;
   $("num_images").max = limits.max_images_per_request;
-  $("model").replaceChildren(...info.models.map((m) => new Option(m, m)));
+  const models = info.models ?? (await modelIds());
+  $("model").replaceChildren(...models.map((m) => new Option(m, m)));
+}
+
+async function modelIds() {
+  // In production `/` names no models (an id can be a server path); key holders read them from /models.
+  const response = await fetch("/models", { headers: headers() });
+  return response.ok ? (await response.json()).models.map((m) => m.id) : [];
 }
 
 function requestBody() {
@@ -60,7 +67,7 @@ function requestBody() {
     steps: Number($("steps").value),
     guidance_scale: Number($("guidance_scale").value),
     num_images: Number($("num_images").value),
-    model: $("model").value,
+    model: $("model").value || undefined,
     async: true,
   };
   if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
