@@ -229,7 +229,7 @@ class AppFigures(Collector):
         gauges: dict[str, tuple[str, float]] = {
             "queue_depth": ("Jobs waiting in the queue.", queue.depth),
             "jobs_running": ("Jobs in the running batch.", len(queue.running)),
-            "models_loaded": ("Pipelines in memory.", models_loaded(runners["models"])),
+            "models_loaded": ("Pipelines in memory.", len(loaded_models(runners["models"]))),
             "ram_used_bytes": ("System RAM in use.", ram_used_bytes()),
             "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
             "images_stored": ("Images in the store.", images["count"]),
@@ -245,8 +245,9 @@ class AppFigures(Collector):
             yield from worker_figures(runners["workers"])
 
 
-def models_loaded(models: list[dict[str, Any]]) -> int:
-    return sum(model["state"] == ModelState.READY for model in models)
+def loaded_models(models: list[dict[str, Any]]) -> list[str]:
+    """The ids of the models in memory, from a queue's or a worker's description of its models."""
+    return [model["id"] for model in models if model["state"] == ModelState.READY]
 
 
 WORKER_GAUGES: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
@@ -255,7 +256,7 @@ WORKER_GAUGES: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] =
     "heartbeat_age_seconds": ("Seconds since the worker's heartbeat.", lambda w: time.time() - w["last_heartbeat"]),
     "ram_used_bytes": ("RAM in use on the worker's machine.", lambda w: w.get("ram_used_bytes")),
     "process_rss_bytes": ("The worker process's resident memory.", lambda w: w.get("process_rss_bytes")),
-    "models_loaded": ("Pipelines in the worker's memory.", lambda w: models_loaded(w.get("models") or [])),
+    "models_loaded": ("Pipelines in the worker's memory.", lambda w: len(loaded_models(w.get("models") or []))),
 }
 
 

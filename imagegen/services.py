@@ -150,10 +150,10 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
         queue = CeleryQueue(settings, endings, images, registry, make_celery(settings))
     else:
         from imagegen.engine.local_queue import LocalQueue
-        from imagegen.engine.models import ModelManager
+        from imagegen.engine.models import ModelManager, load_pipeline
         from imagegen.engine.runner import Engine
 
-        models = ModelManager(settings) if load is None else ModelManager(settings, load)
+        models = ModelManager(settings, load or load_pipeline)
         queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local"))
     services = Services(settings, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(services))

@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.api import services
 from imagegen.api.submission import generate_now, parse, resolve_params
-from imagegen.api.views import eta_seconds, image_views
+from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.errors import APIError, install
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import client_key, generation_route, operator, require_admin
+from imagegen.security import generation_route, operator, require_admin
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -212,7 +212,7 @@ def progress() -> dict[str, Any]:
     """The running job's progress in A1111's shape."""
     svc = services()
     running = svc.jobs.running()
-    job = next((job for job in running if job.client == client_key()), None)  # the caller's own
+    job = next(iter(callers(running)), None)
     fraction = round(job.progress, 4) if job else 0.0
     eta = (eta_seconds(job) or 0.0) if job else 0.0
     return {
@@ -236,9 +236,8 @@ def progress() -> dict[str, Any]:
 def _stop_current() -> dict[str, Any]:
     """Cancels the caller's own running jobs (an A1111 server has one user; this one has many)."""
     svc = services()
-    for job in svc.jobs.running():
-        if job.client == client_key():
-            svc.queue.cancel(job.id)
+    for job in callers(svc.jobs.running()):
+        svc.queue.cancel(job.id)
     return {}
 
 

@@ -13,6 +13,7 @@ from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.api.submission import parse
 from imagegen.errors import APIError
+from imagegen.monitoring import loaded_models
 from imagegen.schemas import CleanupRequest, SettingsPatch
 from imagegen.security import require_admin
 from imagegen.states import ModelState
@@ -54,8 +55,7 @@ def cleanup() -> dict[str, Any]:
     }
     if options.unload_models:
         if options.dry_run:
-            models = svc.queue.describe()["models"]
-            result["unloaded_models"] = [model["id"] for model in models if model["state"] == ModelState.READY]
+            result["unloaded_models"] = loaded_models(svc.queue.describe()["models"])
         else:
             by_runner = svc.queue.unload()
             result["unloaded_models"] = sorted({model for models in by_runner.values() for model in models})

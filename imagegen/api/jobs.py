@@ -15,7 +15,7 @@ from imagegen import schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.api.slots import stream_slot
-from imagegen.api.views import job_view, owned_job
+from imagegen.api.views import callers, job_view, owned_job
 from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
 from imagegen.security import client_key
@@ -127,7 +127,7 @@ def queue_summary() -> dict[str, Any]:
     svc = services()
     snapshot = svc.queue.snapshot()
     running = svc.jobs.running()
-    mine = [job_view(job) for job in running if job.client == client_key()]
+    mine = [job_view(job) for job in callers(running)]
     recent = svc.jobs.recent_generation_seconds()
     return {
         "depth": snapshot.depth,

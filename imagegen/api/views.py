@@ -73,6 +73,12 @@ def eta_seconds(job: Job) -> float | None:
     return round(per_step * (job.params.steps - job.step), 2)
 
 
+def callers(jobs: list[Job]) -> list[Job]:
+    """The caller's jobs among these (by API key, or without keys by address): what the progress
+    views show and what A1111's interrupt stops; others' jobs are not the caller's to see or stop."""
+    return [job for job in jobs if job.client == client_key()]
+
+
 def owned_job(job_id: str) -> Job:
     """The job, if it exists and belongs to the caller (its API key, or without keys its address);
     else a 404."""
