@@ -8,16 +8,20 @@ DEV := $(VENV)/.dev-installed
 
 .PHONY: install install-dev run worker test lint bench screenshot lock audit clean
 
-# Each stamp re-installs only when its requirements file changed since the last install.
-# The runtime (requirements.txt) is all that `make run` needs; the test and lint tools
-# (requirements-dev.txt) come with `make test` and `make lint`.
-$(RUNTIME): requirements.txt constraints.txt
+# Each stamp re-installs only when its lock file changed since the last install.
+# The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
+# (requirements-dev.lock) come with `make test` and `make lint`. Every package is checked against
+# its hashes; torch, whose build differs by platform, comes after by version (tools/lock.py says why).
+$(RUNTIME): requirements.lock constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -c constraints.txt -r requirements.txt
+	$(PIP) --require-hashes --no-deps -r requirements.lock
+	$(PIP) -c constraints.txt torch
+	$(BIN)/python -m pip check
 	touch $@
 
-$(DEV): $(RUNTIME) requirements-dev.txt constraints.txt
-	$(PIP) -c constraints.txt -r requirements-dev.txt
+$(DEV): $(RUNTIME) requirements-dev.lock
+	$(PIP) --require-hashes --no-deps -r requirements-dev.lock
+	$(BIN)/python -m pip check
 	touch $@
 
 install: $(RUNTIME)
@@ -42,12 +46,12 @@ lint: install-dev
 screenshot: install-dev
 	IMAGEGEN_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_ui.py -k shows_progress
 
-# Re-pins the whole tree (constraints.txt) from a fresh environment of requirements-dev.txt.
+# Re-pins the whole tree (constraints.txt, requirements*.lock with hashes) from a fresh environment
+# of requirements-dev.txt; it asks PyPI for the hashes, so it needs the network.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	{ sed -n '1,3p' constraints.txt; .venv-lock/bin/python -m pip freeze | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.new
-	mv constraints.new constraints.txt && rm -rf .venv-lock
+	.venv-lock/bin/python -m tools.lock && rm -rf .venv-lock
 
 # Known vulnerabilities in every pinned package (pip-audit, in an environment of its own; it asks
 # PyPI's vulnerability data, so it needs the network and is not part of `make test`).

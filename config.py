@@ -99,8 +99,12 @@ class Settings(BaseSettings):
     max_streams_per_client: int = Field(4, ge=0, le=10_000)
     result_cache: bool = True
     webhook_allowed_hosts: str = ""
+    webhook_allowed_ports: str = "80,443,8080,8443"
+    webhook_allow_private: bool = False
+    webhook_secret: str = ""
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
-    webhook_retries: int = Field(3, ge=0, le=10)
+    webhook_retries: int = Field(8, ge=0, le=30)
+    webhook_retry_seconds: float = Field(5.0, gt=0, le=3600)
 
     # Request limits and defaults
     default_steps: int = Field(20, ge=1, le=500)
@@ -142,6 +146,7 @@ class Settings(BaseSettings):
     image_url_ttl_seconds: int = Field(3600, ge=1, le=30 * 86_400)
     max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
     trusted_proxy_count: int = Field(0, ge=0, le=10)
+    trusted_hosts: str = ""
     cors_origins: str = ""
     rate_limit: str = "10/minute"
     rate_limit_default: str = "300/minute"
@@ -241,6 +246,8 @@ class Settings(BaseSettings):
                 raise ValueError("QUEUE_BACKEND=celery needs a DATABASE_URL every machine reaches, not SQLite")
             if (self.api_keys or self.api_keys_file) and not self.secret_key:
                 raise ValueError("QUEUE_BACKEND=celery with API keys needs SECRET_KEY, the same on every machine")
+            if not self.admin_token:
+                raise ValueError("QUEUE_BACKEND=celery needs ADMIN_TOKEN, the same on every API replica")
         return self
 
     @property

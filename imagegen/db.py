@@ -55,6 +55,21 @@ images = Table(
     Column("bytes", Integer, nullable=False),
 )
 
+# The webhook outbox: one delivery per job that gave a callback URL, written as the job ends.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("job_id", String(32), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("next_at", Float, nullable=False),  # due from then on
+    Column("lease_until", Float, nullable=False, server_default="0"),  # a sender holds it until then
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
+
 workers = Table(
     "workers",
     metadata,

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, literal, select, update
 
-from imagegen.db import Database
+from imagegen.db import Database, webhooks
 from imagegen.db import jobs as table
 
 
@@ -31,6 +31,13 @@ class JobStatus(StrEnum):
     @property
     def finished(self) -> bool:
         return self in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+class WebhookStatus(StrEnum):
+    WAITING = "waiting"  # the job has not ended yet
+    PENDING = "pending"  # in the outbox, due now or after a backoff
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up: WEBHOOK_RETRIES spent, or a redirect
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,11 @@ class Job:
     attempts: int = 0
     worker: str | None = None
     request_id: str | None = None
+    webhook: dict[str, Any] | None = None  # {status, attempts, last_error} of its callback, if it gave one
+
+    def __post_init__(self) -> None:
+        if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
+            self.webhook = {"status": WebhookStatus.WAITING, "attempts": 0, "last_error": None}
 
     @property
     def progress(self) -> float:
@@ -125,8 +137,21 @@ def _row_to_job(row: Any) -> Job:
         attempts=row["attempts"],
         worker=row["worker"],
         request_id=row["request_id"],
+        webhook=(
+            {"status": row["webhook_status"], "attempts": row["webhook_attempts"], "last_error": row["webhook_error"]}
+            if row["webhook_status"]
+            else None
+        ),
     )
 
+
+# Every read of a job: its record with its webhook delivery's state, if the job has one yet.
+JOBS = select(
+    table,
+    webhooks.c.status.label("webhook_status"),
+    webhooks.c.attempts.label("webhook_attempts"),
+    webhooks.c.last_error.label("webhook_error"),
+).select_from(table.outerjoin(webhooks, webhooks.c.job_id == table.c.id))
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -156,12 +181,12 @@ class JobStore:
         return job
 
     def get(self, job_id: str) -> Job | None:
-        rows = self.db.query(select(table).where(table.c.id == job_id))
+        rows = self.db.query(JOBS.where(table.c.id == job_id))
         return _row_to_job(rows[0]) if rows else None
 
     def many(self, job_ids: list[str]) -> list[Job]:
         """The jobs of these ids that exist, in the order given."""
-        found = {row["id"]: _row_to_job(row) for row in self.db.query(select(table).where(table.c.id.in_(job_ids)))}
+        found = {row["id"]: _row_to_job(row) for row in self.db.query(JOBS.where(table.c.id.in_(job_ids)))}
         return [found[job_id] for job_id in job_ids if job_id in found]
 
     def claim(self, job_ids: list[str], worker: str) -> list[Job]:
@@ -207,18 +232,29 @@ class JobStore:
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
     ) -> bool:
-        """Ends a job once; a job already finished keeps its first outcome (and this returns False)."""
+        """Ends a job once; a job already finished keeps its first outcome (and this returns False).
+        The ending and its webhook delivery (if the job gave a callback URL) commit together."""
+        now = time.time()
         with self.db.transaction() as conn:
             changed = conn.execute(
                 update(table)
                 .where(table.c.id == job_id, table.c.status.in_(UNFINISHED))
                 .values(
                     status=status,
-                    finished_at=time.time(),
+                    finished_at=now,
                     images=json.dumps(images or []),
                     error=json.dumps(error) if error else None,
                 )
             ).rowcount
+            if changed:
+                pending, at = literal(WebhookStatus.PENDING.value), literal(now)
+                outbox = select(table.c.id, table.c.callback_url, pending, at, at)
+                conn.execute(
+                    insert(webhooks).from_select(
+                        ["job_id", "url", "status", "next_at", "created_at"],
+                        outbox.where(table.c.id == job_id, table.c.callback_url.is_not(None)),
+                    )
+                )
         return bool(changed)
 
     def cancelled_among(self, job_ids: list[str]) -> set[str]:
@@ -227,7 +263,7 @@ class JobStore:
 
     def recent(self, client: str | None = None, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
         """Newest first, optionally only one client's or one status's."""
-        query = select(table)
+        query = JOBS
         if client is not None:
             query = query.where(table.c.client == client)
         if status is not None:
@@ -239,28 +275,30 @@ class JobStore:
         """The newest succeeded job of this client made from exactly these parameters (a cache per
         owner: another client never receives this one's job, timings or image links)."""
         rows = self.db.query(
-            select(table)
-            .where(table.c.cache_key == cache_key, table.c.client == client, table.c.status == JobStatus.SUCCEEDED)
+            JOBS.where(table.c.cache_key == cache_key, table.c.client == client, table.c.status == JobStatus.SUCCEEDED)
             .order_by(table.c.created_at.desc())
             .limit(1)
         )
         return _row_to_job(rows[0]) if rows else None
 
     def delete_finished_before(self, cutoff: float) -> int:
-        """Forgets ended jobs older than the cutoff (their images have expired by then)."""
+        """Forgets ended jobs older than the cutoff (their images have expired by then), and their
+        webhook deliveries."""
         with self.db.transaction() as conn:
-            return conn.execute(
+            forgotten = conn.execute(
                 delete(table).where(table.c.finished_at < cutoff, table.c.status.not_in(UNFINISHED))
             ).rowcount
+            conn.execute(delete(webhooks).where(webhooks.c.created_at < cutoff))  # made as its job ended
+            return forgotten
 
     def unfinished(self) -> list[Job]:
         """Jobs accepted but not ended, oldest first (a restarted local server queues them again)."""
-        rows = self.db.query(select(table).where(table.c.status.in_(UNFINISHED)).order_by(table.c.created_at))
+        rows = self.db.query(JOBS.where(table.c.status.in_(UNFINISHED)).order_by(table.c.created_at))
         return [_row_to_job(row) for row in rows]
 
     def running(self) -> list[Job]:
         """Jobs some worker is running now, oldest first."""
-        rows = self.db.query(select(table).where(table.c.status == JobStatus.RUNNING).order_by(table.c.created_at))
+        rows = self.db.query(JOBS.where(table.c.status == JobStatus.RUNNING).order_by(table.c.created_at))
         return [_row_to_job(row) for row in rows]
 
     def position(self, job: Job) -> int:

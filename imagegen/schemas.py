@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from config import Settings
 from imagegen.errors import ERROR_CODES
-from imagegen.jobs import GenerationParams, JobStatus
+from imagegen.jobs import GenerationParams, JobStatus, WebhookStatus
 from imagegen.schedulers import SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
@@ -163,6 +163,14 @@ class GenerateResponse(BaseModel):
     cached: bool
 
 
+class WebhookView(BaseModel):
+    """The delivery of a job's `callback_url` (docs/webhooks.md)."""
+
+    status: WebhookStatus = Field(description="waiting (the job runs), pending, delivered or failed")
+    attempts: int
+    last_error: str | None
+
+
 class JobView(BaseModel):
     """A job; `position` while queued, `progress`/`step`/`eta_seconds` while running, `images` when done."""
 
@@ -179,6 +187,7 @@ class JobView(BaseModel):
     eta_seconds: float | None = None
     images: list[ImageView] | None = None
     error: dict[str, Any] | None = None
+    webhook: WebhookView | None = None
     location: str | None = None
 
 

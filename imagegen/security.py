@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import re
 import secrets
+import socket
 import time
 import unicodedata
 from collections.abc import Callable
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psutil
 from flask import Flask, current_app, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
@@ -101,10 +103,16 @@ SIGNED_SIG = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class Access:
-    """The app's secrets, parsed once: API keys (by their SHA-256), the admin token, the URL key."""
+    """The app's secrets, parsed once: API keys (by their SHA-256), the admin token, the URL key.
+
+    Without ADMIN_TOKEN, development makes one per start (printed at start-up, as Jupyter prints its
+    token): there is no implicit admin, so no web page the operator visits and no client behind a
+    same-host proxy can reach admin routes by being "loopback". Production without one has no admin.
+    """
 
     key_ids: dict[bytes, str]
     admin_token: str
+    admin_token_generated: bool
     url_key: bytes
     url_ttl_seconds: int
 
@@ -114,7 +122,9 @@ class Access:
         # A key's id is a short digest: safe to log and to show as a job's owner, useless to an attacker.
         key_ids = {digest: digest.hex()[:12] for digest in digests}
         url_key = settings.secret_key.encode() or secrets.token_bytes(32)
-        return cls(key_ids, settings.admin_token, url_key, settings.image_url_ttl_seconds)
+        generated = not settings.admin_token and not settings.is_production
+        admin_token = secrets.token_urlsafe(24) if generated else settings.admin_token
+        return cls(key_ids, admin_token, generated, url_key, settings.image_url_ttl_seconds)
 
     @property
     def keys_required(self) -> bool:
@@ -171,13 +181,6 @@ def client_key() -> str:
     return f"key:{key_id}" if key_id else f"ip:{client_address()}"
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
 def bearer_token() -> str | None:
     """The token of an `Authorization: Bearer ...` header, if any."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -195,26 +198,87 @@ def require_operator() -> None:
 
 
 def require_admin() -> None:
-    """Admin routes: the ADMIN_TOKEN as Bearer; with no token, loopback only and only in development."""
-    production = current_app.config["IMAGEGEN_PRODUCTION"]
+    """Admin routes: the ADMIN_TOKEN (or the one made at start-up) as X-Admin-Token or Bearer."""
     token = access().admin_token
-    if production and not token:  # a short one stops start-up (config.py)
+    if not token:  # production without ADMIN_TOKEN; a short one stops start-up (config.py)
         raise APIError(
             403,
             "admin_disabled",
             f"Admin routes are disabled: set an ADMIN_TOKEN of {MIN_ADMIN_TOKEN_LENGTH}+ characters.",
         )
-    if token:
-        given = request.headers.get("X-Admin-Token") or bearer_token() or ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
+    given = request.headers.get("X-Admin-Token") or bearer_token() or ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise APIError(
+            401,
+            "unauthorized",
+            "A valid admin token is required (Authorization: Bearer <ADMIN_TOKEN> or X-Admin-Token).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# Headers a cross-site HTML form cannot send: a request with one of them was made by a client that
+# holds (or at least chose to send) a credential, not by a page the operator happened to visit.
+CREDENTIAL_HEADERS = ("Authorization", "X-API-Key", "X-Admin-Token")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def trusted_hosts(settings: Settings) -> list[str] | None:
+    """The Host names a credential-less state-changing request may name (None: any, for `*`).
+
+    Default: the loopback names and the bound address; bound to every address (0.0.0.0 or ::), the
+    machine's names and the addresses of its interfaces, so a LAN client typing the machine's
+    address works while a rebound DNS name (evil.example resolving to 127.0.0.1) does not.
+    """
+    given = [host.strip().lower() for host in settings.trusted_hosts.split(",") if host.strip()]
+    if "*" in given:
+        return None
+    if given:
+        return given
+    hosts = [*LOOPBACK_HOSTS, settings.host.lower()]
+    if settings.host in {"0.0.0.0", "::", ""}:
+        hosts += [socket.gethostname().lower(), socket.getfqdn().lower()]
+        hosts += [address.address.split("%")[0] for nic in psutil.net_if_addrs().values() for address in nic]
+    return hosts
+
+
+def host_trusted(host: str, trusted: list[str]) -> bool:
+    """Whether a Host header (`name:port`, `[v6]:port`) names one of `trusted` (`.suffix` entries
+    match the domain and its subdomains). Werkzeug's `host_is_trusted` cannot take IPv6 entries."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return False
+    return any(name == ref or (ref.startswith(".") and f".{name}".endswith(ref)) for ref in trusted)
+
+
+def _refuse_cross_site(trusted: list[str] | None) -> Callable[[], None]:
+    """A state-changing request with no credential header must name a trusted Host (which a page
+    behind a rebound DNS name cannot), and a POST, the one such method a cross-site form or a
+    preflight-free fetch can send, must also say it is not a form: a JSON body or X-Requested-With
+    (PUT, PATCH and DELETE from another origin need a CORS preflight, which we do not grant)."""
+
+    def refuse() -> None:
+        if request.method not in STATE_CHANGING or request.endpoint is None:
+            return
+        if any(request.headers.get(name) for name in CREDENTIAL_HEADERS):
+            return
+        if request.method == "POST" and not (request.is_json or request.headers.get("X-Requested-With")):
             raise APIError(
-                401,
-                "unauthorized",
-                "A valid admin token is required (Authorization: Bearer <ADMIN_TOKEN> or X-Admin-Token).",
-                headers={"WWW-Authenticate": "Bearer"},
+                403,
+                "cross_site_refused",
+                "A POST that carries no Authorization, X-API-Key or X-Admin-Token header must send a JSON body "
+                "(Content-Type: application/json) or an X-Requested-With header.",
             )
-    elif not _is_loopback(client_address()):
-        raise APIError(403, "forbidden", "With no ADMIN_TOKEN set, admin routes answer loopback clients only.")
+        if trusted is not None and not host_trusted(request.host, trusted):
+            raise APIError(
+                403,
+                "untrusted_host",
+                "The Host of a request without credentials must be one of TRUSTED_HOSTS.",
+                {"host": request.host},
+            )
+
+    return refuse
 
 
 def generation_cost(params: GenerationParams) -> int:
@@ -340,7 +404,11 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
             app.view_functions[endpoint] = limiter.exempt(view)
     app.extensions["imagegen_limiter"] = limiter
     # After the limiter's own hook, so guessing keys is rate limited like anything else.
+    app.before_request(_refuse_cross_site(trusted_hosts(settings)))
     app.before_request(_authenticate)
     if settings.is_production and not settings.api_key_list():
         log.warning("running in production with ALLOW_ANONYMOUS and no API_KEYS: any client that reaches it generates")
+    held = app.extensions["imagegen"].access
+    if held.admin_token_generated:
+        log.warning("admin token for this run (set ADMIN_TOKEN to choose one): %s", held.admin_token)
     return limiter

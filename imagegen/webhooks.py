@@ -1,42 +1,91 @@
-"""Webhooks: a POST of the finished job to the URL its client gave, off the worker's thread.
+"""Webhooks: a POST of each ended job to the URL its client gave, from a durable outbox.
 
-Why a thread of its own: a slow or dead receiver must never hold up generation, so the worker only
-enqueues a job id; this sender posts with a timeout and a few retries, and gives up with a log
-line. Only hosts in WEBHOOK_ALLOWED_HOSTS are ever contacted, so a client cannot aim the server at
-internal addresses.
+Why an outbox: the row that says "deliver this" is written in the same transaction that ends the
+job (`JobStore.finish`), so no restart, deploy or crash can lose it, and any process that runs a
+sender (every API replica and every worker) delivers what is due, one process per delivery at a
+time (a lease on the row). A small pool sends, each attempt under a hard total deadline, so a dead
+receiver delays no one else's deliveries and never generation; failures back off exponentially.
+
+Why a connection of our own instead of urllib: urllib follows redirects anywhere and resolves the
+host again when it connects. Here the host must be in WEBHOOK_ALLOWED_HOSTS and the port in
+WEBHOOK_ALLOWED_PORTS (checked when the job is submitted), every address the name resolves to must
+be public unless WEBHOOK_ALLOW_PRIVATE says otherwise, the connection goes to the address that was
+checked (no second lookup for DNS rebinding to answer), and a redirect is a failed delivery.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.client
+import ipaddress
 import json
 import logging
-import queue
+import socket
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from sqlalchemy import select, update
+
 from config import Settings
-from imagegen.jobs import Job, JobStore
+from imagegen.db import webhooks
+from imagegen.jobs import Job, JobStore, WebhookStatus
 from imagegen.queue import CallbackRejected
 from imagegen.security import Access
 
 log = logging.getLogger(__name__)
 
+SENDERS = 4  # deliveries in flight per process
+POLL_SECONDS = 1.0  # how often a sender looks for due deliveries when nothing wakes it
+LEASE_MARGIN_SECONDS = 30  # beyond the attempt's deadline, before another process may take a delivery over
+MAX_BACKOFF_SECONDS = 3600
+SIGNATURE_HEADER = "X-Imagegen-Signature"
 
-def allowed_hosts(settings: Settings) -> set[str]:
-    return {host.strip().lower() for host in settings.webhook_allowed_hosts.split(",") if host.strip()}
+
+class DeliveryFailed(Exception):
+    """An attempt that did not deliver; `final` when trying again cannot help (a redirect)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
+
+
+def _listed(value: str) -> set[str]:
+    return {item.strip().lower() for item in value.split(",") if item.strip()}
+
+
+def _private(address: str) -> bool:
+    """Loopback, private, link-local, shared, reserved or multicast: anything not on the internet."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
 
 
 def check_callback_url(url: str, settings: Settings) -> str:
-    """A callback URL is http(s) to an allowed host, or CallbackRejected."""
+    """A callback URL a delivery may be sent to, or CallbackRejected (a 400 when the job is submitted)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise CallbackRejected("invalid_request", "`callback_url` must be an http(s) URL")
-    if parts.hostname.lower() not in allowed_hosts(settings):
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise CallbackRejected("invalid_request", "`callback_url` has a malformed port") from None
+    if parts.hostname.lower() not in _listed(settings.webhook_allowed_hosts):
         raise CallbackRejected("callback_not_allowed", "`callback_url` host is not in WEBHOOK_ALLOWED_HOSTS")
+    ports = _listed(settings.webhook_allowed_ports)
+    if "*" not in ports and str(port) not in ports:
+        raise CallbackRejected("callback_not_allowed", f"`callback_url` port {port} is not in WEBHOOK_ALLOWED_PORTS")
+    try:
+        literal = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        literal = None
+    if literal is not None and _private(str(literal)) and not settings.webhook_allow_private:
+        raise CallbackRejected("callback_not_allowed", "`callback_url` is a private address (WEBHOOK_ALLOW_PRIVATE)")
     return url
 
 
@@ -50,47 +99,184 @@ def payload(job: Job, access: Access) -> dict[str, Any]:
     return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": job.timings()}
 
 
+def signature(secret: str, body: bytes, now: float | None = None) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, as Stripe signs its webhooks: the
+    time inside the signed text lets a receiver refuse an old delivery replayed."""
+    stamp = str(int(now if now is not None else time.time()))
+    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={stamp},v1={digest}"
+
+
+class _PinnedConnection(http.client.HTTPSConnection):
+    """HTTP(S) to one address already checked, naming the host in `Host` and in TLS (SNI and the
+    certificate check), so the name is never resolved a second time."""
+
+    def __init__(self, host: str, port: int, address: str, tls: bool, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address, self.tls = address, tls
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
+        if self.tls:
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> int:
+    """One attempt: resolve, check every address, connect to a checked one, POST, read the status,
+    all within WEBHOOK_TIMEOUT_SECONDS (a timer closes the socket of an attempt that overruns)."""
+    parts = urllib.parse.urlsplit(url)
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname or ""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DeliveryFailed(f"cannot resolve {host}: {exc}") from None
+    addresses = [str(info[4][0]) for info in found]
+    private = [address for address in addresses if _private(address)]
+    if private and not settings.webhook_allow_private:
+        raise DeliveryFailed(f"{host} resolves to a private address ({private[0]}); see WEBHOOK_ALLOW_PRIVATE")
+    connection = _PinnedConnection(host, port, addresses[0], tls, settings.webhook_timeout_seconds)
+
+    def cut_off() -> None:  # shutdown, not close: it wakes a recv blocked in the sending thread
+        if connection.sock is not None:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+
+    overrun = threading.Timer(settings.webhook_timeout_seconds, cut_off)
+    overrun.start()
+    try:
+        target = parts.path or "/"
+        connection.request("POST", f"{target}?{parts.query}" if parts.query else target, body, headers)
+        response = connection.getresponse()
+        response.read(65_536)
+        if 300 <= response.status < 400:
+            raise DeliveryFailed(f"HTTP {response.status}: redirects are not followed", final=True)
+        if response.status >= 300:
+            raise DeliveryFailed(f"HTTP {response.status}")
+        return response.status
+    except (OSError, http.client.HTTPException) as exc:
+        late = "" if overrun.is_alive() else f" (over the {settings.webhook_timeout_seconds} s deadline)"
+        raise DeliveryFailed(f"{type(exc).__name__}: {exc}{late}") from None
+    finally:
+        overrun.cancel()
+        connection.close()
+
+
 class WebhookSender:
-    """Posts each finished job that asked for it, with retries and a timeout."""
+    """Delivers the outbox: a thread that finds due deliveries and a pool that sends them."""
 
     def __init__(self, settings: Settings, jobs: JobStore, access: Access) -> None:
+        from imagegen import __version__
+
         self.settings, self.jobs, self.access = settings, jobs, access
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.user_agent = f"imagegen/{__version__}"
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._pool = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook")
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def notify(self, job_id: str) -> None:
-        """Called once as a job ends (by `Endings`); returns at once."""
-        self._queue.put(job_id)
+    def notify(self, _job_id: str) -> None:
+        """A job with a callback ended here (its delivery is already in the outbox): look now."""
+        self._wake.set()
 
     def stop(self) -> None:
+        """Stops looking; attempts in flight end within their deadline, and whatever is left stays
+        due in the outbox for the next start (or another process) to send."""
+        self._stopping.set()
+        self._wake.set()
         if self._thread.is_alive():
-            self._queue.put(None)
             self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        while (job_id := self._queue.get()) is not None:
-            job = self.jobs.get(job_id)
-            if job is not None and job.callback_url:
-                self._deliver(job)
-
-    def _deliver(self, job: Job) -> None:
-        body = json.dumps(payload(job, self.access)).encode()
-        for attempt in range(self.settings.webhook_retries + 1):
-            request = urllib.request.Request(
-                job.callback_url or "", data=body, method="POST", headers={"Content-Type": "application/json"}
-            )
+        while not self._stopping.is_set():
             try:
-                with urllib.request.urlopen(request, timeout=self.settings.webhook_timeout_seconds) as response:
-                    if response.status < 300:
-                        log.info("webhook for job %s delivered (attempt %d)", job.id, attempt + 1)
-                        return
-            except urllib.error.HTTPError as exc:
-                exc.close()
-                log.warning("webhook for job %s failed (attempt %d): HTTP %d", job.id, attempt + 1, exc.code)
-            except (urllib.error.URLError, OSError) as exc:
-                log.warning("webhook for job %s failed (attempt %d): %s", job.id, attempt + 1, exc)
-            time.sleep(min(0.5 * 2**attempt, 10))
-        log.error("webhook for job %s given up after %d attempts", job.id, self.settings.webhook_retries + 1)
+                self._dispatch()
+            except Exception:  # the database away, anything: the deliveries wait in the outbox
+                log.exception("webhook outbox unreadable; trying again in %s s", POLL_SECONDS)
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def _dispatch(self) -> None:
+        """Takes due deliveries, as many as there are free senders, each by a lease on its row."""
+        with self._lock:
+            free = SENDERS - len(self._in_flight)
+        if free <= 0:
+            return
+        now = time.time()
+        due = self.jobs.db.query(
+            select(webhooks.c.job_id)
+            .where(webhooks.c.status == WebhookStatus.PENDING, webhooks.c.next_at <= now, webhooks.c.lease_until <= now)
+            .order_by(webhooks.c.next_at)
+            .limit(free)
+        )
+        lease = now + self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS
+        for row in due:
+            with self.jobs.db.transaction() as conn:
+                taken = conn.execute(
+                    update(webhooks)
+                    .where(
+                        webhooks.c.job_id == row["job_id"],
+                        webhooks.c.status == WebhookStatus.PENDING,
+                        webhooks.c.lease_until <= now,
+                    )
+                    .values(lease_until=lease, attempts=webhooks.c.attempts + 1)
+                ).rowcount
+            if taken:
+                with self._lock:
+                    self._in_flight.add(row["job_id"])
+                self._pool.submit(self._attempt, row["job_id"])
+
+    def _attempt(self, job_id: str) -> None:
+        try:
+            self._deliver(job_id)
+        except Exception:  # a bug or the database away: the lease runs out and the delivery is tried again
+            log.exception("webhook for job %s: attempt not recorded", job_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(job_id)
+            self._wake.set()
+
+    def _deliver(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        attempts = (job.webhook or {}).get("attempts", 1) if job else 1
+        if job is None or not job.callback_url:
+            self._record(job_id, WebhookStatus.FAILED, attempts, "the job no longer exists")
+            return
+        body = json.dumps(payload(job, self.access)).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-Imagegen-Delivery": job.id}
+        if self.settings.webhook_secret:
+            headers[SIGNATURE_HEADER] = signature(self.settings.webhook_secret, body)
+        try:
+            post(job.callback_url, body, headers, self.settings)
+        except DeliveryFailed as failure:
+            final = failure.final or attempts > self.settings.webhook_retries
+            log.warning("webhook for job %s failed (attempt %d): %s", job.id, attempts, failure)
+            self._record(job.id, WebhookStatus.FAILED if final else WebhookStatus.PENDING, attempts, str(failure))
+            return
+        log.info("webhook for job %s delivered (attempt %d)", job.id, attempts)
+        self._record(job.id, WebhookStatus.DELIVERED, attempts, None)
+
+    def _record(self, job_id: str, status: WebhookStatus, attempts: int, error: str | None) -> None:
+        """The attempt's outcome; a pending one is due again after an exponential backoff."""
+        now = time.time()
+        backoff = min(self.settings.webhook_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
+        if status == WebhookStatus.FAILED:
+            log.error("webhook for job %s given up after %d attempts: %s", job_id, attempts, error)
+        with self.jobs.db.transaction() as conn:
+            conn.execute(
+                update(webhooks)
+                .where(webhooks.c.job_id == job_id, webhooks.c.status == WebhookStatus.PENDING)
+                .values(
+                    status=status,
+                    last_error=error,
+                    lease_until=0,
+                    next_at=now + backoff,
+                    finished_at=None if status == WebhookStatus.PENDING else now,
+                )
+            )

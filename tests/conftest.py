@@ -29,6 +29,9 @@ from tests.fakes import FakePipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "models/tiny-random"
+# Every test app has this admin token (as a deployment sets ADMIN_TOKEN); admin calls send ADMIN.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+ADMIN = {"X-Admin-Token": ADMIN_TOKEN}
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -43,6 +46,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "rate_limit_cost": "off",
         "default_steps": 4,
         "request_timeout_seconds": 60,
+        "admin_token": ADMIN_TOKEN,
         "_env_file": None,
     }
     values.update(overrides)
@@ -145,6 +149,7 @@ def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subpro
         "RATE_LIMIT": "1000/minute",
         "RATE_LIMIT_DEFAULT": "100000/minute",
         "RATE_LIMIT_COST": "off",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
         **env,
     }
     process = subprocess.Popen(
@@ -255,6 +260,7 @@ def cluster_env(tmp_path: Path, database_url: str, **env: str) -> dict[str, str]
         "DATABASE_URL": database_url,
         "STORAGE_URL": str(tmp_path / "shared-images"),
         "WORKER_HEARTBEAT_SECONDS": "0.5",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
         **S3_ENV,
         **env,
     }

@@ -43,8 +43,10 @@ def test_one_client_cannot_fill_the_queue_by_default(app_factory, fake):
     client = app_factory(pipeline=fake).test_client()
     wait_ready(client)
     fake.hold()  # the generation thread stays on the first job
-    codes = [client.post("/generate", json={"prompt": PROMPT, "async": True}).status_code for _ in range(18)]
-    assert codes == [202] * 17 + [429], "one running, MAX_JOBS_PER_CLIENT (16) queued, then refused"
+    assert client.post("/generate", json={"prompt": PROMPT, "async": True}).status_code == 202
+    assert fake.waiting.wait(10)  # running alone: the next ones cannot join its batch
+    codes = [client.post("/generate", json={"prompt": PROMPT, "async": True}).status_code for _ in range(17)]
+    assert codes == [202] * 16 + [429], "one running, MAX_JOBS_PER_CLIENT (16) queued, then refused"
     assert client.post("/generate", json={"prompt": PROMPT, "async": True}, environ_base=OTHER).status_code == 202
     fake.let_go()
 

@@ -21,6 +21,7 @@ import pytest
 from imagegen.db import Database
 from imagegen.jobs import JobStatus, JobStore
 from tests.conftest import (
+    ADMIN,
     REDIS,
     ROOT,
     TINY_MODEL,
@@ -80,7 +81,8 @@ def post(base: str, body: dict[str, Any], headers: dict[str, str] | None = None)
 
 
 def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    status, _, raw = call(f"{base}{path}", headers=headers)
+    """A GET, as the operator unless other headers are given."""
+    status, _, raw = call(f"{base}{path}", headers=headers or ADMIN)
     return status, json.loads(raw) if raw.startswith(b"{") else raw
 
 
@@ -120,7 +122,7 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
             assert response.read().startswith(b"\x89PNG")
     workers_view = {w["name"]: w for w in get(base, "/status")[1]["app"]["workers"]}
     assert workers_view[survivor]["alive"] and not workers_view[victim]["alive"]
-    assert "imagegen_workers_alive 1.0" in call(f"{base}/metrics")[2].decode()
+    assert "imagegen_workers_alive 1.0" in call(f"{base}/metrics", headers=ADMIN)[2].decode()
     queue = get(base, "/queue")[1]
     assert queue["depth"] == 0 and queue["running"] == [] and queue["average_generation_seconds"] > 0
 
@@ -266,7 +268,7 @@ def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, p
     assert seen["process_rss_bytes"] > 50 * 2**20 and seen["ram_used_bytes"] > seen["process_rss_bytes"] / 10
     assert [(m["id"], m["state"]) for m in seen["models"]] == [("models/tiny-random", "ready")]
     assert seen["generation_seconds"]["sum"] > 0 and seen["batch_size"]["buckets"][0] == ["1.0", 1.0]
-    metrics = call(f"{base}/metrics")[2].decode()
+    metrics = call(f"{base}/metrics", headers=ADMIN)[2].decode()
     assert 'imagegen_worker_generation_seconds_count{worker="w1"} 1.0' in metrics
     assert 'imagegen_worker_models_loaded{worker="w1"} 1.0' in metrics
     assert 'imagegen_worker_process_rss_bytes{worker="w1"}' in metrics
@@ -284,8 +286,8 @@ def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, p
 
 
 def call_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """A POST (with a JSON body, or none)."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else b"", method="POST")
+    """An admin's POST (with a JSON body, or none)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else b"", method="POST", headers=ADMIN)
     if body:
         request.add_header("Content-Type", "application/json")
     try:

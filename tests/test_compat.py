@@ -14,7 +14,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from tests.conftest import call, start_server, wait_ready
+from tests.conftest import ADMIN, call, start_server, wait_ready
 
 pytestmark = pytest.mark.slow
 KEY = "compat-key-0123456789"
@@ -149,16 +149,16 @@ def test_a1111_bad_sampler_and_options(webui, server):
 def test_a1111_surface_through_the_test_client(app_factory):
     client = app_factory().test_client()
     wait_ready(client)
-    for path in ("/sdapi/v1/memory", "/sdapi/v1/schedulers", "/sdapi/v1/scripts", "/sdapi/v1/options"):
+    for path in ("/sdapi/v1/schedulers", "/sdapi/v1/scripts", "/sdapi/v1/options"):
         assert client.get(path).status_code == 200, path
-    for path in (
-        "/sdapi/v1/refresh-checkpoints",
-        "/sdapi/v1/unload-checkpoint",
-        "/sdapi/v1/reload-checkpoint",
-        "/sdapi/v1/skip",
+    for path, headers in (
+        ("/sdapi/v1/refresh-checkpoints", {"X-Requested-With": "test"}),
+        ("/sdapi/v1/unload-checkpoint", ADMIN),
+        ("/sdapi/v1/reload-checkpoint", ADMIN),
+        ("/sdapi/v1/skip", {"X-Requested-With": "test"}),
     ):
-        assert client.post(path).status_code == 200, path
-    memory = client.get("/sdapi/v1/memory").json
+        assert client.post(path, headers=headers).status_code == 200, path
+    memory = client.get("/sdapi/v1/memory", headers=ADMIN).json
     assert memory["ram"]["total"] > 0 and "error" in memory["cuda"]
     response = client.post(
         "/sdapi/v1/txt2img",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from config import ROOT, Settings, load_settings
+from tools.lock import UNHASHED, roots
 
 
 @pytest.fixture(autouse=True)
@@ -97,6 +99,9 @@ def test_cluster_mode_names_what_is_missing():
     cluster["database_url"] = "postgresql+psycopg://u@h/db"
     with pytest.raises(SystemExit, match="SECRET_KEY"):
         load_settings(_env_file=None, api_keys="k" * 20, **cluster)
+    with pytest.raises(SystemExit, match="QUEUE_BACKEND=celery needs ADMIN_TOKEN"):  # replicas must agree on it
+        load_settings(_env_file=None, **cluster)
+    cluster["admin_token"] = "a" * 20
     settings = load_settings(_env_file=None, **cluster)
     assert settings.database == cluster["database_url"] and settings.storage == "s3://b/p"
     local = load_settings(_env_file=None)
@@ -118,3 +123,21 @@ def test_a_short_admin_token_stops_a_production_start(monkeypatch):
     monkeypatch.setenv("ALLOW_ANONYMOUS", "true")
     with pytest.raises(SystemExit, match="ADMIN_TOKEN must be at least 16 characters"):
         load_settings(_env_file=None)
+
+
+def test_every_requirement_is_pinned_and_hash_locked():
+    """make installs the lock files (tools/lock.py): a requirement added without `make lock` would
+    be missing from them, and a version changed in one file only would install the other."""
+    pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    locked: dict[str, str] = {}
+    for lock in ("requirements.lock", "requirements-dev.lock"):
+        entries = re.findall(
+            r"^([\w.-]+)==(\S+)((?: \\\n    --hash=sha256:[0-9a-f]{64})+)", (ROOT / lock).read_text(), re.M
+        )
+        for name, version, digests in entries:
+            assert digests, name
+            locked[canonicalize_name(name)] = version
+    assert locked == {canonicalize_name(n): v for n, v in pinned.items() if n not in UNHASHED}
+    for requirement in roots(ROOT / "requirements-dev.txt"):
+        name = canonicalize_name(requirement.name)
+        assert requirement.specifier.contains(locked.get(name) or pinned[name]), requirement

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from tests.conftest import ROOT, wait_ready
+from tests.conftest import ADMIN, ROOT, wait_ready
 
 PROMPT = "a green square on a white background"
 
@@ -56,14 +56,14 @@ def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tm
     generate = client.post("/generate", json={"prompt": PROMPT})
     assert generate.status_code == 503
     assert generate.json["error"]["code"] == "model_unavailable"
-    assert client.get("/status").json["app"]["model"]["state"] == "failed"
+    assert client.get("/status", headers=ADMIN).json["app"]["model"]["state"] == "failed"
 
 
 def test_status_reports_system_and_app_figures(app_factory):
     client = app_factory(device="cpu").test_client()
     wait_ready(client)
     client.post("/generate", json={"prompt": PROMPT, "steps": 2})
-    status = client.get("/status").json
+    status = client.get("/status", headers=ADMIN).json
     system, app = status["system"], status["app"]
     assert system["ram"]["total_bytes"] > 0 and system["process_rss_bytes"] > 0
     assert (system["gpus"] is None) == (not torch.cuda.is_available())
@@ -80,46 +80,49 @@ def test_status_reports_system_and_app_figures(app_factory):
 def test_cleanup_deletes_old_images_and_unloads(client, caplog):
     url = client.post("/generate", json={"prompt": PROMPT, "steps": 2}).json["images"][0]["url"]
     path = url.removeprefix("http://localhost")
-    dry = client.post("/cleanup", json={"images_older_than_seconds": 0, "dry_run": True}).json
+    dry = client.post("/cleanup", json={"images_older_than_seconds": 0, "dry_run": True}, headers=ADMIN).json
     assert dry["images"]["deleted"] == 1
     with client.get(path) as still_there:
         assert still_there.status_code == 200
-    young = client.post("/cleanup", json={"images_older_than_seconds": 3600}).json
+    young = client.post("/cleanup", json={"images_older_than_seconds": 3600}, headers=ADMIN).json
     assert young["images"]["deleted"] == 0
-    done = client.post("/cleanup", json={"images_older_than_seconds": 0, "unload_models": True}).json
+    done = client.post("/cleanup", json={"images_older_than_seconds": 0, "unload_models": True}, headers=ADMIN).json
     assert done["images"]["deleted"] == 1 and done["unloaded_models"] == ["models/tiny-random"]
     [unload] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloaded ")]
     assert re.fullmatch(r"unloaded models/tiny-random; before: rss=\d+MB; after: rss=\d+MB", unload)
     assert client.get(path).status_code == 404
-    assert client.get("/status").json["app"]["model"]["state"] == "unloaded"
+    assert client.get("/status", headers=ADMIN).json["app"]["model"]["state"] == "unloaded"
     # the next request loads the model again without the client noticing anything but time
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
 def test_cleanup_needs_the_admin_token_when_one_is_set(app_factory):
     client = app_factory(admin_token="t" * 20).test_client()
-    assert client.post("/cleanup").status_code == 401
+    assert client.post("/cleanup", json={}).status_code == 401
     assert client.post("/cleanup", headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = client.post("/cleanup", headers={"Authorization": f"Bearer {'t' * 20}"})
     assert ok.status_code == 200 and "images" in ok.json
 
 
-def test_cleanup_without_token_is_loopback_only_in_development(app_factory):
-    client = app_factory().test_client()
-    assert client.post("/cleanup").status_code == 200
-    remote = client.post("/cleanup", environ_base={"REMOTE_ADDR": "203.0.113.9"})
-    assert remote.status_code == 403
+def test_without_admin_token_development_makes_one_and_prints_it(app_factory, caplog):
+    app = app_factory(admin_token="")
+    client = app.test_client()
+    token = app.extensions["imagegen"].access.admin_token
+    assert len(token) >= 32 and f"admin token for this run (set ADMIN_TOKEN to choose one): {token}" in caplog.text
+    assert client.post("/cleanup", json={}).status_code == 401  # loopback is not the admin
+    assert client.post("/cleanup", json={}, headers={"X-Admin-Token": token}).status_code == 200
+    assert app_factory(admin_token="").extensions["imagegen"].access.admin_token != token  # one per start
 
 
 def test_cleanup_is_disabled_in_production_without_a_token(app_factory):
-    client = app_factory(app_env="production", allow_anonymous=True).test_client()
-    response = client.post("/cleanup")
+    client = app_factory(app_env="production", allow_anonymous=True, admin_token="").test_client()
+    response = client.post("/cleanup", json={})
     assert response.status_code == 403
     assert response.json["error"]["code"] == "admin_disabled"
 
 
 def test_cleanup_rejects_bad_options(client):
-    response = client.post("/cleanup", json={"images_older_than_seconds": -5})
+    response = client.post("/cleanup", json={"images_older_than_seconds": -5}, headers=ADMIN)
     assert response.status_code == 400
     assert response.json["error"]["details"][0]["field"] == "images_older_than_seconds"
 
@@ -147,6 +150,7 @@ def test_a_failed_load_is_tried_again_with_backoff_until_it_works(app_factory, f
 def test_the_version_is_reported_and_in_the_changelog(fake_client):
     from imagegen import __version__
 
-    assert fake_client.get("/").json["version"] == __version__ == fake_client.get("/status").json["version"]
+    status = fake_client.get("/status", headers=ADMIN).json
+    assert fake_client.get("/").json["version"] == __version__ == status["version"]
     assert f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()
     assert f"## {__version__} " in (ROOT / "CHANGELOG.md").read_text()

@@ -23,7 +23,7 @@ from imagegen.monitoring import Monitor
 from imagegen.queue import QueueUnavailable
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
-from tests.conftest import free_port, make_settings, wait_ready
+from tests.conftest import ADMIN, free_port, make_settings, wait_ready
 
 PROMPT = "a red circle on a blue background"
 
@@ -32,7 +32,7 @@ def idle(client) -> None:
     """Waits until the local queue has taken every job and its batch has left the pipeline."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        queue = client.get("/status").json["app"]["queue"]
+        queue = client.get("/status", headers=ADMIN).json["app"]["queue"]
         if queue["depth"] == 0 and queue["active"] == 0:
             return
         time.sleep(0.01)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import socket
 import time
 import urllib.parse
 
 import pytest
 import redis
+from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import wait_ready
+from tests.conftest import ADMIN, wait_ready
 
 PROMPT = "a white square on a black background"
 
@@ -78,13 +81,13 @@ HOSTILE_BODIES = [
 
 @pytest.mark.parametrize(("body", "status", "code"), HOSTILE_BODIES)
 def test_hostile_bodies_get_clear_4xx_and_change_nothing(client, body, status, code):
-    before = client.get("/status").json["app"]["images"]
+    before = client.get("/status", headers=ADMIN).json["app"]["images"]
     response = client.post("/generate", json=body)
     assert response.status_code == status, response.json
     error = response.json["error"]
     assert error["code"] == code and error["message"]
     assert "Traceback" not in response.get_data(as_text=True)
-    assert client.get("/status").json["app"]["images"] == before
+    assert client.get("/status", headers=ADMIN).json["app"]["images"] == before
 
 
 @pytest.mark.parametrize(
@@ -439,7 +442,7 @@ def test_json_nested_too_deeply_is_invalid_json(app_factory, fake):
     client = app_factory(pipeline=fake).test_client()
     deep = "[" * 200_000 + "]" * 200_000
     for path in ("/generate", "/sdapi/v1/options", "/cleanup", "/v1/images/generations"):
-        response = client.post(path, data=deep, content_type="application/json")
+        response = client.post(path, data=deep, content_type="application/json", headers=ADMIN)
         assert response.status_code == 400, (path, response.status_code)
 
 
@@ -475,10 +478,59 @@ def test_only_safetensors_checkpoints_are_loaded(app_factory, tmp_path):
 def test_saved_runtime_settings_are_checked_at_start(app_factory, tmp_path):
     client = app_factory().test_client()
     wait_ready(client)
-    assert client.patch("/admin/settings", json={"default_steps": 3, "persist": True}).status_code == 200
+    assert client.patch("/admin/settings", json={"default_steps": 3, "persist": True}, headers=ADMIN).status_code == 200
     saved = tmp_path / "data" / "runtime-settings.json"
     assert list(saved.parent.glob("*.partial")) == [], "written beside, then renamed over"
     for bad in ('{"admin_token": "mine"}', '{"default_steps": 3', '{"rate_limit": "lots"}'):
         saved.write_text(bad)
         with pytest.raises(SystemExit, match=r"invalid .*runtime-settings\.json"):
             app_factory()
+
+
+def test_a_cross_site_form_cannot_change_state(app_factory, fake):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    fake.calls.clear()
+    # an HTML form's bodies are not JSON (415); a bodiless form POST is refused for what it is
+    assert client.post("/generate", data={"prompt": PROMPT}).status_code == 415
+    assert client.post("/generate", data=json.dumps({"prompt": PROMPT}), content_type="text/plain").status_code == 415
+    for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints", "/generate", "/cleanup"):
+        response = client.post(path)
+        assert response.status_code == 403 and "cross_site_refused" in response.get_data(as_text=True), path
+    assert fake.calls == [] and client.get("/jobs").json["jobs"] == []
+    # a page cannot send these; scripts and API clients do
+    assert client.post("/sdapi/v1/interrupt", headers={"X-Requested-With": "XMLHttpRequest"}).status_code == 200
+    assert client.post("/sdapi/v1/interrupt", headers={"Authorization": "Basic dTpw"}).status_code == 200
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}).status_code == 200
+    assert client.get("/jobs").status_code == 200  # reading needs nothing of this
+    assert client.delete("/jobs/abc").status_code == 404  # a form cannot DELETE, a page not without a preflight
+
+
+def test_a_rebound_dns_name_cannot_change_state(app_factory, fake):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    body = {"prompt": PROMPT, "steps": 1}
+    rebound = client.post("/generate", json=body, base_url="http://evil.example:5000")
+    assert (rebound.status_code, rebound.json["error"]["code"]) == (403, "untrusted_host")
+    assert client.delete("/jobs/abc", base_url="http://evil.example").status_code == 403
+    for base in ("http://localhost:5000", "http://127.0.0.1:5000", "http://[::1]:5000"):
+        assert client.post("/generate", json=body, base_url=base).status_code == 200, base
+    # a client holding a credential names whatever host it reached us by
+    admin = client.patch("/admin/settings", json={"default_steps": 2}, headers=ADMIN, base_url="http://evil.example")
+    assert admin.status_code == 200
+
+    def ready(**overrides: str) -> FlaskClient:
+        client = app_factory(pipeline=fake, **overrides).test_client()
+        wait_ready(client)
+        return client
+
+    named = ready(trusted_hosts="images.example.com,.internal")
+    assert named.post("/generate", json=body, base_url="http://images.example.com").status_code == 200
+    assert named.post("/generate", json=body, base_url="http://gpu1.internal").status_code == 200
+    assert named.post("/generate", json=body, base_url="http://localhost").status_code == 403
+
+    everywhere = ready(host="0.0.0.0")  # the machine's own names count
+    assert everywhere.post("/generate", json=body, base_url=f"http://{socket.gethostname()}:5000").status_code == 200
+    assert everywhere.post("/generate", json=body, base_url="http://evil.example").status_code == 403
+    anything = ready(trusted_hosts="*")
+    assert anything.post("/generate", json=body, base_url="http://evil.example").status_code == 200

@@ -55,6 +55,8 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         view.update(progress=1.0, images=image_views(job, response_format))
     if job.error:
         view["error"] = job.error
+    if job.webhook:
+        view["webhook"] = job.webhook
     return view
 
 
