@@ -11,11 +11,13 @@ This module imports nothing from the `imagegen` package.
 from __future__ import annotations
 
 import math
+import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 from limits import parse, parse_many
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent
@@ -60,6 +62,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class ModelEntry(BaseModel):
+    """One `[models.<id>]` table of MODELS_FILE; only `source` is required (see CONFIGURATION.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    source: str = Field(min_length=1)
+    family: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    default_width: int | None = Field(None, ge=8, le=4096)
+    default_height: int | None = Field(None, ge=8, le=4096)
+    default_steps: int | None = Field(None, ge=1, le=500)
+    default_guidance: float | None = Field(None, ge=0, le=30)
+    max_width: int | None = Field(None, ge=8, le=4096)
+    max_height: int | None = Field(None, ge=8, le=4096)
+    max_steps: int | None = Field(None, ge=1, le=500)
+    attention_slicing: bool | None = None
+    vae_tiling: bool | None = None
+    cpu_offload: bool | None = None
+    config: str | None = None  # a local diffusers folder with the configs and tokenizers of a single file
+
+
 class Settings(BaseSettings):
     """The server's configuration; see CONFIGURATION.md for each variable's meaning and range."""
 
@@ -83,6 +106,7 @@ class Settings(BaseSettings):
     # Model and engine
     model_id: str = "models/demo-shapes"
     models: str = ""
+    models_file: Path | None = None
     device: str = "auto"
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     performance_preset: Literal["low", "balanced", "high"] = "balanced"
@@ -186,7 +210,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file", "api_keys_file")
+    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file", "api_keys_file", "models_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
@@ -226,7 +250,7 @@ class Settings(BaseSettings):
             )
         if self.is_production and self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters in production")
-        for name in ("api_keys_file", "blocked_patterns_file"):
+        for name in ("api_keys_file", "blocked_patterns_file", "models_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name.upper()} names a file that does not exist: {path}")
@@ -248,6 +272,10 @@ class Settings(BaseSettings):
                 raise ValueError("QUEUE_BACKEND=celery with API keys needs SECRET_KEY, the same on every machine")
             if not self.admin_token:
                 raise ValueError("QUEUE_BACKEND=celery needs ADMIN_TOKEN, the same on every API replica")
+        if self.model_id not in self.model_entries():
+            raise ValueError(
+                f"MODEL_ID {self.model_id} is not a model of MODELS_FILE ({', '.join(self.model_entries())})"
+            )
         return self
 
     @property
@@ -256,9 +284,34 @@ class Settings(BaseSettings):
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
-        """MODEL_ID first, then the other models a request may choose (MODELS, comma-separated)."""
-        extra = [m.strip() for m in self.models.split(",") if m.strip() and m.strip() != self.model_id]
-        return (self.model_id, *extra)
+        """MODEL_ID first, then the other models a request may choose (MODELS_FILE's, or MODELS)."""
+        return (self.model_id, *(model for model in self.model_entries() if model != self.model_id))
+
+    @cached_property
+    def _entries(self) -> dict[str, ModelEntry]:
+        if self.models_file is None:
+            listed = [self.model_id, *(m.strip() for m in self.models.split(",") if m.strip())]
+            return {model: ModelEntry(source=model) for model in dict.fromkeys(listed)}
+        try:
+            tables = tomllib.loads(self.models_file.read_text(encoding="utf-8")).get("models")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"MODELS_FILE {self.models_file}: {exc}") from None
+        if not isinstance(tables, dict) or not tables:
+            raise ValueError(f"MODELS_FILE {self.models_file} has no [models.<id>] table")
+        entries = {}
+        for model, table in tables.items():
+            try:
+                entries[model] = ModelEntry.model_validate(table)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = ".".join(str(part) for part in err["loc"]) or "source"
+                raise ValueError(f"MODELS_FILE model {model}, key {key}: {err['msg']}") from None
+        return entries
+
+    def model_entries(self) -> dict[str, ModelEntry]:
+        """The catalogue's entries by model id: MODELS_FILE's tables, or one per id of MODEL_ID and
+        MODELS (as before there was a catalogue)."""
+        return self._entries
 
     @property
     def database(self) -> str:
@@ -279,11 +332,11 @@ class Settings(BaseSettings):
         return keys
 
     @staticmethod
-    def model_source(model_id: str) -> str:
-        """A model id as given (hub id, absolute path), or resolved against the project when it names
-        a folder or file in it."""
-        candidate = ROOT / model_id
-        return str(candidate) if not Path(model_id).is_absolute() and candidate.exists() else model_id
+    def resolve_source(source: str) -> str:
+        """A model source as given (hub id, absolute path), or resolved against the project when it
+        names a folder or file in it."""
+        candidate = ROOT / source
+        return str(candidate) if not Path(source).is_absolute() and candidate.exists() else source
 
 
 def load_settings(**overrides: Any) -> Settings:

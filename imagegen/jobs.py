@@ -53,6 +53,7 @@ class GenerationParams:
     seeds: tuple[int, ...]
     scheduler: str
     model: str
+    prompt_2: str = ""  # for the second text encoder of the families that have one (families.py)
 
     @property
     def batch_key(self) -> tuple[Any, ...]:

@@ -21,10 +21,13 @@ MAX_SEED = 2**32 - 1
 
 
 def _bounded(value: int | float | None, info: ValidationInfo, low: float, high_setting: str) -> Any:
+    """A value within [low, the limit]: the chosen model's catalogue limit (`max_width`, ...) where
+    it has one, else the setting of that name."""
     if value is None:
         return value
     settings: Settings = info.context["settings"]
-    high = getattr(settings, high_setting)
+    spec = info.context["catalogue"].get(info.data.get("model") or settings.model_id)
+    high = getattr(spec, high_setting, None) or getattr(settings, high_setting)
     if not low <= value <= high:
         raise PydanticCustomError(
             "out_of_range",
@@ -35,12 +38,15 @@ def _bounded(value: int | float | None, info: ValidationInfo, low: float, high_s
 
 
 class GenerateRequest(BaseModel):
-    """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images."""
+    """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images. Which fields a model takes,
+    its defaults and its limits are in GET /models (its family)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
     prompt: str
+    model: str | None = Field(None, min_length=1, max_length=500)  # first: the limits below are the model's
     negative_prompt: str | None = None
+    prompt_2: str | None = None
     width: int | None = None
     height: int | None = None
     steps: int | None = None
@@ -48,7 +54,6 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = 1
     scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
-    model: str | None = Field(None, min_length=1, max_length=500)
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
     callback_url: str | None = Field(None, max_length=2000)
@@ -57,11 +62,14 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _size(cls, value: int | None, info: ValidationInfo) -> int | None:
         _bounded(value, info, 8, f"max_{info.field_name}")
-        if value is not None and value % 8:
+        settings: Settings = info.context["settings"]
+        spec = info.context["catalogue"].get(info.data.get("model") or settings.model_id)
+        multiple = spec.size_multiple if spec else 8
+        if value is not None and value % multiple:
             raise PydanticCustomError(
-                "multiple_of_8",
-                "`{field}` must be a multiple of 8, got {value}",
-                {"field": info.field_name, "value": value},
+                "size_multiple",
+                "`{field}` must be a multiple of {multiple} for this model, got {value}",
+                {"field": info.field_name, "multiple": multiple, "value": value},
             )
         return value
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from config import Settings
+from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.jobs import JobStore
@@ -44,6 +45,7 @@ class Services:
     """Everything a request may use, built once by `build` and kept in app.extensions["imagegen"]."""
 
     settings: Settings
+    catalogue: dict[str, ModelSpec]
     access: Access
     jobs: JobStore
     images: ImageStore
@@ -97,6 +99,7 @@ class Services:
         `persist` saves them for the next start; a bad value is a ValueError naming it."""
         adjusted = Settings(**{**self.settings.model_dump(), **changes, "_env_file": None})
         self.settings = adjusted
+        self.catalogue = build_catalogue(adjusted)  # the globals fill what no entry or family sets
         self.queue.apply(adjusted)
         self.alerts.settings = adjusted
         logging.getLogger().setLevel(adjusted.log_level)
@@ -135,6 +138,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # runtime settings; the disk figures in /status
+    catalogue = build_catalogue(settings)
     db = Database(settings.database)
     monitor = Monitor()
     jobs = JobStore(db)
@@ -153,8 +157,8 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
         from imagegen.engine.models import ModelManager, load_pipeline
         from imagegen.engine.runner import Engine
 
-        models = ModelManager(settings, load or load_pipeline)
+        models = ModelManager(settings, load or load_pipeline, catalogue)
         queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local"))
-    services = Services(settings, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
+    services = Services(settings, catalogue, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(services))
     return services

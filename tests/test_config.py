@@ -76,8 +76,8 @@ def test_settings_are_frozen():
 def test_relative_paths_resolve_against_the_project():
     settings = Settings(_env_file=None, image_dir="somewhere/images")
     assert settings.image_dir == ROOT / "somewhere" / "images"
-    assert Settings.model_source("models/tiny-random") == str(ROOT / "models" / "tiny-random")
-    assert Settings.model_source("org/hub-model") == "org/hub-model"
+    assert Settings.resolve_source("models/tiny-random") == str(ROOT / "models" / "tiny-random")
+    assert Settings.resolve_source("org/hub-model") == "org/hub-model"
 
 
 def test_every_setting_is_documented():

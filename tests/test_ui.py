@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, start_server
+from tools.make_model import build
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +26,17 @@ SCREENSHOT = os.environ.get("IMAGEGEN_SCREENSHOT")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
+    """The demo model, and a tiny FLUX.1 [schnell] that takes other fields."""
+    folder = tmp_path_factory.mktemp("ui")
+    build("flux-schnell").save_pretrained(folder / "schnell", safe_serialization=True)
+    (folder / "models.toml").write_text(
+        '[models."models/demo-shapes"]\nsource = "models/demo-shapes"\n'
+        f'[models.schnell]\nsource = "{folder / "schnell"}"\ndefault_width = 64\ndefault_height = 64\n'
+    )
     process, base = start_server(
-        tmp_path_factory.mktemp("ui"),
+        folder,
         MODEL_ID="models/demo-shapes",
+        MODELS_FILE=str(folder / "models.toml"),
         MAX_STEPS="400",
         RATE_LIMIT_DEFAULT="100000/minute",
     )
@@ -110,6 +119,21 @@ def test_validation_errors_are_shown_and_escaped(page):
     page.fill("#prompt", "  ")
     page.keyboard.press("Enter")
     assert page.text_content("#message") == "Enter a prompt first."
+
+
+def test_the_form_shows_only_the_fields_the_chosen_model_takes(page):
+    visible = lambda: {f: page.is_visible(f"#{f}") for f in ("negative_prompt", "guidance_scale", "prompt_2")}  # noqa: E731
+    assert visible() == {"negative_prompt": True, "guidance_scale": True, "prompt_2": False}
+    page.select_option("#model", "schnell")
+    assert visible() == {"negative_prompt": False, "guidance_scale": False, "prompt_2": True}
+    assert page.input_value("#steps") == "4"  # the family's default
+    page.fill("#prompt_2", "a red circle, drawn flat")
+    page.click("#generate")
+    page.wait_for_selector("#results img", timeout=60_000)
+    assert "Done in" in page.text_content("#message")
+    page.select_option("#model", "models/demo-shapes")
+    assert visible() == {"negative_prompt": True, "guidance_scale": True, "prompt_2": False}
+    assert page.errors == []
 
 
 def test_keyboard_and_labels(page):

@@ -108,7 +108,8 @@ def txt2img() -> dict[str, Any]:
             "model": current_model(),
         },
     )
-    params = resolve_params(native)
+    # webuiapi sends cfg_scale 7 and an empty negative prompt whatever its user chose
+    params = resolve_params(native, {"guidance_scale": Txt2ImgRequest.model_fields["cfg_scale"].default})
     finished = generate_now(params)
     seeds = list(params.seeds)
     sampler = body.sampler_name or body.sampler_index or "Default"

@@ -75,11 +75,15 @@ def metrics() -> Response:
 @bp.get("/models", **spec({200: schemas.ModelList}, errors=(401, 429)))
 @raw
 def list_models() -> dict[str, Any]:
-    """Every model a request may choose, with its state; the default first."""
+    """Every model a request may choose, with its state, family, the fields it takes, its defaults
+    and limits; the default first."""
     svc = services()
     known = {info["id"]: info for info in svc.queue.describe()["models"]}
-    models = [
-        {**known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED}), "default": i == 0}
-        for i, model_id in enumerate(svc.settings.allowed_models)
-    ]
+    models = []
+    for i, (model_id, model) in enumerate(svc.catalogue.items()):
+        state = known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED})
+        static = model.view()
+        # a model the catalogue could not read is known once it has loaded
+        static["family"] = static["family"] or state.get("family")
+        models.append({**state, **static, "default": i == 0})
     return {"models": models}

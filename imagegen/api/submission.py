@@ -30,22 +30,49 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
         data = request.get_json(silent=True)
         if data is None:
             raise APIError(400, "invalid_json", "The request body must be a valid JSON document.")
-    return schema.model_validate(data, context={"settings": services().settings})
+    svc = services()
+    return schema.model_validate(data, context={"settings": svc.settings, "catalogue": svc.catalogue})
 
 
-def resolve_params(body: GenerateRequest) -> GenerationParams:
-    """Screens the prompts, applies defaults, checks the model and draws missing seeds."""
-    settings = services().settings
-    screen_prompt("prompt", body.prompt, settings)
-    if body.negative_prompt:
-        screen_prompt("negative_prompt", body.negative_prompt, settings)
+def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None = None) -> GenerationParams:
+    """Screens the prompts, checks the model and the fields its family takes, applies the model's
+    defaults and draws missing seeds. `client_defaults`: values a client sends when its user chose
+    nothing (webuiapi's `cfg_scale` 7), which count as absent where the model takes no such field."""
+    svc = services()
+    settings = svc.settings
     model = body.model or settings.model_id
-    if model not in settings.allowed_models:
-        raise APIError(
-            400, "unknown_model", f"`model` must be one of {', '.join(settings.allowed_models)}", {"field": "model"}
-        )
-    steps = body.steps or settings.default_steps
+    spec = svc.catalogue.get(model)
+    if spec is None:
+        raise APIError(400, "unknown_model", f"`model` must be one of {', '.join(svc.catalogue)}", {"field": "model"})
+    given = {"negative_prompt": body.negative_prompt or None, "prompt_2": body.prompt_2 or None}
+    given["guidance_scale"] = body.guidance_scale
+    if spec.family is not None:
+        for field, meaning in spec.family.fields.items():
+            value = given[field]
+            if meaning == "none" and value is not None:
+                if value == (client_defaults or {}).get(field):
+                    given[field] = None
+                    continue
+                raise APIError(
+                    400,
+                    "invalid_request",
+                    f"`{field}` does not apply to model {model} ({spec.family.title}); leave it out",
+                    {"field": field, "model": model},
+                )
+    for field in ("prompt", "negative_prompt", "prompt_2"):
+        text = body.prompt if field == "prompt" else given[field]
+        if field == "prompt" or text:
+            screen_prompt(field, text, settings)
+    steps = body.steps or spec.default_steps
     scheduler = body.scheduler or DEFAULT_SCHEDULER
+    if spec.family is not None and scheduler != DEFAULT_SCHEDULER and scheduler not in spec.family.schedulers:
+        raise APIError(
+            400,
+            "invalid_request",
+            f"`scheduler` {scheduler} does not run with model {model} ({spec.family.title}); it takes: "
+            f"{', '.join([DEFAULT_SCHEDULER, *spec.family.schedulers])}",
+            {"field": "scheduler", "model": model},
+        )
     if scheduler in SCHEDULERS and steps < SCHEDULERS[scheduler].min_steps:
         raise APIError(
             400,
@@ -59,11 +86,12 @@ def resolve_params(body: GenerateRequest) -> GenerationParams:
         seeds = tuple((body.seed + i) % (MAX_SEED + 1) for i in range(body.num_images))
     return GenerationParams(
         prompt=body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=body.width or settings.default_width,
-        height=body.height or settings.default_height,
+        negative_prompt=given["negative_prompt"] or "",
+        prompt_2=given["prompt_2"] or "",
+        width=body.width or spec.default_width,
+        height=body.height or spec.default_height,
         steps=steps,
-        guidance_scale=settings.default_guidance_scale if body.guidance_scale is None else body.guidance_scale,
+        guidance_scale=spec.default_guidance if given["guidance_scale"] is None else given["guidance_scale"],
         seeds=seeds,
         scheduler=scheduler,
         model=model,

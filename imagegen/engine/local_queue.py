@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import asdict
 from typing import Any
 
 from config import Settings
@@ -152,17 +153,10 @@ class LocalQueue:
 
     def describe(self) -> dict[str, Any]:
         """This process's models, the default one first with the device and precision it runs in."""
-        default = self.models.state(self.settings.model_id)
-        model = {
-            "id": default.id,
-            "state": default.state,
-            "device": self.models.device,
-            "dtype": str(self.models.dtype).removeprefix("torch."),
-            "load_seconds": default.load_seconds,
-            "last_used": default.last_used,
-            "error": default.error,
-        }
-        return {"model": model, "models": self.models.describe()}
+        default = asdict(self.models.state(self.settings.model_id))
+        default["device"] = default["device"] or self.models.device  # where it will load, before it has
+        default["dtype"] = default["dtype"] or str(self.models.dtype).removeprefix("torch.")
+        return {"model": default, "models": self.models.describe()}
 
     # ----- the generation thread -----
     def _run(self) -> None:

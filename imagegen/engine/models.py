@@ -24,9 +24,11 @@ import diffusers
 import psutil
 import torch
 import transformers
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from config import Settings
+from imagegen.catalogue import ModelSpec, build_catalogue
+from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState
 
@@ -47,6 +49,7 @@ class ModelInfo:
 
     id: str
     state: ModelState = ModelState.UNLOADED
+    family: str | None = None
     device: str | None = None
     dtype: str | None = None
     load_seconds: float | None = None
@@ -89,31 +92,60 @@ def memory_snapshot(device: str) -> str:
     return f"rss={rss:.0f}MB"
 
 
-def load_pipeline(source: str, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
     """A pipeline from a diffusers folder or hub id, or from one checkpoint file: safetensors weights
-    only, since a pickled checkpoint (.ckpt, .bin) can run code when it is loaded."""
-    if Path(source).is_file():
-        if Path(source).suffix != ".safetensors":
-            raise ValueError(f"only .safetensors checkpoints are loaded, not {Path(source).name}")
-        return StableDiffusionPipeline.from_single_file(source, dtype=dtype)
-    return DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    only, since a pickled checkpoint (.ckpt, .bin) can run code when it is loaded. A single file
+    is loaded by its family's pipeline, with the configs and tokenizers of the entry's `config`
+    folder (without network, nothing else has them)."""
+    source = Path(spec.source)
+    if not source.is_file():
+        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True)
+    if source.suffix != ".safetensors" or spec.family is None:
+        raise ValueError(f"only .safetensors checkpoints are loaded, not {source.name}")
+    config = Settings.resolve_source(spec.entry.config) if spec.entry.config else None
+    pipeline = getattr(diffusers, spec.family.pipeline)
+    try:
+        return pipeline.from_single_file(spec.source, config=config, dtype=dtype)
+    except OSError as exc:
+        if config is None:
+            raise ValueError(
+                f"{source.name}: its configs and tokenizers are not at hand (no network?); give model "
+                f"{spec.id} a `config` folder in MODELS_FILE (a diffusers folder of its family)"
+            ) from exc
+        raise
 
 
-Loader = Callable[[str, torch.dtype], DiffusionPipeline]
+def family_of(pipe: DiffusionPipeline, spec: ModelSpec) -> Family:
+    """The family the catalogue read, or, for a model it could not read, the loaded pipeline's."""
+    if spec.family is not None:
+        return spec.family
+    name = type(pipe).__name__
+    if name == "FluxPipeline":
+        return FAMILIES["flux-dev" if pipe.transformer.config.guidance_embeds else "flux-schnell"]
+    if name not in BY_PIPELINE:
+        raise UnservedModel(f"model {spec.id} is a {name}, a family this server does not serve; served: {served()}")
+    return BY_PIPELINE[name]
+
+
+Loader = Callable[[ModelSpec, torch.dtype], DiffusionPipeline]
 
 
 class ModelManager:
     """An LRU cache of loaded pipelines, at most MAX_LOADED_MODELS at a time.
 
-    `load` makes a pipeline from a model's source; tests give one that returns a fake pipeline.
+    `load` makes a pipeline from a catalogue entry; tests give one that returns a fake pipeline.
     """
 
-    def __init__(self, settings: Settings, load: Loader = load_pipeline) -> None:
+    def __init__(
+        self, settings: Settings, load: Loader = load_pipeline, catalogue: dict[str, ModelSpec] | None = None
+    ) -> None:
         self.settings = settings
+        self.catalogue = catalogue if catalogue is not None else build_catalogue(settings)
         self._load_pipeline = load
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
+        self._families: dict[str, Family] = {}
         self._default_schedulers: dict[str, Any] = {}
         # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
         first_state = ModelState.LOADING if settings.model_preload else ModelState.UNLOADED
@@ -138,18 +170,22 @@ class ModelManager:
         with self._lock:
             return ModelInfo(**asdict(self._info.get(model_id, ModelInfo(model_id))))
 
+    def family(self, model_id: str) -> Family:
+        """The family of a loaded model."""
+        return self._families[model_id]
+
     def _load(self, model_id: str) -> DiffusionPipeline:
-        source = self.settings.model_source(model_id)
+        spec = self.catalogue[model_id]
+        dtype = resolve_dtype(spec.entry.dtype, self.device) if spec.entry.dtype else self.dtype
         self._set(model_id, state=ModelState.LOADING, error=None)
-        log.info(
-            "loading model %s on %s (%s); before: %s", model_id, self.device, self.dtype, memory_snapshot(self.device)
-        )
+        log.info("loading model %s on %s (%s); before: %s", model_id, self.device, dtype, memory_snapshot(self.device))
         started = time.perf_counter()
         try:
             with _LOAD_LOCK:
-                pipe = self._load_pipeline(source, self.dtype)
-            self._apply_memory_options(pipe)
-            self._warm_up(pipe)
+                pipe = self._load_pipeline(spec, dtype)
+            family = family_of(pipe, spec)
+            self._apply_memory_options(pipe, spec)
+            self._warm_up(pipe, family, spec)
         except Exception as exc:
             failures = self.state(model_id).failures + 1
             wait = min(MAX_RETRY_SECONDS, self.settings.model_load_retry_seconds * 2 ** (failures - 1))
@@ -160,11 +196,13 @@ class ModelManager:
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
         self._default_schedulers[model_id] = pipe.scheduler
+        self._families[model_id] = family
         self._set(
             model_id,
             state=ModelState.READY,
+            family=family.name,
             device=self.device,
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=str(dtype).removeprefix("torch."),
             load_seconds=round(seconds, 3),
             failures=0,
             retry_at=None,
@@ -172,25 +210,28 @@ class ModelManager:
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
 
-    def _warm_up(self, pipe: DiffusionPipeline) -> None:
+    def _warm_up(self, pipe: DiffusionPipeline, family: Family, spec: ModelSpec) -> None:
         """One step at the default size before the model counts as ready: the first call pays for lazy
         set-up (kernels, allocator pools), and otherwise the first request would."""
+        arguments = family.arguments(
+            [""], [""], [""], spec.default_width, spec.default_height, 1, spec.default_guidance
+        )
         with torch.inference_mode():
-            pipe(
-                prompt="",
-                num_inference_steps=1,
-                width=self.settings.default_width,
-                height=self.settings.default_height,
-                generator=torch.Generator("cpu").manual_seed(0),
-            )
+            pipe(**arguments, generator=torch.Generator("cpu").manual_seed(0))
 
-    def _apply_memory_options(self, pipe: DiffusionPipeline) -> None:
-        """The preset's memory trade-offs; CPU offload only means something on an accelerator."""
-        if self.settings.attention_slicing:
+    def _apply_memory_options(self, pipe: DiffusionPipeline, spec: ModelSpec) -> None:
+        """The entry's (else the preset's) memory trade-offs; CPU offload only means something on an
+        accelerator."""
+
+        def chosen(name: str) -> bool:
+            value = getattr(spec.entry, name)
+            return getattr(self.settings, name) if value is None else value
+
+        if chosen("attention_slicing"):
             pipe.enable_attention_slicing()
-        if self.settings.vae_tiling and hasattr(pipe, "vae"):
+        if chosen("vae_tiling") and hasattr(pipe, "vae"):
             pipe.vae.enable_tiling()
-        if self.settings.cpu_offload and self.device.startswith("cuda"):
+        if chosen("cpu_offload") and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
@@ -249,6 +290,7 @@ class ModelManager:
         unloaded = [target for target in targets if self._pipes.pop(target, None) is not None]
         for target in unloaded:
             self._default_schedulers.pop(target, None)
+            self._families.pop(target, None)
             self._set(target, state=ModelState.UNLOADED)
         if unloaded:
             gc.collect()

@@ -84,7 +84,7 @@ class Engine:
         claimed = self.jobs.claim([job.id for job in batch], self.name)
         runnable = []
         for job in claimed:
-            if job.params.model not in self.settings.allowed_models:  # a record may name anything; we load ours
+            if job.params.model not in self.models.catalogue:  # a record may name anything; we load ours
                 error = {"code": "unknown_model", "message": f"Model `{job.params.model}` is not served here."}
                 self.endings.end(job, JobStatus.FAILED, error=error)
             elif job.attempts > self.settings.job_max_retries + 1:
@@ -126,41 +126,46 @@ class Engine:
         return []
 
     def _generate(self, pipe: Any, batch: list[Job]) -> list[list[Any]]:
-        """One pipeline call for the whole batch; one seeded CPU generator per image, so an image is
-        the same whether made alone or in a batch, on any device."""
+        """One pipeline call for the whole batch, with the arguments the model's family takes; one
+        seeded CPU generator per image, so an image is the same whether made alone or in a batch,
+        on any device."""
         params = batch[0].params
-        prompts, negatives, generators = [], [], []
+        family = self.models.family(params.model)
+        prompts, negatives, prompts_2, generators = [], [], [], []
         for job in batch:
             for seed in job.params.seeds:
                 prompts.append(job.params.prompt)
                 negatives.append(job.params.negative_prompt)
+                prompts_2.append(job.params.prompt_2)
                 generators.append(torch.Generator("cpu").manual_seed(seed))
-
+        arguments = family.arguments(
+            prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
+        )
+        ids = [job.id for job in batch]
         written = [0.0]
 
-        def progress(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def progress(index: int) -> bool:
+            """Writes the step reached (at most every PROGRESS_INTERVAL_SECONDS); False when every job
+            of the batch was cancelled."""
             now = time.monotonic()
             if now - written[0] < PROGRESS_INTERVAL_SECONDS:
-                return tensors
+                return True
             written[0] = now
             # In the requested steps: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9).
-            step = (index + 1) * params.steps // len(running.scheduler.timesteps)
-            if not self.jobs.set_step(ids, step):
-                running._interrupt = True  # every job of the batch was cancelled: skip the remaining steps
+            step = (index + 1) * params.steps // len(pipe.scheduler.timesteps)
+            return bool(self.jobs.set_step(ids, step))
+
+        def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if not progress(index) and family.interrupt:
+                running._interrupt = True  # skip the remaining steps
             return tensors
 
-        ids = [job.id for job in batch]
+        if family.progress == "legacy":
+            arguments.update(callback=lambda index, _timestep, _latents: progress(index), callback_steps=1)
+        else:
+            arguments["callback_on_step_end"] = on_step_end
         with torch.inference_mode():
-            output = pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
-                width=params.width,
-                height=params.height,
-                num_inference_steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                generator=generators,
-                callback_on_step_end=progress,
-            )
+            output = pipe(**arguments, generator=generators)
         grouped, start = [], 0
         for job in batch:
             grouped.append(output.images[start : start + len(job.params.seeds)])

@@ -43,6 +43,8 @@ function fillSizes(max, preferred, select) {
   }
 }
 
+let models = {}; // id -> what /models says: family, the fields it takes, defaults, limits
+
 async function loadConfig() {
   const info = await (await fetch("/", { headers: headers() })).json();
   const limits = info.limits;
@@ -51,14 +53,27 @@ async function loadConfig() {
   $("steps").max = limits.max_steps;
   $("steps").value = limits.default_steps;
   $("num_images").max = limits.max_images_per_request;
-  const models = info.models ?? (await modelIds());
-  $("model").replaceChildren(...models.map((m) => new Option(m, m)));
-}
-
-async function modelIds() {
   // In production `/` names no models (an id can be a server path); key holders read them from /models.
   const response = await fetch("/models", { headers: headers() });
-  return response.ok ? (await response.json()).models.map((m) => m.id) : [];
+  const listed = response.ok ? (await response.json()).models : [];
+  models = Object.fromEntries(listed.map((m) => [m.id, m]));
+  const ids = info.models ?? listed.map((m) => m.id);
+  $("model").replaceChildren(...ids.map((m) => new Option(m, m)));
+  chooseModel();
+}
+
+// Shows only the fields the chosen model takes, with its defaults and limits.
+function chooseModel() {
+  const model = models[$("model").value];
+  if (!model || !model.fields) return;
+  $("negative_prompt_field").hidden = model.fields.negative_prompt === "none";
+  $("guidance_scale_field").hidden = model.fields.guidance_scale === "none";
+  $("prompt_2_field").hidden = model.fields.prompt_2 === "none";
+  fillSizes(model.limits.max_width, model.defaults.width, $("width"));
+  fillSizes(model.limits.max_height, model.defaults.height, $("height"));
+  $("steps").max = model.limits.max_steps;
+  $("steps").value = model.defaults.steps;
+  $("guidance_scale").value = model.defaults.guidance_scale;
 }
 
 function requestBody() {
@@ -67,12 +82,14 @@ function requestBody() {
     width: Number($("width").value),
     height: Number($("height").value),
     steps: Number($("steps").value),
-    guidance_scale: Number($("guidance_scale").value),
     num_images: Number($("num_images").value),
     model: $("model").value || undefined,
     async: true,
   };
-  if ($("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
+  // a field the chosen model does not take is hidden, and left out
+  if (!$("guidance_scale_field").hidden) body.guidance_scale = Number($("guidance_scale").value);
+  if (!$("negative_prompt_field").hidden && $("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
+  if (!$("prompt_2_field").hidden && $("prompt_2").value.trim()) body.prompt_2 = $("prompt_2").value;
   if (!$("seed_random").checked && $("seed").value !== "") body.seed = Number($("seed").value);
   return body;
 }
@@ -200,6 +217,7 @@ document.addEventListener("DOMContentLoaded", () => {
     $("seed").value = lastSeed;
   });
   $("form").addEventListener("submit", generate);
+  $("model").addEventListener("change", chooseModel);
   $("cancel").addEventListener("click", cancel);
   renderGallery();
   loadConfig().catch(() => say("Could not read the server's limits.", true));

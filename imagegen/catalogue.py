@@ -1,0 +1,146 @@
+"""The model catalogue: every model the server offers, with its family and the defaults and limits
+a request gets, worked out once at start-up from static files (no torch: a cluster API reads it).
+
+Why at start-up: a bad entry, or a model of a family we do not serve, should stop the server with
+one line, not fail the first request. Precedence for a request's values: the request, then the
+entry, then the family (and what the model's configs say, such as its trained size), then the
+environment's globals; MAX_WIDTH and friends cap what no entry caps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config import ModelEntry, Settings
+from imagegen.families import FAMILIES, Facts, Family, UnservedModel, checkpoint_family, facts, folder_reader
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One catalogue entry, resolved."""
+
+    id: str
+    source: str  # a local folder or file (absolute), or a hub id
+    entry: ModelEntry
+    family: Family | None  # None: a hub model this machine cannot read now (told when it loads)
+    size_multiple: int
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance: float
+    max_width: int
+    max_height: int
+    max_steps: int
+
+    @property
+    def single_file(self) -> bool:
+        return Path(self.source).is_file()
+
+    def view(self) -> dict[str, Any]:
+        """What /models says about it: enough for a client (or the playground) to build a request."""
+        return {
+            "family": self.family.name if self.family else None,
+            "fields": self.family.fields if self.family else None,
+            "schedulers": ["default", *self.family.schedulers] if self.family else None,
+            "size_multiple": self.size_multiple,
+            "defaults": {
+                "width": self.default_width,
+                "height": self.default_height,
+                "steps": self.default_steps,
+                "guidance_scale": self.default_guidance,
+            },
+            "limits": {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps},
+        }
+
+
+def _hub_reader(repo: str) -> Callable[[str], dict[str, Any] | None]:
+    """Reads a hub model's JSON files (cached by huggingface_hub; None when offline or absent)."""
+
+    def read(path: str) -> dict[str, Any] | None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return json.loads(Path(hf_hub_download(repo, path)).read_text(encoding="utf-8"))
+        except Exception:  # offline, no such repo or file, not a repo id at all: not known now
+            return None
+
+    return read
+
+
+def _facts(model: str, source: str, entry: ModelEntry) -> Facts | None:
+    """The model's family, size multiple and trained size, or None when they cannot be read now."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            return None  # refused when it loads, with the reason (only safetensors)
+        family = FAMILIES[entry.family] if entry.family else checkpoint_family(path)
+        return Facts(family, family.size_multiple, family.default_size)
+    read = folder_reader(path) if path.is_dir() else _hub_reader(source)
+    if not path.is_dir() and read("model_index.json") is None:
+        return None
+    found = facts(read, model)
+    if entry.family and entry.family != found.family.name:
+        return Facts(FAMILIES[entry.family], found.size_multiple, found.default_size)
+    return found
+
+
+def _fit(value: int, cap: int, multiple: int) -> int:
+    """A default no larger than the cap, on the size multiple."""
+    return max(multiple, min(value, cap) // multiple * multiple)
+
+
+def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
+    """One entry with its family's and the environment's values filled in; UnservedModel (or a
+    ValueError naming the key) when it cannot be served."""
+    if entry.family is not None and entry.family not in FAMILIES:
+        raise UnservedModel(
+            f"MODELS_FILE model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
+        )
+    source = settings.resolve_source(entry.source)
+    found = _facts(model, source, entry)
+    family = found.family if found else None
+    multiple = found.size_multiple if found else 8
+    max_width, max_height = entry.max_width or settings.max_width, entry.max_height or settings.max_height
+    max_steps = entry.max_steps or settings.max_steps
+    for key in ("default_width", "default_height", "max_width", "max_height"):
+        value = getattr(entry, key)
+        if value is not None and value % multiple:
+            raise UnservedModel(f"MODELS_FILE model {model}, key {key}: must be a multiple of {multiple}, got {value}")
+    for key, cap in (("default_width", max_width), ("default_height", max_height), ("default_steps", max_steps)):
+        value = getattr(entry, key)
+        if value is not None and value > cap:
+            raise UnservedModel(f"MODELS_FILE model {model}, key {key}: {value} is over its limit {cap}")
+    trained = found.default_size if found else None
+    guidance = family.default_guidance if family else None
+    return ModelSpec(
+        id=model,
+        source=source,
+        entry=entry,
+        family=family,
+        size_multiple=multiple,
+        default_width=entry.default_width or _fit(trained or settings.default_width, max_width, multiple),
+        default_height=entry.default_height or _fit(trained or settings.default_height, max_height, multiple),
+        default_steps=min(
+            entry.default_steps or (family and family.default_steps) or settings.default_steps, max_steps
+        ),
+        default_guidance=next(
+            v for v in (entry.default_guidance, guidance, settings.default_guidance_scale) if v is not None
+        ),
+        max_width=max_width,
+        max_height=max_height,
+        max_steps=max_steps,
+    )
+
+
+def build_catalogue(settings: Settings) -> dict[str, ModelSpec]:
+    """Every offered model, MODEL_ID first; SystemExit with one line for one that cannot be served."""
+    try:
+        entries = settings.model_entries()
+        catalogue = {model: resolve(settings, model, entries[model]) for model in settings.allowed_models}
+    except UnservedModel as exc:
+        raise SystemExit(f"cannot serve: {exc}") from None
+    return catalogue

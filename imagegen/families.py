@@ -1,0 +1,293 @@
+"""The model families served, and what each one takes: one table, read by the API (to validate and
+fill requests, with no torch) and by the engine (to call the pipeline).
+
+Why a table: SD 1.5, SDXL, SD3, Flux, PixArt, Sana and Z-Image differ in which request fields they
+can honour (a negative prompt natively, through true CFG, or not at all; classifier-free or
+distilled guidance; a second prompt), their defaults, the multiple a size must be, the schedulers
+they run with and whether a call reports progress and can be interrupted. Every such difference
+is a field here, so no `if family == ...` spreads through the code.
+
+A family is detected from static files, as the API process must (a cluster API has no torch):
+`model_index.json`'s pipeline class and the component configs, or a single checkpoint's tensor
+names (read from its safetensors header, not its weights).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from imagegen.schedulers import SCHEDULERS
+
+# The schedulers of the UNet-era noise schedule (DDPM betas): SD, SDXL, PixArt.
+NOISE_SCHEDULERS = tuple(SCHEDULERS)
+
+
+class UnservedModel(ValueError):
+    """A model of a family this server does not serve, or whose family cannot be read."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what /models and /status show
+    title: str
+    pipeline: str  # the diffusers text-to-image pipeline class
+    negative_prompt: Literal["native", "true_cfg", "none"]  # true CFG: a second pass, twice the compute
+    guidance: Literal["cfg", "distilled", "none"]  # distilled: embedded in the model, one pass
+    prompt_2: bool = False  # a second prompt for the second text encoder (SDXL's, T5 for SD3 and Flux)
+    max_sequence_length: int | None = None  # the T5/LLM prompt length the pipeline is called with
+    default_size: int = 1024  # when the model's configs give none
+    size_multiple: int = 8  # for a single file, whose configs are not read (VAE scale x patch size)
+    default_steps: int | None = None  # None: DEFAULT_STEPS
+    default_guidance: float | None = None  # None: DEFAULT_GUIDANCE_SCALE
+    schedulers: tuple[str, ...] = ()  # besides "default" (the one the model was saved with)
+    progress: Literal["step_end", "legacy"] = "step_end"  # callback_on_step_end, or the old `callback`
+    interrupt: bool = True  # a call can stop early when its jobs are cancelled
+    editing: tuple[str, ...] = ()  # image-to-image modes diffusers has for it (the editing issue)
+    adapters: tuple[str, ...] = ()  # adapter kinds diffusers loads for it
+    call: dict[str, Any] = field(default_factory=dict)  # fixed arguments of every call
+
+    def arguments(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        prompts_2: list[str],
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+    ) -> dict[str, Any]:
+        """The pipeline call's arguments for a batch (one entry per image in each list), with only
+        what this family takes; the engine adds generators and the progress callback."""
+        arguments: dict[str, Any] = {
+            "prompt": prompts,
+            "width": width,
+            "height": height,
+            "num_inference_steps": steps,
+            **self.call,
+        }
+        if self.guidance != "none":
+            arguments["guidance_scale"] = guidance
+        if self.negative_prompt == "native":
+            arguments["negative_prompt"] = negatives
+        elif self.negative_prompt == "true_cfg" and any(negatives):
+            arguments.update(negative_prompt=negatives, true_cfg_scale=TRUE_CFG_SCALE)
+        if self.prompt_2 and any(prompts_2):
+            # an image without a second prompt gets its first, as the pipelines do by themselves
+            arguments["prompt_2"] = [second or first for first, second in zip(prompts, prompts_2, strict=True)]
+        if self.max_sequence_length:
+            arguments["max_sequence_length"] = self.max_sequence_length
+        return arguments
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """What the request fields mean for this family, as /models shows it."""
+        return {
+            "negative_prompt": self.negative_prompt,
+            "guidance_scale": self.guidance,
+            "prompt_2": "native" if self.prompt_2 else "none",
+        }
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "sd",
+            "Stable Diffusion 1.x / 2.x",
+            "StableDiffusionPipeline",
+            "native",
+            "cfg",
+            default_size=512,
+            schedulers=NOISE_SCHEDULERS,
+            editing=("img2img", "inpaint"),
+            adapters=("lora",),
+        ),
+        Family(
+            "sdxl",
+            "Stable Diffusion XL",
+            "StableDiffusionXLPipeline",
+            "native",
+            "cfg",
+            prompt_2=True,
+            schedulers=NOISE_SCHEDULERS,
+            editing=("img2img", "inpaint"),
+            adapters=("lora",),
+        ),
+        Family(
+            "sd3",
+            "Stable Diffusion 3.x",
+            "StableDiffusion3Pipeline",
+            "native",
+            "cfg",
+            prompt_2=True,
+            max_sequence_length=256,
+            size_multiple=16,
+            default_steps=28,
+            default_guidance=7.0,
+            editing=("img2img", "inpaint"),
+            adapters=("lora",),
+        ),
+        Family(
+            "flux-schnell",
+            "FLUX.1 [schnell]",
+            "FluxPipeline",
+            "none",
+            "none",
+            prompt_2=True,
+            max_sequence_length=256,
+            size_multiple=16,
+            default_steps=4,
+            default_guidance=0.0,
+            editing=("img2img", "inpaint"),
+            adapters=("lora",),
+        ),
+        Family(
+            "flux-dev",
+            "FLUX.1 [dev]",
+            "FluxPipeline",
+            "true_cfg",
+            "distilled",
+            prompt_2=True,
+            max_sequence_length=512,
+            size_multiple=16,
+            default_steps=28,
+            default_guidance=3.5,
+            editing=("img2img", "inpaint"),
+            adapters=("lora",),
+        ),
+        Family(
+            "pixart-sigma",
+            "PixArt-Σ",
+            "PixArtSigmaPipeline",
+            "native",
+            "cfg",
+            max_sequence_length=300,
+            size_multiple=16,
+            default_steps=20,
+            default_guidance=4.5,
+            schedulers=NOISE_SCHEDULERS,
+            progress="legacy",
+            interrupt=False,
+            call={"use_resolution_binning": False},  # the requested size, not the nearest trained bucket
+        ),
+        Family(
+            "sana",
+            "Sana",
+            "SanaPipeline",
+            "native",
+            "cfg",
+            max_sequence_length=300,
+            size_multiple=32,
+            default_steps=20,
+            default_guidance=4.5,
+            call={"use_resolution_binning": False},
+            adapters=("lora",),
+        ),
+        Family(
+            "z-image",
+            "Z-Image",
+            "ZImagePipeline",
+            "native",
+            "cfg",
+            max_sequence_length=512,
+            size_multiple=16,
+            default_steps=28,
+            default_guidance=4.0,
+            editing=("img2img",),
+            adapters=("lora",),
+        ),
+    )
+}
+# Flux schnell and dev are one pipeline class: told apart by the transformer's `guidance_embeds`.
+BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values() if f.name != "flux-dev"}
+# A true-CFG negative prompt runs the model twice per step, at this scale (diffusers' own default).
+TRUE_CFG_SCALE = 4.0
+
+
+def served() -> str:
+    return ", ".join(f"{f.name} ({f.title})" for f in FAMILIES.values())
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the static files say about one model."""
+
+    family: Family
+    size_multiple: int  # width and height must be multiples of it
+    default_size: int
+
+
+def _flux(read: Callable[[str], dict[str, Any] | None]) -> Family:
+    transformer = read("transformer/config.json") or {}
+    return FAMILIES["flux-dev" if transformer.get("guidance_embeds") else "flux-schnell"]
+
+
+def facts(read: Callable[[str], dict[str, Any] | None], name: str) -> Facts:
+    """A diffusers folder's family, size multiple and default size, from its JSON files (`read`
+    gives one by its path in the folder, or None). UnservedModel names what is wrong."""
+    index = read("model_index.json")
+    if index is None:
+        raise UnservedModel(f"model {name}: no model_index.json, so its family cannot be told")
+    pipeline = index.get("_class_name", "?")
+    family = _flux(read) if pipeline == "FluxPipeline" else BY_PIPELINE.get(pipeline)
+    if family is None:
+        raise UnservedModel(f"model {name} is a {pipeline}, a family this server does not serve; served: {served()}")
+    vae = read("vae/config.json") or {}
+    levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or (0, 0, 0, 0)
+    vae_scale = 2 ** (len(levels) - 1)
+    if "unet" in index:
+        patch, sample = 1, (read("unet/config.json") or {}).get("sample_size")
+    else:
+        transformer = read("transformer/config.json") or {}
+        patch = transformer.get("patch_size") or (transformer.get("all_patch_size") or [2])[0]
+        patch = max(patch, 2) if family.pipeline == "FluxPipeline" else patch  # Flux packs latents 2x2
+        sample = transformer.get("sample_size")
+    default = sample * vae_scale if isinstance(sample, int) else family.default_size
+    return Facts(family, vae_scale * patch, default)
+
+
+def folder_reader(folder: Path) -> Callable[[str], dict[str, Any] | None]:
+    def read(path: str) -> dict[str, Any] | None:
+        file = folder / path
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
+
+    return read
+
+
+# Tensor names that tell a single checkpoint's family (as diffusers' single-file loader tells them).
+CHECKPOINT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("flux-dev", ("double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.bias")),
+    ("flux-schnell", ("double_blocks.0.img_attn.norm.key_norm.scale",)),
+    ("sd3", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",)),
+    ("sdxl", ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",)),
+    ("sd", ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",)),
+    ("z-image", ("cap_embedder.1.weight", "context_refiner.0.attention.to_k.weight")),
+)
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """The tensor names of a .safetensors file, from its JSON header alone (no weights read)."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        if length > 100_000_000:
+            raise UnservedModel(f"{path.name} is not a safetensors file")
+        header = json.loads(file.read(length))
+    return {key for key in header if key != "__metadata__"}
+
+
+def checkpoint_family(path: Path) -> Family:
+    """The family of a single checkpoint, from its tensor names (a prefix such as `model.` or
+    `model.diffusion_model.` is allowed before them)."""
+    keys = checkpoint_keys(path)
+    for name, wanted in CHECKPOINT_KEYS:
+        if all(any(key.endswith(want) for key in keys) for want in wanted):
+            return FAMILIES[name]
+    raise UnservedModel(
+        f"{path.name}: its tensor names match no family this server reads single files for "
+        f"(sd, sdxl, sd3, flux, z-image)"
+    )

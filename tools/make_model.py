@@ -1,0 +1,368 @@
+"""Build a pipeline of one model family with seeded random weights, in seconds.
+
+Why: no model hub is reachable where imagegen is built and tested, yet every family the server
+serves must be proven to load, batch, reproduce seeds and report progress. A tiny build has the
+family's real pipeline class and component classes (so detection, the per-family call and the
+size rules are the real ones) with layers a few channels wide; its images are noise. Every text
+encoder shares one word-level tokenizer built here, so nothing is downloaded.
+
+    python -m tools.make_model --family flux-dev --size tiny --out /tmp/flux-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3Model,
+    T5Config,
+    T5EncoderModel,
+)
+
+from tools.train_demo_model import build_tokenizer
+
+# Chat template of the Qwen tokenizers, as much of it as Z-Image's prompt encoding uses.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<bos>{{ message['role'] }} {{ message['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant{% endif %}"
+)
+
+
+def tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
+    """The demo model's word-level tokenizer, with room for the family's sequence length."""
+    built = build_tokenizer()
+    built.model_max_length = max_length
+    return built
+
+
+def vae(latent_channels: int = 4, **options: Any) -> AutoencoderKL:
+    """An 8x-downscaling autoencoder (four levels), as every KL-VAE family's real one."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        sample_size=64,
+        **options,
+    )
+
+
+def clip(words: PreTrainedTokenizerFast, width: int = 32, projection: bool = False) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(words),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=width,
+        pad_token_id=words.pad_token_id,
+        bos_token_id=words.bos_token_id,
+        eos_token_id=words.eos_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def t5(words: PreTrainedTokenizerFast, width: int = 32) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(words),
+            d_model=width,
+            d_kv=8,
+            d_ff=2 * width,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=words.pad_token_id,
+            eos_token_id=words.eos_token_id,
+            decoder_start_token_id=words.pad_token_id,
+        )
+    )
+
+
+def flow_match(**options: Any) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(**options)
+
+
+def sd15() -> StableDiffusionPipeline:
+    words = tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    return StableDiffusionPipeline(
+        vae=vae(),
+        text_encoder=clip(words),
+        tokenizer=words,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl() -> StableDiffusionXLPipeline:
+    words, words_2 = tokenizer(), tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=8 * 6 + 32,  # six size/crop numbers, the pooled text
+        cross_attention_dim=64,  # both encoders' widths side by side
+        norm_num_groups=4,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae(),
+        text_encoder=clip(words),
+        text_encoder_2=clip(words_2, projection=True),
+        tokenizer=words,
+        tokenizer_2=words_2,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    )
+
+
+def sd3() -> StableDiffusion3Pipeline:
+    words = tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=64,  # the T5 width, which the CLIP embeddings are padded to
+        pooled_projection_dim=64,  # both CLIP projections side by side
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=flow_match(shift=3.0),
+        vae=vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=clip(words, projection=True),
+        tokenizer=words,
+        text_encoder_2=clip(words, projection=True),
+        tokenizer_2=words,
+        text_encoder_3=t5(words, 64),
+        tokenizer_3=tokenizer(256),
+    )
+
+
+def flux(guidance_embeds: bool) -> FluxPipeline:
+    """Flux.1: schnell (timestep-distilled) and dev (guidance-distilled) differ in `guidance_embeds`."""
+    words = tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=flow_match(shift=3.0, use_dynamic_shifting=True),
+        vae=vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=clip(words),
+        tokenizer=words,
+        text_encoder_2=t5(words, 32),
+        tokenizer_2=tokenizer(256),
+    )
+
+
+def pixart_sigma() -> PixArtSigmaPipeline:
+    words = tokenizer(300)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,  # noise and variance
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=words, text_encoder=t5(words, 32), vae=vae(), transformer=transformer, scheduler=DDIMScheduler()
+    )
+
+
+def sana() -> SanaPipeline:
+    words = tokenizer(300)
+    autoencoder = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "ResBlock", "ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(4, 4, 4, 4, 4, 8),
+        decoder_block_out_channels=(4, 4, 4, 4, 4, 8),
+        encoder_qkv_multiscales=((), (), (), (), (), (5,)),
+        decoder_qkv_multiscales=((), (), (), (), (), (5,)),
+        encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )  # 32x downscaling, as Sana's deep-compression autoencoder
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=2,
+    )
+    encoder = Gemma2Model(
+        Gemma2Config(
+            head_dim=4,
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            num_key_value_heads=2,
+            vocab_size=len(words),
+            max_position_embeddings=512,
+            pad_token_id=words.pad_token_id,
+            attn_implementation="eager",
+        )
+    )
+    return SanaPipeline(
+        tokenizer=words, text_encoder=encoder, vae=autoencoder, transformer=transformer, scheduler=flow_match(shift=3.0)
+    )
+
+
+def z_image() -> ZImagePipeline:
+    words = tokenizer(512)
+    words.chat_template = CHAT_TEMPLATE
+    encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(words),
+            max_position_embeddings=1024,
+            pad_token_id=words.pad_token_id,
+        )
+    )
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 64, 64],
+    )
+    return ZImagePipeline(
+        scheduler=flow_match(shift=3.0),
+        vae=vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=encoder,
+        tokenizer=words,
+        transformer=transformer,
+    )
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {
+    "sd15": sd15,
+    "sdxl": sdxl,
+    "sd3": sd3,
+    "flux-schnell": lambda: flux(guidance_embeds=False),
+    "flux-dev": lambda: flux(guidance_embeds=True),
+    "pixart-sigma": pixart_sigma,
+    "sana": sana,
+    "z-image": z_image,
+}
+
+
+def build(family: str, seed: int = 0) -> Any:
+    """The family's tiny pipeline, the same weights for the same seed."""
+    torch.manual_seed(seed)
+    return BUILDERS[family]()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
+    parser.add_argument("--size", choices=["tiny"], default="tiny")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    build(args.family, args.seed).save_pretrained(args.out, safe_serialization=True)
+    print(f"saved a tiny {args.family} pipeline to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
