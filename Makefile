@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev run worker test lint bench screenshot lock audit clean
+.PHONY: install install-dev run worker test lint bench gpu-wheels screenshot lock audit clean
 
 # Each stamp re-installs only when its lock file changed since the last install.
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
@@ -62,10 +62,23 @@ audit:
 clean:
 	rm -rf $(VENV) .venv-lock .venv-audit .pytest_cache .ruff_cache
 
-# About 13 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
+# About 23 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
 # RabbitMQ and PostgreSQL of docs/scaling.md.
 bench: install
 	$(BIN)/python -m bench.suite
 	$(BIN)/python -m bench.batching
 	$(BIN)/python -m bench.request_path
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.fullsize
+
+# The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
+# manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.
+GPU_WHEELS := diffusers transformers huggingface-hub flask werkzeug itsdangerous blinker pydantic pydantic-core pydantic-settings python-dotenv \
+	annotated-types typing-inspection limits deprecated sqlalchemy greenlet alembic mako
+gpu-wheels:
+	mkdir -p .whl && for name in $(GPU_WHEELS); do \
+	  version=$$(grep -i "^$$name==" constraints.txt | cut -d= -f3); \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$name==$$version" || exit 1; \
+	done

@@ -14,19 +14,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
 from config import ROOT
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -67,6 +70,7 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
             "max_streams_per_client": 0,
             "rate_limit_cost": "off",
             "threads": 32,
+            "admin_token": ADMIN_TOKEN,
             "port": free_port(),
             **overrides,
         }
@@ -102,6 +106,8 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
 
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+# The benchmarks are the operator: their servers have this admin token, and every request sends it.
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
@@ -153,7 +159,9 @@ def status(base: str) -> dict[str, Any]:
 
 def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", "X-Admin-Token": ADMIN_TOKEN}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -221,6 +229,24 @@ def burst(base: str, clients: int, per_client: int, body: dict[str, Any], path: 
         load.statuses.append(status)
         load.retry_after.append(retry_after)
     return load
+
+
+def peak_rss_mb(process: psutil.Process, work: Callable[[], T]) -> tuple[T, float]:
+    """Runs `work` while sampling the process's RSS; its result and the peak RSS in MB."""
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss / 2**20)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return work(), peak[0]
+    finally:
+        done.set()
+        sampler.join()
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:

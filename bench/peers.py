@@ -72,16 +72,16 @@ def main() -> None:
     diffusers.utils.logging.disable_progress_bar()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     settings = Settings(_env_file=None)
-    pipe = DiffusionPipeline.from_pretrained(settings.model_source(settings.model_id), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(settings.resolve_source(settings.model_id), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     make_server("127.0.0.1", port, peer_app(pipe, pattern), threaded=True).serve_forever()
 
 
 @contextmanager
-def serve_peer(pattern: str) -> Iterator[Server]:
-    """A peer pattern in its own process on a free port."""
+def serve_peer(pattern: str, **env: str) -> Iterator[Server]:
+    """A peer pattern in its own process on a free port (on MODEL_ID, as env gives it)."""
     port = free_port()
-    yield from _run([sys.executable, "-m", "bench.peers", pattern, str(port)], {}, f"http://127.0.0.1:{port}")
+    yield from _run([sys.executable, "-m", "bench.peers", pattern, str(port)], env, f"http://127.0.0.1:{port}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def side_by_side(a: Callable[[], object], b: Callable[[], object], rounds: int) 
 def main() -> None:
     diffusers.utils.logging.disable_progress_bar()
     settings = Settings(_env_file=None)
-    pipe = DiffusionPipeline.from_pretrained(settings.model_source(settings.model_id), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(settings.resolve_source(settings.model_id), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
     def generate(size: int = 64) -> Image.Image:

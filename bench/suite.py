@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
-from bench.harness import burst, free_port, request, serve, write_results
+from bench.harness import burst, free_port, peak_rss_mb, request, serve, write_results
 from bench.peers import serve_peer
 from config import ROOT, Settings
 
@@ -147,19 +146,8 @@ def memory(size: int, steps: int) -> dict[str, float]:
         model = Settings(_env_file=None).model_id
         assert request(f"{server.base}/models/{model}/load", {})[0] == 200
         figures["loaded_mb"] = rss()
-        peak, done = [0.0], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], rss())
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        burst(server.base, 8, 1, {"prompt": PROMPT, "width": size, "height": size, "steps": steps})
-        done.set()
-        sampler.join()
-        figures["during_batch_peak_mb"] = peak[0]
+        body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps}
+        _load, figures["during_batch_peak_mb"] = peak_rss_mb(server.process, lambda: burst(server.base, 8, 1, body))
         deadline = time.monotonic() + 30
         while b'"unloaded"' not in request(f"{server.base}/models")[2] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -190,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     diffusers.utils.logging.disable_progress_bar()
     settings = Settings(_env_file=None)
-    pipe = DiffusionPipeline.from_pretrained(settings.model_source(settings.model_id), dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(settings.resolve_source(settings.model_id), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     started = time.monotonic()
     results: dict[str, Any] = {

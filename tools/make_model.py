@@ -1,12 +1,16 @@
-"""Build a pipeline of one model family with seeded random weights, in seconds.
+"""Build a pipeline of one model family with seeded random weights.
 
 Why: no model hub is reachable where imagegen is built and tested, yet every family the server
-serves must be proven to load, batch, reproduce seeds and report progress. A tiny build has the
-family's real pipeline class and component classes (so detection, the per-family call and the
-size rules are the real ones) with layers a few channels wide; its images are noise. Every text
+serves must be proven to load, batch, reproduce seeds and report progress, and its real compute
+and memory measured. A tiny build (seconds, a few hundred KB) has the family's real pipeline and
+component classes (so detection, the per-family call and the size rules are the real ones) with
+layers a few channels wide. A full build has the published architecture (SD 1.5's 860M-parameter
+UNet, SDXL's 2.6B, FLUX.1's 12B transformer with T5-XXL), so it costs what the real model costs;
+`--device meta` builds it without memory, to count it. Images of both are noise. Every text
 encoder shares one word-level tokenizer built here, so nothing is downloaded.
 
     python -m tools.make_model --family flux-dev --size tiny --out /tmp/flux-dev
+    python -m tools.make_model --family sd15 --size full --out /tmp/sd15      # 4 GB in fp32
 """
 
 from __future__ import annotations
@@ -66,17 +70,19 @@ def tokenizer(max_length: int = 77) -> PreTrainedTokenizerFast:
     return built
 
 
-def vae(latent_channels: int = 4, **options: Any) -> AutoencoderKL:
-    """An 8x-downscaling autoencoder (four levels), as every KL-VAE family's real one."""
+def vae(latent_channels: int = 4, full: bool = False, **options: Any) -> AutoencoderKL:
+    """An 8x-downscaling autoencoder (four levels), as every KL-VAE family's real one: SD's widths
+    when `full`, a few channels otherwise."""
+    size: dict[str, Any] = (
+        {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+        if full
+        else {"block_out_channels": (4, 4, 4, 4), "layers_per_block": 1, "norm_num_groups": 1, "sample_size": 64}
+    )
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=1,
-        sample_size=64,
-        **options,
+        **{**size, **options},
     )
 
 
@@ -112,12 +118,62 @@ def t5(words: PreTrainedTokenizerFast, width: int = 32) -> T5EncoderModel:
     )
 
 
+# Schedulers keep their tables on the CPU, also while a full model is built on the meta device.
 def flow_match(**options: Any) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(**options)
+    with torch.device("cpu"):
+        return FlowMatchEulerDiscreteScheduler(**options)
 
 
-def sd15() -> StableDiffusionPipeline:
+def sd_scheduler() -> DPMSolverMultistepScheduler:
+    """SD's noise schedule (scaled-linear betas), sampled by DPM-Solver++."""
+    with torch.device("cpu"):
+        return DPMSolverMultistepScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        )
+
+
+# ----- the published architectures (their configs on the hub, written out here) -----
+
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+CLIP_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20}
+T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64}
+CLIP_VOCAB, T5_VOCAB = 49408, 32128
+
+
+def full_clip(size: dict[str, int], projection: bool = False, act: str = "quick_gelu") -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB, max_position_embeddings=77, hidden_act=act, projection_dim=size["hidden_size"], **size
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def sd_pipeline(autoencoder: Any, encoder: Any, words: Any, unet: Any) -> StableDiffusionPipeline:
+    """SD 1.x's parts with its noise schedule and no safety checker."""
+    return StableDiffusionPipeline(
+        vae=autoencoder,
+        text_encoder=encoder,
+        tokenizer=words,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sd15(full: bool = False) -> StableDiffusionPipeline:
     words = tokenizer()
+    if full:  # SD 1.5's UNet: 860M parameters
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        return sd_pipeline(vae(full=True, sample_size=512), full_clip(CLIP_L), words, unet)
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(8, 16),
@@ -128,43 +184,53 @@ def sd15() -> StableDiffusionPipeline:
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    return StableDiffusionPipeline(
-        vae=vae(),
-        text_encoder=clip(words),
-        tokenizer=words,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_pipeline(vae(), clip(words), words, unet)
 
 
-def sdxl() -> StableDiffusionXLPipeline:
-    words, words_2 = tokenizer(), tokenizer()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=8 * 6 + 32,  # six size/crop numbers, the pooled text
-        cross_attention_dim=64,  # both encoders' widths side by side
-        norm_num_groups=4,
-    )
+def sdxl(full: bool = False) -> StableDiffusionXLPipeline:
+    words = tokenizer()
+    if full:  # SDXL's UNet (2.6B parameters), CLIP-L and OpenCLIP bigG
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        encoders = full_clip(CLIP_L), full_clip(CLIP_BIG_G, projection=True, act="gelu")
+        autoencoder = vae(full=True, sample_size=1024, scaling_factor=0.13025)
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=8 * 6 + 32,  # six size/crop numbers, the pooled text
+            cross_attention_dim=64,  # both encoders' widths side by side
+            norm_num_groups=4,
+        )
+        encoders, autoencoder = (clip(words), clip(words, projection=True)), vae()
     return StableDiffusionXLPipeline(
-        vae=vae(),
-        text_encoder=clip(words),
-        text_encoder_2=clip(words_2, projection=True),
+        vae=autoencoder,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
         tokenizer=words,
-        tokenizer_2=words_2,
+        tokenizer_2=words,
         unet=unet,
-        scheduler=DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        scheduler=sd_scheduler(),
     )
 
 
@@ -195,29 +261,44 @@ def sd3() -> StableDiffusion3Pipeline:
     )
 
 
-def flux(guidance_embeds: bool) -> FluxPipeline:
+def flux(guidance_embeds: bool, full: bool = False) -> FluxPipeline:
     """Flux.1: schnell (timestep-distilled) and dev (guidance-distilled) differ in `guidance_embeds`."""
     words = tokenizer()
+    if full:  # the 12B transformer and T5-XXL's encoder
+        size: dict[str, Any] = {
+            "num_layers": 19,
+            "num_single_layers": 38,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "axes_dims_rope": (16, 56, 56),
+        }
+        gated = {"feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True}
+        encoders = full_clip(CLIP_L), T5EncoderModel(T5Config(vocab_size=T5_VOCAB, **gated, **T5_XXL))
+    else:
+        size = {
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "axes_dims_rope": (4, 4, 8),
+        }
+        encoders = clip(words), t5(words, 32)
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels, packed 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 4, 8),
-    )
+        patch_size=1, in_channels=64, guidance_embeds=guidance_embeds, **size
+    )  # 16 latent channels, packed 2x2
+    flux_vae = {"use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.1159, "scaling_factor": 0.3611}
     return FluxPipeline(
         transformer=transformer,
         scheduler=flow_match(shift=3.0, use_dynamic_shifting=True),
-        vae=vae(16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611),
-        text_encoder=clip(words),
+        vae=vae(16, full=full, **flux_vae),
+        text_encoder=encoders[0],
         tokenizer=words,
-        text_encoder_2=t5(words, 32),
-        tokenizer_2=tokenizer(256),
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer(512 if full else 256),
     )
 
 
@@ -335,6 +416,13 @@ def z_image() -> ZImagePipeline:
     )
 
 
+FULL: dict[str, Callable[[], Any]] = {
+    "sd15": lambda: sd15(full=True),
+    "sdxl": lambda: sdxl(full=True),
+    "flux-schnell": lambda: flux(guidance_embeds=False, full=True),
+    "flux-dev": lambda: flux(guidance_embeds=True, full=True),
+}
+
 BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": sd15,
     "sdxl": sdxl,
@@ -347,21 +435,41 @@ BUILDERS: dict[str, Callable[[], Any]] = {
 }
 
 
-def build(family: str, seed: int = 0) -> Any:
-    """The family's tiny pipeline, the same weights for the same seed."""
+def build(family: str, seed: int = 0, size: str = "tiny", device: str = "cpu") -> Any:
+    """The family's pipeline at that size, the same weights for the same seed; on the `meta`
+    device its parameters have shapes and no storage (to count a model larger than this RAM)."""
+    builders = FULL if size == "full" else BUILDERS
+    if family not in builders:
+        raise SystemExit(f"no {size} build of {family}; there are: {', '.join(builders)}")
     torch.manual_seed(seed)
-    return BUILDERS[family]()
+    with torch.device(device):
+        return builders[family]()
+
+
+def parameters(pipe: Any) -> dict[str, int]:
+    """Each model component's parameter count."""
+    return {
+        name: sum(p.numel() for p in part.parameters())
+        for name, part in pipe.components.items()
+        if isinstance(part, torch.nn.Module)
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
-    parser.add_argument("--size", choices=["tiny"], default="tiny")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--out", type=Path, help="where to save it (leave out with --device meta: counts only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or meta (count the parameters, build nothing)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    build(args.family, args.seed).save_pretrained(args.out, safe_serialization=True)
-    print(f"saved a tiny {args.family} pipeline to {args.out}")
+    pipe = build(args.family, args.seed, args.size, args.device)
+    for name, count in parameters(pipe).items():
+        print(f"{name}: {count / 1e6:,.1f}M parameters")
+    if args.out and args.device != "meta":
+        pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out, safe_serialization=True)
+        print(f"saved a {args.size} {args.family} pipeline to {args.out}")
 
 
 if __name__ == "__main__":

