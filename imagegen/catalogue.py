@@ -36,16 +36,14 @@ class ModelSpec:
     max_height: int
     max_steps: int
 
-    @property
-    def single_file(self) -> bool:
-        return Path(self.source).is_file()
-
     def view(self) -> dict[str, Any]:
         """What /models says about it: enough for a client (or the playground) to build a request."""
         return {
             "family": self.family.name if self.family else None,
             "fields": self.family.fields if self.family else None,
             "schedulers": ["default", *self.family.schedulers] if self.family else None,
+            "editing": list(self.family.editing) if self.family else None,  # what diffusers has for it
+            "adapters": list(self.family.adapters) if self.family else None,
             "size_multiple": self.size_multiple,
             "defaults": {
                 "width": self.default_width,

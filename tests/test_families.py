@@ -71,6 +71,7 @@ def test_each_family_is_served_through_every_surface(app_factory, tmp_path, tiny
     family = FAMILIES[DETECTED[name]]
     [listed] = client.get("/models").json["models"]
     assert (listed["family"], listed["state"]) == (family.name, "ready")
+    assert (listed["editing"], listed["adapters"]) == (list(family.editing), list(family.adapters))
     assert listed["defaults"]["steps"] == (family.default_steps or 4)  # the family's, else DEFAULT_STEPS (4 here)
     assert client.get("/status", headers=ADMIN).json["app"]["model"]["family"] == family.name
 
