@@ -62,6 +62,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def comma_list(value: str) -> list[str]:
+    """The items of a comma-separated setting (`API_KEYS`, `MODELS`, `TRUSTED_HOSTS`, ...), trimmed,
+    empty ones dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 class ModelEntry(BaseModel):
     """One `[models.<id>]` table of MODELS_FILE; only `source` is required (see CONFIGURATION.md)."""
 
@@ -290,7 +296,7 @@ class Settings(BaseSettings):
     @cached_property
     def _entries(self) -> dict[str, ModelEntry]:
         if self.models_file is None:
-            listed = [self.model_id, *(m.strip() for m in self.models.split(",") if m.strip())]
+            listed = [self.model_id, *comma_list(self.models)]
             return {model: ModelEntry(source=model) for model in dict.fromkeys(listed)}
         try:
             tables = tomllib.loads(self.models_file.read_text(encoding="utf-8")).get("models")
@@ -325,7 +331,7 @@ class Settings(BaseSettings):
 
     def api_key_list(self) -> list[str]:
         """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""
-        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        keys = comma_list(self.api_keys)
         if self.api_keys_file:
             lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def _hub_reader(repo: str) -> Callable[[str], dict[str, Any] | None]:
         except Exception:  # offline, no such repo or file, not a repo id at all: not known now
             return None
 
-    return read
+    return cache(read)  # model_index.json is asked for twice: to tell "not readable now" first
 
 
 def _facts(model: str, source: str, entry: ModelEntry) -> Facts | None:

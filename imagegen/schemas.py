@@ -20,14 +20,19 @@ from imagegen.schedulers import SCHEDULER_NAMES
 MAX_SEED = 2**32 - 1
 
 
+def _chosen(info: ValidationInfo) -> Any:
+    """The catalogue entry of the request's model (validated before the fields that depend on
+    it), or None for a model the catalogue lacks (refused by `resolve_params`)."""
+    settings: Settings = info.context["settings"]
+    return info.context["catalogue"].get(info.data.get("model") or settings.model_id)
+
+
 def _bounded(value: int | float | None, info: ValidationInfo, low: float, high_setting: str) -> Any:
     """A value within [low, the limit]: the chosen model's catalogue limit (`max_width`, ...) where
     it has one, else the setting of that name."""
     if value is None:
         return value
-    settings: Settings = info.context["settings"]
-    spec = info.context["catalogue"].get(info.data.get("model") or settings.model_id)
-    high = getattr(spec, high_setting, None) or getattr(settings, high_setting)
+    high = getattr(_chosen(info), high_setting, None) or getattr(info.context["settings"], high_setting)
     if not low <= value <= high:
         raise PydanticCustomError(
             "out_of_range",
@@ -62,8 +67,7 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _size(cls, value: int | None, info: ValidationInfo) -> int | None:
         _bounded(value, info, 8, f"max_{info.field_name}")
-        settings: Settings = info.context["settings"]
-        spec = info.context["catalogue"].get(info.data.get("model") or settings.model_id)
+        spec = _chosen(info)
         multiple = spec.size_multiple if spec else 8
         if value is not None and value % multiple:
             raise PydanticCustomError(

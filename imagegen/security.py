@@ -31,7 +31,7 @@ from flask_limiter import Limiter
 from limits import parse as parse_limit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from config import MIN_ADMIN_TOKEN_LENGTH, Settings
+from config import MIN_ADMIN_TOKEN_LENGTH, Settings, comma_list
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams
 
@@ -66,7 +66,7 @@ def _rules(blocked_patterns_file: Path | None, blocked_words: str) -> tuple[tupl
         for line in blocked_patterns_file.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 rules.append(("blocked_pattern", re.compile(normalise(line.strip()), re.DOTALL)))
-    for word in filter(None, (w.strip() for w in blocked_words.split(","))):
+    for word in comma_list(blocked_words):
         rules.append(("blocked_word", re.compile(rf"\b{re.escape(normalise(word))}\b")))
     return tuple(rules)
 
@@ -230,7 +230,7 @@ def trusted_hosts(settings: Settings) -> list[str] | None:
     machine's names and the addresses of its interfaces, so a LAN client typing the machine's
     address works while a rebound DNS name (evil.example resolving to 127.0.0.1) does not.
     """
-    given = [host.strip().lower() for host in settings.trusted_hosts.split(",") if host.strip()]
+    given = [host.lower() for host in comma_list(settings.trusted_hosts)]
     if "*" in given:
         return None
     if given:
@@ -378,8 +378,7 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         n = settings.trusted_proxy_count
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     if settings.cors_origins:
-        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
-        CORS(app, origins=origins, expose_headers=["X-Request-ID", "Retry-After", "Location"])
+        CORS(app, origins=comma_list(settings.cors_origins), expose_headers=["X-Request-ID", "Retry-After", "Location"])
 
     def tunable(name: str) -> Callable[[], str]:
         # Read per request, so PATCH /admin/settings changes limits without a restart.

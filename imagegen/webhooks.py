@@ -31,7 +31,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from config import Settings
+from config import Settings, comma_list
+from imagegen import __version__
 from imagegen.db import webhooks
 from imagegen.jobs import Job, JobStore, WebhookStatus
 from imagegen.queue import CallbackRejected
@@ -55,7 +56,7 @@ class DeliveryFailed(Exception):
 
 
 def _listed(value: str) -> set[str]:
-    return {item.strip().lower() for item in value.split(",") if item.strip()}
+    return {item.lower() for item in comma_list(value)}
 
 
 def _private(address: str) -> bool:
@@ -166,8 +167,6 @@ class WebhookSender:
     """Delivers the outbox: a thread that finds due deliveries and a pool that sends them."""
 
     def __init__(self, settings: Settings, jobs: JobStore, access: Access) -> None:
-        from imagegen import __version__
-
         self.settings, self.jobs, self.access = settings, jobs, access
         self.user_agent = f"imagegen/{__version__}"
         self._wake = threading.Event()
@@ -244,10 +243,10 @@ class WebhookSender:
 
     def _deliver(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
-        attempts = (job.webhook or {}).get("attempts", 1) if job else 1
-        if job is None or not job.callback_url:
-            self._record(job_id, WebhookStatus.FAILED, attempts, "the job no longer exists")
+        if job is None or not job.callback_url or not job.webhook:
+            self._record(job_id, WebhookStatus.FAILED, 1, "the job no longer exists")
             return
+        attempts = job.webhook["attempts"]  # counted when this process took the delivery
         body = json.dumps(payload(job, self.access)).encode()
         headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-Imagegen-Delivery": job.id}
         if self.settings.webhook_secret:
