@@ -19,14 +19,15 @@ if __name__ == "__main__":
     services = app.extensions["imagegen"]
     settings = services.settings
     # waitress reads a whole body before the app sees it: anything over the largest body a route
-    # accepts (MAX_REQUEST_BYTES, JSON) is refused by waitress itself, from its Content-Length, unread.
+    # accepts (an upload route's) is refused by waitress itself, from its Content-Length, unread;
+    # each route's own limit is the app's (middleware.body_limit).
     server = create_server(
         app,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
         ident="imagegen",
-        max_request_body_size=settings.max_request_bytes,
+        max_request_body_size=settings.upload_body_bytes,
     )
 
     def shut_down(signum: int, _frame: FrameType | None) -> None:

@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     secret_key: str = ""
     image_url_ttl_seconds: int = Field(3600, ge=1, le=30 * 86_400)
     max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
+    max_upload_bytes: int = Field(10 * 2**20, ge=1024, le=256 * 2**20)
+    max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64, le=2**28)
     trusted_proxy_count: int = Field(0, ge=0, le=10)
     trusted_hosts: str = ""
     cors_origins: str = ""
@@ -318,6 +320,12 @@ class Settings(BaseSettings):
         """The catalogue's entries by model id: MODELS_FILE's tables, or one per id of MODEL_ID and
         MODELS (as before there was a catalogue)."""
         return self._entries
+
+    @property
+    def upload_body_bytes(self) -> int:
+        """The body limit of a route that takes uploads: an image and a mask of MAX_UPLOAD_BYTES
+        each, base64-encoded in JSON (a third larger) or as form files, and the request's fields."""
+        return 2 * math.ceil(self.max_upload_bytes * 4 / 3) + self.max_request_bytes
 
     @property
     def database(self) -> str:

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         IMAGEGEN_PRODUCTION=settings.is_production,
         PROPAGATE_EXCEPTIONS=False,
         TRAP_HTTP_EXCEPTIONS=False,
-        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,  # middleware.body_limit sets each request's
     )
     app.url_map.merge_slashes = False  # "/images//etc/passwd" is a 404, not a redirect
     app.extensions["imagegen"] = services

@@ -43,7 +43,7 @@ class ModelSpec:
             "family": self.family.name if self.family else None,
             "fields": self.family.fields if self.family else None,
             "schedulers": ["default", *self.family.schedulers] if self.family else None,
-            "editing": list(self.family.editing) if self.family else None,  # what diffusers has for it
+            "modes": list(self.family.modes) if self.family else None,  # txt2img and the edits it does
             "adapters": list(self.family.adapters) if self.family else None,
             "size_multiple": self.size_multiple,
             "defaults": {

@@ -55,6 +55,15 @@ images = Table(
     Column("bytes", Integer, nullable=False),
 )
 
+# Uploaded images and masks of edits, named by their content (the same upload is stored once).
+inputs = Table(
+    "inputs",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),  # the last time a request stored it
+    Column("bytes", Integer, nullable=False),
+)
+
 # The webhook outbox: one delivery per job that gave a callback URL, written as the job ends.
 webhooks = Table(
     "webhooks",

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from imagegen.queue import (
     CallbackRejected,
+    InputRejected,
     NotReady,
     QueueError,
     QueueFull,
@@ -55,6 +56,11 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "unknown_model": ((400,), "`model` (or A1111's `sd_model_checkpoint`) is not MODEL_ID or one of MODELS."),
     "invalid_sampler": ((400,), "AUTOMATIC1111 surface: an unknown `sampler_name`."),
     "callback_not_allowed": ((400,), "`callback_url` names a host, port or address webhooks may not go to."),
+    "invalid_image": (
+        (400,),
+        "An `image` or `mask` that is not PNG, JPEG or WebP (by its bytes), is corrupt, has more pixels than "
+        "MAX_UPLOAD_PIXELS, or a mask of another size than its image, empty or full; `details.field` names it.",
+    ),
     "unauthorized": ((401,), "No API key or admin token where one is needed, or a wrong one."),
     "forbidden": ((403,), "Not allowed: an admin route without the admin, or an unsigned or expired image URL."),
     "admin_disabled": ((403,), "Admin routes are off (production without an ADMIN_TOKEN)."),
@@ -67,9 +73,18 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "model_not_found": ((404,), "OpenAI surface: no such model."),
     "method_not_allowed": ((405,), "The route exists, but not for this method."),
     "request_timeout": ((408,), "The client sent its request too slowly."),
+    "image_expired": (
+        (410,),
+        "An `image` names a stored image that is gone (IMAGE_TTL_SECONDS) or not yours; as a job's error, "
+        "an edit's stored input expired before it ran.",
+    ),
     "job_finished": ((409,), "The job has already ended, so it cannot be cancelled."),
     "cancelled": ((409,), "The job was cancelled before it ended (a job's error)."),
-    "payload_too_large": ((413,), "The body is larger than MAX_REQUEST_BYTES."),
+    "payload_too_large": (
+        (413,),
+        "The body is over its route's limit (MAX_REQUEST_BYTES; an upload route's follows MAX_UPLOAD_BYTES), or "
+        "an uploaded image over MAX_UPLOAD_BYTES.",
+    ),
     "unsupported_media_type": ((415,), "A request body that is not JSON."),
     "unprocessable": ((422,), "The request was understood but cannot be processed."),
     "rate_limited": ((429,), "Over RATE_LIMIT or RATE_LIMIT_DEFAULT; `Retry-After` says when to try again."),
@@ -172,6 +187,9 @@ def domain_error(exc: QueueError) -> APIError:
             return APIError(503, exc.code, exc.message, headers=headers)
         case CallbackRejected():
             return APIError(400, exc.code, exc.message, {"field": "callback_url"})
+        case InputRejected():
+            status = {"image_expired": 410, "payload_too_large": 413}.get(exc.code, 400)
+            return APIError(status, exc.code, exc.message, {"field": exc.field})
     return unexpected_error(exc)  # a new domain error nobody gave a status yet
 
 

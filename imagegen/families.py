@@ -47,9 +47,31 @@ class Family:
     schedulers: tuple[str, ...] = ()  # besides "default" (the one the model was saved with)
     progress: Literal["step_end", "legacy"] = "step_end"  # callback_on_step_end, or the old `callback`
     interrupt: bool = True  # a call can stop early when its jobs are cancelled
-    editing: tuple[str, ...] = ()  # image-to-image modes diffusers has for it (the editing issue)
+    editing: tuple[str, ...] = ()  # "img2img", "inpaint": the editing pipelines diffusers has for it
     adapters: tuple[str, ...] = ()  # adapter kinds diffusers loads for it
     call: dict[str, Any] = field(default_factory=dict)  # fixed arguments of every call
+    text_to_image: bool = True  # False: a dedicated inpainting model (a 9-channel UNet), edits only
+    # How an edit's strength becomes the steps run: the UNet pipelines floor steps x strength; the
+    # flow-matching ones keep steps - int(steps - steps x strength), so round up.
+    strength_steps: Literal["floor", "ceil"] = "ceil"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The request modes it serves: text-to-image, then image-to-image and its variations (an
+        image alone), inpainting and outpainting (inpainting of an extended canvas)."""
+        modes = ("txt2img",) if self.text_to_image else ()
+        if "img2img" in self.editing:
+            modes += ("img2img", "variation")
+        if "inpaint" in self.editing:
+            modes += ("inpaint", "outpaint")
+        return modes
+
+    def steps_run(self, steps: int, strength: float) -> int:
+        """The denoising steps an edit at this strength runs (all of them at strength 1), as the
+        family's editing pipelines count them."""
+        if self.strength_steps == "floor":
+            return min(int(steps * strength), steps)
+        return steps - int(max(steps - steps * strength, 0))
 
     def arguments(
         self,
@@ -106,6 +128,20 @@ FAMILIES: dict[str, Family] = {
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            strength_steps="floor",
+        ),
+        Family(
+            "sd-inpaint",
+            "Stable Diffusion 1.x / 2.x inpainting",
+            "StableDiffusionInpaintPipeline",
+            "native",
+            "cfg",
+            default_size=512,
+            schedulers=NOISE_SCHEDULERS,
+            editing=("inpaint",),
+            adapters=("lora",),
+            text_to_image=False,
+            strength_steps="floor",
         ),
         Family(
             "sdxl",
@@ -117,6 +153,20 @@ FAMILIES: dict[str, Family] = {
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            strength_steps="floor",
+        ),
+        Family(
+            "sdxl-inpaint",
+            "Stable Diffusion XL inpainting",
+            "StableDiffusionXLInpaintPipeline",
+            "native",
+            "cfg",
+            prompt_2=True,
+            schedulers=NOISE_SCHEDULERS,
+            editing=("inpaint",),
+            adapters=("lora",),
+            text_to_image=False,
+            strength_steps="floor",
         ),
         Family(
             "sd3",
@@ -198,13 +248,17 @@ FAMILIES: dict[str, Family] = {
             size_multiple=16,
             default_steps=28,
             default_guidance=4.0,
-            editing=("img2img",),
+            editing=("img2img", "inpaint"),
             adapters=("lora",),
         ),
     )
 }
 # Flux schnell and dev are one pipeline class: told apart by the transformer's `guidance_embeds`.
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values() if f.name != "flux-dev"}
+# A UNet that takes 9 input channels (latents, mask, masked image) is a dedicated inpainting model,
+# whatever pipeline class its folder names.
+INPAINT_VARIANT = {"sd": FAMILIES["sd-inpaint"], "sdxl": FAMILIES["sdxl-inpaint"]}
+INPAINT_CHANNELS = 9
 # A true-CFG negative prompt runs the model twice per step, at this scale (diffusers' own default).
 TRUE_CFG_SCALE = 4.0
 
@@ -237,11 +291,14 @@ def facts(read: Callable[[str], dict[str, Any] | None], name: str) -> Facts:
     family = _flux(read) if pipeline == "FluxPipeline" else BY_PIPELINE.get(pipeline)
     if family is None:
         raise UnservedModel(f"model {name} is a {pipeline}, a family this server does not serve; served: {served()}")
+    unet = read("unet/config.json") or {}
+    if unet.get("in_channels") == INPAINT_CHANNELS:
+        family = INPAINT_VARIANT.get(family.name, family)
     vae = read("vae/config.json") or {}
     levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or (0, 0, 0, 0)
     vae_scale = 2 ** (len(levels) - 1)
     if "unet" in index:
-        patch, sample = 1, (read("unet/config.json") or {}).get("sample_size")
+        patch, sample = 1, unet.get("sample_size")
     else:
         transformer = read("transformer/config.json") or {}
         patch = transformer.get("patch_size") or (transformer.get("all_patch_size") or [2])[0]
@@ -270,22 +327,30 @@ CHECKPOINT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def checkpoint_keys(path: Path) -> set[str]:
-    """The tensor names of a .safetensors file, from its JSON header alone (no weights read)."""
+def checkpoint_header(path: Path) -> dict[str, Any]:
+    """The tensors of a .safetensors file by name, with their shapes, from its JSON header alone
+    (no weights read)."""
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         if length > 100_000_000:
             raise UnservedModel(f"{path.name} is not a safetensors file")
         header = json.loads(file.read(length))
-    return {key for key in header if key != "__metadata__"}
+    return {key: value for key, value in header.items() if key != "__metadata__"}
+
+
+# The UNet's first convolution in an original (not diffusers) SD or SDXL checkpoint.
+CHECKPOINT_INPUT_CONV = "diffusion_model.input_blocks.0.0.weight"
 
 
 def checkpoint_family(path: Path) -> Family:
     """The family of a single checkpoint, from its tensor names (a prefix such as `model.` or
-    `model.diffusion_model.` is allowed before them)."""
-    keys = checkpoint_keys(path)
+    `model.diffusion_model.` is allowed before them), and for SD and SDXL the UNet's input channels."""
+    header = checkpoint_header(path)
     for name, wanted in CHECKPOINT_KEYS:
-        if all(any(key.endswith(want) for key in keys) for want in wanted):
+        if all(any(key.endswith(want) for key in header) for want in wanted):
+            conv = next((tensor for key, tensor in header.items() if key.endswith(CHECKPOINT_INPUT_CONV)), {})
+            if name in INPAINT_VARIANT and conv.get("shape", [0, 0])[1:2] == [INPAINT_CHANNELS]:
+                return INPAINT_VARIANT[name]
             return FAMILIES[name]
     raise UnservedModel(
         f"{path.name}: its tensor names match no family this server reads single files for "

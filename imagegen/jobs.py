@@ -54,11 +54,33 @@ class GenerationParams:
     scheduler: str
     model: str
     prompt_2: str = ""  # for the second text encoder of the families that have one (families.py)
+    mode: str = "txt2img"  # edits.MODES
+    image: str = ""  # an edit's image, stored before the job was accepted (ImageStore.save_input)
+    mask: str = ""  # an inpainting's or outpainting's mask (white = repaint), stored the same way
+    strength: float = 1.0  # how far an edit departs from its image (1: repainted from noise)
+    mask_blur: int = 0  # pixels the mask's edge is feathered inward
+    steps_run: int = 0  # the denoising steps an edit runs at its strength (0: all `steps`)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the pipeline runs, which progress counts."""
+        return self.steps_run or self.steps
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one pipeline call; prompts and seeds may differ."""
-        return (self.model, self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+        """Jobs with equal keys can share one pipeline call; prompts, seeds and an edit's images may
+        differ."""
+        return (
+            self.model,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.mode,
+            self.strength,
+            self.mask_blur,
+        )
 
     @property
     def digest(self) -> str:
@@ -104,7 +126,7 @@ class Job:
 
     @property
     def progress(self) -> float:
-        return 1.0 if self.status == JobStatus.SUCCEEDED else self.step / self.params.steps
+        return 1.0 if self.status == JobStatus.SUCCEEDED else self.step / self.params.total_steps
 
     def timings(self) -> dict[str, float | None]:
         """Seconds queued, generating and in all, once each span has ended."""

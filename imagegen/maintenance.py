@@ -18,17 +18,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def expire_inputs(svc: Services, seconds: float, dry_run: bool = False) -> dict[str, int]:
+    """Deletes edit inputs stored more than `seconds` ago, except those of jobs not yet ended."""
+    keep = {name for job in svc.jobs.unfinished() for name in (job.params.image, job.params.mask) if name}
+    return svc.images.delete_inputs_older_than(seconds, keep, dry_run)
+
+
 def run_once(svc: Services) -> dict[str, Any]:
-    """One pass: expire images (and their jobs), enforce the storage quota, unload idle models."""
+    """One pass: expire images (and their jobs) and edit inputs, enforce the storage quota, unload
+    idle models."""
     settings = svc.settings
     result: dict[str, Any] = {"expired": svc.images.delete_older_than(settings.image_ttl_seconds)}
+    result["inputs_expired"] = expire_inputs(svc, settings.image_ttl_seconds)
     result["jobs_deleted"] = svc.jobs.delete_finished_before(time.time() - settings.image_ttl_seconds)
     if settings.max_image_storage_mb:
         result["quota"] = svc.images.enforce_quota(settings.max_image_storage_mb * 2**20)
     if settings.model_idle_timeout_seconds:
         result["unloaded_models"] = svc.queue.unload_idle(settings.model_idle_timeout_seconds)
     svc.alerts.check(svc.system())
-    if any(result.get(k) for k in ("jobs_deleted", "unloaded_models")) or result["expired"]["deleted"]:
+    expired = result["expired"]["deleted"] or result["inputs_expired"]["deleted"]
+    if any(result.get(k) for k in ("jobs_deleted", "unloaded_models")) or expired:
         log.info("maintenance: %s", result)
     return result
 

@@ -54,6 +54,15 @@ class CallbackRejected(QueueError):
         self.code, self.message = code, message
 
 
+class InputRejected(QueueError):
+    """An uploaded image or mask the server will not take: `code` says why (invalid_image,
+    image_expired, payload_too_large), `field` names it."""
+
+    def __init__(self, code: str, message: str, field: str) -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
 class NotReady(QueueError):
     """Why a generation could not start now: `code` says what (model_loading, worker_stopped, ...)."""
 

@@ -42,13 +42,25 @@ def _bounded(value: int | float | None, info: ValidationInfo, low: float, high_s
     return value
 
 
+class Outpaint(BaseModel):
+    """Pixels to add on each side of the image; only the new area is painted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    left: int = Field(0, ge=0, le=4096)
+    right: int = Field(0, ge=0, le=4096)
+    top: int = Field(0, ge=0, le=4096)
+    bottom: int = Field(0, ge=0, le=4096)
+
+
 class GenerateRequest(BaseModel):
-    """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images. Which fields a model takes,
-    its defaults and its limits are in GET /models (its family)."""
+    """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images; with `image`, an edit of it
+    (docs: image editing in the README). Which fields and modes a model takes, its defaults and its
+    limits are in GET /models (its family)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
-    prompt: str
+    prompt: str | None = Field(None, description="Required, except for a variation (an `image` alone).")
     model: str | None = Field(None, min_length=1, max_length=500)  # first: the limits below are the model's
     negative_prompt: str | None = None
     prompt_2: str | None = None
@@ -62,6 +74,20 @@ class GenerateRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
     callback_url: str | None = Field(None, max_length=2000)
+    image: str | bytes | None = Field(
+        None,
+        description="An image to edit: a form file, base64, a data URL, or the name or URL of an image "
+        "this server made for you. PNG, JPEG or WebP.",
+    )
+    mask: str | bytes | None = Field(None, description="Inpainting: white repaints, black keeps; the image's size.")
+    strength: float | None = Field(
+        None, gt=0, le=1, description="How far to depart from the image (default: 0.75, variation 0.6, masked 1)."
+    )
+    outpaint: Outpaint | None = None
+    mask_blur: int = Field(4, ge=0, le=64, description="Pixels the mask's edge is feathered, inward only.")
+    resize_mode: Literal["resize", "crop", "fill"] = Field(
+        "resize", description="How the image meets a width and height of another shape: stretch, crop or fill."
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -256,6 +282,7 @@ class ModelChange(BaseModel):
 class CleanupResponse(BaseModel):
     dry_run: bool
     images: dict[str, int]
+    inputs: dict[str, int] = Field(description="Edit inputs deleted (those of jobs not yet ended are kept).")
     unloaded_models: list[str] | None = None
     workers: dict[str, list[str]] | None = Field(None, description="With unload_models: what each runner unloaded.")
 

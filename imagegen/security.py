@@ -282,9 +282,9 @@ def _refuse_cross_site(trusted: list[str] | None) -> Callable[[], None]:
 
 
 def generation_cost(params: GenerationParams) -> int:
-    """What a generation counts against RATE_LIMIT_COST: megapixel-steps (width x height x steps x
-    images / 10^6), at least 1."""
-    return max(1, math.ceil(params.width * params.height * params.steps * len(params.seeds) / 1e6))
+    """What a generation counts against RATE_LIMIT_COST: megapixel-steps (width x height x steps
+    run x images / 10^6; an edit runs about strength x steps), at least 1."""
+    return max(1, math.ceil(params.width * params.height * params.total_steps * len(params.seeds) / 1e6))
 
 
 def charge(params: GenerationParams) -> None:
@@ -330,13 +330,15 @@ unlimited = _mark("unlimited")  # no rate limit (load-balancer health checks)
 public = _mark("public")  # no API key needed even when keys are on
 operator = _mark("operator")  # host figures: the admin, or METRICS_TOKEN (Prometheus), not any key
 signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
+uploads = _mark("uploads")  # takes images: multipart bodies too, up to the upload body limit
 
 
 # Swagger UI's page and assets (flask-openapi3's blueprints): documentation, no data, no key needed.
 DOCS_BLUEPRINTS = {"openapi", "swagger"}
 
 
-def _marks() -> set[str]:
+def marks() -> set[str]:
+    """The markers of the view this request is routed to."""
     view = current_app.view_functions.get(request.endpoint or "")
     return getattr(view, "imagegen_marks", set())
 
@@ -346,15 +348,15 @@ def _authenticate() -> None:
     view not marked public needs a valid key (or signed URL)."""
     if request.endpoint is None or request.method == "OPTIONS":
         return
-    marks = _marks()
-    if "operator" in marks:
+    marked = marks()
+    if "operator" in marked:
         require_operator()
         return
     if not access().keys_required:
         return
-    if "public" in marks or request.endpoint == "static" or request.blueprint in DOCS_BLUEPRINTS:
+    if "public" in marked or request.endpoint == "static" or request.blueprint in DOCS_BLUEPRINTS:
         return
-    if "signed" in marks:
+    if "signed" in marked:
         name = (request.view_args or {}).get("name", "")
         if access().verify(name, request.args.get("expires", ""), request.args.get("sig", "")):
             return
@@ -396,10 +398,10 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     # One RATE_LIMIT per client across every generating route (native, OpenAI, A1111), not one per route.
     generation_limit = limiter.shared_limit(tunable("rate_limit"), scope="generation")
     for endpoint, view in list(app.view_functions.items()):
-        marks = getattr(view, "imagegen_marks", set())
-        if "generation" in marks:
+        marked = getattr(view, "imagegen_marks", set())
+        if "generation" in marked:
             app.view_functions[endpoint] = generation_limit(view)
-        elif "unlimited" in marks:
+        elif "unlimited" in marked:
             app.view_functions[endpoint] = limiter.exempt(view)
     app.extensions["imagegen_limiter"] = limiter
     # After the limiter's own hook, so guessing keys is rate limited like anything else.

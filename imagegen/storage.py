@@ -1,14 +1,17 @@
-"""ImageStore: the only code that writes, finds and deletes generated images, in a folder or in
-S3-compatible object storage, through one fsspec interface.
+"""ImageStore: the only code that writes, finds and deletes generated images and the inputs of
+edits, in a folder or in S3-compatible object storage, through one fsspec interface.
 
 Why it is strict: image names come from clients on the way back in (`GET /images/<name>`), so a
 name is served only if it matches the shape this store generates *and* a record says the store
 wrote it; nothing else in or outside the store can be reached. The record is written after the
-whole file, so a reader never sees half a PNG, and a write cut short is never served.
+whole file, so a reader never sees half a PNG, and a write cut short is never served. An edit's
+inputs live beside the images (under `inputs/`, named by their content), so a queued edit survives
+a restart and a cluster worker reads them from the same storage; they are never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -23,19 +26,30 @@ import fsspec
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
-from imagegen.db import Database
+from imagegen.db import Database, inputs
 from imagegen.db import images as table
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}\.png")
+INPUT_PATTERN = re.compile(r"[0-9a-f]{32}\.png")
 
 
 @dataclass(frozen=True)
 class StoredImage:
     name: str
     bytes: int
+    job_id: str | None = None
+
+
+def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
+    """The image as PNG; compress_level 1, since PNG's default level 6 costs several times the
+    encoding time for a few % of size."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
+    return buffer.getvalue()
 
 
 class ImageStore:
@@ -49,6 +63,8 @@ class ImageStore:
         self.fs, self.root = fsspec.core.url_to_fs(url, **options)
         self.remote = "file" not in self.fs.protocol
         self.fs.makedirs(self.root, exist_ok=True)
+        if not self.remote:  # object stores have no folders to make
+            self.fs.makedirs(self._path("inputs"), exist_ok=True)
         self.db = db
         self.url = url
 
@@ -64,11 +80,8 @@ class ImageStore:
         """Writes the PNG under a random, unguessable name, then records it."""
         info = PngInfo()
         info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-        buffer = io.BytesIO()
-        # compress_level 1: PNG's default level 6 costs several times the encoding time for a few % of size.
-        image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
         name = f"{secrets.token_urlsafe(16)}.png"
-        data = buffer.getvalue()
+        data = png_bytes(image, info)
         self.fs.pipe_file(self._path(name), data)
         with self.db.transaction() as conn:
             conn.execute(insert(table).values(name=name, job_id=job_id, created_at=time.time(), bytes=len(data)))
@@ -78,8 +91,8 @@ class ImageStore:
         """The stored image of that exact name, or None for anything this store did not write."""
         if not NAME_PATTERN.fullmatch(name):
             return None
-        rows = self.db.query(select(table.c.bytes).where(table.c.name == name))
-        return StoredImage(name, rows[0]["bytes"]) if rows else None
+        rows = self.db.query(select(table.c.bytes, table.c.job_id).where(table.c.name == name))
+        return StoredImage(name, rows[0]["bytes"], rows[0]["job_id"]) if rows else None
 
     def read(self, name: str) -> bytes:
         """The PNG bytes of a stored image; FileNotFoundError if it is unknown or gone."""
@@ -87,12 +100,56 @@ class ImageStore:
             raise FileNotFoundError(name)
         return self.fs.cat_file(self._path(name))
 
+    def save_input(self, image: Image.Image) -> str:
+        """Stores an edit's image or mask as PNG under a name made from its bytes and returns the
+        name; storing the same input again only renews its age."""
+        data = png_bytes(image)
+        name = f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        self.fs.pipe_file(self._path(f"inputs/{name}"), data)
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(delete(inputs).where(inputs.c.name == name))
+                conn.execute(insert(inputs).values(name=name, created_at=time.time(), bytes=len(data)))
+        except IntegrityError:  # the same bytes stored at the same moment by another request
+            pass
+        return name
+
+    def read_input(self, name: str) -> Image.Image:
+        """A stored input, decoded; FileNotFoundError once it has expired (or was never stored)."""
+        if not INPUT_PATTERN.fullmatch(name) or not self.db.query(select(inputs.c.name).where(inputs.c.name == name)):
+            raise FileNotFoundError(name)
+        image = Image.open(io.BytesIO(self.fs.cat_file(self._path(f"inputs/{name}"))))
+        image.load()
+        return image
+
+    def delete_inputs_older_than(self, seconds: float, keep: set[str], dry_run: bool = False) -> dict[str, int]:
+        """Deletes inputs stored more than `seconds` ago, except those `keep` names (a job that has
+        not ended still needs them)."""
+        cutoff = time.time() - seconds
+        rows = [
+            row
+            for row in self.db.query(select(inputs.c.name, inputs.c.bytes).where(inputs.c.created_at < cutoff))
+            if row["name"] not in keep
+        ]
+        names = [row["name"] for row in rows]
+        if names and not dry_run:
+            with self.db.transaction() as conn:
+                conn.execute(delete(inputs).where(inputs.c.name.in_(names)))
+            self._remove([self._path(f"inputs/{name}") for name in names])
+        return {"deleted": len(rows), "bytes": sum(row["bytes"] for row in rows)}
+
     def presigned_url(self, name: str, seconds: int) -> str:
         """A URL of the object itself that works for `seconds` (object storage only); FileNotFoundError
         if the image is unknown."""
         if self.find(name) is None:
             raise FileNotFoundError(name)
         return self.fs.url(self._path(name), expires=seconds)
+
+    def _remove(self, paths: list[str]) -> None:
+        # Object stores delete missing keys quietly; a folder raises, so skip files already gone.
+        existing = [path for path in paths if self.fs.exists(path)] if not self.remote else paths
+        if existing:
+            self.fs.rm(existing)
 
     def ping(self) -> None:
         """Raises when the storage does not answer (a bucket is listed: an empty prefix does not exist)."""
@@ -130,11 +187,7 @@ class ImageStore:
         if names and not dry_run:
             with self.db.transaction() as conn:
                 conn.execute(delete(table).where(table.c.name.in_(names)))
-            paths = [self._path(name) for name in names]
-            # Object stores delete missing keys quietly; a folder raises, so skip files already gone.
-            existing = [path for path in paths if self.fs.exists(path)] if not self.remote else paths
-            if existing:
-                self.fs.rm(existing)
+            self._remove([self._path(name) for name in names])
         freed = {"deleted": len(rows), "bytes": sum(row["bytes"] for row in rows)}
         if rows:
             log.info(

@@ -26,6 +26,7 @@ from config import Settings
 from imagegen import create_app
 from imagegen.services import build
 from tests.fakes import FakePipeline
+from tools import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "models/tiny-random"
@@ -112,6 +113,36 @@ def fake_client(app_factory: Any, fake: FakePipeline) -> FlaskClient:
     client = app_factory(pipeline=fake).test_client()
     wait_ready(client)
     fake.calls.clear()
+    return client
+
+
+# ----- tiny builds of every model family (tools/make_model.py) -----
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every family's tiny build, written once per test run (a few MB, seconds)."""
+    root = tmp_path_factory.mktemp("families")
+    for name in make_model.BUILDERS:
+        make_model.build(name).save_pretrained(root / name, safe_serialization=True)
+    return root
+
+
+def catalogue_file(tmp_path: Path, models: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for model, keys in models.items():
+        lines.append(f'[models."{model}"]')
+        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    path = tmp_path / "models.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def serve(app_factory: Any, tmp_path: Path, tiny_models: Path, name: str, **entry: Any) -> Any:
+    """A ready app's client, whose catalogue is one tiny model, at 64x64 by default."""
+    keys = {"source": str(tiny_models / name), "default_width": 64, "default_height": 64, **entry}
+    client = app_factory(model_id=name, models_file=catalogue_file(tmp_path, {name: keys})).test_client()
+    wait_ready(client)
     return client
 
 

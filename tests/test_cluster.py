@@ -3,6 +3,8 @@ PostgreSQL and Redis of this machine, with images in a shared folder or S3-compa
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import secrets
@@ -16,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from imagegen.db import Database
 from imagegen.jobs import JobStatus, JobStore
@@ -104,13 +108,27 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
         status, body = post(base, {"prompt": PROMPT, "seed": i, "steps": 50, "async": True})
         assert status == 202, body
         ids.append(body["id"])
+    # and edits, whose inputs the workers read from the shared storage (the broker carries job ids)
+    original, mask = Image.new("RGB", (64, 64), (30, 60, 200)), Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    uploads = {}
+    for name, picture in (("image", original), ("mask", mask)):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        uploads[name] = base64.b64encode(buffer.getvalue()).decode()
+    edits = []
+    for i in range(4):
+        status, body = post(base, {"prompt": PROMPT, **uploads, "seed": i, "steps": 50, "async": True})
+        assert status == 202 and body["parameters"]["mode"] == "inpaint", body
+        edits.append(body["id"])
+    ids += edits
     # kill a worker as soon as its batch has made its first step (50 steps: the batch is far from done)
     victim = wait_until(lambda: next((job.worker for job in store.running() if job.step), None), every=0.005)
     workers[victim].send_signal(signal.SIGKILL)
     workers[victim].wait(10)
 
     finished = wait_until(lambda: (jobs := store.many(ids)) and all(j.status.finished for j in jobs) and jobs, 120)
-    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 12
+    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 16
     survivor = next(name for name in workers if name != victim)
     assert all(len(job.images) == 1 and job.error is None for job in finished)
     redone = [job for job in finished if job.attempts > 1]  # started by the victim, run again to the end
@@ -119,7 +137,10 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
         status, view = get(base, f"/jobs/{job_id}")
         assert status == 200 and view["status"] == "succeeded"
         with urllib.request.urlopen(view["images"][0]["url"], timeout=10) as response:
-            assert response.read().startswith(b"\x89PNG")
+            made = response.read()
+        assert made.startswith(b"\x89PNG")
+        if job_id in edits:  # the worker had the stored input: what the mask keeps is the original's
+            assert (np.asarray(Image.open(io.BytesIO(made)).convert("RGB"))[:16] == (30, 60, 200)).all()
     workers_view = {w["name"]: w for w in get(base, "/status")[1]["app"]["workers"]}
     assert workers_view[survivor]["alive"] and not workers_view[victim]["alive"]
     assert "imagegen_workers_alive 1.0" in call(f"{base}/metrics", headers=ADMIN)[2].decode()

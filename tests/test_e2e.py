@@ -35,7 +35,7 @@ def test_generate_download_and_logs_over_real_http(server, tmp_path):
     assert headers["X-Content-Type-Options"] == "nosniff" and headers.get("ETag")
     log = (tmp_path / "logs" / "app.log").read_text()
     assert "[e2e-test-1] imagegen.access: POST /generate 200" in log
-    assert "generated 1 jobs (1 images) 64x64 steps=4" in log
+    assert "generated 1 jobs (1 images) txt2img 64x64 steps=4" in log
     assert "loaded model models/tiny-random" in log and "rss=" in log
 
 

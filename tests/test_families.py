@@ -21,39 +21,12 @@ from safetensors.numpy import save_file
 from config import Settings, load_settings
 from imagegen.catalogue import build_catalogue
 from imagegen.families import FAMILIES, checkpoint_family
-from tests.conftest import ADMIN, make_settings, wait_ready
-from tools.make_model import BUILDERS, build
+from tests.conftest import ADMIN, catalogue_file, make_settings, serve
+from tools.make_model import BUILDERS
 
 PROMPT = "a red circle on a blue background"
 # The family each tiny build must be detected as.
 DETECTED = {"sd15": "sd", **{name: name for name in BUILDERS if name != "sd15"}}
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every family's tiny build, written once per test run (a few MB, seconds)."""
-    root = tmp_path_factory.mktemp("families")
-    for name in BUILDERS:
-        build(name).save_pretrained(root / name, safe_serialization=True)
-    return root
-
-
-def catalogue_file(tmp_path: Path, models: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for model, keys in models.items():
-        lines.append(f'[models."{model}"]')
-        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    path = tmp_path / "models.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def serve(app_factory: Any, tmp_path: Path, tiny_models: Path, name: str, **entry: Any) -> Any:
-    """A ready app's client, whose catalogue is one tiny model, at 64x64 by default."""
-    keys = {"source": str(tiny_models / name), "default_width": 64, "default_height": 64, **entry}
-    client = app_factory(model_id=name, models_file=catalogue_file(tmp_path, {name: keys})).test_client()
-    wait_ready(client)
-    return client
 
 
 def pipeline(client: Any, name: str) -> weakref.ref:
@@ -65,13 +38,16 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+TEXT_TO_IMAGE = sorted(name for name in BUILDERS if FAMILIES[DETECTED[name]].text_to_image)
+
+
+@pytest.mark.parametrize("name", TEXT_TO_IMAGE)
 def test_each_family_is_served_through_every_surface(app_factory, tmp_path, tiny_models, name):
     client = serve(app_factory, tmp_path, tiny_models, name)
     family = FAMILIES[DETECTED[name]]
     [listed] = client.get("/models").json["models"]
     assert (listed["family"], listed["state"]) == (family.name, "ready")
-    assert (listed["editing"], listed["adapters"]) == (list(family.editing), list(family.adapters))
+    assert (listed["modes"], listed["adapters"]) == (list(family.modes), list(family.adapters))
     assert listed["defaults"]["steps"] == (family.default_steps or 4)  # the family's, else DEFAULT_STEPS (4 here)
     assert client.get("/status", headers=ADMIN).json["app"]["model"]["family"] == family.name
 

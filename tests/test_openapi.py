@@ -48,8 +48,10 @@ def test_spec_is_valid_and_covers_every_native_route(client):
     assert documented >= NATIVE_ROUTES
     generate = spec["paths"]["/generate"]["post"]
     body = generate["requestBody"]["content"]["application/json"]
-    assert body["example"]["prompt"] and "prompt" in body["schema"]["required"]
-    assert {"200", "202", "400", "429", "503"} <= set(generate["responses"])
+    assert body["example"]["prompt"] and {"prompt", "image", "mask", "strength"} <= set(body["schema"]["properties"])
+    form = generate["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["image"]["anyOf"][1] == {"format": "binary", "type": "string"}
+    assert {"200", "202", "400", "410", "413", "429", "503"} <= set(generate["responses"])
     for method, path in NATIVE_ROUTES:
         assert spec["paths"][path][method]["summary"], f"{method} {path} has no summary"
     for method, path in {("post", "/cleanup"), ("patch", "/admin/settings")}:

@@ -127,7 +127,11 @@ def test_configured_blocked_words_and_patterns(app_factory, tmp_path):
 
 def test_body_size_and_content_type(app_factory):
     client = app_factory(max_request_bytes=2048).test_client()
-    big = client.post("/generate", data='{"prompt": "' + "a" * 4096 + '"}', content_type="application/json")
+    body = '{"prompt": "' + "a" * 4096 + '"}'
+    big = client.post("/v1/images/generations", data=body, content_type="application/json")
+    assert big.status_code == 413 and big.json["error"]["code"] == "payload_too_large"
+    limit = client.application.extensions["imagegen"].settings.upload_body_bytes  # a route that takes uploads
+    big = client.post("/generate", data='{"prompt": "' + "a" * limit + '"}', content_type="application/json")
     assert big.status_code == 413 and big.json["error"]["code"] == "payload_too_large"
     form = client.post("/generate", data={"prompt": "x"})
     assert form.status_code == 415

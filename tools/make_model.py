@@ -35,6 +35,7 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -159,6 +160,14 @@ def sd_pipeline(autoencoder: Any, encoder: Any, words: Any, unet: Any) -> Stable
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def sd_inpaint() -> StableDiffusionInpaintPipeline:
+    """A dedicated inpainting model: SD's parts with a UNet of 9 input channels (the latents, the
+    mask and the masked image's latents), as SD 1.5 inpainting's."""
+    pipe = sd15()
+    unet = UNet2DConditionModel.from_config(pipe.unet.config, in_channels=9)
+    return StableDiffusionInpaintPipeline(**{**pipe.components, "unet": unet})
 
 
 def sd15(full: bool = False) -> StableDiffusionPipeline:
@@ -425,6 +434,7 @@ FULL: dict[str, Callable[[], Any]] = {
 
 BUILDERS: dict[str, Callable[[], Any]] = {
     "sd15": sd15,
+    "sd-inpaint": sd_inpaint,
     "sdxl": sdxl,
     "sd3": sd3,
     "flux-schnell": lambda: flux(guidance_embeds=False),

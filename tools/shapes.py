@@ -71,7 +71,7 @@ def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image)
 
 
-def _largest_region(mask: np.ndarray) -> np.ndarray:
+def largest_region(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean mask (stray specks and halos fall away)."""
     seen = np.zeros_like(mask)
     best: list[tuple[int, int]] = []
@@ -115,7 +115,7 @@ def classify(pixels: np.ndarray) -> Scene | None:
     if candidates.size < 16:
         return None
     colour = int(np.bincount(candidates, minlength=len(_NAMES)).argmax())
-    region = _largest_region(labels == colour)
+    region = largest_region(labels == colour)
     rows, cols = np.nonzero(region)
     box = region[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     quarter = max(1, box.shape[0] // 4)

@@ -227,7 +227,7 @@ def progress() -> dict[str, Any]:
             "job_timestamp": str(int(job.created_at)) if job else "0",
             "job_no": 0,
             "sampling_step": job.step if job else 0,
-            "sampling_steps": job.params.steps if job else 0,
+            "sampling_steps": job.params.total_steps if job else 0,
         },
         "current_image": None,
         "textinfo": None,

@@ -13,6 +13,7 @@ from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.api.submission import parse
 from imagegen.errors import APIError
+from imagegen.maintenance import expire_inputs
 from imagegen.monitoring import loaded_models
 from imagegen.schemas import CleanupRequest, SettingsPatch
 from imagegen.security import require_admin
@@ -41,7 +42,8 @@ ADMIN_ERRORS = (400, 401, 403, 404, 415, 429, 503)
 )
 @raw
 def cleanup() -> dict[str, Any]:
-    """Deletes images older than the given (or IMAGE_TTL_SECONDS) age; can unload models; can dry-run."""
+    """Deletes images (and edit inputs no waiting job needs) older than the given (or
+    IMAGE_TTL_SECONDS) age; can unload models; can dry-run."""
     svc = services()
     options = parse(CleanupRequest, request.get_json(silent=True) if request.content_length else {})
     age = (
@@ -52,6 +54,7 @@ def cleanup() -> dict[str, Any]:
     result: dict[str, Any] = {
         "dry_run": options.dry_run,
         "images": svc.images.delete_older_than(age, options.dry_run),
+        "inputs": expire_inputs(svc, age, options.dry_run),
     }
     if options.unload_models:
         if options.dry_run:

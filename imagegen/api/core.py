@@ -18,7 +18,7 @@ from imagegen.api.views import accepted, image_views
 from imagegen.errors import APIError
 from imagegen.jobs import Job
 from imagegen.schemas import GenerateRequest
-from imagegen.security import generation_route, public, signed
+from imagegen.security import generation_route, public, signed, uploads
 
 bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
 
@@ -32,7 +32,7 @@ ENDPOINTS = [
     ("GET", "/docs", "Swagger UI for the native API."),
     ("POST", "/v1/images/generations", "OpenAI Images API (also GET /v1/models)."),
     ("POST", "/sdapi/v1/txt2img", "AUTOMATIC1111 API (also options, sd-models, samplers, progress, interrupt, ...)."),
-    ("POST", "/generate", "Generate images from a text prompt (JSON); waits for the result."),
+    ("POST", "/generate", "Generate images from a prompt, or edit an image (JSON or a form); waits for the result."),
     ("GET", "/images/<name>", "Download a generated PNG."),
     ("GET", "/jobs", "Recent jobs (yours, with API keys); ?status= filters."),
     ("GET", "/jobs/<id>", "A job's status, position, progress, ETA, timings and images."),
@@ -112,13 +112,15 @@ GENERATE_EXAMPLE = {"prompt": "a red circle on a blue background", "seed": 42, "
         {200: schemas.GenerateResponse, 202: schemas.JobView},
         body=GenerateRequest,
         example=GENERATE_EXAMPLE,
-        errors=(400, 401, 409, 413, 415, 429, 503),
+        errors=(400, 401, 409, 410, 413, 415, 429, 503),
+        form=True,
     ),
 )
 @generation_route
+@uploads
 @raw
 def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Validates, queues and (by default) waits for a generation; answers with the images."""
+    """Validates, queues and (by default) waits for a generation or an edit; answers with the images."""
     body = parse(GenerateRequest)
     params = resolve_params(body)
     explicit_seed = body.seed is not None

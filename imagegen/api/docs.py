@@ -21,7 +21,7 @@ DOCS_POLICY = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
 )
-ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 415, 429, 503)
+ERROR_STATUSES = (400, 401, 403, 404, 409, 410, 413, 415, 429, 503)
 
 
 def new_app(import_name: str, version: str) -> OpenAPI:
@@ -51,8 +51,10 @@ def spec(
     parameters: dict[str, str] | None = None,
     query: dict[str, str] | None = None,
     errors: tuple[int, ...] = (400, 401, 429),
+    form: bool = False,
 ) -> dict[str, Any]:
-    """The keyword arguments of a documented route: responses, request body, path and query parameters."""
+    """The keyword arguments of a documented route: responses, request body (also as a form, where
+    the route takes uploads), path and query parameters."""
     extensions: dict[str, Any] = {}
     if body is not None:
         schema = body.model_json_schema(by_alias=True)
@@ -60,6 +62,8 @@ def spec(
         if example is not None:
             content["example"] = example
         extensions["requestBody"] = {"required": True, "content": {"application/json": content}}
+        if form:
+            extensions["requestBody"]["content"]["multipart/form-data"] = {"schema": schema}
     listed = [
         {"name": name, "in": "path", "required": True, "description": text, "schema": {"type": "string"}}
         for name, text in (parameters or {}).items()

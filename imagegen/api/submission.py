@@ -6,6 +6,7 @@ come through these functions; only their request and response shapes differ.
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from imagegen.api import services
 from imagegen.api.slots import waiting
+from imagegen.api.uploads import resolve_edit
 from imagegen.errors import APIError
 from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -25,21 +27,43 @@ Schema = TypeVar("Schema", bound=BaseModel)
 
 
 def parse(schema: type[Schema], data: Any = None) -> Schema:
-    """Validates the JSON body (or given data) against a schema; errors become 400s naming the field."""
-    if data is None:
+    """Validates the JSON body, a form (on routes that take uploads), or given data against a
+    schema; errors become 400s naming the field. A form's fields are text, so they are read as
+    their types say (`"4"` as 4); one holding a JSON object (`outpaint`) is read as JSON; files are
+    bytes."""
+    form = data is None and request.mimetype == "multipart/form-data"
+    if form:
+        data = {name: _form_value(value) for name, value in request.form.items()}
+        data.update((name, file.read()) for name, file in request.files.items())
+    elif data is None:
         data = request.get_json(silent=True)
         if data is None:
             raise APIError(400, "invalid_json", "The request body must be a valid JSON document.")
     svc = services()
-    return schema.model_validate(data, context={"settings": svc.settings, "catalogue": svc.catalogue})
+    context = {"settings": svc.settings, "catalogue": svc.catalogue}
+    return schema.model_validate(data, strict=not form, context=context)
+
+
+def _form_value(value: str) -> Any:
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass  # left as text, for the schema to name
+    return value
 
 
 def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None = None) -> GenerationParams:
-    """Screens the prompts, checks the model and the fields its family takes, applies the model's
-    defaults and draws missing seeds. `client_defaults`: values a client sends when its user chose
-    nothing (webuiapi's `cfg_scale` 7), which count as absent where the model takes no such field."""
+    """Screens the prompts, checks the model and the fields and mode its family takes, applies the
+    model's defaults, draws missing seeds, and stores an edit's inputs (last, once all else passed).
+    `client_defaults`: values a client sends when its user chose nothing (webuiapi's `cfg_scale`
+    7), which count as absent where the model takes no such field."""
     svc = services()
     settings = svc.settings
+    if body.prompt is None and body.image is None:
+        message = "`prompt`: Field required (an `image` alone makes a variation)"
+        raise APIError(400, "invalid_request", message, [{"field": "prompt", "message": "Field required"}])
+    prompt = body.prompt or ""
     model = body.model or settings.model_id
     spec = svc.catalogue.get(model)
     if spec is None:
@@ -59,9 +83,10 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
                     f"`{field}` does not apply to model {model} ({spec.family.title}); leave it out",
                     {"field": field, "model": model},
                 )
+    variation = body.image is not None and body.mask is None and body.outpaint is None
     for field in ("prompt", "negative_prompt", "prompt_2"):
-        text = body.prompt if field == "prompt" else given[field]
-        if field == "prompt" or text:
+        text = prompt if field == "prompt" else given[field]
+        if (field == "prompt" and not variation) or text:
             screen_prompt(field, text, settings)
     steps = body.steps or spec.default_steps
     scheduler = body.scheduler or DEFAULT_SCHEDULER
@@ -84,17 +109,31 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
         seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(body.num_images))
     else:
         seeds = tuple((body.seed + i) % (MAX_SEED + 1) for i in range(body.num_images))
+    edit = resolve_edit(body, spec)
+    size, mode = (body.width or spec.default_width, body.height or spec.default_height), "txt2img"
+    editing: dict[str, Any] = {}
+    if edit is not None and spec.family is not None:
+        steps_run = spec.family.steps_run(steps, edit.strength)
+        if steps_run < 1:
+            message = f"`strength` {edit.strength} of {steps} steps runs no step; raise either"
+            raise APIError(400, "invalid_request", message, {"field": "strength"})
+        size, mode = edit.prepared.image.size, edit.mode
+        masked = edit.prepared.mask is not None
+        editing = {"strength": edit.strength, "steps_run": steps_run, "mask_blur": body.mask_blur if masked else 0}
+        editing.update(edit.store())
     return GenerationParams(
-        prompt=body.prompt,
+        prompt=prompt,
         negative_prompt=given["negative_prompt"] or "",
         prompt_2=given["prompt_2"] or "",
-        width=body.width or spec.default_width,
-        height=body.height or spec.default_height,
+        width=size[0],
+        height=size[1],
         steps=steps,
         guidance_scale=spec.default_guidance if given["guidance_scale"] is None else given["guidance_scale"],
         seeds=seeds,
         scheduler=scheduler,
         model=model,
+        mode=mode,
+        **editing,
     )
 
 

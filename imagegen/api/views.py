@@ -49,7 +49,10 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         view["position"] = svc.jobs.position(job)
     if job.status == JobStatus.RUNNING:
         view.update(
-            progress=round(job.progress, 4), step=job.step, total_steps=job.params.steps, eta_seconds=eta_seconds(job)
+            progress=round(job.progress, 4),
+            step=job.step,
+            total_steps=job.params.total_steps,
+            eta_seconds=eta_seconds(job),
         )
     if job.status == JobStatus.SUCCEEDED:
         view.update(progress=1.0, images=image_views(job, response_format))
@@ -72,7 +75,7 @@ def eta_seconds(job: Job) -> float | None:
     if not job.started_at or not job.step:
         return None
     per_step = (time.time() - job.started_at) / job.step
-    return round(per_step * (job.params.steps - job.step), 2)
+    return round(per_step * (job.params.total_steps - job.step), 2)
 
 
 def callers(jobs: list[Job]) -> list[Job]:

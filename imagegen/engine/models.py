@@ -24,10 +24,12 @@ import diffusers
 import psutil
 import torch
 import transformers
-from diffusers import DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from PIL import Image
 
 from config import Settings
 from imagegen.catalogue import ModelSpec, build_catalogue
+from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState
@@ -147,6 +149,15 @@ def family_of(pipe: DiffusionPipeline, spec: ModelSpec) -> Family:
 
 Loader = Callable[[ModelSpec, torch.dtype], DiffusionPipeline]
 
+# The pipeline class an edit runs, made from the loaded one with `from_pipe`: the same modules,
+# so an edit holds no second copy of the weights.
+EDIT_PIPELINES: dict[str, Any] = {
+    "img2img": AutoPipelineForImage2Image,
+    "variation": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+    "outpaint": AutoPipelineForInpainting,
+}
+
 
 class ModelManager:
     """An LRU cache of loaded pipelines, at most MAX_LOADED_MODELS at a time.
@@ -164,6 +175,7 @@ class ModelManager:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
+        self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
         self._families: dict[str, Family] = {}
         self._default_schedulers: dict[str, Any] = {}
         # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
@@ -231,10 +243,12 @@ class ModelManager:
 
     def _warm_up(self, pipe: DiffusionPipeline, family: Family, spec: ModelSpec) -> None:
         """One step at the default size before the model counts as ready: the first call pays for lazy
-        set-up (kernels, allocator pools), and otherwise the first request would."""
-        arguments = family.arguments(
-            [""], [""], [""], spec.default_width, spec.default_height, 1, spec.default_guidance
-        )
+        set-up (kernels, allocator pools), and otherwise the first request would. A model that only
+        inpaints warms up inpainting a blank image."""
+        size = (spec.default_width, spec.default_height)
+        arguments = family.arguments([""], [""], [""], *size, 1, spec.default_guidance)
+        if not family.text_to_image:
+            arguments.update(image=Image.new("RGB", size, "gray"), mask_image=Image.new("L", size, 255))
         with torch.inference_mode():
             pipe(**arguments, generator=torch.Generator("cpu").manual_seed(0))
 
@@ -255,8 +269,9 @@ class ModelManager:
         else:
             pipe.to(self.device)
 
-    def get(self, model_id: str, scheduler: str = DEFAULT_SCHEDULER) -> DiffusionPipeline:
-        """The loaded pipeline for model_id with the requested scheduler, loading (and evicting) as needed."""
+    def get(self, model_id: str, scheduler: str = DEFAULT_SCHEDULER, mode: str = "txt2img") -> DiffusionPipeline:
+        """The pipeline for model_id's mode (edits.MODES) with the requested scheduler, loading (and
+        evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
@@ -264,6 +279,12 @@ class ModelManager:
             pipe = self._pipes[model_id] = self._load(model_id)
         self._pipes.move_to_end(model_id)
         self._set(model_id, last_used=time.time())
+        if mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
+            key = (model_id, EDIT_PIPELINES[mode])
+            if key not in self._edit_pipes:
+                self._edit_pipes[key] = EDIT_PIPELINES[mode].from_pipe(pipe)
+                self._edit_pipes[key].set_progress_bar_config(disable=True)
+            pipe = self._edit_pipes[key]
         default = self._default_schedulers[model_id]
         if scheduler == DEFAULT_SCHEDULER:
             pipe.scheduler = default
@@ -308,6 +329,8 @@ class ModelManager:
         before = memory_snapshot(self.device)
         unloaded = [target for target in targets if self._pipes.pop(target, None) is not None]
         for target in unloaded:
+            for key in [key for key in self._edit_pipes if key[0] == target]:
+                del self._edit_pipes[key]
             self._default_schedulers.pop(target, None)
             self._families.pop(target, None)
             self._set(target, state=ModelState.UNLOADED)

@@ -7,14 +7,18 @@ Whoever calls `run` must be the only thread touching the pipelines of its ModelM
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable
+from functools import cache
 from typing import Any
 
 import torch
+from PIL import Image
 
 from config import Settings
+from imagegen.edits import composite
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.jobs import Job, JobStatus
@@ -40,6 +44,13 @@ def gather(first: Job, candidates: Iterable[Job], images: int, max_images: int) 
             joined.append(job)
             images += len(job.params.seeds)
     return joined
+
+
+@cache
+def takes(pipeline_class: type, argument: str) -> bool:
+    """Whether a pipeline's call has that argument (SD's image-to-image has no width or height: its
+    image's size is the output's)."""
+    return argument in inspect.signature(pipeline_class.__call__).parameters
 
 
 def plan_batches(jobs: list[Job], max_images: int) -> list[list[Job]]:
@@ -97,12 +108,16 @@ class Engine:
                 runnable.append(job)
         if not runnable:
             return []
-        params = runnable[0].params
-        ids = [job.id for job in runnable]
         started = time.perf_counter()
         try:
-            pipe = self.models.get(params.model, params.scheduler)
-            images = self._generate(pipe, runnable)
+            inputs = self._inputs(runnable)  # storage that does not answer fails the batch, to retry
+            runnable = [job for job in runnable if job.id in inputs]
+            if not runnable:
+                return []
+            params = runnable[0].params
+            ids = [job.id for job in runnable]
+            pipe = self.models.get(params.model, params.scheduler, params.mode)
+            images = self._generate(pipe, runnable, inputs)
             cancelled = self.jobs.cancelled_among(ids)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
@@ -114,33 +129,59 @@ class Engine:
         self.jobs_done += len(runnable)
         self.monitor.record_generation(seconds, image_count)
         log.info(
-            "generated %d jobs (%d images) %dx%d steps=%d model=%s in %.2fs",
+            "generated %d jobs (%d images) %s %dx%d steps=%d model=%s in %.2fs",
             len(runnable),
             image_count,
+            params.mode,
             params.width,
             params.height,
-            params.steps,
+            params.total_steps,
             params.model,
             seconds,
         )
         return []
 
-    def _generate(self, pipe: Any, batch: list[Job]) -> list[list[Any]]:
+    def _inputs(self, jobs: list[Job]) -> dict[str, tuple[Image.Image | None, Image.Image | None]]:
+        """Each job's stored image and mask (None for what it has not), by job id; a job whose inputs
+        expired before it ran fails, and only it."""
+        found = {}
+        for job in jobs:
+            try:
+                found[job.id] = tuple(
+                    self.images.read_input(name) if name else None for name in (job.params.image, job.params.mask)
+                )
+            except FileNotFoundError:
+                message = "The image to edit expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
+                self.endings.end(job, JobStatus.FAILED, error={"code": "image_expired", "message": message})
+        return found  # type: ignore[return-value]
+
+    def _generate(
+        self, pipe: Any, batch: list[Job], inputs: dict[str, tuple[Image.Image | None, Image.Image | None]]
+    ) -> list[list[Any]]:
         """One pipeline call for the whole batch, with the arguments the model's family takes; one
         seeded CPU generator per image, so an image is the same whether made alone or in a batch,
-        on any device."""
+        on any device. An edit gives each image its job's input (and mask); a masked edit's output
+        keeps the input's pixels outside the mask."""
         params = batch[0].params
         family = self.models.family(params.model)
-        prompts, negatives, prompts_2, generators = [], [], [], []
+        prompts, negatives, prompts_2, generators, images, masks = [], [], [], [], [], []
         for job in batch:
             for seed in job.params.seeds:
                 prompts.append(job.params.prompt)
                 negatives.append(job.params.negative_prompt)
                 prompts_2.append(job.params.prompt_2)
                 generators.append(torch.Generator("cpu").manual_seed(seed))
+                images.append(inputs[job.id][0])
+                masks.append(inputs[job.id][1])
         arguments = family.arguments(
             prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
         )
+        if params.mode != "txt2img":
+            arguments.update(image=images, strength=params.strength)
+            if params.mask:
+                arguments["mask_image"] = masks
+            if not takes(type(pipe), "height"):
+                del arguments["width"], arguments["height"]
         ids = [job.id for job in batch]
         written = [0.0]
 
@@ -151,8 +192,10 @@ class Engine:
             if now - written[0] < PROGRESS_INTERVAL_SECONDS:
                 return True
             written[0] = now
-            # In the requested steps: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9).
-            step = (index + 1) * params.steps // len(pipe.scheduler.timesteps)
+            # In the steps run: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9),
+            # and an edit runs only the last `strength` of them.
+            timesteps = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            step = (index + 1) * params.total_steps // timesteps
             return bool(self.jobs.set_step(ids, step))
 
         def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -166,9 +209,12 @@ class Engine:
             arguments["callback_on_step_end"] = on_step_end
         with torch.inference_mode():
             output = pipe(**arguments, generator=generators)
+        made = output.images
+        if params.mask:
+            made = [composite(*trio, params.mask_blur) for trio in zip(made, images, masks, strict=True)]
         grouped, start = [], 0
         for job in batch:
-            grouped.append(output.images[start : start + len(job.params.seeds)])
+            grouped.append(made[start : start + len(job.params.seeds)])
             start += len(job.params.seeds)
         return grouped
 

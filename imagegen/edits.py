@@ -1,0 +1,189 @@
+"""Images that come with a request: checked, decoded once, fitted to the output size for their
+mode, and composited back onto their original after the edit.
+
+Why one module: every surface (native, OpenAI, A1111, the playground) takes uploads, and each must
+refuse a hostile file the same way: the bytes' own format decides (not a name or a header), and the
+byte and pixel limits are checked before a pixel is decoded, so a decompression bomb costs nothing.
+The engine composites with the mask this module made. No torch: a cluster's API prepares inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+from config import Settings
+from imagegen.queue import InputRejected
+
+# A request's mode: what the engine does with it and which pipeline it runs (families.Family.modes).
+MODES = ("txt2img", "img2img", "variation", "inpaint", "outpaint")
+MASKED = ("inpaint", "outpaint")
+# A strength a request leaves out: an edit keeps a quarter of the original's structure, a variation
+# four tenths, and a masked area is repainted from noise (its surroundings hold it in place).
+DEFAULT_STRENGTH = {"txt2img": 1.0, "img2img": 0.75, "variation": 0.6, "inpaint": 1.0, "outpaint": 1.0}
+RESIZE_MODES = ("resize", "crop", "fill")
+
+# The leading bytes of each format taken; a WebP file is RIFF, four bytes of length, then WEBP.
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+def sniff(data: bytes) -> str | None:
+    """The format of the bytes themselves (PNG, JPEG or WEBP), or None for anything else."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for signature, kind in SIGNATURES.items() if data.startswith(signature)), None)
+
+
+def decode(field: str, data: bytes, settings: Settings) -> Image.Image:
+    """The upload as an image, upright (EXIF orientation applied), or InputRejected naming the
+    field: over MAX_UPLOAD_BYTES, not PNG/JPEG/WebP, over MAX_UPLOAD_PIXELS (read from the header,
+    before decoding), or corrupt."""
+    if len(data) > settings.max_upload_bytes:
+        message = f"`{field}` is {len(data)} bytes, over MAX_UPLOAD_BYTES ({settings.max_upload_bytes})"
+        raise InputRejected("payload_too_large", message, field)
+    kind = sniff(data)
+    if kind is None:
+        raise InputRejected("invalid_image", f"`{field}` must be a PNG, JPEG or WebP image", field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[kind])  # the header only
+            pixels = image.width * image.height
+            if pixels > settings.max_upload_pixels:
+                raise InputRejected(
+                    "invalid_image",
+                    f"`{field}` is {image.width}x{image.height} pixels, over MAX_UPLOAD_PIXELS "
+                    f"({settings.max_upload_pixels})",
+                    field,
+                )
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        message = f"`{field}` declares more pixels than MAX_UPLOAD_PIXELS ({settings.max_upload_pixels})"
+        raise InputRejected("invalid_image", message, field) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputRejected("invalid_image", f"`{field}` is not a readable {kind} image ({exc})", field) from None
+
+
+def _flatten(image: Image.Image, background: str) -> Image.Image:
+    """RGB, with transparent pixels over the background colour."""
+    if image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background)
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image to edit: transparent pixels become white."""
+    return _flatten(image, "white")
+
+
+def as_mask(image: Image.Image) -> Image.Image:
+    """A mask: white (at least half bright) marks what to repaint; transparent pixels count as black."""
+    return _flatten(image, "black").convert("L").point(lambda value: 255 if value >= 128 else 0)
+
+
+def check_mask(mask: Image.Image, size: tuple[int, int], field: str = "mask") -> None:
+    """A mask must match its image and leave something to repaint and something to keep."""
+    if mask.size != size:
+        message = f"`{field}` is {mask.width}x{mask.height}, its image {size[0]}x{size[1]}: they must match"
+        raise InputRejected("invalid_image", message, field)
+    low, high = mask.getextrema()
+    if high == 0:
+        raise InputRejected("invalid_image", f"`{field}` is empty (all black): nothing to repaint", field)
+    if low == 255:
+        message = f"`{field}` covers the whole image (all white): leave out the mask for image-to-image"
+        raise InputRejected("invalid_image", message, field)
+
+
+def extend(image: Image.Image, left: int, right: int, top: int, bottom: int) -> Image.Image:
+    """The image on a larger canvas, the new margins filled by repeating its edge pixels (a start
+    in the right colours for what is painted there)."""
+    canvas = Image.new(image.mode, (image.width + left + right, image.height + top + bottom))
+    canvas.paste(image, (left, top))
+    edges = (
+        ((0, 0, 1, image.height), (0, top, left, top + image.height)),
+        ((image.width - 1, 0, image.width, image.height), (left + image.width, top, canvas.width, top + image.height)),
+    )
+    for source, target in edges:
+        if target[2] > target[0]:
+            canvas.paste(image.crop(source).resize((target[2] - target[0], image.height)), target[:2])
+    row = canvas.crop((0, top, canvas.width, top + 1))
+    if top:
+        canvas.paste(row.resize((canvas.width, top)), (0, 0))
+    row = canvas.crop((0, top + image.height - 1, canvas.width, top + image.height))
+    if bottom:
+        canvas.paste(row.resize((canvas.width, bottom)), (0, top + image.height))
+    return canvas
+
+
+def output_size(size: tuple[int, int], cap: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """An input's output size when the request gives none: its own, scaled down (aspect kept) to fit
+    the cap, each side then rounded down to the model's size multiple."""
+    scale = min(1.0, cap[0] / size[0], cap[1] / size[1])
+    return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in size)  # type: ignore[return-value]
+
+
+def fit(image: Image.Image, size: tuple[int, int], resize_mode: str, mask: bool = False) -> Image.Image:
+    """The image at exactly `size`: stretched (`resize`), scaled to cover and centre-cropped
+    (`crop`), or scaled to fit inside with its edges repeated to fill (`fill`; a mask's filled
+    margins are white, to be painted). Masks are scaled without blending their two values."""
+    if image.size == size:
+        return image
+    method = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
+    if resize_mode == "crop":
+        return ImageOps.fit(image, size, method)
+    if resize_mode == "fill":
+        inner = ImageOps.contain(image, size, method)
+        dx, dy = size[0] - inner.width, size[1] - inner.height
+        if mask:
+            canvas = Image.new("L", size, 255)
+            canvas.paste(inner, (dx // 2, dy // 2))
+            return canvas
+        return extend(inner, dx // 2, dx - dx // 2, dy // 2, dy - dy // 2)
+    return image.resize(size, method)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An edit's inputs at the output size: the image, and the mask (white = repaint) when masked."""
+
+    image: Image.Image
+    mask: Image.Image | None
+
+
+def outpaint(image: Image.Image, margins: tuple[int, int, int, int], cap: tuple[int, int], multiple: int) -> Prepared:
+    """The canvas extended by (left, right, top, bottom) pixels, with a mask of the new area. The
+    image is first scaled down (aspect kept) so the canvas fits the cap and lands on the size
+    multiple; InputRejected if the margins leave it no room."""
+    left, right, top, bottom = margins
+    room = (cap[0] - left - right, cap[1] - top - bottom)
+    if min(room) < multiple:
+        message = f"`outpaint` margins leave no room for the image within {cap[0]}x{cap[1]}"
+        raise InputRejected("invalid_image", message, "outpaint")
+    inner = output_size(image.size, room, 1)
+    # the canvas, not the image, must be on the multiple: trim the image by what is over
+    extras = (left + right, top + bottom)
+    inner = tuple(max(1, side - (side + extra) % multiple) for side, extra in zip(inner, extras, strict=True))
+    image = image.resize(inner, Image.Resampling.LANCZOS) if image.size != inner else image
+    mask = Image.new("L", (inner[0] + left + right, inner[1] + top + bottom), 255)
+    mask.paste(0, (left, top, left + inner[0], top + inner[1]))
+    return Prepared(extend(image, left, right, top, bottom), mask)
+
+
+def feathered(mask: Image.Image, blur: int) -> Image.Image:
+    """The mask softened by `blur` pixels inward only: outside the mask stays 0, so the pixels kept
+    are the original's exactly."""
+    if not blur:
+        return mask
+    return ImageChops.darker(mask, mask.filter(ImageFilter.GaussianBlur(blur)))
+
+
+def composite(generated: Image.Image, original: Image.Image, mask: Image.Image, blur: int) -> Image.Image:
+    """The generated pixels inside the (feathered) mask, the original's outside it: the model's
+    autoencoder would otherwise shift every pixel it re-encodes, also those the user kept."""
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), feathered(mask, blur))
