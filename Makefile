@@ -44,7 +44,7 @@ lint: install-dev
 
 # Redraws docs/playground.png (the tests never write into the tree); needs Debian's chromium.
 screenshot: install-dev
-	IMAGEGEN_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_ui.py -k shows_progress
+	IMAGEGEN_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_ui.py -k "shows_progress or desktop"
 
 # Re-pins the whole tree (constraints.txt, requirements*.lock with hashes) from a fresh environment
 # of requirements-dev.txt; it asks PyPI for the hashes, so it needs the network.

@@ -10,10 +10,11 @@ The engine composites with the mask this module made. No torch: a cluster's API 
 from __future__ import annotations
 
 import io
+import random
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageChops, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps, ImageStat
 
 from config import Settings
 from imagegen.queue import InputRejected
@@ -85,6 +86,22 @@ def as_rgb(image: Image.Image) -> Image.Image:
 def as_mask(image: Image.Image) -> Image.Image:
     """A mask: white (at least half bright) marks what to repaint; transparent pixels count as black."""
     return _flatten(image, "black").convert("L").point(lambda value: 255 if value >= 128 else 0)
+
+
+def transparent_area(image: Image.Image, field: str) -> Image.Image:
+    """OpenAI's kind of mask: its transparent pixels (alpha under half) mark the area to edit, as a
+    mask of ours (white = repaint). InputRejected when the image has no transparency at all."""
+    if image.mode not in {"RGBA", "LA", "PA"} and "transparency" not in image.info:
+        message = f"`{field}` must have transparency: its transparent pixels mark the area to edit"
+        raise InputRejected("invalid_image", message, field)
+    return image.convert("RGBA").getchannel("A").point(lambda alpha: 255 if alpha < 128 else 0)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether some pixel is at least half transparent."""
+    if image.mode not in {"RGBA", "LA", "PA"} and "transparency" not in image.info:
+        return False
+    return image.convert("RGBA").getchannel("A").getextrema()[0] < 128
 
 
 def check_mask(mask: Image.Image, size: tuple[int, int], field: str = "mask") -> None:
@@ -175,6 +192,49 @@ def outpaint(image: Image.Image, margins: tuple[int, int, int, int], cap: tuple[
     return Prepared(extend(image, left, right, top, bottom), mask)
 
 
+def prefill(image: Image.Image, mask: Image.Image, fill: str, seed: int) -> Image.Image:
+    """The image with its masked area as an edit starts from it (AUTOMATIC1111's `inpainting_fill`):
+    the `original`, the average colour of what is kept (`fill`), seeded `noise`, or `grey`."""
+    if fill == "original":
+        return image
+    if fill == "fill":
+        colour = ImageStat.Stat(image, mask=ImageChops.invert(mask)).mean
+        area = Image.new("RGB", image.size, tuple(round(value) for value in colour))
+    elif fill == "noise":
+        area = Image.frombytes("RGB", image.size, random.Random(seed).randbytes(image.width * image.height * 3))
+    else:
+        area = Image.new("RGB", image.size, (128, 128, 128))
+    return Image.composite(area, image, mask)
+
+
+def crop_box(mask: Image.Image, padding: int) -> tuple[int, int, int, int]:
+    """The region an edit of only the masked area paints (AUTOMATIC1111's "inpaint only masked"):
+    the mask's white area and `padding` pixels around it, widened to the image's aspect ratio (so
+    it scales to the output size undistorted) and kept inside the image."""
+    left, top, right, bottom = mask.getbbox() or (0, 0, *mask.size)
+    left, top = max(0, left - padding), max(0, top - padding)
+    right, bottom = min(mask.width, right + padding), min(mask.height, bottom + padding)
+    aspect = mask.width / mask.height
+    width, height = right - left, bottom - top
+    if width / height < aspect:
+        width = min(mask.width, round(height * aspect))
+    else:
+        height = min(mask.height, round(width / aspect))
+    left = min(max(0, (left + right - width) // 2), mask.width - width)
+    top = min(max(0, (top + bottom - height) // 2), mask.height - height)
+    return left, top, left + width, top + height
+
+
+def masked_area(
+    image: Image.Image, mask: Image.Image, padding: int, size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image, tuple[int, int, int, int]]:
+    """The image and mask cut to `crop_box` and scaled up to the output size, with the box (for
+    `composite` to put the result back)."""
+    box = crop_box(mask, padding)
+    scaled = image.crop(box).resize(size, Image.Resampling.LANCZOS)
+    return scaled, mask.crop(box).resize(size, Image.Resampling.NEAREST), box
+
+
 def feathered(mask: Image.Image, blur: int) -> Image.Image:
     """The mask softened by `blur` pixels inward only: outside the mask stays 0, so the pixels kept
     are the original's exactly."""
@@ -183,7 +243,19 @@ def feathered(mask: Image.Image, blur: int) -> Image.Image:
     return ImageChops.darker(mask, mask.filter(ImageFilter.GaussianBlur(blur)))
 
 
-def composite(generated: Image.Image, original: Image.Image, mask: Image.Image, blur: int) -> Image.Image:
+def composite(
+    generated: Image.Image,
+    original: Image.Image,
+    mask: Image.Image,
+    blur: int,
+    box: tuple[int, int, int, int] | None = None,
+) -> Image.Image:
     """The generated pixels inside the (feathered) mask, the original's outside it: the model's
-    autoencoder would otherwise shift every pixel it re-encodes, also those the user kept."""
+    autoencoder would otherwise shift every pixel it re-encodes, also those the user kept. With a
+    `box`, what was generated is that region of the original, scaled up, so it is scaled back
+    into place first."""
+    if box is not None:
+        patch = generated.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.LANCZOS)
+        generated = original.convert("RGB")  # a copy
+        generated.paste(patch.convert("RGB"), box[:2])
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), feathered(mask, blur))

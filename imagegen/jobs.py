@@ -59,6 +59,7 @@ class GenerationParams:
     mask: str = ""  # an inpainting's or outpainting's mask (white = repaint), stored the same way
     strength: float = 1.0  # how far an edit departs from its image (1: repainted from noise)
     mask_blur: int = 0  # pixels the mask's edge is feathered inward
+    mask_crop_padding: int | None = None  # paint only the mask's box and this margin, scaled up (edits.crop_box)
     steps_run: int = 0  # the denoising steps an edit runs at its strength (0: all `steps`)
 
     @property
@@ -80,6 +81,7 @@ class GenerationParams:
             self.mode,
             self.strength,
             self.mask_blur,
+            self.mask_crop_padding,
         )
 
     @property

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_type_hints
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from config import Settings
@@ -18,6 +20,8 @@ from imagegen.jobs import GenerationParams, JobStatus, WebhookStatus
 from imagegen.schedulers import SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
+# An upload a surface has decoded itself (OpenAI's masks are alpha channels); no JSON carries one.
+Decoded = SkipJsonSchema[Image.Image]
 
 
 def _chosen(info: ValidationInfo) -> Any:
@@ -58,7 +62,9 @@ class GenerateRequest(BaseModel):
     (docs: image editing in the README). Which fields and modes a model takes, its defaults and its
     limits are in GET /models (its family)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True, arbitrary_types_allowed=True
+    )
 
     prompt: str | None = Field(None, description="Required, except for a variation (an `image` alone).")
     model: str | None = Field(None, min_length=1, max_length=500)  # first: the limits below are the model's
@@ -74,17 +80,26 @@ class GenerateRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
     callback_url: str | None = Field(None, max_length=2000)
-    image: str | bytes | None = Field(
+    image: str | bytes | Decoded | None = Field(
         None,
         description="An image to edit: a form file, base64, a data URL, or the name or URL of an image "
         "this server made for you. PNG, JPEG or WebP.",
     )
-    mask: str | bytes | None = Field(None, description="Inpainting: white repaints, black keeps; the image's size.")
+    mask: str | bytes | Decoded | None = Field(
+        None, description="Inpainting: white repaints, black keeps; the image's size."
+    )
     strength: float | None = Field(
         None, gt=0, le=1, description="How far to depart from the image (default: 0.75, variation 0.6, masked 1)."
     )
     outpaint: Outpaint | None = None
     mask_blur: int = Field(4, ge=0, le=64, description="Pixels the mask's edge is feathered, inward only.")
+    mask_crop_padding: int | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="Inpaint only the masked area: the mask's box and this many pixels around it, painted at "
+        "the full output size and scaled back into place (more detail in a small area).",
+    )
     resize_mode: Literal["resize", "crop", "fill"] = Field(
         "resize", description="How the image meets a width and height of another shape: stretch, crop or fill."
     )

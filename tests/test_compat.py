@@ -7,14 +7,19 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import openai
 import pytest
 import webuiapi
 from PIL import Image
 
 from tests.conftest import ADMIN, call, start_server, wait_ready
+from tests.test_edits import bomb
+
+BOMB = bomb()
 
 pytestmark = pytest.mark.slow
 KEY = "compat-key-0123456789"
@@ -174,3 +179,110 @@ def test_a1111_surface_through_the_test_client(app_factory):
     )
     assert response.status_code == 200 and len(response.json["images"]) == 2
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 63}).json["errors"][0]["field"] == "width"
+
+
+# ----- editing from the same clients -----
+
+BLUE = (30, 60, 200)
+
+
+def encoded(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def openai_mask() -> Image.Image:
+    """OpenAI's kind: opaque, with a transparent square (16-48) where the image is to be edited."""
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    return mask
+
+
+def pixels(b64: str) -> Any:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_openai_edits_and_variations(client):
+    image = encoded(Image.new("RGB", (64, 64), BLUE))
+    result = client.images.edit(
+        image=("photo.png", image, "image/png"),
+        mask=("mask.png", encoded(openai_mask()), "image/png"),
+        prompt="a red circle on a blue background",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"steps": 3, "seed": 5},
+    )
+    assert len(result.data) == 2
+    for item in result.data:
+        made = pixels(item.b64_json)
+        assert (made[:16] == BLUE).all() and (made[20:44, 20:44] != BLUE).any(), "only the transparent area"
+    holed = Image.new("RGBA", (64, 64), (*BLUE, 255))
+    holed.paste((0, 0, 0, 0), (16, 16, 48, 48))  # no mask: the image's own transparent pixels are the area
+    result = client.images.edit(
+        image=("holed.png", encoded(holed), "image/png"), prompt="a red circle", extra_body={"steps": 3}
+    )
+    assert (pixels(result.data[0].b64_json)[:16] == BLUE).all()
+    whole = client.images.edit(image=("photo.png", image, "image/png"), prompt="a red circle", extra_body={"steps": 3})
+    assert pixels(whole.data[0].b64_json).shape == (64, 64, 3), "no transparency at all: the whole image is edited"
+
+    with pytest.warns(DeprecationWarning):  # the SDK marks it deprecated (OpenAI's newer models lack it); it works
+        variation = client.images.create_variation(
+            image=("photo.png", image, "image/png"), n=1, size="64x64", response_format="url", extra_body={"steps": 4}
+        )
+    status, _headers, png = call(variation.data[0].url)
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (64, 64)
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.edit(image=("notes.png", b"just text", "image/png"), prompt="a red circle")
+    assert (bad.value.body["param"], bad.value.body["code"]) == ("image", "invalid_image")
+    with pytest.raises(openai.BadRequestError) as opaque:
+        client.images.edit(image=("photo.png", image, "image/png"), mask=("m.png", image, "image/png"), prompt="x y")
+    assert (opaque.value.body["param"], opaque.value.body["code"]) == ("mask", "invalid_image")
+    with pytest.raises(openai.BadRequestError) as bomb, pytest.warns(DeprecationWarning):
+        client.images.create_variation(image=("bomb.png", BOMB, "image/png"))
+    assert bomb.value.body["code"] == "invalid_image" and "MAX_UPLOAD_PIXELS" in bomb.value.body["message"]
+
+
+def test_webuiapi_img2img_with_and_without_a_mask(webui, server):
+    image = Image.new("RGB", (64, 64), BLUE)
+    edited = webui.img2img(
+        images=[image],
+        prompt="a red circle on a blue background",
+        width=64,
+        height=64,
+        steps=4,
+        seed=3,
+        denoising_strength=0.5,
+    )
+    assert edited.image.size == (64, 64) and edited.info["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in edited.info["infotexts"][0]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for options in (
+        {"inpaint_full_res": False, "inpainting_fill": 1},
+        {"inpaint_full_res": True, "inpaint_full_res_padding": 4, "inpainting_fill": 2},
+        {"inpainting_mask_invert": 1, "inpaint_full_res": False},  # black inpaints: the border is repainted
+    ):
+        result = webui.img2img(
+            images=[image],
+            mask_image=mask,
+            prompt="a red circle on a blue background",
+            width=64,
+            height=64,
+            steps=4,
+            seed=3,
+            denoising_strength=1,
+            mask_blur=0,
+            batch_size=2,
+            **options,
+        )
+        assert len(result.images) == 2
+        made = np.asarray(result.images[0].convert("RGB"))
+        kept = made[20:44, 20:44] if options.get("inpainting_mask_invert") else made[:16]
+        assert (kept == BLUE).all(), options
+    status, _headers, answer = call(
+        f"{server}/sdapi/v1/img2img", {"init_images": [base64.b64encode(BOMB).decode()]}, {"X-API-Key": KEY}
+    )
+    assert status == 400 and json.loads(answer)["error"] == "invalid_image"

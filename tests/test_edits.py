@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from imagegen.edits import composite, extend, feathered
+from imagegen.edits import composite, crop_box, extend, feathered, prefill
 from imagegen.families import FAMILIES
 from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.maintenance import expire_inputs
@@ -320,6 +320,36 @@ def test_compositing_keeps_the_original_outside_the_mask_and_feathers_inward():
     assert (result[np.asarray(mask) == 0] == (10, 20, 30)).all() and (result[16, 16] > 190).all()
     canvas = np.asarray(extend(Image.new("RGB", (4, 4), (1, 2, 3)), 2, 3, 1, 0))
     assert canvas.shape == (5, 9, 3) and (canvas == (1, 2, 3)).all(), "margins repeat the edge"
+
+
+def test_inpainting_only_the_masked_area_and_its_box():
+    mask = square_mask((64, 32), (40, 10, 44, 14))
+    assert crop_box(mask, 0) == (38, 10, 46, 14), "widened to the image's 2:1 aspect"
+    assert crop_box(mask, 4) == (30, 6, 54, 18)
+    assert crop_box(mask, 100) == (0, 0, 64, 32), "kept inside the image"
+    image = Image.new("RGB", (64, 32), (0, 0, 200))
+    image.paste((200, 0, 0), (0, 0, 32, 32))
+    assert prefill(image, mask, "original", 0).tobytes() == image.tobytes()
+    assert prefill(image, mask, "grey", 0).getpixel((42, 12)) == (128, 128, 128)
+    assert prefill(image, mask, "fill", 0).getpixel((42, 12)) == (101, 0, 99), "the kept area's average"
+    noisy = prefill(image, mask, "noise", 5)
+    assert noisy.getpixel((0, 0)) == (200, 0, 0) and noisy.tobytes() == prefill(image, mask, "noise", 5).tobytes()
+
+
+def test_mask_crop_padding_paints_the_box_at_full_size(demo, source):
+    original = np.asarray(Image.open(io.BytesIO(source)).convert("RGB"))
+    mask = square_mask(box=(24, 24, 40, 40))
+    body = {"prompt": YELLOW_SQUARE, "image": b64(source), "mask": b64(png(mask)), "mask_blur": 0}
+    answer = edit(demo, **body, mask_crop_padding=8)
+    assert answer.status_code == 200, answer.json
+    assert answer.json["parameters"]["mask_crop_padding"] == 8
+    pixels = decoded(answer.json["images"][0])
+    outside = np.asarray(mask) == 0
+    assert (pixels[outside] == original[outside]).all()
+    whole = decoded(edit(demo, **body).json["images"][0])
+    assert (pixels != whole).any(), "painting the box at full size is another picture"
+    refused = edit(demo, prompt=YELLOW_SQUARE, image=b64(source), mask_crop_padding=8)
+    assert refused.status_code == 400 and refused.json["error"]["details"] == {"field": "mask_crop_padding"}
 
 
 # ----- edits as jobs -----

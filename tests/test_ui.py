@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, call, start_server
 from tools.make_model import build
 
 pytestmark = pytest.mark.slow
@@ -46,8 +50,9 @@ def server(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
-def page(server):
-    """A fresh page that records every request leaving the server and every JS error."""
+def page(server, request):
+    """A fresh page at a phone's width (or the width a test asks for) that records every request
+    leaving the server and every JS error."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -61,10 +66,12 @@ def page(server):
                 "--disable-sync",
             ],
         )
-        context = browser.new_context(viewport={"width": 390, "height": 900})  # a phone-width screen
+        width = getattr(request, "param", 390)  # a phone-width screen unless asked
+        context = browser.new_context(viewport={"width": width, "height": 900})
         page = context.new_page()
         page.outside, page.errors = [], []
-        page.on("request", lambda r: None if r.url.startswith(server) else page.outside.append(r.url))
+        own = (server, f"blob:{server}")  # blob: URLs are the page's own images (one the user picked)
+        page.on("request", lambda r: None if r.url.startswith(own) else page.outside.append(r.url))
         page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: page.errors.append(str(e)))
         page.goto(f"{server}/ui")
@@ -148,3 +155,130 @@ def test_keyboard_and_labels(page):
     assert page.evaluate("document.activeElement.id") == "negative_prompt"
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline != "none", "focus must be visible"
+
+
+# ----- editing -----
+
+BLUE, RED = (40, 80, 220), (220, 40, 40)
+
+
+def circle_file(tmp_path: Path, fmt: str = "PNG") -> Path:
+    """A red circle on blue, as the demo model draws them."""
+    image = Image.new("RGB", (64, 64), BLUE)
+    ImageDraw.Draw(image).ellipse((20, 20, 44, 44), fill=RED)
+    path = tmp_path / f"circle.{fmt.lower()}"
+    image.save(path, format=fmt)
+    return path
+
+
+def painted(page: Any) -> int:
+    """Mask pixels painted (alpha at least half)."""
+    return page.evaluate(
+        """() => { const c = document.getElementById('mask');
+                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] >= 128) n++; return n; }"""
+    )
+
+
+def stroke(page: Any, points: list[tuple[int, int]], brush: int = 12) -> None:
+    """Drags the mouse over the mask through these image pixels, with that brush size."""
+    page.eval_on_selector("#brush", f"el => {{ el.value = {brush}; el.dispatchEvent(new Event('input')); }}")
+    page.locator("#mask").scroll_into_view_if_needed()
+    box = page.locator("#mask").bounding_box()
+    at = lambda x, y: (box["x"] + box["width"] * x / 64, box["y"] + box["height"] * y / 64)  # noqa: E731
+    page.mouse.move(*at(*points[0]))
+    page.mouse.down()
+    for point in points[1:]:
+        page.mouse.move(*at(*point), steps=4)
+    page.mouse.up()
+
+
+def result_pixels(page: Any) -> np.ndarray:
+    status, _headers, png = call(page.get_attribute("#results img", "src"))
+    assert status == 200
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_inpaint_a_picked_image_with_the_brush(page, tmp_path):
+    page.set_input_files("#image_file", str(circle_file(tmp_path)))
+    page.wait_for_selector("#input_pane:not([hidden])")
+    assert page.eval_on_selector("#source", "img => img.naturalWidth") == 64
+    assert page.input_value("#strength") == "0.75"
+    stroke(page, [(24, 32), (40, 32), (40, 24), (24, 40)], brush=16)
+    assert painted(page) > 200
+    assert page.input_value("#strength") == "1", "a mask repaints from noise unless the user chose"
+    page.fill("#prompt", "a yellow square on a blue background")
+    page.click("#generate")
+    page.wait_for_selector("#results img", timeout=60_000)
+    assert page.text_content("#results figcaption").startswith("inpaint: a yellow square")
+    made = result_pixels(page)
+    assert (made[:8] == BLUE).all() and (made[:, :8] == BLUE).all(), "what the brush left is the original's"
+    # on a phone the controls, the input and the result stack
+    form, stage = page.locator("#form").bounding_box(), page.locator("#stage").bounding_box()
+    assert stage["y"] >= form["y"] + form["height"]
+    assert page.errors == []
+
+
+def test_brush_tools_and_editing_a_result_with_outpaint_margins(page):
+    page.fill("#steps", "10")
+    page.click("#generate")
+    page.wait_for_selector("#results .edit", timeout=60_000)
+    page.click("#results .edit")
+    page.wait_for_selector("#input_pane:not([hidden])")
+    page.wait_for_function("document.getElementById('mask').width === 64")
+    page.click("#invert_mask")
+    assert painted(page) == 64 * 64
+    page.click("#clear_mask")
+    assert painted(page) == 0
+    stroke(page, [(10, 10), (50, 10)], brush=8)
+    before = painted(page)
+    page.check("#erase")
+    stroke(page, [(10, 10), (30, 10)], brush=8)
+    assert 0 < painted(page) < before
+    page.fill("#outpaint_left", "16")
+    page.click("#generate")
+    assert page.text_content("#message") == "Paint a mask or set outpaint margins, not both."
+    page.click("#clear_mask")
+    page.click("#generate")
+    page.wait_for_selector("#results figcaption >> text=outpaint:", timeout=60_000)
+    assert page.eval_on_selector("#results img", "img => img.complete && img.naturalWidth") == 80
+    page.click("#remove_image")
+    assert page.is_hidden("#input_pane") and page.is_hidden("#edit_tools")
+    assert page.errors == []
+
+
+def test_an_upload_the_server_refuses_shows_its_reason(page, tmp_path):
+    page.set_input_files("#image_file", str(circle_file(tmp_path, "GIF")))  # a browser shows it; the server will not
+    page.wait_for_selector("#input_pane:not([hidden])")
+    page.click("#generate")
+    page.wait_for_selector("#message.error")
+    assert "PNG, JPEG or WebP" in page.text_content("#message")
+    page.set_input_files("#image_file", {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"})
+    page.click("#generate")
+    playwright.expect(page.locator("#message")).to_contain_text("PNG, JPEG or WebP")
+
+
+@pytest.mark.parametrize("page", [1280], indirect=True)
+def test_on_a_desktop_the_controls_sit_beside_a_large_crisp_view(page, tmp_path):
+    page.set_input_files("#image_file", str(circle_file(tmp_path)))
+    page.wait_for_selector("#input_pane:not([hidden])")
+    stroke(
+        page,
+        [(14, 14), (50, 14), (50, 24), (14, 24), (14, 34), (50, 34), (50, 44), (14, 44), (14, 50), (50, 50)],
+        brush=14,
+    )
+    page.fill("#prompt", "a yellow square on a blue background")
+    page.fill("#steps", "20")
+    page.click("#generate")
+    page.wait_for_selector("#results img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#results img').complete")
+    form, stage = page.locator("#form").bounding_box(), page.locator("#stage").bounding_box()
+    assert form["x"] + form["width"] <= stage["x"], "the controls beside the view"
+    source, result = page.locator("#source").bounding_box(), page.locator("#results img").bounding_box()
+    assert source["x"] + source["width"] <= result["x"], "the input beside the result"
+    assert result["width"] >= 4 * 64, "a 64-pixel result is shown large"
+    assert page.eval_on_selector("#results img", "img => getComputedStyle(img).imageRendering") == "pixelated"
+    page.evaluate("window.scrollTo(0, 0)")
+    shot = ROOT / SCREENSHOT.replace(".png", "-desktop.png") if SCREENSHOT else tmp_path / "desktop.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert page.errors == []

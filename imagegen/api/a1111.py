@@ -13,16 +13,20 @@ from typing import Any
 
 import psutil
 from flask import Blueprint, Response, current_app, jsonify, request
+from PIL import ImageChops
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen import edits
 from imagegen.api import services
 from imagegen.api.submission import generate_now, parse, resolve_params
+from imagegen.api.uploads import read_image
 from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.errors import APIError, install
+from imagegen.jobs import GenerationParams, Job
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import generation_route, operator, require_admin
+from imagegen.security import generation_route, operator, require_admin, uploads
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -46,6 +50,28 @@ class Txt2ImgRequest(BaseModel):
     sampler_name: str | None = None
     sampler_index: str | None = None
     scheduler: str | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """The img2img fields imagegen honours: the first of `init_images` is edited (every image of the
+    batch from it); a `mask` (white inpaints; black with `inpainting_mask_invert`) makes it an
+    inpainting."""
+
+    init_images: list[str] = Field(min_length=1)
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    mask_blur: int = 4
+    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
+
+
+# A1111's resize modes as ours ("latent upscale" resizes the image, as "just resize" does), and
+# what its masked area starts as (edits.prefill; "latent nothing" decodes to grey).
+RESIZE_MODES = ("resize", "crop", "fill", "resize")
+FILLS = ("fill", "original", "noise", "grey")
 
 
 def _error(status: int, kind: str, detail: str, errors: Any = None) -> Response:
@@ -86,14 +112,9 @@ def scheduler_for(sampler: str | None, schedule: str | None) -> str:
     return A1111_SAMPLERS[key]
 
 
-@bp.post("/txt2img")
-@generation_route
-def txt2img() -> dict[str, Any]:
-    """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
-    body = parse(Txt2ImgRequest)
-    # -1 draws the first seed; A1111 numbers the rest of the batch from it.
-    first_seed = secrets.randbelow(MAX_SEED + 1) if body.seed == -1 else body.seed
-    native = parse(
+def _native(body: Txt2ImgRequest, first_seed: int, **edit: Any) -> GenerateRequest:
+    """The native request of a txt2img or img2img call."""
+    return parse(
         GenerateRequest,
         {
             "prompt": body.prompt,
@@ -106,11 +127,22 @@ def txt2img() -> dict[str, Any]:
             "num_images": body.batch_size * body.n_iter,
             "scheduler": scheduler_for(body.sampler_name or body.sampler_index, body.scheduler),
             "model": current_model(),
+            **edit,
         },
     )
+
+
+def _answer(body: Txt2ImgRequest, native: GenerateRequest) -> dict[str, Any]:
+    """Runs the request and answers in A1111's shape: plain base64 images, `info` as JSON text."""
     # webuiapi sends cfg_scale 7 and an empty negative prompt whatever its user chose
     params = resolve_params(native, {"guidance_scale": Txt2ImgRequest.model_fields["cfg_scale"].default})
     finished = generate_now(params)
+    info = _info(body, params, finished)
+    images = [view["b64_json"] for view in image_views(finished, "b64_json")]
+    return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}
+
+
+def _info(body: Txt2ImgRequest, params: GenerationParams, finished: Job) -> dict[str, Any]:
     seeds = list(params.seeds)
     sampler = body.sampler_name or body.sampler_index or "Default"
     infotext = (
@@ -118,7 +150,9 @@ def txt2img() -> dict[str, Any]:
         f"{sampler}, CFG scale: {params.guidance_scale}, Seed: {seeds[0]}, Size: {params.width}x{params.height}, "
         f"Model: {params.model}"
     )
-    info = {
+    if params.mode != "txt2img":
+        infotext += f", Denoising strength: {params.strength}"
+    return {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),
         "negative_prompt": params.negative_prompt,
@@ -134,13 +168,52 @@ def txt2img() -> dict[str, Any]:
         "steps": params.steps,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
+        "denoising_strength": params.strength if params.mode != "txt2img" else None,
         "sd_model_name": params.model,
         "sd_model_hash": None,
         "job_id": finished.id,
         "infotexts": [infotext.replace(f"Seed: {seeds[0]}", f"Seed: {s}") for s in seeds],
     }
-    images = [view["b64_json"] for view in image_views(finished, "b64_json")]
-    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+
+def _first_seed(seed: int) -> int:
+    """-1 draws the first seed; A1111 numbers the rest of the batch from it."""
+    return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
+
+
+@bp.post("/txt2img")
+@generation_route
+def txt2img() -> dict[str, Any]:
+    """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
+    body = parse(Txt2ImgRequest)
+    return _answer(body, _native(body, _first_seed(body.seed)))
+
+
+@bp.post("/img2img")
+@generation_route
+@uploads
+def img2img() -> dict[str, Any]:
+    """Edits `init_images[0]` (image-to-image, or inpainting with a `mask`), `batch_size` x
+    `n_iter` times, at `width` x `height`."""
+    body = parse(Img2ImgRequest)
+    first_seed = _first_seed(body.seed)
+    image = edits.as_rgb(read_image("init_images", body.init_images[0]))
+    mask = None
+    if body.mask:
+        mask = edits.as_mask(read_image("mask", body.mask))
+        if body.inpainting_mask_invert:
+            mask = ImageChops.invert(mask)
+        edits.check_mask(mask, image.size)
+        image = edits.prefill(image, mask, FILLS[body.inpainting_fill], first_seed)
+    edit = {
+        "image": image,
+        "mask": mask,
+        "strength": body.denoising_strength,
+        "mask_blur": body.mask_blur,
+        "mask_crop_padding": body.inpaint_full_res_padding if mask and body.inpaint_full_res else None,
+        "resize_mode": RESIZE_MODES[body.resize_mode],
+    }
+    return _answer(body, _native(body, first_seed, **edit))
 
 
 @bp.get("/options")

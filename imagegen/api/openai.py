@@ -1,8 +1,9 @@
 """The OpenAI Images surface under /v1, for the `openai` SDK and tools built on it.
 
 Same worker, queue, validation, limits and keys as the native API; only the shapes differ:
-OpenAI's request fields, `{"created", "data": [...]}` answers, and OpenAI's error shape
-`{"error": {"message", "type", "param", "code"}}`.
+OpenAI's request fields (edits and variations as forms), `{"created", "data": [...]}` answers,
+OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, and OpenAI's masks, whose
+transparent pixels mark the area to edit.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any, Literal
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen import edits
 from imagegen.api import services
-from imagegen.api.submission import generate_now, parse, resolve_params
+from imagegen.api.submission import form_data, generate_now, parse, resolve_params
+from imagegen.api.uploads import read_image
 from imagegen.api.views import image_views
 from imagegen.errors import APIError, install
 from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import generation_route
+from imagegen.security import generation_route, uploads
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -27,12 +30,11 @@ OPENAI_ALIASES = {"dall-e-2", "dall-e-3", "gpt-image-1"}
 PARAMS = {"num_images": "n", "width": "size", "height": "size"}
 
 
-class ImagesRequest(BaseModel):
-    """POST /v1/images/generations; unknown fields are ignored, as OpenAI-compatible servers do."""
+class ImagesOptions(BaseModel):
+    """What every images call takes; unknown fields are ignored, as OpenAI-compatible servers do."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str
     model: str | None = None
     n: int = 1
     size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
@@ -44,6 +46,27 @@ class ImagesRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = None
     guidance_scale: float | None = None
+
+
+class ImagesRequest(ImagesOptions):
+    """POST /v1/images/generations."""
+
+    prompt: str
+
+
+class VariationRequest(ImagesOptions):
+    """POST /v1/images/variations (a form): `image`, a PNG (or JPEG, WebP)."""
+
+    image: bytes
+
+
+class EditRequest(VariationRequest):
+    """POST /v1/images/edits (a form): `image`, `prompt`, and `mask`, whose transparent pixels mark
+    the area to edit (without one, the image's own transparent pixels do, or, with none, the whole
+    image is edited)."""
+
+    prompt: str
+    mask: bytes | None = None
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
@@ -78,17 +101,13 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
     return int(width), int(height)
 
 
-@bp.post("/images/generations")
-@generation_route
-def generations() -> dict[str, Any]:
-    """Creates images from a prompt, as OpenAI's Images API does."""
-    body = parse(ImagesRequest)
+def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
+    """Maps an images call onto the native request, runs it, and answers in OpenAI's shape."""
     width, height = _size(body.size)
-    model = None if body.model in OPENAI_ALIASES else body.model
     native = parse(
         GenerateRequest,
         {
-            "prompt": body.prompt,
+            **fields,
             "negative_prompt": body.negative_prompt,
             "width": width,
             "height": height,
@@ -96,18 +115,56 @@ def generations() -> dict[str, Any]:
             "guidance_scale": body.guidance_scale,
             "seed": body.seed,
             "num_images": body.n,
-            "model": model,
+            "model": None if body.model in OPENAI_ALIASES else body.model,
         },
     )
     finished = generate_now(resolve_params(native))
+    prompt = fields.get("prompt") or ""
     data = [
-        {
-            **({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}),
-            "revised_prompt": body.prompt,
-        }
+        {**({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}), "revised_prompt": prompt}
         for view in image_views(finished, body.response_format)
     ]
     return {"created": int(finished.created_at), "data": data}
+
+
+@bp.post("/images/generations")
+@generation_route
+def generations() -> dict[str, Any]:
+    """Creates images from a prompt, as OpenAI's Images API does."""
+    body = parse(ImagesRequest)
+    return _generate(body, {"prompt": body.prompt})
+
+
+def _form() -> dict[str, Any]:
+    """The form of an edit or variation; the SDK sends several images as `image[]` (the first is
+    edited)."""
+    data = form_data()
+    if "image" not in data and "image[]" in data:
+        data["image"] = data.pop("image[]")
+    return data
+
+
+@bp.post("/images/edits")
+@generation_route
+@uploads
+def edits_route() -> dict[str, Any]:
+    """Edits an image where its mask is transparent (inpainting), or all of it, toward a prompt."""
+    body = parse(EditRequest, _form())
+    image = read_image("image", body.image)
+    if body.mask is not None:
+        mask = edits.transparent_area(read_image("mask", body.mask), "mask")
+    else:
+        mask = edits.transparent_area(image, "image") if edits.has_transparency(image) else None
+    return _generate(body, {"prompt": body.prompt, "image": image, "mask": mask})
+
+
+@bp.post("/images/variations")
+@generation_route
+@uploads
+def variations() -> dict[str, Any]:
+    """Variations of an image: image-to-image with no prompt."""
+    body = parse(VariationRequest, _form())
+    return _generate(body, {"image": read_image("image", body.image)})
 
 
 def _model_entry(model_id: str) -> dict[str, Any]:

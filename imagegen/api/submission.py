@@ -6,6 +6,7 @@ come through these functions; only their request and response shapes differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from typing import Any, TypeVar
@@ -28,15 +29,11 @@ Schema = TypeVar("Schema", bound=BaseModel)
 
 def parse(schema: type[Schema], data: Any = None) -> Schema:
     """Validates the JSON body, a form (on routes that take uploads), or given data against a
-    schema; errors become 400s naming the field. A form's fields are text, so they are read as
-    their types say (`"4"` as 4); one holding a JSON object (`outpaint`) is read as JSON; files are
-    bytes."""
-    form = data is None and request.mimetype == "multipart/form-data"
-    if form:
-        data = {name: _form_value(value) for name, value in request.form.items()}
-        data.update((name, file.read()) for name, file in request.files.items())
-    elif data is None:
-        data = request.get_json(silent=True)
+    schema; errors become 400s naming the field. A form's fields are text, so with a form they are
+    read as their types say (`"4"` as 4)."""
+    form = request.mimetype == "multipart/form-data"
+    if data is None:
+        data = form_data() if form else request.get_json(silent=True)
         if data is None:
             raise APIError(400, "invalid_json", "The request body must be a valid JSON document.")
     svc = services()
@@ -44,13 +41,17 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
     return schema.model_validate(data, strict=not form, context=context)
 
 
-def _form_value(value: str) -> Any:
-    if value.startswith("{"):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass  # left as text, for the schema to name
-    return value
+def form_data() -> dict[str, Any]:
+    """A form's fields, a field holding a JSON object (`outpaint`) read as JSON, and its files as
+    bytes (each name's first)."""
+    data: dict[str, Any] = {}
+    for name, value in request.form.items():
+        data[name] = value
+        if value.startswith("{"):
+            with contextlib.suppress(ValueError):  # else left as text, for the schema to name
+                data[name] = json.loads(value)
+    data.update((name, file.read()) for name, file in request.files.items())
+    return data
 
 
 def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None = None) -> GenerationParams:
@@ -119,7 +120,9 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
             raise APIError(400, "invalid_request", message, {"field": "strength"})
         size, mode = edit.prepared.image.size, edit.mode
         masked = edit.prepared.mask is not None
-        editing = {"strength": edit.strength, "steps_run": steps_run, "mask_blur": body.mask_blur if masked else 0}
+        editing = {"strength": edit.strength, "steps_run": steps_run}
+        if masked:
+            editing.update(mask_blur=body.mask_blur, mask_crop_padding=body.mask_crop_padding)
         editing.update(edit.store())
     return GenerationParams(
         prompt=prompt,

@@ -8,9 +8,10 @@ from imagegen.security import public
 
 bp = Blueprint("ui", __name__)
 
-# Nothing inline and nothing from elsewhere: scripts, styles, images and requests are this server's.
+# Nothing inline and nothing from elsewhere: scripts, styles, images and requests are this server's
+# (and images the user picks, shown from blob: URLs).
 UI_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 

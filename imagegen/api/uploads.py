@@ -45,10 +45,12 @@ def _stored(field: str, name: str) -> bytes:
     return svc.images.read(name)
 
 
-def read_image(field: str, value: str | bytes) -> Image.Image:
+def read_image(field: str, value: str | bytes | Image.Image) -> Image.Image:
     """The image a field gives (file bytes, base64, a data URL, or a stored image's name or URL),
-    decoded once with every check of `edits.decode`."""
+    decoded once with every check of `edits.decode`; one a surface decoded itself, as it is."""
     settings = services().settings
+    if isinstance(value, Image.Image):
+        return value
     if isinstance(value, bytes):
         return edits.decode(field, value, settings)
     text = value.strip()
@@ -105,12 +107,14 @@ def resolve_edit(body: GenerateRequest, spec: ModelSpec) -> Edit | None:
     what the model's family does, and its image and mask decoded and fitted."""
     family, model = spec.family, spec.id
     if body.image is None:
-        for field in ("mask", "strength", "outpaint"):
+        for field in ("mask", "strength", "outpaint", "mask_crop_padding"):
             if getattr(body, field) is not None:
                 raise _refuse(field, f"`{field}` needs an `image` to edit")
         if family is not None and not family.text_to_image:
             raise _refuse("image", f"model {model} ({family.title}) only inpaints: send `image` and `mask`")
         return None
+    if body.mask_crop_padding is not None and body.mask is None:
+        raise _refuse("mask_crop_padding", "`mask_crop_padding` needs a `mask`")
     if body.mask is not None and body.outpaint is not None:
         raise _refuse("outpaint", "give `mask` (inpainting) or `outpaint` (extend the canvas), not both")
     if body.mask is not None:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from config import Settings
-from imagegen.edits import composite
+from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.jobs import Job, JobStatus
@@ -176,10 +176,16 @@ class Engine:
         arguments = family.arguments(
             prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
         )
+        boxes: list[tuple[int, int, int, int] | None] = [None] * len(images)
         if params.mode != "txt2img":
-            arguments.update(image=images, strength=params.strength)
+            painted, painted_masks = images, masks
+            if params.mask_crop_padding is not None:  # each masked area, scaled up to the output size
+                size, padding = (params.width, params.height), params.mask_crop_padding
+                cropped = [masked_area(*pair, padding, size) for pair in zip(images, masks, strict=True)]
+                painted, painted_masks, boxes = (list(part) for part in zip(*cropped, strict=True))
+            arguments.update(image=painted, strength=params.strength)
             if params.mask:
-                arguments["mask_image"] = masks
+                arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
         ids = [job.id for job in batch]
@@ -211,7 +217,10 @@ class Engine:
             output = pipe(**arguments, generator=generators)
         made = output.images
         if params.mask:
-            made = [composite(*trio, params.mask_blur) for trio in zip(made, images, masks, strict=True)]
+            made = [
+                composite(generated, original, mask, params.mask_blur, box)
+                for generated, original, mask, box in zip(made, images, masks, boxes, strict=True)
+            ]
         grouped, start = [], 0
         for job in batch:
             grouped.append(made[start : start + len(job.params.seeds)])

@@ -1,4 +1,5 @@
-// imagegen playground: submits async jobs, follows them (SSE, or polling), shows the images.
+// imagegen playground: submits async jobs, follows them (SSE, or polling), shows the images; edits
+// an image with a painted mask, a strength or outpaint margins (sent as a form, as files).
 // Everything the server sends is written with textContent or as attributes, never as HTML.
 "use strict";
 
@@ -107,14 +108,20 @@ function figure(image, caption) {
   link.href = image.url;
   link.download = `imagegen-${image.seed}.png`;
   link.textContent = "download";
-  text.append(link);
+  const edit = document.createElement("button");
+  edit.type = "button";
+  edit.className = "edit";
+  edit.textContent = "Edit this result";
+  edit.addEventListener("click", () => editResult(image.url));
+  text.append(link, " ", edit);
   fig.append(img, text);
   return fig;
 }
 
 function show(job) {
   const p = job.parameters;
-  const caption = `${p.prompt} (${p.steps} steps, guidance ${p.guidance_scale})`;
+  const mode = p.mode && p.mode !== "txt2img" ? `${p.mode}: ` : "";
+  const caption = `${mode}${p.prompt} (${p.steps} steps, guidance ${p.guidance_scale})`;
   $("results").replaceChildren(...job.images.map((image) => figure(image, caption)));
   lastSeed = job.images[0].seed;
   const gallery = JSON.parse(localStorage.getItem(GALLERY_STORE) || "[]");
@@ -182,13 +189,134 @@ function follow(job) {
   source.onerror = () => { source.close(); current.source = null; poll(job.id); };
 }
 
+// ----- editing: the image, the mask painted over it, and the form they are sent in -----
+
+let editing = null; // {blob, url} of the image to edit
+let strengthTouched = false; // a mask or margins set the strength to 1 until the user moves it
+
+function showSource(blob) {
+  const img = $("source");
+  img.onload = () => {
+    $("mask").width = img.naturalWidth;
+    $("mask").height = img.naturalHeight;
+    $("input_pane").hidden = false;
+    $("edit_tools").hidden = false;
+  };
+  img.onerror = () => say("This browser cannot show that file; the server will judge it when you press Generate.", true);
+  if (editing) URL.revokeObjectURL(editing.url);
+  editing = { blob, url: URL.createObjectURL(blob) };
+  img.src = editing.url;
+}
+
+async function editResult(url) {
+  const response = await fetch(url, { headers: headers() });
+  if (!response.ok) return say(await explain(response), true);
+  showSource(await response.blob());
+  say("Editing that result: paint over what to repaint, or set a strength or margins, then Generate.");
+  $("prompt").focus();
+}
+
+function removeImage() {
+  if (editing) URL.revokeObjectURL(editing.url);
+  editing = null;
+  $("image_file").value = "";
+  $("input_pane").hidden = true;
+  $("edit_tools").hidden = true;
+}
+
+function maskPixels() {
+  const canvas = $("mask");
+  return canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+}
+
+function maskPainted() {
+  const data = maskPixels().data;
+  for (let i = 3; i < data.length; i += 4) if (data[i] >= 128) return true;
+  return false;
+}
+
+function fullStrength() {
+  if (strengthTouched) return;
+  $("strength").value = "1";
+  $("strength_value").textContent = "1";
+}
+
+let lastPoint = null;
+
+function paint(event) {
+  const canvas = $("mask");
+  const box = canvas.getBoundingClientRect();
+  const point = [(event.clientX - box.left) * canvas.width / box.width, (event.clientY - box.top) * canvas.height / box.height];
+  const pen = canvas.getContext("2d");
+  pen.globalCompositeOperation = $("erase").checked ? "destination-out" : "source-over";
+  pen.strokeStyle = "rgb(255, 0, 200)";
+  pen.lineWidth = Number($("brush").value);
+  pen.lineCap = "round";
+  pen.beginPath();
+  pen.moveTo(...(lastPoint || point));
+  pen.lineTo(point[0] + 0.01, point[1]);
+  pen.stroke();
+  lastPoint = point;
+  if (!$("erase").checked) fullStrength();
+}
+
+function invertMask() {
+  const pixels = maskPixels();
+  const data = pixels.data;
+  for (let i = 0; i < data.length; i += 4) {
+    data[i] = 255; data[i + 1] = 0; data[i + 2] = 200;
+    data[i + 3] = data[i + 3] >= 128 ? 0 : 255;
+  }
+  $("mask").getContext("2d").putImageData(pixels, 0, 0);
+}
+
+// The mask as the server reads it: white where painted, black elsewhere.
+function maskBlob() {
+  const pixels = maskPixels();
+  const data = pixels.data;
+  for (let i = 0; i < data.length; i += 4) {
+    const value = data[i + 3] >= 128 ? 255 : 0;
+    data[i] = data[i + 1] = data[i + 2] = value;
+    data[i + 3] = 255;
+  }
+  const out = document.createElement("canvas");
+  out.width = pixels.width;
+  out.height = pixels.height;
+  out.getContext("2d").putImageData(pixels, 0, 0);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+}
+
+async function editForm() {
+  const body = requestBody();
+  delete body.width; // the image's size
+  delete body.height;
+  if (!body.prompt.trim()) delete body.prompt; // an image alone: a variation
+  const form = new FormData();
+  for (const [name, value] of Object.entries(body)) if (value !== undefined) form.append(name, String(value));
+  form.append("image", editing.blob, "image");
+  form.append("strength", $("strength").value);
+  const sides = ["left", "right", "top", "bottom"];
+  const margins = Object.fromEntries(sides.map((side) => [side, Number($(`outpaint_${side}`).value) || 0]));
+  const outpainting = sides.some((side) => margins[side] > 0);
+  if (outpainting && maskPainted()) throw new Error("Paint a mask or set outpaint margins, not both.");
+  if (outpainting) form.append("outpaint", JSON.stringify(margins));
+  else if (maskPainted()) form.append("mask", await maskBlob(), "mask.png");
+  return form;
+}
+
 async function generate(event) {
   event.preventDefault();
-  if (!$("prompt").value.trim()) { say("Enter a prompt first.", true); $("prompt").focus(); return; }
+  if (!$("prompt").value.trim() && !editing) { say("Enter a prompt first.", true); $("prompt").focus(); return; }
+  let body;
+  try {
+    body = editing ? await editForm() : JSON.stringify(requestBody());
+  } catch (error) {
+    return say(error.message, true);
+  }
   $("generate").disabled = true;
   $("results").replaceChildren();
   say("Submitting…");
-  const response = await fetch("/generate", { method: "POST", headers: headers(true), body: JSON.stringify(requestBody()) });
+  const response = await fetch("/generate", { method: "POST", headers: headers(!editing), body });
   if (response.status !== 202 && response.status !== 200) {
     say(await explain(response), true);
     $("generate").disabled = false;
@@ -219,6 +347,22 @@ document.addEventListener("DOMContentLoaded", () => {
   $("form").addEventListener("submit", generate);
   $("model").addEventListener("change", chooseModel);
   $("cancel").addEventListener("click", cancel);
+  $("image_file").addEventListener("change", () => { if ($("image_file").files[0]) showSource($("image_file").files[0]); });
+  document.querySelector("main").addEventListener("dragover", (event) => event.preventDefault());
+  document.querySelector("main").addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer.files[0]) showSource(event.dataTransfer.files[0]);
+  });
+  const mask = $("mask");
+  mask.addEventListener("pointerdown", (event) => { mask.setPointerCapture(event.pointerId); lastPoint = null; paint(event); });
+  mask.addEventListener("pointermove", (event) => { if (mask.hasPointerCapture(event.pointerId)) paint(event); });
+  mask.addEventListener("pointerup", () => { lastPoint = null; });
+  $("brush").addEventListener("input", () => { $("brush_value").textContent = $("brush").value; });
+  $("strength").addEventListener("input", () => { strengthTouched = true; $("strength_value").textContent = $("strength").value; });
+  for (const side of ["left", "right", "top", "bottom"]) $(`outpaint_${side}`).addEventListener("input", fullStrength);
+  $("invert_mask").addEventListener("click", () => { invertMask(); fullStrength(); });
+  $("clear_mask").addEventListener("click", () => $("mask").getContext("2d").clearRect(0, 0, mask.width, mask.height));
+  $("remove_image").addEventListener("click", removeImage);
   renderGallery();
   loadConfig().catch(() => say("Could not read the server's limits.", true));
 });
