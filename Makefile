@@ -62,7 +62,7 @@ audit:
 clean:
 	rm -rf $(VENV) .venv-lock .venv-audit .pytest_cache .ruff_cache
 
-# About 28 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
+# About 30 minutes on 2 CPU cores; results land in bench/results/*.json. bench.scale needs the
 # RabbitMQ and PostgreSQL of docs/scaling.md.
 bench: install
 	$(BIN)/python -m bench.suite
@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.fullsize
 	$(BIN)/python -m bench.edits
+	$(BIN)/python -m bench.loras
 
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
 # manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.

@@ -19,7 +19,7 @@ if __name__ == "__main__":
     services = app.extensions["imagegen"]
     settings = services.settings
     # waitress reads a whole body before the app sees it: anything over the largest body a route
-    # accepts (an upload route's) is refused by waitress itself, from its Content-Length, unread;
+    # accepts (an adapter upload's) is refused by waitress itself, from its Content-Length, unread;
     # each route's own limit is the app's (middleware.body_limit).
     server = create_server(
         app,
@@ -27,7 +27,7 @@ if __name__ == "__main__":
         port=settings.port,
         threads=settings.threads,
         ident="imagegen",
-        max_request_body_size=settings.upload_body_bytes,
+        max_request_body_size=settings.largest_body_bytes,
     )
 
     def shut_down(signum: int, _frame: FrameType | None) -> None:

@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
     webhook_retries: int = Field(8, ge=0, le=30)
     webhook_retry_seconds: float = Field(5.0, gt=0, le=3600)
+    lora_dir: Path = ROOT / "models" / "loras"
+    max_loras_per_request: int = Field(4, ge=0, le=16)
+    max_loaded_loras: int = Field(8, ge=1, le=128)
 
     # Request limits and defaults
     default_steps: int = Field(20, ge=1, le=500)
@@ -177,6 +180,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
     max_upload_bytes: int = Field(10 * 2**20, ge=1024, le=256 * 2**20)
     max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64, le=2**28)
+    max_adapter_bytes: int = Field(256 * 2**20, ge=1024, le=4 * 2**30)
     trusted_proxy_count: int = Field(0, ge=0, le=10)
     trusted_hosts: str = ""
     cors_origins: str = ""
@@ -218,7 +222,9 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("image_dir", "log_dir", "data_dir", "blocked_patterns_file", "api_keys_file", "models_file")
+    @field_validator(
+        "image_dir", "log_dir", "data_dir", "lora_dir", "blocked_patterns_file", "api_keys_file", "models_file"
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
@@ -326,6 +332,12 @@ class Settings(BaseSettings):
         """The body limit of a route that takes uploads: an image and a mask of MAX_UPLOAD_BYTES
         each, base64-encoded in JSON (a third larger) or as form files, and the request's fields."""
         return 2 * math.ceil(self.max_upload_bytes * 4 / 3) + self.max_request_bytes
+
+    @property
+    def largest_body_bytes(self) -> int:
+        """The largest body any route takes (an adapter upload's, or an edit's), which the WSGI
+        server is given; each route's own limit is refused before the app reads a body."""
+        return max(self.upload_body_bytes, self.max_adapter_bytes + self.max_request_bytes)
 
     @property
     def database(self) -> str:

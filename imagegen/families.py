@@ -327,15 +327,26 @@ CHECKPOINT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def checkpoint_header(path: Path) -> dict[str, Any]:
-    """The tensors of a .safetensors file by name, with their shapes, from its JSON header alone
-    (no weights read)."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A .safetensors file's JSON header (each tensor's dtype, shape and offsets, and
+    `__metadata__`), read without its weights; UnservedModel when it is not one."""
     with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        if length > 100_000_000:
+        head = file.read(8)
+        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        if not 2 <= length <= 100_000_000:
             raise UnservedModel(f"{path.name} is not a safetensors file")
-        header = json.loads(file.read(length))
-    return {key: value for key, value in header.items() if key != "__metadata__"}
+        try:
+            header = json.loads(file.read(length))
+        except ValueError:
+            raise UnservedModel(f"{path.name} is not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise UnservedModel(f"{path.name} is not a safetensors file")
+    return header
+
+
+def checkpoint_header(path: Path) -> dict[str, Any]:
+    """The tensors of a .safetensors file by name, with their shapes (no weights read)."""
+    return {key: value for key, value in safetensors_header(path).items() if key != "__metadata__"}
 
 
 # The UNet's first convolution in an original (not diffusers) SD or SDXL checkpoint.

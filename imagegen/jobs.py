@@ -61,6 +61,7 @@ class GenerationParams:
     mask_blur: int = 0  # pixels the mask's edge is feathered inward
     mask_crop_padding: int | None = None  # paint only the mask's box and this margin, scaled up (edits.crop_box)
     steps_run: int = 0  # the denoising steps an edit runs at its strength (0: all `steps`)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, with their weights
 
     @property
     def total_steps(self) -> int:
@@ -82,6 +83,7 @@ class GenerationParams:
             self.strength,
             self.mask_blur,
             self.mask_crop_padding,
+            self.loras,
         )
 
     @property
@@ -92,7 +94,12 @@ class GenerationParams:
     def view(self) -> dict[str, Any]:
         """Every field as a job's `parameters` show them (the response schema is made from the same
         fields), with the image count."""
-        return {**asdict(self), "seeds": list(self.seeds), "num_images": len(self.seeds)}
+        return {
+            **asdict(self),
+            "seeds": list(self.seeds),
+            "loras": [list(lora) for lora in self.loras],
+            "num_images": len(self.seeds),
+        }
 
     def image_metadata(self, seed: int) -> dict[str, Any]:
         """What one PNG records about how it was made: every field, with its own seed."""
@@ -146,6 +153,7 @@ class Job:
 def _row_to_job(row: Any) -> Job:
     params = json.loads(row["params"])
     params["seeds"] = tuple(params["seeds"])
+    params["loras"] = tuple(tuple(lora) for lora in params.get("loras", ()))
     return Job(
         params=GenerationParams(**params),
         client=row["client"],

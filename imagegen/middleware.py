@@ -27,27 +27,32 @@ BODY_METHODS = {"POST", "PUT", "PATCH"}
 def _begin() -> None:
     """Adopts a well-formed client X-Request-ID or makes one; sets the route's body limit and
     refuses a body over it unread; refuses bodies that are not JSON (or a form, where a route
-    takes uploads)."""
+    takes files)."""
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
     g.started = time.perf_counter()
-    takes_uploads = "uploads" in marks()
-    limit = body_limit(takes_uploads)
+    marked = marks()
+    limit, setting = body_limit(marked)
     request.max_content_length = request.max_form_memory_size = limit  # a form may carry base64 text
     if (request.content_length or 0) > limit:
-        setting = "the upload body limit (MAX_UPLOAD_BYTES)" if takes_uploads else "MAX_REQUEST_BYTES"
         raise APIError(413, "payload_too_large", f"The body is over {limit} bytes, {setting}.")
     has_body = request.content_length or request.headers.get("Transfer-Encoding")
-    form = takes_uploads and request.mimetype == "multipart/form-data"
+    takes_files = bool(marked & {"uploads", "adapter_upload"})
+    form = takes_files and request.mimetype == "multipart/form-data"
     if request.method in BODY_METHODS and has_body and not (request.is_json or form):
-        accepted = "JSON or multipart/form-data" if takes_uploads else "JSON (Content-Type: application/json)"
+        accepted = "JSON or multipart/form-data" if takes_files else "JSON (Content-Type: application/json)"
         raise APIError(415, "unsupported_media_type", f"Request bodies here must be {accepted}.")
 
 
-def body_limit(takes_uploads: bool) -> int:
-    """A route's body limit: MAX_REQUEST_BYTES for JSON, more where it takes an image and a mask."""
+def body_limit(marked: set[str]) -> tuple[int, str]:
+    """A route's body limit and the setting it follows: MAX_REQUEST_BYTES for JSON, more where it
+    takes an image and a mask, or an adapter file."""
     settings = current_app.extensions["imagegen"].settings
-    return settings.upload_body_bytes if takes_uploads else settings.max_request_bytes
+    if "adapter_upload" in marked:
+        return settings.max_adapter_bytes + settings.max_request_bytes, "MAX_ADAPTER_BYTES"
+    if "uploads" in marked:
+        return settings.upload_body_bytes, "the upload body limit (MAX_UPLOAD_BYTES)"
+    return settings.max_request_bytes, "MAX_REQUEST_BYTES"
 
 
 def _finish(response: Response) -> Response:

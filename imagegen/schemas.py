@@ -57,6 +57,15 @@ class Outpaint(BaseModel):
     bottom: int = Field(0, ge=0, le=4096)
 
 
+class LoraChoice(BaseModel):
+    """One adapter of a request: its name in GET /loras and its weight (0 leaves the model as it is)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=100)
+    weight: float = Field(1.0, ge=-4, le=4)
+
+
 class GenerateRequest(BaseModel):
     """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images; with `image`, an edit of it
     (docs: image editing in the README). Which fields and modes a model takes, its defaults and its
@@ -92,6 +101,9 @@ class GenerateRequest(BaseModel):
         None, gt=0, le=1, description="How far to depart from the image (default: 0.75, variation 0.6, masked 1)."
     )
     outpaint: Outpaint | None = None
+    loras: list[LoraChoice] | None = Field(
+        None, max_length=16, description="LoRA adapters by name (GET /loras), at most MAX_LORAS_PER_REQUEST."
+    )
     mask_blur: int = Field(4, ge=0, le=64, description="Pixels the mask's edge is feathered, inward only.")
     mask_crop_padding: int | None = Field(
         None,
@@ -285,6 +297,21 @@ class Status(BaseModel):
 
 class ModelList(BaseModel):
     models: list[dict[str, Any]]
+
+
+class LoraView(BaseModel):
+    """One adapter file, from its header: `family` (sd, sdxl, sd3, flux; null when its tensor names
+    do not tell) and `rank`; `trigger_words` from its metadata, where it has them."""
+
+    name: str
+    family: str | None
+    rank: int | None
+    bytes: int
+    trigger_words: list[str]
+
+
+class LoraList(BaseModel):
+    loras: list[LoraView]
 
 
 class ModelChange(BaseModel):

@@ -331,6 +331,7 @@ public = _mark("public")  # no API key needed even when keys are on
 operator = _mark("operator")  # host figures: the admin, or METRICS_TOKEN (Prometheus), not any key
 signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
 uploads = _mark("uploads")  # takes images: multipart bodies too, up to the upload body limit
+adapter_upload = _mark("adapter_upload")  # takes an adapter file: a form up to MAX_ADAPTER_BYTES
 
 
 # Swagger UI's page and assets (flask-openapi3's blueprints): documentation, no data, no key needed.

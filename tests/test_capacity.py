@@ -128,7 +128,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
                 b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100000000\r\n\r\n{"  # announces 100 MB, sends one byte, and waits
+                b"Content-Length: 8589934592\r\n\r\n{"  # announces 8 GiB (over any route's), sends a byte, waits
             )
             answer = sock.recv(4096).decode("latin-1")
         assert answer.startswith("HTTP/1.1 413"), answer[:200]

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from tests.conftest import ROOT, call, start_server
 from tools.make_model import build
+from tools.shapes import centre
 
 pytestmark = pytest.mark.slow
 
@@ -281,4 +282,21 @@ def test_on_a_desktop_the_controls_sit_beside_a_large_crisp_view(page, tmp_path)
     page.evaluate("window.scrollTo(0, 0)")
     shot = ROOT / SCREENSHOT.replace(".png", "-desktop.png") if SCREENSHOT else tmp_path / "desktop.png"
     page.screenshot(path=str(shot), full_page=True)
+    assert page.errors == []
+
+
+def test_a_lora_adapter_from_the_picker(page):
+    playwright.expect(page.locator("#loras_field")).to_be_visible()
+    page.select_option("#lora", "corner")
+    page.click("#add_lora")
+    assert page.text_content("#lora_list").startswith("corner × 1")
+    page.fill("#prompt", "a green square on a white background")
+    page.fill("#steps", "20")
+    page.click("#generate")
+    page.wait_for_selector("#results img", timeout=60_000)
+    assert "<corner:1>" in page.text_content("#results figcaption")
+    x, y = centre(result_pixels(page))
+    assert max(x, y) <= 24, "the adapter's style: the shape in the corner"
+    page.select_option("#model", "schnell")  # a FLUX.1 model: the demo adapter does not fit it
+    assert page.is_hidden("#loras_field")
     assert page.errors == []

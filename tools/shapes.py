@@ -54,10 +54,16 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(SHAPES[rng.integers(len(SHAPES))], _NAMES[colour], _NAMES[background])
 
 
-def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Renders a scene at a random size and position as a 64x64 RGB uint8 array."""
-    size = int(rng.integers(MIN_SHAPE, MAX_SHAPE + 1))
-    x0, y0 = (int(v) for v in rng.integers(0, SIZE - size + 1, size=2))
+# The demo LoRA's style: the shape in the top-left corner, at most this big.
+CORNER_SHAPE, CORNER_OFFSET = 36, 4
+
+
+def draw(scene: Scene, rng: np.random.Generator, corner: bool = False) -> np.ndarray:
+    """Renders a scene at a random size and position as a 64x64 RGB uint8 array; `corner`: in the
+    top-left corner (the demo LoRA's style)."""
+    size = int(rng.integers(MIN_SHAPE, (CORNER_SHAPE if corner else MAX_SHAPE) + 1))
+    room = CORNER_OFFSET if corner else SIZE - size + 1
+    x0, y0 = (int(v) for v in rng.integers(0, room, size=2))
     x1, y1 = x0 + size - 1, y0 + size - 1
     image = Image.new("RGB", (SIZE, SIZE), PALETTE[scene.background])
     pen = ImageDraw.Draw(image)
@@ -96,15 +102,9 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return largest
 
 
-def classify(pixels: np.ndarray) -> Scene | None:
-    """Judges an RGB image: the shape's colour, the background's, and the shape; None if no shape.
-
-    Each pixel takes its nearest palette colour. The background is the border's most common
-    colour; the shape's colour is the most common other colour among pixels far from the background,
-    and the shape is the largest connected region of that colour. A triangle is much narrower in
-    the top quarter of its bounding box than in the bottom quarter; of the rest, a square fills its
-    box (1.0) and a circle pi/4 of it, so the midpoint 0.89 splits them.
-    """
+def _shape(pixels: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """The shape's pixels (the largest region of its colour), its colour and the background's
+    (palette indices), as `classify` finds them; None when there is no shape."""
     rgb = np.asarray(pixels, dtype=np.float32)[..., :3]
     labels = np.argmin(np.linalg.norm(rgb[:, :, None, :] - _COLOURS[None, None], axis=3), axis=2)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
@@ -115,10 +115,34 @@ def classify(pixels: np.ndarray) -> Scene | None:
     if candidates.size < 16:
         return None
     colour = int(np.bincount(candidates, minlength=len(_NAMES)).argmax())
-    region = largest_region(labels == colour)
+    return largest_region(labels == colour), colour, background
+
+
+def classify(pixels: np.ndarray) -> Scene | None:
+    """Judges an RGB image: the shape's colour, the background's, and the shape; None if no shape.
+
+    Each pixel takes its nearest palette colour. The background is the border's most common
+    colour; the shape's colour is the most common other colour among pixels far from the background,
+    and the shape is the largest connected region of that colour. A triangle is much narrower in
+    the top quarter of its bounding box than in the bottom quarter; of the rest, a square fills its
+    box (1.0) and a circle pi/4 of it, so the midpoint 0.89 splits them.
+    """
+    found = _shape(pixels)
+    if found is None:
+        return None
+    region, colour, background = found
     rows, cols = np.nonzero(region)
     box = region[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     quarter = max(1, box.shape[0] // 4)
     top, bottom = box[:quarter].sum(axis=1).mean(), box[-quarter:].sum(axis=1).mean()
     shape = "triangle" if top < 0.6 * bottom else "square" if box.mean() > 0.89 else "circle"
     return Scene(shape, _NAMES[colour], _NAMES[background])
+
+
+def centre(pixels: np.ndarray) -> tuple[float, float] | None:
+    """The shape's centre (x, y) in pixels, as `classify` finds the shape; None if there is none."""
+    found = _shape(pixels)
+    if found is None:
+        return None
+    rows, cols = np.nonzero(found[0])
+    return float(cols.mean()), float(rows.mean())

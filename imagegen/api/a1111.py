@@ -8,6 +8,7 @@ A1111 knows (unknown ones are ignored); answers have A1111's shapes (`images` as
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -23,6 +24,7 @@ from imagegen.api.uploads import read_image
 from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.errors import APIError, install
 from imagegen.jobs import GenerationParams, Job
+from imagegen.loras import listing
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
@@ -112,12 +114,30 @@ def scheduler_for(sampler: str | None, schedule: str | None) -> str:
     return A1111_SAMPLERS[key]
 
 
+# A1111's prompt syntax for an adapter: <lora:name> or <lora:name:weight>.
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
+    """The prompt without its `<lora:name:weight>` tags, and those adapters (weight 1 by default)."""
+    loras = []
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            loras.append({"name": name.strip(), "weight": float(weight) if weight.strip() else 1.0})
+        except ValueError:
+            message = f"`<lora:{name}:{weight}>`: the weight must be a number"
+            raise APIError(400, "invalid_request", message, {"field": "prompt"}) from None
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), loras
+
+
 def _native(body: Txt2ImgRequest, first_seed: int, **edit: Any) -> GenerateRequest:
-    """The native request of a txt2img or img2img call."""
+    """The native request of a txt2img or img2img call (adapters from the prompt's tags)."""
+    prompt, loras = prompt_loras(body.prompt)
     return parse(
         GenerateRequest,
         {
-            "prompt": body.prompt,
+            "prompt": prompt,
+            "loras": loras or None,
             "negative_prompt": body.negative_prompt or None,
             "width": body.width,
             "height": body.height,
@@ -273,6 +293,21 @@ def schedulers() -> list[dict[str, Any]]:
         {"name": name, "label": name.title(), "aliases": None, "default_rho": -1, "need_inner_model": False}
         for name in A1111_SCHEDULERS
     ]
+
+
+@bp.get("/loras")
+def loras() -> list[dict[str, Any]]:
+    """The adapters of LORA_DIR in A1111's shape (names, never server paths)."""
+    return [
+        {"name": lora.name, "alias": lora.name, "path": f"{lora.name}.safetensors", "metadata": lora.view()}
+        for lora in listing(services().settings.lora_dir)
+    ]
+
+
+@bp.post("/refresh-loras")
+def refresh_loras() -> dict[str, Any]:
+    """LORA_DIR is read at each request; nothing to rescan."""
+    return {}
 
 
 @bp.get("/scripts")

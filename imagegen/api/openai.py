@@ -46,6 +46,7 @@ class ImagesOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = None
     guidance_scale: float | None = None
+    loras: list[dict[str, Any]] | None = None  # [{"name", "weight"}], in extra_body
 
 
 class ImagesRequest(ImagesOptions):
@@ -116,6 +117,7 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
             "seed": body.seed,
             "num_images": body.n,
             "model": None if body.model in OPENAI_ALIASES else body.model,
+            "loras": body.loras,
         },
     )
     finished = generate_now(resolve_params(native))

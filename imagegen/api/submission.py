@@ -15,6 +15,7 @@ from flask import g, request
 from pydantic import BaseModel
 
 from imagegen.api import services
+from imagegen.api.adapters import resolve_loras
 from imagegen.api.slots import waiting
 from imagegen.api.uploads import resolve_edit
 from imagegen.errors import APIError
@@ -30,7 +31,7 @@ Schema = TypeVar("Schema", bound=BaseModel)
 def parse(schema: type[Schema], data: Any = None) -> Schema:
     """Validates the JSON body, a form (on routes that take uploads), or given data against a
     schema; errors become 400s naming the field. A form's fields are text, so with a form they are
-    read as their types say (`"4"` as 4)."""
+    read as their types say (`"4"` as 4; `outpaint` and `loras` as JSON)."""
     form = request.mimetype == "multipart/form-data"
     if data is None:
         data = form_data() if form else request.get_json(silent=True)
@@ -41,15 +42,17 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
     return schema.model_validate(data, strict=not form, context=context)
 
 
+# A form's fields that hold JSON (an object or a list), as a form can carry no other structure.
+JSON_FIELDS = ("outpaint", "loras")
+
+
 def form_data() -> dict[str, Any]:
-    """A form's fields, a field holding a JSON object (`outpaint`) read as JSON, and its files as
-    bytes (each name's first)."""
-    data: dict[str, Any] = {}
-    for name, value in request.form.items():
-        data[name] = value
-        if value.startswith("{"):
+    """A form's fields (those of JSON_FIELDS read as JSON) and its files as bytes (each name's first)."""
+    data: dict[str, Any] = dict(request.form.items())
+    for name in JSON_FIELDS:
+        if name in data:
             with contextlib.suppress(ValueError):  # else left as text, for the schema to name
-                data[name] = json.loads(value)
+                data[name] = json.loads(data[name])
     data.update((name, file.read()) for name, file in request.files.items())
     return data
 
@@ -110,6 +113,7 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
         seeds = tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(body.num_images))
     else:
         seeds = tuple((body.seed + i) % (MAX_SEED + 1) for i in range(body.num_images))
+    loras = resolve_loras(body.loras, spec)
     edit = resolve_edit(body, spec)
     size, mode = (body.width or spec.default_width, body.height or spec.default_height), "txt2img"
     editing: dict[str, Any] = {}
@@ -136,6 +140,7 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
         scheduler=scheduler,
         model=model,
         mode=mode,
+        loras=loras,
         **editing,
     )
 
@@ -202,5 +207,6 @@ def generate_now(params: GenerationParams) -> Job:
 def job_failure(job: Job) -> APIError:
     """A failed job as the error a synchronous client receives."""
     error = job.error or {"code": "generation_failed", "message": "Generation failed."}
-    status = 503 if error["code"] == "out_of_memory" else 409 if job.status == JobStatus.CANCELLED else 500
+    status = {"out_of_memory": 503, "adapter_failed": 422}.get(error["code"], 500)
+    status = 409 if job.status == JobStatus.CANCELLED else status
     return APIError(status, error["code"], error["message"], {"job_id": job.id})

@@ -11,9 +11,11 @@ import contextlib
 import ctypes
 import gc
 import logging
+import re
 import sys
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ from config import Settings
 from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
+from imagegen.loras import AdapterFailed, path_of
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState
 
@@ -58,6 +61,7 @@ class ModelInfo:
     last_used: float | None = None
     error: str | None = None
     failures: int = 0  # failed loads in a row
+    loads: int = 0  # loads since this process started (an adapter switch is none)
     retry_at: float | None = None  # when a failed load is tried again (epoch seconds)
 
 
@@ -149,6 +153,9 @@ def family_of(pipe: DiffusionPipeline, spec: ModelSpec) -> Family:
 
 Loader = Callable[[ModelSpec, torch.dtype], DiffusionPipeline]
 
+# An adapter's name inside the model (PEFT keeps them in module dicts: no dots).
+ADAPTER_KEY = re.compile(r"\W")
+
 # The pipeline class an edit runs, made from the loaded one with `from_pipe`: the same modules,
 # so an edit holds no second copy of the weights.
 EDIT_PIPELINES: dict[str, Any] = {
@@ -176,6 +183,8 @@ class ModelManager:
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
+        # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
+        self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
         self._default_schedulers: dict[str, Any] = {}
         # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
@@ -237,6 +246,7 @@ class ModelManager:
             load_seconds=round(seconds, 3),
             failures=0,
             retry_at=None,
+            loads=self.state(model_id).loads + 1,
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
@@ -269,9 +279,15 @@ class ModelManager:
         else:
             pipe.to(self.device)
 
-    def get(self, model_id: str, scheduler: str = DEFAULT_SCHEDULER, mode: str = "txt2img") -> DiffusionPipeline:
-        """The pipeline for model_id's mode (edits.MODES) with the requested scheduler, loading (and
-        evicting) as needed."""
+    def get(
+        self,
+        model_id: str,
+        scheduler: str = DEFAULT_SCHEDULER,
+        mode: str = "txt2img",
+        loras: tuple[tuple[str, float], ...] = (),
+    ) -> DiffusionPipeline:
+        """The pipeline for model_id's mode (edits.MODES) with the requested scheduler and LoRA
+        adapters active, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
@@ -279,6 +295,7 @@ class ModelManager:
             pipe = self._pipes[model_id] = self._load(model_id)
         self._pipes.move_to_end(model_id)
         self._set(model_id, last_used=time.time())
+        self._activate(model_id, pipe, loras)
         if mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
             key = (model_id, EDIT_PIPELINES[mode])
             if key not in self._edit_pipes:
@@ -296,6 +313,40 @@ class ModelManager:
                 scheduler_class = getattr(diffusers, wanted.diffusers_class)
                 pipe.scheduler = scheduler_class.from_config(default.config, **wanted.options)
         return pipe
+
+    def _activate(self, model_id: str, pipe: DiffusionPipeline, loras: tuple[tuple[str, float], ...]) -> None:
+        """Makes exactly these adapters active, at their weights: each is loaded into the model once
+        (PEFT) and kept among MAX_LOADED_LORAS, so a switch between batches only sets weights. The
+        editing pipelines share the model's modules, so they see the same adapters."""
+        loaded = self._adapters.setdefault(model_id, OrderedDict())
+        active = []
+        for name, _weight in loras:
+            path = path_of(self.settings.lora_dir, name)
+            try:
+                stamp = path.stat().st_mtime_ns  # a replaced file is another adapter
+            except FileNotFoundError:
+                raise AdapterFailed(f"adapter `{name}` is no longer in LORA_DIR") from None
+            key = ADAPTER_KEY.sub("_", name) + f"_{stamp}"
+            if key not in loaded:
+                while len(loaded) >= self.settings.max_loaded_loras:
+                    pipe.delete_adapters(loaded.popitem(last=False)[0])
+                try:
+                    with warnings.catch_warnings():  # several adapters in one model is the point
+                        warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+                        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=key)
+                except Exception as exc:
+                    with contextlib.suppress(Exception):  # what half-loaded goes with it
+                        pipe.delete_adapters(key)
+                    raise AdapterFailed(f"adapter `{name}` does not fit model {model_id}: {exc}") from exc
+                loaded[key] = name
+                log.info("loaded adapter %s into model %s (%d loaded)", name, model_id, len(loaded))
+            loaded.move_to_end(key)
+            active.append(key)
+        if active:
+            pipe.enable_lora()
+            pipe.set_adapters(active, adapter_weights=[weight for _name, weight in loras])
+        elif loaded:
+            pipe.disable_lora()
 
     def loaded(self) -> list[str]:
         """Models in memory now (safe to ask from any thread)."""
@@ -331,6 +382,7 @@ class ModelManager:
         for target in unloaded:
             for key in [key for key in self._edit_pipes if key[0] == target]:
                 del self._edit_pipes[key]
+            self._adapters.pop(target, None)  # they lived in the model's modules
             self._default_schedulers.pop(target, None)
             self._families.pop(target, None)
             self._set(target, state=ModelState.UNLOADED)

@@ -23,6 +23,7 @@ from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.jobs import Job, JobStatus
 from imagegen.logs import job_context
+from imagegen.loras import AdapterFailed
 from imagegen.monitoring import Monitor
 from imagegen.storage import ImageStore
 
@@ -116,12 +117,16 @@ class Engine:
                 return []
             params = runnable[0].params
             ids = [job.id for job in runnable]
-            pipe = self.models.get(params.model, params.scheduler, params.mode)
+            pipe = self.models.get(params.model, params.scheduler, params.mode, params.loras)
             images = self._generate(pipe, runnable, inputs)
             cancelled = self.jobs.cancelled_among(ids)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
                     self.endings.end(job, JobStatus.SUCCEEDED, images=self._store(job, job_images))
+        except AdapterFailed as exc:  # the request's own misfit: trying again cannot mend it
+            for job in runnable:
+                self.endings.end(job, JobStatus.FAILED, error={"code": "adapter_failed", "message": str(exc)})
+            return []
         except Exception as exc:
             return self._fail(runnable, exc)
         seconds = time.perf_counter() - started
@@ -129,7 +134,7 @@ class Engine:
         self.jobs_done += len(runnable)
         self.monitor.record_generation(seconds, image_count)
         log.info(
-            "generated %d jobs (%d images) %s %dx%d steps=%d model=%s in %.2fs",
+            "generated %d jobs (%d images) %s %dx%d steps=%d model=%s%s in %.2fs",
             len(runnable),
             image_count,
             params.mode,
@@ -137,6 +142,7 @@ class Engine:
             params.height,
             params.total_steps,
             params.model,
+            "".join(f" lora={name}:{weight}" for name, weight in params.loras),
             seconds,
         )
         return []

@@ -45,6 +45,8 @@ function fillSizes(max, preferred, select) {
 }
 
 let models = {}; // id -> what /models says: family, the fields it takes, defaults, limits
+let adapters = []; // what /loras lists
+let chosen = []; // [{name, weight}] for the next request
 
 async function loadConfig() {
   const info = await (await fetch("/", { headers: headers() })).json();
@@ -60,7 +62,37 @@ async function loadConfig() {
   models = Object.fromEntries(listed.map((m) => [m.id, m]));
   const ids = info.models ?? listed.map((m) => m.id);
   $("model").replaceChildren(...ids.map((m) => new Option(m, m)));
+  const loras = await fetch("/loras", { headers: headers() });
+  adapters = loras.ok ? (await loras.json()).loras : [];
   chooseModel();
+}
+
+// The adapters that fit the chosen model (by the family their header tells), and the chosen ones.
+function showAdapters() {
+  const model = models[$("model").value];
+  const family = model && model.family ? model.family.replace(/-inpaint$/, "").replace(/^flux-.*/, "flux") : null;
+  const fitting = adapters.filter((a) => !a.family || !family || a.family === family);
+  const takes = !model || !model.adapters || model.adapters.includes("lora");
+  $("loras_field").hidden = !takes || fitting.length === 0;
+  $("lora").replaceChildren(...fitting.map((a) => new Option(a.trigger_words.length ? `${a.name} (${a.trigger_words.join(", ")})` : a.name, a.name)));
+  chosen = chosen.filter((c) => fitting.some((a) => a.name === c.name));
+  $("lora_list").replaceChildren(...chosen.map((c, i) => {
+    const item = document.createElement("li");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "remove";
+    remove.addEventListener("click", () => { chosen.splice(i, 1); showAdapters(); });
+    item.append(`${c.name} × ${c.weight} `, remove);
+    return item;
+  }));
+}
+
+function addAdapter() {
+  const name = $("lora").value;
+  if (!name) return;
+  chosen = chosen.filter((c) => c.name !== name);
+  chosen.push({ name, weight: Number($("lora_weight").value) });
+  showAdapters();
 }
 
 // Shows only the fields the chosen model takes, with its defaults and limits.
@@ -75,6 +107,7 @@ function chooseModel() {
   $("steps").max = model.limits.max_steps;
   $("steps").value = model.defaults.steps;
   $("guidance_scale").value = model.defaults.guidance_scale;
+  showAdapters();
 }
 
 function requestBody() {
@@ -92,6 +125,7 @@ function requestBody() {
   if (!$("negative_prompt_field").hidden && $("negative_prompt").value.trim()) body.negative_prompt = $("negative_prompt").value;
   if (!$("prompt_2_field").hidden && $("prompt_2").value.trim()) body.prompt_2 = $("prompt_2").value;
   if (!$("seed_random").checked && $("seed").value !== "") body.seed = Number($("seed").value);
+  if (chosen.length && !$("loras_field").hidden) body.loras = chosen;
   return body;
 }
 
@@ -121,7 +155,8 @@ function figure(image, caption) {
 function show(job) {
   const p = job.parameters;
   const mode = p.mode && p.mode !== "txt2img" ? `${p.mode}: ` : "";
-  const caption = `${mode}${p.prompt} (${p.steps} steps, guidance ${p.guidance_scale})`;
+  const styles = (p.loras || []).map(([name, weight]) => ` <${name}:${weight}>`).join("");
+  const caption = `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale})`;
   $("results").replaceChildren(...job.images.map((image) => figure(image, caption)));
   lastSeed = job.images[0].seed;
   const gallery = JSON.parse(localStorage.getItem(GALLERY_STORE) || "[]");
@@ -292,7 +327,9 @@ async function editForm() {
   delete body.height;
   if (!body.prompt.trim()) delete body.prompt; // an image alone: a variation
   const form = new FormData();
-  for (const [name, value] of Object.entries(body)) if (value !== undefined) form.append(name, String(value));
+  for (const [name, value] of Object.entries(body)) {
+    if (value !== undefined) form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.append("image", editing.blob, "image");
   form.append("strength", $("strength").value);
   const sides = ["left", "right", "top", "bottom"];
@@ -363,6 +400,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("invert_mask").addEventListener("click", () => { invertMask(); fullStrength(); });
   $("clear_mask").addEventListener("click", () => $("mask").getContext("2d").clearRect(0, 0, mask.width, mask.height));
   $("remove_image").addEventListener("click", removeImage);
+  $("add_lora").addEventListener("click", addAdapter);
   renderGallery();
   loadConfig().catch(() => say("Could not read the server's limits.", true));
 });

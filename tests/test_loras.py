@@ -1,0 +1,263 @@
+"""LoRA adapters: the demo adapter's style on every surface, switched per batch without reloading
+the model; the adapters folder, an admin's upload and delete; unknown and unfit adapters refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import webuiapi
+from PIL import Image
+
+from imagegen.jobs import GenerationParams
+from tests.conftest import ADMIN, ROOT, call, serve, start_server, wait_ready
+from tools.shapes import centre, classify
+
+DEMO = "models/demo-shapes"
+ADAPTER = ROOT / "models" / "loras" / "corner.safetensors"
+PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a purple triangle on a yellow background",
+]
+
+
+def image_of(view: dict[str, Any]) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(view["b64_json"]))).convert("RGB"))
+
+
+def cornered(pixels: np.ndarray) -> bool:
+    found = centre(pixels)
+    return found is not None and max(found) <= 24
+
+
+def fake_lora(path: Path, tensors: dict[str, list[int]], metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file of zeros with these tensor names and shapes."""
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, shape in tensors.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A LORA_DIR with the demo adapter."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    shutil.copy(ADAPTER, loras / "corner.safetensors")
+    return loras
+
+
+@pytest.fixture
+def demo(app_factory: Any, folder: Path) -> Any:
+    client = app_factory(model_id=DEMO, default_steps=20, lora_dir=folder).test_client()
+    wait_ready(client)
+    return client
+
+
+def generate(client: Any, prompt: str, seed: int, loras: list[dict[str, Any]] | None = None) -> Any:
+    body = {"prompt": prompt, "seed": seed, "response_format": "b64_json", **({"loras": loras} if loras else {})}
+    return client.post("/generate", json=body)
+
+
+def test_the_demo_adapter_moves_shapes_to_the_corner_and_switches_per_batch(demo, tmp_path):
+    [listed] = demo.get("/loras").json["loras"]
+    assert (listed["name"], listed["family"], listed["rank"]) == ("corner", "sd", 8)
+    assert listed["bytes"] == ADAPTER.stat().st_size <= 2**20
+    for seed, prompt in enumerate(PROMPTS):
+        base = generate(demo, prompt, seed)
+        styled = generate(demo, prompt, seed, [{"name": "corner", "weight": 1.0}])
+        zero = generate(demo, prompt, seed, [{"name": "corner", "weight": 0.0}])
+        assert base.status_code == styled.status_code == zero.status_code == 200, styled.json
+        pixels = image_of(styled.json["images"][0])
+        assert cornered(pixels) and classify(pixels).caption == prompt, (prompt, centre(pixels), classify(pixels))
+        assert (image_of(zero.json["images"][0]) == image_of(base.json["images"][0])).all(), "weight 0 is the base"
+        assert styled.json["parameters"]["loras"] == [["corner", 1.0]]
+    [model] = demo.get("/models").json["models"]
+    assert model["loads"] == 1, "switching adapters never reloads the model"
+    named = demo.post("/generate", json={"prompt": PROMPTS[0], "seed": 1, "loras": [{"name": "corner"}]})
+    stored = demo.get(named.json["images"][0]["url"].replace("http://localhost", "")).data
+    assert json.loads(Image.open(io.BytesIO(stored)).text["parameters"])["loras"] == [["corner", 1.0]]
+
+
+def test_adapters_keep_batches_apart():
+    base = GenerationParams(PROMPTS[0], "", 64, 64, 20, 5.0, (1,), "default", DEMO)
+    styled = GenerationParams(**{**base.__dict__, "loras": (("corner", 1.0),)})
+    assert (
+        base.batch_key
+        != styled.batch_key
+        != GenerationParams(**{**base.__dict__, "loras": (("corner", 0.5),)}).batch_key
+    )
+
+
+def test_unknown_and_unfit_adapters_are_400s(demo, folder, app_factory, tmp_path, tiny_models):
+    fake_lora(folder / "xl.safetensors", {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": [4, 32]})
+    cases = {
+        "unknown": [{"name": "nope"}],
+        "a path": [{"name": "../corner"}],
+        "another family": [{"name": "xl"}],
+        "twice": [{"name": "corner"}, {"name": "corner"}],
+        "too heavy": [{"name": "corner", "weight": 9}],
+    }
+    for case, loras in cases.items():
+        answer = generate(demo, PROMPTS[0], 1, loras)
+        assert answer.status_code == 400, (case, answer.json)
+        details = answer.json["error"]["details"]
+        assert (details["field"] if isinstance(details, dict) else details[0]["field"]).startswith("loras"), case
+    assert "made for sdxl models" in generate(demo, PROMPTS[0], 1, [{"name": "xl"}]).json["error"]["message"]
+
+    few = app_factory(model_id=DEMO, lora_dir=folder, max_loras_per_request=1).test_client()
+    wait_ready(few)
+    shutil.copy(folder / "corner.safetensors", folder / "other.safetensors")
+    answer = generate(few, PROMPTS[0], 1, [{"name": "corner"}, {"name": "other"}])
+    assert answer.status_code == 400 and "MAX_LORAS_PER_REQUEST" in answer.json["error"]["message"]
+
+    pixart = serve(app_factory, tmp_path, tiny_models, "pixart-sigma", max_steps=4)
+    answer = pixart.post("/generate", json={"prompt": "x", "loras": [{"name": "corner"}]})
+    assert answer.status_code == 400 and "takes no LoRA adapters" in answer.json["error"]["message"]
+
+
+def test_a_misfit_only_a_load_shows_fails_the_job(demo, folder):
+    key = "down_blocks.0.attentions.0.proj_in"  # the demo UNet's names, the wrong shapes
+    fake_lora(folder / "misfit.safetensors", {f"unet.{key}.lora_A.weight": [4, 7], f"unet.{key}.lora_B.weight": [9, 4]})
+    answer = generate(demo, PROMPTS[0], 1, [{"name": "misfit"}])
+    assert answer.status_code == 422 and answer.json["error"]["code"] == "adapter_failed", answer.json
+    assert "does not fit model" in answer.json["error"]["message"]
+    after = generate(demo, PROMPTS[0], 1, [{"name": "corner"}])
+    assert after.status_code == 200, after.json
+    assert cornered(image_of(after.json["images"][0])), "the model is unharmed"
+
+
+def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
+    client = app_factory(model_id=DEMO, lora_dir=folder, max_adapter_bytes=600_000).test_client()
+    wait_ready(client)
+    data = ADAPTER.read_bytes()
+
+    def upload(name: str, content: bytes, headers: dict[str, str] = ADMIN) -> Any:
+        """The form encoded here: the test client's own encoder leaves a temporary file open for a
+        large one."""
+        boundary = "adapter-boundary"
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.safetensors"\r\n\r\n'
+            ).encode()
+            + content
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        kind = f"multipart/form-data; boundary={boundary}"
+        return client.post("/loras", data=body, content_type=kind, headers=headers)
+
+    refused = upload("mine", data, {"X-Requested-With": "t"})
+    assert refused.status_code in {401, 403}
+    added = upload("mine", data)
+    assert added.status_code == 201 and added.json["family"] == "sd", added.json
+    assert {lora["name"] for lora in client.get("/loras").json["loras"]} == {"corner", "mine"}
+    mine, corner = (generate(client, PROMPTS[0], 2, [{"name": name}]) for name in ("mine", "corner"))
+    assert mine.status_code == 200 and (image_of(mine.json["images"][0]) == image_of(corner.json["images"][0])).all()
+    bad = {
+        "not safetensors": ("junk", b"PK\x03\x04 a zip", 400),
+        "no LoRA weights": ("plain", fake_lora(tmp_path / "plain.st", {"weight": [2, 2]}).read_bytes(), 400),
+        "a path for a name": ("../escape", data, 400),
+        "too large": ("big", data + bytes(700_000), 413),
+    }
+    for case, (name, content, status) in bad.items():
+        answer = upload(name, content)
+        assert answer.status_code == status, (case, answer.json)
+    assert sorted(p.name for p in folder.iterdir()) == ["corner.safetensors", "mine.safetensors"], (
+        "nothing half-written"
+    )
+    assert client.delete("/loras/mine", headers=ADMIN).status_code == 200
+    assert client.delete("/loras/mine", headers=ADMIN).status_code == 404
+    assert generate(client, PROMPTS[0], 2, [{"name": "mine"}]).status_code == 400
+
+
+def test_trigger_words_and_kohya_names_are_read_from_the_header(demo, folder):
+    fake_lora(
+        folder / "kohya.safetensors",
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [16, 64]},
+        {"ss_tag_frequency": json.dumps({"set": {"shiny": 9, "flat": 3}})},
+    )
+    listed = {lora["name"]: lora for lora in demo.get("/loras").json["loras"]}
+    assert (listed["kohya"]["family"], listed["kohya"]["rank"], listed["kohya"]["trigger_words"]) == (
+        "sd",
+        16,
+        ["shiny", "flat"],
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """A real server on the demo model with the shipped adapters folder (LORA_DIR's default)."""
+    process, base = start_server(tmp_path_factory.mktemp("loras"), MODEL_ID=DEMO, DEFAULT_STEPS="20")
+    yield base
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.mark.slow
+def test_the_openai_and_a1111_clients_take_adapters(server):
+    def native(**body: Any) -> np.ndarray:
+        """The same request through the native API, with the adapter named in `loras`."""
+        body = {"width": 64, "height": 64, "loras": [{"name": "corner", "weight": 1.0}], **body}
+        status, _headers, answer = call(f"{server}/generate", {**body, "response_format": "b64_json"})
+        assert status == 200, answer
+        return image_of(json.loads(answer)["images"][0])
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="anything", max_retries=0)
+    result = client.images.generate(
+        prompt=PROMPTS[1], size="64x64", extra_body={"seed": 4, "loras": [{"name": "corner", "weight": 1}]}
+    )
+    assert (image_of({"b64_json": result.data[0].b64_json}) == native(prompt=PROMPTS[1], seed=4)).all()
+
+    host, port = server.removeprefix("http://").split(":")
+    webui = webuiapi.WebUIApi(host=host, port=int(port))
+    options = {"seed": 5, "width": 64, "height": 64, "steps": 20, "cfg_scale": 5.0}
+    styled = webui.txt2img(prompt=f"{PROMPTS[2]} <lora:corner:1>", **options)
+    plain = webui.txt2img(prompt=PROMPTS[2], **options)
+    assert styled.info["prompt"] == PROMPTS[2], "the tag is parsed out of the prompt"
+    same = native(prompt=PROMPTS[2], seed=5, steps=20, guidance_scale=5.0, scheduler="euler_a")  # webuiapi's sampler
+    assert (np.asarray(styled.image.convert("RGB")) == same).all()
+    assert not (np.asarray(styled.image) == np.asarray(plain.image)).all()
+    listed = json.loads(call(f"{server}/sdapi/v1/loras")[2])
+    assert [lora["name"] for lora in listed] == ["corner"] and "/" not in listed[0]["path"]
+    status, _headers, body = call(f"{server}/sdapi/v1/txt2img", {"prompt": "x <lora:nope:1>"})
+    assert status == 400 and json.loads(body)["error"] == "invalid_request"
+    [model] = json.loads(call(f"{server}/models")[2])["models"]
+    assert model["loads"] == 1, "requests with and without the adapter interleaved on one load"
+
+
+def test_adapters_beyond_max_loaded_loras_are_dropped_and_loaded_again(app_factory, folder):
+    shutil.copy(folder / "corner.safetensors", folder / "twin.safetensors")
+    client = app_factory(
+        model_id=DEMO, default_steps=20, lora_dir=folder, max_loaded_loras=1, result_cache=False
+    ).test_client()
+    wait_ready(client)
+    made = {
+        (name, turn): image_of(generate(client, PROMPTS[0], 3, [{"name": name}]).json["images"][0])
+        for turn in (1, 2)
+        for name in ("corner", "twin")
+    }
+    assert all((image == made[("corner", 1)]).all() for image in made.values()), (
+        "the same weights, however often swapped"
+    )
+    manager = client.application.extensions["imagegen"].queue.models
+    assert list(manager._adapters[DEMO].values()) == ["twin"], "one adapter kept (MAX_LOADED_LORAS=1)"
+    [model] = client.get("/models").json["models"]
+    assert model["loads"] == 1
+    client.post(f"/models/{DEMO}/unload", headers=ADMIN)
+    assert DEMO not in manager._adapters, "unloading the model drops its adapters"
