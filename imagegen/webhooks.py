@@ -139,7 +139,10 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         raise DeliveryFailed(f"{host} resolves to a private address ({private[0]}); see WEBHOOK_ALLOW_PRIVATE")
     connection = _PinnedConnection(host, port, addresses[0], tls, settings.webhook_timeout_seconds)
 
+    fired = threading.Event()
+
     def cut_off() -> None:  # shutdown, not close: it wakes a recv blocked in the sending thread
+        fired.set()  # first: the woken recv's error must read as the deadline's
         if connection.sock is not None:
             connection.sock.shutdown(socket.SHUT_RDWR)
 
@@ -156,7 +159,9 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
             raise DeliveryFailed(f"HTTP {response.status}")
         return response.status
     except (OSError, http.client.HTTPException) as exc:
-        late = "" if overrun.is_alive() else f" (over the {settings.webhook_timeout_seconds} s deadline)"
+        # the timer cut it off (its error is the peer's "disconnect"), or the socket's own timeout did
+        overran = fired.is_set() or isinstance(exc, TimeoutError)
+        late = f" (over the {settings.webhook_timeout_seconds} s deadline)" if overran else ""
         raise DeliveryFailed(f"{type(exc).__name__}: {exc}{late}") from None
     finally:
         overrun.cancel()
