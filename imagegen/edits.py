@@ -19,13 +19,11 @@ from PIL import Image, ImageChops, ImageFilter, ImageOps, ImageStat
 from config import Settings
 from imagegen.queue import InputRejected
 
-# A request's mode: what the engine does with it and which pipeline it runs (families.Family.modes).
-MODES = ("txt2img", "img2img", "variation", "inpaint", "outpaint")
+# The modes of a request (families.Family.modes) that paint through a mask.
 MASKED = ("inpaint", "outpaint")
 # A strength a request leaves out: an edit keeps a quarter of the original's structure, a variation
 # four tenths, and a masked area is repainted from noise (its surroundings hold it in place).
-DEFAULT_STRENGTH = {"txt2img": 1.0, "img2img": 0.75, "variation": 0.6, "inpaint": 1.0, "outpaint": 1.0}
-RESIZE_MODES = ("resize", "crop", "fill")
+DEFAULT_STRENGTH = {"img2img": 0.75, "variation": 0.6, "inpaint": 1.0, "outpaint": 1.0}
 
 # The leading bytes of each format taken; a WebP file is RIFF, four bytes of length, then WEBP.
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}

@@ -54,7 +54,7 @@ class GenerationParams:
     scheduler: str
     model: str
     prompt_2: str = ""  # for the second text encoder of the families that have one (families.py)
-    mode: str = "txt2img"  # edits.MODES
+    mode: str = "txt2img"  # or img2img, variation, inpaint, outpaint (families.Family.modes)
     image: str = ""  # an edit's image, stored before the job was accepted (ImageStore.save_input)
     mask: str = ""  # an inpainting's or outpainting's mask (white = repaint), stored the same way
     strength: float = 1.0  # how far an edit departs from its image (1: repainted from noise)

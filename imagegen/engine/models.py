@@ -286,7 +286,7 @@ class ModelManager:
         mode: str = "txt2img",
         loras: tuple[tuple[str, float], ...] = (),
     ) -> DiffusionPipeline:
-        """The pipeline for model_id's mode (edits.MODES) with the requested scheduler and LoRA
+        """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler and LoRA
         adapters active, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
