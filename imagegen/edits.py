@@ -69,7 +69,7 @@ def decode(field: str, data: bytes, settings: Settings) -> Image.Image:
 
 def _flatten(image: Image.Image, background: str) -> Image.Image:
     """RGB, with transparent pixels over the background colour."""
-    if image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info:
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background)
         return Image.alpha_composite(canvas, rgba).convert("RGB")
@@ -89,7 +89,7 @@ def as_mask(image: Image.Image) -> Image.Image:
 def transparent_area(image: Image.Image, field: str) -> Image.Image:
     """OpenAI's kind of mask: its transparent pixels (alpha under half) mark the area to edit, as a
     mask of ours (white = repaint). InputRejected when the image has no transparency at all."""
-    if image.mode not in {"RGBA", "LA", "PA"} and "transparency" not in image.info:
+    if not image.has_transparency_data:
         message = f"`{field}` must have transparency: its transparent pixels mark the area to edit"
         raise InputRejected("invalid_image", message, field)
     return image.convert("RGBA").getchannel("A").point(lambda alpha: 255 if alpha < 128 else 0)
@@ -97,7 +97,7 @@ def transparent_area(image: Image.Image, field: str) -> Image.Image:
 
 def has_transparency(image: Image.Image) -> bool:
     """Whether some pixel is at least half transparent."""
-    if image.mode not in {"RGBA", "LA", "PA"} and "transparency" not in image.info:
+    if not image.has_transparency_data:
         return False
     return image.convert("RGBA").getchannel("A").getextrema()[0] < 128
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from flask import request
@@ -87,7 +88,7 @@ def upload() -> tuple[dict[str, Any], int]:
         if os.path.getsize(partial) > settings.max_adapter_bytes:
             message = f"The adapter is over MAX_ADAPTER_BYTES ({settings.max_adapter_bytes})."
             raise APIError(413, "payload_too_large", message, {"field": "file"})
-        lora = describe(target.with_name(os.path.basename(partial)))  # checked before it is offered
+        lora = describe(Path(partial))  # checked before it is offered
         os.chmod(partial, 0o644)  # readable by workers that run as another user, as a copied file is
         os.replace(partial, target)
     except AdapterRejected as exc:
