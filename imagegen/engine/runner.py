@@ -148,14 +148,16 @@ class Engine:
         return []
 
     def _inputs(self, jobs: list[Job]) -> dict[str, tuple[Image.Image | None, Image.Image | None]]:
-        """Each job's stored image and mask (None for what it has not), by job id; a job whose inputs
-        expired before it ran fails, and only it."""
-        found = {}
+        """Each job's stored image and mask (None for what it has not), by job id, each stored input
+        read once however many jobs share it; a job whose inputs expired before it ran fails, and
+        only it."""
+        found, read = {}, {}
         for job in jobs:
             try:
-                found[job.id] = tuple(
-                    self.images.read_input(name) if name else None for name in (job.params.image, job.params.mask)
-                )
+                for name in (job.params.image, job.params.mask):
+                    if name and name not in read:
+                        read[name] = self.images.read_input(name)
+                found[job.id] = tuple(read.get(name) for name in (job.params.image, job.params.mask))
             except FileNotFoundError:
                 message = "The image to edit expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
                 self.endings.end(job, JobStatus.FAILED, error={"code": "image_expired", "message": message})
