@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev run worker test lint bench gpu-wheels screenshot lock audit clean
+.PHONY: install install-dev run worker test faults lint bench gpu-wheels screenshot lock audit clean
 
 # Each stamp re-installs only when its lock file changed since the last install.
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
@@ -37,6 +37,12 @@ worker: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The reliability promise measured (docs/reliability.md): eleven faults, one at a time, each into a
+# deployment of its own on this machine's PostgreSQL and RabbitMQ; about 5 minutes. The disk-full
+# row mounts a small tmpfs (root); `make test` runs two quick rows.
+faults: install-dev
+	$(BIN)/python -m bench.faults
 
 lint: install-dev
 	$(BIN)/ruff check .

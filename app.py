@@ -1,12 +1,16 @@
 """Entry point: `app` for any WSGI server; `python app.py` serves it with waitress.
 
 On SIGTERM (or Ctrl-C) the server stops taking work, lets the running batch finish within
-SHUTDOWN_GRACE_SECONDS, and exits; jobs still queued stay in the store for the next start.
+SHUTDOWN_GRACE_SECONDS, answers the requests that waited for it, and exits; jobs still queued stay
+in the store for the next start.
 """
 
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 from types import FrameType
 
 from imagegen import create_app
@@ -30,15 +34,31 @@ if __name__ == "__main__":
         max_request_body_size=settings.largest_body_bytes,
     )
 
-    def shut_down(signum: int, _frame: FrameType | None) -> None:
-        log = logging.getLogger("imagegen")
+    drained = threading.Event()
+    log = logging.getLogger("imagegen")
+
+    def drain(signum: int) -> None:
+        """Off the main thread, which runs waitress's loop: that loop sends the answers of the
+        requests that waited for the draining batch, so it must keep going until they are sent."""
         log.warning("signal %s: draining (grace %ss)", signal.Signals(signum).name, settings.shutdown_grace_seconds)
         services.stop(settings.shutdown_grace_seconds)
+        deadline = time.monotonic() + 10
+        while server.task_dispatcher.active_count and time.monotonic() < deadline:  # answers being written
+            time.sleep(0.05)
+        time.sleep(0.2)  # and handed to the loop, which sends them
         log.warning("shut down; %d jobs left queued for the next start", services.queue.snapshot().depth)
-        server.close()
-        sys.exit(0)
+        drained.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # wakes the loop, which now leaves
+
+    def shut_down(signum: int, _frame: FrameType | None) -> None:
+        if drained.is_set():
+            raise SystemExit(0)  # waitress's run() ends its loop and its threads on SystemExit
+        if not services.draining:
+            services.draining = True  # new requests get 503 shutting_down from now on
+            threading.Thread(target=drain, args=(signum,), name="drain").start()
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
-    logging.getLogger("imagegen").info("serving on http://%s:%s", settings.host, server.effective_port)
-    server.run()
+    log.info("serving on http://%s:%s", settings.host, server.effective_port)
+    server.run()  # returns once the drain is done (SystemExit above), its threads stopped
+    sys.exit(0)

@@ -201,8 +201,13 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = ""
     storage_presigned_urls: bool = False
     job_max_retries: int = Field(2, ge=0, le=100)
+    retry_backoff_seconds: float = Field(2.0, ge=0, le=300)
     worker_name: str = ""
     worker_heartbeat_seconds: float = Field(5.0, gt=0, le=300)
+    watchdog_seconds: float = Field(600, gt=0, le=86_400)
+    reconcile_seconds: float = Field(10, gt=0, le=3600)
+    broker_heartbeat_seconds: float = Field(0, ge=0, le=3600)
+    publish_timeout_seconds: float = Field(10, gt=0, le=300)
 
     @model_validator(mode="before")
     @classmethod
@@ -338,6 +343,12 @@ class Settings(BaseSettings):
         """The largest body any route takes (an adapter upload's, or an edit's), which the WSGI
         server is given; each route's own limit is refused before the app reads a body."""
         return max(self.upload_body_bytes, self.max_adapter_bytes + self.max_request_bytes)
+
+    @property
+    def job_lease_seconds(self) -> float:
+        """How long a running job stays its worker's without a step or a heartbeat: three beats, the
+        same silence that marks the worker lost."""
+        return 3 * self.worker_heartbeat_seconds
 
     @property
     def database(self) -> str:

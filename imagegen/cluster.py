@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from celery import Celery
 from sqlalchemy import insert, select, update
 
 from config import Settings
-from imagegen.db import Database
+from imagegen.db import Database, db_now
 from imagegen.db import workers as table
 from imagegen.endings import Endings
 from imagegen.jobs import Job, JobStatus
@@ -53,14 +54,36 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
+        broker_heartbeat=settings.broker_heartbeat_seconds,  # off by default: CONFIGURATION.md says why
+        # RabbitMQ confirms each message once it holds it: accepted means the broker has the job
+        broker_transport_options={"confirm_publish": True} if settings.broker_url.startswith("amqp") else {},
+        task_publish_retry_policy={"max_retries": 1},  # a broker away for good is the reconciler's to mend
+        # A batch whose broker connection dropped runs to its end and records its jobs (the leases
+        # say whose they are); its messages, redelivered meanwhile, are skipped by whoever gets them.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
 
 
-def publish(app: Celery, job_ids: list[str]) -> None:
-    """Sends one message per job to the workers' queue (BROKER_QUEUE)."""
-    for job_id in job_ids:
-        app.send_task(TASK, args=[job_id])
+def publish(app: Celery, job_ids: list[str], timeout: float, after: float = 0) -> None:
+    """Sends one message per job to the workers' queue (BROKER_QUEUE), due `after` seconds from now,
+    each confirmed within `timeout` seconds.
+
+    On a connection of its own whose every read and write also times out: a broker that blocks
+    publishers (a memory or disk alarm) stops reading, and the confirm's timeout alone would leave
+    the pooled connection's close waiting for ever (measured: a few ms per connection here).
+    """
+    sockets = {"read_timeout": timeout, "write_timeout": timeout}
+    with app.connection_for_write(transport_options=sockets) as connection:
+        for job_id in job_ids:
+            app.send_task(
+                TASK,
+                args=[job_id],
+                countdown=after or None,
+                connection=connection,
+                timeout=timeout,
+                confirm_timeout=timeout,
+            )
 
 
 def broker_ping(app: Celery) -> None:
@@ -105,7 +128,7 @@ class WorkerRegistry:
             "model": model,
             "state": state,
             "jobs_done": jobs_done,
-            "heartbeat_at": time.time(),
+            "heartbeat_at": db_now(),
             "report": json.dumps(report or {}),
         }
         with self.db.transaction() as conn:
@@ -115,11 +138,11 @@ class WorkerRegistry:
     def describe(self) -> list[dict[str, Any]]:
         """Every worker seen in the last hour, with `alive` from its last heartbeat and the figures of
         its last report (memory, GPUs, models, histograms)."""
-        now = time.time()
-        rows = self.db.query(select(table).where(table.c.heartbeat_at > now - 3600).order_by(table.c.name))
+        age = (db_now() - table.c.heartbeat_at).label("age")  # on the database's clock, as beats are stamped
+        rows = self.db.query(select(table, age).where(table.c.heartbeat_at > db_now() - 3600).order_by(table.c.name))
         workers = []
         for row in rows:
-            fresh = now - row["heartbeat_at"] <= self.stale_after
+            fresh = row["age"] <= self.stale_after
             stopped = row["state"] == WorkerState.STOPPED  # said goodbye; a worker that just went quiet is lost
             workers.append(
                 {
@@ -129,6 +152,7 @@ class WorkerRegistry:
                     "state": WorkerState(row["state"]) if fresh or stopped else WorkerState.LOST,
                     "jobs_done": row["jobs_done"],
                     "last_heartbeat": row["heartbeat_at"],
+                    "heartbeat_age_seconds": round(row["age"], 3),
                     "alive": fresh and not stopped,
                     **json.loads(row["report"] or "{}"),
                 }
@@ -149,12 +173,15 @@ class CeleryQueue:
         self.settings, self.endings, self.images, self.registry, self.app = settings, endings, images, registry, app
         self.jobs = endings.jobs
         self._alive_checked = (0.0, False)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         """Nothing runs here: the workers are other processes."""
 
     def stop(self, timeout: float = 30) -> None:
-        """Queued jobs belong to the broker and the workers; an API replica has nothing to drain."""
+        """Queued jobs belong to the broker and the workers; an API replica has nothing to drain but
+        the requests waiting for jobs, which answer now (202: the job goes on without them)."""
+        self._stopping.set()
 
     def apply(self, settings: Settings) -> None:
         self.settings = settings
@@ -176,13 +203,39 @@ class CeleryQueue:
             raise TooManyJobs(limit, self.retry_after())
         self.jobs.create(job)
         try:
-            publish(self.app, [job.id])
+            publish(self.app, [job.id], self.settings.publish_timeout_seconds)
         except Exception as exc:
             log.error("broker refused job %s: %s", job.id, exc)
             error = {"code": "broker_unavailable", "message": "The queue is unreachable."}
             self.endings.end(job, JobStatus.FAILED, error=error)
             raise QueueUnavailable(str(exc)) from exc
         return depth + 1
+
+    def reconcile(self) -> dict[str, int]:
+        """Mends what the broker and the records disagree on (every RECONCILE_SECONDS, on every API
+        replica at once: each job is taken by one conditional UPDATE, so no two replicas publish it):
+
+        - running jobs whose lease ran out (their worker died, hung, or lost its database) are queued
+          again and published;
+        - queued jobs the broker forgot (a purged queue, a broker restarted without persistence, an
+          API killed between the record and the publish, a failed re-publish) are published again:
+          while the records hold more queued jobs than the broker has messages ready, the oldest
+          not published for three periods go out again. A job published twice runs once: the
+          record decides (`JobStore.claim`).
+        """
+        recovered = [job.id for job in self.jobs.expired() if self.jobs.recover(job)]
+        republished: list[str] = []
+        ready = broker_depth(self.app)
+        if ready is not None and (missing := self.jobs.depth() - ready - len(recovered)) > 0:
+            republished = self.jobs.due_for_publish(3 * self.settings.reconcile_seconds, missing)
+        if recovered or republished:
+            log.warning(
+                "reconciler: %d jobs whose worker stopped queued again, %d forgotten by the broker published again",
+                len(recovered),
+                len(republished),
+            )
+            publish(self.app, recovered + republished, self.settings.publish_timeout_seconds)
+        return {"recovered": len(recovered), "republished": len(republished)}
 
     def cancel(self, job_id: str) -> bool:
         """Ends the job cancelled: a worker skips it, or stops its batch at the next step."""
@@ -199,7 +252,8 @@ class CeleryQueue:
             elapsed = time.monotonic() - started
             if elapsed >= timeout:
                 return False
-            time.sleep(min(longest, max(shortest, elapsed / 20), timeout - elapsed))
+            if self._stopping.wait(min(longest, max(shortest, elapsed / 20), timeout - elapsed)):
+                return True
 
     def load(self, model: str) -> dict[str, ModelState]:
         """Every live worker loads the model (one it may serve: its MODEL_ID or MODELS) between batches."""

@@ -15,8 +15,23 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Column, Connection, Float, Integer, MetaData, String, Table, Text, create_engine, event, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +40,29 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 7_041_985
 
 metadata = MetaData()
+
+
+class db_now(FunctionElement):
+    """The database's clock, in seconds since the epoch.
+
+    Why the database's: API replicas and workers run on machines whose clocks differ, and a lease,
+    a heartbeat or a TTL compared across two of them would judge a live worker lost (or a dead one
+    alive) by the skew. Every cross-machine time is written and compared in SQL with this one clock.
+    """
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "postgresql")
+def _postgres_now(_element: db_now, _compiler: Any, **_kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(_element: db_now, _compiler: Any, **_kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
 
 jobs = Table(
     "jobs",
@@ -44,6 +82,11 @@ jobs = Table(
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("worker", Text),
     Column("request_id", String(128)),  # X-Request-ID of the request that created the job (logs.job_context)
+    # A running job belongs to its worker until then (database clock), renewed by its progress and
+    # its worker's heartbeat; after it, another worker may take the job over (jobs.JobStore.claim).
+    Column("lease_until", Float, nullable=False, server_default="0"),
+    # When a queued job was last handed to the broker; the reconciler publishes again one it forgot.
+    Column("published_at", Float),
 )
 
 images = Table(
@@ -132,6 +175,10 @@ class Database:
         with self.engine.connect() as conn:
             return list(conn.execute(statement, args or {}).mappings())
 
+    def now(self) -> float:
+        """The database's clock (`db_now`), for a time that another machine will compare."""
+        return float(self.query(select(db_now().label("now")))[0]["now"])
+
     def ping(self) -> None:
         """Raises when the database does not answer."""
         with self.engine.connect() as conn:
@@ -142,8 +189,10 @@ class Database:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL so readers never wait for the worker's writes; NORMAL sync is safe with WAL."""
+    """WAL so readers never wait for the worker's writes; FULL sync so that a job answered 202 is
+    on disk when the answer leaves (NORMAL, WAL's usual partner, may lose the last commits to a
+    power cut; FULL costs one fsync per commit)."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from imagegen.jobs import Job, JobStatus, JobStore
+from imagegen.jobs import Job, JobStatus, JobStore, Lease
 from imagegen.monitoring import Monitor
 
 CANCELLED = {"code": "cancelled", "message": "The job was cancelled."}
@@ -30,17 +30,24 @@ class Endings:
         status: JobStatus,
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
-        """Records the outcome (QUEUED: back to the queue for another attempt); True if this call
-        changed the record, and only then is the ending counted and its webhook sent."""
-        if status == JobStatus.QUEUED:
-            changed = self.jobs.requeue([job.id]) > 0
-        else:
-            changed = self.jobs.finish(job.id, status, images=images, error=error)
+        """Records the outcome; True if this call changed the record, and only then is the ending
+        counted and its webhook sent. A worker gives its `lease`, so an ending from a worker that
+        lost the job (another took it over) changes nothing."""
+        changed = self.jobs.finish(job.id, status, images=images, error=error, lease=lease)
         if changed:
-            self.monitor.record_ending("retried" if status == JobStatus.QUEUED else status)
-            if job.callback_url and status.finished:
+            self.monitor.record_ending(status)
+            if job.callback_url:
                 self.notify(job.id)
+        return changed
+
+    def retry(self, job: Job, counted: bool = True) -> bool:
+        """Puts a job its worker holds back in the queue for another attempt (not `counted` when an
+        outage, not the job, cut it short); True if it went back."""
+        changed = self.jobs.release(job, counted)
+        if changed:
+            self.monitor.record_ending("retried")
         return changed
 
     def cancel(self, job_id: str) -> bool:

@@ -76,7 +76,8 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "image_expired": (
         (410,),
         "An `image` names a stored image that is gone (IMAGE_TTL_SECONDS) or not yours; as a job's error, "
-        "an edit's stored input expired before it ran.",
+        "an edit's stored input expired before it ran; for `b64_json`, the job's images were deleted since "
+        "it ended (IMAGE_TTL_SECONDS, MAX_IMAGE_STORAGE_MB).",
     ),
     "job_finished": ((409,), "The job has already ended, so it cannot be cancelled."),
     "cancelled": ((409,), "The job was cancelled before it ended (a job's error)."),
@@ -108,6 +109,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "model_loading": ((503,), "The model is loading; `Retry-After` says when to look again."),
     "model_unavailable": ((503,), "The model failed to load; it is tried again with backoff (`Retry-After`)."),
     "worker_stopped": ((503,), "No generation thread or cluster worker is running."),
+    "worker_stalled": ((503,), "The generation thread's batch has made no step for WATCHDOG_SECONDS (a hung device)."),
     "disk_full": ((503,), "The image disk is nearly full (a /health reason)."),
     "error": ((), "Any other HTTP error status, with the status's own message."),
 }

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import delete, func, insert, literal, select, update
+from sqlalchemy import and_, delete, func, insert, literal, or_, select, update
 
-from imagegen.db import Database, webhooks
+from imagegen.db import Database, db_now, webhooks
 from imagegen.db import jobs as table
 
 
@@ -108,6 +108,16 @@ class GenerationParams:
         return {**fields, "seed": seed}
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Which worker runs a job, on which attempt: the guard of every write that worker makes about
+    it, so a worker that lost the job (its lease ran out while it hung, and another took over)
+    changes nothing when it wakes."""
+
+    worker: str
+    attempt: int
+
+
 @dataclass
 class Job:
     """One generation request and its lifecycle."""
@@ -132,6 +142,11 @@ class Job:
     def __post_init__(self) -> None:
         if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
             self.webhook = {"status": WebhookStatus.WAITING, "attempts": 0, "last_error": None}
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease this record was read under, if it is running."""
+        return Lease(self.worker, self.attempts) if self.status == JobStatus.RUNNING and self.worker else None
 
     @property
     def progress(self) -> float:
@@ -189,6 +204,19 @@ JOBS = select(
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
+def _held(jobs: list[Job]) -> Any:
+    """The rows of these jobs still running under the lease each was read with (`Job.lease`)."""
+    return and_(
+        table.c.status == JobStatus.RUNNING,
+        or_(
+            *(
+                and_(table.c.id == job.id, table.c.worker == job.worker, table.c.attempts == job.attempts)
+                for job in jobs
+            )
+        ),
+    )
+
+
 class JobStore:
     """Creates, reads and moves jobs through their states; every change is one conditional UPDATE,
     so concurrent writers (API replicas, workers) can never end a job twice."""
@@ -197,20 +225,24 @@ class JobStore:
         self.db = db
 
     def create(self, job: Job) -> Job:
-        """Records a new queued job."""
+        """Records a new queued job, stamped by the database's clock (queue order across replicas);
+        it counts as published from now: the caller publishes it next."""
         with self.db.transaction() as conn:
-            conn.execute(
-                insert(table).values(
+            job.created_at = conn.execute(
+                insert(table)
+                .values(
                     id=job.id,
                     status=job.status,
                     client=job.client,
                     params=json.dumps(asdict(job.params)),
-                    created_at=job.created_at,
+                    created_at=db_now(),
+                    published_at=db_now(),
                     cache_key=job.cache_key,
                     callback_url=job.callback_url,
                     request_id=job.request_id,
                 )
-            )
+                .returning(table.c.created_at)
+            ).scalar_one()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -222,40 +254,92 @@ class JobStore:
         found = {row["id"]: _row_to_job(row) for row in self.db.query(JOBS.where(table.c.id.in_(job_ids)))}
         return [found[job_id] for job_id in job_ids if job_id in found]
 
-    def claim(self, job_ids: list[str], worker: str) -> list[Job]:
-        """Marks these jobs running on `worker` and counts the attempt; returns those it claimed.
+    def claim(self, job_ids: list[str], worker: str, lease_seconds: float, take_over: bool = False) -> list[Job]:
+        """Marks these jobs running on `worker` under a lease of `lease_seconds` and counts the
+        attempt; returns those it claimed.
 
-        A job already ended (succeeded, failed, cancelled) is left alone, so a redelivered message
-        never runs it again; a job left `running` by a worker that died is taken over.
+        A job already ended is left alone, so a redelivered message never runs it again; so is a job
+        running under a live lease (its worker is computing it: a redelivery after a broker
+        connection dropped must not start a second run). A job whose lease ran out (its worker died
+        or hung) is taken over. `take_over` takes any unfinished job: local mode's one process
+        (DATA_DIR is locked) owns every job it finds.
         """
+        now = db_now()
+        free = (
+            table.c.status.in_(UNFINISHED)
+            if take_over
+            else or_(table.c.status == JobStatus.QUEUED, table.c.lease_until < now)
+        )
         with self.db.transaction() as conn:
-            conn.execute(
+            claimed = conn.execute(
                 update(table)
-                .where(table.c.id.in_(job_ids), table.c.status.in_(UNFINISHED))
+                .where(table.c.id.in_(job_ids), table.c.status.in_(UNFINISHED), free)
                 .values(
                     status=JobStatus.RUNNING,
-                    started_at=time.time(),
+                    started_at=now,
                     step=0,
                     attempts=table.c.attempts + 1,
                     worker=worker,
+                    lease_until=now + lease_seconds,
                 )
+                .returning(table.c.id)
+            ).scalars()
+            taken = set(claimed)
+        return [job for job in self.many(job_ids) if job.id in taken and job.status == JobStatus.RUNNING]
+
+    def release(self, job: Job, counted: bool = True) -> bool:
+        """Puts a job back in the queue to run again, if its lease (`job.lease`) still holds it; an
+        attempt cut short by an outage (the database, the storage) is not `counted`."""
+        values: dict[str, Any] = {}
+        if not counted:
+            values["attempts"] = table.c.attempts - 1
+        return self._requeue(_held([job]), values)
+
+    def expired(self) -> list[Job]:
+        """Running jobs whose lease has run out: their worker died, hung or lost the database."""
+        rows = self.db.query(JOBS.where(table.c.status == JobStatus.RUNNING, table.c.lease_until < db_now()))
+        return [_row_to_job(row) for row in rows]
+
+    def recover(self, job: Job) -> bool:
+        """Queues again a job whose lease ran out (`expired`), unless its worker renewed it since or
+        another reconciler took it first; the attempt counts (JOB_MAX_RETRIES ends a job that keeps
+        killing its workers)."""
+        return self._requeue(and_(_held([job]), table.c.lease_until < db_now()), {})
+
+    def _requeue(self, condition: Any, values: dict[str, Any]) -> bool:
+        with self.db.transaction() as conn:
+            return bool(
+                conn.execute(
+                    update(table)
+                    .where(condition)
+                    .values(
+                        status=JobStatus.QUEUED,
+                        started_at=None,
+                        step=0,
+                        worker=None,
+                        lease_until=0,
+                        published_at=db_now(),
+                        **values,
+                    )
+                ).rowcount
             )
-        return [job for job in self.many(job_ids) if job.status == JobStatus.RUNNING and job.worker == worker]
 
-    def requeue(self, job_ids: list[str]) -> int:
-        """Puts running jobs back in the queued state, to be run again; how many it put back."""
+    def set_step(self, jobs: list[Job], step: int, lease_seconds: float) -> int:
+        """Records progress and renews the jobs' leases; returns how many are still running under
+        their leases (not cancelled, not taken over)."""
+        return self._touch(jobs, lease_seconds, step=step)
+
+    def renew(self, jobs: list[Job], lease_seconds: float) -> int:
+        """Renews the leases of jobs whose batch is alive but between steps (a model load, a long
+        step); how many it still holds."""
+        return self._touch(jobs, lease_seconds)
+
+    def _touch(self, jobs: list[Job], lease_seconds: float, **values: Any) -> int:
+        if not jobs:
+            return 0
         with self.db.transaction() as conn:
             return conn.execute(
-                update(table)
-                .where(table.c.id.in_(job_ids), table.c.status == JobStatus.RUNNING)
-                .values(status=JobStatus.QUEUED, started_at=None, step=0)
-            ).rowcount
-
-    def set_step(self, job_ids: list[str], step: int) -> int:
-        """Records progress; returns how many of the jobs are still running (not cancelled)."""
-        with self.db.transaction() as conn:
-            return conn.execute(
-                update(table).where(table.c.id.in_(job_ids), table.c.status == JobStatus.RUNNING).values(step=step)
+                update(table).where(_held(jobs)).values(lease_until=db_now() + lease_seconds, **values)
             ).rowcount
 
     def finish(
@@ -264,17 +348,29 @@ class JobStore:
         status: JobStatus,
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
-        """Ends a job once; a job already finished keeps its first outcome (and this returns False).
-        The ending and its webhook delivery (if the job gave a callback URL) commit together."""
-        now = time.time()
+        """Ends a job once; a job already finished keeps its first outcome (and this returns False),
+        and so does one whose `lease` (a worker's) no longer holds it. The ending and its webhook
+        delivery (if the job gave a callback URL) commit together."""
+        ending = (
+            table.c.status.in_(UNFINISHED)
+            if lease is None
+            else and_(
+                table.c.status == JobStatus.RUNNING,
+                table.c.worker == lease.worker,
+                table.c.attempts == lease.attempt,
+            )
+        )
         with self.db.transaction() as conn:
+            now = conn.execute(select(db_now())).scalar_one()
             changed = conn.execute(
                 update(table)
-                .where(table.c.id == job_id, table.c.status.in_(UNFINISHED))
+                .where(table.c.id == job_id, ending)
                 .values(
                     status=status,
                     finished_at=now,
+                    lease_until=0,
                     images=json.dumps(images or []),
                     error=json.dumps(error) if error else None,
                 )
@@ -290,9 +386,27 @@ class JobStore:
                 )
         return bool(changed)
 
-    def cancelled_among(self, job_ids: list[str]) -> set[str]:
-        rows = self.db.query(select(table.c.id).where(table.c.id.in_(job_ids), table.c.status == JobStatus.CANCELLED))
-        return {row["id"] for row in rows}
+    def due_for_publish(self, older_than: float, limit: int) -> list[str]:
+        """The oldest queued jobs (at most `limit`) not handed to the broker for `older_than`
+        seconds, each marked published now by this call alone: reconcilers on several replicas at
+        once never publish one job twice."""
+        now = db_now()
+        stale = and_(
+            table.c.status == JobStatus.QUEUED,
+            or_(table.c.published_at.is_(None), table.c.published_at < now - older_than),
+        )
+        oldest = select(table.c.id).where(stale).order_by(table.c.created_at).limit(limit)
+        with self.db.transaction() as conn:
+            return list(
+                conn.execute(
+                    update(table).where(table.c.id.in_(oldest), stale).values(published_at=now).returning(table.c.id)
+                ).scalars()
+            )
+
+    def held(self, jobs: list[Job]) -> set[str]:
+        """The ids of these jobs still running under the leases they were claimed with (not
+        cancelled, not taken over)."""
+        return {row["id"] for row in self.db.query(select(table.c.id).where(_held(jobs)))} if jobs else set()
 
     def recent(self, client: str | None = None, status: JobStatus | None = None, limit: int = 50) -> list[Job]:
         """Newest first, optionally only one client's or one status's."""
@@ -304,20 +418,27 @@ class JobStore:
         rows = self.db.query(query.order_by(table.c.created_at.desc()).limit(limit))
         return [_row_to_job(row) for row in rows]
 
-    def cached(self, cache_key: str, client: str) -> Job | None:
+    def cached(self, cache_key: str, client: str, fresh_for: float) -> Job | None:
         """The newest succeeded job of this client made from exactly these parameters (a cache per
-        owner: another client never receives this one's job, timings or image links)."""
+        owner: another client never receives this one's job, timings or image links), ended less than
+        `fresh_for` seconds ago: a hit whose images expire a moment later is no hit."""
         rows = self.db.query(
-            JOBS.where(table.c.cache_key == cache_key, table.c.client == client, table.c.status == JobStatus.SUCCEEDED)
+            JOBS.where(
+                table.c.cache_key == cache_key,
+                table.c.client == client,
+                table.c.status == JobStatus.SUCCEEDED,
+                table.c.finished_at > db_now() - fresh_for,
+            )
             .order_by(table.c.created_at.desc())
             .limit(1)
         )
         return _row_to_job(rows[0]) if rows else None
 
-    def delete_finished_before(self, cutoff: float) -> int:
-        """Forgets ended jobs older than the cutoff (their images have expired by then), and their
-        webhook deliveries."""
+    def delete_finished_older_than(self, seconds: float) -> int:
+        """Forgets jobs that ended more than `seconds` ago (their images have expired by then), and
+        their webhook deliveries."""
         with self.db.transaction() as conn:
+            cutoff = conn.execute(select(db_now())).scalar_one() - seconds
             forgotten = conn.execute(
                 delete(table).where(table.c.finished_at < cutoff, table.c.status.not_in(UNFINISHED))
             ).rowcount

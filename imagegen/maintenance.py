@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from imagegen.services import Services
 
 log = logging.getLogger(__name__)
+
+# A file that no record names is deleted once this old: a record is written within moments of its file.
+UNTRACKED_GRACE_SECONDS = 3600
 
 
 def expire_inputs(svc: Services, seconds: float, dry_run: bool = False) -> dict[str, int]:
@@ -30,7 +34,8 @@ def run_once(svc: Services) -> dict[str, Any]:
     settings = svc.settings
     result: dict[str, Any] = {"expired": svc.images.delete_older_than(settings.image_ttl_seconds)}
     result["inputs_expired"] = expire_inputs(svc, settings.image_ttl_seconds)
-    result["jobs_deleted"] = svc.jobs.delete_finished_before(time.time() - settings.image_ttl_seconds)
+    result["jobs_deleted"] = svc.jobs.delete_finished_older_than(settings.image_ttl_seconds)
+    result["untracked"] = svc.images.sweep_untracked(UNTRACKED_GRACE_SECONDS)
     if settings.max_image_storage_mb:
         result["quota"] = svc.images.enforce_quota(settings.max_image_storage_mb * 2**20)
     if settings.model_idle_timeout_seconds:
@@ -43,7 +48,8 @@ def run_once(svc: Services) -> dict[str, Any]:
 
 
 class MaintenanceLoop:
-    """Runs `run_once` every CLEANUP_INTERVAL_SECONDS on a daemon thread until stopped."""
+    """Runs `run_once` every CLEANUP_INTERVAL_SECONDS and the queue's reconciler every
+    RECONCILE_SECONDS on a daemon thread until stopped."""
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
@@ -59,8 +65,20 @@ class MaintenanceLoop:
             self._thread.join(10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.svc.settings.cleanup_interval_seconds):
-            try:
-                run_once(self.svc)
-            except Exception:
-                log.exception("maintenance pass failed; the next one runs on schedule")
+        settings, now = self.svc.settings, time.monotonic()
+        cleanup_at, reconcile_at = now + settings.cleanup_interval_seconds, now + settings.reconcile_seconds
+        while not self._stop.wait(max(0.0, min(cleanup_at, reconcile_at) - time.monotonic())):
+            settings, now = self.svc.settings, time.monotonic()  # adjustable at run time
+            if now >= reconcile_at:
+                reconcile_at = now + settings.reconcile_seconds
+                self._guarded("reconciler", self.svc.queue.reconcile)
+            if now >= cleanup_at:
+                cleanup_at = now + settings.cleanup_interval_seconds
+                self._guarded("maintenance pass", lambda: run_once(self.svc))
+
+    @staticmethod
+    def _guarded(what: str, task: Callable[[], object]) -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("%s failed; the next one runs on schedule", what)

@@ -253,7 +253,7 @@ def loaded_models(models: list[dict[str, Any]]) -> list[str]:
 WORKER_GAUGES: dict[str, tuple[str, Callable[[dict[str, Any]], float | None]]] = {
     "up": ("1 while the worker's heartbeat is recent.", lambda w: w["alive"]),
     "jobs_done": ("Jobs the worker has run.", lambda w: w["jobs_done"]),
-    "heartbeat_age_seconds": ("Seconds since the worker's heartbeat.", lambda w: time.time() - w["last_heartbeat"]),
+    "heartbeat_age_seconds": ("Seconds since the worker's heartbeat.", lambda w: w["heartbeat_age_seconds"]),
     "ram_used_bytes": ("RAM in use on the worker's machine.", lambda w: w.get("ram_used_bytes")),
     "process_rss_bytes": ("The worker process's resident memory.", lambda w: w.get("process_rss_bytes")),
     "models_loaded": ("Pipelines in the worker's memory.", lambda w: len(loaded_models(w.get("models") or []))),

@@ -119,6 +119,10 @@ class JobQueue(Protocol):
         """Maintenance: unloads this process's models unused for `seconds` (cluster workers watch
         their own); the models unloaded."""
 
+    def reconcile(self) -> dict[str, int]:
+        """Maintenance, every RECONCILE_SECONDS: mends jobs that the records and the runners disagree
+        on (a dead worker's, a broker's forgotten ones); what it mended."""
+
     def snapshot(self) -> Snapshot:
         """Depth, bound and running jobs, for /queue, /status and /metrics."""
 

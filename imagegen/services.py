@@ -158,7 +158,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
         from imagegen.engine.runner import Engine
 
         models = ModelManager(settings, load or load_pipeline, catalogue)
-        queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local"))
+        queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local", exclusive=True))
     services = Services(settings, catalogue, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(services))
     return services

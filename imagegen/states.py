@@ -18,6 +18,7 @@ class WorkerState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     BUSY = "busy"
+    STALLED = "stalled"  # its batch made no step for WATCHDOG_SECONDS: it hangs, and its jobs' leases run out
     STOPPED = "stopped"  # said goodbye (SIGTERM)
     LOST = "lost"  # went quiet: no heartbeat for three periods
 

@@ -11,6 +11,7 @@ a restart and a cluster worker reads them from the same storage; they are never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from imagegen.db import Database, inputs
+from imagegen.db import Database, db_now, inputs
 from imagegen.db import images as table
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
     return buffer.getvalue()
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """A file's last change, from fsspec's details of a folder's file (`mtime`) or an object (`LastModified`)."""
+    if "mtime" in info:
+        return float(info["mtime"])
+    return info["LastModified"].timestamp()
 
 
 class ImageStore:
@@ -84,7 +92,7 @@ class ImageStore:
         data = png_bytes(image, info)
         self.fs.pipe_file(self._path(name), data)
         with self.db.transaction() as conn:
-            conn.execute(insert(table).values(name=name, job_id=job_id, created_at=time.time(), bytes=len(data)))
+            conn.execute(insert(table).values(name=name, job_id=job_id, created_at=db_now(), bytes=len(data)))
         return StoredImage(name, len(data))
 
     def find(self, name: str) -> StoredImage | None:
@@ -109,7 +117,7 @@ class ImageStore:
         try:
             with self.db.transaction() as conn:
                 conn.execute(delete(inputs).where(inputs.c.name == name))
-                conn.execute(insert(inputs).values(name=name, created_at=time.time(), bytes=len(data)))
+                conn.execute(insert(inputs).values(name=name, created_at=db_now(), bytes=len(data)))
         except IntegrityError:  # the same bytes stored at the same moment by another request
             pass
         return name
@@ -125,11 +133,9 @@ class ImageStore:
     def delete_inputs_older_than(self, seconds: float, keep: set[str], dry_run: bool = False) -> dict[str, int]:
         """Deletes inputs stored more than `seconds` ago, except those `keep` names (a job that has
         not ended still needs them)."""
-        cutoff = time.time() - seconds
+        old = inputs.c.created_at < db_now() - seconds
         rows = [
-            row
-            for row in self.db.query(select(inputs.c.name, inputs.c.bytes).where(inputs.c.created_at < cutoff))
-            if row["name"] not in keep
+            row for row in self.db.query(select(inputs.c.name, inputs.c.bytes).where(old)) if row["name"] not in keep
         ]
         names = [row["name"] for row in rows]
         if names and not dry_run:
@@ -146,10 +152,34 @@ class ImageStore:
         return self.fs.url(self._path(name), expires=seconds)
 
     def _remove(self, paths: list[str]) -> None:
-        # Object stores delete missing keys quietly; a folder raises, so skip files already gone.
-        existing = [path for path in paths if self.fs.exists(path)] if not self.remote else paths
-        if existing:
-            self.fs.rm(existing)
+        """File by file, a file already gone counting as removed: another replica's cleanup (or
+        /cleanup during the loop's pass) may have been first, and the rest must still go."""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def sweep_untracked(self, grace_seconds: float, dry_run: bool = False) -> dict[str, int]:
+        """Deletes the files of this store's shapes that no record names, once older than the grace.
+
+        Why: a file is written before its record and deleted after it, so a crash between the two
+        leaves a file that nothing serves and nothing counts against MAX_IMAGE_STORAGE_MB. The grace
+        spares a file whose record is being written now.
+        """
+        known = {row["name"] for row in self.db.query(select(table.c.name))}
+        known |= {f"inputs/{row['name']}" for row in self.db.query(select(inputs.c.name))}
+        cutoff = time.time() - grace_seconds
+        orphans = []
+        for path, info in self.fs.find(self.root, detail=True).items():
+            name = path.removeprefix(self.root.rstrip("/") + "/")
+            ours = NAME_PATTERN.fullmatch(name) or (
+                name.startswith("inputs/") and INPUT_PATTERN.fullmatch(name.removeprefix("inputs/"))
+            )
+            if ours and name not in known and _modified(info) < cutoff:
+                orphans.append((path, info.get("size") or 0))
+        if orphans and not dry_run:
+            self._remove([path for path, _ in orphans])
+            log.warning("removed %d files that no record named (left by a crash)", len(orphans))
+        return {"deleted": len(orphans), "bytes": sum(size for _, size in orphans)}
 
     def ping(self) -> None:
         """Raises when the storage does not answer (a bucket is listed: an empty prefix does not exist)."""
@@ -163,9 +193,10 @@ class ImageStore:
 
     def delete_older_than(self, seconds: float, dry_run: bool = False) -> dict[str, int]:
         """Deletes images created more than `seconds` ago, oldest first; returns what it freed."""
-        cutoff = time.time() - seconds
         rows = self.db.query(
-            select(table.c.name, table.c.bytes).where(table.c.created_at < cutoff).order_by(table.c.created_at)
+            select(table.c.name, table.c.bytes)
+            .where(table.c.created_at < db_now() - seconds)
+            .order_by(table.c.created_at)
         )
         return self._delete(rows, dry_run, f"older than {seconds}s")
 

@@ -26,6 +26,7 @@ from config import Settings, load_settings
 from imagegen.cluster import TASK, WorkerRegistry, make_celery, publish
 from imagegen.db import Database
 from imagegen.endings import Endings
+from imagegen.engine import runner
 from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
@@ -37,8 +38,6 @@ from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
 
 log = logging.getLogger("imagegen.worker")
-
-OUTAGE_PAUSE_SECONDS = 5
 
 
 class JobBatches(Batches):
@@ -61,9 +60,11 @@ class JobBatches(Batches):
 
 class Heartbeat:
     """Writes this worker's row every WORKER_HEARTBEAT_SECONDS from a thread of its own, so a long
-    batch never makes a live worker look dead. Each beat carries the worker's figures (memory,
-    GPUs, models, generation histograms: `monitoring.runner_report`), which the API shows in
-    /status and /metrics, then runs `after_beat` (the idle watch)."""
+    batch never makes a live worker look dead, and renews the leases of the batch it runs. Each
+    beat carries the worker's figures (memory, GPUs, models, generation histograms:
+    `monitoring.runner_report`), which the API shows in /status and /metrics, then runs
+    `after_beat` (the idle watch). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
+    the worker `stalled`, and its leases are no longer renewed, so the others take its jobs."""
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class Heartbeat:
             self.name,
             self.engine.models.device,
             self.settings.model_id,
-            self.state,
+            WorkerState.STALLED if self.engine.stalled() else self.state,
             self.engine.jobs_done,
             self.started,
             runner_report(self.engine.monitor, self.engine.models.describe()),
@@ -113,6 +114,7 @@ class Heartbeat:
         while not self._stop.wait(self.settings.worker_heartbeat_seconds):
             try:
                 self.beat()
+                self.engine.renew()
                 self.after_beat()
             except Exception as exc:  # the database or the broker may be away for a moment; the next beat retries
                 log.warning("heartbeat failed: %s", exc)
@@ -174,10 +176,10 @@ class Commands:
 
 class Consumer:
     """What the worker does with one flush of messages: the jobs still to run, in batches by the
-    engine's rule; a retried job goes back to the broker as a new message."""
+    engine's rule; a retried job goes back to the broker as a new message, due after its pause."""
 
     def __init__(
-        self, engine: Engine, republish: Callable[[list[str]], None], report: Callable[[WorkerState], None]
+        self, engine: Engine, republish: Callable[[list[str], float], None], report: Callable[[WorkerState], None]
     ) -> None:
         self.engine, self.republish, self.report = engine, republish, report
 
@@ -187,16 +189,18 @@ class Consumer:
             pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
             for batch in plan_batches(pending, self.engine.settings.max_batch_size):
                 self.report(WorkerState.BUSY)
-                retry = self.engine.run(batch)
-                self.republish([job.id for job in retry])  # a new message each: this one is acked with its batch
+                for again in self.engine.run(batch):  # a new message each: this one is acked with its batch
+                    self.republish([again.job.id], again.after)
         except Exception:
             # Not a job's own failure (the engine ends those) but the database's or the broker's: these
             # messages are acknowledged when this returns, so their jobs go back to the queue as new
             # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
             with job_context(ids, []):
-                log.exception("batch of %d jobs could not run; queued again in %ss", len(ids), OUTAGE_PAUSE_SECONDS)
-            time.sleep(OUTAGE_PAUSE_SECONDS)
-            self.republish(ids)
+                log.exception(
+                    "batch of %d jobs could not run; queued again in %ss", len(ids), runner.OUTAGE_PAUSE_SECONDS
+                )
+            time.sleep(runner.OUTAGE_PAUSE_SECONDS)
+            self.republish(ids, 0)  # if this fails too, the reconciler publishes them again
         self.report(WorkerState.READY)
 
 
@@ -225,7 +229,9 @@ def main() -> None:
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
     heartbeat = Heartbeat(registry, name, settings, engine, after_beat=idle_watch)
     Commands(engine, settings, done=heartbeat.beat).register()
-    consume = Consumer(engine, lambda ids: publish(celery, ids), heartbeat.report)
+    consume = Consumer(
+        engine, lambda ids, after: publish(celery, ids, settings.publish_timeout_seconds, after), heartbeat.report
+    )
 
     @celery.task(
         name=TASK,

@@ -75,6 +75,10 @@ def app_factory(tmp_path: Path) -> Iterator[Any]:
     apps: list[Flask] = []
 
     def build_app(pipeline: FakePipeline | None = None, **overrides: Any) -> Flask:
+        # One live local app per DATA_DIR (its lock): an app built beside a running one gets its own;
+        # one built after the others stopped takes over their data, as a restarted server does.
+        if any(getattr(app.extensions["imagegen"].queue, "alive", False) for app in apps):
+            overrides.setdefault("data_dir", tmp_path / f"data-{len(apps)}")
         settings = make_settings(tmp_path, **overrides)
         app = (
             create_app(services=build(settings, load=lambda _source, _dtype: pipeline))

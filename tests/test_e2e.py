@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.conftest import call, start_server
+from tests.conftest import ADMIN, call, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +99,42 @@ def test_sigterm_finishes_the_running_batch_and_keeps_the_queue(tmp_path):
                 break
             time.sleep(0.2)
         assert statuses == ["succeeded"] * 4
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_sigterm_during_synchronous_requests_still_answers_them(tmp_path):
+    """The client whose job is in the draining batch gets its images; the one whose job stays queued
+    gets 202 with the job's link (it runs after the restart) instead of a dropped connection."""
+    process, base = start_server(tmp_path, MAX_BATCH_SIZE="1", SHUTDOWN_GRACE_SECONDS="60")
+    answers: dict[int, tuple[int, Any]] = {}
+
+    def ask(i: int) -> None:
+        status, _, body = call(f"{base}/generate", {"prompt": f"a blue square {i}", "steps": 40})
+        answers[i] = (status, json.loads(body))
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 30
+    while not json.loads(call(f"{base}/queue", headers=ADMIN)[2])["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = threading.Thread(target=ask, args=(1,))
+    second.start()
+    while json.loads(call(f"{base}/queue", headers=ADMIN)[2])["depth"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    first.join(60)
+    second.join(60)
+    assert process.wait(60) == 0
+    assert answers[0][0] == 200 and answers[0][1]["images"], answers
+    assert answers[1][0] == 202 and answers[1][1]["status"] == "queued", answers
+    process, base = start_server(tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads(call(f"{base}{answers[1][1]['location']}")[2])["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         process.terminate()
         process.wait(30)

@@ -4,13 +4,16 @@ one ending per job. Milliseconds each: no model, no HTTP."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from imagegen.db import Database
+from imagegen.db import jobs as jobs_table
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine, gather, plan_batches
@@ -90,18 +93,64 @@ def test_a_batch_is_one_call_with_one_generator_per_image(parts, fake):
     assert parts.ended("succeeded") == 2
 
 
-def test_a_failing_batch_is_retried_then_fails_after_job_max_retries(parts, fake):
+def test_a_failing_job_is_retried_with_backoff_then_fails_after_job_max_retries(parts, fake):
     fake.failures = [RuntimeError("boom")] * 3  # JOB_MAX_RETRIES is 2: three attempts in all
     submitted = parts.submit(params(), callback_url="http://hooks.example/x")
-    assert [j.id for j in parts.engine.run([submitted])] == [submitted.id]
+    assert [(again.job.id, again.after) for again in parts.engine.run([submitted])] == [(submitted.id, 2.0)]
     assert parts.jobs.get(submitted.id).status == JobStatus.QUEUED
-    assert [j.id for j in parts.engine.run([submitted])] == [submitted.id]
+    assert [again.after for again in parts.engine.run([submitted])] == [4.0], "the backoff doubles"
     assert parts.engine.run([submitted]) == []
     ended = parts.jobs.get(submitted.id)
     assert ended.status == JobStatus.FAILED and ended.attempts == 3
     assert ended.error == {"code": "generation_failed", "message": "RuntimeError: boom"}
     assert (parts.ended("retried"), parts.ended("failed")) == (2, 1)
     assert parts.notified == [submitted.id], "retries send nothing; the failure once"
+
+
+def test_a_failing_batch_runs_each_job_alone_so_only_the_bad_one_spends_an_attempt(parts, fake):
+    fake.failures = [RuntimeError("boom"), RuntimeError("bad job")]  # the batch, then the first job alone
+    bad, good = parts.submit(params(prompt="bad")), parts.submit(params(prompt="good"))
+    assert [(again.job.id, again.after) for again in parts.engine.run([bad, good])] == [(bad.id, 2.0)]
+    assert [call.prompts for call in fake.calls] == [["bad", "good"], ["bad"], ["good"]]
+    done = {j.id: j for j in parts.jobs.many([bad.id, good.id])}
+    assert (done[good.id].status, done[good.id].attempts) == (JobStatus.SUCCEEDED, 1)
+    assert (done[bad.id].status, done[bad.id].attempts) == (JobStatus.QUEUED, 1)
+
+
+def test_a_storage_outage_puts_the_batch_back_without_spending_an_attempt(parts, fake, monkeypatch):
+    save = parts.engine.images.save
+    failures = [OSError(28, "No space left on device")]
+
+    def full_disk(*args: object) -> object:
+        if failures:
+            raise failures.pop()
+        return save(*args)
+
+    monkeypatch.setattr(parts.engine.images, "save", full_disk)
+    first, second = parts.submit(params()), parts.submit(params())
+    retry = parts.engine.run([first, second])
+    assert [(again.job.id, again.after) for again in retry] == [(first.id, 5), (second.id, 5)]
+    assert len(fake.calls) == 1, "an outage is not the jobs' fault: they are not run alone"
+    assert [(j.status, j.attempts) for j in parts.jobs.many([first.id, second.id])] == [(JobStatus.QUEUED, 0)] * 2
+    assert parts.engine.run([first, second]) == []
+    assert [j.status for j in parts.jobs.many([first.id, second.id])] == [JobStatus.SUCCEEDED] * 2
+
+
+def test_a_hung_step_trips_the_watchdog_and_its_leases_are_no_longer_renewed(tmp_path, fake):
+    parts = engine_parts(tmp_path, fake, watchdog_seconds=0.3)
+    fake.hold(at_step=1)
+    submitted = parts.submit(params())
+    runner = threading.Thread(target=parts.engine.run, args=([submitted],))
+    runner.start()
+    assert fake.waiting.wait(10)
+    lease = parts.jobs.db.query(select(jobs_table.c.lease_until))[0]["lease_until"]
+    time.sleep(0.4)
+    assert parts.engine.stalled()
+    parts.engine.renew()
+    assert parts.jobs.db.query(select(jobs_table.c.lease_until))[0]["lease_until"] == lease
+    fake.let_go()
+    runner.join(10)
+    assert not parts.engine.stalled() and parts.jobs.get(submitted.id).status == JobStatus.SUCCEEDED
 
 
 def test_out_of_memory_fails_with_its_own_code(tmp_path, fake):
@@ -115,7 +164,7 @@ def test_out_of_memory_fails_with_its_own_code(tmp_path, fake):
 def test_a_job_whose_workers_died_each_time_fails_as_worker_lost(parts, fake):
     submitted = parts.submit(params(), callback_url="http://hooks.example/x")
     for dead in ("w1", "w2", "w3"):  # claimed three times; each worker died before ending it
-        parts.jobs.claim([submitted.id], dead)
+        parts.jobs.claim([submitted.id], dead, lease_seconds=0)  # and its lease ran out
     assert parts.engine.run([submitted]) == []
     ended = parts.jobs.get(submitted.id)
     assert ended.status == JobStatus.FAILED and ended.error["code"] == "worker_lost"

@@ -170,7 +170,9 @@ def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_withi
     written: list[int] = []
     set_step = store.set_step
     monkeypatch.setattr(runner, "PROGRESS_INTERVAL_SECONDS", 0)  # every step is written
-    monkeypatch.setattr(store, "set_step", lambda ids, step: written.append(step) or set_step(ids, step))
+    monkeypatch.setattr(
+        store, "set_step", lambda jobs, step, lease: written.append(step) or set_step(jobs, step, lease)
+    )
 
     def bounds(name: str) -> tuple[int, int]:
         return (SCHEDULERS[name].min_steps if name in SCHEDULERS else 1), 8

@@ -100,9 +100,11 @@ def test_a_jobs_log_lines_carry_its_request_id_and_job_id_in_json_and_text(app_f
     lines = [json.loads(line) for line in (tmp_path / "logs" / "app.log").read_text().splitlines()]
     trail = [entry for entry in lines if entry["request_id"] == "trail-7"]
     by_engine = [entry for entry in trail if entry["logger"] == "imagegen.engine.runner"]
-    assert [entry["job_ids"] for entry in by_engine] == [[job_id], [job_id]]
-    failure, success = by_engine
-    assert "failed (1 to retry)" in failure["message"] and "RuntimeError: boom" in failure["exception"]
+    assert [entry["job_ids"] for entry in by_engine] == [[job_id]] * 4
+    first, failure, second, success = by_engine
+    assert first["message"] == f"running 1 jobs (job:attempt {job_id}:1)"
+    assert second["message"] == f"running 1 jobs (job:attempt {job_id}:2)"
+    assert "job failed (to retry)" in failure["message"] and "RuntimeError: boom" in failure["exception"]
     assert success["message"].startswith("generated 1 jobs")
     assert any(entry["logger"] == "imagegen.access" for entry in trail)
 
@@ -196,6 +198,7 @@ def test_runtime_settings_apply_now_and_persist_only_when_asked(app_factory, tmp
     assert client.patch("/admin/settings", json={"max_width": 1024}, headers=ADMIN).status_code == 400
     kept = client.patch("/admin/settings", json={"max_batch_size": 2, "persist": True}, headers=ADMIN)
     assert kept.json["persisted"] is True
+    client.application.extensions["imagegen"].stop(10)
     restarted = app_factory().test_client()
     wait_ready(restarted)
     assert restarted.application.extensions["imagegen"].settings.max_batch_size == 2

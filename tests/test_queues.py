@@ -3,6 +3,8 @@ waits; the cluster's queue with a broker that is down, and one ending per job in
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from imagegen import worker as worker_process
 from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
 from imagegen.db import Database
 from imagegen.endings import Endings
+from imagegen.engine import runner
 from imagegen.engine.local_queue import LocalQueue
 from imagegen.engine.models import ModelManager
 from imagegen.engine.runner import Engine
@@ -23,7 +26,15 @@ from imagegen.monitoring import Monitor
 from imagegen.queue import QueueUnavailable
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
-from tests.conftest import ADMIN, free_port, make_settings, wait_ready
+from tests.conftest import (
+    ADMIN,
+    RABBITMQ,
+    broker_queue,
+    delete_broker_queues,
+    free_port,
+    make_settings,
+    wait_ready,
+)
 
 PROMPT = "a red circle on a blue background"
 
@@ -39,27 +50,28 @@ def idle(client) -> None:
     raise AssertionError("the queue did not drain")
 
 
-def test_the_local_queue_outlives_a_batch_whose_records_cannot_be_written(app_factory, fake, monkeypatch):
+@pytest.mark.parametrize("failing", ["claim", "finish"])
+def test_the_local_queue_puts_back_a_batch_whose_records_cannot_be_written(app_factory, fake, monkeypatch, failing):
+    """The database refuses a write (a lock held past the timeout, a full disk) before the batch
+    runs or as it ends: the waiting client still gets its image once the database answers again,
+    and the record does not stay queued or running until the next start."""
+    monkeypatch.setattr(runner, "OUTAGE_PAUSE_SECONDS", 0.3)
     client = app_factory(pipeline=fake).test_client()
     wait_ready(client)
     store = client.application.extensions["imagegen"].jobs
+    outage = [OperationalError("UPDATE jobs", {}, Exception("database is locked"))] * 2
+    write = getattr(store, failing)
 
-    def database_down(*_args: Any, **_kwargs: Any) -> None:
-        raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+    def database_down(*args: Any, **kwargs: Any) -> Any:
+        if outage:
+            raise outage.pop()
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(store, "claim", database_down)
-    stranded = client.post("/generate", json={"prompt": PROMPT, "async": True}).json["id"]
-    idle(client)
-    monkeypatch.undo()
-    assert client.post("/generate", json={"prompt": PROMPT}).status_code == 200, "the thread lives on"
-    assert client.get(f"/jobs/{stranded}").json["status"] == "queued", "accepted, not lost"
-    client.application.extensions["imagegen"].stop(10)
-    restarted = app_factory(pipeline=fake).test_client()  # the same data folder: the next start runs it
-    wait_ready(restarted)
-    deadline = time.monotonic() + 10
-    while restarted.get(f"/jobs/{stranded}").json["status"] != "succeeded" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert restarted.get(f"/jobs/{stranded}").json["status"] == "succeeded"
+    monkeypatch.setattr(store, failing, database_down)
+    answer = client.post("/generate", json={"prompt": PROMPT})
+    assert answer.status_code == 200 and len(answer.json["images"]) == 1, answer.json
+    job = store.get(answer.json["id"])
+    assert outage == [] and job.status == JobStatus.SUCCEEDED
 
 
 def test_a_draining_server_refuses_new_jobs(fake_client):
@@ -120,13 +132,14 @@ def params() -> GenerationParams:
     return GenerationParams(PROMPT, "", 64, 64, 6, 5.0, (1,), "default", "models/tiny-random")
 
 
-def cluster_settings(tmp_path: Path, database_url: str, broker_url: str = "memory://") -> Any:
+def cluster_settings(tmp_path: Path, database_url: str, broker_url: str = "memory://", **overrides: Any) -> Any:
     return make_settings(
         tmp_path,
         queue_backend="celery",
         broker_url=broker_url,
         database_url=database_url,
         storage_url=str(tmp_path / "shared"),
+        **overrides,
     )
 
 
@@ -147,7 +160,7 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
     engine = Engine(settings, models, ImageStore(settings.storage, worker_db), worker_endings, Monitor(), "w1")
     republished: list[str] = []
     states: list[WorkerState] = []
-    consume = worker_process.Consumer(engine, republished.extend, states.append)
+    consume = worker_process.Consumer(engine, lambda ids, _after: republished.extend(ids), states.append)
 
     models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
     fake.step_seconds = 0.11
@@ -180,13 +193,13 @@ def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, po
     )
     republished: list[str] = []
     states: list[WorkerState] = []
-    consume = worker_process.Consumer(engine, republished.extend, states.append)
+    consume = worker_process.Consumer(engine, lambda ids, _after: republished.extend(ids), states.append)
 
     def database_down(*_args: Any) -> None:
         raise OperationalError("SELECT", {}, Exception("connection refused"))
 
     monkeypatch.setattr(engine.jobs, "many", database_down)
-    monkeypatch.setattr(worker_process, "OUTAGE_PAUSE_SECONDS", 0)
+    monkeypatch.setattr(runner, "OUTAGE_PAUSE_SECONDS", 0)
     consume(["a", "b", "a"])  # a redelivery may repeat an id
     assert republished == ["a", "b"] and fake.calls == []
     assert states == [WorkerState.READY]
@@ -211,3 +224,34 @@ def test_a_broker_that_is_down_fails_the_job_and_answers_503(app_factory, tmp_pa
     finally:
         services.stop(5)
         services.jobs.db.close()
+
+
+def test_a_broker_that_blocks_publishers_answers_503_within_the_publish_timeout(tmp_path, postgres_url):
+    """RabbitMQ under a memory alarm accepts a publisher's bytes and never confirms them; the request
+    gets 503 within a few PUBLISH_TIMEOUT_SECONDS (a publish, one retry, the close) instead of
+    hanging, and the job ends failed."""
+    from imagegen import create_app
+    from imagegen.services import build
+
+    rabbitmqctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    if not Path(rabbitmqctl).exists():
+        pytest.skip("rabbitmqctl is needed to raise a memory alarm")
+    settings = cluster_settings(
+        tmp_path, postgres_url, broker_url=RABBITMQ, broker_queue=broker_queue(), publish_timeout_seconds=1
+    )
+    services = build(settings)
+    WorkerRegistry(services.jobs.db, 5).beat("w1", "cpu", "m", WorkerState.READY, 0, time.time())
+    client = create_app(services=services).test_client()
+    assert client.post("/generate", json={"prompt": PROMPT, "async": True}).status_code == 202  # the broker takes it
+    subprocess.run([rabbitmqctl, "set_vm_memory_high_watermark", "0.000001"], check=True, capture_output=True)
+    try:
+        started = time.monotonic()
+        refused = client.post("/generate", json={"prompt": PROMPT, "async": True})
+        assert refused.status_code == 503 and refused.json["error"]["code"] == "queue_unavailable"
+        assert time.monotonic() - started < 10
+        assert services.jobs.recent()[0].error["code"] == "broker_unavailable"
+    finally:
+        subprocess.run([rabbitmqctl, "set_vm_memory_high_watermark", "0.4"], check=True, capture_output=True)
+        services.stop(5)
+        services.jobs.db.close()
+        delete_broker_queues()

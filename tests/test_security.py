@@ -485,6 +485,7 @@ def test_saved_runtime_settings_are_checked_at_start(app_factory, tmp_path):
     assert client.patch("/admin/settings", json={"default_steps": 3, "persist": True}, headers=ADMIN).status_code == 200
     saved = tmp_path / "data" / "runtime-settings.json"
     assert list(saved.parent.glob("*.partial")) == [], "written beside, then renamed over"
+    client.application.extensions["imagegen"].stop(10)  # the next start reads the file
     for bad in ('{"admin_token": "mine"}', '{"default_steps": 3', '{"rate_limit": "lots"}'):
         saved.write_text(bad)
         with pytest.raises(SystemExit, match=r"invalid .*runtime-settings\.json"):

@@ -146,11 +146,12 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
 
 
 def cached(params: GenerationParams) -> Job | None:
-    """With RESULT_CACHE, the earlier job made from exactly these parameters, while its images exist."""
+    """With RESULT_CACHE, the earlier job made from exactly these parameters, while its images exist
+    and have at least half of IMAGE_TTL_SECONDS to live (a client reading a hit must find its images)."""
     svc = services()
     if not svc.settings.result_cache:
         return None
-    hit = svc.jobs.cached(params.digest, client_key())
+    hit = svc.jobs.cached(params.digest, client_key(), svc.settings.image_ttl_seconds / 2)
     if hit and all(svc.images.find(image["name"]) for image in hit.images):
         return hit
     return None
@@ -181,7 +182,8 @@ def wait_for(job: Job) -> Job | None:
     svc = services()
     if not svc.queue.wait(job.id, svc.settings.request_timeout_seconds):
         return None
-    return svc.jobs.get(job.id)
+    current = svc.jobs.get(job.id)
+    return current if current and current.status.finished else None  # still queued: the server is stopping
 
 
 def generate_now(params: GenerationParams) -> Job:
@@ -193,6 +195,13 @@ def generate_now(params: GenerationParams) -> Job:
     with waiting():  # a server thread waits with this request: capped per client and in all
         job = submit(params)
         finished = wait_for(job)
+    if finished is None and services().draining:
+        raise APIError(
+            503,
+            "shutting_down",
+            f"The server is restarting; the generation continues as job {job.id} (GET /jobs/{job.id}).",
+            headers={"Retry-After": "10"},
+        )
     if finished is None:
         raise APIError(
             503,

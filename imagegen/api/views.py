@@ -7,7 +7,6 @@ the A1111 progress, SSE events), whatever path queued it.
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 from flask import url_for
@@ -26,7 +25,11 @@ def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
     for image in job.images:
         view: dict[str, Any] = {"seed": image["seed"], "width": image["width"], "height": image["height"]}
         if response_format == "b64_json":
-            view["b64_json"] = base64.b64encode(store.read(image["name"])).decode("ascii")
+            try:
+                data = store.read(image["name"])
+            except FileNotFoundError:  # the TTL or MAX_IMAGE_STORAGE_MB took it since the job ended
+                raise APIError(410, "image_expired", "The job's images were deleted; generate again.") from None
+            view["b64_json"] = base64.b64encode(data).decode("ascii")
         else:
             signature = svc.access.sign(image["name"]) if svc.access.keys_required else {}
             view["url"] = url_for("core.image", name=image["name"], _external=True, **signature)
@@ -74,7 +77,7 @@ def eta_seconds(job: Job) -> float | None:
     """Time left at the pace of the steps so far."""
     if not job.started_at or not job.step:
         return None
-    per_step = (time.time() - job.started_at) / job.step
+    per_step = (services().jobs.db.now() - job.started_at) / job.step  # started on the database's clock
     return round(per_step * (job.params.total_steps - job.step), 2)
 
 

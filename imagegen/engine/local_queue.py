@@ -9,8 +9,10 @@ between batches.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -20,13 +22,19 @@ from dataclasses import asdict
 from typing import Any
 
 from config import Settings
-from imagegen.engine.runner import Engine, gather
+from imagegen.engine import runner
+from imagegen.engine.runner import Engine, Retry, gather
 from imagegen.jobs import Job
 from imagegen.logs import job_context
 from imagegen.queue import NotReady, QueueFull, Snapshot, TooManyJobs, seconds_until_room
 from imagegen.states import ModelState
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = "imagegen.lock"
+# How long the maintenance loop waits for the generation thread to unload idle models: a thread
+# busy with a long batch (or hung) must not stop the cleanup that keeps the disk from filling.
+MAINTENANCE_CALL_SECONDS = 10
 
 
 class LocalQueue:
@@ -36,6 +44,8 @@ class LocalQueue:
         self.engine = engine
         self.settings, self.models, self.jobs = engine.settings, engine.models, engine.jobs
         self._queue: deque[Job] = deque()
+        self._not_before: dict[str, float] = {}  # a retried job's earliest next run (monotonic)
+        self._lock_file: int | None = None
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._done: dict[str, threading.Event] = {}
@@ -45,7 +55,9 @@ class LocalQueue:
 
     # ----- any thread -----
     def start(self) -> None:
-        """Queues again the jobs an earlier process accepted but did not end, then starts the thread."""
+        """Takes DATA_DIR for this process alone, queues again the jobs an earlier process accepted but
+        did not end, then starts the thread."""
+        self._lock_data_dir()
         for job in self.jobs.unfinished():
             self._done[job.id] = threading.Event()
             self._queue.append(job)
@@ -61,6 +73,29 @@ class LocalQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cond:  # requests waiting for jobs that stay queued answer now (202: run after the restart)
+            for job_id in list(self._done):
+                self._release(job_id)
+        if self._lock_file is not None and not self.alive:
+            os.close(self._lock_file)  # releases the lock
+            self._lock_file = None
+
+    def _lock_data_dir(self) -> None:
+        """Two local processes on one DATA_DIR (a WSGI server with several processes, an overlapping
+        deploy) would both queue again and run the same unfinished jobs; the second one stops here.
+        The lock is the kernel's (flock): it ends with the process, however it ends."""
+        path = self.settings.data_dir / LOCK_FILE
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise SystemExit(
+                f"another imagegen process serves DATA_DIR={self.settings.data_dir} (it holds {path}); "
+                "run one process per DATA_DIR in local mode (THREADS for more requests at once, "
+                "QUEUE_BACKEND=celery for more processes)"
+            ) from None
+        self._lock_file = handle
 
     @property
     def alive(self) -> bool:
@@ -91,6 +126,7 @@ class LocalQueue:
             for job in self._queue:
                 if job.id == job_id:
                     self._queue.remove(job)
+                    self._not_before.pop(job_id, None)
                     self._release(job_id)
                     break
         return True
@@ -105,7 +141,7 @@ class LocalQueue:
         event = self._done.get(job_id)
         return event is None or event.wait(timeout)
 
-    def _call(self, fn: Callable[[], Any], timeout: float | None = 600) -> Any:
+    def _call(self, fn: Callable[[], Any], timeout: float = 600) -> Any:
         """Runs fn on the generation thread (between batches) and returns its result."""
         future: Future = Future()
         with self._cond:
@@ -125,15 +161,29 @@ class LocalQueue:
 
     def unload_idle(self, seconds: float) -> list[str]:
         idle = self.models.idle(seconds)
-        return self._call(lambda: self.models.unload_many(idle)) if idle else []
+        if not idle:
+            return []
+        try:
+            return self._call(lambda: self.models.unload_many(idle), MAINTENANCE_CALL_SECONDS)
+        except TimeoutError:  # the thread is in a long batch; the unload runs when it ends
+            log.info("idle models unload after the running batch: %s", ", ".join(idle))
+            return []
 
     def apply(self, settings: Settings) -> None:
         self.settings = self.engine.settings = settings
+
+    def reconcile(self) -> dict[str, int]:
+        """Nothing to mend: this process holds every job it accepted in memory, and takes back at
+        start the ones an earlier process left."""
+        return {}
 
     def problem(self, model: str, probe: bool = False) -> NotReady | None:
         """The thread stopped, or the model failed or is on its first load (all cheap: `probe` adds nothing)."""
         if not self.alive:
             return NotReady("worker_stopped", "The generation thread is not running.")
+        if self.engine.stalled():
+            seconds = self.settings.watchdog_seconds
+            return NotReady("worker_stalled", f"The running batch has made no step for {seconds:g} s.", 60)
         info = self.models.state(model)
         if info.state == ModelState.FAILED:
             wait = max(1, math.ceil((info.retry_at or 0) - time.time()))
@@ -167,15 +217,16 @@ class LocalQueue:
                 log.warning("default model is unavailable; requests get 503 until it loads")
         while True:
             with self._cond:
-                while not (self._tasks or self._queue or self._stopping):
+                while not (self._tasks or self._ready() or self._stopping):
                     due, wait = self.models.retry_due()
                     if due:
                         break
-                    self._cond.wait(wait)
+                    retry = self._next_retry()
+                    self._cond.wait(retry if wait is None else wait if retry is None else min(wait, retry))
                 if self._stopping:
                     return
                 task = self._tasks.popleft() if self._tasks else None
-                batch = None if task or not self._queue else self._take_batch()
+                batch = None if task or not self._ready() else self._take_batch()
             if task:
                 self._run_task(*task)
             elif batch:
@@ -197,13 +248,27 @@ class LocalQueue:
         except Exception as exc:
             future.set_exception(exc)
 
+    def _ready(self) -> list[Job]:
+        """Queued jobs that may run now (a retried job waits out its backoff), oldest first."""
+        now = time.monotonic()
+        return [job for job in self._queue if self._not_before.get(job.id, 0) <= now]
+
+    def _next_retry(self) -> float | None:
+        """Seconds until the next retried job may run; None when none waits."""
+        if not self._not_before:
+            return None
+        return max(0.0, min(self._not_before.values()) - time.monotonic())
+
     def _take_batch(self) -> list[Job]:
-        """The oldest job plus queued jobs that share its batch, waiting up to BATCH_WAIT_MS for more."""
-        first = self._queue.popleft()
+        """The oldest job that may run plus those that share its batch, waiting up to BATCH_WAIT_MS for more."""
+        first = self._ready()[0]
+        self._queue.remove(first)
+        self._not_before.pop(first.id, None)
         batch, images = [first], len(first.params.seeds)
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
         while True:
-            for job in gather(first, list(self._queue), images, self.settings.max_batch_size):
+            for job in gather(first, self._ready(), images, self.settings.max_batch_size):
+                self._not_before.pop(job.id, None)
                 self._queue.remove(job)
                 batch.append(job)
                 images += len(job.params.seeds)
@@ -219,12 +284,21 @@ class LocalQueue:
             retry = self.engine.run(batch)
         except Exception:  # the records could not be written (a job's own failure is the engine's to end)
             with job_context([job.id for job in batch], [job.request_id for job in batch]):
-                log.exception("batch of %d jobs could not be recorded; they run again at the next start", len(batch))
-            retry = []
+                log.exception(
+                    "batch of %d jobs could not be recorded; queued again in %ss",
+                    len(batch),
+                    runner.OUTAGE_PAUSE_SECONDS,
+                )
+            retry = [
+                Retry(job, runner.OUTAGE_PAUSE_SECONDS) for job in batch
+            ]  # this process owns them: nothing else would
         with self._cond:
             self._running = []
-            self._queue.extendleft(reversed(retry))  # a retried job keeps its place at the front
-        retried = {job.id for job in retry}
+            now = time.monotonic()
+            for again in retry:
+                self._not_before[again.job.id] = now + again.after
+            self._queue.extendleft(reversed([again.job for again in retry]))  # a retried job keeps its place
+        retried = {again.job.id for again in retry}
         for job in batch:
             if job.id not in retried:
                 self._release(job.id)

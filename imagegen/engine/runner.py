@@ -11,11 +11,14 @@ import inspect
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
-from PIL import Image
+from botocore.exceptions import BotoCoreError
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy.exc import DBAPIError
 
 from config import Settings
 from imagegen.edits import composite, masked_area
@@ -32,6 +35,28 @@ log = logging.getLogger(__name__)
 # Progress (and a cancel) is written and read at most this often: often enough for a progress bar,
 # rarely enough that a fast model's steps do not wait on the database of a cluster.
 PROGRESS_INTERVAL_SECONDS = 0.1
+# A batch that the database or the storage cut short runs again after this pause, uncounted.
+OUTAGE_PAUSE_SECONDS = 5
+# The longest wait between a failing job's attempts (RETRY_BACKOFF_SECONDS doubles per attempt).
+MAX_BACKOFF_SECONDS = 300
+
+
+# What a folder (a full disk, a lost mount) or an object store (s3fs passes botocore's connection
+# errors through) raises when it does not answer.
+STORAGE_ERRORS = (OSError, BotoCoreError)
+
+
+class Outage(Exception):
+    """The image storage failed under a batch: the jobs are not at fault, and their attempt does
+    not count (nor does one the database cut short: sqlalchemy's DBAPIError)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A job put back in the queue, to run again after `after` seconds."""
+
+    job: Job
+    after: float
 
 
 def gather(first: Job, candidates: Iterable[Job], images: int, max_images: int) -> list[Job]:
@@ -76,59 +101,108 @@ class Engine:
         endings: Endings,
         monitor: Monitor,
         name: str,
+        exclusive: bool = False,
     ) -> None:
         self.settings, self.models, self.images, self.endings, self.monitor = settings, models, images, endings, monitor
         self.jobs = endings.jobs
         self.name = name
+        self.exclusive = exclusive  # the only engine on its jobs (local mode): it takes over any unfinished job
         self.jobs_done = 0
+        self.current: list[Job] = []  # the batch running now, whose leases the worker's heartbeat renews
+        self.progressed_at: float | None = None  # monotonic time of the batch's start or last step; None when idle
 
-    def run(self, batch: list[Job]) -> list[Job]:
-        """Runs one batch and returns the jobs to queue again (they failed with attempts left).
+    def stalled(self) -> bool:
+        """A batch has made no step for WATCHDOG_SECONDS: the pipeline (or a model load) hangs."""
+        since = self.progressed_at
+        return since is not None and time.monotonic() - since > self.settings.watchdog_seconds
 
-        Jobs that already ended (a redelivered message, a cancel) are skipped; a job whose earlier
-        attempts all died with their worker fails instead of taking down one more. Every line logged
-        meanwhile carries the jobs' ids and their requests' ids.
+    def renew(self) -> None:
+        """Renews the leases of the batch running now, unless it hangs: a hung worker's leases run
+        out, and another worker takes its jobs over."""
+        batch = self.current
+        if batch and not self.stalled():
+            self.jobs.renew(batch, self.settings.job_lease_seconds)
+
+    def run(self, batch: list[Job]) -> list[Retry]:
+        """Runs one batch and returns the jobs to queue again, each with its pause.
+
+        Jobs that already ended (a redelivered message, a cancel) or that another worker holds are
+        skipped; a job whose earlier attempts all died with their worker fails instead of taking
+        down one more. Every line logged meanwhile carries the jobs' ids and their requests' ids.
         """
         with job_context([job.id for job in batch], [job.request_id for job in batch]):
-            return self._run(batch)
+            claimed = self.jobs.claim(
+                [job.id for job in batch], self.name, self.settings.job_lease_seconds, self.exclusive
+            )
+            runnable = [job for job in claimed if self._runnable(job)]
+            if not runnable:
+                return []
+            attempts = ",".join(f"{job.id}:{job.attempts}" for job in runnable)
+            log.info("running %d jobs (job:attempt %s)", len(runnable), attempts)
+            self.current, self.progressed_at = runnable, time.monotonic()
+            try:
+                return self._attempt(runnable)
+            finally:
+                self.current, self.progressed_at = [], None
 
-    def _run(self, batch: list[Job]) -> list[Job]:
-        claimed = self.jobs.claim([job.id for job in batch], self.name)
-        runnable = []
-        for job in claimed:
-            if job.params.model not in self.models.catalogue:  # a record may name anything; we load ours
-                error = {"code": "unknown_model", "message": f"Model `{job.params.model}` is not served here."}
-                self.endings.end(job, JobStatus.FAILED, error=error)
-            elif job.attempts > self.settings.job_max_retries + 1:
-                error = {
-                    "code": "worker_lost",
-                    "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
-                }
-                self.endings.end(job, JobStatus.FAILED, error=error)
-            else:
-                runnable.append(job)
-        if not runnable:
-            return []
+    def _runnable(self, job: Job) -> bool:
+        """Ends a claimed job that cannot run here (a model not served, too many lost workers)."""
+        if job.params.model not in self.models.catalogue:  # a record may name anything; we load ours
+            error = {"code": "unknown_model", "message": f"Model `{job.params.model}` is not served here."}
+        elif job.attempts > self.settings.job_max_retries + 1:
+            error = {
+                "code": "worker_lost",
+                "message": f"The job was started {job.attempts - 1} times and its worker stopped each time.",
+            }
+        else:
+            return True
+        self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
+        return False
+
+    def _attempt(self, runnable: list[Job]) -> list[Retry]:
+        """One pipeline call for these jobs; if it fails, an outage puts them all back uncounted, and
+        a failing batch of several runs each job alone, so only a bad job spends its attempts (and
+        a batch too big for the device's memory becomes smaller ones)."""
         started = time.perf_counter()
         try:
-            inputs = self._inputs(runnable)  # storage that does not answer fails the batch, to retry
+            inputs = self._inputs(runnable)
             runnable = [job for job in runnable if job.id in inputs]
             if not runnable:
                 return []
             params = runnable[0].params
-            ids = [job.id for job in runnable]
             pipe = self.models.get(params.model, params.scheduler, params.mode, params.loras)
             images = self._generate(pipe, runnable, inputs)
-            cancelled = self.jobs.cancelled_among(ids)
+            # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
+            # to end: its images are dropped, the others' kept.
+            held = self.jobs.held(runnable)
             for job, job_images in zip(runnable, images, strict=True):
-                if job.id not in cancelled:  # a cancelled member's images are dropped, the others kept
-                    self.endings.end(job, JobStatus.SUCCEEDED, images=self._store(job, job_images))
+                if job.id in held:
+                    self.endings.end(job, JobStatus.SUCCEEDED, images=self._store(job, job_images), lease=job.lease)
+            if len(held) < len(runnable):
+                log.info("%d jobs were cancelled or taken over while their batch ran", len(runnable) - len(held))
+            runnable = [job for job in runnable if job.id in held]
+            if not runnable:
+                return []
         except AdapterFailed as exc:  # the request's own misfit: trying again cannot mend it
             for job in runnable:
-                self.endings.end(job, JobStatus.FAILED, error={"code": "adapter_failed", "message": str(exc)})
+                error = {"code": "adapter_failed", "message": str(exc)}
+                self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
             return []
+        except (Outage, DBAPIError) as exc:
+            log.warning(
+                "batch of %d jobs cut short by an outage (%s); queued again in %ss",
+                len(runnable),
+                exc,
+                OUTAGE_PAUSE_SECONDS,
+            )
+            return [Retry(job, OUTAGE_PAUSE_SECONDS) for job in runnable if self.endings.retry(job, counted=False)]
         except Exception as exc:
-            return self._fail(runnable, exc)
+            if len(runnable) == 1:
+                return self._fail(runnable[0], exc)
+            log.warning("batch of %d jobs failed (%s: %s); each runs alone", len(runnable), type(exc).__name__, exc)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            return [retry for job in runnable for retry in self._attempt([job])]
         seconds = time.perf_counter() - started
         image_count = sum(len(job.params.seeds) for job in runnable)
         self.jobs_done += len(runnable)
@@ -160,7 +234,12 @@ class Engine:
                 found[job.id] = tuple(read.get(name) for name in (job.params.image, job.params.mask))
             except FileNotFoundError:
                 message = "The image to edit expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
-                self.endings.end(job, JobStatus.FAILED, error={"code": "image_expired", "message": message})
+                error = {"code": "image_expired", "message": message}
+                self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
+            except UnidentifiedImageError:  # a damaged file is no outage: the job fails on its own
+                raise
+            except STORAGE_ERRORS as exc:
+                raise Outage(f"reading an edit's input: {exc}") from exc
         return found  # type: ignore[return-value]
 
     def _generate(
@@ -196,13 +275,13 @@ class Engine:
                 arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
-        ids = [job.id for job in batch]
         written = [0.0]
 
         def progress(index: int) -> bool:
-            """Writes the step reached (at most every PROGRESS_INTERVAL_SECONDS); False when every job
-            of the batch was cancelled."""
-            now = time.monotonic()
+            """Writes the step reached (at most every PROGRESS_INTERVAL_SECONDS), renewing the jobs'
+            leases; False when no job of the batch is still this worker's (all cancelled, or taken
+            over after this worker hung)."""
+            now = self.progressed_at = time.monotonic()
             if now - written[0] < PROGRESS_INTERVAL_SECONDS:
                 return True
             written[0] = now
@@ -210,7 +289,7 @@ class Engine:
             # and an edit runs only the last `strength` of them.
             timesteps = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
             step = (index + 1) * params.total_steps // timesteps
-            return bool(self.jobs.set_step(ids, step))
+            return bool(self.jobs.set_step(batch, step, self.settings.job_lease_seconds))
 
         def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if not progress(index) and family.interrupt:
@@ -239,27 +318,32 @@ class Engine:
         p = job.params
         stored = []
         for image, seed in zip(images, p.seeds, strict=True):
-            saved = self.images.save(image, p.image_metadata(seed), job.id)
+            try:
+                saved = self.images.save(image, p.image_metadata(seed), job.id)
+            except STORAGE_ERRORS as exc:
+                raise Outage(f"storing an image: {exc}") from exc
             stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
         return stored
 
-    def _fail(self, batch: list[Job], exc: Exception) -> list[Job]:
-        """A failed batch: jobs with retries left go back to the queue, the others fail with the reason."""
+    def _fail(self, job: Job, exc: Exception) -> list[Retry]:
+        """A job that failed alone: back to the queue after a backoff (RETRY_BACKOFF_SECONDS, doubled
+        per attempt) while it has retries left, else failed with the reason."""
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
             error = {"code": "out_of_memory", "message": "The device ran out of memory; try a smaller size or batch."}
         else:
             message = "Generation failed." if self.settings.is_production else f"{type(exc).__name__}: {exc}"
             error = {"code": "generation_failed", "message": message}
-        retry = [job for job in batch if job.attempts <= self.settings.job_max_retries]
+        retry = job.attempts <= self.settings.job_max_retries
         log.error(
-            "batch of %d jobs failed (%d to retry): %s",
-            len(batch),
-            len(retry),
+            "job failed (%s): %s",
+            "to retry" if retry else "no retries left",
             exc,
             exc_info=not isinstance(exc, torch.cuda.OutOfMemoryError),
         )
         self.monitor.record_error(error["code"])
-        for job in batch:
-            self.endings.end(job, JobStatus.QUEUED if job in retry else JobStatus.FAILED, error=error)
-        return retry
+        if not retry:
+            self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
+            return []
+        backoff = min(MAX_BACKOFF_SECONDS, self.settings.retry_backoff_seconds * 2 ** (job.attempts - 1))
+        return [Retry(job, backoff)] if self.endings.retry(job) else []

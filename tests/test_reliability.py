@@ -1,0 +1,98 @@
+"""Local mode under faults: a second process on one DATA_DIR, a hung batch, a busy generation thread
+under the maintenance loop, images deleted under a finished job, and what "accepted" means on disk.
+(The job store's leases are in test_jobstore.py, the engine's retries in test_engine.py, the cluster's
+faults in test_cluster.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from sqlalchemy import text
+
+from imagegen.engine import local_queue
+from tests.conftest import ROOT, TINY_MODEL, free_port, start_server, wait_ready
+
+PROMPT = "a red circle"
+
+
+def test_a_second_local_process_on_one_data_dir_stops_with_a_clear_line(tmp_path):
+    first, _base = start_server(tmp_path)
+    try:
+        second = subprocess.run(
+            [sys.executable, "app.py"],
+            cwd=ROOT,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "MODEL_ID": TINY_MODEL,
+                "DATA_DIR": str(tmp_path / "data"),
+                "IMAGE_DIR": str(tmp_path / "images"),
+                "LOG_DIR": str(tmp_path / "logs"),
+                "PORT": str(free_port()),
+                "HF_HUB_OFFLINE": "1",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert f"another imagegen process serves DATA_DIR={tmp_path / 'data'}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None, "the first process serves on"
+    finally:
+        first.terminate()
+        first.wait(30)
+
+
+def test_a_hung_batch_makes_the_server_unready_until_it_moves(app_factory, fake):
+    client = app_factory(pipeline=fake, watchdog_seconds=0.5).test_client()
+    wait_ready(client)
+    fake.hold(at_step=1)
+    job = client.post("/generate", json={"prompt": PROMPT, "async": True}).json["id"]
+    assert fake.waiting.wait(10)
+    time.sleep(0.6)
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["reason"].startswith("The running batch has made no step")
+    refused = client.post("/generate", json={"prompt": PROMPT})
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "worker_stalled"
+    fake.let_go()
+    deadline = time.monotonic() + 10
+    while client.get(f"/jobs/{job}").json["status"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.get("/health").status_code == 200
+
+
+def test_the_maintenance_loop_does_not_wait_on_a_busy_generation_thread(app_factory, fake, monkeypatch):
+    monkeypatch.setattr(local_queue, "MAINTENANCE_CALL_SECONDS", 0.2)
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    fake.hold(at_step=1)
+    client.post("/generate", json={"prompt": PROMPT, "async": True})
+    assert fake.waiting.wait(10)
+    services = client.application.extensions["imagegen"]
+    started = time.monotonic()
+    done = threading.Event()
+    threading.Thread(target=lambda: (services.queue.unload_idle(0), done.set()), daemon=True).start()
+    assert done.wait(5), "the cleanup after it must not stop behind a long batch"
+    assert time.monotonic() - started < 2
+    fake.let_go()
+
+
+def test_a_finished_job_whose_images_were_deleted_answers_410_for_b64_json(fake_client):
+    made = fake_client.post("/generate", json={"prompt": PROMPT, "seed": 3})
+    assert made.status_code == 200
+    services = fake_client.application.extensions["imagegen"]
+    services.images.enforce_quota(0)  # MAX_IMAGE_STORAGE_MB took them
+    gone = fake_client.get(f"/jobs/{made.json['id']}?response_format=b64_json")
+    assert gone.status_code == 410 and gone.json["error"]["code"] == "image_expired"
+    again = fake_client.post("/generate", json={"prompt": PROMPT, "seed": 3, "response_format": "b64_json"})
+    assert again.status_code == 200 and not again.json["cached"], "no cache hit without its images"
+
+
+def test_an_accepted_job_is_on_disk_when_its_answer_leaves(fake_client):
+    """SQLite commits with a sync of its log (synchronous=FULL): a power cut after a 202 keeps the job."""
+    db = fake_client.application.extensions["imagegen"].jobs.db
+    with db.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
