@@ -42,10 +42,10 @@ class Endings:
                 self.notify(job.id)
         return changed
 
-    def retry(self, job: Job, counted: bool = True) -> bool:
-        """Puts a job its worker holds back in the queue for another attempt (not `counted` when an
-        outage, not the job, cut it short); True if it went back."""
-        changed = self.jobs.release(job, counted)
+    def retry(self, job: Job, after: float, counted: bool = True) -> bool:
+        """Puts a job its worker holds back in the queue for another attempt `after` seconds from now
+        (not `counted` when an outage, not the job, cut it short); True if it went back."""
+        changed = self.jobs.release(job, counted, after)
         if changed:
             self.monitor.record_ending("retried")
         return changed

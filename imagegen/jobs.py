@@ -287,10 +287,12 @@ class JobStore:
             taken = set(claimed)
         return [job for job in self.many(job_ids) if job.id in taken and job.status == JobStatus.RUNNING]
 
-    def release(self, job: Job, counted: bool = True) -> bool:
-        """Puts a job back in the queue to run again, if its lease (`job.lease`) still holds it; an
-        attempt cut short by an outage (the database, the storage) is not `counted`."""
-        values: dict[str, Any] = {}
+    def release(self, job: Job, counted: bool = True, after: float = 0) -> bool:
+        """Puts a job back in the queue to run again `after` seconds from now, if its lease
+        (`job.lease`) still holds it; an attempt cut short by an outage (the database, the storage)
+        is not `counted`. Its message is due then: the reconciler waits that long before it takes
+        the job for forgotten."""
+        values: dict[str, Any] = {"published_at": db_now() + after}
         if not counted:
             values["attempts"] = table.c.attempts - 1
         return self._requeue(_held([job]), values)
@@ -304,7 +306,7 @@ class JobStore:
         """Queues again a job whose lease ran out (`expired`), unless its worker renewed it since or
         another reconciler took it first; the attempt counts (JOB_MAX_RETRIES ends a job that keeps
         killing its workers)."""
-        return self._requeue(and_(_held([job]), table.c.lease_until < db_now()), {})
+        return self._requeue(and_(_held([job]), table.c.lease_until < db_now()), {"published_at": db_now()})
 
     def _requeue(self, condition: Any, values: dict[str, Any]) -> bool:
         with self.db.transaction() as conn:
@@ -318,7 +320,6 @@ class JobStore:
                         step=0,
                         worker=None,
                         lease_until=0,
-                        published_at=db_now(),
                         **values,
                     )
                 ).rowcount

@@ -33,7 +33,7 @@ from sqlalchemy import select, update
 
 from config import Settings, comma_list
 from imagegen import __version__
-from imagegen.db import webhooks
+from imagegen.db import db_now, webhooks
 from imagegen.jobs import Job, JobStore, WebhookStatus
 from imagegen.queue import CallbackRejected
 from imagegen.security import Access
@@ -212,14 +212,14 @@ class WebhookSender:
             free = SENDERS - len(self._in_flight)
         if free <= 0:
             return
-        now = time.time()
+        now = db_now()  # senders on several machines take turns by one clock
         due = self.jobs.db.query(
             select(webhooks.c.job_id)
             .where(webhooks.c.status == WebhookStatus.PENDING, webhooks.c.next_at <= now, webhooks.c.lease_until <= now)
             .order_by(webhooks.c.next_at)
             .limit(free)
         )
-        lease = now + self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS
+        lease = now + (self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
         for row in due:
             with self.jobs.db.transaction() as conn:
                 taken = conn.execute(
@@ -268,7 +268,7 @@ class WebhookSender:
 
     def _record(self, job_id: str, status: WebhookStatus, attempts: int, error: str | None) -> None:
         """The attempt's outcome; a pending one is due again after an exponential backoff."""
-        now = time.time()
+        now = db_now()
         backoff = min(self.settings.webhook_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
         if status == WebhookStatus.FAILED:
             log.error("webhook for job %s given up after %d attempts: %s", job_id, attempts, error)

@@ -195,7 +195,8 @@ class Engine:
                 exc,
                 OUTAGE_PAUSE_SECONDS,
             )
-            return [Retry(job, OUTAGE_PAUSE_SECONDS) for job in runnable if self.endings.retry(job, counted=False)]
+            pause = OUTAGE_PAUSE_SECONDS
+            return [Retry(job, pause) for job in runnable if self.endings.retry(job, pause, counted=False)]
         except Exception as exc:
             if len(runnable) == 1:
                 return self._fail(runnable[0], exc)
@@ -315,9 +316,12 @@ class Engine:
         return grouped
 
     def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
+        """Each image stored, each store counting as the batch's progress for the watchdog (a slow
+        storage is an outage to wait out, not a hung device whose jobs another worker should take)."""
         p = job.params
         stored = []
         for image, seed in zip(images, p.seeds, strict=True):
+            self.progressed_at = time.monotonic()
             try:
                 saved = self.images.save(image, p.image_metadata(seed), job.id)
             except STORAGE_ERRORS as exc:
@@ -346,4 +350,4 @@ class Engine:
             self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
             return []
         backoff = min(MAX_BACKOFF_SECONDS, self.settings.retry_backoff_seconds * 2 ** (job.attempts - 1))
-        return [Retry(job, backoff)] if self.endings.retry(job) else []
+        return [Retry(job, backoff)] if self.endings.retry(job, backoff) else []
