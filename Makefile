@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev run worker test faults lint bench gpu-wheels screenshot lock audit clean
+.PHONY: install install-dev run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
 
 # Each stamp re-installs only when its lock file changed since the last install.
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
@@ -43,6 +43,11 @@ test: install-dev
 # row mounts a small tmpfs (root); `make test` runs two quick rows.
 faults: install-dev
 	$(BIN)/python -m bench.faults
+
+# Builds the container image and runs it alone and as cluster roles (README "Deploying"); needs
+# Docker (it starts Debian's dockerd, and makes the base image with debootstrap, when it must).
+image-test: install-dev
+	$(BIN)/python -m tools.image_test
 
 lint: install-dev
 	$(BIN)/ruff check .
