@@ -44,7 +44,16 @@ from typing import Any
 
 import psycopg
 
-from bench.harness import ADMIN_TOKEN, POSTGRES, cluster_database, delete_queue, free_port, request, write_results
+from bench.harness import (
+    ADMIN_TOKEN,
+    POSTGRES,
+    cluster_database,
+    delete_queue,
+    free_port,
+    request,
+    wait_for,
+    write_results,
+)
 from config import ROOT
 from imagegen.db import Database
 from imagegen.jobs import Job, JobStore
@@ -165,9 +174,13 @@ class Deployment:
     def store(self) -> JobStore:
         return JobStore(Database(self.database))
 
-    def busy_worker(self, store: JobStore) -> str:
-        """The name of a worker running a job that has made a step."""
-        return wait_for(lambda: next((job.worker for job in store.running() if job.step), None), "a running job")
+    def busy_worker(self) -> str:
+        """Waits for a job to make a step; the name of the worker running it."""
+        store = self.store()
+        try:
+            return wait_for(lambda: next((job.worker for job in store.running() if job.step), None), "a running job")
+        finally:
+            store.db.close()
 
     def settle(self, fault: str, ids: list[str], cleared: float) -> Row:
         """Waits up to DEADLINE_SECONDS after the fault cleared for every accepted job, and counts."""
@@ -308,9 +321,7 @@ def api_killed_between_record_and_publish() -> Row:
 def worker_killed_mid_batch() -> Row:
     with deployment() as deploy:
         ids = deploy.submit(8)
-        store = deploy.store()
-        deploy.kill(deploy.busy_worker(store))
-        store.db.close()
+        deploy.kill(deploy.busy_worker())
         return deploy.settle("worker kill -9 mid-batch", ids, time.time())
 
 
@@ -318,9 +329,7 @@ def worker_hung() -> Row:
     """SIGSTOP for 10 s, longer than its lease (3 s): its heartbeat stops with it; then SIGCONT."""
     with deployment() as deploy:
         ids = deploy.submit(8)
-        store = deploy.store()
-        deploy.freeze(deploy.busy_worker(store), 10)
-        store.db.close()
+        deploy.freeze(deploy.busy_worker(), 10)
         return deploy.settle("worker SIGSTOP 10 s (hung)", ids, time.time())
 
 
@@ -335,9 +344,7 @@ def batch_longer_than_broker_heartbeat() -> Row:
 def broker_connections_closed() -> Row:
     with deployment() as deploy:
         ids = deploy.submit(8)
-        store = deploy.store()
-        deploy.busy_worker(store)
-        store.db.close()
+        deploy.busy_worker()
         _rabbitmqctl("close_all_connections", "-p", VHOST, "fault injected")
         return deploy.settle("broker connections closed", ids, time.time())
 
@@ -346,9 +353,7 @@ def database_refuses_connections() -> Row:
     """The job database refuses every connection for 20 s (and its open ones are cut)."""
     with deployment() as deploy:
         ids = deploy.submit(8)
-        store = deploy.store()
-        deploy.busy_worker(store)
-        store.db.close()
+        deploy.busy_worker()
         name = deploy.database.rsplit("/", 1)[1]
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as admin:
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
@@ -383,9 +388,7 @@ def object_storage_down() -> Row:
     try:
         with deployment(STORAGE_URL=url, S3_ENDPOINT_URL=endpoint, **s3) as deploy:
             ids = deploy.submit(8)
-            store = deploy.store()
-            deploy.busy_worker(store)
-            store.db.close()
+            deploy.busy_worker()
             store_process.kill()
             store_process.wait(10)
             time.sleep(20)
@@ -403,9 +406,7 @@ def image_disk_full() -> Row:
         try:
             with deployment(STORAGE_URL=disk) as deploy:
                 ids = deploy.submit(8)
-                store = deploy.store()
-                deploy.busy_worker(store)
-                store.db.close()
+                deploy.busy_worker()
                 filler = Path(disk) / "filler"
                 with open(filler, "wb") as out:
                     try:
@@ -447,9 +448,7 @@ def sigterm_during_synchronous_requests() -> Row:
         askers = [threading.Thread(target=ask, args=(seed,)) for seed in range(4)]
         for asker in askers:
             asker.start()
-        store = deploy.store()
-        deploy.busy_worker(store)
-        store.db.close()
+        deploy.busy_worker()
         deploy.processes["api"].send_signal(signal.SIGTERM)
         for asker in askers:
             asker.join(120)
@@ -464,9 +463,7 @@ def queue_purged() -> Row:
     """The broker's queue is purged while jobs wait in it (one worker, so most of them wait)."""
     with deployment(workers=1) as deploy:
         ids = deploy.submit(8)
-        store = deploy.store()
-        deploy.busy_worker(store)
-        store.db.close()
+        deploy.busy_worker()
         _rabbitmqctl("purge_queue", "-p", VHOST, deploy.env["BROKER_QUEUE"])
         return deploy.settle("broker queue purged while jobs wait", ids, time.time())
 
@@ -522,15 +519,6 @@ def main() -> None:
 
 
 # ----- plumbing -----
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def _stamp(text: str) -> float:

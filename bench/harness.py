@@ -170,6 +170,16 @@ def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) 
             return error.code, dict(error.headers), error.read()
 
 
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+    """The first truthy answer of `check`, polled; RuntimeError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
 def wait_ready(base: str, timeout: float = 120, path: str = "/health") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -29,10 +29,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.harness import free_port, wait_for
 from config import ROOT
 
 EXTRAS = ROOT / "docker" / "extras"
@@ -232,23 +232,6 @@ def call(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         return error.code, json.loads(error.read() or b"{}")
     except OSError:
         return 0, {}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def main() -> None:
