@@ -164,7 +164,7 @@ def test_out_of_memory_fails_with_its_own_code(tmp_path, fake):
 def test_a_job_whose_workers_died_each_time_fails_as_worker_lost(parts, fake):
     submitted = parts.submit(params(), callback_url="http://hooks.example/x")
     for dead in ("w1", "w2", "w3"):  # claimed three times; each worker died before ending it
-        parts.jobs.claim([submitted.id], dead, lease_seconds=0)  # and its lease ran out
+        parts.jobs.claim([submitted.id], dead, lease_seconds=-1)  # and its lease ran out (a millisecond clock: not 0)
     assert parts.engine.run([submitted]) == []
     ended = parts.jobs.get(submitted.id)
     assert ended.status == JobStatus.FAILED and ended.error["code"] == "worker_lost"
