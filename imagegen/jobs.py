@@ -204,17 +204,14 @@ JOBS = select(
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
+def _under(worker: str | None, attempt: int) -> Any:
+    """Rows still running under that lease: its worker, its attempt."""
+    return and_(table.c.status == JobStatus.RUNNING, table.c.worker == worker, table.c.attempts == attempt)
+
+
 def _held(jobs: list[Job]) -> Any:
     """The rows of these jobs still running under the lease each was read with (`Job.lease`)."""
-    return and_(
-        table.c.status == JobStatus.RUNNING,
-        or_(
-            *(
-                and_(table.c.id == job.id, table.c.worker == job.worker, table.c.attempts == job.attempts)
-                for job in jobs
-            )
-        ),
-    )
+    return or_(*(and_(table.c.id == job.id, _under(job.worker, job.attempts)) for job in jobs))
 
 
 class JobStore:
@@ -354,15 +351,7 @@ class JobStore:
         """Ends a job once; a job already finished keeps its first outcome (and this returns False),
         and so does one whose `lease` (a worker's) no longer holds it. The ending and its webhook
         delivery (if the job gave a callback URL) commit together."""
-        ending = (
-            table.c.status.in_(UNFINISHED)
-            if lease is None
-            else and_(
-                table.c.status == JobStatus.RUNNING,
-                table.c.worker == lease.worker,
-                table.c.attempts == lease.attempt,
-            )
-        )
+        ending = table.c.status.in_(UNFINISHED) if lease is None else _under(lease.worker, lease.attempt)
         with self.db.transaction() as conn:
             now = conn.execute(select(db_now())).scalar_one()
             changed = conn.execute(
