@@ -62,6 +62,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Quantized weights (imagegen/quantization.py has which backend runs which scheme on which device).
+Quantization = Literal["none", "int8", "int8-dynamic", "int4", "fp8", "nf4"]
+QuantizationBackend = Literal["torchao", "quanto", "bitsandbytes"]
+
+
 def comma_list(value: str) -> list[str]:
     """The items of a comma-separated setting (`API_KEYS`, `MODELS`, `TRUSTED_HOSTS`, ...), trimmed,
     empty ones dropped."""
@@ -87,6 +92,10 @@ class ModelEntry(BaseModel):
     vae_tiling: bool | None = None
     cpu_offload: bool | None = None
     config: str | None = None  # a local diffusers folder with the configs and tokenizers of a single file
+    quantization: Quantization | None = None
+    quantization_backend: QuantizationBackend | None = None
+    quantize: tuple[str, ...] | None = Field(None, min_length=1, strict=False)  # default: the UNet or transformer
+    transformer: str | None = Field(None, min_length=1)  # a GGUF file used as the model's transformer
 
 
 class Settings(BaseSettings):
@@ -121,6 +130,8 @@ class Settings(BaseSettings):
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    quantization: Quantization = "none"
+    quantization_backend: QuantizationBackend | None = None
     max_queue_size: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(0, ge=0, le=10_000)

@@ -9,6 +9,9 @@ weights, built on the GPU by tools.make_model: the compute and memory of the rea
 - peak VRAM of one image: plain, with attention slicing, with VAE tiling, with CPU offload;
 - VRAM once the engine has unloaded the model;
 - images per second with the UNet under `torch.compile` (after its compile), against without;
+- quantized weights, loaded as the server loads them: SDXL's UNet in int8 (torchao) and NF4
+  (bitsandbytes) against fp16: VRAM loaded, peak VRAM of one image, the UNet's weight bytes and
+  seconds per image; with `--flux`, FLUX.1 [dev]'s transformer the same way in bf16;
 - FLUX.1 [dev] at 1024x1024 in bf16, only if time is left (`--flux`).
 
 It prints one table and writes it as JSON, with nvidia-smi's card name, to --out. A stage that
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from config import ModelEntry, Settings
 from imagegen.catalogue import ModelSpec
@@ -48,6 +52,7 @@ from imagegen.engine.runner import Engine
 from imagegen.families import FAMILIES
 from imagegen.jobs import GenerationParams, Job, JobStore
 from imagegen.monitoring import Monitor
+from imagegen.quantization import Quantization, Unrunnable, for_device, load_arguments, weight_bytes
 from imagegen.storage import ImageStore
 from tools.make_model import build
 
@@ -75,6 +80,8 @@ SMOKE_CASES = (
     Case("SD 1.5 (tiny)", "sd15", "sd", 64, 2, torch.float32, (1, 2), "tiny"),
     Case("SDXL (tiny)", "sdxl", "sdxl", 64, 2, torch.float32, (1, 2), "tiny"),
 )
+# The quantized rows: the model's denoiser in each scheme, against the unquantized model.
+SCHEMES = (("none", None), ("int8", "torchao"), ("nf4", "bitsandbytes"))
 
 
 @dataclass
@@ -118,7 +125,7 @@ def timed(device: str, call: Callable[[], Any]) -> float:
 
 
 def raw_call(pipe: Any, case: Case, batch: int) -> None:
-    with torch.inference_mode():
+    with torch.no_grad():  # as the engine calls it
         pipe(
             prompt=[PROMPT] * batch,
             width=case.size,
@@ -157,6 +164,7 @@ def engine_for(case: Case, device: str, tmp: Path) -> Iterator[tuple[Engine, Job
         max_width=case.size,
         max_height=case.size,
         max_steps=500,
+        quantization=Quantization(),
     )
 
     def load(_spec: ModelSpec, dtype: torch.dtype) -> Any:
@@ -231,6 +239,42 @@ def pipeline_figures(engine: Engine, jobs: JobStore, case: Case, run: Run, compi
     return row
 
 
+def quantized_rows(case: Case, run: Run, tmp: Path) -> list[dict[str, Any]]:
+    """The case's model saved once, then loaded in each scheme through the server's own loading
+    arguments; a scheme this device cannot run is skipped and says why."""
+    folder = tmp / "quantized"
+    build(case.build, size=case.model_size, device=run.device).to(case.dtype).save_pretrained(folder)
+    gc.collect()
+    rows = []
+    for scheme, backend in SCHEMES:
+        name = f"{case.name} {scheme}" + (f" ({backend})" if backend else "")
+        try:
+            quantization = for_device(Quantization(scheme, backend), run.device)
+        except Unrunnable as exc:
+            run.skipped.append(f"{name}: {exc}")
+            continue
+        if not run.allows(name, 90):
+            continue
+        reset_peak(run.device)
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, dtype=case.dtype, **load_arguments(quantization, str(folder), case.dtype)
+        ).to(run.device)
+        pipe.set_progress_bar_config(disable=True)
+        denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        row: dict[str, Any] = {"model": name, "loaded_vram_mb": vram_mb(run.device)}
+        row["denoiser_weight_mb"] = weight_bytes(denoiser) / 2**20
+        raw_call(pipe, case, 1)  # warm-up
+        reset_peak(run.device)
+        row["seconds_per_image"] = timed(run.device, lambda p=pipe: raw_call(p, case, 1))
+        row["peak_vram_mb_plain"] = vram_mb(run.device)
+        rows.append(row)
+        del pipe, denoiser
+        gc.collect()
+        if run.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
 def card() -> str:
     try:
         return subprocess.run(
@@ -272,6 +316,8 @@ def main() -> None:
         for index, case in enumerate(cases):
             if run.allows(case.name, 60 if args.smoke else 150):
                 rows.append(measure(case, run, Path(tmp) / str(index), not args.no_compile and not args.smoke))
+        for case in [cases[-1] if args.smoke else FULL_CASES[1], *([FLUX] if args.flux and not args.smoke else [])]:
+            rows += quantized_rows(case, run, Path(tmp) / f"{case.build}-quantized")
     result = {"card": card(), "torch": torch.__version__, "smoke": args.smoke, "rows": rows, "skipped": run.skipped}
     print(f"card: {result['card']}, torch {result['torch']}")
     print(table(rows))

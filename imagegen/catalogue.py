@@ -18,6 +18,7 @@ from typing import Any
 
 from config import ModelEntry, Settings
 from imagegen.families import FAMILIES, Facts, Family, UnservedModel, checkpoint_family, facts, folder_reader
+from imagegen.quantization import Quantization, Unrunnable, check_backend, denoiser
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ModelSpec:
     max_width: int
     max_height: int
     max_steps: int
+    quantization: Quantization
 
     def view(self) -> dict[str, Any]:
         """What /models says about it: enough for a client (or the playground) to build a request."""
@@ -53,6 +55,7 @@ class ModelSpec:
                 "guidance_scale": self.default_guidance,
             },
             "limits": {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps},
+            "quantization": self.quantization.view(),
         }
 
 
@@ -83,13 +86,52 @@ def _facts(model: str, source: str, entry: ModelEntry) -> Facts | None:
         return None
     found = facts(read, model)
     if entry.family and entry.family != found.family.name:
-        return Facts(FAMILIES[entry.family], found.size_multiple, found.default_size)
+        return Facts(FAMILIES[entry.family], found.size_multiple, found.default_size, found.components)
     return found
 
 
 def _fit(value: int, cap: int, multiple: int) -> int:
     """A default no larger than the cap, on the size multiple."""
     return max(multiple, min(value, cap) // multiple * multiple)
+
+
+def _quantization(settings: Settings, model: str, entry: ModelEntry, source: str, found: Facts | None) -> Quantization:
+    """The entry's quantized weights (or the settings' scheme), checked against what the files say;
+    UnservedModel names the model and the key."""
+    scheme = entry.quantization or settings.quantization
+    backend = entry.quantization_backend or settings.quantization_backend
+    transformer = settings.resolve_source(entry.transformer) if entry.transformer else None
+    components = entry.quantize
+    if components is None and scheme != "none" and found and found.components:
+        components = (denoiser(found.components),)  # shown as what it is; unread hub models get it at load
+    quantization = Quantization(scheme, backend, components, transformer)
+
+    def refuse(key: str, why: str) -> UnservedModel:
+        return UnservedModel(f"model {model}, key {key}: {why}")
+
+    try:
+        check_backend(scheme, backend)
+    except Unrunnable as exc:
+        raise refuse("quantization_backend", str(exc)) from None
+    if quantization.active and Path(source).is_file():
+        key = "quantization" if scheme != "none" else "transformer"
+        raise refuse(key, "needs a diffusers folder or hub id as the source, not a single file")
+    if entry.quantize and scheme == "none":
+        raise refuse("quantize", "names components, but the model's quantization is none")
+    if entry.quantize and found and found.components:
+        unknown = [name for name in entry.quantize if name not in found.components]
+        if unknown:
+            has = ", ".join(found.components)
+            raise refuse("quantize", f"{', '.join(unknown)} is not a component of the model (it has {has})")
+    if transformer is None:
+        return quantization
+    if not (transformer.endswith(".gguf") and Path(transformer).is_file()):
+        raise refuse("transformer", f"{entry.transformer} is not a .gguf file")
+    if found and not found.family.gguf:
+        raise refuse("transformer", f"diffusers reads no GGUF transformer for family {found.family.name}")
+    if scheme != "none" and (entry.quantize is None or "transformer" in entry.quantize):
+        raise refuse("quantize", "the transformer is the GGUF file's, already quantized: name the others")
+    return quantization
 
 
 def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
@@ -132,6 +174,7 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         max_width=max_width,
         max_height=max_height,
         max_steps=max_steps,
+        quantization=_quantization(settings, model, entry, source, found),
     )
 
 

@@ -335,6 +335,9 @@ class CeleryQueue:
             for info in worker.get("models", []):
                 entry = models.setdefault(info["id"], {"id": info["id"], "workers": {}})
                 entry["workers"][worker["name"]] = info["state"]
+                for key in ("quantization", "weight_bytes"):  # as a worker that has it loaded says
+                    if info.get(key):
+                        entry.setdefault(key, info[key])
         for entry in models.values():
             entry["state"] = min(entry["workers"].values(), key=MODEL_STATE_RANK.index)
         default = models.get(self.settings.model_id, {"id": self.settings.model_id, "workers": {}})

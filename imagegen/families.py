@@ -49,6 +49,7 @@ class Family:
     interrupt: bool = True  # a call can stop early when its jobs are cancelled
     editing: tuple[str, ...] = ()  # "img2img", "inpaint": the editing pipelines diffusers has for it
     adapters: tuple[str, ...] = ()  # adapter kinds diffusers loads for it
+    gguf: bool = False  # diffusers reads a GGUF file (ComfyUI users' quantized weights) as its transformer
     call: dict[str, Any] = field(default_factory=dict)  # fixed arguments of every call
     text_to_image: bool = True  # False: a dedicated inpainting model (a 9-channel UNet), edits only
     # How an edit's strength becomes the steps run: the UNet pipelines floor steps x strength; the
@@ -181,6 +182,7 @@ FAMILIES: dict[str, Family] = {
             default_guidance=7.0,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            gguf=True,
         ),
         Family(
             "flux-schnell",
@@ -195,6 +197,7 @@ FAMILIES: dict[str, Family] = {
             default_guidance=0.0,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            gguf=True,
         ),
         Family(
             "flux-dev",
@@ -209,6 +212,7 @@ FAMILIES: dict[str, Family] = {
             default_guidance=3.5,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            gguf=True,
         ),
         Family(
             "pixart-sigma",
@@ -237,6 +241,7 @@ FAMILIES: dict[str, Family] = {
             default_guidance=4.5,
             call={"use_resolution_binning": False},
             adapters=("lora",),
+            gguf=True,
         ),
         Family(
             "z-image",
@@ -250,6 +255,7 @@ FAMILIES: dict[str, Family] = {
             default_guidance=4.0,
             editing=("img2img", "inpaint"),
             adapters=("lora",),
+            gguf=True,
         ),
     )
 }
@@ -274,6 +280,7 @@ class Facts:
     family: Family
     size_multiple: int  # width and height must be multiples of it
     default_size: int
+    components: tuple[str, ...] = ()  # the folder's models (each with a config.json): what can be quantized
 
 
 def _flux(read: Callable[[str], dict[str, Any] | None]) -> Family:
@@ -305,7 +312,8 @@ def facts(read: Callable[[str], dict[str, Any] | None], name: str) -> Facts:
         patch = max(patch, 2) if family.pipeline == "FluxPipeline" else patch  # Flux packs latents 2x2
         sample = transformer.get("sample_size")
     default = sample * vae_scale if isinstance(sample, int) else family.default_size
-    return Facts(family, vae_scale * patch, default)
+    models = tuple(name for name in index if not name.startswith("_") and read(f"{name}/config.json") is not None)
+    return Facts(family, vae_scale * patch, default, models)
 
 
 def folder_reader(folder: Path) -> Callable[[str], dict[str, Any] | None]:

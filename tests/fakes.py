@@ -77,6 +77,11 @@ class FakePipeline:
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def components(self) -> dict[str, Any]:
+        """No model components: it holds no weights."""
+        return {}
+
     def to(self, *args: Any, **kwargs: Any) -> FakePipeline:
         return self
 

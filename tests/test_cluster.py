@@ -293,6 +293,12 @@ def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, p
     assert 'imagegen_worker_generation_seconds_count{worker="w1"} 1.0' in metrics
     assert 'imagegen_worker_models_loaded{worker="w1"} 1.0' in metrics
     assert 'imagegen_worker_process_rss_bytes{worker="w1"}' in metrics
+    [listed] = get(base, "/models")[1]["models"]  # what the worker measured, through the API that loads nothing
+    assert (
+        listed["weight_bytes"]["unet"] > 0
+        and listed["weight_bytes"]["total"] == seen["models"][0]["weight_bytes"]["total"]
+    )
+    assert listed["quantization"]["scheme"] == "none"
 
     status, unloaded = call_json(f"{base}/models/models/tiny-random/unload")
     assert status == 200 and unloaded["workers"] == {"w1": ["models/tiny-random"]}

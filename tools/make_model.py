@@ -11,6 +11,7 @@ encoder shares one word-level tokenizer built here, so nothing is downloaded.
 
     python -m tools.make_model --family flux-dev --size tiny --out /tmp/flux-dev
     python -m tools.make_model --family sd15 --size full --out /tmp/sd15      # 4 GB in fp32
+    python -m tools.make_model --family flux-schnell --out /tmp/flux --gguf Q4_0   # and its transformer as GGUF
 """
 
 from __future__ import annotations
@@ -465,6 +466,33 @@ def parameters(pipe: Any) -> dict[str, int]:
     }
 
 
+# GGUF's blocks hold 32 weights: a matrix whose rows are not a multiple of that stays in F32 (as
+# the tools that make GGUF files for ComfyUI keep small tensors unquantized).
+GGUF_BLOCK = 32
+
+
+def write_gguf(model: torch.nn.Module, path: Path, kind: str = "Q4_0") -> int:
+    """The model's weights as a GGUF file, its matrices in `kind` (Q4_0, Q8_0, ...), under the
+    names of its own state dict (diffusers reads those as they are); the number quantized."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    writer = gguf.GGUFWriter(str(path), arch="imagegen")
+    quantized = 0
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[-1] % GGUF_BLOCK == 0:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+            quantized += 1
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
@@ -473,6 +501,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or meta (count the parameters, build nothing)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", metavar="KIND", help="also write OUT/transformer.gguf in KIND (Q4_0, Q8_0)")
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)
     for name, count in parameters(pipe).items():
@@ -480,6 +509,9 @@ def main() -> None:
     if args.out and args.device != "meta":
         pipe.to(getattr(torch, args.dtype)).save_pretrained(args.out, safe_serialization=True)
         print(f"saved a {args.size} {args.family} pipeline to {args.out}")
+        if args.gguf:
+            count = write_gguf(pipe.transformer, args.out / "transformer.gguf", args.gguf)
+            print(f"wrote its transformer to {args.out / 'transformer.gguf'} ({count} matrices in {args.gguf})")
 
 
 if __name__ == "__main__":

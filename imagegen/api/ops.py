@@ -83,7 +83,9 @@ def list_models() -> dict[str, Any]:
     for i, (model_id, model) in enumerate(svc.catalogue.items()):
         state = known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED})
         static = model.view()
-        # a model the catalogue could not read is known once it has loaded
+        # a model the catalogue could not read is known once it has loaded, and so is the backend
+        # chosen for the device
         static["family"] = static["family"] or state.get("family")
+        static["quantization"] = state.get("quantization") or static["quantization"]
         models.append({**state, **static, "default": i == 0})
     return {"models": models}

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, path_of
+from imagegen.quantization import Unrunnable, for_device, load_arguments, pipeline_bytes
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState
 
@@ -63,6 +64,8 @@ class ModelInfo:
     failures: int = 0  # failed loads in a row
     loads: int = 0  # loads since this process started (an adapter switch is none)
     retry_at: float | None = None  # when a failed load is tried again (epoch seconds)
+    quantization: dict[str, Any] | None = None  # the scheme loaded, with the backend chosen for the device
+    weight_bytes: dict[str, int] | None = None  # per component, and "total", from the state dicts
 
 
 def resolve_device(setting: str) -> str:
@@ -123,7 +126,8 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
     folder (without network, nothing else has them)."""
     source = Path(spec.source)
     if not source.is_file():
-        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True)
+        quantized = load_arguments(spec.quantization, spec.source, dtype)
+        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True, **quantized)
     if source.suffix != ".safetensors" or spec.family is None:
         raise ValueError(f"only .safetensors checkpoints are loaded, not {source.name}")
     config = Settings.resolve_source(spec.entry.config) if spec.entry.config else None
@@ -181,6 +185,7 @@ class ModelManager:
         self._load_pipeline = load
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
+        self.catalogue = {model: self._runnable(spec) for model, spec in self.catalogue.items()}
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
@@ -194,6 +199,14 @@ class ModelManager:
         # Progress bars on stderr are noise in a server's logs.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+
+    def _runnable(self, spec: ModelSpec) -> ModelSpec:
+        """The entry with its quantization backend chosen for this device; a scheme nothing here can
+        run stops start-up with one line, as a bad catalogue entry does."""
+        try:
+            return replace(spec, quantization=for_device(spec.quantization, self.device))
+        except Unrunnable as exc:
+            raise SystemExit(f"cannot serve: model {spec.id}: {exc}") from None
 
     def _set(self, model_id: str, **changes: Any) -> None:
         with self._lock:
@@ -247,6 +260,8 @@ class ModelManager:
             failures=0,
             retry_at=None,
             loads=self.state(model_id).loads + 1,
+            quantization=spec.quantization.view(),
+            weight_bytes=pipeline_bytes(pipe),
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
@@ -259,7 +274,7 @@ class ModelManager:
         arguments = family.arguments([""], [""], [""], *size, 1, spec.default_guidance)
         if not family.text_to_image:
             arguments.update(image=Image.new("RGB", size, "gray"), mask_image=Image.new("L", size, 255))
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: see Engine._generate
             pipe(**arguments, generator=torch.Generator("cpu").manual_seed(0))
 
     def _apply_memory_options(self, pipe: DiffusionPipeline, spec: ModelSpec) -> None:

@@ -301,7 +301,9 @@ class Engine:
             arguments.update(callback=lambda index, _timestep, _latents: progress(index), callback_steps=1)
         else:
             arguments["callback_on_step_end"] = on_step_end
-        with torch.inference_mode():
+        # no_grad, not inference_mode: quanto's int4 weights unpack in place on their first use,
+        # which inference tensors forbid (and the pipelines' own calls run under no_grad anyway).
+        with torch.no_grad():
             output = pipe(**arguments, generator=generators)
         made = output.images
         if params.mask:
