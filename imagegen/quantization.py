@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class Backend:
     name: str
     package: str  # what must be importable
     runs: dict[str, tuple[str, ...]]  # scheme -> the device types it runs on
-    hint: str = ""  # said when it cannot run a scheme on this device
+    hints: dict[str, str] = field(default_factory=dict)  # scheme -> what to do where it does not run
 
 
 # In the order a backend is chosen. torchao's int4 on a CPU needs `mslk`, which PyPI does not
@@ -42,7 +42,7 @@ BACKENDS: dict[str, Backend] = {
             "torchao",
             "torchao",
             {"int8": ("cpu", "cuda"), "int8-dynamic": ("cpu", "cuda"), "fp8": ("cpu", "cuda"), "int4": ("cuda",)},
-            "torchao's int4 on a CPU needs the mslk package; quanto runs int4 on a CPU",
+            {"int4": "torchao's int4 on a CPU needs the mslk package; quanto runs int4 on a CPU"},
         ),
         Backend("quanto", "optimum.quanto", {s: ("cpu", "cuda", "mps") for s in ("int8", "int4", "fp8")}),
         Backend("bitsandbytes", "bitsandbytes", {"int8": ("cuda",), "nf4": ("cuda",)}),
@@ -102,14 +102,14 @@ def for_device(quantization: Quantization, device: str) -> Quantization:
     offered = [backend for backend in named if kind in backend.runs.get(scheme, ())]
     if not offered:
         where = "; ".join(f"{b.name} on {', '.join(b.runs[scheme])}" for b in named if scheme in b.runs)
-        hints = "; ".join(b.hint for b in named if b.hint and scheme in b.runs)
+        hints = "; ".join(b.hints[scheme] for b in named if scheme in b.hints)
         raise Unrunnable(
             f"quantization {scheme} runs {where or 'nowhere'}, not on this worker's device {device}"
             + (f" ({hints})" if hints else "")
         )
     for backend in offered:
         if installed(backend):
-            return Quantization(scheme, backend.name, quantization.components, quantization.transformer)
+            return replace(quantization, backend=backend.name)
     names = " or ".join(backend.package for backend in offered)
     raise Unrunnable(f"quantization {scheme} on {device} needs {names}, which is not installed")
 
