@@ -4,6 +4,7 @@
 # Build arguments:
 #   TORCH_INDEX  empty: PyPI's torch (its Linux build is CUDA's, which also runs on a CPU);
 #                or an index of CPU-only builds, e.g. https://download.pytorch.org/whl/cpu
+#   GPU          1: also requirements-gpu.lock (bitsandbytes: nf4 quantization, CUDA only)
 # Files the builder puts in docker/extras/ (git-ignored) are used at build time only and never
 # reach the image: `*.whl` (e.g. a torch wheel already on the builder's disk) and `ca.crt` (the CA
 # bundle pip needs behind a proxy that re-signs TLS). `make image-test` does both.
@@ -11,16 +12,18 @@ ARG BASE=debian:bookworm-slim
 
 FROM ${BASE} AS build
 ARG TORCH_INDEX=""
+ARG GPU=""
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-COPY requirements.lock constraints.txt /src/
+COPY requirements.lock requirements-gpu.lock constraints.txt /src/
 COPY docker/ /src/docker/
 RUN set -e; \
     if [ -f /src/docker/extras/ca.crt ]; then export PIP_CERT=/src/docker/extras/ca.crt; fi; \
     python3 -m venv /venv; \
     pip="/venv/bin/python -m pip install --no-cache-dir --disable-pip-version-check --find-links /src/docker/extras"; \
     $pip --require-hashes --no-deps -r /src/requirements.lock -r /src/docker/requirements-bookworm.txt; \
+    if [ "$GPU" = 1 ]; then $pip --require-hashes --no-deps -r /src/requirements-gpu.lock; fi; \
     $pip -c /src/constraints.txt ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch; \
     /venv/bin/python -m pip check; \
     find /venv -name __pycache__ -prune -exec rm -rf {} +

@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 RUNTIME := $(VENV)/.runtime-installed
+# 1: also requirements-gpu.lock (bitsandbytes), which only a CUDA GPU runs; by default where nvidia-smi answers.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEV := $(VENV)/.dev-installed
 
 .PHONY: install install-dev run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
@@ -12,9 +14,10 @@ DEV := $(VENV)/.dev-installed
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
 # (requirements-dev.lock) come with `make test` and `make lint`. Every package is checked against
 # its hashes; torch, whose build differs by platform, comes after by version (tools/lock.py says why).
-$(RUNTIME): requirements.lock constraints.txt
+$(RUNTIME): requirements.lock requirements-gpu.lock constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --require-hashes --no-deps -r requirements.lock
+	if [ "$(GPU)" = 1 ]; then $(PIP) --require-hashes --no-deps -r requirements-gpu.lock; fi
 	$(PIP) -c constraints.txt torch
 	$(BIN)/python -m pip check
 	touch $@
@@ -61,7 +64,7 @@ screenshot: install-dev
 # of requirements-dev.txt; it asks PyPI for the hashes, so it needs the network.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-gpu.txt
 	.venv-lock/bin/python -m tools.lock && rm -rf .venv-lock
 
 # Known vulnerabilities in every pinned package (pip-audit, in an environment of its own; it asks
@@ -87,11 +90,12 @@ bench: install
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
 # manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.
 GPU_WHEELS := diffusers transformers huggingface-hub flask werkzeug itsdangerous blinker pydantic pydantic-core pydantic-settings python-dotenv \
-	annotated-types typing-inspection limits deprecated sqlalchemy greenlet alembic mako
+	annotated-types typing-inspection limits deprecated sqlalchemy greenlet alembic mako torchao bitsandbytes gguf
 gpu-wheels:
 	mkdir -p .whl && for name in $(GPU_WHEELS); do \
 	  version=$$(grep -i "^$$name==" constraints.txt | cut -d= -f3); \
 	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 \
 	    -d .whl "$$name==$$version" || exit 1; \
 	done

@@ -30,6 +30,7 @@ class Backend:
     package: str  # what must be importable
     runs: dict[str, tuple[str, ...]]  # scheme -> the device types it runs on
     hints: dict[str, str] = field(default_factory=dict)  # scheme -> what to do where it does not run
+    installed_by: str = "requirements.txt"
 
 
 # In the order a backend is chosen. torchao's int4 on a CPU needs `mslk`, which PyPI does not
@@ -45,7 +46,12 @@ BACKENDS: dict[str, Backend] = {
             {"int4": "torchao's int4 on a CPU needs the mslk package; quanto runs int4 on a CPU"},
         ),
         Backend("quanto", "optimum.quanto", {s: ("cpu", "cuda", "mps") for s in ("int8", "int4", "fp8")}),
-        Backend("bitsandbytes", "bitsandbytes", {"int8": ("cuda",), "nf4": ("cuda",)}),
+        Backend(
+            "bitsandbytes",
+            "bitsandbytes",
+            {"int8": ("cuda",), "nf4": ("cuda",)},
+            installed_by="requirements-gpu.txt: `make install GPU=1`, or the image built with `--build-arg GPU=1`",
+        ),
     )
 }
 
@@ -110,7 +116,7 @@ def for_device(quantization: Quantization, device: str) -> Quantization:
     for backend in offered:
         if installed(backend):
             return replace(quantization, backend=backend.name)
-    names = " or ".join(backend.package for backend in offered)
+    names = " or ".join(f"{backend.package} ({backend.installed_by})" for backend in offered)
     raise Unrunnable(f"quantization {scheme} on {device} needs {names}, which is not installed")
 
 

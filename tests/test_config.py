@@ -130,7 +130,7 @@ def test_every_requirement_is_pinned_and_hash_locked():
     be missing from them, and a version changed in one file only would install the other."""
     pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     locked: dict[str, str] = {}
-    for lock in ("requirements.lock", "requirements-dev.lock"):
+    for lock in ("requirements.lock", "requirements-gpu.lock", "requirements-dev.lock"):
         entries = re.findall(
             r"^([\w.-]+)==(\S+)((?: \\\n    --hash=sha256:[0-9a-f]{64})+)", (ROOT / lock).read_text(), re.M
         )
@@ -138,6 +138,6 @@ def test_every_requirement_is_pinned_and_hash_locked():
             assert digests, name
             locked[canonicalize_name(name)] = version
     assert locked == {canonicalize_name(n): v for n, v in pinned.items() if n not in UNHASHED}
-    for requirement in roots(ROOT / "requirements-dev.txt"):
+    for requirement in roots(ROOT / "requirements-dev.txt") + roots(ROOT / "requirements-gpu.txt"):
         name = canonicalize_name(requirement.name)
         assert requirement.specifier.contains(locked.get(name) or pinned[name]), requirement

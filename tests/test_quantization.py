@@ -16,6 +16,7 @@ from PIL import Image
 
 from config import load_settings
 from imagegen.catalogue import build_catalogue
+from imagegen.quantization import BACKENDS, Quantization, Unrunnable, for_device, installed
 from tests.conftest import ADMIN, ROOT, catalogue_file, wait_ready
 from tools.make_model import write_gguf
 
@@ -168,3 +169,11 @@ def test_quantization_applies_to_every_model_without_its_own(tmp_path):
     settings = load_settings(_env_file=None, model_id="a", models_file=catalogue, quantization="fp8")
     built = build_catalogue(settings)
     assert (built["a"].quantization.scheme, built["b"].quantization.scheme) == ("fp8", "none")
+
+
+@pytest.mark.skipif(installed(BACKENDS["bitsandbytes"]), reason="bitsandbytes is installed (requirements-gpu.txt)")
+def test_a_gpu_without_its_backend_installed_is_told_where_it_comes_from():
+    with pytest.raises(Unrunnable) as refused:  # the device is a string here: the choice needs no GPU
+        for_device(Quantization("nf4"), "cuda")
+    assert "needs bitsandbytes (requirements-gpu.txt: `make install GPU=1`" in str(refused.value)
+    assert for_device(Quantization("int8"), "cuda").backend == "torchao"  # what CUDA runs without it

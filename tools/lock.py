@@ -8,8 +8,8 @@ different files and different dependencies), so `make` installs the hash-locked 
 lock serves every platform) and then torch by version alone, whose dependencies are then already
 there (on a CUDA machine it adds its own CUDA libraries); `pip check` proves nothing is missing.
 
-Run by `make lock` in a fresh environment of requirements-dev.txt; it asks PyPI's simple JSON API
-(PEP 691) for the hashes, so it needs the network.
+Run by `make lock` in a fresh environment of requirements-dev.txt and requirements-gpu.txt; it asks
+PyPI's simple JSON API (PEP 691) for the hashes, so it needs the network.
 
     python -m tools.lock
 """
@@ -105,13 +105,13 @@ def main() -> None:
         canonicalize_name(dist.metadata["Name"]): re.sub(r"\+.*", "", dist.version) for dist in metadata.distributions()
     }
     runtime = closure(ROOT / "requirements.txt")
-    everything = closure(ROOT / "requirements-dev.txt")
+    gpu = closure(ROOT / "requirements-gpu.txt")
+    everything = closure(ROOT / "requirements-dev.txt") | gpu
     pins = "".join(f"{name}=={versions[name]}\n" for name in sorted(everything))
     (ROOT / "constraints.txt").write_text(HEADER + pins)
     write_lock(ROOT / "requirements.lock", "The runtime (requirements.txt)", runtime, versions)
-    write_lock(
-        ROOT / "requirements-dev.lock", "The test and lint tools beyond the runtime", everything - runtime, versions
-    )
+    write_lock(ROOT / "requirements-gpu.lock", "What a CUDA GPU adds to the runtime", gpu - runtime, versions)
+    write_lock(ROOT / "requirements-dev.lock", "The test and lint tools beyond the runtime", everything - gpu, versions)
 
 
 if __name__ == "__main__":
