@@ -20,6 +20,7 @@ $(RUNTIME): requirements.lock requirements-gpu.lock constraints.txt
 	if [ "$(GPU)" = 1 ]; then $(PIP) --require-hashes --no-deps -r requirements-gpu.lock; fi
 	$(PIP) -c constraints.txt torch
 	$(BIN)/python -m pip check
+	$(BIN)/python -m imagegen.quantization  # quanto's CPU int4 kernel, built once here (C++), not at a first load
 	touch $@
 
 $(DEV): $(RUNTIME) requirements-dev.lock

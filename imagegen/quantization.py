@@ -14,6 +14,7 @@ and the engine alone calls them.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,9 @@ class Backend:
     runs: dict[str, tuple[str, ...]]  # scheme -> the device types it runs on
     hints: dict[str, str] = field(default_factory=dict)  # scheme -> what to do where it does not run
     installed_by: str = "requirements.txt"
+    # (scheme, device type) -> a program it runs: quanto builds its CPU int4 kernel with the C++
+    # compiler on first use (make builds it at install; an image without a compiler cannot).
+    programs: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 # In the order a backend is chosen. torchao's int4 on a CPU needs `mslk`, which PyPI does not
@@ -45,7 +49,12 @@ BACKENDS: dict[str, Backend] = {
             {"int8": ("cpu", "cuda"), "int8-dynamic": ("cpu", "cuda"), "fp8": ("cpu", "cuda"), "int4": ("cuda",)},
             {"int4": "torchao's int4 on a CPU needs the mslk package; quanto runs int4 on a CPU"},
         ),
-        Backend("quanto", "optimum.quanto", {s: ("cpu", "cuda", "mps") for s in ("int8", "int4", "fp8")}),
+        Backend(
+            "quanto",
+            "optimum.quanto",
+            {s: ("cpu", "cuda", "mps") for s in ("int8", "int4", "fp8")},
+            programs={("int4", "cpu"): "c++"},
+        ),
         Backend(
             "bitsandbytes",
             "bitsandbytes",
@@ -113,11 +122,16 @@ def for_device(quantization: Quantization, device: str) -> Quantization:
             f"quantization {scheme} runs {where or 'nowhere'}, not on this worker's device {device}"
             + (f" ({hints})" if hints else "")
         )
+    missing = []
     for backend in offered:
-        if installed(backend):
+        program = backend.programs.get((scheme, kind))
+        if not installed(backend):
+            missing.append(f"{backend.package} ({backend.installed_by}), which is not installed")
+        elif program and shutil.which(program) is None:
+            missing.append(f"{backend.name} with a C++ compiler ({program}) to build its kernel, and there is none")
+        else:
             return replace(quantization, backend=backend.name)
-    names = " or ".join(f"{backend.package} ({backend.installed_by})" for backend in offered)
-    raise Unrunnable(f"quantization {scheme} on {device} needs {names}, which is not installed")
+    raise Unrunnable(f"quantization {scheme} on {device} needs {' or '.join(missing)}")
 
 
 def denoiser(index: Iterable[str]) -> str:
@@ -221,3 +235,17 @@ def pipeline_bytes(pipe: Any) -> dict[str, int]:
 
     parts = {name: weight_bytes(part) for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
     return {**parts, "total": sum(parts.values())}
+
+
+def build_kernels() -> None:
+    """Builds quanto's CPU int4 kernel now (C++, about 40 s on two cores, once per installation)
+    rather than in the first int4 model's load; `make install` runs it. Without a compiler it
+    builds nothing, and `for_device` refuses CPU int4."""
+    if installed(BACKENDS["quanto"]) and shutil.which("c++"):
+        from optimum.quanto.library.extensions import get_extension
+
+        get_extension("quanto_cpp").lib  # noqa: B018 (built and loaded on first access)
+
+
+if __name__ == "__main__":
+    build_kernels()

@@ -72,7 +72,7 @@ def test_each_scheme_that_runs_here_serves_a_unet_and_a_dit(
     entry = {"source": source, "quantization": scheme, **({"quantization_backend": named} if named else {})}
     catalogue = catalogue_file(tmp_path, {"plain": {"source": source}, "quantized": entry})
     client = app_factory(model_id="quantized", models_file=catalogue, max_loaded_models=2).test_client()
-    wait_ready(client)
+    wait_ready(client, timeout=180)  # quanto's int4 builds its CPU kernel once, where make has not
     assert_same_picture(client, "quantized")
 
     listed = models(client)
@@ -176,4 +176,12 @@ def test_a_gpu_without_its_backend_installed_is_told_where_it_comes_from():
     with pytest.raises(Unrunnable) as refused:  # the device is a string here: the choice needs no GPU
         for_device(Quantization("nf4"), "cuda")
     assert "needs bitsandbytes (requirements-gpu.txt: `make install GPU=1`" in str(refused.value)
+    assert "which is not installed" in str(refused.value)
     assert for_device(Quantization("int8"), "cuda").backend == "torchao"  # what CUDA runs without it
+
+
+def test_cpu_int4_without_a_compiler_is_refused_at_start_up(app_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine with no C++ compiler, as the image is
+    catalogue = catalogue_file(tmp_path, {"q": {"source": DEMO, "quantization": "int4"}})
+    with pytest.raises(SystemExit, match="model q: quantization int4 on cpu needs quanto with a C"):
+        app_factory(model_id="q", models_file=catalogue)
