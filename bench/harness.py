@@ -170,13 +170,14 @@ def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) 
             return error.code, dict(error.headers), error.read()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    """The first truthy answer of `check`, polled; RuntimeError naming `what` after `timeout` seconds."""
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 120, every: float = 0.05) -> Any:
+    """The first truthy answer of `check`, polled every `every` seconds; RuntimeError naming `what`
+    after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := check():
             return result
-        time.sleep(0.05)
+        time.sleep(every)
     raise RuntimeError(f"timed out waiting for {what}")
 
 

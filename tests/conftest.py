@@ -22,6 +22,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from bench.harness import free_port
 from config import Settings
 from imagegen import create_app
 from imagegen.services import build
@@ -151,12 +152,6 @@ def serve(app_factory: Any, tmp_path: Path, tiny_models: Path, name: str, **entr
 
 
 # ----- a real server process, for end-to-end and browser tests -----
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, Any, bytes]:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.harness import wait_for
 from imagegen.db import Database
 from imagegen.jobs import JobStatus, JobStore
 from tests.conftest import (
@@ -71,12 +72,7 @@ def store(postgres_url: str) -> Iterator[JobStore]:
 
 
 def wait_until(check: Any, timeout: float = 60, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {check}")
+    return wait_for(check, str(check), timeout, every)
 
 
 def post(base: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:

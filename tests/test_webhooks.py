@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
+from bench.harness import wait_for
 from imagegen.db import Database, webhooks
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from tests.conftest import ROOT, call, free_port, start_server, wait_ready
@@ -84,12 +85,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def until(check: Any, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {check}")
+    return wait_for(check, str(check), timeout)
 
 
 def submit(client: Any, url: str, **body: Any) -> str:
