@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     webhook_retries: int = Field(8, ge=0, le=30)
     webhook_retry_seconds: float = Field(5.0, gt=0, le=3600)
     lora_dir: Path = ROOT / "models" / "loras"
+    lora_url: str = ""
     max_loras_per_request: int = Field(4, ge=0, le=16)
     max_loaded_loras: int = Field(8, ge=1, le=128)
 
@@ -370,6 +371,11 @@ class Settings(BaseSettings):
     def storage(self) -> str:
         """STORAGE_URL, or the local IMAGE_DIR."""
         return self.storage_url or str(self.image_dir)
+
+    @property
+    def loras(self) -> str:
+        """LORA_URL, or the local LORA_DIR."""
+        return self.lora_url or str(self.lora_dir)
 
     def api_key_list(self) -> list[str]:
         """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""

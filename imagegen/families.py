@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
 from imagegen.schedulers import SCHEDULERS
 
 # The schedulers of the UNet-era noise schedule (DDPM betas): SD, SDXL, PixArt.
@@ -335,20 +338,22 @@ CHECKPOINT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path | str, fs: AbstractFileSystem | None = None) -> dict[str, Any]:
     """A .safetensors file's JSON header (each tensor's dtype, shape and offsets, and
-    `__metadata__`), read without its weights; UnservedModel when it is not one."""
-    with path.open("rb") as file:
-        head = file.read(8)
-        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-        if not 2 <= length <= 100_000_000:
-            raise UnservedModel(f"{path.name} is not a safetensors file")
-        try:
-            header = json.loads(file.read(length))
-        except ValueError:
-            raise UnservedModel(f"{path.name} is not a safetensors file") from None
+    `__metadata__`), read without its weights: two ranged reads, so a file in object storage costs
+    two small requests (`fs`: its filesystem; a local file by default). UnservedModel when it is not one."""
+    fs = fs or LocalFileSystem()
+    name = str(path).rsplit("/", 1)[-1]
+    head = fs.cat_file(str(path), start=0, end=8)
+    (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+    if not 2 <= length <= 100_000_000:
+        raise UnservedModel(f"{name} is not a safetensors file")
+    try:
+        header = json.loads(fs.cat_file(str(path), start=8, end=8 + length))
+    except ValueError:
+        raise UnservedModel(f"{name} is not a safetensors file") from None
     if not isinstance(header, dict):
-        raise UnservedModel(f"{path.name} is not a safetensors file")
+        raise UnservedModel(f"{name} is not a safetensors file")
     return header
 
 

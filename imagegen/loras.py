@@ -1,4 +1,4 @@
-"""LoRA adapters: the files in LORA_DIR, what their headers say, and which models they fit.
+"""LoRA adapters: the files in LORA_DIR (or LORA_URL), what their headers say, and which models they fit.
 
 Why from headers alone: the API must refuse an unknown adapter, or one made for another family,
 before a job is queued, and a cluster's API has no torch. A safetensors header names every tensor
@@ -9,15 +9,27 @@ Requests name adapters, never paths: a name is a file name without `.safetensors
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from imagegen.families import UnservedModel, safetensors_header
+from imagegen.storage import filesystem
+
+if TYPE_CHECKING:
+    from config import Settings
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SUFFIX = ".safetensors"
@@ -57,20 +69,14 @@ class Lora:
     rank: int | None
     bytes: int
     trigger_words: list[str]
+    version: str = ""  # changes when the file is replaced under its name (not shown)
 
     def fits(self, family: str | None) -> bool:
         """Whether it is made for a model of that family (unknown either way: let the load tell)."""
         return self.family is None or family is None or family in FITS[self.family]
 
     def view(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def path_of(lora_dir: Path, name: str) -> Path:
-    """The file of an adapter name; AdapterRejected for a name that could leave the folder."""
-    if not NAME.fullmatch(name) or name.endswith(SUFFIX):
-        raise AdapterRejected(f"`{name}` is not an adapter name (letters, digits, `_`, `.` and `-`)")
-    return lora_dir / f"{name}{SUFFIX}"
+        return {key: value for key, value in asdict(self).items() if key != "version"}
 
 
 def _trigger_words(metadata: dict[str, str]) -> list[str]:
@@ -88,42 +94,144 @@ def _trigger_words(metadata: dict[str, str]) -> list[str]:
     return [tag for tag, _n in counts.most_common(5)]
 
 
-@lru_cache(maxsize=256)
-def _describe(path: Path, _mtime_ns: int, size: int) -> Lora:
+def read_lora(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> Lora:
+    """The adapter a file holds, from its header; AdapterRejected for a file that is not a
+    safetensors LoRA (`name` is what the messages call it)."""
     try:
-        header = safetensors_header(path)
+        header = safetensors_header(path, fs)
     except (UnservedModel, OSError) as exc:
-        raise AdapterRejected(f"{path.name} is not a safetensors file") from exc
+        raise AdapterRejected(f"{name} is not a safetensors file") from exc
     metadata = header.pop("__metadata__", None) or {}
     downs = [tensor for key, tensor in header.items() if key.endswith(DOWN)]
     if not downs:
-        raise AdapterRejected(f"{path.name} has no LoRA weights (no lora_A / lora_down tensors)")
-    family = next((name for name, marks in MARKS if any(mark in key for key in header for mark in marks)), None)
+        raise AdapterRejected(f"{name} has no LoRA weights (no lora_A / lora_down tensors)")
+    family = next((fam for fam, marks in MARKS if any(mark in key for key in header for mark in marks)), None)
     shape = downs[0].get("shape") or [None]
-    return Lora(path.name.removesuffix(SUFFIX), family, shape[0], size, _trigger_words(metadata))
+    return Lora(name, family, shape[0], size, _trigger_words(metadata), version)
 
 
-def describe(path: Path) -> Lora:
-    """One adapter file's description (cached until the file changes); AdapterRejected for a
-    file that is not a safetensors LoRA."""
-    stat = path.stat()
-    return _describe(path, stat.st_mtime_ns, stat.st_size)
+@contextlib.contextmanager
+def temporary_file(folder: Path | None) -> Iterator[Path]:
+    """A new empty file in `folder` (the system's temporary folder for None), removed at the end
+    unless it was renamed away: what a rename publishes whole."""
+    handle, name = tempfile.mkstemp(dir=folder, suffix=".partial")
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
-def listing(lora_dir: Path) -> list[Lora]:
-    """Every adapter in the folder, by name; files that are not LoRAs are left out."""
-    found = []
-    for path in sorted(lora_dir.glob(f"*{SUFFIX}")) if lora_dir.is_dir() else ():
+def _stamp(info: dict[str, Any]) -> str:
+    """What changes when a file is replaced: a folder's mtime, an object's ETag."""
+    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))
+
+
+class AdapterStore:
+    """The adapters of LORA_URL (object storage every machine of a cluster shares) or LORA_DIR (a
+    folder): listed, checked and described from their headers, added and removed by admins, and
+    handed to a worker as a file on its own disk.
+
+    Why one interface for both: the API and the workers may be different machines, and only
+    storage they share makes an upload through one API usable by every worker. A worker loads
+    weights from a local file, so an object is copied into `cache_dir` once per version.
+    """
+
+    def __init__(self, url: str, cache_dir: Path, endpoint_url: str = "") -> None:
+        self.fs, self.root, self.remote = filesystem(url, endpoint_url)
+        self.cache_dir = cache_dir
+        self._described = lru_cache(maxsize=256)(self._describe)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdapterStore:
+        return cls(settings.loras, settings.data_dir / "lora-cache", settings.s3_endpoint_url)
+
+    def path_of(self, name: str) -> str:
+        """The file of an adapter name; AdapterRejected for a name that could leave the folder."""
+        if not NAME.fullmatch(name) or name.endswith(SUFFIX):
+            raise AdapterRejected(f"`{name}` is not an adapter name (letters, digits, `_`, `.` and `-`)")
+        return f"{self.root}/{name}{SUFFIX}"
+
+    def _describe(self, path: str, stamp: str, size: int) -> Lora:
+        return read_lora(self.fs, path, size, path.rsplit("/", 1)[-1].removesuffix(SUFFIX), stamp)
+
+    def _info(self, path: str) -> dict[str, Any] | None:
         try:
-            found.append(describe(path))
-        except AdapterRejected:
-            continue
-    return found
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        return info if info.get("type") == "file" else None
 
+    def listing(self) -> list[Lora]:
+        """Every adapter, by name; files that are not LoRAs are left out."""
+        try:
+            found = self.fs.find(self.root, maxdepth=1, detail=True)
+        except FileNotFoundError:
+            return []
+        adapters = []
+        for path, info in sorted(found.items()):
+            if path.endswith(SUFFIX) and NAME.fullmatch(path.rsplit("/", 1)[-1].removesuffix(SUFFIX)):
+                with contextlib.suppress(AdapterRejected):
+                    adapters.append(self._described(path, _stamp(info), int(info["size"])))
+        return adapters
 
-def find(lora_dir: Path, name: str) -> Lora:
-    """The adapter of that name; AdapterRejected when there is none."""
-    path = path_of(lora_dir, name)
-    if not path.is_file():
-        raise AdapterRejected(f"no adapter `{name}` in LORA_DIR (GET /loras lists them)")
-    return describe(path)
+    def find(self, name: str) -> Lora:
+        """The adapter of that name (cached until its file changes); AdapterRejected when there is none."""
+        path = self.path_of(name)
+        info = self._info(path)
+        if info is None:
+            raise AdapterRejected(f"no adapter `{name}` in LORA_DIR (GET /loras lists them)")
+        return self._described(path, _stamp(info), int(info["size"]))
+
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
+        """A temporary file to receive an upload, in the folder `publish` renames it into (so a
+        reader never sees half a file), or anywhere for object storage."""
+        if self.remote:
+            return temporary_file(None)
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        return temporary_file(Path(self.root))
+
+    def publish(self, name: str, staged: Path) -> Lora:
+        """Offers a staged file under `name` once its header reads as a LoRA: a rename in a folder,
+        one upload to object storage, so no reader sees a partial adapter."""
+        target = self.path_of(name)
+        lora = read_lora(LocalFileSystem(), str(staged), staged.stat().st_size, name)
+        if self.remote:
+            self.fs.makedirs(self.root, exist_ok=True)  # the bucket, on the first upload
+            self.fs.put_file(str(staged), target)
+        else:
+            staged.chmod(0o644)  # readable by workers that run as another user, as a copied file is
+            os.replace(staged, target)
+        return lora
+
+    def delete(self, name: str) -> bool:
+        """Removes an adapter; False when there is none of that name."""
+        path = self.path_of(name)
+        if self._info(path) is None:
+            return False
+        self.fs.rm_file(path)
+        return True
+
+    def local_file(self, name: str) -> tuple[Path, str]:
+        """The adapter as a file on this machine's disk, and its version (which changes when the
+        file is replaced); FileNotFoundError when it is gone. An object is copied into the cache
+        once per version, and the versions it replaces are removed."""
+        path = self.path_of(name)
+        info = self._info(path)
+        if info is None:
+            raise FileNotFoundError(path)
+        stamp = _stamp(info)
+        if not self.remote:
+            return Path(path), stamp
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        version = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        cached = self.cache_dir / f"{name}-{version}{SUFFIX}"
+        if not cached.is_file():  # workers sharing the folder each write a file of their own, then rename
+            with temporary_file(self.cache_dir) as partial:
+                self.fs.get_file(path, str(partial))
+                os.replace(partial, cached)
+            versions = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(SUFFIX)}")
+            for old in self.cache_dir.iterdir():
+                if old != cached and versions.fullmatch(old.name):
+                    old.unlink(missing_ok=True)
+        return cached, stamp

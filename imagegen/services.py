@@ -23,6 +23,7 @@ from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.jobs import JobStore
+from imagegen.loras import AdapterStore
 from imagegen.maintenance import MaintenanceLoop
 from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
 from imagegen.queue import JobQueue, NotReady
@@ -49,6 +50,7 @@ class Services:
     access: Access
     jobs: JobStore
     images: ImageStore
+    adapters: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -159,6 +161,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
 
         models = ModelManager(settings, load or load_pipeline, catalogue)
         queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local", exclusive=True))
-    services = Services(settings, catalogue, access, jobs, images, queue, monitor, webhooks, Alerts(settings))
+    adapters = AdapterStore.from_settings(settings)
+    services = Services(settings, catalogue, access, jobs, images, adapters, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(services))
     return services

@@ -53,6 +53,16 @@ def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def filesystem(url: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """The fsspec filesystem of a folder or `s3://bucket/prefix` (`endpoint_url` for a non-AWS
+    store), the root within it, and whether it is remote (object storage, shared by every machine)."""
+    options: dict[str, Any] = {}
+    if url.startswith("s3://"):  # other machines change the store: a listing cached here goes stale
+        options = {"use_listings_cache": False, **({"endpoint_url": endpoint_url} if endpoint_url else {})}
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    return fs, root, "file" not in fs.protocol
+
+
 def _modified(info: dict[str, Any]) -> float:
     """A file's last change, from fsspec's details of a folder's file (`mtime`) or an object (`LastModified`)."""
     if "mtime" in info:
@@ -67,9 +77,7 @@ class ImageStore:
     """
 
     def __init__(self, url: str, db: Database, endpoint_url: str = "") -> None:
-        options = {"endpoint_url": endpoint_url} if endpoint_url and url.startswith("s3://") else {}
-        self.fs, self.root = fsspec.core.url_to_fs(url, **options)
-        self.remote = "file" not in self.fs.protocol
+        self.fs, self.root, self.remote = filesystem(url, endpoint_url)
         self.fs.makedirs(self.root, exist_ok=True)
         if not self.remote:  # object stores have no folders to make
             self.fs.makedirs(self._path("inputs"), exist_ok=True)

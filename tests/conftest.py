@@ -154,14 +154,31 @@ def serve(app_factory: Any, tmp_path: Path, tiny_models: Path, name: str, **entr
 # ----- a real server process, for end-to-end and browser tests -----
 
 
-def call(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, Any, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
+def call(url: str, body: dict | bytes | None = None, headers: dict | None = None) -> tuple[int, Any, bytes]:
+    """A request to a real server: a dict body is sent as JSON, bytes as they are (with the
+    Content-Type the headers give)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
+
+
+def adapter_form(name: str, content: bytes) -> tuple[bytes, str]:
+    """A POST /loras form and its Content-Type, encoded here: the test client's own encoder leaves
+    a temporary file open for a large one."""
+    boundary = "adapter-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.safetensors"\r\n\r\n'
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subprocess.Popen, str]:

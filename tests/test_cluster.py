@@ -30,6 +30,7 @@ from tests.conftest import (
     REDIS,
     ROOT,
     TINY_MODEL,
+    adapter_form,
     broker_queue,
     call,
     cluster_env,
@@ -38,10 +39,12 @@ from tests.conftest import (
     start_server,
     start_worker,
 )
+from tools.shapes import classify, in_corner
 
 pytestmark = pytest.mark.usefixtures("services_up")
 
 PROMPT = "a red circle on a blue background"
+DEMO = "models/demo-shapes"
 
 
 @pytest.fixture
@@ -306,6 +309,34 @@ def test_workers_report_their_figures_and_obey_admin_unload_and_load(tmp_path, p
     assert status == 200 and cleaned["unloaded_models"] == ["models/tiny-random"]
     assert cleaned["workers"] == {"w1": ["models/tiny-random"]}
     assert post(base, {"prompt": PROMPT, "steps": 2})[0] == 200  # the next job loads it again
+
+
+def test_an_adapter_an_admin_adds_through_the_api_is_loaded_by_a_worker(tmp_path, postgres_url, s3_endpoint, processes):
+    bucket = f"s3://imagegen-{secrets.token_hex(4)}"
+    env = cluster_env(
+        tmp_path,
+        postgres_url,
+        STORAGE_URL=f"{bucket}/images",
+        LORA_URL=f"{bucket}/loras",  # the shared storage; neither process has the adapter on its disk
+        S3_ENDPOINT_URL=s3_endpoint,
+        MODEL_ID=DEMO,
+        DEFAULT_STEPS="20",
+    )
+    processes.append(start_worker(tmp_path, "w1", env))
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    body, kind = adapter_form("corner", (ROOT / "models" / "loras" / "corner.safetensors").read_bytes())
+    status, _, answer = call(f"{base}/loras", body, {**ADMIN, "Content-Type": kind})
+    assert status == 201, answer
+    assert [lora["name"] for lora in get(base, "/loras")[1]["loras"]] == ["corner"]
+    prompt = "a green square on a white background"
+    request = {"prompt": prompt, "seed": 3, "loras": [{"name": "corner"}], "response_format": "b64_json"}
+    status, made = post(base, request)
+    assert status == 200, made
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(made["images"][0]["b64_json"]))).convert("RGB"))
+    assert in_corner(pixels) and classify(pixels).caption == prompt, "the worker drew in the adapter's style"
+    [cached] = (tmp_path / "data" / "lora-cache").iterdir()  # the worker's copy on its own disk
+    assert cached.read_bytes() == (ROOT / "models" / "loras" / "corner.safetensors").read_bytes()
 
 
 def call_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

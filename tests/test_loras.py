@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import secrets
 import shutil
 import struct
 from collections.abc import Iterator
@@ -15,12 +16,13 @@ from typing import Any
 import numpy as np
 import openai
 import pytest
+import s3fs
 import webuiapi
 from PIL import Image
 
 from imagegen.jobs import GenerationParams
-from tests.conftest import ADMIN, ROOT, call, serve, start_server, wait_ready
-from tools.shapes import centre, classify
+from tests.conftest import ADMIN, ROOT, adapter_form, call, serve, start_server, wait_ready
+from tools.shapes import centre, classify, in_corner
 
 DEMO = "models/demo-shapes"
 ADAPTER = ROOT / "models" / "loras" / "corner.safetensors"
@@ -33,11 +35,6 @@ PROMPTS = [
 
 def image_of(view: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(view["b64_json"]))).convert("RGB"))
-
-
-def cornered(pixels: np.ndarray) -> bool:
-    found = centre(pixels)
-    return found is not None and max(found) <= 24
 
 
 def fake_lora(path: Path, tensors: dict[str, list[int]], metadata: dict[str, str] | None = None) -> Path:
@@ -84,7 +81,7 @@ def test_the_demo_adapter_moves_shapes_to_the_corner_and_switches_per_batch(demo
         zero = generate(demo, prompt, seed, [{"name": "corner", "weight": 0.0}])
         assert base.status_code == styled.status_code == zero.status_code == 200, styled.json
         pixels = image_of(styled.json["images"][0])
-        assert cornered(pixels) and classify(pixels).caption == prompt, (prompt, centre(pixels), classify(pixels))
+        assert in_corner(pixels) and classify(pixels).caption == prompt, (prompt, centre(pixels), classify(pixels))
         assert (image_of(zero.json["images"][0]) == image_of(base.json["images"][0])).all(), "weight 0 is the base"
         assert styled.json["parameters"]["loras"] == [["corner", 1.0]]
     [model] = demo.get("/models").json["models"]
@@ -131,15 +128,19 @@ def test_unknown_and_unfit_adapters_are_400s(demo, folder, app_factory, tmp_path
     assert answer.status_code == 400 and "takes no LoRA adapters" in answer.json["error"]["message"]
 
 
+# A layer of the demo UNet, named as PEFT names it, with shapes that do not fit it.
+MISFIT = "unet.down_blocks.0.attentions.0.proj_in"
+MISFIT_TENSORS = {f"{MISFIT}.lora_A.weight": [4, 7], f"{MISFIT}.lora_B.weight": [9, 4]}
+
+
 def test_a_misfit_only_a_load_shows_fails_the_job(demo, folder):
-    key = "down_blocks.0.attentions.0.proj_in"  # the demo UNet's names, the wrong shapes
-    fake_lora(folder / "misfit.safetensors", {f"unet.{key}.lora_A.weight": [4, 7], f"unet.{key}.lora_B.weight": [9, 4]})
+    fake_lora(folder / "misfit.safetensors", MISFIT_TENSORS)
     answer = generate(demo, PROMPTS[0], 1, [{"name": "misfit"}])
     assert answer.status_code == 422 and answer.json["error"]["code"] == "adapter_failed", answer.json
     assert "does not fit model" in answer.json["error"]["message"]
     after = generate(demo, PROMPTS[0], 1, [{"name": "corner"}])
     assert after.status_code == 200, after.json
-    assert cornered(image_of(after.json["images"][0])), "the model is unharmed"
+    assert in_corner(image_of(after.json["images"][0])), "the model is unharmed"
 
 
 def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
@@ -148,18 +149,7 @@ def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
     data = ADAPTER.read_bytes()
 
     def upload(name: str, content: bytes, headers: dict[str, str] = ADMIN) -> Any:
-        """The form encoded here: the test client's own encoder leaves a temporary file open for a
-        large one."""
-        boundary = "adapter-boundary"
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.safetensors"\r\n\r\n'
-            ).encode()
-            + content
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        kind = f"multipart/form-data; boundary={boundary}"
+        body, kind = adapter_form(name, content)
         return client.post("/loras", data=body, content_type=kind, headers=headers)
 
     refused = upload("mine", data, {"X-Requested-With": "t"})
@@ -184,6 +174,39 @@ def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
     assert client.delete("/loras/mine", headers=ADMIN).status_code == 200
     assert client.delete("/loras/mine", headers=ADMIN).status_code == 404
     assert generate(client, PROMPTS[0], 2, [{"name": "mine"}]).status_code == 400
+
+
+def test_adapters_in_object_storage(app_factory, s3_endpoint, tmp_path):
+    bucket = f"s3://imagegen-{secrets.token_hex(4)}/loras"
+    client = app_factory(model_id=DEMO, default_steps=20, lora_url=bucket, s3_endpoint_url=s3_endpoint).test_client()
+    wait_ready(client)
+    assert client.get("/loras").json["loras"] == [], "a bucket that does not exist yet holds none"
+    body, kind = adapter_form("corner", ADAPTER.read_bytes())
+    added = client.post("/loras", data=body, content_type=kind, headers=ADMIN)
+    assert added.status_code == 201 and (added.json["name"], added.json["rank"]) == ("corner", 8), added.json
+    [listed] = client.get("/loras").json["loras"]
+    assert (listed["name"], listed["family"], listed["bytes"]) == ("corner", "sd", ADAPTER.stat().st_size)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)  # as another machine
+    assert fs.cat_file(f"{bucket}/corner.safetensors") == ADAPTER.read_bytes(), "the object is the adapter"
+    fs.pipe_file(f"{bucket}/twin.safetensors", ADAPTER.read_bytes())  # another replica's upload
+    assert [lora["name"] for lora in client.get("/loras").json["loras"]] == ["corner", "twin"], "no stale listing"
+
+    styled = generate(client, PROMPTS[1], 7, [{"name": "corner"}])
+    assert styled.status_code == 200 and in_corner(image_of(styled.json["images"][0])), styled.json
+    cache = tmp_path / "data" / "lora-cache"
+    [first] = cache.iterdir()  # the engine loads a copy on its own disk
+
+    # replaced by a file of the same name: the next request loads the new version, the old copy goes
+    body, kind = adapter_form("corner", fake_lora(tmp_path / "misfit.safetensors", MISFIT_TENSORS).read_bytes())
+    assert client.post("/loras", data=body, content_type=kind, headers=ADMIN).status_code == 201
+    failed = generate(client, PROMPTS[1], 7, [{"name": "corner"}])
+    assert failed.status_code == 422 and failed.json["error"]["code"] == "adapter_failed", "the new file was loaded"
+    [second] = cache.iterdir()
+    assert second != first
+
+    assert client.delete("/loras/corner", headers=ADMIN).status_code == 200
+    assert not fs.exists(f"{bucket}/corner.safetensors")
+    assert generate(client, PROMPTS[1], 7, [{"name": "corner"}]).status_code == 400
 
 
 def test_trigger_words_and_kohya_names_are_read_from_the_header(demo, folder):

@@ -4,8 +4,9 @@ of the real app, so the mask, the compositing and the stored inputs are the ones
 Each held-out case generates "a red circle on a blue background" (its own seed, never a training
 draw), then asks for "a yellow square on a blue background" three ways: inpainting through a
 square mask around the circle (its bounding box plus a margin), and image-to-image at strengths
-from 0.1 to 0.9 (low ones should keep the red circle, 0.9 should follow the new prompt); and
-image-to-image at 0.3 with the source's own prompt (which should change nothing that matters).
+from 0.1 to 0.9 (low ones should keep the red circle, 0.9 should follow the new prompt); and, to
+tell what the model can keep at 0.3 from what a new prompt takes away, image-to-image at 0.3 with
+the source's own prompt and a variation at 0.3 (no prompt at all).
 The judge is tools/shapes.py, the one that scores the training drawings 100 %. A source the judge does not read
 as a red circle on blue is drawn again with the next seed, so every case edits a correct circle.
 
@@ -89,7 +90,7 @@ def main() -> None:
         return answer.json["images"][0]["b64_json"]
 
     rng = np.random.default_rng(EVAL_SEED)
-    hits: dict[str, int] = {"inpaint_colour": 0, "inpaint_shape": 0, "img2img_0.3_own_prompt_kept": 0}
+    hits = dict.fromkeys(("inpaint_colour", "inpaint_shape", "img2img_0.3_own_prompt_kept", "variation_0.3_kept"), 0)
     for strength in STRENGTHS:
         for outcome in ("kept", "shape_kept", "followed"):
             hits[f"img2img_{strength}_{outcome}"] = 0
@@ -110,6 +111,7 @@ def main() -> None:
         hits["img2img_0.3_own_prompt_kept"] += (
             judge(ask(prompt=SOURCE.caption, image=source, strength=0.3, seed=seed)) == SOURCE
         )
+        hits["variation_0.3_kept"] += judge(ask(image=source, strength=0.3, seed=seed)) == SOURCE
         edited = {
             strength: ask(prompt=TARGET.caption, image=source, strength=strength, seed=seed) for strength in STRENGTHS
         }

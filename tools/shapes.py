@@ -56,6 +56,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 # The demo LoRA's style: the shape in the top-left corner, at most this big.
 CORNER_SHAPE, CORNER_OFFSET = 36, 4
+CORNER_CENTRE = 24  # a judge's bound: a corner drawing's centre is at most 20.5 px from each edge
 
 
 def draw(scene: Scene, rng: np.random.Generator, corner: bool = False) -> np.ndarray:
@@ -140,9 +141,20 @@ def classify(pixels: np.ndarray) -> Scene | None:
 
 
 def centre(pixels: np.ndarray) -> tuple[float, float] | None:
-    """The shape's centre (x, y) in pixels, as `classify` finds the shape; None if there is none."""
+    """The shape's centre (x, y) in pixels, as `classify` finds the shape; None if there is none.
+
+    The middle of its bounding box, where the drawing placed it: a triangle's mass sits two thirds
+    of the way down, so its centre of mass put the demo LoRA's own largest corner triangles outside
+    the corner (3 % of its training drawings)."""
     found = _shape(pixels)
     if found is None:
         return None
     rows, cols = np.nonzero(found[0])
-    return float(cols.mean()), float(rows.mean())
+    return float(cols.min() + cols.max()) / 2, float(rows.min() + rows.max()) / 2
+
+
+def in_corner(pixels: np.ndarray) -> bool:
+    """Whether an image shows the demo LoRA's style: the shape's centre at most CORNER_CENTRE px
+    from the top and the left edge (every corner drawing's is; 7 % of the base world's are)."""
+    found = centre(pixels)
+    return found is not None and max(found) <= CORNER_CENTRE

@@ -3,11 +3,11 @@
 Why this style: a demo adapter must change something a script can judge from pixels while colour
 and shape still follow the prompt, and it must survive the demo VAE's round trip (thin outlines do
 not; a change of position does). The base model draws shapes of 20-48 px anywhere; with this
-adapter they sit in the corner (centre at most 24 px from each edge), which `tools/shapes.centre`
-measures. It trains a rank-8 LoRA (PEFT) on the UNet's attention and convolutions, on cached
-latents of corner drawings with the base model's captions, the text encoder and VAE frozen, and
-saves it in diffusers' LoRA format (safetensors, well under 1 MB), then judges it on held-out
-prompts at weights 1 and 0 (which must equal the base model's images).
+adapter they sit in the corner, which `tools.shapes.in_corner` judges. It trains a rank-8 LoRA
+(PEFT) on the UNet's attention and convolutions, on cached latents of corner drawings with the base
+model's captions, the text encoder and VAE frozen, and saves it in diffusers' LoRA format
+(safetensors, well under 1 MB), then judges it on held-out prompts at weights 1 and 0 (which must
+equal the base model's images).
 
     python -m tools.train_demo_lora          # about 5 minutes on 2 cores; writes models/loras/corner.*
 """
@@ -27,17 +27,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from tools.shapes import centre, classify, draw, random_scene
+from tools.shapes import classify, draw, in_corner, random_scene
 from tools.train_demo_model import MAX_TOKENS, cosine
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"]
 EVAL_SEED = 20_261_129
-CORNER = 24  # the style shows when the shape's centre is this close to the top and left edges
-
-
-def in_corner(image: Image.Image) -> bool:
-    found = centre(np.asarray(image.convert("RGB")))
-    return found is not None and found[0] <= CORNER and found[1] <= CORNER
 
 
 def train(pipe: StableDiffusionPipeline, args: argparse.Namespace, rng: np.random.Generator) -> None:
@@ -113,8 +107,8 @@ def evaluate(folder: Path, weights_file: Path, count: int) -> dict[str, float]:
     zero = images()
     judged = [classify(np.asarray(image)) for image in styled]
     figures = {
-        "style_at_1": sum(in_corner(image) for image in styled),
-        "style_in_base": sum(in_corner(image) for image in base),
+        "style_at_1": sum(in_corner(np.asarray(image)) for image in styled),
+        "style_in_base": sum(in_corner(np.asarray(image)) for image in base),
         "colour_at_1": sum(j is not None and j.colour == s.colour for j, s in zip(judged, scenes, strict=True)),
         "shape_at_1": sum(j is not None and j.shape == s.shape for j, s in zip(judged, scenes, strict=True)),
         "equal_to_base_at_0": sum(a.tobytes() == b.tobytes() for a, b in zip(zero, base, strict=True)),

@@ -24,7 +24,6 @@ from imagegen.api.uploads import read_image
 from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.errors import APIError, install
 from imagegen.jobs import GenerationParams, Job
-from imagegen.loras import listing
 from imagegen.monitoring import gpu_memory
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.schemas import MAX_SEED, GenerateRequest
@@ -300,7 +299,7 @@ def loras() -> list[dict[str, Any]]:
     """The adapters of LORA_DIR in A1111's shape (names, never server paths)."""
     return [
         {"name": lora.name, "alias": lora.name, "path": f"{lora.name}.safetensors", "metadata": lora.view()}
-        for lora in listing(services().settings.lora_dir)
+        for lora in services().adapters.listing()
     ]
 
 

@@ -7,9 +7,6 @@ torch, so a cluster's API can do it too). A misfit only a load can show fails th
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from flask import request
@@ -20,7 +17,7 @@ from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.catalogue import ModelSpec
 from imagegen.errors import APIError
-from imagegen.loras import AdapterRejected, describe, find, listing, path_of
+from imagegen.loras import AdapterRejected
 from imagegen.schemas import LoraChoice
 from imagegen.security import adapter_upload, require_admin
 
@@ -36,7 +33,7 @@ def resolve_loras(choices: list[LoraChoice] | None, spec: ModelSpec) -> tuple[tu
     family; 400 naming `loras` otherwise."""
     if not choices:
         return ()
-    settings = services().settings
+    settings, adapters = services().settings, services().adapters
     if len(choices) > settings.max_loras_per_request:
         raise _refuse(f"`loras` takes at most {settings.max_loras_per_request} adapters (MAX_LORAS_PER_REQUEST)")
     family = spec.family
@@ -47,7 +44,7 @@ def resolve_loras(choices: list[LoraChoice] | None, spec: ModelSpec) -> tuple[tu
         raise _refuse("`loras` names an adapter twice")
     for choice in choices:
         try:
-            lora = find(settings.lora_dir, choice.name)
+            lora = adapters.find(choice.name)
         except AdapterRejected as exc:
             raise _refuse(str(exc)) from None
         if not lora.fits(family.name if family else None):
@@ -56,11 +53,20 @@ def resolve_loras(choices: list[LoraChoice] | None, spec: ModelSpec) -> tuple[tu
     return tuple((choice.name, choice.weight) for choice in choices)
 
 
+def versions(loras: tuple[tuple[str, float], ...]) -> list[str]:
+    """The version of each adapter (it changes when a file is replaced under its name); 400 naming
+    `loras` for one removed since the request named it."""
+    try:
+        return [services().adapters.find(name).version for name, _weight in loras]
+    except AdapterRejected as exc:
+        raise _refuse(str(exc)) from None
+
+
 @bp.get("/loras", **spec({200: schemas.LoraList}, errors=(401, 429)))
 @raw
 def loras() -> dict[str, Any]:
     """The adapters in LORA_DIR: name, family and rank (from each file's header), size, trigger words."""
-    return {"loras": [lora.view() for lora in listing(services().settings.lora_dir)]}
+    return {"loras": [lora.view() for lora in services().adapters.listing()]}
 
 
 @bp.post("/loras", **spec({201: schemas.LoraView}, errors=(400, 401, 403, 413, 415, 429)))
@@ -74,30 +80,21 @@ def upload() -> tuple[dict[str, Any], int]:
     if upload is None:
         raise APIError(400, "invalid_request", "Send the adapter as the form's `file`.", {"field": "file"})
     name = request.form.get("name") or (upload.filename or "").removesuffix(".safetensors")
-    settings = services().settings
-    lora_dir = settings.lora_dir
+    settings, adapters = services().settings, services().adapters
     try:
-        target = path_of(lora_dir, name)
+        adapters.path_of(name)
     except AdapterRejected as exc:
         raise APIError(400, "invalid_request", str(exc), {"field": "name"}) from None
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=lora_dir, suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            upload.save(file)
-        if os.path.getsize(partial) > settings.max_adapter_bytes:
+    with adapters.staging() as partial:
+        upload.save(partial)
+        if partial.stat().st_size > settings.max_adapter_bytes:
             message = f"The adapter is over MAX_ADAPTER_BYTES ({settings.max_adapter_bytes})."
             raise APIError(413, "payload_too_large", message, {"field": "file"})
-        lora = describe(Path(partial))  # checked before it is offered
-        os.chmod(partial, 0o644)  # readable by workers that run as another user, as a copied file is
-        os.replace(partial, target)
-    except AdapterRejected as exc:
-        message = str(exc).replace(os.path.basename(partial), name)
-        raise APIError(400, "invalid_request", message, {"field": "file"}) from None
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return {**lora.view(), "name": name}, 201
+        try:
+            lora = adapters.publish(name, partial)  # checked before it is offered
+        except AdapterRejected as exc:
+            raise APIError(400, "invalid_request", str(exc), {"field": "file"}) from None
+    return lora.view(), 201
 
 
 @bp.delete("/loras/<name>", **spec({200: None}, parameters={"name": "An adapter of GET /loras."}, errors=(401, 404)))
@@ -106,10 +103,9 @@ def delete(name: str) -> dict[str, Any]:
     """Admin: removes an adapter (workers that loaded it drop it when they next need room)."""
     require_admin()
     try:
-        path = path_of(services().settings.lora_dir, name)
+        deleted = services().adapters.delete(name)
     except AdapterRejected:
-        path = None
-    if path is None or not path.is_file():
+        deleted = False
+    if not deleted:
         raise APIError(404, "not_found", f"No adapter `{name}`.")
-    path.unlink()
     return {"deleted": name}

@@ -13,7 +13,7 @@ from imagegen import __version__, schemas
 from imagegen.api import services
 from imagegen.api.docs import raw, spec
 from imagegen.api.slots import waiting
-from imagegen.api.submission import cached, job_failure, parse, resolve_params, submit, wait_for
+from imagegen.api.submission import cached, job_failure, parse, resolve_params, result_key, submit, wait_for
 from imagegen.api.views import accepted, image_views
 from imagegen.errors import APIError
 from imagegen.jobs import Job
@@ -124,14 +124,14 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Validates, queues and (by default) waits for a generation or an edit; answers with the images."""
     body = parse(GenerateRequest)
     params = resolve_params(body)
-    explicit_seed = body.seed is not None
-    hit = cached(params) if explicit_seed else None
+    key = result_key(params) if body.seed is not None else None  # a random seed is never the same request
+    hit = cached(key) if key else None
     if hit is not None:
         return {**finished_body(hit, body.response_format), "cached": True}, 200, {}
     if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
-        return accepted(submit(params, cacheable=explicit_seed, callback_url=body.callback_url))
+        return accepted(submit(params, cache_key=key, callback_url=body.callback_url))
     with waiting():  # a server thread waits with this request: capped per client and in all
-        job = submit(params, cacheable=explicit_seed, callback_url=body.callback_url)
+        job = submit(params, cache_key=key, callback_url=body.callback_url)
         return generation_response(job, body.response_format)
 
 

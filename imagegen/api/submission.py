@@ -7,6 +7,7 @@ come through these functions; only their request and response shapes differ.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from flask import g, request
 from pydantic import BaseModel
 
 from imagegen.api import services
-from imagegen.api.adapters import resolve_loras
+from imagegen.api.adapters import resolve_loras, versions
 from imagegen.api.slots import waiting
 from imagegen.api.uploads import resolve_edit
 from imagegen.errors import APIError
@@ -145,19 +146,27 @@ def resolve_params(body: GenerateRequest, client_defaults: dict[str, Any] | None
     )
 
 
-def cached(params: GenerationParams) -> Job | None:
-    """With RESULT_CACHE, the earlier job made from exactly these parameters, while its images exist
-    and have at least half of IMAGE_TTL_SECONDS to live (a client reading a hit must find its images)."""
+def result_key(params: GenerationParams) -> str:
+    """The result cache's key: the exact request (seeds included) and the version of each adapter
+    it names, so an adapter replaced under its name never answers with the old one's images."""
+    if not params.loras:
+        return params.digest
+    return hashlib.sha256(f"{params.digest} {versions(params.loras)}".encode()).hexdigest()
+
+
+def cached(key: str) -> Job | None:
+    """With RESULT_CACHE, the earlier job of this `result_key`, while its images exist and have at
+    least half of IMAGE_TTL_SECONDS to live (a client reading a hit must find its images)."""
     svc = services()
     if not svc.settings.result_cache:
         return None
-    hit = svc.jobs.cached(params.digest, client_key(), svc.settings.image_ttl_seconds / 2)
+    hit = svc.jobs.cached(key, client_key(), svc.settings.image_ttl_seconds / 2)
     if hit and all(svc.images.find(image["name"]) for image in hit.images):
         return hit
     return None
 
 
-def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: str | None = None) -> Job:
+def submit(params: GenerationParams, *, cache_key: str | None = None, callback_url: str | None = None) -> Job:
     """Queues a job, if the service is ready for its model; the queue's refusals reach the client as
     the statuses `errors.domain_error` gives them."""
     svc = services()
@@ -169,7 +178,7 @@ def submit(params: GenerationParams, *, cacheable: bool = False, callback_url: s
     job = Job(
         params=params,
         client=client_key(),
-        cache_key=params.digest if cacheable else None,
+        cache_key=cache_key,
         callback_url=callback_url,
         request_id=g.get("request_id"),
     )

@@ -33,7 +33,7 @@ from config import Settings
 from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
-from imagegen.loras import AdapterFailed, path_of
+from imagegen.loras import AdapterFailed, AdapterStore
 from imagegen.quantization import Unrunnable, for_device, load_arguments, pipeline_bytes
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState
@@ -188,6 +188,7 @@ class ModelManager:
         self.catalogue = {model: self._runnable(spec) for model, spec in self.catalogue.items()}
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
+        self.adapters = AdapterStore.from_settings(settings)
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -336,12 +337,11 @@ class ModelManager:
         loaded = self._adapters.setdefault(model_id, OrderedDict())
         active = []
         for name, _weight in loras:
-            path = path_of(self.settings.lora_dir, name)
             try:
-                stamp = path.stat().st_mtime_ns  # a replaced file is another adapter
+                path, version = self.adapters.local_file(name)
             except FileNotFoundError:
                 raise AdapterFailed(f"adapter `{name}` is no longer in LORA_DIR") from None
-            key = ADAPTER_KEY.sub("_", name) + f"_{stamp}"
+            key = ADAPTER_KEY.sub("_", f"{name}_{version}")  # a replaced file is another adapter
             if key not in loaded:
                 while len(loaded) >= self.settings.max_loaded_loras:
                     pipe.delete_adapters(loaded.popitem(last=False)[0])
