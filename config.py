@@ -22,6 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent
 MIN_ADMIN_TOKEN_LENGTH = 16  # in production; a shorter token stops start-up
+# The longest age a setting or request may give (a century): beyond it a database's integers overflow.
+MAX_AGE_SECONDS = 100 * 365 * 86_400
 
 # Defaults that follow PERFORMANCE_PRESET unless the variable itself is set. Sizes suit the
 # embedded 64x64 demo model on a CPU; a real model wants DEFAULT_WIDTH/HEIGHT=512 and a GPU preset.
@@ -166,7 +168,7 @@ class Settings(BaseSettings):
     image_dir: Path = ROOT / "generated_images"
     log_dir: Path = ROOT / "logs"
     data_dir: Path = ROOT / "data"
-    image_ttl_seconds: int = Field(86_400, ge=1)
+    image_ttl_seconds: int = Field(86_400, ge=1, le=MAX_AGE_SECONDS)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_max_bytes: int = Field(1_000_000, ge=1024)
     log_backup_count: int = Field(5, ge=0, le=100)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model,
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from config import Settings
+from config import MAX_AGE_SECONDS, Settings
 from imagegen.errors import ERROR_CODES
 from imagegen.jobs import GenerationParams, JobStatus, WebhookStatus
 from imagegen.schedulers import SCHEDULER_NAMES
@@ -146,7 +146,7 @@ class CleanupRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    images_older_than_seconds: int | None = Field(None, ge=0)
+    images_older_than_seconds: int | None = Field(None, ge=0, le=MAX_AGE_SECONDS)
     unload_models: bool = False
     dry_run: bool = False
 

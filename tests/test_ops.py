@@ -86,6 +86,9 @@ def test_cleanup_deletes_old_images_and_unloads(client, caplog):
         assert still_there.status_code == 200
     young = client.post("/cleanup", json={"images_older_than_seconds": 3600}, headers=ADMIN).json
     assert young["images"]["deleted"] == 0
+    ages = [3153600000, 3153600001, 2**64]  # a century is the limit; the fuzzer's 2**68 made a 500 from SQLite
+    answers = [client.post("/cleanup", json={"images_older_than_seconds": age}, headers=ADMIN) for age in ages]
+    assert [a.status_code for a in answers] == [200, 400, 400] and answers[0].json["images"]["deleted"] == 0
     done = client.post("/cleanup", json={"images_older_than_seconds": 0, "unload_models": True}, headers=ADMIN).json
     assert done["images"]["deleted"] == 1 and done["unloaded_models"] == ["models/tiny-random"]
     [unload] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloaded ")]
