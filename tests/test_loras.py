@@ -17,8 +17,10 @@ import numpy as np
 import openai
 import pytest
 import s3fs
+import torch
 import webuiapi
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from imagegen.jobs import GenerationParams
 from tests.conftest import ADMIN, ROOT, adapter_form, call, serve, start_server, wait_ready
@@ -221,6 +223,24 @@ def test_trigger_words_and_kohya_names_are_read_from_the_header(demo, folder):
         16,
         ["shiny", "flat"],
     )
+
+
+def test_a_kohya_format_adapter_loads_and_draws_as_its_peft_original(demo, folder):
+    """kohya / A1111 / ComfyUI files name tensors `lora_unet_<module>.lora_down/up.weight` with an
+    `alpha`; the demo adapter written so must be read and loaded as the same weights."""
+    kohya = {}
+    for key, tensor in load_file(ADAPTER).items():  # unet.<module>.lora_A.weight / lora_B.weight
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = tensor
+        if kind == "A.weight":
+            kohya[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=tensor.dtype)
+    save_file(kohya, folder / "kohya-corner.safetensors")
+    listed = {lora["name"]: lora for lora in demo.get("/loras").json["loras"]}
+    assert (listed["kohya-corner"]["family"], listed["kohya-corner"]["rank"]) == ("sd", 8)
+    peft, converted = (generate(demo, PROMPTS[1], 9, [{"name": name}]) for name in ("corner", "kohya-corner"))
+    assert converted.status_code == 200, converted.json
+    assert (image_of(converted.json["images"][0]) == image_of(peft.json["images"][0])).all()
 
 
 @pytest.fixture(scope="module")
