@@ -73,8 +73,9 @@ def _hub_reader(repo: str) -> Callable[[str], dict[str, Any] | None]:
     return cache(read)  # model_index.json is asked for twice: to tell "not readable now" first
 
 
-def _facts(model: str, source: str, entry: ModelEntry) -> Facts | None:
-    """The model's family, size multiple and trained size, or None when they cannot be read now."""
+def _facts(model: str, source: str, entry: ModelEntry, components: bool) -> Facts | None:
+    """The model's family, size multiple and trained size (and with `components` its quantizable
+    parts), or None when they cannot be read now."""
     path = Path(source)
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -84,7 +85,7 @@ def _facts(model: str, source: str, entry: ModelEntry) -> Facts | None:
     read = folder_reader(path) if path.is_dir() else _hub_reader(source)
     if not path.is_dir() and read("model_index.json") is None:
         return None
-    found = facts(read, model)
+    found = facts(read, model, components)
     if entry.family and entry.family != found.family.name:
         return Facts(FAMILIES[entry.family], found.size_multiple, found.default_size, found.components)
     return found
@@ -142,7 +143,8 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
             f"MODELS_FILE model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
         )
     source = settings.resolve_source(entry.source)
-    found = _facts(model, source, entry)
+    quantized = (entry.quantization or settings.quantization) != "none" or entry.quantize is not None
+    found = _facts(model, source, entry, components=quantized)
     family = found.family if found else None
     multiple = found.size_multiple if found else 8
     max_width, max_height = entry.max_width or settings.max_width, entry.max_height or settings.max_height

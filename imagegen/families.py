@@ -291,9 +291,11 @@ def _flux(read: Callable[[str], dict[str, Any] | None]) -> Family:
     return FAMILIES["flux-dev" if transformer.get("guidance_embeds") else "flux-schnell"]
 
 
-def facts(read: Callable[[str], dict[str, Any] | None], name: str) -> Facts:
+def facts(read: Callable[[str], dict[str, Any] | None], name: str, components: bool = False) -> Facts:
     """A diffusers folder's family, size multiple and default size, from its JSON files (`read`
-    gives one by its path in the folder, or None). UnservedModel names what is wrong."""
+    gives one by its path in the folder, or None), and with `components` the models among its parts
+    (one more read per part, a failed download each for a hub model's scheduler and tokenizers: asked
+    only when the model is quantized). UnservedModel names what is wrong."""
     index = read("model_index.json")
     if index is None:
         raise UnservedModel(f"model {name}: no model_index.json, so its family cannot be told")
@@ -315,8 +317,8 @@ def facts(read: Callable[[str], dict[str, Any] | None], name: str) -> Facts:
         patch = max(patch, 2) if family.pipeline == "FluxPipeline" else patch  # Flux packs latents 2x2
         sample = transformer.get("sample_size")
     default = sample * vae_scale if isinstance(sample, int) else family.default_size
-    models = tuple(name for name in index if not name.startswith("_") and read(f"{name}/config.json") is not None)
-    return Facts(family, vae_scale * patch, default, models)
+    parts = [part for part in index if not part.startswith("_")] if components else []
+    return Facts(family, vae_scale * patch, default, tuple(p for p in parts if read(f"{p}/config.json") is not None))
 
 
 def folder_reader(folder: Path) -> Callable[[str], dict[str, Any] | None]:

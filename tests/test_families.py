@@ -20,8 +20,8 @@ from safetensors.numpy import save_file
 
 from config import Settings, load_settings
 from imagegen.catalogue import build_catalogue
-from imagegen.families import FAMILIES, checkpoint_family
-from tests.conftest import ADMIN, catalogue_file, make_settings, serve
+from imagegen.families import FAMILIES, checkpoint_family, facts, folder_reader
+from tests.conftest import ADMIN, ROOT, catalogue_file, make_settings, serve
 from tools.make_model import BUILDERS
 
 PROMPT = "a red circle on a blue background"
@@ -212,3 +212,21 @@ def test_without_a_catalogue_model_id_and_models_are_one_entry_each(tmp_path):
     catalogue = build_catalogue(settings)
     assert list(catalogue) == ["models/tiny-random", "other/missing-model"]
     assert catalogue["models/tiny-random"].family.name == "sd" and catalogue["other/missing-model"].family is None
+
+
+def test_a_models_parts_are_read_only_when_it_is_quantized():
+    """Start-up reads what the family and sizes need; listing the quantizable parts costs a read per
+    part (for a hub model, a failed download for each scheduler and tokenizer), so only a quantized
+    model pays it."""
+    asked: list[str] = []
+    read = folder_reader(ROOT / "models" / "demo-shapes")
+
+    def counting(path: str) -> dict[str, Any] | None:
+        asked.append(path)
+        return read(path)
+
+    plain = facts(counting, "demo")
+    assert plain.components == () and "scheduler/config.json" not in asked and plain.family.name == "sd"
+    asked.clear()
+    quantized = facts(counting, "demo", components=True)
+    assert quantized.components == ("text_encoder", "unet", "vae") and "scheduler/config.json" in asked
