@@ -26,7 +26,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from imagegen.families import UnservedModel, safetensors_header
-from imagegen.storage import filesystem
+from imagegen.storage import filesystem, modified
 
 if TYPE_CHECKING:
     from config import Settings
@@ -123,8 +123,13 @@ def temporary_file(folder: Path | None) -> Iterator[Path]:
 
 
 def _stamp(info: dict[str, Any]) -> str:
-    """What changes when a file is replaced: a folder's mtime, an object's ETag."""
-    return str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))
+    """What changes when a file is replaced: an object's ETag, else its or a file's last change."""
+    return str(info.get("ETag") or modified(info))
+
+
+def _name(path: str) -> str:
+    """The adapter name of a file's path in the store."""
+    return path.rsplit("/", 1)[-1].removesuffix(SUFFIX)
 
 
 class AdapterStore:
@@ -153,7 +158,7 @@ class AdapterStore:
         return f"{self.root}/{name}{SUFFIX}"
 
     def _describe(self, path: str, stamp: str, size: int) -> Lora:
-        return read_lora(self.fs, path, size, path.rsplit("/", 1)[-1].removesuffix(SUFFIX), stamp)
+        return read_lora(self.fs, path, size, _name(path), stamp)
 
     def _info(self, path: str) -> dict[str, Any] | None:
         try:
@@ -170,7 +175,7 @@ class AdapterStore:
             return []
         adapters = []
         for path, info in sorted(found.items()):
-            if path.endswith(SUFFIX) and NAME.fullmatch(path.rsplit("/", 1)[-1].removesuffix(SUFFIX)):
+            if path.endswith(SUFFIX) and NAME.fullmatch(_name(path)):
                 with contextlib.suppress(AdapterRejected):
                     adapters.append(self._described(path, _stamp(info), int(info["size"])))
         return adapters

@@ -241,7 +241,8 @@ def build_kernels() -> None:
     """Builds quanto's CPU int4 kernel now (C++, about 40 s on two cores, once per installation)
     rather than in the first int4 model's load; `make install` runs it. Without a compiler it
     builds nothing, and `for_device` refuses CPU int4."""
-    if installed(BACKENDS["quanto"]) and shutil.which("c++"):
+    quanto = BACKENDS["quanto"]
+    if installed(quanto) and shutil.which(quanto.programs[("int4", "cpu")]):
         from optimum.quanto.library.extensions import get_extension
 
         get_extension("quanto_cpp").lib  # noqa: B018 (built and loaded on first access)

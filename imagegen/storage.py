@@ -63,7 +63,7 @@ def filesystem(url: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSys
     return fs, root, "file" not in fs.protocol
 
 
-def _modified(info: dict[str, Any]) -> float:
+def modified(info: dict[str, Any]) -> float:
     """A file's last change, from fsspec's details of a folder's file (`mtime`) or an object (`LastModified`)."""
     if "mtime" in info:
         return float(info["mtime"])
@@ -182,7 +182,7 @@ class ImageStore:
             ours = NAME_PATTERN.fullmatch(name) or (
                 name.startswith("inputs/") and INPUT_PATTERN.fullmatch(name.removeprefix("inputs/"))
             )
-            if ours and name not in known and _modified(info) < cutoff:
+            if ours and name not in known and modified(info) < cutoff:
                 orphans.append((path, info.get("size") or 0))
         if orphans and not dry_run:
             self._remove([path for path, _ in orphans])
