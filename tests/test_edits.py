@@ -24,6 +24,7 @@ from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.maintenance import expire_inputs
 from tests.conftest import ADMIN, call, serve, start_server, wait_ready
 from tools.make_model import BUILDERS
+from tools.shapes import classify
 
 DEMO = "models/demo-shapes"
 RED_CIRCLE = "a red circle on a blue background"
@@ -100,6 +101,16 @@ def test_each_mode_on_the_demo_model(demo, source):
     view = outpainted.json["images"][0]
     assert (view["width"], view["height"]) == (80, 72) and outpainted.json["parameters"]["mode"] == "outpaint"
     assert (decoded(view)[8:, 16:] == original).all(), "the original stands unchanged on the larger canvas"
+
+
+def test_strength_decides_how_much_of_the_image_a_new_prompt_changes(demo, source):
+    """The demo model's editing figures on one case (tools/eval_edits.py measures 40): under a new
+    prompt, an edit at 0.3 keeps the red circle and one at 0.9 draws the yellow square."""
+    assert classify(np.asarray(Image.open(io.BytesIO(source)).convert("RGB"))).caption == RED_CIRCLE
+    for strength, drawn in ((0.3, RED_CIRCLE), (0.9, YELLOW_SQUARE)):
+        answer = edit(demo, prompt=YELLOW_SQUARE, image=b64(source), strength=strength)
+        assert answer.status_code == 200, answer.json
+        assert classify(decoded(answer.json["images"][0])).caption == drawn, strength
 
 
 def test_the_mode_is_in_the_job_record_and_progress_counts_the_steps_run(demo, source):

@@ -10,7 +10,8 @@ the source's own prompt and a variation at 0.3 (no prompt at all).
 The judge is tools/shapes.py, the one that scores the training drawings 100 %. A source the judge does not read
 as a red circle on blue is drawn again with the next seed, so every case edits a correct circle.
 
-    python -m tools.eval_edits [--count 40] [--grid models/demo-shapes/edits.png] [--json models/demo-shapes/edits.json]
+    python -m tools.eval_edits [--model models/demo-shapes] [--count 40]
+        [--grid models/demo-shapes/edits.png] [--json models/demo-shapes/edits.json]
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def judge(b64: str) -> Scene | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/demo-shapes"))
     parser.add_argument("--count", type=int, default=40)
     parser.add_argument("--grid", type=Path, help="also write a grid of the first 6 cases")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
@@ -69,7 +71,7 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="eval-edits-"))
     settings = load_settings(
-        model_id="models/demo-shapes",
+        model_id=str(args.model),
         image_dir=folder / "images",
         data_dir=folder / "data",
         log_dir=folder / "logs",

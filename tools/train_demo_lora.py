@@ -28,14 +28,14 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from tools.shapes import classify, draw, in_corner, random_scene
-from tools.train_demo_model import MAX_TOKENS, cosine
+from tools.train_demo_model import MAX_TOKENS, caption_rows, cosine
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"]
 EVAL_SEED = 20_261_129
 
 
 def train(pipe: StableDiffusionPipeline, args: argparse.Namespace, rng: np.random.Generator) -> None:
-    """Adds the adapter to the pipeline's UNet and trains it (epsilon prediction, SD's betas)."""
+    """Adds the adapter to the pipeline's UNet and trains it (epsilon prediction, the base's betas)."""
     vae, unet, tokenizer, text_encoder = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
     for part in (vae, unet, text_encoder):
         part.requires_grad_(False)
@@ -58,19 +58,19 @@ def train(pipe: StableDiffusionPipeline, args: argparse.Namespace, rng: np.rando
             tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
         )[0]
     print(f"cached {len(every)} latents in {time.monotonic() - started:.0f}s", flush=True)
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the base model's own betas
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     schedule = cosine(optimizer, args.steps, 50)
     started = time.monotonic()
     for step in range(1, args.steps + 1):
-        index = torch.from_numpy(rng.integers(len(every), size=args.batch))
-        clean = every[index]
-        conditions = states[index].clone()
-        dropped = torch.from_numpy(rng.random(args.batch) < 0.1)  # as the base: guidance needs both
-        conditions[dropped] = empty
-        noise = torch.randn_like(clean)
+        index = rng.integers(len(every), size=args.batch)
+        clean = every[torch.from_numpy(index)]
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),))
+        shown, dropped = caption_rows(index, t, rng, len(every))  # as the base was trained
+        conditions = states[torch.from_numpy(shown)]
+        conditions[torch.from_numpy(dropped)] = empty
+        noise = torch.randn_like(clean)
         predicted = unet(noise_scheduler.add_noise(clean, noise, t), t, conditions).sample
         loss = F.mse_loss(predicted, noise)
         optimizer.zero_grad(set_to_none=True)
