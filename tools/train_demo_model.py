@@ -10,8 +10,8 @@ guidance, with an EMA of their weights. Weights are saved in fp16 to stay under 
 The noise schedule and the captions are chosen for editing as well as drawing: see
 `noise_schedule` and `caption_rows`.
 
-    python -m tools.train_demo_model --out models/demo-shapes     # about 40 minutes, seeded
-    python -m tools.train_demo_model --vae models/demo-shapes/vae  # the UNet stage alone, about 12
+    python -m tools.train_demo_model --out models/demo-shapes     # about 35 minutes, seeded
+    python -m tools.train_demo_model --vae models/demo-shapes/vae  # the UNet stage alone, 13 minutes
 """
 
 from __future__ import annotations
