@@ -14,7 +14,7 @@ Each scheme runs in a process of its own, loaded as the server loads it
   difference (0-255) to the unquantized output at the same seeds.
 
     .venv/bin/python -m bench.quantization          # about an hour on 2 cores; bench/results/quantization.json
-    .venv/bin/python -m bench.quantization --demo-only
+    .venv/bin/python -m bench.quantization --demo-only  # a few minutes; bench/results/quantization-demo.json
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def main() -> None:
         rows += compare("sd15-full", full)
     print(table(rows))
     settings = {key: getattr(args, key) for key in ("demo_only", "size", "steps", "images", "rounds")}
-    write_results("quantization", {"settings": settings, "rows": rows})
+    # A demo-only run has its own file, so that it never replaces a full run's SD 1.5 rows.
+    write_results("quantization-demo" if args.demo_only else "quantization", {"settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":
