@@ -96,10 +96,15 @@ def _fit(value: int, cap: int, multiple: int) -> int:
     return max(multiple, min(value, cap) // multiple * multiple)
 
 
+def _scheme(settings: Settings, entry: ModelEntry) -> str:
+    """The entry's quantization scheme, else the one QUANTIZATION gives every model."""
+    return entry.quantization or settings.quantization
+
+
 def _quantization(settings: Settings, model: str, entry: ModelEntry, source: str, found: Facts | None) -> Quantization:
     """The entry's quantized weights (or the settings' scheme), checked against what the files say;
     UnservedModel names the model and the key."""
-    scheme = entry.quantization or settings.quantization
+    scheme = _scheme(settings, entry)
     backend = entry.quantization_backend or settings.quantization_backend
     transformer = settings.resolve_source(entry.transformer) if entry.transformer else None
     components = entry.quantize
@@ -143,7 +148,7 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
             f"MODELS_FILE model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
         )
     source = settings.resolve_source(entry.source)
-    quantized = (entry.quantization or settings.quantization) != "none" or entry.quantize is not None
+    quantized = _scheme(settings, entry) != "none" or entry.quantize is not None
     found = _facts(model, source, entry, components=quantized)
     family = found.family if found else None
     multiple = found.size_multiple if found else 8
