@@ -226,7 +226,7 @@ def test_brush_tools_and_editing_a_result_with_outpaint_margins(page):
     page.wait_for_selector("#results .edit", timeout=60_000)
     page.click("#results .edit")
     page.wait_for_selector("#input_pane:not([hidden])")
-    page.wait_for_function("document.getElementById('mask').width === 64")
+    playwright.expect(page.locator("#mask")).to_have_js_property("width", 64)  # no eval under the page's CSP
     page.click("#invert_mask")
     assert painted(page) == 64 * 64
     page.click("#clear_mask")
@@ -272,7 +272,7 @@ def test_on_a_desktop_the_controls_sit_beside_a_large_crisp_view(page, tmp_path)
     page.fill("#steps", "20")
     page.click("#generate")
     page.wait_for_selector("#results img", timeout=60_000)
-    page.wait_for_function("document.querySelector('#results img').complete")
+    playwright.expect(page.locator("#results img")).to_have_js_property("complete", True)
     form, stage = page.locator("#form").bounding_box(), page.locator("#stage").bounding_box()
     assert form["x"] + form["width"] <= stage["x"], "the controls beside the view"
     source, result = page.locator("#source").bounding_box(), page.locator("#results img").bounding_box()
