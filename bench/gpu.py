@@ -47,7 +47,7 @@ from config import ModelEntry, Settings
 from imagegen.catalogue import ModelSpec
 from imagegen.db import Database
 from imagegen.endings import Endings
-from imagegen.engine.models import ModelManager
+from imagegen.engine import build_engine
 from imagegen.engine.runner import Engine
 from imagegen.families import FAMILIES
 from imagegen.jobs import GenerationParams, Job, JobStore
@@ -174,12 +174,14 @@ def engine_for(case: Case, device: str, tmp: Path) -> Iterator[tuple[Engine, Job
 
     db = Database(settings.database)
     jobs = JobStore(db)
-    models = ModelManager(settings, load, {"bench": spec})
     endings = Endings(jobs, Monitor(), lambda _job_id: None)
+    engine = build_engine(
+        settings, ImageStore(settings.storage, db), endings, Monitor(), "gpu", catalogue={"bench": spec}, load=load
+    )
     try:
-        yield Engine(settings, models, ImageStore(settings.storage, db), endings, Monitor(), "gpu"), jobs
+        yield engine, jobs
     finally:
-        models.unload()
+        engine.models.unload()
         db.close()
 
 

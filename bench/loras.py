@@ -24,7 +24,9 @@ import torch
 
 from bench.harness import burst, serve, write_results
 from config import load_settings
+from imagegen.catalogue import build_catalogue
 from imagegen.engine.models import ModelManager
+from imagegen.loras import AdapterStore
 
 PROMPT = "a red circle on a blue background"
 ADAPTER = (("corner", 1.0),)
@@ -32,7 +34,8 @@ ADAPTER = (("corner", 1.0),)
 
 def engine_figures(rounds: int, batch: int) -> dict[str, float]:
     """Switch time and generation time on one ModelManager, as the engine calls it."""
-    models = ModelManager(load_settings(model_id="models/demo-shapes", _env_file=None))
+    settings = load_settings(model_id="models/demo-shapes", _env_file=None)
+    models = ModelManager(settings, build_catalogue(settings), AdapterStore.from_settings(settings))
     pipe = models.get("models/demo-shapes", loras=ADAPTER)  # loaded, the adapter with it
 
     def generate() -> float:
@@ -52,7 +55,7 @@ def engine_figures(rounds: int, batch: int) -> dict[str, float]:
             models.get("models/demo-shapes", loras=loras)
             switches.append(time.perf_counter() - started)
         batches.append(generate())  # the adapter active
-    pipe.fuse_lora(adapter_names=[next(iter(models._adapters["models/demo-shapes"]))])
+    pipe.fuse_lora(adapter_names=models.adapter_keys("models/demo-shapes"))
     fused = [generate() for _ in range(rounds)]
     return {
         "switch_seconds": statistics.median(switches),

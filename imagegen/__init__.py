@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from flask import Flask
-
 from config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from imagegen.services import Services
 
 __version__ = "0.2.0"
@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     """Builds the Flask app around services (built from settings, read from the environment if not
     given; tests build their own around a fake pipeline) and starts them."""
-    from imagegen import api, errors, middleware, security
-    from imagegen.api import docs
+    from imagegen import api
+    from imagegen.api import docs, errors, guard, middleware
     from imagegen.logs import setup_logging
-    from imagegen.services import build, with_overrides
+    from imagegen.services import build
 
-    services = services or build(with_overrides(settings or load_settings()))
+    services = services or build(settings or load_settings())
     settings = services.settings
     setup_logging(settings)
     app = docs.new_app(__name__, __version__)
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     middleware.init_app(app)
     api.init_app(app)
     docs.init_app(app)
-    security.init_app(app, settings)
+    guard.init_app(app, settings)
     services.start()
     log.info(
         "imagegen %s (%s, %s queue) with model %s; jobs in %s, images in %s",

@@ -135,6 +135,15 @@ workers = Table(
     Column("report", Text),  # JSON: the worker's memory, GPUs, models and histograms (monitoring.runner_report)
 )
 
+# What an admin changed at run time (PATCH /admin/settings, A1111's /options), read by every process.
+runtime_settings = Table(
+    "runtime_settings",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Text, nullable=False),  # JSON
+    Column("updated_at", Float, nullable=False),
+)
+
 
 class Database:
     """An engine on DATABASE_URL, brought to the newest schema when opened."""

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from PIL import Image, ImageChops, ImageFilter, ImageOps, ImageStat
 
 from config import Settings
-from imagegen.queue import InputRejected
+from imagegen.refusals import Refusal
+
+
+class InputRejected(Refusal):
+    """An uploaded image or mask the server will not take: `code` says why (invalid_image,
+    image_expired, payload_too_large), `field` names it."""
+
+    def __init__(self, code: str, message: str, field: str) -> None:
+        super().__init__(message, field, code=code)
+
 
 # The modes of a request (families.Family.modes) that paint through a mask.
 MASKED = ("inpaint", "outpaint")

@@ -18,14 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from flask import g, has_request_context
-
 from config import Settings
 
 # C0 and C1 control characters and Unicode's line and paragraph separators.
 CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s%(jobs)s] %(name)s: %(message)s"
 
+# The id of the request this thread (or context) is handling: set by the HTTP middleware, read by
+# every log line and error body, so no module below HTTP needs Flask to know it.
+REQUEST_ID: ContextVar[str | None] = ContextVar("imagegen_request_id", default=None)
 # The jobs of the batch this thread is running: (job ids, the request ids that created them).
 _JOBS: ContextVar[tuple[list[str], list[str]] | None] = ContextVar("imagegen_jobs", default=None)
 
@@ -47,9 +48,9 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # What a request put in a message (its path, a header) cannot forge a line: controls escaped.
         record.msg, record.args = CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", record.getMessage()), None
-        jobs = _JOBS.get()
-        if has_request_context():
-            record.request_id = g.get("request_id", "-")
+        jobs, request_id = _JOBS.get(), REQUEST_ID.get()
+        if request_id:
+            record.request_id = request_id
         else:
             record.request_id = (",".join(jobs[1]) or "-") if jobs else "-"
         record.job_ids = jobs[0] if jobs else []

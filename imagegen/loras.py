@@ -26,6 +26,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from imagegen.families import UnservedModel, safetensors_header
+from imagegen.refusals import Refusal
 from imagegen.storage import filesystem, modified
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ MARKS = (
 DOWN = ("lora_A.weight", "lora_down.weight", "lora.down.weight")
 
 
-class AdapterRejected(ValueError):
+class AdapterRejected(Refusal):
     """A file that is not a LoRA this server reads, or a name that is not one's."""
 
 

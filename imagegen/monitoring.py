@@ -25,7 +25,8 @@ from config import Settings
 from imagegen.states import ModelState
 
 if TYPE_CHECKING:
-    from imagegen.services import Services
+    from imagegen.queues import JobQueue
+    from imagegen.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +219,17 @@ class AppFigures(Collector):
     """The figures /metrics reads at scrape time: the queue, models, memory and images of this
     process, and each cluster worker's from its last report."""
 
-    def __init__(self, svc: Services) -> None:
-        self.svc = svc
+    def __init__(self, queue: JobQueue, images: ImageStore) -> None:
+        self.queue, self.images = queue, images
 
     def collect(self) -> Iterator[Metric]:
-        svc = self.svc
-        queue = svc.queue.snapshot()
-        runners = svc.queue.describe()
-        images = svc.images.stats()
+        queue = self.queue.snapshot()
+        runners = self.queue.describe()
+        images = self.images.stats()
         gauges: dict[str, tuple[str, float]] = {
             "queue_depth": ("Jobs waiting in the queue.", queue.depth),
             "jobs_running": ("Jobs in the running batch.", len(queue.running)),
-            "models_loaded": ("Pipelines in memory.", len(loaded_models(runners["models"]))),
+            "models_loaded": ("Pipelines in memory.", len(runners.loaded())),
             "ram_used_bytes": ("System RAM in use.", ram_used_bytes()),
             "process_rss_bytes": ("This process's resident memory.", psutil.Process().memory_info().rss),
             "images_stored": ("Images in the store.", images["count"]),
@@ -237,12 +237,12 @@ class AppFigures(Collector):
         }
         for gpu in gpu_memory() or []:
             gauges[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
-        if runners.get("broker_queue_depth") is not None:
-            gauges["broker_queue_depth"] = ("Messages waiting in the broker.", runners["broker_queue_depth"])
+        if runners.broker_queue_depth is not None:
+            gauges["broker_queue_depth"] = ("Messages waiting in the broker.", runners.broker_queue_depth)
         for name, (description, value) in gauges.items():
             yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
-        if "workers" in runners:  # a cluster: its workers, each by name
-            yield from worker_figures(runners["workers"])
+        if runners.workers is not None:  # a cluster: its workers, each by name
+            yield from worker_figures(runners.workers)
 
 
 def loaded_models(models: list[dict[str, Any]]) -> list[str]:

@@ -1,34 +1,32 @@
-"""The service below the HTTP layer: its parts built once from settings, started, adjusted and stopped.
+"""The service below the HTTP layer: its parts built once from settings, started and stopped.
 
-Why a module of its own: the routes, the maintenance loop, start-up and shutdown all need the same
-parts, and none of them should reach into another's module to find them. `build` is the one place
-that picks the queue for the mode (QUEUE_BACKEND); everything else talks to `JobQueue` and never
-asks which one it has. A cluster's API process imports no engine from here.
+Why a module of its own: the routes, start-up and shutdown all need the same parts, and none of
+them should reach into another's module to find them. `build` is the one place that picks the
+queue for the mode (QUEUE_BACKEND); everything else talks to `JobQueue` and never asks which one
+it has. A cluster's API process imports no engine from here, and no part here imports Flask.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import logging
-import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from config import Settings
-from imagegen.catalogue import ModelSpec, build_catalogue
+from imagegen.access import Access
+from imagegen.catalogue import ModelSpec
 from imagegen.db import Database
 from imagegen.endings import Endings
+from imagegen.generation import GenerationService
 from imagegen.jobs import JobStore
 from imagegen.loras import AdapterStore
-from imagegen.maintenance import MaintenanceLoop
+from imagegen.maintenance import Maintenance
 from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
-from imagegen.queue import JobQueue, NotReady
-from imagegen.schemas import SettingsPatch
-from imagegen.security import Access
+from imagegen.queues import JobQueue, NotReady
+from imagegen.runtime import LiveSettings
+from imagegen.screening import CostBudget
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
 
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUNTIME_SETTINGS_FILE = "runtime-settings.json"
 MIN_FREE_DISK_BYTES = 50 * 2**20
 
 
@@ -45,8 +42,7 @@ MIN_FREE_DISK_BYTES = 50 * 2**20
 class Services:
     """Everything a request may use, built once by `build` and kept in app.extensions["imagegen"]."""
 
-    settings: Settings
-    catalogue: dict[str, ModelSpec]
+    live: LiveSettings
     access: Access
     jobs: JobStore
     images: ImageStore
@@ -55,14 +51,38 @@ class Services:
     monitor: Monitor
     webhooks: WebhookSender
     alerts: Alerts
-    maintenance: MaintenanceLoop | None = None
+    generation: GenerationService = field(init=False)
+    maintenance: Maintenance = field(init=False)
     draining: bool = False
 
+    def __post_init__(self) -> None:
+        self.generation = GenerationService(
+            lambda: self.live.current,
+            lambda: self.live.catalogue,
+            self.adapters,
+            self.images,
+            self.jobs,
+            self.queue,
+            CostBudget(self.settings.rate_limit_storage_uri),
+            self.readiness,
+        )
+        self.maintenance = Maintenance(lambda: self.live.current, self.images, self.jobs, self.queue, self.check_alerts)
+        self.live.listeners.append(self._apply)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in effect now (the environment's, with the admin's changes on top)."""
+        return self.live.current
+
+    @property
+    def catalogue(self) -> dict[str, ModelSpec]:
+        return self.live.catalogue
+
     def start(self) -> None:
-        """Starts the threads (webhooks, the queue's in local mode, maintenance); stopped at exit."""
+        """Starts the threads (settings, webhooks, the queue's in local mode, maintenance); stopped at exit."""
+        self.live.start()
         self.webhooks.start()
         self.queue.start()
-        self.maintenance = MaintenanceLoop(self)
         self.maintenance.start()
         atexit.register(self.stop, 5)
 
@@ -72,10 +92,10 @@ class Services:
         Jobs still queued stay queued in the store, and the next start runs them.
         """
         self.draining = True
-        if self.maintenance:
-            self.maintenance.stop()
+        self.maintenance.stop()
         self.queue.stop(timeout)
         self.webhooks.stop()
+        self.live.stop()
 
     def readiness(self, model: str | None = None, probe: bool = False) -> NotReady | None:
         """Why a generation of `model` (default MODEL_ID) could not start now, or None when it could.
@@ -96,42 +116,20 @@ class Services:
         """The machine's figures, with the disk of the image folder (or of DATA_DIR with object storage)."""
         return system_status(self.images.local_dir or self.settings.data_dir, self.monitor.started)
 
-    def adjust(self, changes: dict[str, Any], persist: bool) -> Settings:
-        """Applies adjusted settings (PATCH /admin/settings) to every part that reads tunables, and with
-        `persist` saves them for the next start; a bad value is a ValueError naming it."""
-        adjusted = Settings(**{**self.settings.model_dump(), **changes, "_env_file": None})
-        self.settings = adjusted
-        self.catalogue = build_catalogue(adjusted)  # the globals fill what no entry or family sets
-        self.queue.apply(adjusted)
-        self.alerts.settings = adjusted
-        logging.getLogger().setLevel(adjusted.log_level)
-        if persist:  # written beside, then renamed over: a crash never leaves half a file
-            path = adjusted.data_dir / RUNTIME_SETTINGS_FILE
-            partial = path.with_suffix(".partial")
-            partial.write_text(json.dumps({**runtime_overrides(adjusted), **changes}, indent=2))
-            os.replace(partial, path)
-        return adjusted
+    def check_alerts(self) -> list[dict[str, Any]]:
+        """The alerts now (RAM, GPU memory, disk over their thresholds), each crossing logged once."""
+        return self.alerts.check(self.system())
 
+    def adjust(self, changes: dict[str, Any]) -> Settings:
+        """Stores adjusted settings (PATCH /admin/settings) for every process, applied here at once;
+        a bad value is a ValueError naming it."""
+        return self.live.change(changes)
 
-def runtime_overrides(settings: Settings) -> dict[str, Any]:
-    """Adjustments an admin saved with `"persist": true`, applied again at start-up: only what
-    PATCH /admin/settings may change, checked by its schema; a file that is not that stops start-up
-    with one line naming it."""
-    path = settings.data_dir / RUNTIME_SETTINGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        saved = SettingsPatch.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        reason = str(exc).splitlines()[1:3] if isinstance(exc, ValidationError) else [str(exc)]
-        raise SystemExit(f"invalid {path}: {' '.join(line.strip() for line in reason)}; fix or delete it") from None
-    return saved.model_dump(exclude_unset=True, exclude={"persist"})
-
-
-def with_overrides(settings: Settings) -> Settings:
-    """The settings with the admin's persisted adjustments on top."""
-    overrides = runtime_overrides(settings)
-    return Settings(**{**settings.model_dump(), **overrides, "_env_file": None}) if overrides else settings
+    def _apply(self, settings: Settings) -> None:
+        """The settings changed (here or in another process): every part that reads tunables follows."""
+        self.queue.apply(settings)
+        self.alerts.settings = settings
+        logging.getLogger().setLevel(settings.log_level)
 
 
 def build(settings: Settings, load: Loader | None = None) -> Services:
@@ -139,29 +137,39 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
 
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # runtime settings; the disk figures in /status
-    catalogue = build_catalogue(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the lock, the adapter cache; the disk figures in /status
     db = Database(settings.database)
+    live = LiveSettings(settings, db)
+    settings = live.current  # with the admin's stored changes
     monitor = Monitor()
     jobs = JobStore(db)
     images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
+    adapters = AdapterStore.from_settings(settings)
     access = Access.from_settings(settings)
     webhooks = WebhookSender(settings, jobs, access)
     endings = Endings(jobs, monitor, webhooks.notify)
     queue: JobQueue
     if settings.queue_backend == "celery":  # the workers load models; this process never does
-        from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
+        from imagegen.queues.cluster import CeleryQueue, WorkerRegistry, make_celery
 
         registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
         queue = CeleryQueue(settings, endings, images, registry, make_celery(settings))
     else:
-        from imagegen.engine.local_queue import LocalQueue
-        from imagegen.engine.models import ModelManager, load_pipeline
-        from imagegen.engine.runner import Engine
+        from imagegen.engine import build_engine
+        from imagegen.queues.local import LocalQueue
 
-        models = ModelManager(settings, load or load_pipeline, catalogue)
-        queue = LocalQueue(Engine(settings, models, images, endings, monitor, name="local", exclusive=True))
-    adapters = AdapterStore.from_settings(settings)
-    services = Services(settings, catalogue, access, jobs, images, adapters, queue, monitor, webhooks, Alerts(settings))
-    monitor.registry.register(AppFigures(services))
+        engine = build_engine(
+            settings,
+            images,
+            endings,
+            monitor,
+            "local",
+            catalogue=live.catalogue,
+            adapters=adapters,
+            load=load,
+            exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
+        )
+        queue = LocalQueue(engine)
+    services = Services(live, access, jobs, images, adapters, queue, monitor, webhooks, Alerts(settings))
+    monitor.registry.register(AppFigures(queue, images))
     return services

@@ -53,6 +53,13 @@ def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def input_png(image: Image.Image) -> tuple[str, bytes]:
+    """An edit's image or mask as PNG bytes and the name they are stored under: made from the bytes,
+    so the same input is one file however many jobs name it."""
+    data = png_bytes(image)
+    return f"{hashlib.sha256(data).hexdigest()[:32]}.png", data
+
+
 def filesystem(url: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str, bool]:
     """The fsspec filesystem of a folder or `s3://bucket/prefix` (`endpoint_url` for a non-AWS
     store), the root within it, and whether it is remote (object storage, shared by every machine)."""
@@ -119,8 +126,11 @@ class ImageStore:
     def save_input(self, image: Image.Image) -> str:
         """Stores an edit's image or mask as PNG under a name made from its bytes and returns the
         name; storing the same input again only renews its age."""
-        data = png_bytes(image)
-        name = f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        return self.store_input(*input_png(image))
+
+    def store_input(self, name: str, data: bytes) -> str:
+        """Stores an input already encoded by `input_png` under its name (which the job's record names,
+        so a caller can know it before anything is written)."""
         self.fs.pipe_file(self._path(f"inputs/{name}"), data)
         try:
             with self.db.transaction() as conn:

@@ -33,10 +33,10 @@ from sqlalchemy import select, update
 
 from config import Settings, comma_list
 from imagegen import __version__
+from imagegen.access import Access
 from imagegen.db import db_now, webhooks
 from imagegen.jobs import Job, JobStore, WebhookStatus
-from imagegen.queue import CallbackRejected
-from imagegen.security import Access
+from imagegen.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class DeliveryFailed(Exception):
     def __init__(self, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.final = final
+
+
+class CallbackRejected(Refusal):
+    """A job's `callback_url` the server will not call; `code` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, "callback_url", code=code)
 
 
 def _listed(value: str) -> set[str]:

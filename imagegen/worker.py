@@ -23,21 +23,25 @@ from celery.worker.control import control_command
 from celery_batches import Batches
 
 from config import Settings, load_settings
-from imagegen.cluster import TASK, WorkerRegistry, make_celery, publish
+from imagegen.access import Access
 from imagegen.db import Database
 from imagegen.endings import Endings
-from imagegen.engine import runner
-from imagegen.engine.models import ModelManager
+from imagegen.engine import build_engine, runner
 from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
 from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
-from imagegen.security import Access
+from imagegen.protocol import SettingsPatch
+from imagegen.queues.cluster import TASK, WorkerRegistry, make_celery, publish
+from imagegen.runtime import LiveSettings
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
 
 log = logging.getLogger("imagegen.worker")
+
+# The settings an admin may change at run time, which each heartbeat reports as this worker runs them.
+TUNABLES = tuple(name for name in SettingsPatch.model_fields if name != "persist")
 
 
 class JobBatches(Batches):
@@ -98,7 +102,10 @@ class Heartbeat:
             WorkerState.STALLED if self.engine.stalled() else self.state,
             self.engine.jobs_done,
             self.started,
-            runner_report(self.engine.monitor, self.engine.models.describe()),
+            {
+                **runner_report(self.engine.monitor, self.engine.models.describe()),
+                "settings": {name: getattr(self.engine.settings, name) for name in TUNABLES},
+            },
         )
 
     def start(self) -> None:
@@ -127,11 +134,11 @@ class Commands:
     Each answer is a JSON object: what was done, or `error`. After each command `done` runs (a
     heartbeat), so the API reads the models' new states as soon as it has the answer."""
 
-    def __init__(self, engine: Engine, settings: Settings, done: Callable[[], None]) -> None:
-        self.engine, self.settings, self.done = engine, settings, done
+    def __init__(self, engine: Engine, done: Callable[[], None]) -> None:
+        self.engine, self.done = engine, done
 
     def load(self, model: str) -> dict[str, Any]:
-        if model not in self.settings.allowed_models:
+        if model not in self.engine.settings.allowed_models:
             return {"error": f"`{model}` is not in this worker's MODEL_ID or MODELS"}
         try:
             self.engine.models.get(model)
@@ -145,7 +152,7 @@ class Commands:
     def unload_idle(self) -> dict[str, Any]:
         """Unloads the models unused for MODEL_IDLE_TIMEOUT_SECONDS (judged here, on the main thread,
         so a model that a batch has just used stays)."""
-        idle = self.engine.models.idle(self.settings.model_idle_timeout_seconds)
+        idle = self.engine.models.idle(self.engine.settings.model_idle_timeout_seconds)
         unloaded = self.engine.models.unload_many(idle)
         if unloaded:
             log.info("unloaded idle models: %s", ", ".join(unloaded))
@@ -176,14 +183,18 @@ class Commands:
 
 class Consumer:
     """What the worker does with one flush of messages: the jobs still to run, in batches by the
-    engine's rule; a retried job goes back to the broker as a new message, due after its pause."""
+    engine's rule; a retried job goes back to the broker as a new message, due after its pause.
+    Settings changed meanwhile (`pending`, from the runtime settings) apply before the flush runs."""
 
     def __init__(
         self, engine: Engine, republish: Callable[[list[str], float], None], report: Callable[[WorkerState], None]
     ) -> None:
         self.engine, self.republish, self.report = engine, republish, report
+        self.pending: Settings | None = None
 
     def __call__(self, job_ids: list[str]) -> None:
+        if self.pending is not None:  # between batches: no batch sees its settings change
+            self.engine.settings, self.pending = self.pending, None
         ids = list(dict.fromkeys(job_ids))  # a redelivery may repeat an id
         try:
             pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
@@ -212,26 +223,35 @@ def main() -> None:
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     setup_logging(settings, f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log")
     db = Database(settings.database)
+    live = LiveSettings(settings, db)
+    settings = live.current  # with the admin's stored changes
     jobs = JobStore(db)
     images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
     monitor = Monitor()
     webhooks = WebhookSender(settings, jobs, Access.from_settings(settings))
-    engine = Engine(settings, ModelManager(settings), images, Endings(jobs, monitor, webhooks.notify), monitor, name)
+    endings = Endings(jobs, monitor, webhooks.notify)
+    engine = build_engine(settings, images, endings, monitor, name, catalogue=live.catalogue)
     celery = make_celery(settings)
     hostname = f"{name}@{socket.gethostname()}"  # the worker's name in Celery, for messages to itself
 
     def idle_watch() -> None:
         """Asks this worker's main thread, through the broker, to unload models left idle."""
-        timeout = settings.model_idle_timeout_seconds
+        timeout = engine.settings.model_idle_timeout_seconds
         if timeout and engine.models.idle(timeout):
             celery.control.broadcast("imagegen_unload_idle", destination=[hostname])
 
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
     heartbeat = Heartbeat(registry, name, settings, engine, after_beat=idle_watch)
-    Commands(engine, settings, done=heartbeat.beat).register()
+    Commands(engine, done=heartbeat.beat).register()
     consume = Consumer(
         engine, lambda ids, after: publish(celery, ids, settings.publish_timeout_seconds, after), heartbeat.report
     )
+
+    def adjusted(changed: Settings) -> None:
+        """An admin's change (read from the database by `live`): the log level now, the rest from the
+        next batch."""
+        logging.getLogger().setLevel(changed.log_level)
+        consume.pending = changed
 
     @celery.task(
         name=TASK,
@@ -245,6 +265,8 @@ def main() -> None:
         """One flush of messages, each carrying a job id."""
         consume([request.args[0] for request in requests])
 
+    live.listeners.append(adjusted)
+    live.start()
     webhooks.start()
     heartbeat.start()
     log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
@@ -271,6 +293,7 @@ def main() -> None:
     finally:
         heartbeat.stop()
         webhooks.stop()
+        live.stop()
         log.info("worker %s: stopped after %d jobs", name, engine.jobs_done)
 
 

@@ -210,7 +210,7 @@ def test_cluster_settings_half_given_stop_start_up(tmp_path: Path):
 
 
 def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, tmp_path):
-    from imagegen.cluster import WorkerRegistry
+    from imagegen.queues.cluster import WorkerRegistry
     from tests.conftest import free_port
 
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
@@ -339,9 +339,9 @@ def test_an_adapter_an_admin_adds_through_the_api_is_loaded_by_a_worker(tmp_path
     assert cached.read_bytes() == (ROOT / "models" / "loras" / "corner.safetensors").read_bytes()
 
 
-def call_json(url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """An admin's POST (with a JSON body, or none)."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else b"", method="POST", headers=ADMIN)
+def call_json(url: str, body: dict[str, Any] | None = None, method: str = "POST") -> tuple[int, Any]:
+    """An admin's POST (or `method`), with a JSON body or none."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else b"", method=method, headers=ADMIN)
     if body:
         request.add_header("Content-Type", "application/json")
     try:
@@ -388,3 +388,30 @@ def test_the_cluster_api_role_never_imports_torch(tmp_path, postgres_url, proces
         [sys.executable, "-c", API_ROLE], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
     )
     assert json.loads(ran.stdout.strip().splitlines()[-1]) == {"status": 200, "heavy": []}, ran.stderr[-2000:]
+
+
+def test_what_an_admin_changes_on_one_replica_reaches_the_other_and_the_worker(tmp_path, postgres_url, processes):
+    env = cluster_env(tmp_path, postgres_url, MODELS=DEMO)
+    processes.append(start_worker(tmp_path, "w1", env))
+    first, a = start_server(tmp_path, **env)
+    second, b = start_server(tmp_path, LOG_DIR=str(tmp_path / "logs-b"), **env)
+    processes.extend([first, second])
+    assert get(b, "/models")[1]["models"][0]["defaults"]["steps"] == 4  # DEFAULT_STEPS
+
+    status, changed = call_json(f"{a}/admin/settings", {"default_steps": 3, "max_batch_size": 2}, "PATCH")
+    assert status == 200 and changed["settings"] == {"default_steps": 3, "max_batch_size": 2}
+    wait_until(lambda: get(b, "/models")[1]["models"][0]["defaults"]["steps"] == 3, timeout=30)
+    status, done = post(b, {"prompt": PROMPT})
+    assert status == 200 and done["parameters"]["steps"] == 3, "replica B applies what A changed"
+
+    def worker() -> dict[str, Any]:
+        return next(w for w in get(b, "/status", ADMIN)[1]["app"]["workers"] if w["name"] == "w1")
+
+    wait_until(lambda: worker().get("settings", {}).get("max_batch_size") == 2, timeout=30)
+    assert worker()["settings"]["default_steps"] == 3
+
+    status, _ = call_json(f"{a}/sdapi/v1/options", {"sd_model_checkpoint": DEMO})
+    assert status == 200
+    wait_until(lambda: get(b, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == DEMO, timeout=30)  # every replica
+    status, _, raw = call(f"{b}/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64})
+    assert status == 200 and json.loads(json.loads(raw)["info"])["sd_model_name"] == DEMO

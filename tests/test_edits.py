@@ -21,7 +21,6 @@ from sqlalchemy import text
 from imagegen.edits import composite, crop_box, extend, feathered, prefill
 from imagegen.families import FAMILIES
 from imagegen.jobs import GenerationParams, Job, JobStatus
-from imagegen.maintenance import expire_inputs
 from tests.conftest import ADMIN, call, serve, start_server, wait_ready
 from tools.make_model import BUILDERS
 from tools.shapes import classify
@@ -397,8 +396,8 @@ def test_edits_batch_together_cache_and_expire_with_their_jobs(app_factory, sour
 
     names = {job.params.image for job in jobs}
     kept = svc.jobs.create(Job(params=jobs[0].params, client="someone"))  # a record still queued
-    assert expire_inputs(svc, 0, dry_run=True)["deleted"] == 1, "a queued job's input is kept"
-    expire_inputs(svc, 0)
+    assert svc.maintenance.expire_inputs(0, dry_run=True)["deleted"] == 1, "a queued job's input is kept"
+    svc.maintenance.expire_inputs(0)
     assert svc.images.read_input(kept.params.image)
     for name in names - {kept.params.image}:
         with pytest.raises(FileNotFoundError):
@@ -408,7 +407,7 @@ def test_edits_batch_together_cache_and_expire_with_their_jobs(app_factory, sour
 def test_an_edit_whose_input_expired_fails_with_image_expired(demo, source):
     svc = demo.application.extensions["imagegen"]
     done = edit(demo, prompt=YELLOW_SQUARE, image=b64(source))
-    expire_inputs(svc, 0)  # its job has ended, so nothing keeps its input
+    svc.maintenance.expire_inputs(0)  # its job has ended, so nothing keeps its input
     again = Job(params=svc.jobs.get(done.json["id"]).params, client="someone")
     svc.queue.submit(again)
     assert svc.queue.wait(again.id, 30)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from imagegen.db import Database
 from imagegen.db import jobs as jobs_table
 from imagegen.endings import Endings
-from imagegen.engine.models import ModelManager
+from imagegen.engine import build_engine
 from imagegen.engine.runner import Engine, gather, plan_batches
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Monitor
@@ -48,9 +48,10 @@ def engine_parts(tmp_path: Path, fake: FakePipeline, **overrides: object) -> Par
     db = Database(settings.database)
     jobs, monitor, notified = JobStore(db), Monitor(), []
     endings = Endings(jobs, monitor, notified.append)
-    models = ModelManager(settings, lambda _source, _dtype: fake)
-    engine = Engine(settings, models, ImageStore(settings.storage, db), endings, monitor, "test")
-    models.get(settings.model_id)
+    engine = build_engine(
+        settings, ImageStore(settings.storage, db), endings, monitor, "test", load=lambda _s, _d: fake
+    )
+    engine.models.get(settings.model_id)
     fake.calls.clear()  # the load's warm-up call
     return Parts(engine, jobs, monitor, notified)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 
-from imagegen.errors import ERROR_CODES, HTTP_CODES
+from imagegen.api.errors import HTTP_CODES
+from imagegen.refusals import ERROR_CODES
 from tests.conftest import ROOT
 
 # The places a code is written: an APIError, a queue refusal, a webhook refusal, a job's `error`.
 RAISED = (
-    r'APIError\(\s*\d{3},\s*"([a-z_]+)"',
-    r'(?:NotReady|CallbackRejected)\(\s*"([a-z_]+)"',
+    r'APIError\(\s*"([a-z_]+)"',
+    r'(?:NotReady|CallbackRejected|InputRejected)\(\s*"([a-z_]+)"',
+    r'\bcode\s*=\s*"([a-z_]+)"',
     r'"code":\s*"([a-z_]+)"',
 )
 
@@ -27,7 +29,7 @@ def raised_codes() -> set[str]:
 def test_every_code_the_server_can_raise_is_in_the_catalogue():
     raised = raised_codes()
     assert {"queue_full", "worker_lost", "model_loading", "callback_not_allowed", "rate_limited"} <= raised
-    assert raised - set(ERROR_CODES) == set(), "add them to errors.ERROR_CODES and docs/errors.md"
+    assert raised - set(ERROR_CODES) == set(), "add them to refusals.ERROR_CODES and docs/errors.md"
 
 
 def test_the_catalogue_is_in_the_docs_with_its_statuses():

@@ -31,7 +31,7 @@ DETECTED = {"sd15": "sd", **{name: name for name in BUILDERS if name != "sd15"}}
 
 def pipeline(client: Any, name: str) -> weakref.ref:
     """A weak reference to the loaded pipeline: dead once nothing holds it any more."""
-    return weakref.ref(client.application.extensions["imagegen"].queue.models._pipes[name])
+    return weakref.ref(client.application.extensions["imagegen"].queue.models.pipeline(name))
 
 
 def pixels(b64: str) -> np.ndarray:

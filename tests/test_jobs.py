@@ -190,7 +190,7 @@ def test_batched_images_match_the_same_seed_made_alone(app_factory):
         s for s in app.extensions["imagegen"].monitor.batch_size.collect()[0].samples if s.name.endswith("_count")
     )
     assert count.value == 1, "the three jobs ran as one pipeline call"
-    app.extensions["imagegen"].adjust({"max_batch_size": 1}, persist=False)
+    app.extensions["imagegen"].adjust({"max_batch_size": 1})
     for i, (request, job) in enumerate(zip(requests, batched, strict=True)):
         together = client.get(f"/jobs/{job['id']}?response_format=b64_json").json["images"][0]
         alone = client.post("/generate", json=request).json["images"][0]

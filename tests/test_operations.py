@@ -8,7 +8,6 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from imagegen.maintenance import run_once
 from tests.conftest import ADMIN, wait_ready
 
 PROMPT = "an orange circle on a green background"
@@ -129,7 +128,7 @@ def test_maintenance_expires_images_and_jobs(app_factory):
     wait_ready(client)
     body = client.post("/generate", json={"prompt": PROMPT, "steps": 1}).json
     time.sleep(1.2)
-    result = run_once(app.extensions["imagegen"])
+    result = app.extensions["imagegen"].maintenance.run_once()
     assert result["expired"]["deleted"] == 1 and result["jobs_deleted"] == 1
     assert client.get(body["images"][0]["url"].removeprefix("http://localhost")).status_code == 404
     assert client.get(f"/jobs/{body['id']}").status_code == 404
@@ -185,21 +184,20 @@ def test_models_list_load_and_unload(app_factory):
     assert client.post("/models/models/tiny-random/load", json={}).status_code == 401
 
 
-def test_runtime_settings_apply_now_and_persist_only_when_asked(app_factory, tmp_path):
+def test_runtime_settings_apply_now_and_outlive_a_restart_until_reset(app_factory, tmp_path):
     client = app_factory().test_client()
     wait_ready(client)
     changed = client.patch("/admin/settings", json={"default_steps": 3, "rate_limit": "1/minute"}, headers=ADMIN)
-    assert changed.status_code == 200 and changed.json["persisted"] is False
+    assert changed.status_code == 200 and changed.json["persisted"] is True
     assert client.post("/generate", json={"prompt": PROMPT}).json["parameters"]["steps"] == 3
     assert client.post("/generate", json={"prompt": PROMPT}).status_code == 429
-    assert not (tmp_path / "data" / "runtime-settings.json").exists()
     assert client.patch("/admin/settings", json={"default_steps": 999}, headers=ADMIN).status_code == 400
     assert client.patch("/admin/settings", json={"rate_limit": "lots"}, headers=ADMIN).status_code == 400
     assert client.patch("/admin/settings", json={"max_width": 1024}, headers=ADMIN).status_code == 400
-    kept = client.patch("/admin/settings", json={"max_batch_size": 2, "persist": True}, headers=ADMIN)
-    assert kept.json["persisted"] is True
+    assert client.patch("/admin/settings", json={"rate_limit": None}, headers=ADMIN).status_code == 200
     client.application.extensions["imagegen"].stop(10)
     restarted = app_factory().test_client()
     wait_ready(restarted)
-    assert restarted.application.extensions["imagegen"].settings.max_batch_size == 2
-    assert restarted.application.extensions["imagegen"].settings.default_steps == 4  # not persisted
+    settings = restarted.application.extensions["imagegen"].settings
+    assert settings.default_steps == 3, "kept in the database"
+    assert settings.rate_limit == "1000/minute", "`null` set it back to the environment's"

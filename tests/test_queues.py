@@ -14,16 +14,14 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from imagegen import worker as worker_process
-from imagegen.cluster import CeleryQueue, WorkerRegistry, make_celery
 from imagegen.db import Database
 from imagegen.endings import Endings
-from imagegen.engine import runner
-from imagegen.engine.local_queue import LocalQueue
-from imagegen.engine.models import ModelManager
-from imagegen.engine.runner import Engine
+from imagegen.engine import build_engine, runner
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Monitor
-from imagegen.queue import QueueUnavailable
+from imagegen.queues import QueueUnavailable
+from imagegen.queues.cluster import CeleryQueue, WorkerRegistry, make_celery
+from imagegen.queues.local import LocalQueue
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
 from tests.conftest import (
@@ -112,9 +110,9 @@ def test_local_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, fake
     db = Database(settings.database)
     notified: list[str] = []
     endings = Endings(JobStore(db), Monitor(), notified.append)
-    models = ModelManager(settings, lambda _source, _dtype: fake)
-    queue = LocalQueue(Engine(settings, models, ImageStore(settings.storage, db), endings, Monitor(), "local"))
-    models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
+    images = ImageStore(settings.storage, db)
+    queue = LocalQueue(build_engine(settings, images, endings, Monitor(), "local", load=lambda _s, _d: fake))
+    queue.models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
     queue.start()
     fake.step_seconds = 0.11  # every step writes progress and reads cancels
     fake.hold(at_step=1)
@@ -155,9 +153,10 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
         make_celery(settings),
     )
     worker_notified: list[str] = []
-    models = ModelManager(settings, lambda _source, _dtype: fake)
     worker_endings = Endings(JobStore(worker_db), Monitor(), worker_notified.append)
-    engine = Engine(settings, models, ImageStore(settings.storage, worker_db), worker_endings, Monitor(), "w1")
+    images = ImageStore(settings.storage, worker_db)
+    engine = build_engine(settings, images, worker_endings, Monitor(), "w1", load=lambda _s, _d: fake)
+    models = engine.models
     republished: list[str] = []
     states: list[WorkerState] = []
     consume = worker_process.Consumer(engine, lambda ids, _after: republished.extend(ids), states.append)
@@ -183,13 +182,13 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
 def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, postgres_url, fake, monkeypatch):
     settings = cluster_settings(tmp_path, postgres_url)
     db = Database(postgres_url)
-    engine = Engine(
+    engine = build_engine(
         settings,
-        ModelManager(settings, lambda _source, _dtype: fake),
         ImageStore(settings.storage, db),
         Endings(JobStore(db), Monitor(), lambda _job_id: None),
         Monitor(),
         "w1",
+        load=lambda _s, _d: fake,
     )
     republished: list[str] = []
     states: list[WorkerState] = []

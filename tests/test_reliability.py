@@ -12,7 +12,7 @@ import time
 
 from sqlalchemy import text
 
-from imagegen.engine import local_queue
+from imagegen.queues import local as local_queue
 from tests.conftest import ROOT, TINY_MODEL, free_port, start_server, wait_ready
 
 PROMPT = "a red circle"

@@ -109,7 +109,7 @@ def test_non_finite_and_broken_json_is_rejected(client, raw, status):
 def test_refusal_names_the_rule_and_logs_without_the_prompt(client, caplog):
     response = client.post("/generate", json={"prompt": "a cat {{ 7*7 }} secretword"}, headers={"X-Request-ID": "r-1"})
     assert response.json["error"]["details"]["rule"] == "template"
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "imagegen.security")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "imagegen.screening")
     assert "rule=template" in logged and "secretword" not in logged
 
 
@@ -297,7 +297,7 @@ def test_signed_image_urls(keyed):
     extended = {**query, "expires": str(int(query["expires"]) + 3600)}
     assert keyed.get(parts.path, query_string=extended).status_code == 403
     expired = {"expires": str(int(time.time()) - 1)}
-    expired["sig"] = keyed.application.extensions["imagegen"].access._signature(
+    expired["sig"] = keyed.application.extensions["imagegen"].access.signature(
         parts.path.rsplit("/", 1)[1], expired["expires"]
     )
     assert keyed.get(parts.path, query_string=expired).status_code == 403
@@ -479,17 +479,17 @@ def test_only_safetensors_checkpoints_are_loaded(app_factory, tmp_path):
     assert "only .safetensors checkpoints are loaded, not model.ckpt" in client.get("/health").json["reason"]
 
 
-def test_saved_runtime_settings_are_checked_at_start(app_factory, tmp_path):
-    client = app_factory().test_client()
-    wait_ready(client)
-    assert client.patch("/admin/settings", json={"default_steps": 3, "persist": True}, headers=ADMIN).status_code == 200
+def test_runtime_settings_saved_by_0_2_are_checked_and_imported_at_start(app_factory, tmp_path):
     saved = tmp_path / "data" / "runtime-settings.json"
-    assert list(saved.parent.glob("*.partial")) == [], "written beside, then renamed over"
-    client.application.extensions["imagegen"].stop(10)  # the next start reads the file
+    saved.parent.mkdir(parents=True)
     for bad in ('{"admin_token": "mine"}', '{"default_steps": 3', '{"rate_limit": "lots"}'):
         saved.write_text(bad)
         with pytest.raises(SystemExit, match=r"invalid .*runtime-settings\.json"):
             app_factory()
+    saved.write_text('{"default_steps": 3}')
+    client = app_factory().test_client()
+    assert client.application.extensions["imagegen"].settings.default_steps == 3
+    assert not saved.exists() and saved.with_suffix(".imported").exists(), "imported once, into the database"
 
 
 def test_a_cross_site_form_cannot_change_state(app_factory, fake):

@@ -13,21 +13,20 @@ import secrets
 from typing import Any
 
 import psutil
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from PIL import ImageChops
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen import edits
 from imagegen.api import services
-from imagegen.api.submission import generate_now, parse, resolve_params
-from imagegen.api.uploads import read_image
+from imagegen.api.errors import APIError, install
+from imagegen.api.guard import generation_route, operator, require_admin, uploads
+from imagegen.api.submission import caller, generate_now, parse
 from imagegen.api.views import callers, eta_seconds, image_views
-from imagegen.errors import APIError, install
-from imagegen.jobs import GenerationParams, Job
+from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
+from imagegen.protocol import MAX_SEED, GenerateRequest
 from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
-from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import generation_route, operator, require_admin, uploads
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -92,8 +91,11 @@ install(bp, render_error)
 
 
 def current_model() -> str:
-    """The checkpoint A1111 clients see as loaded (`sd_model_checkpoint`), MODEL_ID until changed."""
-    return current_app.extensions.get("imagegen_a1111_model") or services().settings.model_id
+    """The checkpoint A1111 clients see as loaded (`sd_model_checkpoint`), MODEL_ID until an admin
+    changes it (for every replica: it is stored with the runtime settings)."""
+    svc = services()
+    chosen = svc.live.option("sd_model_checkpoint")
+    return chosen if chosen in svc.settings.allowed_models else svc.settings.model_id
 
 
 def scheduler_for(sampler: str | None, schedule: str | None) -> str:
@@ -105,7 +107,6 @@ def scheduler_for(sampler: str | None, schedule: str | None) -> str:
         key = f"{key} karras"
     if key not in A1111_SAMPLERS:
         raise APIError(
-            400,
             "invalid_sampler",
             f"Unknown sampler `{sampler}`; use one of {', '.join(A1111_SAMPLER_TITLES)}.",
             {"field": "sampler_name"},
@@ -125,7 +126,7 @@ def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
             loras.append({"name": name.strip(), "weight": float(weight) if weight.strip() else 1.0})
         except ValueError:
             message = f"`<lora:{name}:{weight}>`: the weight must be a number"
-            raise APIError(400, "invalid_request", message, {"field": "prompt"}) from None
+            raise APIError("invalid_request", message, {"field": "prompt"}) from None
     return " ".join(LORA_TAG.sub(" ", prompt).split()), loras
 
 
@@ -154,14 +155,14 @@ def _native(body: Txt2ImgRequest, first_seed: int, **edit: Any) -> GenerateReque
 def _answer(body: Txt2ImgRequest, native: GenerateRequest) -> dict[str, Any]:
     """Runs the request and answers in A1111's shape: plain base64 images, `info` as JSON text."""
     # webuiapi sends cfg_scale 7 and an empty negative prompt whatever its user chose
-    params = resolve_params(native, {"guidance_scale": Txt2ImgRequest.model_fields["cfg_scale"].default})
-    finished = generate_now(params)
-    info = _info(body, params, finished)
+    finished = generate_now(native, {"guidance_scale": Txt2ImgRequest.model_fields["cfg_scale"].default})
+    info = _info(body, finished)
     images = [view["b64_json"] for view in image_views(finished, "b64_json")]
     return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}
 
 
-def _info(body: Txt2ImgRequest, params: GenerationParams, finished: Job) -> dict[str, Any]:
+def _info(body: Txt2ImgRequest, finished: Job) -> dict[str, Any]:
+    params = finished.params
     seeds = list(params.seeds)
     sampler = body.sampler_name or body.sampler_index or "Default"
     infotext = (
@@ -216,10 +217,11 @@ def img2img() -> dict[str, Any]:
     `n_iter` times, at `width` x `height`."""
     body = parse(Img2ImgRequest)
     first_seed = _first_seed(body.seed)
-    image = edits.as_rgb(read_image("init_images", body.init_images[0]))
+    read_image = services().generation.read_image
+    image = edits.as_rgb(read_image("init_images", body.init_images[0], caller()))
     mask = None
     if body.mask:
-        mask = edits.as_mask(read_image("mask", body.mask))
+        mask = edits.as_mask(read_image("mask", body.mask, caller()))
         if body.inpainting_mask_invert:
             mask = ImageChops.invert(mask)
         edits.check_mask(mask, image.size)
@@ -246,20 +248,19 @@ def set_options() -> dict[str, Any]:
     do); other options are ignored."""
     options = request.get_json(silent=True)
     if not isinstance(options, dict):
-        raise APIError(400, "invalid_request", "The body must be a JSON object of options.")
+        raise APIError("invalid_request", "The body must be a JSON object of options.")
     checkpoint = options.get("sd_model_checkpoint")
     if checkpoint is not None and checkpoint != current_model():
         require_admin()
         svc = services()
         if checkpoint not in svc.settings.allowed_models:
             raise APIError(
-                400,
                 "unknown_model",
                 f"`sd_model_checkpoint` must be one of {', '.join(svc.settings.allowed_models)}",
                 {"field": "sd_model_checkpoint"},
             )
         svc.queue.load(checkpoint)
-        current_app.extensions["imagegen_a1111_model"] = checkpoint
+        svc.live.change({}, {"sd_model_checkpoint": checkpoint})
     return {}
 
 

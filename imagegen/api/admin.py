@@ -8,15 +8,13 @@ from typing import Any
 from flask import request
 from flask_openapi3 import APIBlueprint, Tag
 
-from imagegen import schemas
-from imagegen.api import services
+from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
+from imagegen.api.errors import APIError
+from imagegen.api.guard import require_admin
+from imagegen.api.schemas import CleanupRequest
 from imagegen.api.submission import parse
-from imagegen.errors import APIError
-from imagegen.maintenance import expire_inputs
-from imagegen.monitoring import loaded_models
-from imagegen.schemas import CleanupRequest, SettingsPatch
-from imagegen.security import require_admin
+from imagegen.protocol import SettingsPatch
 from imagegen.states import ModelState
 
 bp = APIBlueprint("admin", __name__, abp_tags=[Tag(name="admin")])
@@ -54,11 +52,11 @@ def cleanup() -> dict[str, Any]:
     result: dict[str, Any] = {
         "dry_run": options.dry_run,
         "images": svc.images.delete_older_than(age, options.dry_run),
-        "inputs": expire_inputs(svc, age, options.dry_run),
+        "inputs": svc.maintenance.expire_inputs(age, options.dry_run),
     }
     if options.unload_models:
         if options.dry_run:
-            result["unloaded_models"] = loaded_models(svc.queue.describe()["models"])
+            result["unloaded_models"] = svc.queue.describe().loaded()
         else:
             by_runner = svc.queue.unload()
             result["unloaded_models"] = sorted({model for models in by_runner.values() for model in models})
@@ -69,7 +67,7 @@ def cleanup() -> dict[str, Any]:
 
 def _known_model(model_id: str) -> str:
     if model_id not in services().settings.allowed_models:
-        raise APIError(404, "not_found", f"No configured model `{model_id}`.")
+        raise APIError("not_found", f"No configured model `{model_id}`.")
     return model_id
 
 
@@ -94,7 +92,7 @@ def unload_model(model_id: str) -> dict[str, Any]:
     _known_model(model_id)
     queue = services().queue
     by_runner = queue.unload(model_id)
-    states = {model["id"]: model["state"] for model in queue.describe()["models"]}
+    states = {model["id"]: model["state"] for model in queue.describe().models}
     return {
         "model": model_id,
         "unloaded": any(by_runner.values()),
@@ -114,15 +112,17 @@ def unload_model(model_id: str) -> dict[str, Any]:
 )
 @raw
 def adjust_settings() -> dict[str, Any]:
-    """Changes a safe subset of settings now; saved for the next start only when asked."""
+    """Changes a safe subset of settings for every API replica and worker (within seconds) and every
+    start after; `null` sets one back to the environment's value."""
     svc = services()
     patch = parse(SettingsPatch)
     changes = patch.model_dump(exclude_unset=True, exclude={"persist"})
     if not changes:
-        raise APIError(400, "invalid_request", "Give at least one setting to change.")
+        raise APIError("invalid_request", "Give at least one setting to change.")
     try:
-        adjusted = svc.adjust(changes, patch.persist)
+        adjusted = svc.adjust(changes)
     except ValueError as exc:
-        raise APIError(400, "invalid_request", str(exc).splitlines()[0]) from None
-    log.warning("settings adjusted by admin%s: %s", " (persisted)" if patch.persist else "", changes)
-    return {"changed": changes, "persisted": patch.persist, "settings": {k: getattr(adjusted, k) for k in changes}}
+        raise APIError("invalid_request", str(exc).splitlines()[0]) from None
+    log.warning("settings adjusted by admin, for every process: %s", changes)
+    # Stored in the database, for every process and every start (`persist` is no longer needed).
+    return {"changed": changes, "persisted": True, "settings": {k: getattr(adjusted, k) for k in changes}}

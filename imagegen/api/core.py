@@ -9,16 +9,16 @@ from flask import Response, jsonify, redirect, request, send_file
 from flask_openapi3 import APIBlueprint, Tag
 
 from config import Settings
-from imagegen import __version__, schemas
-from imagegen.api import services
+from imagegen import __version__
+from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
+from imagegen.api.errors import APIError
+from imagegen.api.guard import generation_route, public, signed, uploads
 from imagegen.api.slots import waiting
-from imagegen.api.submission import cached, job_failure, parse, resolve_params, result_key, submit, wait_for
+from imagegen.api.submission import caller, job_failure, parse, wait_for
 from imagegen.api.views import accepted, image_views
-from imagegen.errors import APIError
 from imagegen.jobs import Job
-from imagegen.schemas import GenerateRequest
-from imagegen.security import generation_route, public, signed, uploads
+from imagegen.protocol import GenerateRequest
 
 bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
 
@@ -123,16 +123,17 @@ GENERATE_EXAMPLE = {"prompt": "a red circle on a blue background", "seed": 42, "
 def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Validates, queues and (by default) waits for a generation or an edit; answers with the images."""
     body = parse(GenerateRequest)
-    params = resolve_params(body)
-    key = result_key(params) if body.seed is not None else None  # a random seed is never the same request
-    hit = cached(key) if key else None
-    if hit is not None:
-        return {**finished_body(hit, body.response_format), "cached": True}, 200, {}
+    generation = services().generation
     if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
-        return accepted(submit(params, cache_key=key, callback_url=body.callback_url))
-    with waiting():  # a server thread waits with this request: capped per client and in all
-        job = submit(params, cache_key=key, callback_url=body.callback_url)
-        return generation_response(job, body.response_format)
+        submitted = generation.submit(body, caller(), use_cache=True)
+        if not submitted.cached:
+            return accepted(submitted.job)
+    else:
+        with waiting():  # a server thread waits with this request: capped per client and in all
+            submitted = generation.submit(body, caller(), use_cache=True)
+            if not submitted.cached:
+                return generation_response(submitted.job, body.response_format)
+    return {**finished_body(submitted.job, body.response_format), "cached": True}, 200, {}
 
 
 @bp.get(
@@ -156,7 +157,7 @@ def image(name: str) -> Response:
             return redirect(store.presigned_url(name, PRESIGNED_URL_SECONDS), 302)
         data = store.read(name)
     except FileNotFoundError:
-        raise APIError(404, "not_found", "No such image.") from None
+        raise APIError("not_found", "No such image.") from None
     response = send_file(io.BytesIO(data), mimetype="image/png", etag=name, max_age=3600, conditional=True)
     response.headers["Cache-Control"] = "private, max-age=3600, immutable"
     return response

@@ -15,7 +15,7 @@ from flask import Flask, Response, current_app, redirect, request
 from flask_openapi3 import Info, OpenAPI
 from pydantic import BaseModel
 
-from imagegen import schemas
+from imagegen.api import schemas
 
 DOCS_POLICY = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
@@ -82,7 +82,7 @@ def spec(
 
 def init_app(app: Flask) -> None:
     """Serves the document at /openapi.json and Swagger UI at /docs (both load without a key)."""
-    from imagegen.security import public
+    from imagegen.api.guard import public
 
     @app.get("/openapi.json", doc_ui=False)
     @public

@@ -11,14 +11,13 @@ from typing import Any
 from flask import Response, request, stream_with_context
 from flask_openapi3 import APIBlueprint, Tag
 
-from imagegen import schemas
-from imagegen.api import services
+from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
+from imagegen.api.errors import APIError
+from imagegen.api.guard import client_key
 from imagegen.api.slots import stream_slot
 from imagegen.api.views import callers, job_view, owned_job
-from imagegen.errors import APIError
 from imagegen.jobs import JobStatus
-from imagegen.security import client_key
 
 bp = APIBlueprint("jobs", __name__, abp_tags=[Tag(name="jobs")])
 
@@ -30,9 +29,7 @@ KEEPALIVE_SECONDS = 10
 def _response_format() -> str:
     value = request.args.get("response_format", "url")
     if value not in {"url", "b64_json"}:
-        raise APIError(
-            400, "invalid_request", "`response_format` must be url or b64_json", {"field": "response_format"}
-        )
+        raise APIError("invalid_request", "`response_format` must be url or b64_json", {"field": "response_format"})
     return value
 
 
@@ -43,10 +40,10 @@ def list_jobs() -> dict[str, Any]:
     svc = services()
     status = request.args.get("status")
     if status is not None and status not in set(JobStatus):
-        raise APIError(400, "invalid_request", f"`status` must be one of {', '.join(JobStatus)}", {"field": "status"})
+        raise APIError("invalid_request", f"`status` must be one of {', '.join(JobStatus)}", {"field": "status"})
     limit = request.args.get("limit", "50")
     if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= 500:  # ASCII digits: "¹" is a digit too
-        raise APIError(400, "invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
+        raise APIError("invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
     jobs = svc.jobs.recent(client_key(), JobStatus(status) if status else None, int(limit))
     return {"jobs": [job_view(job) for job in jobs]}
 
@@ -75,7 +72,7 @@ def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancels exactly this job: dropped from the queue, or stopped at the next step if running."""
     job = owned_job(job_id)
     if not services().queue.cancel(job.id):
-        raise APIError(409, "job_finished", f"The job has already ended ({job.status}).")
+        raise APIError("job_finished", f"The job has already ended ({job.status}).")
     return job_view(owned_job(job_id))
 
 

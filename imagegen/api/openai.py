@@ -15,12 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen import edits
 from imagegen.api import services
-from imagegen.api.submission import form_data, generate_now, parse, resolve_params
-from imagegen.api.uploads import read_image
+from imagegen.api.errors import APIError, install
+from imagegen.api.guard import generation_route, uploads
+from imagegen.api.submission import caller, form_data, generate_now, parse
 from imagegen.api.views import image_views
-from imagegen.errors import APIError, install
-from imagegen.schemas import MAX_SEED, GenerateRequest
-from imagegen.security import generation_route, uploads
+from imagegen.protocol import MAX_SEED, GenerateRequest
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -120,7 +119,7 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
             "loras": body.loras,
         },
     )
-    finished = generate_now(resolve_params(native))
+    finished = generate_now(native)
     prompt = fields.get("prompt") or ""
     data = [
         {**({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}), "revised_prompt": prompt}
@@ -152,9 +151,10 @@ def _form() -> dict[str, Any]:
 def edits_route() -> dict[str, Any]:
     """Edits an image where its mask is transparent (inpainting), or all of it, toward a prompt."""
     body = parse(EditRequest, _form())
-    image = read_image("image", body.image)
+    read_image = services().generation.read_image
+    image = read_image("image", body.image, caller())
     if body.mask is not None:
-        mask = edits.transparent_area(read_image("mask", body.mask), "mask")
+        mask = edits.transparent_area(read_image("mask", body.mask, caller()), "mask")
     else:
         mask = edits.transparent_area(image, "image") if edits.has_transparency(image) else None
     return _generate(body, {"prompt": body.prompt, "image": image, "mask": mask})
@@ -166,7 +166,7 @@ def edits_route() -> dict[str, Any]:
 def variations() -> dict[str, Any]:
     """Variations of an image: image-to-image with no prompt."""
     body = parse(VariationRequest, _form())
-    return _generate(body, {"image": read_image("image", body.image)})
+    return _generate(body, {"image": services().generation.read_image("image", body.image, caller())})
 
 
 def _model_entry(model_id: str) -> dict[str, Any]:
@@ -182,5 +182,5 @@ def models() -> dict[str, Any]:
 @bp.get("/models/<path:model_id>")
 def model(model_id: str) -> dict[str, Any]:
     if model_id not in services().settings.allowed_models:
-        raise APIError(404, "model_not_found", f"The model `{model_id}` does not exist.", {"field": "model"})
+        raise APIError("model_not_found", f"The model `{model_id}` does not exist.", {"field": "model"})
     return _model_entry(model_id)

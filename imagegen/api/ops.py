@@ -8,10 +8,10 @@ from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagegen import __version__, schemas
-from imagegen.api import services
+from imagegen import __version__
+from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
-from imagegen.security import operator, public, unlimited
+from imagegen.api.guard import operator, public, unlimited
 from imagegen.states import ModelState
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
@@ -28,7 +28,7 @@ def health() -> tuple[dict[str, Any], int]:
     body: dict[str, Any] = {"status": "ok" if problem is None else "unavailable"}
     if not svc.settings.is_production:  # a model id can be a server path
         body["model"] = svc.settings.model_id
-    body["model_state"] = svc.queue.describe()["model"]["state"]
+    body["model_state"] = svc.queue.describe().model["state"]
     if problem:  # in production its code only: a load error can name server paths
         body["reason"] = problem.code if svc.settings.is_production else problem.message
     return body, 200 if problem is None else 503
@@ -55,7 +55,7 @@ def status() -> dict[str, Any]:
         "version": __version__,
         "system": system,
         "app": {
-            **svc.queue.describe(),
+            **svc.queue.describe().view(),
             "queue": {"depth": queue.depth, "max": queue.max, "active": len(queue.running)},
             "images": svc.images.stats(),
             **svc.monitor.summary(),
@@ -78,7 +78,7 @@ def list_models() -> dict[str, Any]:
     """Every model a request may choose, with its state, family, the fields it takes, its defaults
     and limits; the default first."""
     svc = services()
-    known = {info["id"]: info for info in svc.queue.describe()["models"]}
+    known = {info["id"]: info for info in svc.queue.describe().models}
     models = []
     for i, (model_id, model) in enumerate(svc.catalogue.items()):
         state = known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED})

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 from flask import Flask, current_app
 
-from imagegen.errors import APIError
-from imagegen.security import client_key
+from imagegen.api.errors import APIError
+from imagegen.api.guard import client_key
 
 FREE_THREADS = 2  # kept for /health, /health/live and every request that does not wait
 RETRY_AFTER_SECONDS = "5"
@@ -37,7 +37,6 @@ class Slots:
         with self._lock:
             if sum(self._held.values()) >= in_all:
                 raise APIError(
-                    503,
                     "too_busy",
                     f"Every waiting slot of this server is taken ({in_all}); retry shortly or use async jobs.",
                     headers={"Retry-After": RETRY_AFTER_SECONDS},
@@ -45,7 +44,6 @@ class Slots:
             if per_client and self._held[kind, client] >= per_client:
                 setting = "MAX_WAITS_PER_CLIENT" if kind == "wait" else "MAX_STREAMS_PER_CLIENT"
                 raise APIError(
-                    429,
                     "too_many_waits",
                     f"You already hold {per_client} open {kind}s ({setting}); close one or use async jobs.",
                     headers={"Retry-After": RETRY_AFTER_SECONDS},

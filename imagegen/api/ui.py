@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
-from imagegen.security import public
+from imagegen.api.guard import public
 
 bp = Blueprint("ui", __name__)
 

@@ -12,9 +12,9 @@ from typing import Any
 from flask import url_for
 
 from imagegen.api import services
-from imagegen.errors import APIError
+from imagegen.api.errors import APIError
+from imagegen.api.guard import client_key
 from imagegen.jobs import Job, JobStatus
-from imagegen.security import client_key
 
 
 def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
@@ -28,7 +28,7 @@ def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
             try:
                 data = store.read(image["name"])
             except FileNotFoundError:  # the TTL or MAX_IMAGE_STORAGE_MB took it since the job ended
-                raise APIError(410, "image_expired", "The job's images were deleted; generate again.") from None
+                raise APIError("image_expired", "The job's images were deleted; generate again.") from None
             view["b64_json"] = base64.b64encode(data).decode("ascii")
         else:
             signature = svc.access.sign(image["name"]) if svc.access.keys_required else {}
@@ -92,5 +92,5 @@ def owned_job(job_id: str) -> Job:
     else a 404."""
     job = services().jobs.get(job_id)
     if job is None or job.client != client_key():
-        raise APIError(404, "not_found", "No such job.")
+        raise APIError("not_found", "No such job.")
     return job

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, Dif
 from PIL import Image
 
 from config import Settings
-from imagegen.catalogue import ModelSpec, build_catalogue
+from imagegen.catalogue import ModelSpec
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterStore
@@ -66,6 +66,7 @@ class ModelInfo:
     retry_at: float | None = None  # when a failed load is tried again (epoch seconds)
     quantization: dict[str, Any] | None = None  # the scheme loaded, with the backend chosen for the device
     weight_bytes: dict[str, int] | None = None  # per component, and "total", from the state dicts
+    loras: list[str] = field(default_factory=list)  # the LoRA adapters loaded into it, least recently used first
 
 
 def resolve_device(setting: str) -> str:
@@ -177,18 +178,17 @@ class ModelManager:
     """
 
     def __init__(
-        self, settings: Settings, load: Loader = load_pipeline, catalogue: dict[str, ModelSpec] | None = None
+        self, settings: Settings, catalogue: dict[str, ModelSpec], adapters: AdapterStore, load: Loader = load_pipeline
     ) -> None:
         limit_heap_arenas()  # before the threads that generate and serve allocate
         self.settings = settings
-        self.catalogue = catalogue if catalogue is not None else build_catalogue(settings)
         self._load_pipeline = load
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
-        self.catalogue = {model: self._runnable(spec) for model, spec in self.catalogue.items()}
+        self.catalogue = {model: self._runnable(spec) for model, spec in catalogue.items()}
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
-        self.adapters = AdapterStore.from_settings(settings)
+        self.adapters = adapters
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -357,16 +357,22 @@ class ModelManager:
                 log.info("loaded adapter %s into model %s (%d loaded)", name, model_id, len(loaded))
             loaded.move_to_end(key)
             active.append(key)
+        self._set(model_id, loras=list(loaded.values()))
         if active:
             pipe.enable_lora()
             pipe.set_adapters(active, adapter_weights=[weight for _name, weight in loras])
         elif loaded:
             pipe.disable_lora()
 
-    def loaded(self) -> list[str]:
-        """Models in memory now (safe to ask from any thread)."""
-        with self._lock:
-            return [m for m, info in self._info.items() if info.state == ModelState.READY]
+    def pipeline(self, model_id: str) -> DiffusionPipeline | None:
+        """The loaded text-to-image pipeline of a model, None when it is not loaded (generation
+        thread only, like every pipeline call)."""
+        return self._pipes.get(model_id)
+
+    def adapter_keys(self, model_id: str) -> list[str]:
+        """The names PEFT knows a model's loaded adapters by (its `adapter_names`), least recently
+        used first."""
+        return list(self._adapters.get(model_id, {}))
 
     def retry_due(self) -> tuple[list[str], float | None]:
         """Failed models whose next try is due, and the seconds until the next one that is not (or None)."""
@@ -400,7 +406,7 @@ class ModelManager:
             self._adapters.pop(target, None)  # they lived in the model's modules
             self._default_schedulers.pop(target, None)
             self._families.pop(target, None)
-            self._set(target, state=ModelState.UNLOADED)
+            self._set(target, state=ModelState.UNLOADED, loras=[])
         if unloaded:
             gc.collect()
             release_freed_ram()

@@ -1,13 +1,10 @@
-"""The one interface to the generation queue, whichever mode feeds the engine, and its domain errors.
+"""The one interface to the generation queue, whichever mode feeds the engine, and its refusals.
 
 Why a Protocol: routes, `/status`, `/metrics`, maintenance and shutdown talk to "the queue" and
-never ask which one it is. Locally it is the in-process `LocalQueue` (one thread owns the
-pipelines); in a cluster it is the API's `CeleryQueue` (jobs go to the broker, Celery worker
-processes run them). Only `services.build` picks one. This module imports no torch, so an API
-process of a cluster never has to.
-
-The errors below say what went wrong in the service's words; only the HTTP layer (`errors.py`)
-turns them into statuses and shapes.
+never ask which one it is. Locally it is `queues.local.LocalQueue` (one thread owns the pipelines);
+in a cluster it is `queues.cluster.CeleryQueue` (jobs go to the broker, Celery worker processes run
+them). Only `services.build` picks one. This module imports neither, nor torch, so an API process
+of a cluster never has to.
 """
 
 from __future__ import annotations
@@ -16,59 +13,49 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from imagegen.monitoring import loaded_models
+from imagegen.refusals import Refusal
+
 if TYPE_CHECKING:
     from config import Settings
     from imagegen.jobs import Job
     from imagegen.states import ModelState
 
 
-class QueueError(Exception):
-    """A job or an admin call the queue cannot take now."""
-
-
-class QueueFull(QueueError):
+class QueueFull(Refusal):
     """The queue holds MAX_QUEUE_SIZE jobs; `retry_after` estimates when a place frees up."""
 
+    code = "queue_full"
+
     def __init__(self, max_size: int, retry_after: int) -> None:
-        super().__init__("queue full")
-        self.max_size, self.retry_after = max_size, retry_after
+        message = "The generation queue is full; retry later."
+        super().__init__(message, details={"max_queue_size": max_size}, retry_after=retry_after)
 
 
-class TooManyJobs(QueueError):
+class TooManyJobs(Refusal):
     """The client already has MAX_JOBS_PER_CLIENT jobs waiting."""
 
+    code = "too_many_jobs"
+
     def __init__(self, limit: int, retry_after: int) -> None:
-        super().__init__("too many jobs")
-        self.limit, self.retry_after = limit, retry_after
+        super().__init__(f"You already have {limit} jobs queued; wait for one to finish.", retry_after=retry_after)
 
 
-class QueueUnavailable(QueueError):
+class QueueUnavailable(Refusal):
     """The broker did not take the job; the job is recorded as failed, so nothing waits for it."""
 
+    code = "queue_unavailable"
 
-class CallbackRejected(QueueError):
-    """A job's `callback_url` the server will not call; `code` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+    def __init__(self, reason: str) -> None:
+        super().__init__("The job queue is unreachable; retry shortly.", retry_after=5)
+        self.reason = reason
 
 
-class InputRejected(QueueError):
-    """An uploaded image or mask the server will not take: `code` says why (invalid_image,
-    image_expired, payload_too_large), `field` names it."""
-
-    def __init__(self, code: str, message: str, field: str) -> None:
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
-
-
-class NotReady(QueueError):
+class NotReady(Refusal):
     """Why a generation could not start now: `code` says what (model_loading, worker_stopped, ...)."""
 
     def __init__(self, code: str, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.retry_after = code, message, retry_after
+        super().__init__(message, code=code, retry_after=retry_after)
 
 
 @dataclass(frozen=True)
@@ -78,6 +65,29 @@ class Snapshot:
     depth: int
     max: int
     running: list[str]
+
+
+@dataclass(frozen=True)
+class Runners:
+    """What /status, /health and /metrics show of whatever runs jobs: the default model (its state,
+    device and precision, where it will load), every model known, and in a cluster each worker seen
+    lately and the broker's depth (None where it cannot say)."""
+
+    model: dict[str, Any]
+    models: list[dict[str, Any]]
+    workers: list[dict[str, Any]] | None = None
+    broker_queue_depth: int | None = None
+
+    def view(self) -> dict[str, Any]:
+        """As /status's `app` shows it (a cluster's parts only in a cluster)."""
+        view: dict[str, Any] = {"model": self.model, "models": self.models}
+        if self.workers is not None:
+            view.update(workers=self.workers, broker_queue_depth=self.broker_queue_depth)
+        return view
+
+    def loaded(self) -> list[str]:
+        """The ids of the models in memory (on any runner)."""
+        return loaded_models(self.models)
 
 
 def seconds_until_room(depth: int, batch_size: int, workers: int, job_seconds: float | None) -> int:
@@ -98,6 +108,10 @@ class JobQueue(Protocol):
 
     def apply(self, settings: Settings) -> None:
         """Adjusted tunables (PATCH /admin/settings) take effect from the next batch."""
+
+    def room(self, client: str) -> None:
+        """Raises QueueFull or TooManyJobs when a job of this client would be refused now, so the
+        service refuses before it stores anything; `submit` checks again, atomically."""
 
     def submit(self, job: Job) -> int:
         """Records and queues a job; its position, or QueueFull / TooManyJobs / QueueUnavailable."""
@@ -129,9 +143,5 @@ class JobQueue(Protocol):
     def problem(self, model: str, probe: bool = False) -> NotReady | None:
         """Why a job for `model` could not start now; `probe` adds the checks that cost a round trip."""
 
-    def retry_after(self) -> int:
-        """Seconds until the queue likely has room again."""
-
-    def describe(self) -> dict[str, Any]:
-        """What /status and /metrics show of the runners: `model` (the default's info), `models`, and
-        in a cluster `workers` and `broker_queue_depth`."""
+    def describe(self) -> Runners:
+        """The runners' models (and a cluster's workers and broker depth), for /status and /metrics."""

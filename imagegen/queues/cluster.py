@@ -23,7 +23,7 @@ from imagegen.db import Database, db_now
 from imagegen.db import workers as table
 from imagegen.endings import Endings
 from imagegen.jobs import Job, JobStatus
-from imagegen.queue import NotReady, QueueFull, QueueUnavailable, Snapshot, TooManyJobs, seconds_until_room
+from imagegen.queues import NotReady, QueueFull, QueueUnavailable, Runners, Snapshot, TooManyJobs, seconds_until_room
 from imagegen.states import ModelState, WorkerState
 from imagegen.storage import ImageStore
 
@@ -193,14 +193,22 @@ class CeleryQueue:
             self._alive_checked = (now, bool(self.registry.alive()))
         return self._alive_checked[1]
 
-    def submit(self, job: Job) -> int:
-        """Records the job, then publishes it; if the broker refuses it, the job ends failed."""
+    def room(self, client: str) -> None:
+        self._room(client)
+
+    def _room(self, client: str) -> int:
+        """The queue's depth, when a job of this client fits; QueueFull or TooManyJobs otherwise."""
         depth = self.jobs.depth()
         if depth >= self.settings.max_queue_size:
             raise QueueFull(self.settings.max_queue_size, self.retry_after())
         limit = self.settings.max_jobs_per_client
-        if limit and self.jobs.depth(job.client) >= limit:
+        if limit and self.jobs.depth(client) >= limit:
             raise TooManyJobs(limit, self.retry_after())
+        return depth
+
+    def submit(self, job: Job) -> int:
+        """Records the job, then publishes it; if the broker refuses it, the job ends failed."""
+        depth = self._room(job.client)
         self.jobs.create(job)
         try:
             publish(self.app, [job.id], self.settings.publish_timeout_seconds)
@@ -325,7 +333,7 @@ class CeleryQueue:
             return ModelState.READY
         return ModelState.LOADING if alive else ModelState.UNLOADED
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Runners:
         """The models as the live workers report them (each model's best state, and each worker's),
         each worker seen lately with its figures, and the broker's depth."""
         workers = self.registry.describe()
@@ -346,9 +354,4 @@ class CeleryQueue:
             "state": self._model_state(alive),
             "device": ", ".join(sorted({worker["device"] for worker in alive})) or None,
         }
-        return {
-            "model": model,
-            "models": list(models.values()) or [model],
-            "workers": workers,
-            "broker_queue_depth": broker_depth(self.app),
-        }
+        return Runners(model, list(models.values()) or [model], workers, broker_depth(self.app))

@@ -1,26 +1,17 @@
-"""Prompt screening and access control: what a request must pass before it can queue work.
+"""The HTTP guard: who a request is (its key, its address), admin and operator checks, the
+cross-site and Host rules, rate limits, CORS and proxies.
 
-Why screening normalises first: look-alike characters (full-width angle brackets, ligatures, odd
-case) must hit the same rules as their plain forms, so every rule runs on the NFKC, case-folded
-text. A refusal names the rule that fired, never echoes the prompt, and is logged with the request
-id and client only.
+Why apart from `imagegen.access` and `imagegen.screening`: those are plain modules any process
+uses (a worker signs links, the generation service screens prompts and counts cost); this one
+reads Flask's request and wires the HTTP-only parts into the app.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
-import math
-import re
-import secrets
 import socket
-import time
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,133 +19,18 @@ import psutil
 from flask import Flask, current_app, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
-from limits import parse as parse_limit
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import MIN_ADMIN_TOKEN_LENGTH, Settings, comma_list
-from imagegen.errors import APIError
-from imagegen.jobs import GenerationParams
+from imagegen.access import Access
+from imagegen.api.errors import APIError
 
 log = logging.getLogger(__name__)
-
-# (rule name, pattern) on the normalised text; each is an idiom with no place in an image prompt.
-SUSPICIOUS: tuple[tuple[str, str], ...] = (
-    ("markup", r"<\s*/?\s*(script|iframe|object|embed|svg|img|style|link|meta|form|input|body|html)\b"),
-    ("markup", r"\bjavascript\s*:|\bvbscript\s*:|\bdata\s*:\s*text/html"),
-    ("markup", r"\bon[a-z]+\s*=\s*['\"]"),
-    ("template", r"\{\{.*?\}\}|\{%.*?%\}|\$\{[^}]*\}|#\{[^}]*\}|<%.*?%>"),
-    ("shell", r"\$\([^)]*\)|`[^`]*`|(;|&&|\|\|)\s*(rm|curl|wget|bash|sh|nc|cat|chmod|python)\b"),
-    ("sql", r"'\s*or\s+'?[\w]+'?\s*=\s*'?[\w]+|\bunion\s+(all\s+)?select\b|;\s*(drop|delete|truncate|alter)\s+\w+"),
-    ("sql", r"\b(drop|truncate)\s+table\b|\binsert\s+into\b.*\bvalues\b|'\s*;\s*--"),
-    ("path_traversal", r"\.\.[/\\]|%2e%2e|/etc/(passwd|shadow)|\b[a-z]:\\windows\\"),
-)
-# Control characters other than ordinary whitespace, plus invisible format characters.
-_ALLOWED_CONTROLS = {"\n", "\r", "\t"}
-
-
-def normalise(text: str) -> str:
-    """The form every rule sees: without format characters (zero-width spaces, soft hyphens: invisible,
-    they would split a blocked word), NFKC-normalised and case-folded."""
-    visible = "".join(char for char in text if unicodedata.category(char) != "Cf")
-    return unicodedata.normalize("NFKC", visible).casefold()
-
-
-@cache
-def _rules(blocked_patterns_file: Path | None, blocked_words: str) -> tuple[tuple[str, re.Pattern[str]], ...]:
-    rules = [(name, re.compile(pattern, re.DOTALL)) for name, pattern in SUSPICIOUS]
-    if blocked_patterns_file:
-        for line in blocked_patterns_file.read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                rules.append(("blocked_pattern", re.compile(normalise(line.strip()), re.DOTALL)))
-    for word in comma_list(blocked_words):
-        rules.append(("blocked_word", re.compile(rf"\b{re.escape(normalise(word))}\b")))
-    return tuple(rules)
-
-
-def screen_prompt(field: str, text: str, settings: Settings) -> None:
-    """Raises a 400 `prompt_rejected` naming the rule a prompt breaks; returns quietly otherwise."""
-
-    def reject(rule: str, message: str) -> None:
-        log.warning("prompt rejected: field=%s rule=%s client=%s", field, rule, client_address())
-        raise APIError(400, "prompt_rejected", f"`{field}` {message}", {"field": field, "rule": rule})
-
-    if field == "prompt" and not text.strip():
-        reject("empty", "must not be empty")
-    if len(text) > settings.max_prompt_length:
-        reject("too_long", f"must be at most {settings.max_prompt_length} characters, got {len(text)}")
-    for char in text:
-        if char not in _ALLOWED_CONTROLS and unicodedata.category(char) in {"Cc", "Cs", "Co"}:
-            reject("control_character", "must not contain control characters")
-    folded = normalise(text)
-    for rule, pattern in _rules(settings.blocked_patterns_file, settings.blocked_words):
-        if pattern.search(folded):
-            reject(rule, f"was refused by the `{rule}` rule")
 
 
 def client_address() -> str:
     """The client's IP as Flask sees it (ProxyFix has already applied trusted X-Forwarded-For)."""
     return request.remote_addr or "unknown"
-
-
-# What a signed image URL's query may hold: ASCII digits (at most 12) and a hex SHA-256.
-SIGNED_EXPIRES = re.compile(r"[0-9]{1,12}")
-SIGNED_SIG = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class Access:
-    """The app's secrets, parsed once: API keys (by their SHA-256), the admin token, the URL key.
-
-    Without ADMIN_TOKEN, development makes one per start (printed at start-up, as Jupyter prints its
-    token): there is no implicit admin, so no web page the operator visits and no client behind a
-    same-host proxy can reach admin routes by being "loopback". Production without one has no admin.
-    """
-
-    key_ids: dict[bytes, str]
-    admin_token: str
-    admin_token_generated: bool
-    url_key: bytes
-    url_ttl_seconds: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Access:
-        digests = {hashlib.sha256(key.encode()).digest(): "" for key in settings.api_key_list()}
-        # A key's id is a short digest: safe to log and to show as a job's owner, useless to an attacker.
-        key_ids = {digest: digest.hex()[:12] for digest in digests}
-        url_key = settings.secret_key.encode() or secrets.token_bytes(32)
-        generated = not settings.admin_token and not settings.is_production
-        admin_token = secrets.token_urlsafe(24) if generated else settings.admin_token
-        return cls(key_ids, admin_token, generated, url_key, settings.image_url_ttl_seconds)
-
-    @property
-    def keys_required(self) -> bool:
-        return bool(self.key_ids)
-
-    def identify(self, key: str | None) -> str | None:
-        """The id of a valid key, compared in constant time, else None."""
-        if not key:
-            return None
-        given = hashlib.sha256(key.encode()).digest()
-        match = None
-        for digest, key_id in self.key_ids.items():
-            if hmac.compare_digest(given, digest):
-                match = key_id
-        return match
-
-    def sign(self, name: str, now: float | None = None) -> dict[str, str]:
-        """Query parameters that let `<img src>` fetch one image until they expire."""
-        expires = str(int((now or time.time()) + self.url_ttl_seconds))
-        return {"expires": expires, "sig": self._signature(name, expires)}
-
-    def verify(self, name: str, expires: str, signature: str) -> bool:
-        """True for a signature this server made for this name, not yet expired. Anything else, however
-        odd (non-ASCII digits, 5,000 of them, a non-hex signature), is simply not valid."""
-        if not SIGNED_EXPIRES.fullmatch(expires) or not SIGNED_SIG.fullmatch(signature) or int(expires) < time.time():
-            return False
-        return hmac.compare_digest(self._signature(name, expires), signature)
-
-    def _signature(self, name: str, expires: str) -> str:
-        return hmac.new(self.url_key, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 def access() -> Access:
@@ -199,17 +75,14 @@ def require_operator() -> None:
 
 def require_admin() -> None:
     """Admin routes: the ADMIN_TOKEN (or the one made at start-up) as X-Admin-Token or Bearer."""
-    token = access().admin_token
-    if not token:  # production without ADMIN_TOKEN; a short one stops start-up (config.py)
+    held = access()
+    if not held.admin_token:  # production without ADMIN_TOKEN; a short one stops start-up (config.py)
         raise APIError(
-            403,
             "admin_disabled",
             f"Admin routes are disabled: set an ADMIN_TOKEN of {MIN_ADMIN_TOKEN_LENGTH}+ characters.",
         )
-    given = request.headers.get("X-Admin-Token") or bearer_token() or ""
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    if not held.is_admin(request.headers.get("X-Admin-Token") or bearer_token() or ""):
         raise APIError(
-            401,
             "unauthorized",
             "A valid admin token is required (Authorization: Bearer <ADMIN_TOKEN> or X-Admin-Token).",
             headers={"WWW-Authenticate": "Bearer"},
@@ -265,54 +138,18 @@ def _refuse_cross_site(trusted: list[str] | None) -> Callable[[], None]:
             return
         if request.method == "POST" and not (request.is_json or request.headers.get("X-Requested-With")):
             raise APIError(
-                403,
                 "cross_site_refused",
                 "A POST that carries no Authorization, X-API-Key or X-Admin-Token header must send a JSON body "
                 "(Content-Type: application/json) or an X-Requested-With header.",
             )
         if trusted is not None and not host_trusted(request.host, trusted):
             raise APIError(
-                403,
                 "untrusted_host",
                 "The Host of a request without credentials must be one of TRUSTED_HOSTS.",
                 {"host": request.host},
             )
 
     return refuse
-
-
-def generation_cost(params: GenerationParams) -> int:
-    """What a generation counts against RATE_LIMIT_COST: megapixel-steps (width x height x steps
-    run x images / 10^6; an edit runs about strength x steps), at least 1."""
-    return max(1, math.ceil(params.width * params.height * params.total_steps * len(params.seeds) / 1e6))
-
-
-def charge(params: GenerationParams) -> None:
-    """Counts a generation against the client's RATE_LIMIT_COST budget, or refuses it: 429 while the
-    window is spent, 400 for a request that costs more than a whole window allows."""
-    budget = current_app.extensions["imagegen"].settings.rate_limit_cost
-    if budget == "off":
-        return
-    limit = parse_limit(budget)
-    cost = generation_cost(params)
-    if cost > limit.amount:
-        raise APIError(
-            400,
-            "invalid_request",
-            f"This request costs {cost} megapixel-steps (width x height x steps x images / 10^6), more than "
-            f"RATE_LIMIT_COST allows in a window ({budget}); ask for fewer or smaller images, or fewer steps.",
-            {"field": "steps", "cost": cost},
-        )
-    strategy = current_app.extensions["imagegen_limiter"].limiter
-    if not strategy.hit(limit, "imagegen-cost", client_key(), cost=cost):
-        reset = strategy.get_window_stats(limit, "imagegen-cost", client_key()).reset_time
-        raise APIError(
-            429,
-            "rate_limited",
-            f"Over your generation budget ({budget} megapixel-steps, RATE_LIMIT_COST); this request costs {cost}.",
-            {"cost": cost},
-            headers={"Retry-After": str(max(1, math.ceil(reset - time.time())))},
-        )
 
 
 def _mark(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -361,10 +198,9 @@ def _authenticate() -> None:
         name = (request.view_args or {}).get("name", "")
         if access().verify(name, request.args.get("expires", ""), request.args.get("sig", "")):
             return
-        raise APIError(403, "forbidden", "This image URL is unsigned, expired or altered.")
+        raise APIError("forbidden", "This image URL is unsigned, expired or altered.")
     if api_key_id() is None:
         raise APIError(
-            401,
             "unauthorized",
             "A valid API key is required (Authorization: Bearer <key> or X-API-Key: <key>).",
             headers={"WWW-Authenticate": "Bearer"},

@@ -15,8 +15,9 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 from flask.json.provider import DefaultJSONProvider
 
-from imagegen.errors import APIError
-from imagegen.security import marks
+from imagegen import logs
+from imagegen.api.errors import APIError
+from imagegen.api.guard import marks
 
 log = logging.getLogger("imagegen.access")
 
@@ -30,18 +31,19 @@ def _begin() -> None:
     takes files)."""
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    logs.REQUEST_ID.set(g.request_id)  # every line logged for this request carries it
     g.started = time.perf_counter()
     marked = marks()
     limit, setting = body_limit(marked)
     request.max_content_length = request.max_form_memory_size = limit  # a form may carry base64 text
     if (request.content_length or 0) > limit:
-        raise APIError(413, "payload_too_large", f"The body is over {limit} bytes, {setting}.")
+        raise APIError("payload_too_large", f"The body is over {limit} bytes, {setting}.")
     has_body = request.content_length or request.headers.get("Transfer-Encoding")
     takes_files = bool(marked & {"uploads", "adapter_upload"})
     form = takes_files and request.mimetype == "multipart/form-data"
     if request.method in BODY_METHODS and has_body and not (request.is_json or form):
         accepted = "JSON or multipart/form-data" if takes_files else "JSON (Content-Type: application/json)"
-        raise APIError(415, "unsupported_media_type", f"Request bodies here must be {accepted}.")
+        raise APIError("unsupported_media_type", f"Request bodies here must be {accepted}.")
 
 
 def body_limit(marked: set[str]) -> tuple[int, str]:
@@ -90,7 +92,13 @@ class JSONProvider(DefaultJSONProvider):
             raise ValueError("the JSON document is nested too deeply") from None
 
 
+def _forget(_error: BaseException | None) -> None:
+    """The thread goes back to waitress's pool: its next request must not log under this one's id."""
+    logs.REQUEST_ID.set(None)
+
+
 def init_app(app: Flask) -> None:
     app.json = JSONProvider(app)
     app.before_request(_begin)
     app.after_request(_finish)
+    app.teardown_request(_forget)

@@ -26,7 +26,7 @@ from imagegen.engine import runner
 from imagegen.engine.runner import Engine, Retry, gather
 from imagegen.jobs import Job
 from imagegen.logs import job_context
-from imagegen.queue import NotReady, QueueFull, Snapshot, TooManyJobs, seconds_until_room
+from imagegen.queues import NotReady, QueueFull, Runners, Snapshot, TooManyJobs, seconds_until_room
 from imagegen.states import ModelState
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,24 @@ class LocalQueue:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def room(self, client: str) -> None:
+        with self._cond:
+            self._check_room(client)
+
+    def _check_room(self, client: str) -> None:
+        if len(self._queue) >= self.settings.max_queue_size:
+            raise QueueFull(self.settings.max_queue_size, self.retry_after())
+        limit = self.settings.max_jobs_per_client
+        if limit and sum(queued.client == client for queued in self._queue) >= limit:
+            raise TooManyJobs(limit, self.retry_after())
+
     def submit(self, job: Job) -> int:
         """Records and queues a job, returning its position (1 = next).
 
         The record is written under the queue's lock so the thread never sees a job the store lacks.
         """
         with self._cond:
-            if len(self._queue) >= self.settings.max_queue_size:
-                raise QueueFull(self.settings.max_queue_size, self.retry_after())
-            limit = self.settings.max_jobs_per_client
-            if limit and sum(queued.client == job.client for queued in self._queue) >= limit:
-                raise TooManyJobs(limit, self.retry_after())
+            self._check_room(job.client)
             self.jobs.create(job)
             self._done[job.id] = threading.Event()
             self._queue.append(job)
@@ -201,12 +208,12 @@ class LocalQueue:
         depth = len(self._queue)
         return seconds_until_room(depth, self.settings.max_batch_size, 1, self.jobs.recent_generation_seconds())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> Runners:
         """This process's models, the default one first with the device and precision it runs in."""
         default = asdict(self.models.state(self.settings.model_id))
         default["device"] = default["device"] or self.models.device  # where it will load, before it has
         default["dtype"] = default["dtype"] or str(self.models.dtype).removeprefix("torch.")
-        return {"model": default, "models": self.models.describe()}
+        return Runners(default, self.models.describe())
 
     # ----- the generation thread -----
     def _run(self) -> None:

@@ -1,22 +1,22 @@
-"""Request schemas: every field typed and range-checked before anything is queued.
+"""The native request: what every surface turns its own request into before the generation service
+takes it, and the settings an admin may change at run time.
 
 Why pydantic with a context: the bounds are settings (MAX_STEPS, MAX_WIDTH, ...), so the schema
 reads them from the validation context and its messages name the field and the bound, e.g.
-"`steps` must be between 1 and 50, got 500".
+"`steps` must be between 1 and 50, got 500". No HTTP here: a worker, a CLI or a test builds these
+as the routes do.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from config import MAX_AGE_SECONDS, Settings
-from imagegen.errors import ERROR_CODES
-from imagegen.jobs import GenerationParams, JobStatus, WebhookStatus
+from config import Settings
 from imagegen.schedulers import SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
@@ -141,16 +141,6 @@ class GenerateRequest(BaseModel):
         return _bounded(value, info, 1, "max_images_per_request")
 
 
-class CleanupRequest(BaseModel):
-    """POST /cleanup: every field optional; an empty body deletes images older than IMAGE_TTL_SECONDS."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    images_older_than_seconds: int | None = Field(None, ge=0, le=MAX_AGE_SECONDS)
-    unload_models: bool = False
-    dry_run: bool = False
-
-
 def _limit(value: str | None) -> str | None:
     """A flask-limiter limit string such as `10/minute` or `100/hour;10/minute`."""
     if value is not None:
@@ -165,7 +155,8 @@ def _limit(value: str | None) -> str | None:
 
 
 class SettingsPatch(BaseModel):
-    """PATCH /admin/settings: the settings that are safe to change while serving."""
+    """PATCH /admin/settings: the settings that are safe to change while serving (`null`: back to
+    the environment's value)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -176,160 +167,6 @@ class SettingsPatch(BaseModel):
     rate_limit: str | None = Field(None, max_length=200)
     rate_limit_default: str | None = Field(None, max_length=200)
     rate_limit_cost: str | None = Field(None, max_length=200)
-    persist: bool = False
+    persist: bool = False  # accepted from 0.2's clients: every change is now stored (in the database)
 
     _check_limits = field_validator("rate_limit", "rate_limit_default", "rate_limit_cost")(_limit)
-
-
-# ----- responses (the OpenAPI document's source; the routes build plain dicts of these shapes) -----
-
-
-class ErrorDetail(BaseModel):
-    code: Literal[tuple(ERROR_CODES)] = Field(description="See docs/errors.md.")  # type: ignore[valid-type]
-    message: str
-    details: Any = None
-    request_id: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """Every native error: `{"error": {"code", "message", "details"?, "request_id"}}`."""
-
-    error: ErrorDetail
-
-
-class ImageView(BaseModel):
-    url: str | None = Field(None, description="Absolute URL of the PNG (signed when API keys are on).")
-    b64_json: str | None = Field(None, description="The PNG, base64-encoded, with response_format b64_json.")
-    seed: int
-    width: int
-    height: int
-
-
-class Timings(BaseModel):
-    queue_seconds: float | None
-    generation_seconds: float | None
-    total_seconds: float | None
-
-
-# A job's `parameters`: every field of GenerationParams (the one list of them), and the image count.
-Parameters = create_model(
-    "Parameters",
-    **{name: (hint, ...) for name, hint in get_type_hints(GenerationParams).items()},  # type: ignore[call-overload]
-    num_images=(int, ...),
-)
-
-
-class GenerateResponse(BaseModel):
-    id: str
-    model: str
-    images: list[ImageView]
-    parameters: Parameters
-    timings: Timings
-    cached: bool
-
-
-class WebhookView(BaseModel):
-    """The delivery of a job's `callback_url` (docs/webhooks.md)."""
-
-    status: WebhookStatus = Field(description="waiting (the job runs), pending, delivered or failed")
-    attempts: int
-    last_error: str | None
-
-
-class JobView(BaseModel):
-    """A job; `position` while queued, `progress`/`step`/`eta_seconds` while running, `images` when done."""
-
-    id: str
-    status: JobStatus
-    model: str
-    created_at: float
-    parameters: Parameters
-    timings: Timings
-    position: int | None = None
-    progress: float | None = None
-    step: int | None = None
-    total_steps: int | None = None
-    eta_seconds: float | None = None
-    images: list[ImageView] | None = None
-    error: dict[str, Any] | None = None
-    webhook: WebhookView | None = None
-    location: str | None = None
-
-
-class JobList(BaseModel):
-    jobs: list[JobView]
-
-
-class QueueSummary(BaseModel):
-    depth: int
-    max: int
-    active: int = Field(description="Jobs running now, everyone's.")
-    running: list[dict[str, Any]] = Field(description="Your running jobs.")
-    average_generation_seconds: float | None
-
-
-class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
-    model: str | None = Field(None, description="Development only.")
-    model_state: str
-    reason: str | None = None
-
-
-class Liveness(BaseModel):
-    status: Literal["alive"]
-
-
-class Index(BaseModel):
-    name: str
-    version: str
-    model: str | None = Field(None, description="Development only.")
-    models: list[str] | None = Field(None, description="Development only.")
-    limits: dict[str, int]
-    endpoints: list[dict[str, str]]
-
-
-class Status(BaseModel):
-    version: str
-    system: dict[str, Any]
-    app: dict[str, Any]
-    alerts: list[dict[str, Any]]
-
-
-class ModelList(BaseModel):
-    models: list[dict[str, Any]]
-
-
-class LoraView(BaseModel):
-    """One adapter file, from its header: `family` (sd, sdxl, sd3, flux; null when its tensor names
-    do not tell) and `rank`; `trigger_words` from its metadata, where it has them."""
-
-    name: str
-    family: str | None
-    rank: int | None
-    bytes: int
-    trigger_words: list[str]
-
-
-class LoraList(BaseModel):
-    loras: list[LoraView]
-
-
-class ModelChange(BaseModel):
-    model: str
-    state: str
-    unloaded: bool | None = None
-    workers: dict[str, Any] = Field(description="What each runner did, by name (`local`, or each cluster worker).")
-
-
-class CleanupResponse(BaseModel):
-    dry_run: bool
-    images: dict[str, int]
-    inputs: dict[str, int] = Field(description="Edit inputs deleted (those of jobs not yet ended are kept).")
-    unloaded_models: list[str] | None = None
-    workers: dict[str, list[str]] | None = Field(None, description="With unload_models: what each runner unloaded.")
-
-
-class SettingsChange(BaseModel):
-    changed: dict[str, Any]
-    persisted: bool
-    settings: dict[str, Any]

@@ -1,0 +1,129 @@
+"""The HTTP side of errors: APIError, the one JSON shape, and the handlers that give every failure it.
+
+Why one place: clients parse `{"error": {"code", "message", "details"?}}` for every status, so no
+route formats its own errors and no traceback or internal path reaches a client in production. The
+parts below HTTP raise refusals in their own words (`imagegen.refusals.Refusal`, defined beside
+what raises them); `refusal_error` gives each its status from the one catalogue, `ERROR_CODES`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from imagegen.refusals import Refusal, status_of
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's status codes mapped to our stable, documented error codes.
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class APIError(Exception):
+    """An error a client can act on: a stable code (its status from ERROR_CODES, unless a Werkzeug
+    error gives its own), a message, optional details and headers."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status or status_of(code), code, message
+        self.details, self.headers = details, headers or {}
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The JSON body of every error; the request id lets a user quote it to an operator."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    request_id = g.get("request_id")
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def error_response(error: APIError) -> Response:
+    """Renders an APIError in the native shape with its status and headers."""
+    response = jsonify(error_body(error.code, error.message, error.details))
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """Turns a pydantic failure into a 400 whose message names the first bad field."""
+    details = [
+        {"field": ".".join(str(part) for part in err["loc"]) or "body", "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    first = details[0]
+    return APIError("invalid_request", f"`{first['field']}`: {first['message']}", details)
+
+
+def http_error(exc: HTTPException) -> APIError:
+    """A Werkzeug HTTP error (404, 405, 413, the limiter's 429, ...) as an APIError, headers kept."""
+    status = exc.code or 500
+    headers = dict(exc.get_headers()) if exc.response is None else {}
+    headers.pop("Content-Type", None)
+    return APIError(HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers, status=status)
+
+
+def refusal_error(refusal: Refusal) -> APIError:
+    """A refusal from below HTTP, with the status the catalogue gives its code."""
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None
+    return APIError(refusal.code, refusal.message, refusal.details or None, headers)
+
+
+def unexpected_error(exc: Exception) -> APIError:
+    """Our own bug: logged with its traceback, shown to the client without internals in production."""
+    log.exception("unhandled error")
+    details = None if current_app.config["IMAGEGEN_PRODUCTION"] else f"{type(exc).__name__}: {exc}"
+    return APIError("internal_error", "An internal error occurred.", details)
+
+
+def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = error_response) -> None:
+    """Makes every error raised under `target` an APIError, counted, then drawn by `render`.
+
+    The app installs the native shape; the compatibility blueprints install their clients' shapes.
+    """
+
+    def handle(error: APIError) -> Response:
+        current_app.extensions["imagegen"].monitor.record_error(error.code)
+        if "Retry-After" in error.headers:  # ours wins over the rate limiter's window (middleware._finish)
+            g.retry_after = error.headers["Retry-After"]
+        return render(error)
+
+    target.register_error_handler(APIError, handle)
+    target.register_error_handler(Refusal, lambda exc: handle(refusal_error(exc)))
+    target.register_error_handler(ValidationError, lambda exc: handle(validation_error(exc)))
+    target.register_error_handler(HTTPException, lambda exc: handle(http_error(exc)))
+    target.register_error_handler(Exception, lambda exc: handle(unexpected_error(exc)))
+
+
+def init_app(app: Flask) -> None:
+    """Registers the handlers so every error, ours or Werkzeug's, leaves in the one shape."""
+    install(app)

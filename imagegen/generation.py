@@ -1,0 +1,390 @@
+"""The generation service: from a native request and its caller to a queued job (or a cached one).
+
+Why one service below HTTP: the native, OpenAI, A1111 surfaces and the playground all turn their
+requests into a `GenerateRequest` and hand it here with an explicit `Caller`, so a worker, a CLI or
+a test can submit a job without Flask, and every surface gets the same checks in the same order:
+
+1. the request itself: the model and the fields and modes its family takes, the prompts'
+   screening, the scheduler, the adapters (each looked up once), an edit's images (decoded and
+   fitted, not stored), the callback URL;
+2. the result cache (a hit stores and queues nothing);
+3. capacity: readiness, the cost budget, the client's queued jobs and the queue's room;
+4. only then are an edit's inputs stored and the job queued (a refusal at that last moment, when
+   another request took the last place, deletes what was stored).
+
+A refusal at any step is a `Refusal` naming its field; nothing has been written when it is raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from config import Settings
+from imagegen import edits
+from imagegen.catalogue import ModelSpec
+from imagegen.edits import InputRejected
+from imagegen.jobs import GenerationParams, Job, JobStore
+from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.protocol import MAX_SEED, GenerateRequest, LoraChoice
+from imagegen.queues import JobQueue, NotReady
+from imagegen.refusals import Refusal
+from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.screening import CostBudget, screen_prompt
+from imagegen.storage import NAME_PATTERN, ImageStore, input_png
+from imagegen.webhooks import check_callback_url
+
+# A result's URL, absolute or not, signed or not: `.../images/<name>?expires=...`
+IMAGE_URL = re.compile(r"(?:^|/)images/(?P<name>[A-Za-z0-9_-]{22}\.png)(?:\?.*)?$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: `owner` is what limits count against and what owns the job (`key:<id>` for an API
+    key, else `ip:<address>`); `request_id` ties the job's log lines to the request's."""
+
+    owner: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A resolved edit: its mode and strength, and its inputs at the output size, encoded and named
+    (`storage.input_png`) but not yet stored."""
+
+    mode: str
+    strength: float
+    image: tuple[str, bytes]
+    mask: tuple[str, bytes] | None
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request checked and resolved: its parameters (an edit's inputs still to store), the edit,
+    the result cache's key (None: not cacheable) and the callback URL."""
+
+    params: GenerationParams
+    edit: Edit | None
+    cache_key: str | None
+    callback_url: str | None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The job a request became, and whether it is an earlier job's cached result."""
+
+    job: Job
+    cached: bool = False
+
+
+def _seeds(seed: int | None, count: int) -> tuple[int, ...]:
+    """The request's seeds: consecutive from its own, or drawn."""
+    if seed is None:
+        return tuple(secrets.randbelow(MAX_SEED + 1) for _ in range(count))
+    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
+
+
+class GenerationService:
+    """Checks, resolves and queues generation requests for every surface."""
+
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        catalogue: Callable[[], dict[str, ModelSpec]],
+        adapters: AdapterStore,
+        images: ImageStore,
+        jobs: JobStore,
+        queue: JobQueue,
+        budget: CostBudget,
+        readiness: Callable[[str], NotReady | None],
+    ) -> None:
+        self._settings, self._catalogue = settings, catalogue
+        self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
+        self.budget, self.readiness = budget, readiness
+
+    # ----- the one entry -----
+    def submit(
+        self,
+        request: GenerateRequest,
+        caller: Caller,
+        *,
+        client_defaults: dict[str, Any] | None = None,
+        use_cache: bool = False,
+    ) -> Submitted:
+        """Checks everything, then stores an edit's inputs and queues the job; with `use_cache` (and
+        a seed given), an earlier identical job's result instead. `client_defaults`: values a client
+        sends when its user chose nothing (webuiapi's `cfg_scale` 7), which count as absent where
+        the model takes no such field."""
+        plan = self.plan(request, caller, client_defaults, use_cache)
+        if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
+            return Submitted(hit, cached=True)
+        settings = self._settings()
+        if problem := self.readiness(plan.params.model):
+            raise problem
+        cost = self.budget.check(settings.rate_limit_cost, plan.params, caller.owner)
+        self.queue.room(caller.owner)
+        return Submitted(self._enqueue(plan, caller, cost))
+
+    def plan(
+        self,
+        request: GenerateRequest,
+        caller: Caller,
+        client_defaults: dict[str, Any] | None = None,
+        use_cache: bool = False,
+    ) -> Plan:
+        """Step 1: the request checked and resolved against the catalogue, nothing written."""
+        settings = self._settings()
+        if request.prompt is None and request.image is None:
+            required = [{"field": "prompt", "message": "Field required"}]
+            raise Refusal("`prompt`: Field required (an `image` alone makes a variation)", "prompt", details=required)
+        model = request.model or settings.model_id
+        spec = self._catalogue().get(model)
+        if spec is None:
+            raise Refusal(f"`model` must be one of {', '.join(self._catalogue())}", "model", code="unknown_model")
+        given = self._family_fields(request, spec, client_defaults or {})
+        variation = request.image is not None and request.mask is None and request.outpaint is None
+        for field in ("prompt", "negative_prompt", "prompt_2"):
+            text = (request.prompt or "") if field == "prompt" else given[field]
+            if (field == "prompt" and not variation) or text:
+                screen_prompt(field, text or "", settings, caller.owner)
+        steps = request.steps or spec.default_steps
+        scheduler = self._scheduler(request.scheduler or DEFAULT_SCHEDULER, steps, spec)
+        loras, versions = self._loras(request.loras, spec)
+        edit = self._edit(request, spec, caller)
+        size, mode = (request.width or spec.default_width, request.height or spec.default_height), "txt2img"
+        editing: dict[str, Any] = {}
+        if edit is not None and spec.family is not None:
+            steps_run = spec.family.steps_run(steps, edit.strength)
+            if steps_run < 1:
+                raise Refusal(f"`strength` {edit.strength} of {steps} steps runs no step; raise either", "strength")
+            size, mode = edit.size, edit.mode
+            editing = {"strength": edit.strength, "steps_run": steps_run, "image": edit.image[0]}
+            if edit.mask is not None:
+                editing["mask"] = edit.mask[0]
+                editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
+        if request.callback_url:
+            check_callback_url(request.callback_url, settings)
+        params = GenerationParams(
+            prompt=request.prompt or "",
+            negative_prompt=given["negative_prompt"] or "",
+            prompt_2=given["prompt_2"] or "",
+            width=size[0],
+            height=size[1],
+            steps=steps,
+            guidance_scale=spec.default_guidance if given["guidance_scale"] is None else given["guidance_scale"],
+            seeds=_seeds(request.seed, request.num_images),
+            scheduler=scheduler,
+            model=model,
+            mode=mode,
+            loras=loras,
+            **editing,
+        )
+        # A random seed is never the same request; an adapter replaced under its name is another one.
+        cacheable = use_cache and request.seed is not None and settings.result_cache
+        key = hashlib.sha256(f"{params.digest} {versions}".encode()).hexdigest() if cacheable else None
+        return Plan(params, edit, key, request.callback_url)
+
+    def cached(self, key: str, caller: Caller) -> Job | None:
+        """The caller's earlier job of this cache key, while its images exist and have at least half
+        of IMAGE_TTL_SECONDS to live (a client reading a hit must find its images)."""
+        hit = self.jobs.cached(key, caller.owner, self._settings().image_ttl_seconds / 2)
+        if hit and all(self.images.find(image["name"]) for image in hit.images):
+            return hit
+        return None
+
+    def _enqueue(self, plan: Plan, caller: Caller, cost: int) -> Job:
+        """Step 4: charges the budget, stores an edit's inputs and queues the job. Should another
+        request take the last place in between, the stored inputs stay: named by their content,
+        they may be another job's too, and they expire with IMAGE_TTL_SECONDS like any input."""
+        self.budget.charge(self._settings().rate_limit_cost, cost, caller.owner)
+        if plan.edit is not None:
+            for encoded in (plan.edit.image, plan.edit.mask):
+                if encoded is not None:
+                    self.images.store_input(*encoded)
+        job = Job(
+            params=plan.params,
+            client=caller.owner,
+            cache_key=plan.cache_key,
+            callback_url=plan.callback_url,
+            request_id=caller.request_id,
+        )
+        self.queue.submit(job)
+        return job
+
+    # ----- the checks of step 1 -----
+    @staticmethod
+    def _family_fields(request: GenerateRequest, spec: ModelSpec, client_defaults: dict[str, Any]) -> dict[str, Any]:
+        """The fields whose meaning depends on the family; one the family takes none of is refused,
+        unless it is a client's default (then it counts as absent)."""
+        given = {
+            "negative_prompt": request.negative_prompt or None,
+            "prompt_2": request.prompt_2 or None,
+            "guidance_scale": request.guidance_scale,
+        }
+        if spec.family is None:
+            return given
+        for field, meaning in spec.family.fields.items():
+            value = given[field]
+            if meaning != "none" or value is None:
+                continue
+            if value == client_defaults.get(field):
+                given[field] = None
+                continue
+            message = f"`{field}` does not apply to model {spec.id} ({spec.family.title}); leave it out"
+            raise Refusal(message, field, details={"model": spec.id})
+        return given
+
+    @staticmethod
+    def _scheduler(scheduler: str, steps: int, spec: ModelSpec) -> str:
+        family = spec.family
+        if family is not None and scheduler != DEFAULT_SCHEDULER and scheduler not in family.schedulers:
+            message = (
+                f"`scheduler` {scheduler} does not run with model {spec.id} ({family.title}); it takes: "
+                f"{', '.join([DEFAULT_SCHEDULER, *family.schedulers])}"
+            )
+            raise Refusal(message, "scheduler", details={"model": spec.id})
+        least = SCHEDULERS[scheduler].min_steps if scheduler in SCHEDULERS else 1
+        if steps < least:
+            message = f"`steps` must be at least {least} with the `{scheduler}` scheduler, got {steps}"
+            raise Refusal(message, "steps", details={"scheduler": scheduler})
+        return scheduler
+
+    def _loras(
+        self, choices: list[LoraChoice] | None, spec: ModelSpec
+    ) -> tuple[tuple[tuple[str, float], ...], list[str]]:
+        """A request's adapters as (name, weight) pairs, each in the adapter store and made for the
+        model's family, and each one's version (for the result cache), every adapter read once."""
+        if not choices:
+            return (), []
+        limit = self._settings().max_loras_per_request
+        if len(choices) > limit:
+            raise Refusal(f"`loras` takes at most {limit} adapters (MAX_LORAS_PER_REQUEST)", "loras")
+        family = spec.family
+        if family is not None and "lora" not in family.adapters:
+            raise Refusal(f"model {spec.id} ({family.title}) takes no LoRA adapters", "loras")
+        names = [choice.name for choice in choices]
+        if len(set(names)) < len(names):
+            raise Refusal("`loras` names an adapter twice", "loras")
+        versions = []
+        for choice in choices:
+            try:
+                lora = self.adapters.find(choice.name)
+            except AdapterRejected as exc:
+                raise Refusal(exc.message, "loras") from None
+            if not lora.fits(family.name if family else None):
+                made_for = f"adapter `{lora.name}` is made for {lora.family} models"
+                raise Refusal(f"{made_for}, not model {spec.id} ({family.name if family else '?'})", "loras")
+            versions.append(lora.version)
+        return tuple((choice.name, choice.weight) for choice in choices), versions
+
+    def _edit(self, request: GenerateRequest, spec: ModelSpec, caller: Caller) -> Edit | None:
+        """The request's edit (None for text-to-image): its mode from the fields given, checked against
+        what the model's family does, and its image and mask decoded and fitted."""
+        family, model = spec.family, spec.id
+        if request.image is None:
+            for field in ("mask", "strength", "outpaint", "mask_crop_padding"):
+                if getattr(request, field) is not None:
+                    raise Refusal(f"`{field}` needs an `image` to edit", field)
+            if family is not None and not family.text_to_image:
+                raise Refusal(f"model {model} ({family.title}) only inpaints: send `image` and `mask`", "image")
+            return None
+        if request.mask_crop_padding is not None and request.mask is None:
+            raise Refusal("`mask_crop_padding` needs a `mask`", "mask_crop_padding")
+        if request.mask is not None and request.outpaint is not None:
+            raise Refusal("give `mask` (inpainting) or `outpaint` (extend the canvas), not both", "outpaint")
+        if request.mask is not None:
+            mode, field = "inpaint", "mask"
+        elif request.outpaint is not None:
+            mode, field = "outpaint", "outpaint"
+        else:
+            mode, field = ("img2img" if (request.prompt or "").strip() else "variation"), "image"
+        if family is None:
+            raise Refusal(f"model {model}'s family is unknown (its files could not be read): it edits nothing", field)
+        if mode not in family.modes:
+            does = ", ".join(family.modes)
+            raise Refusal(f"model {model} ({family.title}) does not do {mode}; it does: {does}", field)
+        image = edits.as_rgb(self.read_image("image", request.image, caller))
+        if request.outpaint is not None:
+            if request.width or request.height:
+                message = "with `outpaint` the size is the image's plus its margins: leave out width, height"
+                raise Refusal(message, "width")
+            outpaint = request.outpaint
+            margins = (outpaint.left, outpaint.right, outpaint.top, outpaint.bottom)
+            if not any(margins):
+                raise Refusal("`outpaint` must extend at least one side", "outpaint")
+            outpainted = edits.outpaint(image, margins, (spec.max_width, spec.max_height), spec.size_multiple)
+            image, mask = outpainted.image, outpainted.mask
+        else:
+            size = _size(request, image, spec)
+            mask = None
+            if request.mask is not None:
+                mask = edits.as_mask(self.read_image("mask", request.mask, caller))
+                edits.check_mask(mask, image.size)
+                mask = edits.fit(mask, size, request.resize_mode, mask=True)
+                edits.check_mask(mask, size)  # a speck of a mask can vanish when scaled down
+            image = edits.fit(image, size, request.resize_mode)
+        strength = request.strength or edits.DEFAULT_STRENGTH[mode]
+        return Edit(mode, strength, input_png(image), input_png(mask) if mask else None, image.size)
+
+    def read_image(self, field: str, value: str | bytes | Image.Image, caller: Caller) -> Image.Image:
+        """The image a field gives (file bytes, base64, a data URL, or the name or URL of an image this
+        server made for the caller), decoded once with every check of `edits.decode`; one a surface
+        decoded itself, as it is."""
+        settings = self._settings()
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, bytes):
+            return edits.decode(field, value, settings)
+        text = value.strip()
+        reference = IMAGE_URL.search(text) if not text.startswith("data:") else None
+        if NAME_PATTERN.fullmatch(text) or reference:
+            return edits.decode(field, self._stored(field, reference["name"] if reference else text, caller), settings)
+        header, comma, payload = text.partition(",")
+        if text.startswith("data:"):
+            if not comma or not header.endswith(";base64"):
+                message = f"`{field}`: a data URL must be base64 (data:image/png;base64,...)"
+                raise InputRejected("invalid_image", message, field)
+            text = payload
+        if len(text) * 3 // 4 > settings.max_upload_bytes:  # refused before a byte is decoded
+            message = f"`{field}` is over MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) once decoded"
+            raise InputRejected("payload_too_large", message, field)
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            message = f"`{field}` must be base64, a data URL, or the name or URL of an image this server made"
+            raise InputRejected("invalid_image", message, field) from None
+        return edits.decode(field, data, settings)
+
+    def _stored(self, field: str, name: str, caller: Caller) -> bytes:
+        """An image this server made for the caller; `image_expired` for any other name, so another
+        client's images are neither readable nor shown to exist."""
+        found = self.images.find(name)
+        job = self.jobs.get(found.job_id) if found and found.job_id else None
+        if job is None or job.client != caller.owner:
+            message = (
+                f"`{field}` names no image of yours stored here: it expired (IMAGE_TTL_SECONDS) or was never yours"
+            )
+            raise InputRejected("image_expired", message, field)
+        return self.images.read(name)
+
+
+def _size(request: GenerateRequest, image: Image.Image, spec: ModelSpec) -> tuple[int, int]:
+    """The output size: the request's, the other side following the image's aspect when it gives
+    one, or the image's own fitted to the model's limits and size multiple."""
+    cap, multiple = (spec.max_width, spec.max_height), spec.size_multiple
+    if request.width and request.height:
+        return request.width, request.height
+    if request.width or request.height:
+        scale = (request.width or 0) / image.width or (request.height or 0) / image.height
+        other = edits.output_size((round(image.width * scale), round(image.height * scale)), cap, multiple)
+        return request.width or other[0], request.height or other[1]
+    return edits.output_size(image.size, cap, multiple)
