@@ -10,23 +10,30 @@ This module imports nothing from the `imagegen` package.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from limits import parse, parse_many
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("imagegen.config")
 
 ROOT = Path(__file__).resolve().parent
 MIN_ADMIN_TOKEN_LENGTH = 16  # in production; a shorter token stops start-up
 # The longest age a setting or request may give (a century): beyond it a database's integers overflow.
 MAX_AGE_SECONDS = 100 * 365 * 86_400
 
-# Defaults that follow PERFORMANCE_PRESET unless the variable itself is set. Sizes suit the
-# embedded 64x64 demo model on a CPU; a real model wants DEFAULT_WIDTH/HEIGHT=512 and a GPU preset.
+# What PERFORMANCE_PRESET changes from the defaults (which are `balanced`'s), unless the variable
+# itself is set. Sizes suit the embedded 64x64 demo model on a CPU; a real model wants
+# DEFAULT_WIDTH/HEIGHT=512 and a GPU preset.
 PRESETS: dict[str, dict[str, Any]] = {
     "low": {
         "default_steps": 15,
@@ -37,35 +44,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_slicing": True,
         "vae_tiling": True,
         "cpu_offload": True,
-        "torch_dtype": "auto",
     },
-    "balanced": {
-        "default_steps": 20,
-        "max_steps": 50,
-        "max_width": 512,
-        "max_height": 512,
-        "max_batch_size": 4,
-        "attention_slicing": False,
-        "vae_tiling": False,
-        "cpu_offload": False,
-        "torch_dtype": "auto",
-    },
-    "high": {
-        "default_steps": 20,
-        "max_steps": 100,
-        "max_width": 1024,
-        "max_height": 1024,
-        "max_batch_size": 8,
-        "attention_slicing": False,
-        "vae_tiling": False,
-        "cpu_offload": False,
-        "torch_dtype": "auto",
-    },
+    "balanced": {},
+    "high": {"max_steps": 100, "max_width": 1024, "max_height": 1024, "max_batch_size": 8},
+}
+
+# Names of 0.2 still read for one release, each with a warning at start: old name -> new name.
+RENAMED = {
+    "STORAGE_URL": "IMAGE_DIR",
+    "LORA_URL": "LORA_DIR",
+    "MODELS_FILE": "MODELS",
+    "MAX_STREAMS_PER_CLIENT": "MAX_WAITS_PER_CLIENT",
+    "MEMORY_ALERT_PERCENT": "ALERT_PERCENT",
+    "GPU_MEMORY_ALERT_PERCENT": "ALERT_PERCENT",
+    "DISK_ALERT_PERCENT": "ALERT_PERCENT",
+}
+# Names of 0.2 that are gone, and what took their place.
+REMOVED = {
+    "MODEL_LOAD_RETRY_SECONDS": "a failed model load is tried again after 5 s, doubling up to 10 minutes",
+    "DEFAULT_GUIDANCE_SCALE": "each family has its default guidance; a MODELS file entry may set `default_guidance`",
 }
 
 
-# Quantized weights (imagegen/quantization.py has which backend runs which scheme on which device).
-Quantization = Literal["none", "int8", "int8-dynamic", "int4", "fp8", "nf4"]
+# A quantization scheme (imagegen/quantization.py has which backend runs which scheme on which
+# device, and `Quantization`, an entry's scheme resolved with its backend and components).
+Scheme = Literal["none", "int8", "int8-dynamic", "int4", "fp8", "nf4"]
 QuantizationBackend = Literal["torchao", "quanto", "bitsandbytes"]
 
 
@@ -76,7 +79,7 @@ def comma_list(value: str) -> list[str]:
 
 
 class ModelEntry(BaseModel):
-    """One `[models.<id>]` table of MODELS_FILE; only `source` is required (see CONFIGURATION.md)."""
+    """One `[models.<id>]` table of the MODELS file; only `source` is required (see CONFIGURATION.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -94,7 +97,7 @@ class ModelEntry(BaseModel):
     vae_tiling: bool | None = None
     cpu_offload: bool | None = None
     config: str | None = None  # a local diffusers folder with the configs and tokenizers of a single file
-    quantization: Quantization | None = None
+    quantization: Scheme | None = None
     quantization_backend: QuantizationBackend | None = None
     quantize: tuple[str, ...] | None = Field(None, min_length=1, strict=False)  # default: the UNet or transformer
     transformer: str | None = Field(None, min_length=1)  # a GGUF file used as the model's transformer
@@ -120,10 +123,9 @@ class Settings(BaseSettings):
     threads: int = Field(8, ge=1, le=256)
     request_timeout_seconds: float = Field(300.0, gt=0, le=3600)
 
-    # Model and engine
+    # Models
     model_id: str = "models/demo-shapes"
-    models: str = ""
-    models_file: Path | None = None
+    models: str = ""  # more model ids (comma-separated), or a TOML catalogue file (`*.toml`)
     device: str = "auto"
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     performance_preset: Literal["low", "balanced", "high"] = "balanced"
@@ -132,26 +134,21 @@ class Settings(BaseSettings):
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
-    quantization: Quantization = "none"
+    quantization: Scheme = "none"
     quantization_backend: QuantizationBackend | None = None
+
+    # LoRA adapters
+    lora_dir: str = "models/loras"  # a folder, or an fsspec URL (s3://bucket/prefix) a cluster shares
+    max_loras_per_request: int = Field(4, ge=0, le=16)
+    max_loaded_loras: int = Field(8, ge=1, le=128)
+
+    # Queue and batching
     max_queue_size: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(0, ge=0, le=10_000)
     max_jobs_per_client: int = Field(16, ge=0, le=100_000)
     max_waits_per_client: int = Field(4, ge=0, le=10_000)
-    max_streams_per_client: int = Field(4, ge=0, le=10_000)
     result_cache: bool = True
-    webhook_allowed_hosts: str = ""
-    webhook_allowed_ports: str = "80,443,8080,8443"
-    webhook_allow_private: bool = False
-    webhook_secret: str = ""
-    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
-    webhook_retries: int = Field(8, ge=0, le=30)
-    webhook_retry_seconds: float = Field(5.0, gt=0, le=3600)
-    lora_dir: Path = ROOT / "models" / "loras"
-    lora_url: str = ""
-    max_loras_per_request: int = Field(4, ge=0, le=16)
-    max_loaded_loras: int = Field(8, ge=1, le=128)
 
     # Request limits and defaults
     default_steps: int = Field(20, ge=1, le=500)
@@ -160,15 +157,26 @@ class Settings(BaseSettings):
     default_height: int = Field(64, ge=8, le=4096)
     max_width: int = Field(512, ge=8, le=4096)
     max_height: int = Field(512, ge=8, le=4096)
-    default_guidance_scale: float = Field(5.0, ge=0, le=30)
     max_prompt_length: int = Field(500, ge=1, le=10_000)
     max_images_per_request: int = Field(4, ge=1, le=64)
 
+    # Webhooks
+    webhook_allowed_hosts: str = ""
+    webhook_allowed_ports: str = "80,443,8080,8443"
+    webhook_allow_private: bool = False
+    webhook_secret: str = ""
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retries: int = Field(8, ge=0, le=30)
+    webhook_retry_seconds: float = Field(5.0, gt=0, le=3600)
+
     # Storage and logs
-    image_dir: Path = ROOT / "generated_images"
-    log_dir: Path = ROOT / "logs"
+    image_dir: str = "generated_images"  # a folder, or an fsspec URL (s3://bucket/prefix) a cluster shares
+    s3_endpoint_url: str = ""
+    storage_presigned_urls: bool = False
     data_dir: Path = ROOT / "data"
+    database_url: str = ""
     image_ttl_seconds: int = Field(86_400, ge=1, le=MAX_AGE_SECONDS)
+    log_dir: Path = ROOT / "logs"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_max_bytes: int = Field(1_000_000, ge=1024)
     log_backup_count: int = Field(5, ge=0, le=100)
@@ -178,10 +186,7 @@ class Settings(BaseSettings):
     cleanup_interval_seconds: int = Field(300, ge=1, le=86_400)
     max_image_storage_mb: int = Field(0, ge=0)
     model_idle_timeout_seconds: int = Field(0, ge=0)
-    model_load_retry_seconds: float = Field(5.0, gt=0, le=600)
-    memory_alert_percent: float = Field(90, gt=0, le=100)
-    gpu_memory_alert_percent: float = Field(90, gt=0, le=100)
-    disk_alert_percent: float = Field(90, gt=0, le=100)
+    alert_percent: float = Field(90, gt=0, le=100)
     shutdown_grace_seconds: float = Field(30, ge=0, le=3600)
 
     # Access
@@ -191,29 +196,29 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     secret_key: str = ""
     image_url_ttl_seconds: int = Field(3600, ge=1, le=30 * 86_400)
+    trusted_proxy_count: int = Field(0, ge=0, le=10)
+    trusted_hosts: str = ""
+    cors_origins: str = ""
+    allow_anonymous: bool = False
+
+    # Request bodies and uploads
     max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
     max_upload_bytes: int = Field(10 * 2**20, ge=1024, le=256 * 2**20)
     max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64, le=2**28)
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, le=4 * 2**30)
-    trusted_proxy_count: int = Field(0, ge=0, le=10)
-    trusted_hosts: str = ""
-    cors_origins: str = ""
+
+    # Rate limits and screening
     rate_limit: str = "10/minute"
     rate_limit_default: str = "300/minute"
     rate_limit_cost: str = "200/minute"
     rate_limit_storage_uri: str = "memory://"
     blocked_words: str = ""
     blocked_patterns_file: Path | None = None
-    allow_anonymous: bool = False
 
-    # Scale-out (docs/scaling.md)
+    # Cluster (docs/scaling.md)
     queue_backend: Literal["local", "celery"] = "local"
     broker_url: str = ""
     broker_queue: str = Field("imagegen", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")
-    database_url: str = ""
-    storage_url: str = ""
-    s3_endpoint_url: str = ""
-    storage_presigned_urls: bool = False
     job_max_retries: int = Field(2, ge=0, le=100)
     retry_backoff_seconds: float = Field(2.0, ge=0, le=300)
     worker_name: str = ""
@@ -241,13 +246,21 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator(
-        "image_dir", "log_dir", "data_dir", "lora_dir", "blocked_patterns_file", "api_keys_file", "models_file"
-    )
+    @field_validator("log_dir", "data_dir", "blocked_patterns_file", "api_keys_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
         return value if value is None or value.is_absolute() else ROOT / value
+
+    @field_validator("image_dir", "lora_dir", "models", mode="before")
+    @classmethod
+    def _folder_or_url(cls, value: Any, info: ValidationInfo) -> str:
+        """A folder (or MODELS' TOML file) relative to the project, as `_absolute` makes it; a URL,
+        or MODELS' list of ids, as it is."""
+        text = str(value)
+        if "://" in text or (info.field_name == "models" and not text.endswith(".toml")):
+            return text
+        return str(Path(text) if Path(text).is_absolute() else ROOT / text)
 
     @field_validator("rate_limit", "rate_limit_default", "rate_limit_cost")
     @classmethod
@@ -261,7 +274,7 @@ class Settings(BaseSettings):
         parse_many(value)
         return value
 
-    @field_validator("default_guidance_scale", "request_timeout_seconds")
+    @field_validator("request_timeout_seconds")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -283,8 +296,11 @@ class Settings(BaseSettings):
             )
         if self.is_production and self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
             raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters in production")
-        for name in ("api_keys_file", "blocked_patterns_file", "models_file"):
-            path = getattr(self, name)
+        for name, path in (
+            ("api_keys_file", self.api_keys_file),
+            ("blocked_patterns_file", self.blocked_patterns_file),
+            ("models", self.models_file),
+        ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name.upper()} names a file that does not exist: {path}")
         if self.queue_backend == "celery":
@@ -293,7 +309,10 @@ class Settings(BaseSettings):
                 for given, why in (
                     (self.broker_url, "BROKER_URL (e.g. amqp://guest:guest@127.0.0.1:5672//)"),
                     (self.database_url, "DATABASE_URL (e.g. postgresql+psycopg://user@host/imagegen)"),
-                    (self.storage_url, "STORAGE_URL (s3://bucket/prefix, or a folder every machine mounts)"),
+                    (
+                        "image_dir" in self.model_fields_set,
+                        "IMAGE_DIR (s3://bucket/prefix, or a folder every machine mounts)",
+                    ),
                 )
                 if not given
             ]
@@ -306,9 +325,7 @@ class Settings(BaseSettings):
             if not self.admin_token:
                 raise ValueError("QUEUE_BACKEND=celery needs ADMIN_TOKEN, the same on every API replica")
         if self.model_id not in self.model_entries():
-            raise ValueError(
-                f"MODEL_ID {self.model_id} is not a model of MODELS_FILE ({', '.join(self.model_entries())})"
-            )
+            raise ValueError(f"MODEL_ID {self.model_id} is not a model of MODELS ({', '.join(self.model_entries())})")
         return self
 
     @property
@@ -317,8 +334,13 @@ class Settings(BaseSettings):
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
-        """MODEL_ID first, then the other models a request may choose (MODELS_FILE's, or MODELS)."""
+        """MODEL_ID first, then the other models a request may choose (MODELS' ids, or its file's)."""
         return (self.model_id, *(model for model in self.model_entries() if model != self.model_id))
+
+    @property
+    def models_file(self) -> Path | None:
+        """MODELS as a catalogue file, when it names one (`*.toml`)."""
+        return Path(self.models) if self.models.endswith(".toml") else None
 
     @cached_property
     def _entries(self) -> dict[str, ModelEntry]:
@@ -328,9 +350,9 @@ class Settings(BaseSettings):
         try:
             tables = tomllib.loads(self.models_file.read_text(encoding="utf-8")).get("models")
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"MODELS_FILE {self.models_file}: {exc}") from None
+            raise ValueError(f"MODELS {self.models_file}: {exc}") from None
         if not isinstance(tables, dict) or not tables:
-            raise ValueError(f"MODELS_FILE {self.models_file} has no [models.<id>] table")
+            raise ValueError(f"MODELS {self.models_file} has no [models.<id>] table")
         entries = {}
         for model, table in tables.items():
             try:
@@ -338,12 +360,12 @@ class Settings(BaseSettings):
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = ".".join(str(part) for part in err["loc"]) or "source"
-                raise ValueError(f"MODELS_FILE model {model}, key {key}: {err['msg']}") from None
+                raise ValueError(f"MODELS file model {model}, key {key}: {err['msg']}") from None
         return entries
 
     def model_entries(self) -> dict[str, ModelEntry]:
-        """The catalogue's entries by model id: MODELS_FILE's tables, or one per id of MODEL_ID and
-        MODELS (as before there was a catalogue)."""
+        """The catalogue's entries by model id: the tables of MODELS' file, or one per id of MODEL_ID
+        and MODELS (as before there was a catalogue)."""
         return self._entries
 
     @property
@@ -369,16 +391,6 @@ class Settings(BaseSettings):
         """DATABASE_URL, or the embedded SQLite file under DATA_DIR."""
         return self.database_url or f"sqlite:///{self.data_dir / 'imagegen.sqlite3'}"
 
-    @property
-    def storage(self) -> str:
-        """STORAGE_URL, or the local IMAGE_DIR."""
-        return self.storage_url or str(self.image_dir)
-
-    @property
-    def loras(self) -> str:
-        """LORA_URL, or the local LORA_DIR."""
-        return self.lora_url or str(self.lora_dir)
-
     def api_key_list(self) -> list[str]:
         """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""
         keys = comma_list(self.api_keys)
@@ -396,11 +408,45 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Reads the settings, turning a bad value into one line that names the variable."""
+    """Reads the settings (the environment over `.env`), turning a bad value into one line that names
+    the variable. A name of 0.2 (RENAMED) is read with a warning; an unknown name in `.env`, or one
+    in the environment that looks like a misspelled setting, is reported with the nearest known one."""
+    env_file = overrides.get("_env_file", ROOT / ".env")
+    from_file = (
+        {k.upper(): v for k, v in dotenv_values(env_file).items()} if env_file and Path(env_file).is_file() else {}
+    )
+    given = {**from_file, **{k.upper(): v for k, v in os.environ.items()}}
+    for notice in notices(given, set(from_file)):
+        log.warning(notice)
+    legacy = {
+        new.lower(): given[old]
+        for old, new in RENAMED.items()
+        if given.get(old) and not given.get(new) and new.lower() not in overrides
+    }
     try:
-        return Settings(**overrides)
+        return Settings(**{**legacy, **overrides})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise SystemExit(f"invalid configuration: {problems}") from None
+
+
+def notices(given: dict[str, Any], from_file: set[str]) -> list[str]:
+    """What start-up says about the names given: old ones, gone ones, and unknown ones (every unknown
+    name of `.env`; of the environment, which holds much else, those close to a setting's name or
+    starting with IMAGEGEN_), each with the name to use."""
+    known = [name.upper() for name in Settings.model_fields]
+    said = []
+    for name in sorted(given):
+        where = ".env" if name in from_file else "the environment"
+        if name in RENAMED:
+            said.append(f"{name} (in {where}) is now {RENAMED[name]}; the old name is read until the next release")
+        elif name in REMOVED:
+            said.append(f"{name} (in {where}) is no longer read: {REMOVED[name]}")
+        elif name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6 if name in from_file else 0.85)
+            if name in from_file or close or name.startswith("IMAGEGEN_"):
+                hint = f"; did you mean {close[0]}?" if close else " (CONFIGURATION.md lists them)"
+                said.append(f"{name} (in {where}) is not a setting of imagegen{hint}")
+    return said

@@ -56,7 +56,7 @@ def main() -> None:
         gc.collect()
         catalogue = Path(tmp) / "models.toml"
         catalogue.write_text(f'[models.sd15-full]\nsource = "{folder}"\n')
-        with serve(model_id="sd15-full", models_file=catalogue) as server:
+        with serve(model_id="sd15-full", models=catalogue) as server:
             rss = lambda: server.process.memory_info().rss / 2**20  # noqa: E731
             seconds(server, text)  # the size's first call pays its lazy set-up
             memory = {"before_first_edit_mb": rss()}

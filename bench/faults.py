@@ -276,7 +276,7 @@ def deployment(workers: int = 2, cluster: bool = True, **env: str) -> Iterator[D
                 BROKER_URL=BROKER,
                 BROKER_QUEUE=queue,
                 DATABASE_URL=database or "",
-                STORAGE_URL=str(root / "images"),
+                IMAGE_DIR=str(root / "images"),
             )
         values.update(env)
         sqlite = f"sqlite:///{root / 'data' / 'imagegen.sqlite3'}"
@@ -386,7 +386,7 @@ def object_storage_down() -> Row:
 
     store_process = start_store()
     try:
-        with deployment(STORAGE_URL=url, S3_ENDPOINT_URL=endpoint, **s3) as deploy:
+        with deployment(IMAGE_DIR=url, S3_ENDPOINT_URL=endpoint, **s3) as deploy:
             ids = deploy.submit(8)
             deploy.busy_worker()
             store_process.kill()
@@ -404,7 +404,7 @@ def image_disk_full() -> Row:
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], capture_output=True).returncode:
             return Row("image disk full (needs root to mount)", 0, 0, 0, 0, 0, 0.0)
         try:
-            with deployment(STORAGE_URL=disk) as deploy:
+            with deployment(IMAGE_DIR=disk) as deploy:
                 ids = deploy.submit(8)
                 deploy.busy_worker()
                 filler = Path(disk) / "filler"

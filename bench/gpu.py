@@ -176,7 +176,7 @@ def engine_for(case: Case, device: str, tmp: Path) -> Iterator[tuple[Engine, Job
     jobs = JobStore(db)
     endings = Endings(jobs, Monitor(), lambda _job_id: None)
     engine = build_engine(
-        settings, ImageStore(settings.storage, db), endings, Monitor(), "gpu", catalogue={"bench": spec}, load=load
+        settings, ImageStore(settings.image_dir, db), endings, Monitor(), "gpu", catalogue={"bench": spec}, load=load
     )
     try:
         yield engine, jobs

@@ -67,7 +67,6 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
             # one client (this benchmark) stands for many: no per-client caps, no cost budget
             "max_jobs_per_client": 0,
             "max_waits_per_client": 0,
-            "max_streams_per_client": 0,
             "rate_limit_cost": "off",
             "threads": 32,
             "admin_token": ADMIN_TOKEN,
@@ -81,7 +80,7 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
                     broker_url=RABBITMQ,
                     broker_queue=f"imagegen-bench-{os.getpid()}",
                     database_url=database,
-                    storage_url=Path(tmp) / "images",
+                    image_dir=Path(tmp) / "images",
                     worker_heartbeat_seconds=1,
                 )
             env = {name.upper(): str(v) for name, v in values.items()}

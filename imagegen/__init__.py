@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from imagegen.services import Services
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger(__name__)
 

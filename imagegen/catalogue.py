@@ -91,6 +91,10 @@ def _facts(model: str, source: str, entry: ModelEntry, components: bool) -> Fact
     return found
 
 
+# The guidance of a model whose family is not known yet (a hub model unread) and whose entry sets none.
+DEFAULT_GUIDANCE = 5.0
+
+
 def _fit(value: int, cap: int, multiple: int) -> int:
     """A default no larger than the cap, on the size multiple."""
     return max(multiple, min(value, cap) // multiple * multiple)
@@ -145,7 +149,7 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
     ValueError naming the key) when it cannot be served."""
     if entry.family is not None and entry.family not in FAMILIES:
         raise UnservedModel(
-            f"MODELS_FILE model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
+            f"MODELS file model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
         )
     source = settings.resolve_source(entry.source)
     quantized = _scheme(settings, entry) != "none" or entry.quantize is not None
@@ -157,11 +161,11 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
     for key in ("default_width", "default_height", "max_width", "max_height"):
         value = getattr(entry, key)
         if value is not None and value % multiple:
-            raise UnservedModel(f"MODELS_FILE model {model}, key {key}: must be a multiple of {multiple}, got {value}")
+            raise UnservedModel(f"MODELS file model {model}, key {key}: must be a multiple of {multiple}, got {value}")
     for key, cap in (("default_width", max_width), ("default_height", max_height), ("default_steps", max_steps)):
         value = getattr(entry, key)
         if value is not None and value > cap:
-            raise UnservedModel(f"MODELS_FILE model {model}, key {key}: {value} is over its limit {cap}")
+            raise UnservedModel(f"MODELS file model {model}, key {key}: {value} is over its limit {cap}")
     trained = found.default_size if found else None
     guidance = family.default_guidance if family else None
     return ModelSpec(
@@ -175,9 +179,7 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         default_steps=min(
             entry.default_steps or (family and family.default_steps) or settings.default_steps, max_steps
         ),
-        default_guidance=next(
-            v for v in (entry.default_guidance, guidance, settings.default_guidance_scale) if v is not None
-        ),
+        default_guidance=next(v for v in (entry.default_guidance, guidance, DEFAULT_GUIDANCE) if v is not None),
         max_width=max_width,
         max_height=max_height,
         max_steps=max_steps,

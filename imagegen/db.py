@@ -194,6 +194,7 @@ class Database:
             conn.execute(text("SELECT 1"))
 
     def close(self) -> None:
+        """Closes the pooled connections (the engine opens new ones if it is used again)."""
         self.engine.dispose()
 
 

@@ -46,7 +46,7 @@ class Family:
     default_size: int = 1024  # when the model's configs give none
     size_multiple: int = 8  # for a single file, whose configs are not read (VAE scale x patch size)
     default_steps: int | None = None  # None: DEFAULT_STEPS
-    default_guidance: float | None = None  # None: DEFAULT_GUIDANCE_SCALE
+    default_guidance: float | None = None  # None: catalogue.DEFAULT_GUIDANCE
     schedulers: tuple[str, ...] = ()  # besides "default" (the one the model was saved with)
     progress: Literal["step_end", "legacy"] = "step_end"  # callback_on_step_end, or the old `callback`
     interrupt: bool = True  # a call can stop early when its jobs are cancelled
@@ -58,6 +58,14 @@ class Family:
     # How an edit's strength becomes the steps run: the UNet pipelines floor steps x strength; the
     # flow-matching ones keep steps - int(steps - steps x strength), so round up.
     strength_steps: Literal["floor", "ceil"] = "ceil"
+    # The family whose LoRA adapters it takes and whose single checkpoints it shares tensor names
+    # with (an inpainting model's base; both FLUX.1 variants are "flux"); empty: its own name.
+    base: str = ""
+
+    @property
+    def lineage(self) -> str:
+        """The name adapters and checkpoints know it by (`base`, else its own)."""
+        return self.base or self.name
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -146,6 +154,7 @@ FAMILIES: dict[str, Family] = {
             adapters=("lora",),
             text_to_image=False,
             strength_steps="floor",
+            base="sd",
         ),
         Family(
             "sdxl",
@@ -171,6 +180,7 @@ FAMILIES: dict[str, Family] = {
             adapters=("lora",),
             text_to_image=False,
             strength_steps="floor",
+            base="sdxl",
         ),
         Family(
             "sd3",
@@ -201,6 +211,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             gguf=True,
+            base="flux",
         ),
         Family(
             "flux-dev",
@@ -216,6 +227,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             gguf=True,
+            base="flux",
         ),
         Family(
             "pixart-sigma",
@@ -266,7 +278,8 @@ FAMILIES: dict[str, Family] = {
 BY_PIPELINE = {f.pipeline: f for f in FAMILIES.values() if f.name != "flux-dev"}
 # A UNet that takes 9 input channels (latents, mask, masked image) is a dedicated inpainting model,
 # whatever pipeline class its folder names.
-INPAINT_VARIANT = {"sd": FAMILIES["sd-inpaint"], "sdxl": FAMILIES["sdxl-inpaint"]}
+# A base family's dedicated inpainting model (a 9-channel UNet), which its files tell apart.
+INPAINT_VARIANT = {family.base: family for family in FAMILIES.values() if not family.text_to_image}
 INPAINT_CHANNELS = 9
 # A true-CFG negative prompt runs the model twice per step, at this scale (diffusers' own default).
 TRUE_CFG_SCALE = 4.0

@@ -376,6 +376,48 @@ class JobStore:
                 )
         return bool(changed)
 
+    # ----- the webhook outbox: a row per delivery, written by `finish` with its job's ending -----
+    def take_deliveries(self, limit: int, lease_seconds: float) -> list[str]:
+        """The job ids of up to `limit` due deliveries, each taken for this process by a lease on its
+        row (and its attempt counted), so senders on several machines take turns by one clock."""
+        now = self.db.now()
+        due = self.db.query(
+            select(webhooks.c.job_id)
+            .where(webhooks.c.status == WebhookStatus.PENDING, webhooks.c.next_at <= now, webhooks.c.lease_until <= now)
+            .order_by(webhooks.c.next_at)
+            .limit(limit)
+        )
+        taken = []
+        for row in due:
+            with self.db.transaction() as conn:
+                if conn.execute(
+                    update(webhooks)
+                    .where(
+                        webhooks.c.job_id == row["job_id"],
+                        webhooks.c.status == WebhookStatus.PENDING,
+                        webhooks.c.lease_until <= now,
+                    )
+                    .values(lease_until=now + lease_seconds, attempts=webhooks.c.attempts + 1)
+                ).rowcount:
+                    taken.append(row["job_id"])
+        return taken
+
+    def record_delivery(self, job_id: str, status: WebhookStatus, error: str | None, retry_after: float) -> None:
+        """A delivery attempt's outcome; a pending one is due again `retry_after` seconds from now."""
+        now = db_now()
+        with self.db.transaction() as conn:
+            conn.execute(
+                update(webhooks)
+                .where(webhooks.c.job_id == job_id, webhooks.c.status == WebhookStatus.PENDING)
+                .values(
+                    status=status,
+                    last_error=error,
+                    lease_until=0,
+                    next_at=now + retry_after,
+                    finished_at=None if status == WebhookStatus.PENDING else now,
+                )
+            )
+
     def due_for_publish(self, older_than: float, limit: int) -> list[str]:
         """The oldest queued jobs (at most `limit`) not handed to the broker for `older_than`
         seconds, each marked published now by this call alone: reconcilers on several replicas at

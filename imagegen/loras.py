@@ -1,4 +1,5 @@
-"""LoRA adapters: the files in LORA_DIR (or LORA_URL), what their headers say, and which models they fit.
+"""LoRA adapters: the files in LORA_DIR (a folder, or object storage), what their headers say, and
+which models they fit.
 
 Why from headers alone: the API must refuse an unknown adapter, or one made for another family,
 before a job is queued, and a cluster's API has no torch. A safetensors header names every tensor
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from imagegen.families import UnservedModel, safetensors_header
+from imagegen.families import FAMILIES, UnservedModel, safetensors_header
 from imagegen.refusals import Refusal
 from imagegen.storage import filesystem, modified
 
@@ -35,15 +36,9 @@ if TYPE_CHECKING:
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SUFFIX = ".safetensors"
 
-# The families an adapter's family fits (an inpainting checkpoint takes its base family's LoRAs).
-FITS = {
-    "sd": ("sd", "sd-inpaint"),
-    "sdxl": ("sdxl", "sdxl-inpaint"),
-    "sd3": ("sd3",),
-    "flux": ("flux-schnell", "flux-dev"),
-}
-# Tensor-name marks of each family, checked in order (SDXL's UNet has blocks of several
-# transformer layers and a second text encoder; Flux has single-stream blocks; SD3 joint ones).
+# Tensor-name marks of each family lineage (`families.Family.lineage`), checked in order (SDXL's
+# UNet has blocks of several transformer layers and a second text encoder; Flux has single-stream
+# blocks; SD3 joint ones).
 MARKS = (
     ("flux", ("single_transformer_blocks", "single_blocks", "double_blocks")),
     ("sd3", ("transformer_blocks.0.attn.add_k_proj", "joint_blocks")),
@@ -66,15 +61,16 @@ class Lora:
     """One adapter file, as its header describes it."""
 
     name: str
-    family: str | None  # sd, sdxl, sd3, flux; None when its tensor names do not tell
+    family: str | None  # a family lineage: sd, sdxl, sd3, flux; None when its tensor names do not tell
     rank: int | None
     bytes: int
     trigger_words: list[str]
     version: str = ""  # changes when the file is replaced under its name (not shown)
 
     def fits(self, family: str | None) -> bool:
-        """Whether it is made for a model of that family (unknown either way: let the load tell)."""
-        return self.family is None or family is None or family in FITS[self.family]
+        """Whether it is made for a model of that family, or of its base (an inpainting model takes
+        its base's adapters; unknown either way: let the load tell)."""
+        return self.family is None or family is None or FAMILIES[family].lineage == self.family
 
     def view(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "version"}
@@ -134,7 +130,7 @@ def _name(path: str) -> str:
 
 
 class AdapterStore:
-    """The adapters of LORA_URL (object storage every machine of a cluster shares) or LORA_DIR (a
+    """The adapters of LORA_DIR: object storage every machine of a cluster shares, or (a
     folder): listed, checked and described from their headers, added and removed by admins, and
     handed to a worker as a file on its own disk.
 
@@ -150,7 +146,7 @@ class AdapterStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdapterStore:
-        return cls(settings.loras, settings.data_dir / "lora-cache", settings.s3_endpoint_url)
+        return cls(settings.lora_dir, settings.data_dir / "lora-cache", settings.s3_endpoint_url)
 
     def path_of(self, name: str) -> str:
         """The file of an adapter name; AdapterRejected for a name that could leave the folder."""

@@ -128,11 +128,11 @@ class Alerts:
     def check(self, system: dict[str, Any]) -> list[dict[str, Any]]:
         """Compares the system figures with the thresholds; warns when one newly goes above."""
         readings = [
-            ("ram", system["ram"]["percent"], self.settings.memory_alert_percent),
-            ("disk", system["disk"]["percent"], self.settings.disk_alert_percent),
+            ("ram", system["ram"]["percent"], self.settings.alert_percent),
+            ("disk", system["disk"]["percent"], self.settings.alert_percent),
         ]
         for gpu in system["gpus"] or []:
-            readings.append((f"gpu{gpu['index']}_memory", gpu["percent"], self.settings.gpu_memory_alert_percent))
+            readings.append((f"gpu{gpu['index']}_memory", gpu["percent"], self.settings.alert_percent))
         alerts = [{"name": n, "percent": v, "threshold": t} for n, v, t in readings if v >= t]
         names = {alert["name"] for alert in alerts}
         with self._lock:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from config import Scheme
+
 # The components quantized when an entry's `quantize` names none: the denoiser, where nearly all
 # the weights and all the per-step compute are. Big text encoders (T5, Gemma, Qwen) are opt-in.
 DENOISERS = ("transformer", "unet")
@@ -73,7 +75,7 @@ class Unrunnable(ValueError):
 class Quantization:
     """What a catalogue entry asks for; `backend` is None until `for_device` picks one."""
 
-    scheme: str = "none"
+    scheme: Scheme = "none"
     backend: str | None = None
     components: tuple[str, ...] | None = None  # None: the denoiser
     transformer: str | None = None  # a GGUF file (absolute path) loaded as the transformer

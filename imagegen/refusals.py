@@ -54,7 +54,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "unprocessable": ((422,), "The request was understood but cannot be processed."),
     "adapter_failed": ((422,), "A LoRA adapter could not be loaded into the model (a job's error; not retried)."),
     "rate_limited": ((429,), "Over RATE_LIMIT or RATE_LIMIT_DEFAULT; `Retry-After` says when to try again."),
-    "too_many_waits": ((429,), "You hold MAX_WAITS_PER_CLIENT waiting generations or MAX_STREAMS_PER_CLIENT streams."),
+    "too_many_waits": ((429,), "You hold MAX_WAITS_PER_CLIENT waiting generations, or as many event streams."),
     "too_many_jobs": ((429,), "MAX_JOBS_PER_CLIENT of your jobs are already queued; `Retry-After` estimates the wait."),
     "internal_error": ((500,), "A bug of ours, logged with its traceback under the request id."),
     "generation_failed": ((500,), "The pipeline failed on every attempt (1 + JOB_MAX_RETRIES) (a job's error)."),

@@ -96,6 +96,7 @@ class Services:
         self.queue.stop(timeout)
         self.webhooks.stop()
         self.live.stop()
+        self.jobs.db.close()  # its connections; a late reader (a request still answering) opens one anew
 
     def readiness(self, model: str | None = None, probe: bool = False) -> NotReady | None:
         """Why a generation of `model` (default MODEL_ID) could not start now, or None when it could.
@@ -143,7 +144,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
     settings = live.current  # with the admin's stored changes
     monitor = Monitor()
     jobs = JobStore(db)
-    images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
+    images = ImageStore(settings.image_dir, db, settings.s3_endpoint_url)
     adapters = AdapterStore.from_settings(settings)
     access = Access.from_settings(settings)
     webhooks = WebhookSender(settings, jobs, access)

@@ -29,14 +29,12 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import select, update
-
 from config import Settings, comma_list
 from imagegen import __version__
 from imagegen.access import Access
-from imagegen.db import db_now, webhooks
 from imagegen.jobs import Job, JobStore, WebhookStatus
 from imagegen.refusals import Refusal
+from imagegen.states import backoff
 
 log = logging.getLogger(__name__)
 
@@ -219,29 +217,11 @@ class WebhookSender:
             free = SENDERS - len(self._in_flight)
         if free <= 0:
             return
-        now = db_now()  # senders on several machines take turns by one clock
-        due = self.jobs.db.query(
-            select(webhooks.c.job_id)
-            .where(webhooks.c.status == WebhookStatus.PENDING, webhooks.c.next_at <= now, webhooks.c.lease_until <= now)
-            .order_by(webhooks.c.next_at)
-            .limit(free)
-        )
-        lease = now + (self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
-        for row in due:
-            with self.jobs.db.transaction() as conn:
-                taken = conn.execute(
-                    update(webhooks)
-                    .where(
-                        webhooks.c.job_id == row["job_id"],
-                        webhooks.c.status == WebhookStatus.PENDING,
-                        webhooks.c.lease_until <= now,
-                    )
-                    .values(lease_until=lease, attempts=webhooks.c.attempts + 1)
-                ).rowcount
-            if taken:
-                with self._lock:
-                    self._in_flight.add(row["job_id"])
-                self._pool.submit(self._attempt, row["job_id"])
+        lease = self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS
+        for job_id in self.jobs.take_deliveries(free, lease):
+            with self._lock:
+                self._in_flight.add(job_id)
+            self._pool.submit(self._attempt, job_id)
 
     def _attempt(self, job_id: str) -> None:
         try:
@@ -275,19 +255,7 @@ class WebhookSender:
 
     def _record(self, job_id: str, status: WebhookStatus, attempts: int, error: str | None) -> None:
         """The attempt's outcome; a pending one is due again after an exponential backoff."""
-        now = db_now()
-        backoff = min(self.settings.webhook_retry_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
         if status == WebhookStatus.FAILED:
             log.error("webhook for job %s given up after %d attempts: %s", job_id, attempts, error)
-        with self.jobs.db.transaction() as conn:
-            conn.execute(
-                update(webhooks)
-                .where(webhooks.c.job_id == job_id, webhooks.c.status == WebhookStatus.PENDING)
-                .values(
-                    status=status,
-                    last_error=error,
-                    lease_until=0,
-                    next_at=now + backoff,
-                    finished_at=None if status == WebhookStatus.PENDING else now,
-                )
-            )
+        wait = backoff(self.settings.webhook_retry_seconds, attempts, MAX_BACKOFF_SECONDS)
+        self.jobs.record_delivery(job_id, status, error, wait)

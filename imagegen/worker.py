@@ -226,7 +226,7 @@ def main() -> None:
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes
     jobs = JobStore(db)
-    images = ImageStore(settings.storage, db, settings.s3_endpoint_url)
+    images = ImageStore(settings.image_dir, db, settings.s3_endpoint_url)
     monitor = Monitor()
     webhooks = WebhookSender(settings, jobs, Access.from_settings(settings))
     endings = Endings(jobs, monitor, webhooks.notify)
@@ -294,6 +294,7 @@ def main() -> None:
         heartbeat.stop()
         webhooks.stop()
         live.stop()
+        db.close()
         log.info("worker %s: stopped after %d jobs", name, engine.jobs_done)
 
 

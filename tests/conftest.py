@@ -146,7 +146,7 @@ def catalogue_file(tmp_path: Path, models: dict[str, dict[str, Any]]) -> Path:
 def serve(app_factory: Any, tmp_path: Path, tiny_models: Path, name: str, **entry: Any) -> Any:
     """A ready app's client, whose catalogue is one tiny model, at 64x64 by default."""
     keys = {"source": str(tiny_models / name), "default_width": 64, "default_height": 64, **entry}
-    client = app_factory(model_id=name, models_file=catalogue_file(tmp_path, {name: keys})).test_client()
+    client = app_factory(model_id=name, models=catalogue_file(tmp_path, {name: keys})).test_client()
     wait_ready(client)
     return client
 
@@ -305,7 +305,7 @@ def cluster_env(tmp_path: Path, database_url: str, **env: str) -> dict[str, str]
         "BROKER_URL": RABBITMQ,
         "BROKER_QUEUE": broker_queue(),
         "DATABASE_URL": database_url,
-        "STORAGE_URL": str(tmp_path / "shared-images"),
+        "IMAGE_DIR": str(tmp_path / "shared-images"),
         "WORKER_HEARTBEAT_SECONDS": "0.5",
         "ADMIN_TOKEN": ADMIN_TOKEN,
         **S3_ENV,

@@ -76,7 +76,7 @@ def test_streams_are_capped_send_keep_alives_and_free_their_slot_when_closed(app
     from imagegen.api import jobs
 
     monkeypatch.setattr(jobs, "KEEPALIVE_SECONDS", 0.3)
-    client = app_factory(pipeline=fake, max_streams_per_client=1).test_client()
+    client = app_factory(pipeline=fake, max_waits_per_client=1).test_client()
     wait_ready(client)
     fake.hold()
     job_id = client.post("/generate", json={"prompt": PROMPT, "async": True}).json["id"]
@@ -95,7 +95,7 @@ def test_streams_are_capped_send_keep_alives_and_free_their_slot_when_closed(app
 
 
 def test_health_answers_while_every_waiting_slot_is_held(tmp_path):
-    process, base = start_server(tmp_path, THREADS="4", MAX_STEPS="500", MAX_STREAMS_PER_CLIENT="4")
+    process, base = start_server(tmp_path, THREADS="4", MAX_STEPS="500", MAX_WAITS_PER_CLIENT="4")
     try:
         slow = {"prompt": PROMPT, "steps": 500, "width": 512, "height": 512, "async": True}
         running, queued = (json.loads(call(f"{base}/generate", slow)[2])["id"] for _ in range(2))

@@ -90,7 +90,7 @@ def get(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[in
 
 
 def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, s3_endpoint, s3_url, store, processes):
-    env = cluster_env(tmp_path, postgres_url, STORAGE_URL=s3_url, S3_ENDPOINT_URL=s3_endpoint, MAX_BATCH_SIZE="4")
+    env = cluster_env(tmp_path, postgres_url, IMAGE_DIR=s3_url, S3_ENDPOINT_URL=s3_endpoint, MAX_BATCH_SIZE="4")
     api, base = start_server(tmp_path, ready=False, **env)
     processes.append(api)
     status, health = get(base, "/health")
@@ -206,7 +206,7 @@ def test_cluster_settings_half_given_stop_start_up(tmp_path: Path):
     env = {**os.environ, "QUEUE_BACKEND": "celery", "BROKER_URL": "amqp://x//", "DATA_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "DATABASE_URL" in result.stderr and "STORAGE_URL" in result.stderr
+    assert "DATABASE_URL" in result.stderr and "IMAGE_DIR" in result.stderr
 
 
 def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, tmp_path):
@@ -316,8 +316,8 @@ def test_an_adapter_an_admin_adds_through_the_api_is_loaded_by_a_worker(tmp_path
     env = cluster_env(
         tmp_path,
         postgres_url,
-        STORAGE_URL=f"{bucket}/images",
-        LORA_URL=f"{bucket}/loras",  # the shared storage; neither process has the adapter on its disk
+        IMAGE_DIR=f"{bucket}/images",
+        LORA_DIR=f"{bucket}/loras",  # the shared storage; neither process has the adapter on its disk
         S3_ENDPOINT_URL=s3_endpoint,
         MODEL_ID=DEMO,
         DEFAULT_STEPS="20",

@@ -22,7 +22,7 @@ def test_defaults():
     assert (settings.host, settings.port, settings.app_env) == ("127.0.0.1", 5000, "development")
     assert settings.max_prompt_length == 500 and settings.log_max_bytes == 1_000_000
     assert settings.log_backup_count == 5 and settings.default_steps == 20
-    assert settings.image_dir == ROOT / "generated_images"
+    assert settings.image_dir == str(ROOT / "generated_images")
 
 
 def test_environment_beats_dotenv(tmp_path, monkeypatch):
@@ -75,7 +75,7 @@ def test_settings_are_frozen():
 
 def test_relative_paths_resolve_against_the_project():
     settings = Settings(_env_file=None, image_dir="somewhere/images")
-    assert settings.image_dir == ROOT / "somewhere" / "images"
+    assert settings.image_dir == str(ROOT / "somewhere" / "images")
     assert Settings.resolve_source("models/tiny-random") == str(ROOT / "models" / "tiny-random")
     assert Settings.resolve_source("org/hub-model") == "org/hub-model"
 
@@ -91,9 +91,9 @@ def test_every_setting_is_documented():
 def test_cluster_mode_names_what_is_missing():
     with pytest.raises(SystemExit) as stopped:
         load_settings(_env_file=None, queue_backend="celery", broker_url="amqp://h//")
-    assert "DATABASE_URL" in str(stopped.value) and "STORAGE_URL" in str(stopped.value)
+    assert "DATABASE_URL" in str(stopped.value) and "IMAGE_DIR" in str(stopped.value)
     assert "BROKER_URL" not in str(stopped.value).split("needs a shared")[1]
-    cluster = {"queue_backend": "celery", "broker_url": "amqp://h//", "storage_url": "s3://b/p"}
+    cluster = {"queue_backend": "celery", "broker_url": "amqp://h//", "image_dir": "s3://b/p"}
     with pytest.raises(SystemExit, match="not SQLite"):
         load_settings(_env_file=None, database_url="sqlite:////tmp/x.db", **cluster)
     cluster["database_url"] = "postgresql+psycopg://u@h/db"
@@ -103,9 +103,9 @@ def test_cluster_mode_names_what_is_missing():
         load_settings(_env_file=None, **cluster)
     cluster["admin_token"] = "a" * 20
     settings = load_settings(_env_file=None, **cluster)
-    assert settings.database == cluster["database_url"] and settings.storage == "s3://b/p"
+    assert settings.database == cluster["database_url"] and settings.image_dir == "s3://b/p"
     local = load_settings(_env_file=None)
-    assert local.database.endswith("data/imagegen.sqlite3") and local.storage == str(local.image_dir)
+    assert local.database.endswith("data/imagegen.sqlite3") and local.image_dir == str(ROOT / "generated_images")
 
 
 def test_env_example_names_every_setting_once_and_starts_when_uncommented(tmp_path):
@@ -141,3 +141,23 @@ def test_every_requirement_is_pinned_and_hash_locked():
     for requirement in roots(ROOT / "requirements-dev.txt") + roots(ROOT / "requirements-gpu.txt"):
         name = canonicalize_name(requirement.name)
         assert requirement.specifier.contains(locked.get(name) or pinned[name]), requirement
+
+
+def test_names_of_0_2_are_read_with_a_warning_and_misspelled_ones_named(tmp_path, monkeypatch, caplog):
+    env = tmp_path / ".env"
+    env.write_text("RATE_LIMT=5/minute\nLORA_URL=s3://bucket/loras\nMODEL_LOAD_RETRY_SECONDS=3\n")
+    monkeypatch.setenv("STORAGE_URL", "s3://bucket/images")
+    monkeypatch.setenv("MAX_BATCH_SIZ", "2")  # close to a setting: named although the environment holds much else
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # not close to any: not ours to judge
+    with caplog.at_level("WARNING", logger="imagegen.config"):
+        settings = load_settings(_env_file=env)
+    assert settings.image_dir == "s3://bucket/images" and settings.lora_dir == "s3://bucket/loras"
+    said = [record.getMessage() for record in caplog.records]
+    assert "RATE_LIMT (in .env) is not a setting of imagegen; did you mean RATE_LIMIT?" in said
+    assert "MAX_BATCH_SIZ (in the environment) is not a setting of imagegen; did you mean MAX_BATCH_SIZE?" in said
+    assert any(line.startswith("STORAGE_URL (in the environment) is now IMAGE_DIR") for line in said)
+    assert any(line.startswith("LORA_URL (in .env) is now LORA_DIR") for line in said)
+    assert any(line.startswith("MODEL_LOAD_RETRY_SECONDS (in .env) is no longer read") for line in said)
+    assert not any("OMP_NUM_THREADS" in line for line in said)
+    monkeypatch.setenv("IMAGE_DIR", str(tmp_path / "mine"))
+    assert load_settings(_env_file=env).image_dir == str(tmp_path / "mine"), "the new name wins over the old"

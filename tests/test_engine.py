@@ -49,7 +49,7 @@ def engine_parts(tmp_path: Path, fake: FakePipeline, **overrides: object) -> Par
     jobs, monitor, notified = JobStore(db), Monitor(), []
     endings = Endings(jobs, monitor, notified.append)
     engine = build_engine(
-        settings, ImageStore(settings.storage, db), endings, monitor, "test", load=lambda _s, _d: fake
+        settings, ImageStore(settings.image_dir, db), endings, monitor, "test", load=lambda _s, _d: fake
     )
     engine.models.get(settings.model_id)
     fake.calls.clear()  # the load's warm-up call

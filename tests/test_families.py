@@ -140,7 +140,7 @@ def test_the_catalogue_orders_request_entry_family_then_globals(tmp_path, tiny_m
             "sd": {"source": str(tiny_models / "sd15")},
         },
     )
-    catalogue = build_catalogue(make_settings(tmp_path, model_id="dev", models_file=models, default_steps=3))
+    catalogue = build_catalogue(make_settings(tmp_path, model_id="dev", models=models, default_steps=3))
     assert list(catalogue) == ["dev", "schnell", "sd"]
     assert catalogue["schnell"].default_steps == 4 and catalogue["schnell"].default_guidance == 0.0  # the family's
     assert catalogue["dev"].default_steps == 9 and catalogue["dev"].default_guidance == 3.5  # the entry's
@@ -162,7 +162,7 @@ def test_the_catalogue_orders_request_entry_family_then_globals(tmp_path, tiny_m
 def test_a_bad_catalogue_entry_stops_start_up_naming_model_and_key(tmp_path, entry, words):
     models = catalogue_file(tmp_path, {"bad": entry})
     with pytest.raises(SystemExit, match=words):  # what create_app does: the settings, then the catalogue
-        build_catalogue(load_settings(_env_file=None, model_id="bad", models_file=models))
+        build_catalogue(load_settings(_env_file=None, model_id="bad", models=models))
 
 
 def test_an_unserved_family_stops_start_up_with_one_line(app_factory, tmp_path):
@@ -197,14 +197,14 @@ def test_a_single_checkpoints_family_is_read_from_its_tensor_names(tmp_path, key
 
 def test_a_single_file_without_its_configs_fails_to_load_naming_what_is_missing(app_factory, tmp_path):
     checkpoint = single_file(tmp_path / "flux1.safetensors", ["double_blocks.0.img_attn.norm.key_norm.scale"])
-    client = app_factory(model_id="flux1", models_file=catalogue_file(tmp_path, {"flux1": {"source": str(checkpoint)}}))
+    client = app_factory(model_id="flux1", models=catalogue_file(tmp_path, {"flux1": {"source": str(checkpoint)}}))
     client = client.test_client()
     deadline = time.monotonic() + 30
     while client.get("/health").json.get("model_state") != "failed" and time.monotonic() < deadline:
         time.sleep(0.05)
     [model] = client.get("/models").json["models"]
     assert model["family"] == "flux-schnell"
-    assert "give model flux1 a `config` folder in MODELS_FILE" in model["error"]
+    assert "give model flux1 a `config` folder in the MODELS file" in model["error"]
 
 
 def test_without_a_catalogue_model_id_and_models_are_one_entry_each(tmp_path):

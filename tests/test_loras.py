@@ -180,7 +180,7 @@ def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
 
 def test_adapters_in_object_storage(app_factory, s3_endpoint, tmp_path):
     bucket = f"s3://imagegen-{secrets.token_hex(4)}/loras"
-    client = app_factory(model_id=DEMO, default_steps=20, lora_url=bucket, s3_endpoint_url=s3_endpoint).test_client()
+    client = app_factory(model_id=DEMO, default_steps=20, lora_dir=bucket, s3_endpoint_url=s3_endpoint).test_client()
     wait_ready(client)
     assert client.get("/loras").json["loras"] == [], "a bucket that does not exist yet holds none"
     body, kind = adapter_form("corner", ADAPTER.read_bytes())

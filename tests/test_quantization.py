@@ -71,7 +71,7 @@ def test_each_scheme_that_runs_here_serves_a_unet_and_a_dit(
     source = DEMO if model == "demo" else flux
     entry = {"source": source, "quantization": scheme, **({"quantization_backend": named} if named else {})}
     catalogue = catalogue_file(tmp_path, {"plain": {"source": source}, "quantized": entry})
-    client = app_factory(model_id="quantized", models_file=catalogue, max_loaded_models=2).test_client()
+    client = app_factory(model_id="quantized", models=catalogue, max_loaded_models=2).test_client()
     wait_ready(client, timeout=180)  # quanto's int4 builds its CPU kernel once, where make has not
     assert_same_picture(client, "quantized")
 
@@ -106,7 +106,7 @@ def test_a_gguf_file_is_the_dits_transformer_and_big_text_encoders_are_quantized
             "gguf": {"source": flux, "transformer": str(gguf), "quantization": "int8", "quantize": ["text_encoder_2"]},
         },
     )
-    client = app_factory(model_id="gguf", models_file=catalogue, max_loaded_models=2).test_client()
+    client = app_factory(model_id="gguf", models=catalogue, max_loaded_models=2).test_client()
     wait_ready(client)
     assert_same_picture(client, "gguf")
 
@@ -136,7 +136,7 @@ def test_a_gguf_file_is_the_dits_transformer_and_big_text_encoders_are_quantized
 def test_a_scheme_nothing_here_can_run_stops_start_up_with_one_line(app_factory, tmp_path, keys, words):
     catalogue = catalogue_file(tmp_path, {"q": {"source": DEMO, **keys}})
     with pytest.raises(SystemExit) as stopped:
-        app_factory(model_id="q", models_file=catalogue)
+        app_factory(model_id="q", models=catalogue)
     line = str(stopped.value)
     assert "\n" not in line and line.startswith("cannot serve: ") and words in line, line
     if keys.get("quantization_backend") == "torchao":
@@ -161,12 +161,12 @@ def test_an_entry_that_cannot_be_quantized_as_written_stops_start_up_naming_the_
     entry = {"source": DEMO, **{key: places.get(str(value), value) for key, value in keys.items()}}
     catalogue = catalogue_file(tmp_path, {"q": entry})
     with pytest.raises(SystemExit, match=words):
-        build_catalogue(load_settings(_env_file=None, model_id="q", models_file=catalogue))
+        build_catalogue(load_settings(_env_file=None, model_id="q", models=catalogue))
 
 
 def test_quantization_applies_to_every_model_without_its_own(tmp_path):
     catalogue = catalogue_file(tmp_path, {"a": {"source": DEMO}, "b": {"source": DEMO, "quantization": "none"}})
-    settings = load_settings(_env_file=None, model_id="a", models_file=catalogue, quantization="fp8")
+    settings = load_settings(_env_file=None, model_id="a", models=catalogue, quantization="fp8")
     built = build_catalogue(settings)
     assert (built["a"].quantization.scheme, built["b"].quantization.scheme) == ("fp8", "none")
 
@@ -184,4 +184,4 @@ def test_cpu_int4_without_a_compiler_is_refused_at_start_up(app_factory, tmp_pat
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine with no C++ compiler, as the image is
     catalogue = catalogue_file(tmp_path, {"q": {"source": DEMO, "quantization": "int4"}})
     with pytest.raises(SystemExit, match="model q: quantization int4 on cpu needs quanto with a C"):
-        app_factory(model_id="q", models_file=catalogue)
+        app_factory(model_id="q", models=catalogue)

@@ -110,7 +110,7 @@ def test_local_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, fake
     db = Database(settings.database)
     notified: list[str] = []
     endings = Endings(JobStore(db), Monitor(), notified.append)
-    images = ImageStore(settings.storage, db)
+    images = ImageStore(settings.image_dir, db)
     queue = LocalQueue(build_engine(settings, images, endings, Monitor(), "local", load=lambda _s, _d: fake))
     queue.models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
     queue.start()
@@ -136,7 +136,7 @@ def cluster_settings(tmp_path: Path, database_url: str, broker_url: str = "memor
         queue_backend="celery",
         broker_url=broker_url,
         database_url=database_url,
-        storage_url=str(tmp_path / "shared"),
+        image_dir=str(tmp_path / "shared"),
         **overrides,
     )
 
@@ -148,13 +148,13 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
     queue = CeleryQueue(
         settings,
         Endings(JobStore(api_db), Monitor(), api_notified.append),
-        ImageStore(settings.storage, api_db),
+        ImageStore(settings.image_dir, api_db),
         WorkerRegistry(api_db, 5),
         make_celery(settings),
     )
     worker_notified: list[str] = []
     worker_endings = Endings(JobStore(worker_db), Monitor(), worker_notified.append)
-    images = ImageStore(settings.storage, worker_db)
+    images = ImageStore(settings.image_dir, worker_db)
     engine = build_engine(settings, images, worker_endings, Monitor(), "w1", load=lambda _s, _d: fake)
     models = engine.models
     republished: list[str] = []
@@ -184,7 +184,7 @@ def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, po
     db = Database(postgres_url)
     engine = build_engine(
         settings,
-        ImageStore(settings.storage, db),
+        ImageStore(settings.image_dir, db),
         Endings(JobStore(db), Monitor(), lambda _job_id: None),
         Monitor(),
         "w1",

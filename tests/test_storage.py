@@ -88,7 +88,7 @@ def test_presigned_url_fetches_the_object(s3_endpoint, s3_url, tmp_path):
 def test_the_api_serves_images_from_object_storage(app_factory, s3_endpoint, s3_url):
     from tests.conftest import wait_ready
 
-    app = app_factory(storage_url=s3_url, s3_endpoint_url=s3_endpoint)
+    app = app_factory(image_dir=s3_url, s3_endpoint_url=s3_endpoint)
     client = app.test_client()
     wait_ready(client)
     body = client.post("/generate", json={"prompt": "a red circle", "steps": 2}).json
@@ -104,7 +104,7 @@ def test_presigned_urls_redirect_to_the_object(app_factory, s3_endpoint, s3_url)
 
     from tests.conftest import wait_ready
 
-    app = app_factory(storage_url=s3_url, s3_endpoint_url=s3_endpoint, storage_presigned_urls=True)
+    app = app_factory(image_dir=s3_url, s3_endpoint_url=s3_endpoint, storage_presigned_urls=True)
     client = app.test_client()
     wait_ready(client)
     body = client.post("/generate", json={"prompt": "a red circle", "steps": 2}).json

@@ -41,7 +41,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     process, base = start_server(
         folder,
         MODEL_ID="models/demo-shapes",
-        MODELS_FILE=str(folder / "models.toml"),
+        MODELS=str(folder / "models.toml"),
         MAX_STEPS="400",
         RATE_LIMIT_DEFAULT="100000/minute",
     )

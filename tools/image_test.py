@@ -152,7 +152,7 @@ def cluster(tag: str) -> None:
         "BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
         "BROKER_QUEUE": queue,
         "DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
-        "STORAGE_URL": "/data/images",
+        "IMAGE_DIR": "/data/images",
         "ADMIN_TOKEN": ADMIN_TOKEN,
         "API_KEYS": API_KEY,
         "SECRET_KEY": "image-test-secret",

@@ -4,7 +4,7 @@ streams, per client and in all.
 Why: waitress serves each request on one of THREADS threads, and a synchronous generation holds
 its thread until the job ends (up to REQUEST_TIMEOUT_SECONDS), an event stream until its job ends.
 Without caps a few clients take every thread and the health checks stop answering. So each client
-holds at most MAX_WAITS_PER_CLIENT waits and MAX_STREAMS_PER_CLIENT streams (429 beyond), and all
+holds at most MAX_WAITS_PER_CLIENT waits and as many streams (429 beyond), and all
 clients together at most THREADS - 2 (503 beyond): two threads always stay free for /health and
 every short request.
 """
@@ -42,10 +42,9 @@ class Slots:
                     headers={"Retry-After": RETRY_AFTER_SECONDS},
                 )
             if per_client and self._held[kind, client] >= per_client:
-                setting = "MAX_WAITS_PER_CLIENT" if kind == "wait" else "MAX_STREAMS_PER_CLIENT"
                 raise APIError(
                     "too_many_waits",
-                    f"You already hold {per_client} open {kind}s ({setting}); close one or use async jobs.",
+                    f"You already hold {per_client} open {kind}s (MAX_WAITS_PER_CLIENT); close one or use async jobs.",
                     headers={"Retry-After": RETRY_AFTER_SECONDS},
                 )
             self._held[kind, client] += 1
@@ -62,9 +61,8 @@ class Slots:
 
 def _take(kind: str) -> Callable[[], None]:
     settings = current_app.extensions["imagegen"].settings
-    per_client = settings.max_waits_per_client if kind == "wait" else settings.max_streams_per_client
     in_all = max(1, settings.threads - FREE_THREADS)
-    return current_app.extensions["imagegen_slots"].acquire(kind, client_key(), per_client, in_all)
+    return current_app.extensions["imagegen_slots"].acquire(kind, client_key(), settings.max_waits_per_client, in_all)
 
 
 @contextmanager

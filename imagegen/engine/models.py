@@ -36,12 +36,13 @@ from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, serv
 from imagegen.loras import AdapterFailed, AdapterStore
 from imagegen.quantization import Unrunnable, for_device, load_arguments, pipeline_bytes
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from imagegen.states import ModelState
+from imagegen.states import ModelState, backoff
 
 log = logging.getLogger(__name__)
 
 
-# A failed load is tried again after MODEL_LOAD_RETRY_SECONDS, doubled after each failure, up to this.
+# A failed load is tried again after this, doubled after each failure, up to MAX_RETRY_SECONDS.
+LOAD_RETRY_SECONDS = 5.0
 MAX_RETRY_SECONDS = 600
 
 # diffusers' low-memory loading patches torch's parameter registration process-wide while it runs,
@@ -139,7 +140,7 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
         if config is None:
             raise ValueError(
                 f"{source.name}: its configs and tokenizers are not at hand (no network?); give model "
-                f"{spec.id} a `config` folder in MODELS_FILE (a diffusers folder of its family)"
+                f"{spec.id} a `config` folder in the MODELS file (a diffusers folder of its family)"
             ) from exc
         raise
 
@@ -242,7 +243,7 @@ class ModelManager:
             self._warm_up(pipe, family, spec)
         except Exception as exc:
             failures = self.state(model_id).failures + 1
-            wait = min(MAX_RETRY_SECONDS, self.settings.model_load_retry_seconds * 2 ** (failures - 1))
+            wait = backoff(LOAD_RETRY_SECONDS, failures, MAX_RETRY_SECONDS)
             error = f"{type(exc).__name__}: {exc}"
             self._set(model_id, state=ModelState.FAILED, error=error, failures=failures, retry_at=time.time() + wait)
             log.error("model %s failed to load (%d in a row; next try in %.0fs): %s", model_id, failures, wait, exc)

@@ -28,6 +28,7 @@ from imagegen.jobs import Job, JobStatus
 from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
 from imagegen.monitoring import Monitor
+from imagegen.states import backoff
 from imagegen.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -351,5 +352,5 @@ class Engine:
         if not retry:
             self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
             return []
-        backoff = min(MAX_BACKOFF_SECONDS, self.settings.retry_backoff_seconds * 2 ** (job.attempts - 1))
-        return [Retry(job, backoff)] if self.endings.retry(job, backoff) else []
+        wait = backoff(self.settings.retry_backoff_seconds, job.attempts, MAX_BACKOFF_SECONDS)
+        return [Retry(job, wait)] if self.endings.retry(job, wait) else []
