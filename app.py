@@ -22,16 +22,18 @@ if __name__ == "__main__":
 
     services = app.extensions["imagegen"]
     settings = services.settings
-    # waitress reads a whole body before the app sees it: anything over the largest body a route
-    # accepts (an adapter upload's) is refused by waitress itself, from its Content-Length, unread;
-    # each route's own limit is the app's (middleware.body_limit).
+    # waitress reads a whole body before the app sees it, so it is given the largest body any route
+    # takes (one with uploads): a body announced over it is refused unread, and one sent in chunks
+    # is cut off there; each route's own, smaller limit is the app's (middleware.body_limit).
     server = create_server(
         app,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
+        connection_limit=settings.connection_limit,
+        channel_timeout=settings.channel_timeout_seconds,
         ident="imagegen",
-        max_request_body_size=settings.largest_body_bytes,
+        max_request_body_size=settings.upload_body_bytes,
     )
 
     drained = threading.Event()

@@ -27,7 +27,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger("imagegen.config")
 
 ROOT = Path(__file__).resolve().parent
-MIN_ADMIN_TOKEN_LENGTH = 16  # in production; a shorter token stops start-up
+# In production, the shortest secret of each kind that starts: a token a client presents, and a key
+# that signs (image URLs, webhooks), which an attacker can test offline against what it signed.
+MIN_SECRET_LENGTHS = {"admin_token": 16, "metrics_token": 16, "api_keys": 16, "secret_key": 32, "webhook_secret": 32}
 # The longest age a setting or request may give (a century): beyond it a database's integers overflow.
 MAX_AGE_SECONDS = 100 * 365 * 86_400
 
@@ -63,6 +65,7 @@ RENAMED = {
 REMOVED = {
     "MODEL_LOAD_RETRY_SECONDS": "a failed model load is tried again after 5 s, doubling up to 10 minutes",
     "DEFAULT_GUIDANCE_SCALE": "each family has its default guidance; a MODELS file entry may set `default_guidance`",
+    "MAX_ADAPTER_BYTES": "an adapter upload has the upload body limit (MAX_UPLOAD_BYTES); copy larger ones to LORA_DIR",
 }
 
 
@@ -122,6 +125,8 @@ class Settings(BaseSettings):
     app_env: Literal["development", "production"] = "development"
     threads: int = Field(8, ge=1, le=256)
     request_timeout_seconds: float = Field(300.0, gt=0, le=3600)
+    connection_limit: int = Field(100, ge=1, le=10_000)
+    channel_timeout_seconds: int = Field(30, ge=1, le=3600)
 
     # Models
     model_id: str = "models/demo-shapes"
@@ -205,7 +210,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1_048_576, ge=1024, le=256 * 2**20)
     max_upload_bytes: int = Field(10 * 2**20, ge=1024, le=256 * 2**20)
     max_upload_pixels: int = Field(4096 * 4096, ge=64 * 64, le=2**28)
-    max_adapter_bytes: int = Field(256 * 2**20, ge=1024, le=4 * 2**30)
+    max_upload_side: int = Field(8192, ge=64, le=65_535)
+    max_upload_aspect: float = Field(8.0, ge=1, le=1000)
 
     # Rate limits and screening
     rate_limit: str = "10/minute"
@@ -294,8 +300,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "APP_ENV=production needs API_KEYS (or API_KEYS_FILE), or ALLOW_ANONYMOUS=true for a private server"
             )
-        if self.is_production and self.admin_token and len(self.admin_token) < MIN_ADMIN_TOKEN_LENGTH:
-            raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters in production")
+        if self.is_production:
+            for name, least in MIN_SECRET_LENGTHS.items():
+                given = self.api_key_list() if name == "api_keys" else [getattr(self, name)]
+                if any(secret and len(secret) < least for secret in given):
+                    what = "every API key (API_KEYS, API_KEYS_FILE)" if name == "api_keys" else name.upper()
+                    raise ValueError(f"{what} must be at least {least} characters in production")
         for name, path in (
             ("api_keys_file", self.api_keys_file),
             ("blocked_patterns_file", self.blocked_patterns_file),
@@ -375,10 +385,11 @@ class Settings(BaseSettings):
         return 2 * math.ceil(self.max_upload_bytes * 4 / 3) + self.max_request_bytes
 
     @property
-    def largest_body_bytes(self) -> int:
-        """The largest body any route takes (an adapter upload's, or an edit's), which the WSGI
-        server is given; each route's own limit is refused before the app reads a body."""
-        return max(self.upload_body_bytes, self.max_adapter_bytes + self.max_request_bytes)
+    def busy_threads(self) -> int:
+        """The server threads that requests holding one for long (waiting generations, event
+        streams, uploads being decoded) may take together: all but two, which stay free for the
+        health checks and every short request."""
+        return max(1, self.threads - 2)
 
     @property
     def job_lease_seconds(self) -> float:

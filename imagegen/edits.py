@@ -45,35 +45,68 @@ def sniff(data: bytes) -> str | None:
     return next((kind for signature, kind in SIGNATURES.items() if data.startswith(signature)), None)
 
 
-def decode(field: str, data: bytes, settings: Settings) -> Image.Image:
+@dataclass(frozen=True)
+class UploadLimits:
+    """What an upload may be: bytes, pixels, the longer side and the ratio of the sides."""
+
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    max_aspect: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadLimits:
+        return cls(
+            settings.max_upload_bytes, settings.max_upload_pixels, settings.max_upload_side, settings.max_upload_aspect
+        )
+
+
+# Scans a JPEG may have: libjpeg's progressive mode writes 10, mozjpeg's at most about 20. Each scan
+# is a pass over every pixel, so a small file of thousands of tiny scans costs seconds of CPU.
+MAX_JPEG_SCANS = 64
+JPEG_SCAN = b"\xff\xda"  # the start-of-scan marker; entropy-coded data never holds these two bytes
+
+
+def decode(field: str, data: bytes, limits: UploadLimits) -> Image.Image:
     """The upload as an image, upright (EXIF orientation applied), or InputRejected naming the
-    field: over MAX_UPLOAD_BYTES, not PNG/JPEG/WebP, over MAX_UPLOAD_PIXELS (read from the header,
-    before decoding), or corrupt."""
-    if len(data) > settings.max_upload_bytes:
-        message = f"`{field}` is {len(data)} bytes, over MAX_UPLOAD_BYTES ({settings.max_upload_bytes})"
+    field. Everything that costs nothing is checked before a pixel is decoded: the byte limit, the
+    format (from the bytes), a JPEG's scan count (from its markers), and from the header the pixel
+    count, the longer side and the aspect ratio (a 2 KB PNG of 16,777,216 x 1 pixels would take
+    ~900 MB to fit); then it is decoded, or found corrupt."""
+    if len(data) > limits.max_bytes:
+        message = f"`{field}` is {len(data)} bytes, over MAX_UPLOAD_BYTES ({limits.max_bytes})"
         raise InputRejected("payload_too_large", message, field)
     kind = sniff(data)
     if kind is None:
         raise InputRejected("invalid_image", f"`{field}` must be a PNG, JPEG or WebP image", field)
+    if kind == "JPEG" and (scans := data.count(JPEG_SCAN)) > MAX_JPEG_SCANS:
+        message = f"`{field}` is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are decoded (re-save it)"
+        raise InputRejected("invalid_image", message, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[kind])  # the header only
-            pixels = image.width * image.height
-            if pixels > settings.max_upload_pixels:
-                raise InputRejected(
-                    "invalid_image",
-                    f"`{field}` is {image.width}x{image.height} pixels, over MAX_UPLOAD_PIXELS "
-                    f"({settings.max_upload_pixels})",
-                    field,
-                )
+            _check_shape(field, image.size, limits)
             image.load()
             return ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        message = f"`{field}` declares more pixels than MAX_UPLOAD_PIXELS ({settings.max_upload_pixels})"
+        message = f"`{field}` declares more pixels than MAX_UPLOAD_PIXELS ({limits.max_pixels})"
         raise InputRejected("invalid_image", message, field) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputRejected("invalid_image", f"`{field}` is not a readable {kind} image ({exc})", field) from None
+
+
+def _check_shape(field: str, size: tuple[int, int], limits: UploadLimits) -> None:
+    """Refuses, from the header's size, an image over the pixel, side or aspect limits."""
+    width, height = size
+    shape = f"`{field}` is {width}x{height} pixels"
+    if width * height > limits.max_pixels:
+        raise InputRejected("invalid_image", f"{shape}, over MAX_UPLOAD_PIXELS ({limits.max_pixels})", field)
+    if max(size) > limits.max_side:
+        raise InputRejected("invalid_image", f"{shape}, a side over MAX_UPLOAD_SIDE ({limits.max_side})", field)
+    if max(size) > limits.max_aspect * max(1, min(size)):
+        message = f"{shape}, longer than MAX_UPLOAD_ASPECT ({limits.max_aspect:g}) times its width or height"
+        raise InputRejected("invalid_image", message, field)
 
 
 def _flatten(image: Image.Image, background: str) -> Image.Image:
@@ -159,6 +192,9 @@ def fit(image: Image.Image, size: tuple[int, int], resize_mode: str, mask: bool 
     if image.size == size:
         return image
     method = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
+    factor = min(image.width // size[0], image.height // size[1]) // 2
+    if factor >= 2 and not mask:  # a box filter first, to twice the size: LANCZOS then reads a quarter
+        image = image.reduce(factor)
     if resize_mode == "crop":
         return ImageOps.fit(image, size, method)
     if resize_mode == "fill":

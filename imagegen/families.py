@@ -365,7 +365,7 @@ def safetensors_header(path: Path | str, fs: AbstractFileSystem | None = None) -
         raise UnservedModel(f"{name} is not a safetensors file")
     try:
         header = json.loads(fs.cat_file(str(path), start=8, end=8 + length))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or JSON nested past the parser's depth
         raise UnservedModel(f"{name} is not a safetensors file") from None
     if not isinstance(header, dict):
         raise UnservedModel(f"{name} is not a safetensors file")

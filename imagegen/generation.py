@@ -5,12 +5,13 @@ requests into a `GenerateRequest` and hand it here with an explicit `Caller`, so
 a test can submit a job without Flask, and every surface gets the same checks in the same order:
 
 1. the request itself: the model and the fields and modes its family takes, the prompts'
-   screening, the scheduler, the adapters (each looked up once), an edit's images (decoded and
-   fitted, not stored), the callback URL;
+   screening, the scheduler, the adapters (each looked up once), the callback URL, and last an
+   edit's images (decoded in a bounded pool under a time limit, fitted, not stored);
 2. the result cache (a hit stores and queues nothing);
-3. capacity: readiness, the cost budget, the client's queued jobs and the queue's room;
-4. only then are an edit's inputs stored and the job queued (a refusal at that last moment, when
-   another request took the last place, deletes what was stored).
+3. capacity: readiness, the client's queued jobs and the queue's room (for an edit before its
+   images are decoded: they are the costly part), and the cost budget;
+4. only then are an edit's inputs stored and the job queued (should another request take the
+   last place in between, the inputs stay, to expire with IMAGE_TTL_SECONDS like any input).
 
 A refusal at any step is a `Refusal` naming its field; nothing has been written when it is raised.
 """
@@ -23,6 +24,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,10 @@ from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.screening import CostBudget, screen_prompt
 from imagegen.storage import NAME_PATTERN, ImageStore, input_png
 from imagegen.webhooks import check_callback_url
+
+# The longest an upload may take to decode (a few hundred ms is usual): longer is refused, so no
+# request waits on a hostile file; the decode itself runs on in the pool, bounded by its limits.
+DECODE_SECONDS = 10.0
 
 # A result's URL, absolute or not, signed or not: `.../images/<name>?expires=...`
 IMAGE_URL = re.compile(r"(?:^|/)images/(?P<name>[A-Za-z0-9_-]{22}\.png)(?:\?.*)?$")
@@ -110,6 +116,8 @@ class GenerationService:
         self._settings, self._catalogue = settings, catalogue
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
+        # Uploads decode here, at most as many at once as the threads that may be held for long.
+        self._decoding = ThreadPoolExecutor(settings().busy_threads, thread_name_prefix="decode")
 
     # ----- the one entry -----
     def submit(
@@ -124,15 +132,19 @@ class GenerationService:
         a seed given), an earlier identical job's result instead. `client_defaults`: values a client
         sends when its user chose nothing (webuiapi's `cfg_scale` 7), which count as absent where
         the model takes no such field."""
-        plan = self.plan(request, caller, client_defaults, use_cache)
+        plan = self.plan(request, caller, client_defaults, use_cache, lambda model: self._capacity(model, caller))
         if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
             return Submitted(hit, cached=True)
-        settings = self._settings()
-        if problem := self.readiness(plan.params.model):
-            raise problem
-        cost = self.budget.check(settings.rate_limit_cost, plan.params, caller.owner)
-        self.queue.room(caller.owner)
+        if request.image is None:  # an edit's were checked before its images were decoded
+            self._capacity(plan.params.model, caller)
+        cost = self.budget.check(self._settings().rate_limit_cost, plan.params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
+
+    def _capacity(self, model: str, caller: Caller) -> None:
+        """Step 3's cheap part: the model ready, and room in the queue for this caller."""
+        if problem := self.readiness(model):
+            raise problem
+        self.queue.room(caller.owner)
 
     def plan(
         self,
@@ -140,8 +152,11 @@ class GenerationService:
         caller: Caller,
         client_defaults: dict[str, Any] | None = None,
         use_cache: bool = False,
+        before_decode: Callable[[str], None] | None = None,
     ) -> Plan:
-        """Step 1: the request checked and resolved against the catalogue, nothing written."""
+        """Step 1: the request checked and resolved against the catalogue, nothing written; the
+        costly part, decoding an edit's images, last, after `before_decode(model)` (the capacity
+        checks, so a full queue refuses an upload before it costs a decode)."""
         settings = self._settings()
         if request.prompt is None and request.image is None:
             required = [{"field": "prompt", "message": "Field required"}]
@@ -159,6 +174,10 @@ class GenerationService:
         steps = request.steps or spec.default_steps
         scheduler = self._scheduler(request.scheduler or DEFAULT_SCHEDULER, steps, spec)
         loras, versions = self._loras(request.loras, spec)
+        if request.callback_url:
+            check_callback_url(request.callback_url, settings)
+        if request.image is not None and before_decode is not None:
+            before_decode(model)
         edit = self._edit(request, spec, caller)
         size, mode = (request.width or spec.default_width, request.height or spec.default_height), "txt2img"
         editing: dict[str, Any] = {}
@@ -171,8 +190,6 @@ class GenerationService:
             if edit.mask is not None:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
-        if request.callback_url:
-            check_callback_url(request.callback_url, settings)
         params = GenerationParams(
             prompt=request.prompt or "",
             negative_prompt=given["negative_prompt"] or "",
@@ -339,30 +356,40 @@ class GenerationService:
         """The image a field gives (file bytes, base64, a data URL, or the name or URL of an image this
         server made for the caller), decoded once with every check of `edits.decode`; one a surface
         decoded itself, as it is."""
-        settings = self._settings()
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, bytes):
-            return edits.decode(field, value, settings)
+            return self._decode(field, value)
         text = value.strip()
         reference = IMAGE_URL.search(text) if not text.startswith("data:") else None
         if NAME_PATTERN.fullmatch(text) or reference:
-            return edits.decode(field, self._stored(field, reference["name"] if reference else text, caller), settings)
+            return self._decode(field, self._stored(field, reference["name"] if reference else text, caller))
         header, comma, payload = text.partition(",")
         if text.startswith("data:"):
             if not comma or not header.endswith(";base64"):
                 message = f"`{field}`: a data URL must be base64 (data:image/png;base64,...)"
                 raise InputRejected("invalid_image", message, field)
             text = payload
-        if len(text) * 3 // 4 > settings.max_upload_bytes:  # refused before a byte is decoded
-            message = f"`{field}` is over MAX_UPLOAD_BYTES ({settings.max_upload_bytes}) once decoded"
-            raise InputRejected("payload_too_large", message, field)
+        limit = self._settings().max_upload_bytes
+        if len(text) * 3 // 4 > limit:  # refused before a byte is decoded
+            raise InputRejected(
+                "payload_too_large", f"`{field}` is over MAX_UPLOAD_BYTES ({limit}) once decoded", field
+            )
         try:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             message = f"`{field}` must be base64, a data URL, or the name or URL of an image this server made"
             raise InputRejected("invalid_image", message, field) from None
-        return edits.decode(field, data, settings)
+        return self._decode(field, data)
+
+    def _decode(self, field: str, data: bytes) -> Image.Image:
+        """`edits.decode` in the decoding pool, refused after DECODE_SECONDS."""
+        limits = edits.UploadLimits.from_settings(self._settings())
+        try:
+            return self._decoding.submit(edits.decode, field, data, limits).result(DECODE_SECONDS)
+        except TimeoutError:
+            message = f"`{field}` took over {DECODE_SECONDS:g} s to decode; send a smaller or simpler image"
+            raise InputRejected("invalid_image", message, field) from None
 
     def _stored(self, field: str, name: str, caller: Caller) -> bytes:
         """An image this server made for the caller; `image_expired` for any other name, so another

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from safetensors import safe_open
 
 from imagegen.families import FAMILIES, UnservedModel, safetensors_header
 from imagegen.refusals import Refusal
@@ -53,7 +54,12 @@ class AdapterRejected(Refusal):
 
 
 class AdapterFailed(RuntimeError):
-    """An adapter the worker could not load into the model (a misfit its header did not show)."""
+    """An adapter the worker could not load into the model (a misfit its header did not show):
+    the message says so in general words, `detail` why (for the log, and development's answers)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.message, self.detail = message, detail
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,28 @@ def read_lora(fs: AbstractFileSystem, path: str, size: int, name: str, version: 
     except (UnservedModel, OSError) as exc:
         raise AdapterRejected(f"{name} is not a safetensors file") from exc
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in [*metadata, *metadata.values()]):
+        raise AdapterRejected(f"{name}: its `__metadata__` must map text to text")
+    if not all(isinstance(tensor, dict) and isinstance(tensor.get("shape"), list) for tensor in header.values()):
+        raise AdapterRejected(f"{name}: every tensor of its header needs a dtype, a shape and offsets")
     downs = [tensor for key, tensor in header.items() if key.endswith(DOWN)]
     if not downs:
         raise AdapterRejected(f"{name} has no LoRA weights (no lora_A / lora_down tensors)")
     family = next((fam for fam, marks in MARKS if any(mark in key for key in header for mark in marks)), None)
-    shape = downs[0].get("shape") or [None]
+    shape = downs[0]["shape"] or [None]
     return Lora(name, family, shape[0], size, _trigger_words(metadata), version)
+
+
+def check_file(path: Path, name: str) -> None:
+    """AdapterRejected unless the safetensors library reads the whole file as it is: every
+    tensor's dtype known, its shape and offsets within the file and agreeing with each other
+    (a header may claim shapes of 2^40 with offsets past the end)."""
+    try:
+        with safe_open(str(path), framework="numpy") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                tensors.get_slice(key).get_shape()
+    except Exception as exc:  # SafetensorError, and what a hostile header makes of the parser
+        raise AdapterRejected(f"{name} is not a safetensors file the library reads: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -164,6 +186,11 @@ class AdapterStore:
             return None
         return info if info.get("type") == "file" else None
 
+    def exists(self, name: str) -> bool:
+        """Whether a file of that adapter name is there (a LoRA or not); AdapterRejected for a name
+        that is not one."""
+        return self._info(self.path_of(name)) is not None
+
     def listing(self) -> list[Lora]:
         """Every adapter, by name; files that are not LoRAs are left out."""
         try:
@@ -197,21 +224,20 @@ class AdapterStore:
         """Offers a staged file under `name` once its header reads as a LoRA: a rename in a folder,
         one upload to object storage, so no reader sees a partial adapter."""
         target = self.path_of(name)
+        check_file(staged, name)
         lora = read_lora(LocalFileSystem(), str(staged), staged.stat().st_size, name)
         if self.remote:
             self.fs.makedirs(self.root, exist_ok=True)  # the bucket, on the first upload
             self.fs.put_file(str(staged), target)
         else:
-            staged.chmod(0o644)  # readable by workers that run as another user, as a copied file is
-            os.replace(staged, target)
+            os.replace(staged, target)  # its owner's alone, as every file the server writes
         return lora
 
     def delete(self, name: str) -> bool:
         """Removes an adapter; False when there is none of that name."""
-        path = self.path_of(name)
-        if self._info(path) is None:
+        if not self.exists(name):
             return False
-        self.fs.rm_file(path)
+        self.fs.rm_file(self.path_of(name))
         return True
 
     def local_file(self, name: str) -> tuple[Path, str]:

@@ -30,15 +30,20 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "admin_disabled": ((403,), "Admin routes are off (production without an ADMIN_TOKEN)."),
     "cross_site_refused": (
         (403,),
-        "A POST with no credential header must send JSON or an X-Requested-With header (no cross-site forms).",
+        "A browser sent a state-changing request from another site (its `Origin` or `Sec-Fetch-Site`), not from "
+        "this server's pages or `CORS_ORIGINS`.",
     ),
-    "untrusted_host": ((403,), "A state-changing request with no credential header named a Host not in TRUSTED_HOSTS."),
+    "untrusted_host": (
+        (403,),
+        "A state-changing request without a valid key or admin token named a Host not in TRUSTED_HOSTS.",
+    ),
     "not_found": ((404,), "No such route, job, image or model (a job of another key counts as none)."),
     "model_not_found": ((404,), "OpenAI surface: no such model."),
     "method_not_allowed": ((405,), "The route exists, but not for this method."),
     "request_timeout": ((408,), "The client sent its request too slowly."),
     "job_finished": ((409,), "The job has already ended, so it cannot be cancelled."),
     "cancelled": ((409,), "The job was cancelled before it ended (a job's error)."),
+    "adapter_exists": ((409,), "`POST /loras` names an adapter that exists; send `overwrite=true` to replace it."),
     "image_expired": (
         (410,),
         "An `image` names a stored image that is gone (IMAGE_TTL_SECONDS) or not yours; as a job's error, "

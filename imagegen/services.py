@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config import Settings
@@ -133,12 +135,25 @@ class Services:
         logging.getLogger().setLevel(settings.log_level)
 
 
+def private_files(settings: Settings) -> None:
+    """Every file this process creates from now on is its owner's alone (umask 077: the log holds
+    the development admin token, the database holds every job, images may be private), and so are
+    its folders. A cluster whose processes share a folder runs them as one user."""
+    os.umask(0o077)
+    folders = [settings.data_dir, settings.log_dir]
+    if "://" not in settings.image_dir:
+        folders.append(Path(settings.image_dir))
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+
+
 def build(settings: Settings, load: Loader | None = None) -> Services:
     """Builds every part from settings; nothing starts until `Services.start`.
 
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the lock, the adapter cache; the disk figures in /status
+    private_files(settings)
     db = Database(settings.database)
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes

@@ -45,6 +45,16 @@ MAX_BACKOFF_SECONDS = 3600
 SIGNATURE_HEADER = "X-Imagegen-Signature"
 
 
+def public_error(error: str | None) -> str | None:
+    """A delivery's last error as production shows it: an HTTP status as it is, the rest (which may
+    name internal addresses and library errors; the log has it) in general words."""
+    if error is None or error.startswith("HTTP ") or error == "the job no longer exists":
+        return error
+    if "deadline" in error or "timed out" in error.lower():
+        return "the receiver did not answer within WEBHOOK_TIMEOUT_SECONDS"
+    return "the receiver could not be reached"
+
+
 class DeliveryFailed(Exception):
     """An attempt that did not deliver; `final` when trying again cannot help (a redirect)."""
 
@@ -64,11 +74,31 @@ def _listed(value: str) -> set[str]:
     return {item.lower() for item in comma_list(value)}
 
 
+# IPv6 prefixes that carry an IPv4 address a router or the host reaches: NAT64's well-known prefix
+# (in its last 32 bits) and 6to4 (in bits 16-48).
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries: mapped (::ffff:a.b.c.d), compatible (::a.b.c.d),
+    NAT64 or 6to4; None for any other."""
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    value = int(ip)
+    if ip in NAT64 or (value >> 32 == 0 and value > 1):  # NAT64, or IPv4-compatible (not :: or ::1)
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return None
+
+
 def _private(address: str) -> bool:
-    """Loopback, private, link-local, shared, reserved or multicast: anything not on the internet."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    """Loopback, private, link-local, shared, reserved or multicast: anything not on the internet,
+    also when an IPv6 address carries an IPv4 one (NAT64, 6to4, mapped, compatible)."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := embedded_ipv4(ip)):
+        ip = inner
     return not ip.is_global or ip.is_multicast
 
 
@@ -105,12 +135,15 @@ def payload(job: Job, access: Access) -> dict[str, Any]:
     return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": job.timings()}
 
 
-def signature(secret: str, body: bytes, now: float | None = None) -> str:
-    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, as Stripe signs its webhooks: the
-    time inside the signed text lets a receiver refuse an old delivery replayed."""
+def signature(secret: str, url: str, body: bytes, now: float | None = None) -> str:
+    """`t=<unix seconds>,v2=<hex HMAC-SHA256 of "<t>.<url>.<body>">`: the time inside the signed
+    text lets a receiver refuse an old delivery replayed (as Stripe signs its webhooks), and the
+    target URL inside it that a delivery captured at one receiver's path cannot be replayed to
+    another's on the same host (another tenant of a shared receiver). 0.2 signed `<t>.<body>` as
+    `v1`."""
     stamp = str(int(now if now is not None else time.time()))
-    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"t={stamp},v1={digest}"
+    signed = f"{stamp}.{url}.".encode() + body
+    return f"t={stamp},v2={hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()}"
 
 
 class _PinnedConnection(http.client.HTTPSConnection):
@@ -242,7 +275,7 @@ class WebhookSender:
         body = json.dumps(payload(job, self.access)).encode()
         headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-Imagegen-Delivery": job.id}
         if self.settings.webhook_secret:
-            headers[SIGNATURE_HEADER] = signature(self.settings.webhook_secret, body)
+            headers[SIGNATURE_HEADER] = signature(self.settings.webhook_secret, job.callback_url, body)
         try:
             post(job.callback_url, body, headers, self.settings)
         except DeliveryFailed as failure:

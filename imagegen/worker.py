@@ -34,6 +34,7 @@ from imagegen.monitoring import Monitor, runner_report
 from imagegen.protocol import SettingsPatch
 from imagegen.queues.cluster import TASK, WorkerRegistry, make_celery, publish
 from imagegen.runtime import LiveSettings
+from imagegen.services import private_files
 from imagegen.states import WorkerState
 from imagegen.storage import ImageStore
 from imagegen.webhooks import WebhookSender
@@ -221,6 +222,7 @@ def main() -> None:
     if settings.queue_backend != "celery":
         raise SystemExit("imagegen.worker needs QUEUE_BACKEND=celery (see docs/scaling.md)")
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    private_files(settings)
     setup_logging(settings, f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log")
     db = Database(settings.database)
     live = LiveSettings(settings, db)

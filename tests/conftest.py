@@ -166,14 +166,17 @@ def call(url: str, body: dict | bytes | None = None, headers: dict | None = None
         return error.code, error.headers, error.read()
 
 
-def adapter_form(name: str, content: bytes) -> tuple[bytes, str]:
-    """A POST /loras form and its Content-Type, encoded here: the test client's own encoder leaves
-    a temporary file open for a large one."""
+def adapter_form(name: str, content: bytes, **fields: str) -> tuple[bytes, str]:
+    """A POST /loras form (and other `fields`) and its Content-Type, encoded here: the test client's
+    own encoder leaves a temporary file open for a large one."""
     boundary = "adapter-boundary"
+    parts = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'
+        for key, value in {"name": name, **fields}.items()
+    )
     body = (
         (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.safetensors"\r\n\r\n'
+            f'{parts}--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.safetensors"\r\n\r\n'
         ).encode()
         + content
         + f"\r\n--{boundary}--\r\n".encode()

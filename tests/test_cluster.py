@@ -229,6 +229,22 @@ def test_health_names_the_part_that_does_not_answer(app_factory, postgres_url, t
     assert health.status_code == 200 and health.json["model_state"] == "ready"
 
 
+def test_health_asks_the_broker_database_and_storage_at_most_every_few_seconds(
+    app_factory, postgres_url, tmp_path, monkeypatch
+):
+    from imagegen.queues import cluster
+
+    pings: list[float] = []
+    monkeypatch.setattr(cluster, "broker_ping", lambda _app: pings.append(time.monotonic()))
+    client = app_factory(**_cluster(postgres_url, tmp_path)).test_client()
+    for _ in range(30):  # public and unlimited: a flood of these must not become a flood of round trips
+        client.get("/health")
+    assert len(pings) == 1
+    monkeypatch.setattr(cluster, "PROBE_CACHE_SECONDS", 0)
+    client.get("/health")
+    assert len(pings) == 2, "asked again once PROBE_CACHE_SECONDS have passed"
+
+
 def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
     return {
         "queue_backend": "celery",

@@ -286,3 +286,23 @@ def test_webuiapi_img2img_with_and_without_a_mask(webui, server):
         f"{server}/sdapi/v1/img2img", {"init_images": [base64.b64encode(BOMB).decode()]}, {"X-API-Key": KEY}
     )
     assert status == 400 and json.loads(answer)["error"] == "invalid_image"
+
+
+def test_webuiapi_interrupts_on_a_keyless_server(tmp_path):
+    """webuiapi posts `interrupt` and `skip` with no body and no credential (and does not raise on a
+    refusal, so a refused interrupt would leave the job running unnoticed)."""
+    process, base = start_server(tmp_path, MAX_STEPS="500")
+    try:
+        keyless = webuiapi.WebUIApi(host="127.0.0.1", port=urlsplit(base).port)
+        _status, _, body = call(
+            f"{base}/generate", {"prompt": "a blue square on a red background", "steps": 400, "async": True}
+        )
+        job_id = json.loads(body)["id"]
+        deadline = time.monotonic() + 60
+        while keyless.get_progress()["state"]["job"] != job_id and time.monotonic() < deadline:
+            time.sleep(0.05)
+        keyless.interrupt()
+        assert json.loads(call(f"{base}/jobs/{job_id}")[2])["status"] == "cancelled"
+    finally:
+        process.kill()
+        process.wait(10)

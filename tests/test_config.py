@@ -161,3 +161,22 @@ def test_names_of_0_2_are_read_with_a_warning_and_misspelled_ones_named(tmp_path
     assert not any("OMP_NUM_THREADS" in line for line in said)
     monkeypatch.setenv("IMAGE_DIR", str(tmp_path / "mine"))
     assert load_settings(_env_file=env).image_dir == str(tmp_path / "mine"), "the new name wins over the old"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("METRICS_TOKEN", "m", "METRICS_TOKEN must be at least 16"),
+        ("SECRET_KEY", "s" * 31, "SECRET_KEY must be at least 32"),
+        ("WEBHOOK_SECRET", "w" * 8, "WEBHOOK_SECRET must be at least 32"),
+        ("API_KEYS", "k" * 40 + ",short", r"every API key \(API_KEYS, API_KEYS_FILE\) must be at least 16"),
+    ],
+)
+def test_weak_secrets_stop_a_production_start(monkeypatch, name, value, said):
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("API_KEYS", "k" * 40)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=said):
+        load_settings(_env_file=None)
+    monkeypatch.setenv("APP_ENV", "development")
+    assert load_settings(_env_file=None), "development takes any"

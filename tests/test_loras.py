@@ -139,14 +139,14 @@ def test_a_misfit_only_a_load_shows_fails_the_job(demo, folder):
     fake_lora(folder / "misfit.safetensors", MISFIT_TENSORS)
     answer = generate(demo, PROMPTS[0], 1, [{"name": "misfit"}])
     assert answer.status_code == 422 and answer.json["error"]["code"] == "adapter_failed", answer.json
-    assert "does not fit model" in answer.json["error"]["message"]
+    assert "does not fit the model: models/demo-shapes" in answer.json["error"]["message"], "the cause, in development"
     after = generate(demo, PROMPTS[0], 1, [{"name": "corner"}])
     assert after.status_code == 200, after.json
     assert in_corner(image_of(after.json["images"][0])), "the model is unharmed"
 
 
 def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
-    client = app_factory(model_id=DEMO, lora_dir=folder, max_adapter_bytes=600_000).test_client()
+    client = app_factory(model_id=DEMO, lora_dir=folder, max_upload_bytes=200_000).test_client()
     wait_ready(client)
     data = ADAPTER.read_bytes()
 
@@ -165,7 +165,7 @@ def test_admins_upload_and_delete_adapters(app_factory, folder, tmp_path):
         "not safetensors": ("junk", b"PK\x03\x04 a zip", 400),
         "no LoRA weights": ("plain", fake_lora(tmp_path / "plain.st", {"weight": [2, 2]}).read_bytes(), 400),
         "a path for a name": ("../escape", data, 400),
-        "too large": ("big", data + bytes(700_000), 413),
+        "too large": ("big", data + bytes(1_200_000), 413),  # over the upload body limit (1.6 MB here)
     }
     for case, (name, content, status) in bad.items():
         answer = upload(name, content)
@@ -199,7 +199,8 @@ def test_adapters_in_object_storage(app_factory, s3_endpoint, tmp_path):
     [first] = cache.iterdir()  # the engine loads a copy on its own disk
 
     # replaced by a file of the same name: the next request loads the new version, the old copy goes
-    body, kind = adapter_form("corner", fake_lora(tmp_path / "misfit.safetensors", MISFIT_TENSORS).read_bytes())
+    misfit = fake_lora(tmp_path / "misfit.safetensors", MISFIT_TENSORS).read_bytes()
+    body, kind = adapter_form("corner", misfit, overwrite="true")
     assert client.post("/loras", data=body, content_type=kind, headers=ADMIN).status_code == 201
     failed = generate(client, PROMPTS[1], 7, [{"name": "corner"}])
     assert failed.status_code == 422 and failed.json["error"]["code"] == "adapter_failed", "the new file was loaded"
@@ -303,3 +304,38 @@ def test_adapters_beyond_max_loaded_loras_are_dropped_and_loaded_again(app_facto
     assert model["loads"] == 1
     client.post(f"/models/{DEMO}/unload", headers=ADMIN)
     assert client.get("/models").json["models"][0]["loras"] == [], "unloading the model drops its adapters"
+
+
+def crafted(header: Any, data: bytes = b"") -> bytes:
+    """A safetensors file with exactly this header (however wrong) and these data bytes."""
+    raw = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_crafted_adapter_files_are_refused_and_replacing_one_is_asked_for(app_factory, folder):
+    client = app_factory(model_id=DEMO, lora_dir=folder).test_client()
+    wait_ready(client)
+    down = "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"
+    good = {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}
+    files = {
+        "metadata a list": crafted({"__metadata__": [1], down: good}, bytes(8)),
+        "a trigger word a number": crafted({"__metadata__": {"trigger_words": 5}, down: good}, bytes(8)),
+        "metadata nested": crafted({"__metadata__": {"ss_tag_frequency": {"a": {"b": 1}}}, down: good}, bytes(8)),
+        "nested past the parser": crafted("[" * 50_000 + "]" * 50_000),
+        "a tensor entry a number": crafted({down: 5}, bytes(8)),
+        "an empty shape": crafted({down: {"dtype": "F16", "shape": [], "data_offsets": [0, 0]}}),
+        "a dtype with a control character": crafted({down: {**good, "dtype": "F16\u0001"}}, bytes(8)),
+        "shapes past the file": crafted({down: {"dtype": "F16", "shape": [2**20, 2**20], "data_offsets": [0, 2**41]}}),
+    }
+    for case, content in files.items():
+        body, kind = adapter_form(f"crafted-{len(case)}", content)
+        answer = client.post("/loras", data=body, content_type=kind, headers=ADMIN)
+        assert answer.status_code == 400 and answer.json["error"]["details"] == {"field": "file"}, case
+    assert sorted(p.name for p in folder.iterdir()) == ["corner.safetensors"], "nothing published"
+    assert client.get("/loras").status_code == 200
+
+    body, kind = adapter_form("corner", ADAPTER.read_bytes())
+    kept = client.post("/loras", data=body, content_type=kind, headers=ADMIN)
+    assert kept.status_code == 409 and kept.json["error"]["code"] == "adapter_exists"
+    body, kind = adapter_form("corner", ADAPTER.read_bytes(), overwrite="true")
+    assert client.post("/loras", data=body, content_type=kind, headers=ADMIN).status_code == 201

@@ -74,6 +74,8 @@ def test_production_health_and_index_disclose_no_paths(app_factory, tmp_path):
     assert health == {"status": "unavailable", "model_state": "failed", "reason": "model_unavailable"}
     index = client.get("/").json
     assert "models" not in index and "secret-dir" not in json.dumps(index)
+    [model] = client.get("/models").json["models"]
+    assert model["error"] == "The model failed to load; the server log has the cause."
 
 
 def test_alerts_show_in_status_and_warn_once_per_crossing(app_factory, caplog):

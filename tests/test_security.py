@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import base64
+import io
 import secrets
+import select
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -13,8 +16,9 @@ import redis
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from tests.conftest import ADMIN, wait_ready
+from tests.conftest import ADMIN, call, start_server, wait_ready
 
 PROMPT = "a white square on a black background"
 
@@ -493,22 +497,26 @@ def test_runtime_settings_saved_by_0_2_are_checked_and_imported_at_start(app_fac
 
 
 def test_a_cross_site_form_cannot_change_state(app_factory, fake):
-    client = app_factory(pipeline=fake).test_client()
+    client = app_factory(pipeline=fake, cors_origins="https://app.example").test_client()
     wait_ready(client)
     fake.calls.clear()
-    # an HTML form's bodies are not JSON (415); a bodiless form POST is refused for what it is
-    assert client.post("/generate", data={"prompt": PROMPT}).status_code == 415
-    assert client.post("/generate", data=json.dumps({"prompt": PROMPT}), content_type="text/plain").status_code == 415
-    for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints", "/generate", "/cleanup"):
-        response = client.post(path)
-        assert response.status_code == 403 and "cross_site_refused" in response.get_data(as_text=True), path
+    # what a browser sends with a form or a fetch from a page of another site
+    page = {"Origin": "http://evil.example"}
+    for headers in (page, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}, {**page, "Authorization": "x"}):
+        for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints", "/generate", "/cleanup"):
+            response = client.post(path, headers=headers)
+            assert response.status_code == 403 and "cross_site_refused" in response.get_data(as_text=True), path
+    form = client.post("/generate", data={"prompt": PROMPT}, headers=page, content_type="multipart/form-data")
+    assert form.status_code == 403
     assert fake.calls == [] and client.get("/jobs").json["jobs"] == []
-    # a page cannot send these; scripts and API clients do
-    assert client.post("/sdapi/v1/interrupt", headers={"X-Requested-With": "XMLHttpRequest"}).status_code == 200
-    assert client.post("/sdapi/v1/interrupt", headers={"Authorization": "Basic dTpw"}).status_code == 200
-    assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}).status_code == 200
-    assert client.get("/jobs").status_code == 200  # reading needs nothing of this
-    assert client.delete("/jobs/abc").status_code == 404  # a form cannot DELETE, a page not without a preflight
+    # scripts and SDKs send no Origin (webuiapi's bodiless interrupt); the server's own pages and
+    # CORS_ORIGINS send theirs
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    assert client.post("/sdapi/v1/interrupt", headers={"Origin": "http://localhost"}).status_code == 200
+    assert client.post("/sdapi/v1/interrupt", headers={"Origin": "https://app.example/"}).status_code == 200
+    same_site = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}, headers=same_site).status_code == 200
+    assert client.get("/jobs", headers=page).status_code == 200  # reading needs nothing of this
 
 
 def test_a_rebound_dns_name_cannot_change_state(app_factory, fake):
@@ -520,9 +528,19 @@ def test_a_rebound_dns_name_cannot_change_state(app_factory, fake):
     assert client.delete("/jobs/abc", base_url="http://evil.example").status_code == 403
     for base in ("http://localhost:5000", "http://127.0.0.1:5000", "http://[::1]:5000"):
         assert client.post("/generate", json=body, base_url=base).status_code == 200, base
-    # a client holding a credential names whatever host it reached us by
+    # a junk credential header proves nothing; a valid one names whatever host it reached us by
+    junk = client.post("/sdapi/v1/interrupt", headers={"Authorization": "x"}, base_url="http://evil.example")
+    assert (junk.status_code, junk.json["error"]) == (403, "untrusted_host")
+    junk = client.delete("/jobs/abc", headers={"X-Admin-Token": "guess"}, base_url="http://evil.example")
+    assert junk.status_code == 403
     admin = client.patch("/admin/settings", json={"default_steps": 2}, headers=ADMIN, base_url="http://evil.example")
     assert admin.status_code == 200
+    # behind a proxy, the Host is the proxy's to pass on: a client's X-Forwarded-Host is not believed
+    proxied = app_factory(pipeline=fake, trusted_proxy_count=1).test_client()
+    spoofed = proxied.post(
+        "/generate", json=body, base_url="http://evil.example", headers={"X-Forwarded-Host": "localhost"}
+    )
+    assert (spoofed.status_code, spoofed.json["error"]["code"]) == (403, "untrusted_host")
 
     def ready(**overrides: str) -> FlaskClient:
         client = app_factory(pipeline=fake, **overrides).test_client()
@@ -539,3 +557,116 @@ def test_a_rebound_dns_name_cannot_change_state(app_factory, fake):
     assert everywhere.post("/generate", json=body, base_url="http://evil.example").status_code == 403
     anything = ready(trusted_hosts="*")
     assert anything.post("/generate", json=body, base_url="http://evil.example").status_code == 200
+
+
+def progressive_bomb(scans: int) -> bytes:
+    """A 4000x4000 grey progressive JPEG whose last 31-byte scan is repeated: a small file that costs
+    a decoder seconds of CPU per thousand scans."""
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    scan = data[data.rindex(b"\xff\xda") : -2]
+    return data[:-2] + scan * scans + b"\xff\xd9"
+
+
+def png_of(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_hostile_shapes_are_refused_from_their_headers(app_factory, fake):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    cases = {
+        "scans": progressive_bomb(3000),
+        "MAX_UPLOAD_ASPECT": png_of((8000, 20)),
+        "MAX_UPLOAD_SIDE": png_of((9000, 9000 // 7)),
+    }
+    for why, data in cases.items():
+        started = time.process_time()
+        body = {"prompt": PROMPT, "image": base64.b64encode(data).decode()}
+        refused = client.post("/generate", json=body)
+        assert refused.status_code == 400 and why in refused.json["error"]["message"], why
+        assert refused.json["error"]["details"] == {"field": "image"}
+        assert time.process_time() - started < 1, f"{why}: refused before decoding"
+    for size in ((16_777_216, 1), (1, 16_000_000)):  # within MAX_UPLOAD_PIXELS, ~900 MB to fit
+        body = {"prompt": PROMPT, "image": base64.b64encode(png_of(size)).decode()}
+        assert client.post("/generate", json=body).status_code == 400
+
+
+def test_uploads_cannot_take_the_threads_the_health_checks_need(tmp_path):
+    """SECURITY.md: two server threads always stay free for the health checks, even while clients
+    post images that are slow to decode."""
+    process, base = start_server(tmp_path, THREADS="4", MAX_WAITS_PER_CLIENT="0")
+    bomb = base64.b64encode(progressive_bomb(3000)).decode()
+    answers: list[int] = []
+
+    def upload() -> None:
+        answers.append(call(f"{base}/generate", {"prompt": PROMPT, "image": bomb, "steps": 1})[0])
+
+    try:
+        senders = [threading.Thread(target=upload) for _ in range(12)]
+        for sender in senders:
+            sender.start()
+        waits = []
+        for _ in range(10):
+            started = time.monotonic()
+            assert call(f"{base}/health/live")[0] == 200
+            waits.append(time.monotonic() - started)
+        for sender in senders:
+            sender.join(120)
+        assert max(waits) < 5, f"/health/live waited {max(waits):.1f} s"
+        assert set(answers) <= {400, 503} and 400 in answers, answers
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def sent_before_answer(base: str, method: str, path: str, announced: int) -> tuple[int, bytes]:
+    """Bytes of a body announced at `announced` bytes sent before the server answered, and the
+    answer's first line."""
+    parts = urllib.parse.urlsplit(base)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        head = f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {announced}\r\n\r\n".encode())
+        sent, chunk = 0, b"x" * 2**20
+        while sent < announced:
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable or not writable:
+                break
+            try:
+                sent += sock.send(chunk)
+            except OSError:  # the server answered and closed
+                break
+        sock.setblocking(True)
+        return sent, sock.recv(200).split(b"\r\n")[0]
+
+
+def test_a_body_over_the_upload_limit_is_answered_before_it_is_read(tmp_path):
+    process, base = start_server(tmp_path)
+    try:
+        for method, path in (("POST", "/generate"), ("GET", "/health/live"), ("POST", "/loras")):
+            sent, answer = sent_before_answer(base, method, path, 200 * 2**20)
+            assert b" 413 " in answer and sent < 40 * 2**20, (path, sent, answer)
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_files_the_server_writes_are_its_owners_alone(app_factory, tmp_path):
+    client = app_factory().test_client()
+    wait_ready(client)
+    [image] = client.post("/generate", json={"prompt": PROMPT, "steps": 1}).json["images"]
+    name = image["url"].split("/images/")[1].split("?")[0]
+    folders = [tmp_path / "data", tmp_path / "logs", tmp_path / "images"]
+    files = [tmp_path / "logs" / "app.log", tmp_path / "data" / "imagegen.sqlite3", tmp_path / "images" / name]
+    for path in folders + files:
+        assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
+
+
+def test_deep_json_in_a_form_field_is_a_400(fake_client):
+    for field in ("loras", "outpaint"):
+        form = {"prompt": PROMPT, field: "[" * 50_000}
+        answer = fake_client.post("/generate", data=form, content_type="multipart/form-data")
+        assert answer.status_code == 400 and answer.json["error"]["details"][0]["field"].startswith(field), field

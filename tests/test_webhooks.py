@@ -3,6 +3,7 @@ outbox that survives a kill -9, and a sender that no receiver or database error 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import signal
@@ -20,6 +21,7 @@ from sqlalchemy import insert
 from bench.harness import wait_for
 from imagegen.db import Database, webhooks
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
+from imagegen.webhooks import embedded_ipv4, public_error
 from tests.conftest import ROOT, call, free_port, start_server, wait_ready
 
 PROMPT = "a purple triangle on a yellow background"
@@ -240,12 +242,13 @@ def test_deliveries_are_signed_and_verify_with_the_documented_snippet(app_factor
     snippet = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "webhooks.md").read_text(), re.DOTALL)
     scope: dict[str, Any] = {}
     exec(snippet.group(1), scope)  # the receiver's code as the docs give it
-    verify = scope["verify"]
+    verify, signed, url = scope["verify"], headers["X-Imagegen-Signature"], receiver.url("/ok")
     assert headers["X-Imagegen-Delivery"] == job_id
-    assert verify(secret, headers["X-Imagegen-Signature"], body)
-    assert not verify(secret, headers["X-Imagegen-Signature"], body.replace(b"succeeded", b"failed"))
-    assert not verify("another-secret", headers["X-Imagegen-Signature"], body)
-    assert not verify(secret, headers["X-Imagegen-Signature"], body, tolerance=-1), "an old delivery is refused"
+    assert verify(secret, signed, url, body)
+    assert not verify(secret, signed, url, body.replace(b"succeeded", b"failed"))
+    assert not verify("another-secret", signed, url, body)
+    assert not verify(secret, signed, receiver.url("/another-tenant"), body), "bound to its receiver's URL"
+    assert not verify(secret, signed, url, body, tolerance=-1), "an old delivery is refused"
 
 
 def test_the_delivery_is_written_with_the_ending_and_only_once(tmp_path):
@@ -295,3 +298,24 @@ def test_a_delivery_to_a_receiver_down_across_a_kill_9_arrives_when_it_is_back(t
         server.wait(10)
         listening.shutdown()
         listening.server_close()
+
+
+def test_production_says_why_a_delivery_failed_in_general_words(app_factory, fake):
+    client = app_factory(pipeline=fake, app_env="production", allow_anonymous=True, **LOCAL).test_client()
+    wait_ready(client)
+    job_id = submit(client, f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
+    failed = until(lambda: (hook := webhook(client, job_id))["attempts"] >= 1 and hook["last_error"] and hook)
+    assert failed["last_error"] == "the receiver could not be reached", failed
+    assert public_error("HTTP 503") == "HTTP 503"
+    assert public_error("TimeoutError: timed out (over the 5.0 s deadline)").startswith("the receiver did not answer")
+
+
+def test_ipv6_that_carries_a_private_ipv4_is_refused(app_factory, fake):
+    hosts = ("64:ff9b::a00:1", "2002:a00:1::1", "::10.0.0.1", "::ffff:10.0.0.1", "64:ff9b::7f00:1")
+    client = app_factory(pipeline=fake, webhook_allowed_hosts=",".join(hosts), webhook_allowed_ports="*").test_client()
+    wait_ready(client)
+    for host in hosts:  # NAT64, 6to4, IPv4-compatible, IPv4-mapped: each carries 10.0.0.1 or 127.0.0.1
+        answer = client.post("/generate", json={"prompt": PROMPT, "async": True, "callback_url": f"http://[{host}]/x"})
+        assert answer.status_code == 400 and answer.json["error"]["code"] == "callback_not_allowed", host
+    assert str(embedded_ipv4(ipaddress.IPv6Address("2002:0808:0808::1"))) == "8.8.8.8"
+    assert embedded_ipv4(ipaddress.IPv6Address("2001:db8::1")) is None

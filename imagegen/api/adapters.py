@@ -14,7 +14,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
-from imagegen.api.guard import adapter_upload, require_admin
+from imagegen.api.guard import require_admin, uploads
 from imagegen.loras import AdapterRejected
 
 bp = APIBlueprint("adapters", __name__, abp_tags=[Tag(name="adapters")])
@@ -28,26 +28,27 @@ def loras() -> dict[str, Any]:
 
 
 @bp.post("/loras", **spec({201: schemas.LoraView}, errors=(400, 401, 403, 413, 415, 429)))
-@adapter_upload
+@uploads
 @raw
 def upload() -> tuple[dict[str, Any], int]:
-    """Admin: adds (or replaces) an adapter from a form's `file` (.safetensors, at most
-    MAX_ADAPTER_BYTES), named by the form's `name` or the file's name."""
+    """Admin: adds an adapter from a form's `file` (.safetensors, within the upload body limit: a
+    larger one is copied into LORA_DIR), named by the form's `name` or the file's name; one of an
+    existing name only with `overwrite=true`."""
     require_admin()
     upload = request.files.get("file")
     if upload is None:
         raise APIError("invalid_request", "Send the adapter as the form's `file`.", {"field": "file"})
     name = request.form.get("name") or (upload.filename or "").removesuffix(".safetensors")
-    settings, adapters = services().settings, services().adapters
+    adapters = services().adapters
     try:
-        adapters.path_of(name)
+        exists = adapters.exists(name)
     except AdapterRejected as exc:
         raise APIError("invalid_request", exc.message, {"field": "name"}) from None
+    if exists and request.form.get("overwrite") != "true":
+        message = f"An adapter `{name}` exists; send `overwrite=true` to replace it."
+        raise APIError("adapter_exists", message, {"field": "name"})
     with adapters.staging() as partial:
         upload.save(partial)
-        if partial.stat().st_size > settings.max_adapter_bytes:
-            message = f"The adapter is over MAX_ADAPTER_BYTES ({settings.max_adapter_bytes})."
-            raise APIError("payload_too_large", message, {"field": "file"})
         try:
             lora = adapters.publish(name, partial)  # checked before it is offered
         except AdapterRejected as exc:

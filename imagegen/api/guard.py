@@ -21,7 +21,7 @@ from flask_cors import CORS
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from config import MIN_ADMIN_TOKEN_LENGTH, Settings, comma_list
+from config import MIN_SECRET_LENGTHS, Settings, comma_list
 from imagegen.access import Access
 from imagegen.api.errors import APIError
 
@@ -79,7 +79,7 @@ def require_admin() -> None:
     if not held.admin_token:  # production without ADMIN_TOKEN; a short one stops start-up (config.py)
         raise APIError(
             "admin_disabled",
-            f"Admin routes are disabled: set an ADMIN_TOKEN of {MIN_ADMIN_TOKEN_LENGTH}+ characters.",
+            f"Admin routes are disabled: set an ADMIN_TOKEN of {MIN_SECRET_LENGTHS['admin_token']}+ characters.",
         )
     if not held.is_admin(request.headers.get("X-Admin-Token") or bearer_token() or ""):
         raise APIError(
@@ -89,9 +89,6 @@ def require_admin() -> None:
         )
 
 
-# Headers a cross-site HTML form cannot send: a request with one of them was made by a client that
-# holds (or at least chose to send) a credential, not by a page the operator happened to visit.
-CREDENTIAL_HEADERS = ("Authorization", "X-API-Key", "X-Admin-Token")
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -125,27 +122,50 @@ def host_trusted(host: str, trusted: list[str]) -> bool:
     return any(name == ref or (ref.startswith(".") and f".{name}".endswith(ref)) for ref in trusted)
 
 
-def _refuse_cross_site(trusted: list[str] | None) -> Callable[[], None]:
-    """A state-changing request with no credential header must name a trusted Host (which a page
-    behind a rebound DNS name cannot), and a POST, the one such method a cross-site form or a
-    preflight-free fetch can send, must also say it is not a form: a JSON body or X-Requested-With
-    (PUT, PATCH and DELETE from another origin need a CORS preflight, which we do not grant)."""
+def credentialed() -> bool:
+    """The request carries a valid API key or the admin token: a client we know, whatever Host it
+    reached us by (a junk `Authorization` header proves nothing)."""
+    token = request.headers.get("X-Admin-Token") or bearer_token() or ""
+    return api_key_id() is not None or access().is_admin(token)
+
+
+def _origin(value: str) -> str:
+    """An origin as compared: scheme://host[:port], lower-cased, without a trailing slash."""
+    return value.strip().rstrip("/").lower()
+
+
+def cross_site(allowed: set[str]) -> bool:
+    """Whether a browser says this request comes from another site: an `Origin` that is neither
+    this server's own (its scheme and Host) nor in CORS_ORIGINS, or `Sec-Fetch-Site: cross-site`
+    from an origin not in CORS_ORIGINS. A request with neither header (a script, an SDK, curl) is
+    not a browser's cross-site request: browsers send `Origin` on every cross-origin POST."""
+    origin = request.headers.get("Origin")
+    if origin is not None and _origin(origin) in allowed:
+        return False
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        return True
+    return origin is not None and _origin(origin) != _origin(f"{request.scheme}://{request.host}")
+
+
+def _refuse_cross_site(trusted: list[str] | None, allowed: set[str]) -> Callable[[], None]:
+    """A state-changing request that a browser marks as cross-site is refused (a page the operator
+    visits cannot post a form or a fetch here), and one without a valid key or admin token must
+    name a trusted Host (a page behind a rebound DNS name cannot, though its requests are
+    same-origin to the browser)."""
 
     def refuse() -> None:
         if request.method not in STATE_CHANGING or request.endpoint is None:
             return
-        if any(request.headers.get(name) for name in CREDENTIAL_HEADERS):
-            return
-        if request.method == "POST" and not (request.is_json or request.headers.get("X-Requested-With")):
+        if cross_site(allowed):
             raise APIError(
                 "cross_site_refused",
-                "A POST that carries no Authorization, X-API-Key or X-Admin-Token header must send a JSON body "
-                "(Content-Type: application/json) or an X-Requested-With header.",
+                "A browser sent this request from another site (its Origin or Sec-Fetch-Site says so); "
+                "only this server's own pages and CORS_ORIGINS may change state.",
             )
-        if trusted is not None and not host_trusted(request.host, trusted):
+        if trusted is not None and not host_trusted(request.host, trusted) and not credentialed():
             raise APIError(
                 "untrusted_host",
-                "The Host of a request without credentials must be one of TRUSTED_HOSTS.",
+                "The Host of a request without a valid key or admin token must be one of TRUSTED_HOSTS.",
                 {"host": request.host},
             )
 
@@ -168,7 +188,6 @@ public = _mark("public")  # no API key needed even when keys are on
 operator = _mark("operator")  # host figures: the admin, or METRICS_TOKEN (Prometheus), not any key
 signed = _mark("signed")  # authorised by a signed URL instead of a key (images in <img src>)
 uploads = _mark("uploads")  # takes images: multipart bodies too, up to the upload body limit
-adapter_upload = _mark("adapter_upload")  # takes an adapter file: a form up to MAX_ADAPTER_BYTES
 
 
 # Swagger UI's page and assets (flask-openapi3's blueprints): documentation, no data, no key needed.
@@ -215,7 +234,9 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
     """
     if settings.trusted_proxy_count:
         n = settings.trusted_proxy_count
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+        # X-Forwarded-Host is not taken: a client could name any Host through a proxy that passes the
+        # header on; the proxy must pass the client's own Host (nginx: proxy_set_header Host $host).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
     if settings.cors_origins:
         CORS(app, origins=comma_list(settings.cors_origins), expose_headers=["X-Request-ID", "Retry-After", "Location"])
 
@@ -242,7 +263,8 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
             app.view_functions[endpoint] = limiter.exempt(view)
     app.extensions["imagegen_limiter"] = limiter
     # After the limiter's own hook, so guessing keys is rate limited like anything else.
-    app.before_request(_refuse_cross_site(trusted_hosts(settings)))
+    allowed = {_origin(origin) for origin in comma_list(settings.cors_origins)}
+    app.before_request(_refuse_cross_site(trusted_hosts(settings), allowed))
     app.before_request(_authenticate)
     if settings.is_production and not settings.api_key_list():
         log.warning("running in production with ALLOW_ANONYMOUS and no API_KEYS: any client that reaches it generates")

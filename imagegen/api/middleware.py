@@ -39,7 +39,7 @@ def _begin() -> None:
     if (request.content_length or 0) > limit:
         raise APIError("payload_too_large", f"The body is over {limit} bytes, {setting}.")
     has_body = request.content_length or request.headers.get("Transfer-Encoding")
-    takes_files = bool(marked & {"uploads", "adapter_upload"})
+    takes_files = "uploads" in marked
     form = takes_files and request.mimetype == "multipart/form-data"
     if request.method in BODY_METHODS and has_body and not (request.is_json or form):
         accepted = "JSON or multipart/form-data" if takes_files else "JSON (Content-Type: application/json)"
@@ -50,8 +50,6 @@ def body_limit(marked: set[str]) -> tuple[int, str]:
     """A route's body limit and the setting it follows: MAX_REQUEST_BYTES for JSON, more where it
     takes an image and a mask, or an adapter file."""
     settings = current_app.extensions["imagegen"].settings
-    if "adapter_upload" in marked:
-        return settings.max_adapter_bytes + settings.max_request_bytes, "MAX_ADAPTER_BYTES"
     if "uploads" in marked:
         return settings.upload_body_bytes, "the upload body limit (MAX_UPLOAD_BYTES)"
     return settings.max_request_bytes, "MAX_REQUEST_BYTES"

@@ -12,6 +12,7 @@ from imagegen import __version__
 from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.guard import operator, public, unlimited
+from imagegen.api.views import model_views
 from imagegen.states import ModelState
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
@@ -78,7 +79,7 @@ def list_models() -> dict[str, Any]:
     """Every model a request may choose, with its state, family, the fields it takes, its defaults
     and limits; the default first."""
     svc = services()
-    known = {info["id"]: info for info in svc.queue.describe().models}
+    known = {info["id"]: info for info in model_views(svc.queue.describe().models)}
     models = []
     for i, (model_id, model) in enumerate(svc.catalogue.items()):
         state = known.get(model_id, {"id": model_id, "state": ModelState.UNLOADED})

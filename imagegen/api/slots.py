@@ -1,5 +1,5 @@
-"""Caps on the requests that hold a server thread while they wait: synchronous generations and SSE
-streams, per client and in all.
+"""Caps on the requests that hold a server thread for long: synchronous generations, SSE streams,
+and uploads (decoded while their request waits), per client and in all.
 
 Why: waitress serves each request on one of THREADS threads, and a synchronous generation holds
 its thread until the job ends (up to REQUEST_TIMEOUT_SECONDS), an event stream until its job ends.
@@ -16,12 +16,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from flask import Flask, current_app
+from flask import Flask, current_app, g, request
 
 from imagegen.api.errors import APIError
-from imagegen.api.guard import client_key
+from imagegen.api.guard import client_key, marks
 
-FREE_THREADS = 2  # kept for /health, /health/live and every request that does not wait
 RETRY_AFTER_SECONDS = "5"
 
 
@@ -61,18 +60,20 @@ class Slots:
 
 def _take(kind: str) -> Callable[[], None]:
     settings = current_app.extensions["imagegen"].settings
-    in_all = max(1, settings.threads - FREE_THREADS)
+    in_all = settings.busy_threads
     return current_app.extensions["imagegen_slots"].acquire(kind, client_key(), settings.max_waits_per_client, in_all)
 
 
 @contextmanager
 def waiting() -> Iterator[None]:
-    """Holds a wait slot for a synchronous generation while the block runs."""
-    release = _take("wait")
+    """Holds a wait slot for a synchronous generation while the block runs (the request's own, if
+    it took one for its upload)."""
+    release = None if g.get("upload_slot") else _take("wait")
     try:
         yield
     finally:
-        release()
+        if release:
+            release()
 
 
 def stream_slot() -> Callable[[], None]:
@@ -80,5 +81,19 @@ def stream_slot() -> Callable[[], None]:
     return _take("stream")
 
 
+def _hold_for_upload() -> None:
+    """A POST to a route that takes uploads holds a wait slot from its start, before its images
+    are read and decoded, so uploads never take the threads the health checks need."""
+    if request.method == "POST" and "uploads" in marks():
+        g.upload_slot = _take("wait")
+
+
+def _release_upload(_error: BaseException | None) -> None:
+    if release := g.pop("upload_slot", None):
+        release()
+
+
 def init_app(app: Flask) -> None:
     app.extensions["imagegen_slots"] = Slots()
+    app.before_request(_hold_for_upload)
+    app.teardown_request(_release_upload)

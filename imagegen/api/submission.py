@@ -49,7 +49,7 @@ def form_data() -> dict[str, Any]:
     data: dict[str, Any] = dict(request.form.items())
     for name in JSON_FIELDS:
         if name in data:
-            with contextlib.suppress(ValueError):  # else left as text, for the schema to name
+            with contextlib.suppress(ValueError, RecursionError):  # else left as text, for the schema to name
                 data[name] = json.loads(data[name])
     data.update((name, file.read()) for name, file in request.files.items())
     return data

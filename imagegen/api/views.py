@@ -15,6 +15,7 @@ from imagegen.api import services
 from imagegen.api.errors import APIError
 from imagegen.api.guard import client_key
 from imagegen.jobs import Job, JobStatus
+from imagegen.webhooks import public_error
 
 
 def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
@@ -62,7 +63,10 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
     if job.error:
         view["error"] = job.error
     if job.webhook:
-        view["webhook"] = job.webhook
+        shown = job.webhook
+        if svc.settings.is_production:  # the detail may name internal addresses; the log has it
+            shown = {**shown, "last_error": public_error(shown["last_error"])}
+        view["webhook"] = shown
     return view
 
 
@@ -71,6 +75,17 @@ def accepted(job: Job) -> tuple[dict[str, Any], int, dict[str, str]]:
     location = url_for("jobs.get_job", job_id=job.id)
     current = services().jobs.get(job.id) or job
     return {**job_view(current), "location": location}, 202, {"Location": location}
+
+
+def model_views(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Models as /models and /status show them: in production a failed load's error in general
+    words (the exception can name server paths; the log has it)."""
+    if not services().settings.is_production:
+        return models
+    return [
+        {**model, "error": "The model failed to load; the server log has the cause."} if model.get("error") else model
+        for model in models
+    ]
 
 
 def eta_seconds(job: Job) -> float | None:

@@ -353,7 +353,7 @@ class ModelManager:
                 except Exception as exc:
                     with contextlib.suppress(Exception):  # what half-loaded goes with it
                         pipe.delete_adapters(key)
-                    raise AdapterFailed(f"adapter `{name}` does not fit model {model_id}: {exc}") from exc
+                    raise AdapterFailed(f"adapter `{name}` does not fit the model", f"{model_id}: {exc}") from exc
                 loaded[key] = name
                 log.info("loaded adapter %s into model %s (%d loaded)", name, model_id, len(loaded))
             loaded.move_to_end(key)

@@ -185,8 +185,11 @@ class Engine:
             if not runnable:
                 return []
         except AdapterFailed as exc:  # the request's own misfit: trying again cannot mend it
+            log.warning("%s (%s)", exc.message, exc.detail)
+            # the cause can name server paths and library internals: production answers without it
+            said = exc.message if self.settings.is_production or not exc.detail else f"{exc.message}: {exc.detail}"
             for job in runnable:
-                error = {"code": "adapter_failed", "message": str(exc)}
+                error = {"code": "adapter_failed", "message": said}
                 self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
             return []
         except (Outage, DBAPIError) as exc:

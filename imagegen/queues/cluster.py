@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 TASK = "imagegen.generate"
 # Across workers, a model shows the best state any of them has it in.
 MODEL_STATE_RANK = [ModelState.READY, ModelState.LOADING, ModelState.FAILED, ModelState.UNLOADED]
+# How long /health reuses what its probe of the broker, the database and the storage found.
+PROBE_CACHE_SECONDS = 2.0
 # How long an admin call waits for the workers' answers: a busy worker answers after its batch.
 CONTROL_REPLY_SECONDS = 60
 # A waiting request reads its job every elapsed/20 seconds, within these bounds: a short job is seen
@@ -173,6 +175,7 @@ class CeleryQueue:
         self.settings, self.endings, self.images, self.registry, self.app = settings, endings, images, registry, app
         self.jobs = endings.jobs
         self._alive_checked = (0.0, False)
+        self._probed: tuple[float, NotReady | None] = (-PROBE_CACHE_SECONDS, None)  # (when, what was down)
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -310,6 +313,23 @@ class CeleryQueue:
         stopped = NotReady("worker_stopped", "No generation worker is alive.")
         if not probe:
             return None if self._any_alive() else stopped
+        if down := self._parts_down():
+            return down
+        state = self._model_state(self.registry.alive())
+        if state == ModelState.UNLOADED:
+            return stopped
+        if state == ModelState.LOADING:
+            return NotReady("model_loading", "The workers are loading the model.", 5)
+        return None
+
+    def _parts_down(self) -> NotReady | None:
+        """The first of the broker, the database and the storage that does not answer, asked at most
+        every PROBE_CACHE_SECONDS: /health is public and unlimited, and each asking is a round trip
+        to each (a LIST, for object storage)."""
+        asked, answer = self._probed
+        if time.monotonic() - asked < PROBE_CACHE_SECONDS:
+            return answer
+        answer = None
         for part, check in (
             ("broker", lambda: broker_ping(self.app)),
             ("database", self.jobs.db.ping),
@@ -318,13 +338,10 @@ class CeleryQueue:
             try:
                 check()
             except Exception as exc:
-                return NotReady("queue_unavailable", f"The {part} does not answer: {type(exc).__name__}.", 5)
-        state = self._model_state(self.registry.alive())
-        if state == ModelState.UNLOADED:
-            return stopped
-        if state == ModelState.LOADING:
-            return NotReady("model_loading", "The workers are loading the model.", 5)
-        return None
+                answer = NotReady("queue_unavailable", f"The {part} does not answer: {type(exc).__name__}.", 5)
+                break
+        self._probed = (time.monotonic(), answer)
+        return answer
 
     @staticmethod
     def _model_state(alive: list[dict[str, Any]]) -> ModelState:
