@@ -98,7 +98,13 @@ def build(tag: str) -> None:
 
 def validate_compose() -> None:
     """compose.yaml as Compose reads it (`docker compose`, or Debian's Compose v1), secrets given."""
-    secrets_given = {**os.environ, "ADMIN_TOKEN": ADMIN_TOKEN, "API_KEYS": API_KEY, "SECRET_KEY": "s"}
+    secrets_given = {
+        **os.environ,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "API_KEYS": API_KEY,
+        "SECRET_KEY": "s",
+        **{f"{name}_PASSWORD": "p" * 12 for name in ("POSTGRES", "RABBITMQ", "REDIS", "MINIO_ROOT", "MINIO_APP")},
+    }
     for command in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(command[0]) and subprocess.run([*command, "version"], capture_output=True).returncode == 0:
             for profile in ([], ["--profile", "gpu"]):
