@@ -38,6 +38,7 @@ class WebhookStatus(StrEnum):
     PENDING = "pending"  # in the outbox, due now or after a backoff
     DELIVERED = "delivered"
     FAILED = "failed"  # given up: WEBHOOK_RETRIES spent, or a redirect
+    TIMED_OUT = "timed_out"  # given up, its last attempt unanswered in time (the receiver may have acted on it)
 
 
 @dataclass(frozen=True)

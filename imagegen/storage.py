@@ -18,7 +18,6 @@ import json
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,13 +180,17 @@ class ImageStore:
 
         Why: a file is written before its record and deleted after it, so a crash between the two
         leaves a file that nothing serves and nothing counts against MAX_IMAGE_STORAGE_MB. The grace
-        spares a file whose record is being written now.
+        spares a file whose record is being written now. The files are listed before the records
+        are read (a file written meanwhile has its record by then, or is too young), and ages are
+        judged by the database's clock, which every replica shares: a replica whose own clock runs
+        ahead would take a file written a moment ago for an old one.
         """
+        listed = self.fs.find(self.root, detail=True)
         known = {row["name"] for row in self.db.query(select(table.c.name))}
         known |= {f"inputs/{row['name']}" for row in self.db.query(select(inputs.c.name))}
-        cutoff = time.time() - grace_seconds
+        cutoff = self.db.now() - grace_seconds
         orphans = []
-        for path, info in self.fs.find(self.root, detail=True).items():
+        for path, info in listed.items():
             name = path.removeprefix(self.root.rstrip("/") + "/")
             ours = NAME_PATTERN.fullmatch(name) or (
                 name.startswith("inputs/") and INPUT_PATTERN.fullmatch(name.removeprefix("inputs/"))
@@ -229,6 +232,11 @@ class ImageStore:
                 rows.append(row)
                 freed += row["bytes"]
         return self._delete(rows, dry_run, f"over the {max_bytes}-byte quota")
+
+    def delete(self, names: list[str]) -> None:
+        """Deletes these images, records and files (a job that lost the race to end stored them)."""
+        rows = self.db.query(select(table.c.name, table.c.bytes).where(table.c.name.in_(names)))
+        self._delete(rows, False, "of a job that ended otherwise meanwhile")
 
     def _delete(self, rows: list[Any], dry_run: bool, why: str) -> dict[str, int]:
         """Record first, then file: once the record is gone nothing serves the file, even if its delete fails."""

@@ -56,11 +56,12 @@ def public_error(error: str | None) -> str | None:
 
 
 class DeliveryFailed(Exception):
-    """An attempt that did not deliver; `final` when trying again cannot help (a redirect)."""
+    """An attempt that did not deliver; `final` when trying again cannot help (a redirect);
+    `timed_out` when the receiver did not answer in time (it may still have acted on the POST)."""
 
-    def __init__(self, message: str, final: bool = False) -> None:
+    def __init__(self, message: str, final: bool = False, timed_out: bool = False) -> None:
         super().__init__(message)
-        self.final = final
+        self.final, self.timed_out = final, timed_out
 
 
 class CallbackRejected(Refusal):
@@ -200,7 +201,7 @@ def post(url: str, body: bytes, headers: dict[str, str], settings: Settings) -> 
         # the timer cut it off (its error is the peer's "disconnect"), or the socket's own timeout did
         overran = fired.is_set() or isinstance(exc, TimeoutError)
         late = f" (over the {settings.webhook_timeout_seconds} s deadline)" if overran else ""
-        raise DeliveryFailed(f"{type(exc).__name__}: {exc}{late}") from None
+        raise DeliveryFailed(f"{type(exc).__name__}: {exc}{late}", timed_out=overran) from None
     finally:
         overrun.cancel()
         connection.close()
@@ -281,14 +282,15 @@ class WebhookSender:
         except DeliveryFailed as failure:
             final = failure.final or attempts > self.settings.webhook_retries
             log.warning("webhook for job %s failed (attempt %d): %s", job.id, attempts, failure)
-            self._record(job.id, WebhookStatus.FAILED if final else WebhookStatus.PENDING, attempts, str(failure))
+            given_up = WebhookStatus.TIMED_OUT if failure.timed_out else WebhookStatus.FAILED
+            self._record(job.id, given_up if final else WebhookStatus.PENDING, attempts, str(failure))
             return
         log.info("webhook for job %s delivered (attempt %d)", job.id, attempts)
         self._record(job.id, WebhookStatus.DELIVERED, attempts, None)
 
     def _record(self, job_id: str, status: WebhookStatus, attempts: int, error: str | None) -> None:
         """The attempt's outcome; a pending one is due again after an exponential backoff."""
-        if status == WebhookStatus.FAILED:
+        if status in {WebhookStatus.FAILED, WebhookStatus.TIMED_OUT}:
             log.error("webhook for job %s given up after %d attempts: %s", job_id, attempts, error)
         wait = backoff(self.settings.webhook_retry_seconds, attempts, MAX_BACKOFF_SECONDS)
         self.jobs.record_delivery(job_id, status, error, wait)

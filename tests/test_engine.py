@@ -218,3 +218,23 @@ def test_a_record_naming_a_model_not_served_here_fails_unrun(parts, fake):
     ended = parts.jobs.get(foreign.id)
     assert ended.status == JobStatus.FAILED and ended.error["code"] == "unknown_model"
     assert fake.calls == [] and parts.engine.models.state("/etc/evil-model").state == "unloaded"
+
+
+def test_a_job_cancelled_as_it_stores_its_images_leaves_none_behind(parts, monkeypatch):
+    """A cancel that lands between the batch's check and the job's ending: the job ends cancelled,
+    and the images it had stored (with their records) are deleted, not left for no one."""
+    save, stored = parts.engine.images.save, []
+
+    def save_then_cancel(*args: object) -> object:
+        saved = save(*args)
+        stored.append(saved.name)
+        parts.engine.endings.cancel(job.id)  # the client's DELETE, at this very moment
+        return saved
+
+    monkeypatch.setattr(parts.engine.images, "save", save_then_cancel)
+    job = parts.submit(params(seeds=(1, 2)))
+    assert parts.engine.run([job]) == []
+    assert parts.jobs.get(job.id).status == JobStatus.CANCELLED and len(stored) >= 1
+    assert all(parts.engine.images.find(name) is None for name in stored), "no record left"
+    assert parts.engine.images.stats()["count"] == 0
+    assert not any(parts.engine.images.local_dir.glob("*.png")), "no file left"

@@ -11,7 +11,9 @@ import threading
 import time
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
+from bench.harness import wait_for
 from imagegen.queues import local as local_queue
 from tests.conftest import ROOT, TINY_MODEL, free_port, start_server, wait_ready
 
@@ -96,3 +98,31 @@ def test_an_accepted_job_is_on_disk_when_its_answer_leaves(fake_client):
     db = fake_client.application.extensions["imagegen"].jobs.db
     with db.engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+
+
+def test_a_waiting_client_gets_its_jobs_link_when_the_database_goes_away(app_factory, fake, monkeypatch):
+    """The job was accepted and goes on: a 500 would make a client that retries run it twice."""
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    svc = client.application.extensions["imagegen"]
+    fake.hold(at_step=1)
+    get = svc.jobs.get
+    down = threading.Event()
+
+    def away(job_id: str) -> object:
+        if down.is_set():
+            raise OperationalError("SELECT", {}, Exception("connection refused"))
+        return get(job_id)
+
+    monkeypatch.setattr(svc.jobs, "get", away)
+
+    def database_goes_away() -> None:
+        assert fake.waiting.wait(30)
+        down.set()
+        fake.let_go()
+
+    threading.Thread(target=database_goes_away).start()
+    answer = client.post("/generate", json={"prompt": "a red circle on a blue background"})
+    assert answer.status_code == 202 and answer.headers["Location"] == f"/jobs/{answer.json['id']}"
+    down.clear()
+    assert wait_for(lambda: get(answer.json["id"]).status == "succeeded", "the job's end", 30)

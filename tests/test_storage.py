@@ -135,3 +135,14 @@ def test_files_no_record_names_are_swept_once_past_the_grace(store):
     assert not store.fs.exists(f"{store.root}/{orphan}") and not store.fs.exists(f"{store.root}/inputs/{orphan_input}")
     assert store.read(tracked.name) and store.read_input(tracked_input)
     assert store.fs.exists(f"{store.root}/notes.txt"), "only files of the store's own shapes"
+
+
+def test_a_replica_whose_clock_runs_ahead_sweeps_no_young_file(store, monkeypatch):
+    """Ages are judged by the database's clock: a replica two hours ahead must not take a file
+    written a moment ago (its record on the way) for one an hour old."""
+    young = "C" * 22 + ".png"
+    store.fs.pipe_file(f"{store.root}/{young}", b"its record is being written")
+    ahead = time.time() + 7200
+    monkeypatch.setattr(time, "time", lambda: ahead)
+    assert store.sweep_untracked(3600) == {"deleted": 0, "bytes": 0}
+    assert store.fs.exists(f"{store.root}/{young}")

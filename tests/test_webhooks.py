@@ -319,3 +319,13 @@ def test_ipv6_that_carries_a_private_ipv4_is_refused(app_factory, fake):
         assert answer.status_code == 400 and answer.json["error"]["code"] == "callback_not_allowed", host
     assert str(embedded_ipv4(ipaddress.IPv6Address("2002:0808:0808::1"))) == "8.8.8.8"
     assert embedded_ipv4(ipaddress.IPv6Address("2001:db8::1")) is None
+
+
+def test_a_receiver_that_answers_after_the_deadline_is_recorded_as_timed_out(app_factory, fake, receiver):
+    client = app_factory(pipeline=fake, **LOCAL, webhook_timeout_seconds=0.5, webhook_retries=1).test_client()
+    wait_ready(client)
+    job_id = submit(client, receiver.url("/slow"))  # it acts on the POST, then answers 3 s later
+    given_up = until(lambda: (hook := webhook(client, job_id))["status"] not in {"waiting", "pending"} and hook, 60)
+    assert given_up["status"] == "timed_out" and given_up["attempts"] == 2, given_up
+    assert "deadline" in given_up["last_error"]
+    assert until(lambda: len(receiver.bodies("/slow")) == 2), "each attempt reached it: receivers de-duplicate"

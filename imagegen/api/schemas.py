@@ -72,7 +72,9 @@ class GenerateResponse(BaseModel):
 class WebhookView(BaseModel):
     """The delivery of a job's `callback_url` (docs/webhooks.md)."""
 
-    status: WebhookStatus = Field(description="waiting (the job runs), pending, delivered or failed")
+    status: WebhookStatus = Field(
+        description="waiting (the job runs), pending, delivered, failed, or timed_out (given up unanswered in time)"
+    )
     attempts: int
     last_error: str | None
 

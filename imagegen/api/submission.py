@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from typing import Any, TypeVar
 
 from flask import g, request
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
 from imagegen.api import services
 from imagegen.api.errors import APIError
@@ -24,6 +26,7 @@ from imagegen.jobs import Job
 from imagegen.protocol import GenerateRequest
 
 Schema = TypeVar("Schema", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 def parse(schema: type[Schema], data: Any = None) -> Schema:
@@ -61,11 +64,19 @@ def caller() -> Caller:
 
 
 def wait_for(job: Job) -> Job | None:
-    """Waits up to REQUEST_TIMEOUT_SECONDS; the finished job, or None if it is still going."""
+    """Waits up to REQUEST_TIMEOUT_SECONDS; the finished job, or None if it is still going, or if
+    the database stopped answering meanwhile: the job was accepted and goes on, so the client gets
+    its link (a 500 would make a retrying client run it twice)."""
     svc = services()
-    if not svc.queue.wait(job.id, svc.settings.request_timeout_seconds):
+    try:
+        if not svc.queue.wait(job.id, svc.settings.request_timeout_seconds):
+            return None
+        current = svc.jobs.get(job.id)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "job %s: the database did not answer while its request waited (%s); answered with its link", job.id, exc
+        )
         return None
-    current = svc.jobs.get(job.id)
     return current if current and current.status.finished else None  # still queued: the server is stopping
 
 
@@ -87,7 +98,8 @@ def generate_now(native: GenerateRequest, client_defaults: dict[str, Any] | None
     if finished is None:
         raise APIError(
             "timeout",
-            f"The generation outlived REQUEST_TIMEOUT_SECONDS; it continues as job {job.id} (GET /jobs/{job.id}).",
+            f"The generation did not end within this request (REQUEST_TIMEOUT_SECONDS, or the database did not "
+            f"answer); it continues as job {job.id} (GET /jobs/{job.id}).",
         )
     if finished.error or not finished.images:
         raise job_failure(finished)

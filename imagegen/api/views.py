@@ -10,6 +10,7 @@ import base64
 from typing import Any
 
 from flask import url_for
+from sqlalchemy.exc import SQLAlchemyError
 
 from imagegen.api import services
 from imagegen.api.errors import APIError
@@ -71,10 +72,14 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
 
 
 def accepted(job: Job) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """202 with the job's current view and a Location header to poll."""
+    """202 with the job's current view and a Location header to poll; with the database away, the
+    view of the job as it was queued (the job goes on: the client polls its link once it is back)."""
     location = url_for("jobs.get_job", job_id=job.id)
-    current = services().jobs.get(job.id) or job
-    return {**job_view(current), "location": location}, 202, {"Location": location}
+    try:
+        view = job_view(services().jobs.get(job.id) or job)
+    except SQLAlchemyError:
+        view = {"id": job.id, "status": job.status, "model": job.params.model, "created_at": job.created_at}
+    return {**view, "location": location}, 202, {"Location": location}
 
 
 def model_views(models: list[dict[str, Any]]) -> list[dict[str, Any]]:

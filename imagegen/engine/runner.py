@@ -178,7 +178,11 @@ class Engine:
             held = self.jobs.held(runnable)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id in held:
-                    self.endings.end(job, JobStatus.SUCCEEDED, images=self._store(job, job_images), lease=job.lease)
+                    stored = self._store(job, job_images)
+                    if not self.endings.end(job, JobStatus.SUCCEEDED, images=stored, lease=job.lease):
+                        # cancelled (or taken over) between `held` and its ending: what it stored is
+                        # no job's, so nothing would serve it or sweep it (its records name it)
+                        self.images.delete([image["name"] for image in stored])
             if len(held) < len(runnable):
                 log.info("%d jobs were cancelled or taken over while their batch ran", len(runnable) - len(held))
             runnable = [job for job in runnable if job.id in held]
