@@ -26,7 +26,7 @@ Decoded = SkipJsonSchema[Image.Image]
 
 def _chosen(info: ValidationInfo) -> Any:
     """The catalogue entry of the request's model (validated before the fields that depend on
-    it), or None for a model the catalogue lacks (refused by `resolve_params`)."""
+    it), or None for a model the catalogue lacks (refused by the generation service)."""
     settings: Settings = info.context["settings"]
     return info.context["catalogue"].get(info.data.get("model") or settings.model_id)
 
