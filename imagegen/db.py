@@ -161,6 +161,12 @@ class Database:
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.url = parsed.render_as_string(hide_password=True)
+        # An embedded SQLite file's folder, whose disk /health and /status watch; None for a server.
+        self.local_dir = (
+            Path(parsed.database).resolve().parent
+            if parsed.get_backend_name() == "sqlite" and parsed.database
+            else None
+        )
         self._migrate()
 
     def _migrate(self) -> None:

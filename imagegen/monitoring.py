@@ -170,23 +170,27 @@ def gpu_memory() -> list[dict[str, Any]] | None:
     return gpus
 
 
-def system_status(image_dir: Path, started: float) -> dict[str, Any]:
-    """CPU, RAM, process RSS, GPU memory, the image disk and uptime."""
+def disk_figures(folder: Path) -> dict[str, Any]:
+    """The disk a folder is on: its size, what is free, and how full it is."""
+    disk = shutil.disk_usage(folder)
+    percent = round(100 * (disk.total - disk.free) / disk.total, 1)
+    return {"path": folder.name, "total_bytes": disk.total, "free_bytes": disk.free, "percent": percent}
+
+
+def system_status(image_dir: Path, started: float, database_dir: Path | None = None) -> dict[str, Any]:
+    """CPU, RAM, process RSS, GPU memory, the image disk (and an embedded database's) and uptime."""
     memory = psutil.virtual_memory()
-    disk = shutil.disk_usage(image_dir)
-    return {
+    figures = {
         "cpu_percent": psutil.cpu_percent(interval=None),  # since the last call (the first: since psutil's import)
         "ram": {"total_bytes": memory.total, "used_bytes": ram_used_bytes(), "percent": memory.percent},
         "process_rss_bytes": psutil.Process().memory_info().rss,
         "gpus": gpu_memory(),
-        "disk": {
-            "path": image_dir.name,
-            "total_bytes": disk.total,
-            "free_bytes": disk.free,
-            "percent": round(100 * (disk.total - disk.free) / disk.total, 1),
-        },
+        "disk": disk_figures(image_dir),
         "uptime_seconds": round(time.time() - started, 1),
     }
+    if database_dir is not None:
+        figures["database_disk"] = disk_figures(database_dir)
+    return figures
 
 
 def histogram_figures(histogram: Histogram) -> dict[str, Any]:

@@ -110,14 +110,16 @@ class Services:
             return NotReady("shutting_down", "The server is shutting down; retry on another instance or shortly.", 10)
         if problem := self.queue.problem(model or self.settings.model_id, probe):
             return problem
-        folder = self.images.local_dir
-        if probe and folder is not None and shutil.disk_usage(folder).free < MIN_FREE_DISK_BYTES:
-            return NotReady("disk_full", "The image disk is full.", 60)
+        for what, folder in (("image", self.images.local_dir), ("database", self.jobs.db.local_dir)):
+            if probe and folder is not None and shutil.disk_usage(folder).free < MIN_FREE_DISK_BYTES:
+                return NotReady("disk_full", f"The {what} disk is full.", 60)
         return None
 
     def system(self) -> dict[str, Any]:
         """The machine's figures, with the disk of the image folder (or of DATA_DIR with object storage)."""
-        return system_status(self.images.local_dir or self.settings.data_dir, self.monitor.started)
+        return system_status(
+            self.images.local_dir or self.settings.data_dir, self.monitor.started, self.jobs.db.local_dir
+        )
 
     def check_alerts(self) -> list[dict[str, Any]]:
         """The alerts now (RAM, GPU memory, disk over their thresholds), each crossing logged once."""

@@ -5,17 +5,19 @@ faults in test_cluster.py.)"""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from bench.harness import wait_for
 from imagegen.queues import local as local_queue
-from tests.conftest import ROOT, TINY_MODEL, free_port, start_server, wait_ready
+from tests.conftest import ADMIN, ROOT, TINY_MODEL, free_port, start_server, wait_ready
 
 PROMPT = "a red circle"
 
@@ -126,3 +128,26 @@ def test_a_waiting_client_gets_its_jobs_link_when_the_database_goes_away(app_fac
     assert answer.status_code == 202 and answer.headers["Location"] == f"/jobs/{answer.json['id']}"
     down.clear()
     assert wait_for(lambda: get(answer.json["id"]).status == "succeeded", "the job's end", 30)
+
+
+def test_a_full_database_disk_is_a_503_to_retry_and_health_says_so(app_factory, fake, monkeypatch):
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    svc = client.application.extensions["imagegen"]
+
+    def full(*_args: object, **_kwargs: object) -> object:
+        raise OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(svc.jobs, "create", full)
+    for path, body in (("/generate", {"prompt": "a red circle"}), ("/sdapi/v1/txt2img", {"prompt": "a red circle"})):
+        answer = client.post(path, json=body)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", (path, answer.get_data())
+        assert "database_unavailable" in answer.get_data(as_text=True)
+    usage = shutil.disk_usage
+    database = svc.jobs.db.local_dir
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: usage(path)._replace(free=0) if Path(path) == database else usage(path)
+    )
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["reason"] == "The database disk is full."
+    assert client.get("/status", headers=ADMIN).json["system"]["database_disk"]["free_bytes"] == 0

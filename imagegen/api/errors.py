@@ -14,11 +14,14 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from imagegen.refusals import Refusal, status_of
 
 log = logging.getLogger(__name__)
+
+DATABASE_RETRY_SECONDS = 5
 
 # Werkzeug's status codes mapped to our stable, documented error codes.
 HTTP_CODES = {
@@ -98,6 +101,14 @@ def refusal_error(refusal: Refusal) -> APIError:
     return APIError(refusal.code, refusal.message, refusal.details or None, headers)
 
 
+def database_error(exc: SQLAlchemyError) -> APIError:
+    """The job database refused or failed a request's read or write (down, locked, its disk full):
+    not our bug, and over once it answers again, so a 503 to retry rather than a 500."""
+    log.warning("the database did not answer a request: %s", exc)
+    message = "The job database does not answer; retry shortly."
+    return APIError("database_unavailable", message, headers={"Retry-After": str(DATABASE_RETRY_SECONDS)})
+
+
 def unexpected_error(exc: Exception) -> APIError:
     """Our own bug: logged with its traceback, shown to the client without internals in production."""
     log.exception("unhandled error")
@@ -121,6 +132,7 @@ def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = 
     target.register_error_handler(Refusal, lambda exc: handle(refusal_error(exc)))
     target.register_error_handler(ValidationError, lambda exc: handle(validation_error(exc)))
     target.register_error_handler(HTTPException, lambda exc: handle(http_error(exc)))
+    target.register_error_handler(SQLAlchemyError, lambda exc: handle(database_error(exc)))
     target.register_error_handler(Exception, lambda exc: handle(unexpected_error(exc)))
 
 
