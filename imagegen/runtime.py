@@ -42,11 +42,13 @@ class LiveSettings:
         self._lock = threading.Lock()
         self._stored: dict[str, Any] = {}
         self._current = base
-        self.catalogue: dict[str, ModelSpec] = build_catalogue(base)
+        self.catalogue: dict[str, ModelSpec] = {}  # built once below, or by the first refresh that finds changes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._import_legacy_file()
         self.refresh()
+        if not self.catalogue:  # nothing stored: the environment's own
+            self.catalogue = build_catalogue(base)
 
     @property
     def current(self) -> Settings:
@@ -69,7 +71,7 @@ class LiveSettings:
                 return False
             self._stored = stored
             current = self._settle(self.overrides())
-            if current != self._current:  # the globals fill what no entry or family sets
+            if current != self._current or not self.catalogue:  # the globals fill what no entry or family sets
                 self.catalogue = build_catalogue(current)
             self._current = current
         for listener in self.listeners:
