@@ -185,18 +185,36 @@ class Commands:
 class Consumer:
     """What the worker does with one flush of messages: the jobs still to run, in batches by the
     engine's rule; a retried job goes back to the broker as a new message, due after its pause.
-    Settings changed meanwhile (`pending`, from the runtime settings) apply before the flush runs."""
+    An admin's change (`adjust`) applies at once when no flush runs, else when the running one ends,
+    so no batch sees its settings change and an idle worker reports the change in its next beat."""
 
     def __init__(
         self, engine: Engine, republish: Callable[[list[str], float], None], report: Callable[[WorkerState], None]
     ) -> None:
         self.engine, self.republish, self.report = engine, republish, report
-        self.pending: Settings | None = None
+        self._lock = threading.Lock()
+        self._running = False
+        self._pending: Settings | None = None
+
+    def adjust(self, changed: Settings) -> None:
+        with self._lock:
+            if self._running:
+                self._pending = changed
+            else:
+                self.engine.settings = changed
 
     def __call__(self, job_ids: list[str]) -> None:
-        if self.pending is not None:  # between batches: no batch sees its settings change
-            self.engine.settings, self.pending = self.pending, None
-        ids = list(dict.fromkeys(job_ids))  # a redelivery may repeat an id
+        with self._lock:
+            self._running = True
+        try:
+            self._consume(list(dict.fromkeys(job_ids)))  # a redelivery may repeat an id
+        finally:
+            with self._lock:
+                self._running = False
+                if self._pending is not None:
+                    self.engine.settings, self._pending = self._pending, None
+
+    def _consume(self, ids: list[str]) -> None:
         try:
             pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
             for batch in plan_batches(pending, self.engine.settings.max_batch_size):
@@ -250,10 +268,10 @@ def main() -> None:
     )
 
     def adjusted(changed: Settings) -> None:
-        """An admin's change (read from the database by `live`): the log level now, the rest from the
-        next batch."""
+        """An admin's change (read from the database by `live`): the log level now, the rest between
+        batches."""
         logging.getLogger().setLevel(changed.log_level)
-        consume.pending = changed
+        consume.adjust(changed)
 
     @celery.task(
         name=TASK,

@@ -179,6 +179,40 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
     worker_db.close()
 
 
+def test_a_worker_applies_an_admins_change_when_idle_at_once_and_during_a_batch_after_it(tmp_path, postgres_url, fake):
+    """An idle worker must report the change in its next heartbeat (the change waited for a batch
+    that might never come); a running batch keeps the settings it started with."""
+    settings = cluster_settings(tmp_path, postgres_url, max_batch_size=4)
+    db = Database(postgres_url)
+    jobs = JobStore(db)
+    engine = build_engine(
+        settings,
+        ImageStore(settings.image_dir, db),
+        Endings(jobs, Monitor(), lambda _job_id: None),
+        Monitor(),
+        "w1",
+        load=lambda _s, _d: fake,
+    )
+    consume = worker_process.Consumer(engine, lambda _ids, _after: None, lambda _state: None)
+    consume.adjust(settings.model_copy(update={"max_batch_size": 3}))
+    assert engine.settings.max_batch_size == 3, "applied at once while idle"
+
+    engine.models.get(settings.model_id)
+    fake.hold(at_step=1)
+    job = Job(params=params())
+    jobs.create(job)
+    running = threading.Thread(target=consume, args=([job.id],))
+    running.start()
+    assert fake.waiting.wait(30)
+    consume.adjust(settings.model_copy(update={"max_batch_size": 2}))
+    assert engine.settings.max_batch_size == 3, "the running batch keeps its settings"
+    fake.let_go()
+    running.join(30)
+    assert engine.settings.max_batch_size == 2, "applied when the batch ended"
+    assert jobs.get(job.id).status == JobStatus.SUCCEEDED
+    db.close()
+
+
 def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, postgres_url, fake, monkeypatch):
     settings = cluster_settings(tmp_path, postgres_url)
     db = Database(postgres_url)
