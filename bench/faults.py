@@ -468,6 +468,17 @@ def queue_purged() -> Row:
         return deploy.settle("broker queue purged while jobs wait", ids, time.time())
 
 
+def queue_deleted() -> Row:
+    """The broker's queue is deleted while jobs wait in it (an operator's mistake, an expiry policy,
+    a classic queue's node leaving): RabbitMQ cancels the workers' consumers."""
+    with deployment() as deploy:
+        ids = deploy.submit(8)
+        deploy.busy_worker()
+        _rabbitmqctl("delete_queue", "-p", VHOST, deploy.env["BROKER_QUEUE"])
+        ids += deploy.submit(4)  # published while the queue is gone, or into the one the reconciler made again
+        return deploy.settle("broker queue deleted while jobs wait", ids, time.time())
+
+
 FAULTS: dict[str, Callable[[], Row]] = {
     "api-kill": api_killed_between_record_and_publish,
     "worker-kill": worker_killed_mid_batch,
@@ -480,6 +491,7 @@ FAULTS: dict[str, Callable[[], Row]] = {
     "second-process": second_local_process,
     "sigterm": sigterm_during_synchronous_requests,
     "purge": queue_purged,
+    "queue-deleted": queue_deleted,
 }
 
 

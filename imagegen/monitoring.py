@@ -241,8 +241,10 @@ class AppFigures(Collector):
         }
         for gpu in gpu_memory() or []:
             gauges[f"gpu{gpu['index']}_memory_used_bytes"] = (f"GPU {gpu['index']} memory in use.", gpu["used_bytes"])
-        if runners.broker_queue_depth is not None:
-            gauges["broker_queue_depth"] = ("Messages waiting in the broker.", runners.broker_queue_depth)
+        if runners.broker is not None:
+            gauges["broker_queue_depth"] = ("Messages waiting in the broker.", runners.broker.ready)
+            if runners.broker.consumers is not None:
+                gauges["broker_consumers"] = ("Consumers of the broker's queue (RabbitMQ).", runners.broker.consumers)
         for name, (description, value) in gauges.items():
             yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
         if runners.workers is not None:  # a cluster: its workers, each by name

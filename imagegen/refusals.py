@@ -70,6 +70,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "too_busy": ((503,), "Every thread this server may give to waiting requests is taken (THREADS - 2)."),
     "queue_full": ((503,), "The queue holds MAX_QUEUE_SIZE jobs; `Retry-After` estimates when a place frees up."),
     "queue_unavailable": ((503,), "Cluster: the broker (or the database, or storage) does not answer."),
+    "queue_unconsumed": ((503,), "Cluster: jobs wait in the broker's queue and no worker consumes it (/health)."),
     "database_unavailable": ((503,), "The job database refused a read or write (down, locked, its disk full)."),
     "timeout": (
         (503,),

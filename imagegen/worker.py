@@ -32,7 +32,7 @@ from imagegen.jobs import JobStore
 from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
 from imagegen.protocol import SettingsPatch
-from imagegen.queues.cluster import TASK, WorkerRegistry, make_celery, publish
+from imagegen.queues.cluster import TASK, ConsumerWatch, WorkerRegistry, broker_queue, make_celery, publish
 from imagegen.runtime import LiveSettings
 from imagegen.services import private_files
 from imagegen.states import WorkerState
@@ -68,7 +68,7 @@ class Heartbeat:
     batch never makes a live worker look dead, and renews the leases of the batch it runs. Each
     beat carries the worker's figures (memory, GPUs, models, generation histograms:
     `monitoring.runner_report`), which the API shows in /status and /metrics, then runs
-    `after_beat` (the idle watch). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
+    `after_beat` (the idle and consumer watch). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
     the worker `stalled`, and its leases are no longer renewed, so the others take its jobs."""
 
     def __init__(
@@ -160,7 +160,8 @@ class Commands:
         return {"unloaded": unloaded}
 
     def register(self) -> None:
-        """Makes the commands known to Celery's worker (imagegen_load, imagegen_unload, imagegen_unload_idle)."""
+        """Makes the commands known to Celery's worker (imagegen_load, imagegen_unload, imagegen_unload_idle,
+        imagegen_resubscribe)."""
 
         @control_command(name="imagegen_load", args=[("model", str)], signature="<model>")
         def _load(_state: Any, model: str) -> dict[str, Any]:
@@ -174,12 +175,27 @@ class Commands:
         def _unload_idle(_state: Any) -> dict[str, Any]:
             return self._then_report(self.unload_idle())
 
+        @control_command(name="imagegen_resubscribe")
+        def _resubscribe(state: Any) -> dict[str, Any]:
+            return resubscribe(state.consumer)
+
     def _then_report(self, answer: dict[str, Any]) -> dict[str, Any]:
         try:
             self.done()
         except Exception as exc:  # the answer still counts; the next heartbeat reports the change
             log.warning("could not report after a command: %s", exc)
         return answer
+
+
+def resubscribe(consumer: Any) -> dict[str, Any]:
+    """Consumes the task queue again: the broker holds jobs and counts no consumer, so this worker's
+    was cancelled (a deleted queue) and the notice did not make Celery reconnect. Forgets the old
+    consumer tag first, since Celery still takes it for a live one. `consumer` is Celery's."""
+    queue = consumer.app.conf.task_default_queue
+    consumer.task_consumer.cancel_by_queue(queue)
+    consumer.add_task_queue(queue)
+    log.warning("the broker counted no consumer of %s while jobs waited: consuming it again", queue)
+    return {"resubscribed": queue}
 
 
 class Consumer:
@@ -254,14 +270,19 @@ def main() -> None:
     celery = make_celery(settings)
     hostname = f"{name}@{socket.gethostname()}"  # the worker's name in Celery, for messages to itself
 
-    def idle_watch() -> None:
-        """Asks this worker's main thread, through the broker, to unload models left idle."""
+    consumers = ConsumerWatch()
+
+    def watch() -> None:
+        """After each beat, asks this worker's main thread, through the broker, to unload models left
+        idle, and to consume the queue again when jobs wait there with no consumer."""
         timeout = engine.settings.model_idle_timeout_seconds
         if timeout and engine.models.idle(timeout):
             celery.control.broadcast("imagegen_unload_idle", destination=[hostname])
+        if consumers.unconsumed(broker_queue(celery)):
+            celery.control.broadcast("imagegen_resubscribe", destination=[hostname])
 
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
-    heartbeat = Heartbeat(registry, name, settings, engine, after_beat=idle_watch)
+    heartbeat = Heartbeat(registry, name, settings, engine, after_beat=watch)
     Commands(engine, done=heartbeat.beat).register()
     consume = Consumer(
         engine, lambda ids, after: publish(celery, ids, settings.publish_timeout_seconds, after), heartbeat.report

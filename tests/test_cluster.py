@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -243,6 +244,56 @@ def test_health_asks_the_broker_database_and_storage_at_most_every_few_seconds(
     monkeypatch.setattr(cluster, "PROBE_CACHE_SECONDS", 0)
     client.get("/health")
     assert len(pings) == 2, "asked again once PROBE_CACHE_SECONDS have passed"
+
+
+def test_health_and_metrics_say_when_jobs_wait_and_no_worker_consumes_the_queue(app_factory, postgres_url, tmp_path):
+    """A deleted queue cancels every consumer; a worker that misses the notice stays alive and
+    `ready`, so only the broker's count of consumers shows that nothing will run."""
+    from imagegen.queues.cluster import WorkerRegistry, publish
+
+    app = app_factory(**_cluster(postgres_url, tmp_path))
+    client = app.test_client()
+    services = app.extensions["imagegen"]
+    WorkerRegistry(services.jobs.db, heartbeat_seconds=5).beat("w", "cpu", "m", "ready", 0, time.time())
+    services.queue.reconcile()
+    assert client.get("/health").status_code == 200, "an empty queue needs no consumer"
+    publish(services.queue.app, ["a-job"], 5)
+    wait_until(lambda: services.queue.describe().broker.ready == 1, timeout=10)
+    services.queue.reconcile()
+    assert client.get("/health").status_code == 200, "one check could be a worker reconnecting"
+    services.queue.reconcile()
+    health = client.get("/health")
+    assert (
+        health.status_code == 503
+        and health.json["reason"] == "Jobs wait in the broker's queue and no worker consumes it."
+    )
+    assert client.get("/status", headers=ADMIN).json["app"]["broker_consumers"] == 0
+    assert "imagegen_broker_consumers 0.0" in client.get("/metrics", headers=ADMIN).get_data(as_text=True)
+
+
+def test_a_worker_whose_consumer_was_cancelled_consumes_again(tmp_path, postgres_url, processes):
+    """The broker cancels the worker's consumer and the worker does not reconnect (the notice was
+    lost): the job waits, the worker sees no consumer counted and subscribes again."""
+    from celery import Celery
+
+    from imagegen.queues.cluster import broker_queue as broker_queue_of
+
+    env = cluster_env(tmp_path, postgres_url)
+    processes.append(start_worker(tmp_path, "w1", env))
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    app = Celery(broker=env["BROKER_URL"], task_default_queue=env["BROKER_QUEUE"])
+    wait_until(lambda: broker_queue_of(app).consumers == 1, timeout=60)  # the worker consumes: /health came first
+    control = app.control
+    answer = control.cancel_consumer(
+        env["BROKER_QUEUE"], destination=[f"w1@{socket.gethostname()}"], reply=True, timeout=30
+    )
+    assert answer
+    wait_until(lambda: broker_queue_of(app).consumers == 0, timeout=30)  # applied soon after the answer
+    status, job = post(base, {"prompt": PROMPT, "steps": 2, "async": True})
+    assert status == 202
+    wait_until(lambda: get(base, f"/jobs/{job['id']}")[1]["status"] == "succeeded", timeout=60)
+    assert "consuming it again" in (tmp_path / "logs" / "worker-w1.log").read_text()
 
 
 def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from imagegen.refusals import Refusal
 if TYPE_CHECKING:
     from config import Settings
     from imagegen.jobs import Job
+    from imagegen.queues.cluster import BrokerQueue
     from imagegen.states import ModelState
 
 
@@ -71,18 +72,22 @@ class Snapshot:
 class Runners:
     """What /status, /health and /metrics show of whatever runs jobs: the default model (its state,
     device and precision, where it will load), every model known, and in a cluster each worker seen
-    lately and the broker's depth (None where it cannot say)."""
+    lately and the broker's counts (None where it cannot say)."""
 
     model: dict[str, Any]
     models: list[dict[str, Any]]
     workers: list[dict[str, Any]] | None = None
-    broker_queue_depth: int | None = None
+    broker: BrokerQueue | None = None
 
     def view(self) -> dict[str, Any]:
         """As /status's `app` shows it (a cluster's parts only in a cluster)."""
         view: dict[str, Any] = {"model": self.model, "models": self.models}
         if self.workers is not None:
-            view.update(workers=self.workers, broker_queue_depth=self.broker_queue_depth)
+            view.update(
+                workers=self.workers,
+                broker_queue_depth=self.broker.ready if self.broker else None,
+                broker_consumers=self.broker.consumers if self.broker else None,
+            )
         return view
 
     def loaded(self) -> list[str]:

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from amqp.exceptions import ChannelError
@@ -94,17 +95,43 @@ def broker_ping(app: Celery) -> None:
         conn.ensure_connection(max_retries=1)
 
 
-def broker_depth(app: Celery) -> int | None:
-    """Messages waiting in the broker's queue (not yet handed to a worker); None if it cannot say."""
+@dataclass(frozen=True)
+class BrokerQueue:
+    """The broker's task queue as it counts it: messages ready, and consumers (None where it
+    cannot say: Redis counts none)."""
+
+    ready: int
+    consumers: int | None
+
+
+def broker_queue(app: Celery) -> BrokerQueue | None:
+    """The task queue's counts, from a passive declare; None if the broker does not answer."""
     try:
         with app.connection_for_read() as conn:
-            queue = app.conf.task_default_queue
-            return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+            declared = conn.default_channel.queue_declare(queue=app.conf.task_default_queue, passive=True)
+            amqp = conn.transport.driver_type == "amqp"
+            return BrokerQueue(declared.message_count, declared.consumer_count if amqp else None)
     except ChannelError as exc:
-        # No such queue holds nothing: not declared yet, or (on Redis) empty, as Redis drops empty lists.
-        return 0 if str(exc.reply_code) == "404" else None  # an int from RabbitMQ, a str from Redis
+        # No such queue holds nothing: not declared yet, deleted, or (on Redis) empty, as Redis drops
+        # empty lists.
+        return BrokerQueue(0, None) if str(exc.reply_code) == "404" else None  # an int from RabbitMQ, a str from Redis
     except Exception:  # the broker is down
         return None
+
+
+class ConsumerWatch:
+    """Whether jobs have waited in the broker's queue with no consumer at two checks in a row (one
+    would also catch a worker reconnecting). RabbitMQ cancels every consumer of a queue it deletes
+    (an operator's mistake, an expiry policy, a node leaving), and a worker that misses the notice
+    stays connected, alive and deaf; the API reports it, each worker re-subscribes."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def unconsumed(self, queue: BrokerQueue | None) -> bool:
+        waiting = queue is not None and queue.ready > 0 and queue.consumers == 0
+        self.checks = self.checks + 1 if waiting else 0
+        return self.checks >= 2
 
 
 class WorkerRegistry:
@@ -177,6 +204,8 @@ class CeleryQueue:
         self._alive_checked = (0.0, False)
         self._probed: tuple[float, NotReady | None] = (-PROBE_CACHE_SECONDS, None)  # (when, what was down)
         self._stopping = threading.Event()
+        self._watch = ConsumerWatch()
+        self.unconsumed = False
 
     def start(self) -> None:
         """Nothing runs here: the workers are other processes."""
@@ -228,6 +257,8 @@ class CeleryQueue:
 
         - running jobs whose lease ran out (their worker died, hung, or lost its database) are queued
           again and published;
+        - jobs waiting in the broker with no consumer at two periods in a row make /health say so
+          (`ConsumerWatch`);
         - queued jobs the broker forgot (a purged queue, a broker restarted without persistence, an
           API killed between the record and the publish, a failed re-publish) are published again:
           while the records hold more queued jobs than the broker has messages ready, the oldest
@@ -236,8 +267,9 @@ class CeleryQueue:
         """
         recovered = [job.id for job in self.jobs.expired() if self.jobs.recover(job)]
         republished: list[str] = []
-        ready = broker_depth(self.app)
-        if ready is not None and (missing := self.jobs.depth() - ready - len(recovered)) > 0:
+        queue = broker_queue(self.app)
+        self.unconsumed = self._watch.unconsumed(queue)
+        if queue is not None and (missing := self.jobs.depth() - queue.ready - len(recovered)) > 0:
             republished = self.jobs.due_for_publish(3 * self.settings.reconcile_seconds, missing)
         if recovered or republished:
             log.warning(
@@ -315,6 +347,8 @@ class CeleryQueue:
             return None if self._any_alive() else stopped
         if down := self._parts_down():
             return down
+        if self.unconsumed:
+            return NotReady("queue_unconsumed", "Jobs wait in the broker's queue and no worker consumes it.", 5)
         state = self._model_state(self.registry.alive())
         if state == ModelState.UNLOADED:
             return stopped
@@ -371,4 +405,4 @@ class CeleryQueue:
             "state": self._model_state(alive),
             "device": ", ".join(sorted({worker["device"] for worker in alive})) or None,
         }
-        return Runners(model, list(models.values()) or [model], workers, broker_depth(self.app))
+        return Runners(model, list(models.values()) or [model], workers, broker_queue(self.app))
