@@ -180,6 +180,7 @@ class Settings(BaseSettings):
     storage_presigned_urls: bool = False
     data_dir: Path = ROOT / "data"
     database_url: str = ""
+    database_timeout_seconds: float = Field(10, gt=0, le=300)
     image_ttl_seconds: int = Field(86_400, ge=1, le=MAX_AGE_SECONDS)
     log_dir: Path = ROOT / "logs"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

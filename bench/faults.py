@@ -47,6 +47,7 @@ import psycopg
 from bench.harness import (
     ADMIN_TOKEN,
     POSTGRES,
+    FrozenProxy,
     cluster_database,
     delete_queue,
     free_port,
@@ -247,8 +248,12 @@ class Deployment:
 
 
 @contextmanager
-def deployment(workers: int = 2, cluster: bool = True, **env: str) -> Iterator[Deployment]:
-    """A fresh deployment (a database and a broker queue of its own), torn down afterwards."""
+def deployment(
+    workers: int = 2, cluster: bool = True, database_proxy: FrozenProxy | None = None, **env: str
+) -> Iterator[Deployment]:
+    """A fresh deployment (a database and a broker queue of its own), torn down afterwards; its
+    processes reach the database through `database_proxy` where one is given (the suite's own
+    reads go straight to it)."""
     with tempfile.TemporaryDirectory(prefix="imagegen-faults-") as tmp, cluster_database(cluster) as database:
         root = Path(tmp)
         values = {
@@ -275,7 +280,7 @@ def deployment(workers: int = 2, cluster: bool = True, **env: str) -> Iterator[D
                 QUEUE_BACKEND="celery",
                 BROKER_URL=BROKER,
                 BROKER_QUEUE=queue,
-                DATABASE_URL=database or "",
+                DATABASE_URL=_through(database, database_proxy),
                 IMAGE_DIR=str(root / "images"),
             )
         values.update(env)
@@ -361,6 +366,22 @@ def database_refuses_connections() -> Row:
             time.sleep(20)
             admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         return deploy.settle("job database refuses connections 20 s", ids, time.time())
+
+
+def database_hangs() -> Row:
+    """The job database accepts connections and answers nothing for 20 s (a frozen host: here a
+    proxy in front of it that stops passing bytes), with DATABASE_TIMEOUT_SECONDS=2."""
+    proxy = FrozenProxy(5432)
+    try:
+        with deployment(database_proxy=proxy, DATABASE_TIMEOUT_SECONDS="2") as deploy:
+            ids = deploy.submit(8)
+            deploy.busy_worker()
+            proxy.freeze()
+            time.sleep(20)
+            proxy.thaw()
+            return deploy.settle("job database hangs 20 s", ids, time.time())
+    finally:
+        proxy.close()
 
 
 def object_storage_down() -> Row:
@@ -486,6 +507,7 @@ FAULTS: dict[str, Callable[[], Row]] = {
     "heartbeat": batch_longer_than_broker_heartbeat,
     "broker-close": broker_connections_closed,
     "database": database_refuses_connections,
+    "database-hangs": database_hangs,
     "storage": object_storage_down,
     "disk-full": image_disk_full,
     "second-process": second_local_process,
@@ -531,6 +553,15 @@ def main() -> None:
 
 
 # ----- plumbing -----
+
+
+def _through(database: str | None, proxy: FrozenProxy | None) -> str:
+    """The database's URL, through the proxy where there is one."""
+    if not database or proxy is None:
+        return database or ""
+    from sqlalchemy.engine import make_url
+
+    return make_url(database).set(port=proxy.port).render_as_string(hide_password=False)
 
 
 def _stamp(text: str) -> float:

@@ -8,6 +8,10 @@ an API and its workers may start at once), so no one edits a table by hand.
 from __future__ import annotations
 
 import logging
+import math
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -145,21 +150,95 @@ runtime_settings = Table(
 )
 
 
-class Database:
-    """An engine on DATABASE_URL, brought to the newest schema when opened."""
+class Deadlines:
+    """Cuts the socket of a PostgreSQL call that outlives DATABASE_TIMEOUT_SECONDS.
 
-    def __init__(self, url: str) -> None:
+    Why our own: a server that accepts and never answers (a frozen host or container, a stuck
+    proxy) is beyond every libpq timeout. `statement_timeout` runs on the server, and the kernel
+    still acknowledges what keepalives and `tcp_user_timeout` send, so a request would wait as long
+    as the server stays frozen, holding a server thread. psycopg waits on the socket; shutting the
+    socket down from this thread ends the wait with an OperationalError, SQLAlchemy drops the
+    connection, and the request answers 503 `database_unavailable`. One thread serves every engine.
+    """
+
+    TICK_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[int, tuple[float, int]] = {}  # id(psycopg connection) -> (deadline, socket)
+        self._thread: threading.Thread | None = None
+
+    def arm(self, connection: Any, seconds: float) -> None:
+        pgconn = getattr(connection, "pgconn", None)  # psycopg's (other drivers are not watched)
+        if pgconn is None or pgconn.socket < 0:
+            return
+        with self._lock:
+            self._armed[id(connection)] = (time.monotonic() + seconds, pgconn.socket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="db-deadlines", daemon=True)
+                self._thread.start()
+
+    def disarm(self, connection: Any) -> None:
+        with self._lock:
+            self._armed.pop(id(connection), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.TICK_SECONDS)
+            now = time.monotonic()
+            with self._lock:
+                late = [key for key, (deadline, _fd) in self._armed.items() if deadline <= now]
+                for key in late:
+                    _deadline, fd = self._armed.pop(key)
+                    try:  # a duplicate of the descriptor: shutdown acts on the socket, close on the copy
+                        with socket.socket(fileno=socket.dup(fd)) as sock:
+                            sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:  # closed meanwhile
+                        pass
+            if late:
+                log.warning(
+                    "%d database calls outlived DATABASE_TIMEOUT_SECONDS; their connections were cut", len(late)
+                )
+
+
+DEADLINES = Deadlines()
+
+
+class Database:
+    """An engine on DATABASE_URL, brought to the newest schema when opened.
+
+    On PostgreSQL every call has a bound (`timeout`, DATABASE_TIMEOUT_SECONDS): to connect, to wait
+    for a pooled connection, for a statement on the server, for a dead peer (TCP keepalive and user
+    timeout), and for a server that stops answering (`Deadlines`)."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
         parsed = make_url(url)
-        options: dict[str, Any] = {"pool_pre_ping": True}
+        self.timeout = timeout
+        options: dict[str, Any] = {}
+        postgres = parsed.get_backend_name() == "postgresql"
         if parsed.get_backend_name() == "sqlite":
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            options["pool_pre_ping"] = True
         else:
-            options.update(pool_size=10, max_overflow=20)
+            options.update(pool_size=10, max_overflow=20, pool_timeout=timeout)
+        if postgres:
+            seconds, milliseconds = max(2, math.ceil(timeout)), int(timeout * 1000)
+            options["connect_args"] = {
+                "connect_timeout": seconds,
+                "options": f"-c statement_timeout={milliseconds}",
+                "keepalives": 1,
+                "keepalives_idle": seconds,
+                "keepalives_interval": 1,
+                "keepalives_count": 3,
+                "tcp_user_timeout": milliseconds,
+            }
         self.engine = create_engine(url, **options)
         if parsed.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        if postgres:
+            self._bound_every_call()
         self.url = parsed.render_as_string(hide_password=True)
         # An embedded SQLite file's folder, whose disk /health and /status watch; None for a server.
         self.local_dir = (
@@ -169,15 +248,61 @@ class Database:
         )
         self._migrate()
 
+    def _bound_every_call(self) -> None:
+        """Arms a deadline around each round trip: statements, commits, the rollback that resets a
+        returned connection, and the ping at checkout (ours, since SQLAlchemy's pre-ping has no
+        event before it; a failed ping asks the pool for a fresh connection)."""
+        seconds = self.timeout
+
+        def arm(connection: Connection, *_args: Any) -> None:
+            if not connection.info.get("unbounded"):
+                DEADLINES.arm(_raw(connection), seconds)
+
+        def disarm(connection: Connection | None, *_args: Any) -> None:
+            DEADLINES.disarm(_raw(connection))
+
+        def arm_raw(dbapi_connection: Any, *_args: Any) -> None:
+            DEADLINES.arm(dbapi_connection, seconds)
+
+        def disarm_raw(dbapi_connection: Any, *_args: Any) -> None:
+            DEADLINES.disarm(dbapi_connection)
+
+        def ping(dbapi_connection: Any, *_args: Any) -> None:
+            DEADLINES.arm(dbapi_connection, seconds)
+            try:
+                with dbapi_connection.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            except Exception as exc:
+                raise DisconnectionError(str(exc)) from exc
+            finally:
+                DEADLINES.disarm(dbapi_connection)
+
+        event.listen(self.engine, "before_cursor_execute", arm)
+        event.listen(self.engine, "after_cursor_execute", disarm)
+        event.listen(self.engine, "handle_error", lambda context: disarm(context.connection))
+        event.listen(self.engine, "commit", arm)
+        event.listen(self.engine, "rollback", arm)
+        event.listen(self.engine.pool, "checkout", ping)
+        event.listen(self.engine.pool, "reset", arm_raw)
+        for name in ("checkin", "invalidate", "close"):
+            event.listen(self.engine.pool, name, disarm_raw)
+
     def _migrate(self) -> None:
         """Applies every migration this database lacks, one process at a time."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+        with self.engine.connect() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            conn.info["unbounded"] = postgres  # the lock waits for another process's migration, however long
+            try:
+                with conn.begin():
+                    if postgres:
+                        conn.execute(text("SET LOCAL statement_timeout = 0"))
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "head")
+            finally:
+                conn.info.pop("unbounded", None)
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -202,6 +327,14 @@ class Database:
     def close(self) -> None:
         """Closes the pooled connections (the engine opens new ones if it is used again)."""
         self.engine.dispose()
+
+
+def _raw(connection: Connection | None) -> Any:
+    """The driver's connection under SQLAlchemy's, or None (none, or invalidated meanwhile)."""
+    try:
+        return connection.connection.dbapi_connection if connection is not None else None
+    except Exception:
+        return None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

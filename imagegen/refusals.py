@@ -67,7 +67,10 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "broker_unavailable": ((500,), "The broker refused the job (a job's error; the request got queue_unavailable)."),
     "out_of_memory": ((503,), "The device ran out of memory; a smaller size or batch may fit (a job's error)."),
     "unavailable": ((503,), "The service cannot answer now."),
-    "too_busy": ((503,), "Every thread this server may give to waiting requests is taken (THREADS - 2)."),
+    "too_busy": (
+        (503,),
+        "Server threads taken: waiting requests hold at most THREADS - 2, all but liveness THREADS - 1.",
+    ),
     "queue_full": ((503,), "The queue holds MAX_QUEUE_SIZE jobs; `Retry-After` estimates when a place frees up."),
     "queue_unavailable": ((503,), "Cluster: the broker (or the database, or storage) does not answer."),
     "queue_unconsumed": ((503,), "Cluster: jobs wait in the broker's queue and no worker consumes it (/health)."),

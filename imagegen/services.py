@@ -156,7 +156,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
     private_files(settings)
-    db = Database(settings.database)
+    db = Database(settings.database, settings.database_timeout_seconds)
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes
     monitor = Monitor()

@@ -258,7 +258,7 @@ def main() -> None:
     name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     private_files(settings)
     setup_logging(settings, f"worker-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log")
-    db = Database(settings.database)
+    db = Database(settings.database, settings.database_timeout_seconds)
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes
     jobs = JobStore(db)

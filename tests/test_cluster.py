@@ -296,6 +296,28 @@ def test_a_worker_whose_consumer_was_cancelled_consumes_again(tmp_path, postgres
     assert "consuming it again" in (tmp_path / "logs" / "worker-w1.log").read_text()
 
 
+def test_a_redis_broker_that_stops_answering_fails_the_publish_within_its_timeout(app_factory, postgres_url, tmp_path):
+    """Redis accepts connections and answers nothing: the publish gives up after
+    PUBLISH_TIMEOUT_SECONDS with 503 queue_unavailable, instead of holding the request forever."""
+    from bench.harness import FrozenProxy
+    from imagegen.queues.cluster import WorkerRegistry
+
+    need_service("Redis", 6379)
+    proxy = FrozenProxy(6379)
+    try:
+        broker = f"redis://127.0.0.1:{proxy.port}/1"
+        app = app_factory(**{**_cluster(postgres_url, tmp_path), "broker_url": broker, "publish_timeout_seconds": 2})
+        client = app.test_client()
+        WorkerRegistry(app.extensions["imagegen"].jobs.db, 5).beat("w", "cpu", "m", "ready", 0, time.time())
+        proxy.freeze()
+        started = time.monotonic()
+        answer = client.post("/generate", json={"prompt": PROMPT, "async": True})
+        assert answer.status_code == 503 and answer.json["error"]["code"] == "queue_unavailable", answer.json
+        assert time.monotonic() - started < 20, "bounded by PUBLISH_TIMEOUT_SECONDS (a retry may spend it twice)"
+    finally:
+        proxy.close()
+
+
 def _cluster(database_url: str, tmp_path: Path) -> dict[str, Any]:
     return {
         "queue_backend": "celery",

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from bench.harness import wait_for
+from bench.harness import FrozenProxy, request, wait_for
 from imagegen.queues import local as local_queue
 from tests.conftest import ADMIN, ROOT, TINY_MODEL, free_port, start_server, wait_ready
 
@@ -151,3 +152,45 @@ def test_a_full_database_disk_is_a_503_to_retry_and_health_says_so(app_factory, 
     health = client.get("/health")
     assert health.status_code == 503 and health.json["reason"] == "The database disk is full."
     assert client.get("/status", headers=ADMIN).json["system"]["database_disk"]["free_bytes"] == 0
+
+
+def test_a_database_that_stops_answering_bounds_every_request_and_liveness_answers(tmp_path, postgres_url):
+    """PostgreSQL (here behind a proxy that freezes) accepts connections and answers nothing: every
+    request that needs it answers 503 within its timeout instead of waiting as long as the freeze,
+    and /health/live answers at once although more requests wait than the server has threads."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    proxy = FrozenProxy(url.port or 5432)
+    server = None
+    try:
+        server, base = start_server(
+            tmp_path,
+            DATABASE_URL=url.set(port=proxy.port).render_as_string(hide_password=False),
+            DATABASE_TIMEOUT_SECONDS="1",
+            THREADS="4",
+            ADMIN_TOKEN="reliability-admin-token-0123456789",
+        )
+        assert request(f"{base}/jobs", timeout=30)[0] == 200
+        proxy.freeze()
+
+        def timed(path: str) -> tuple[float, int, dict[str, str]]:
+            started = time.monotonic()
+            status, headers, _body = request(f"{base}{path}", timeout=60)
+            return time.monotonic() - started, status, headers
+
+        with ThreadPoolExecutor(8) as pool:
+            waiting = [pool.submit(timed, "/jobs") for _ in range(6)]
+            time.sleep(0.3)  # they hold every thread but one
+            live = timed("/health/live")
+            answers = [future.result() for future in waiting]
+        assert live[1] == 200 and live[0] < 2, live
+        assert all(status == 503 and "Retry-After" in headers for _, status, headers in answers), answers
+        assert max(seconds for seconds, _, _ in answers) < 15, "each call is cut after DATABASE_TIMEOUT_SECONDS"
+        proxy.thaw()
+        wait_for(lambda: request(f"{base}/jobs", timeout=30)[0] == 200, "the database again", timeout=30)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        proxy.close()

@@ -6,7 +6,10 @@ its thread until the job ends (up to REQUEST_TIMEOUT_SECONDS), an event stream u
 Without caps a few clients take every thread and the health checks stop answering. So each client
 holds at most MAX_WAITS_PER_CLIENT waits and as many streams (429 beyond), and all
 clients together at most THREADS - 2 (503 beyond): two threads always stay free for /health and
-every short request.
+every short request. And every request but liveness holds one of THREADS - 1 from its start to
+its end (a stream's too: its context lives until it closes): when the database or the broker
+hangs, each request waits up to its timeout, and /health/live must still answer, or an
+orchestrator restarts a healthy process.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from imagegen.api.errors import APIError
 from imagegen.api.guard import client_key, marks
 
 RETRY_AFTER_SECONDS = "5"
+LIVENESS_ENDPOINT = "ops.live"
 
 
 class Slots:
@@ -81,6 +85,24 @@ def stream_slot() -> Callable[[], None]:
     return _take("stream")
 
 
+def _hold_thread() -> None:
+    """Every request but liveness holds one of THREADS - 1 threads, or is refused at once."""
+    if request.endpoint == LIVENESS_ENDPOINT:
+        return
+    if not current_app.extensions["imagegen_threads"].acquire(blocking=False):
+        raise APIError(
+            "too_busy",
+            "Every server thread is busy (one stays for /health/live); retry shortly.",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    g.thread_held = True
+
+
+def _release_thread(_error: BaseException | None) -> None:
+    if g.pop("thread_held", False):
+        current_app.extensions["imagegen_threads"].release()
+
+
 def _hold_for_upload() -> None:
     """A POST to a route that takes uploads holds a wait slot from its start, before its images
     are read and decoded, so uploads never take the threads the health checks need."""
@@ -95,5 +117,10 @@ def _release_upload(_error: BaseException | None) -> None:
 
 def init_app(app: Flask) -> None:
     app.extensions["imagegen_slots"] = Slots()
+    app.extensions["imagegen_threads"] = threading.BoundedSemaphore(
+        max(1, app.extensions["imagegen"].settings.threads - 1)
+    )
+    app.before_request(_hold_thread)
     app.before_request(_hold_for_upload)
     app.teardown_request(_release_upload)
+    app.teardown_request(_release_thread)

@@ -58,14 +58,24 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         broker_heartbeat=settings.broker_heartbeat_seconds,  # off by default: CONFIGURATION.md says why
-        # RabbitMQ confirms each message once it holds it: accepted means the broker has the job
-        broker_transport_options={"confirm_publish": True} if settings.broker_url.startswith("amqp") else {},
+        broker_transport_options=_transport_options(settings),
         task_publish_retry_policy={"max_retries": 1},  # a broker away for good is the reconciler's to mend
         # A batch whose broker connection dropped runs to its end and records its jobs (the leases
         # say whose they are); its messages, redelivered meanwhile, are skipped by whoever gets them.
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """Every socket read and write waits at most PUBLISH_TIMEOUT_SECONDS, else a broker that stops
+    answering without closing the connection holds a publish, a probe of /health or the reconciler
+    (and the request behind it) forever. RabbitMQ also confirms each message once it holds it:
+    accepted means the broker has the job."""
+    seconds = max(settings.publish_timeout_seconds, 2.0)  # above the 1 s a worker's BRPOP waits for a message
+    if settings.broker_url.startswith("amqp"):
+        return {"confirm_publish": True, "read_timeout": seconds, "write_timeout": seconds}
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
 
 
 def publish(app: Celery, job_ids: list[str], timeout: float, after: float = 0) -> None:
