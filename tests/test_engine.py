@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from imagegen.db import Database
 from imagegen.db import jobs as jobs_table
@@ -79,6 +79,21 @@ def test_plan_batches_keeps_arrival_order_and_splits_by_key_and_size():
     a, b, c, d = job(params()), job(params(steps=9)), job(params(seeds=(1, 2, 3))), job(params())
     assert plan_batches([a, b, c, d], max_images=4) == [[a, c], [b], [d]]
     assert plan_batches([], max_images=4) == []
+
+
+def test_a_job_whose_batch_was_lost_runs_alone_so_only_it_spends_its_attempts(parts, fake):
+    """A job whose run kills its process (out of memory, a driver crash) comes back with a counted
+    attempt, as do its batch-mates: batched together again, the next kill would take them all."""
+    ids = [parts.submit(params(seeds=(n,))).id for n in range(4)]
+    with parts.jobs.db.transaction() as conn:  # the first two were a batch whose process died
+        conn.execute(text("UPDATE jobs SET attempts = 1 WHERE id IN (:a, :b)"), {"a": ids[0], "b": ids[1]})
+    queued = parts.jobs.many(ids)
+    batches = [[job.id for job in batch] for batch in plan_batches(queued, max_images=4)]
+    assert batches == [[ids[0]], [ids[1]], [ids[2], ids[3]]]
+    for batch in plan_batches(queued, max_images=4):
+        parts.engine.run(batch)
+    assert [len(call.prompts) for call in fake.calls] == [1, 1, 2]
+    assert all(job.status == JobStatus.SUCCEEDED for job in parts.jobs.many(ids))
 
 
 def test_a_batch_is_one_call_with_one_generator_per_image(parts, fake):

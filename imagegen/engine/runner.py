@@ -62,11 +62,18 @@ class Retry:
 
 def gather(first: Job, candidates: Iterable[Job], images: int, max_images: int) -> list[Job]:
     """The candidates that can join `first`'s batch (already `images` images), oldest first, while
-    the batch stays within `max_images`: jobs with the same batch key, whole jobs only."""
+    the batch stays within `max_images`: jobs with the same batch key, whole jobs only. A job with
+    a counted attempt behind it (its batch failed, or killed its process: out of memory, a driver
+    crash) runs alone, so a job that kills its process spends only its own attempts, not its
+    batch-mates'."""
+    if first.attempts:
+        return []
     joined = []
     for job in candidates:
         if images >= max_images:
             break
+        if job.attempts:
+            continue
         if job.params.batch_key == first.params.batch_key and images + len(job.params.seeds) <= max_images:
             joined.append(job)
             images += len(job.params.seeds)
