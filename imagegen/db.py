@@ -23,6 +23,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -92,6 +93,11 @@ jobs = Table(
     Column("lease_until", Float, nullable=False, server_default="0"),
     # When a queued job was last handed to the broker; the reconciler publishes again one it forgot.
     Column("published_at", Float),
+    # The Idempotency-Key its request carried, and what the request was (generation.fingerprint): a
+    # repeat by the same client within a day returns this job (one per client and key).
+    Column("idempotency_key", String(255)),
+    Column("fingerprint", String(64)),
+    Index("ix_jobs_idempotency", "client", "idempotency_key", unique=True),
 )
 
 images = Table(

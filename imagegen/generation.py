@@ -4,6 +4,8 @@ Why one service below HTTP: the native, OpenAI, A1111 surfaces and the playgroun
 requests into a `GenerateRequest` and hand it here with an explicit `Caller`, so a worker, a CLI or
 a test can submit a job without Flask, and every surface gets the same checks in the same order:
 
+0. a repeat: a request with an `Idempotency-Key` its client used within a day for the same request
+   returns that job (and one for another request is refused);
 1. the request itself: the model and the fields and modes its family takes, the prompts'
    screening, the scheduler, the adapters (each looked up once), the callback URL, and last an
    edit's images (decoded in a bounded pool under a time limit, fitted, not stored);
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
+from sqlalchemy.exc import IntegrityError
 
 from config import Settings
 from imagegen import edits
@@ -48,6 +51,9 @@ from imagegen.webhooks import check_callback_url
 # request waits on a hostile file; the decode itself runs on in the pool, bounded by its limits.
 DECODE_SECONDS = 10.0
 
+# How long an Idempotency-Key names its first job: a repeat within it returns that job.
+IDEMPOTENCY_SECONDS = 86_400
+
 # A result's URL, absolute or not, signed or not: `.../images/<name>?expires=...`
 IMAGE_URL = re.compile(r"(?:^|/)images/(?P<name>[A-Za-z0-9_-]{22}\.png)(?:\?.*)?$")
 
@@ -59,6 +65,8 @@ class Caller:
 
     owner: str
     request_id: str | None = None
+    idempotency_key: str | None = None  # the request's Idempotency-Key header
+    fingerprint: str | None = None  # what the request was, as sent (its route and body), with a key
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,8 @@ class GenerationService:
         a seed given), an earlier identical job's result instead. `client_defaults`: values a client
         sends when its user chose nothing (webuiapi's `cfg_scale` 7), which count as absent where
         the model takes no such field."""
+        if caller.idempotency_key and (first := self._repeat_of(caller)):
+            return Submitted(first)
         plan = self.plan(request, caller, client_defaults, use_cache, lambda model: self._capacity(model, caller))
         if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
             return Submitted(hit, cached=True)
@@ -139,6 +149,18 @@ class GenerationService:
             self._capacity(plan.params.model, caller)
         cost = self.budget.check(self._settings().rate_limit_cost, plan.params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
+
+    def _repeat_of(self, caller: Caller) -> Job | None:
+        """Step 0: the job this caller made with this Idempotency-Key within a day (a retry after a
+        lost answer gets it, not a second run); a refusal if that job came from another request."""
+        first = self.jobs.keyed(caller.owner, caller.idempotency_key or "", IDEMPOTENCY_SECONDS)
+        if first is not None and first.fingerprint != caller.fingerprint:
+            message = (
+                f"`Idempotency-Key` {caller.idempotency_key!r} was used within a day for another request "
+                f"(job {first.id}); send a new key for a new request"
+            )
+            raise Refusal(message, "Idempotency-Key", code="idempotency_key_reused", details={"job_id": first.id})
+        return first
 
     def _capacity(self, model: str, caller: Caller) -> None:
         """Step 3's cheap part: the model ready, and room in the queue for this caller."""
@@ -221,7 +243,9 @@ class GenerationService:
     def _enqueue(self, plan: Plan, caller: Caller, cost: int) -> Job:
         """Step 4: charges the budget, stores an edit's inputs and queues the job. Should another
         request take the last place in between, the stored inputs stay: named by their content,
-        they may be another job's too, and they expire with IMAGE_TTL_SECONDS like any input."""
+        they may be another job's too, and they expire with IMAGE_TTL_SECONDS like any input.
+        Should a repeat with the same Idempotency-Key be recorded in between, this one returns it
+        (the record allows one job per client and key)."""
         self.budget.charge(self._settings().rate_limit_cost, cost, caller.owner)
         if plan.edit is not None:
             for encoded in (plan.edit.image, plan.edit.mask):
@@ -233,8 +257,15 @@ class GenerationService:
             cache_key=plan.cache_key,
             callback_url=plan.callback_url,
             request_id=caller.request_id,
+            idempotency_key=caller.idempotency_key,
+            fingerprint=caller.fingerprint,
         )
-        self.queue.submit(job)
+        try:
+            self.queue.submit(job)
+        except IntegrityError:
+            if caller.idempotency_key and (first := self._repeat_of(caller)):
+                return first
+            raise
         return job
 
     # ----- the checks of step 1 -----

@@ -139,6 +139,8 @@ class Job:
     worker: str | None = None
     request_id: str | None = None
     webhook: dict[str, Any] | None = None  # {status, attempts, last_error} of its callback, if it gave one
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
@@ -186,6 +188,8 @@ def _row_to_job(row: Any) -> Job:
         attempts=row["attempts"],
         worker=row["worker"],
         request_id=row["request_id"],
+        idempotency_key=row["idempotency_key"],
+        fingerprint=row["fingerprint"],
         webhook=(
             {"status": row["webhook_status"], "attempts": row["webhook_attempts"], "last_error": row["webhook_error"]}
             if row["webhook_status"]
@@ -238,6 +242,8 @@ class JobStore:
                     cache_key=job.cache_key,
                     callback_url=job.callback_url,
                     request_id=job.request_id,
+                    idempotency_key=job.idempotency_key,
+                    fingerprint=job.fingerprint,
                 )
                 .returning(table.c.created_at)
             ).scalar_one()
@@ -465,6 +471,22 @@ class JobStore:
             .order_by(table.c.created_at.desc())
             .limit(1)
         )
+        return _row_to_job(rows[0]) if rows else None
+
+    def keyed(self, client: str, key: str, within: float) -> Job | None:
+        """The job this client made with this Idempotency-Key less than `within` seconds ago. An older
+        one gives its key up first, so the key makes a new job (one job per client and key)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                update(table)
+                .where(
+                    table.c.client == client,
+                    table.c.idempotency_key == key,
+                    table.c.created_at <= db_now() - within,
+                )
+                .values(idempotency_key=None)
+            )
+        rows = self.db.query(JOBS.where(table.c.client == client, table.c.idempotency_key == key))
         return _row_to_job(rows[0]) if rows else None
 
     def delete_finished_older_than(self, seconds: float) -> int:

@@ -57,6 +57,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     ),
     "unsupported_media_type": ((415,), "A request body that is not JSON."),
     "unprocessable": ((422,), "The request was understood but cannot be processed."),
+    "idempotency_key_reused": ((422,), "An `Idempotency-Key` you used within a day for another request."),
     "adapter_failed": ((422,), "A LoRA adapter could not be loaded into the model (a job's error; not retried)."),
     "rate_limited": ((429,), "Over RATE_LIMIT or RATE_LIMIT_DEFAULT; `Retry-After` says when to try again."),
     "too_many_waits": ((429,), "You hold MAX_WAITS_PER_CLIENT waiting generations, or as many event streams."),

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
@@ -194,3 +195,43 @@ def test_a_database_that_stops_answering_bounds_every_request_and_liveness_answe
             server.terminate()
             server.wait(30)
         proxy.close()
+
+
+def test_a_repeat_with_the_same_idempotency_key_returns_the_first_job_on_every_surface(app_factory, fake):
+    """A client that lost its answer and retries with its key gets its first job, not a second run:
+    native (async and waiting), A1111 and OpenAI. The key is the client's own and lasts a day."""
+    one, two = {"X-API-Key": "key-one-0123456789"}, {"X-API-Key": "key-two-0123456789"}
+    client = app_factory(pipeline=fake, api_keys="key-one-0123456789,key-two-0123456789").test_client()
+    wait_ready(client)
+    jobs = client.application.extensions["imagegen"].jobs
+    body = {"prompt": PROMPT, "steps": 2, "async": True}
+
+    def post(path: str, payload: dict, key: str, headers: dict = one) -> Any:
+        return client.post(path, json=payload, headers={**headers, "Idempotency-Key": key})
+
+    first = post("/generate", body, "k-native")
+    assert first.status_code == 202
+    again = post("/generate", body, "k-native")
+    assert again.status_code == 202 and again.json["id"] == first.json["id"]
+    waited = post("/generate", {**body, "async": False}, "k-native")
+    assert waited.status_code == 422 and waited.json["error"]["code"] == "idempotency_key_reused"
+    assert waited.json["error"]["details"]["job_id"] == first.json["id"], "another body: refused, naming the job"
+    other = post("/generate", body, "k-native", headers=two)
+    assert other.status_code == 202 and other.json["id"] != first.json["id"], "another client's key is its own"
+
+    sync = post("/generate", {"prompt": PROMPT, "steps": 2}, "k-sync")
+    repeat = post("/generate", {"prompt": PROMPT, "steps": 2}, "k-sync")
+    assert sync.status_code == repeat.status_code == 200 and repeat.json["images"] == sync.json["images"]
+
+    a1111 = [post("/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2}, "k-a1111").json for _ in range(2)]
+    assert "images" in a1111[1], a1111[1]
+    assert a1111[0]["images"] == a1111[1]["images"] and a1111[0]["info"] == a1111[1]["info"]
+    openai = [post("/v1/images/generations", {"prompt": PROMPT, "size": "64x64"}, "k-openai").json for _ in range(2)]
+    assert openai[0]["data"] == openai[1]["data"]
+    assert len(jobs.recent(limit=100)) == 5, "one job per key and client"
+
+    with jobs.db.transaction() as conn:  # a day later the key names no job
+        conn.execute(text("UPDATE jobs SET created_at = created_at - 86400 WHERE idempotency_key = 'k-native'"))
+    later = post("/generate", body, "k-native")
+    assert later.status_code == 202 and later.json["id"] not in (first.json["id"], other.json["id"])
+    assert post("/generate", body, "k\u00e9y").status_code == 400, "visible ASCII only"

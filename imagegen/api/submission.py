@@ -9,8 +9,10 @@ thread while a synchronous client waits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import re
 from typing import Any, TypeVar
 
 from flask import g, request
@@ -58,9 +60,35 @@ def form_data() -> dict[str, Any]:
     return data
 
 
+# Stripe's bound on an Idempotency-Key; visible ASCII, as a header value travels everywhere intact.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
 def caller() -> Caller:
-    """The request's caller, as the generation service knows it."""
-    return Caller(client_key(), g.get("request_id"))
+    """The request's caller, as the generation service knows it, with its Idempotency-Key and the
+    request's fingerprint (every generating route of every surface reads its caller here)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return Caller(client_key(), g.get("request_id"))
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        message = "The `Idempotency-Key` header must be 1 to 255 visible ASCII characters (a UUID, say)."
+        raise APIError("invalid_request", message, {"field": "Idempotency-Key"})
+    return Caller(client_key(), g.get("request_id"), key, fingerprint())
+
+
+def fingerprint() -> str:
+    """What makes two requests one for an Idempotency-Key: the route and the body as sent (a JSON
+    body by its content, a form by its fields and files), before any surface draws a seed."""
+    digest = hashlib.sha256(f"{request.method} {request.path}".encode())
+    if request.mimetype == "multipart/form-data" or request.mimetype == "application/x-www-form-urlencoded":
+        digest.update(json.dumps(sorted(request.form.items(multi=True))).encode())
+        for name, file in sorted(request.files.items(multi=True)):
+            digest.update(f"|{name}|".encode() + hashlib.sha256(file.read()).digest())
+            file.seek(0)  # read again by form_data
+    else:
+        body = request.get_json(silent=True)
+        digest.update(json.dumps(body, sort_keys=True).encode() if body is not None else request.get_data())
+    return digest.hexdigest()
 
 
 def wait_for(job: Job) -> Job | None:
