@@ -126,11 +126,12 @@ def check_callback_url(url: str, settings: Settings) -> str:
     return url
 
 
-def payload(job: Job, access: Access) -> dict[str, Any]:
-    """What a callback receives: the job's outcome with image paths (signed when keys are on)."""
+def payload(job: Job, access: Access, now: float) -> dict[str, Any]:
+    """What a callback receives: the job's outcome with image paths (signed when keys are on, to
+    expire IMAGE_URL_TTL_SECONDS after `now`)."""
     images = []
     for image in job.images:
-        query = urllib.parse.urlencode(access.sign(image["name"])) if access.keys_required else ""
+        query = urllib.parse.urlencode(access.sign(image["name"], now)) if access.keys_required else ""
         path = f"/images/{image['name']}" + (f"?{query}" if query else "")
         images.append({"path": path, "seed": image["seed"], "width": image["width"], "height": image["height"]})
     return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": job.timings()}
@@ -273,10 +274,13 @@ class WebhookSender:
             self._record(job_id, WebhookStatus.FAILED, 1, "the job no longer exists")
             return
         attempts = job.webhook["attempts"]  # counted when this process took the delivery
-        body = json.dumps(payload(job, self.access)).encode()
+        # Dated by the database's clock: a worker whose own clock is off would sign a time the
+        # receiver refuses, and image links that expire early (or late).
+        now = self.jobs.db.now()
+        body = json.dumps(payload(job, self.access, now)).encode()
         headers = {"Content-Type": "application/json", "User-Agent": self.user_agent, "X-Imagegen-Delivery": job.id}
         if self.settings.webhook_secret:
-            headers[SIGNATURE_HEADER] = signature(self.settings.webhook_secret, job.callback_url, body)
+            headers[SIGNATURE_HEADER] = signature(self.settings.webhook_secret, job.callback_url, body, now)
         try:
             post(job.callback_url, body, headers, self.settings)
         except DeliveryFailed as failure:

@@ -329,3 +329,35 @@ def test_a_receiver_that_answers_after_the_deadline_is_recorded_as_timed_out(app
     assert given_up["status"] == "timed_out" and given_up["attempts"] == 2, given_up
     assert "deadline" in given_up["last_error"]
     assert until(lambda: len(receiver.bodies("/slow")) == 2), "each attempt reached it: receivers de-duplicate"
+
+
+def test_a_sender_whose_clock_runs_behind_signs_and_dates_with_the_databases(app_factory, fake, receiver, monkeypatch):
+    """A worker 2 h behind: its signature's time must pass the documented verify(), and its image
+    links must not be born expired; both take the database's clock, not the sender's."""
+    import types
+
+    from imagegen import access as access_module
+    from imagegen import webhooks as webhooks_module
+
+    secret, key = "whsec-0123456789abcdef", "key-one-0123456789"
+    client = app_factory(pipeline=fake, **LOCAL, webhook_secret=secret, api_keys=key).test_client()
+    wait_ready(client)
+    behind = types.SimpleNamespace(**{**vars(time), "time": lambda: time.time() - 7200})
+    monkeypatch.setattr(webhooks_module, "time", behind)
+    monkeypatch.setattr(access_module, "time", behind)
+    response = client.post(
+        "/generate",
+        json={"prompt": PROMPT, "steps": 1, "async": True, "callback_url": receiver.url("/ok")},
+        headers={"X-API-Key": key},
+    )
+    job_id = response.json["id"]
+    until(lambda: receiver.received)
+    monkeypatch.undo()  # the API that serves the link keeps the right time
+    [(_path, headers, body)] = receiver.received
+    snippet = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "webhooks.md").read_text(), re.DOTALL)
+    scope: dict[str, Any] = {}
+    exec(snippet.group(1), scope)
+    assert scope["verify"](secret, headers["X-Imagegen-Signature"], receiver.url("/ok"), body)
+    delivered = json.loads(body)
+    assert delivered["id"] == job_id
+    assert client.get(delivered["images"][0]["path"]).status_code == 200, "a link signed by the sender serves"
