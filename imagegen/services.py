@@ -156,6 +156,11 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
     private_files(settings)
+    claim = None
+    if settings.queue_backend == "local":  # first: before this process migrates or starts anything
+        from imagegen.queues.local import DatabaseLock
+
+        claim = DatabaseLock(settings)
     db = Database(settings.database, settings.database_timeout_seconds)
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes
@@ -187,7 +192,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
             load=load,
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
-        queue = LocalQueue(engine)
+        queue = LocalQueue(engine, claim)
     services = Services(live, access, jobs, images, adapters, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(queue, images))
     return services

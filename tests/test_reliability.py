@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
@@ -24,8 +25,13 @@ from tests.conftest import ADMIN, ROOT, TINY_MODEL, free_port, start_server, wai
 PROMPT = "a red circle"
 
 
-def test_a_second_local_process_on_one_data_dir_stops_with_a_clear_line(tmp_path):
-    first, _base = start_server(tmp_path)
+@pytest.mark.parametrize("shared", ["data_dir", "postgres"])
+def test_a_second_local_process_on_one_job_database_stops_with_a_clear_line(tmp_path, request, shared):
+    """Each local process takes every unfinished job at start for its own: two on one database (one
+    DATA_DIR, or two DATA_DIRs on one DATABASE_URL: an overlapping deploy) would run each other's
+    jobs. The second stops before it migrates or starts anything."""
+    database = {"DATABASE_URL": request.getfixturevalue("postgres_url")} if shared == "postgres" else {}
+    first, _base = start_server(tmp_path, **database)
     try:
         second = subprocess.run(
             [sys.executable, "app.py"],
@@ -33,19 +39,21 @@ def test_a_second_local_process_on_one_data_dir_stops_with_a_clear_line(tmp_path
             env={
                 "PATH": "/usr/bin:/bin",
                 "MODEL_ID": TINY_MODEL,
-                "DATA_DIR": str(tmp_path / "data"),
+                "DATA_DIR": str(tmp_path / ("data" if shared == "data_dir" else "data-2")),
                 "IMAGE_DIR": str(tmp_path / "images"),
-                "LOG_DIR": str(tmp_path / "logs"),
+                "LOG_DIR": str(tmp_path / "logs-2"),
                 "PORT": str(free_port()),
                 "HF_HUB_OFFLINE": "1",
+                **database,
             },
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert second.returncode != 0
-        assert f"another imagegen process serves DATA_DIR={tmp_path / 'data'}" in second.stderr
+        assert "another imagegen process in local mode serves the job database" in second.stderr
         assert "Traceback" not in second.stderr
+        assert not (tmp_path / "logs-2" / "app.log").exists(), "it stopped before logging, migrating or serving"
         assert first.poll() is None, "the first process serves on"
     finally:
         first.terminate()

@@ -19,7 +19,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from config import Settings
 from imagegen.engine import runner
@@ -32,20 +37,78 @@ from imagegen.states import ModelState
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "imagegen.lock"
+# Any fixed number (another than the migrations'): the PostgreSQL advisory lock of local mode.
+LOCAL_MODE_LOCK = 7_041_986
 # How long the maintenance loop waits for the generation thread to unload idle models: a thread
 # busy with a long batch (or hung) must not stop the cleanup that keeps the disk from filling.
 MAINTENANCE_CALL_SECONDS = 10
 
 
+class DatabaseLock:
+    """Local mode's claim on its job database, taken before the database is migrated or anything
+    starts, and held for the process's life.
+
+    Why: a local process takes every unfinished job at start for its own (an earlier process's,
+    which it takes for dead), so two at once on one database run each other's jobs, as an
+    overlapping deploy with two DATA_DIRs on one DATABASE_URL did. The lock is the database's:
+    SQLite's, the kernel's flock on a file beside the database file; PostgreSQL's, a session
+    advisory lock on a connection of its own. Both end with the process, however it ends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._file: int | None = None
+        self._connection: Connection | None = None
+        url = make_url(settings.database)
+        where = url.render_as_string(hide_password=True)
+        if url.get_backend_name() == "sqlite":
+            if url.database:  # an in-memory database is this process's alone
+                self._lock_file(Path(url.database).parent / LOCK_FILE, where)
+        else:
+            self._lock_session(settings.database, where)
+
+    def _lock_file(self, path: Path, where: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise SystemExit(_taken(where, f"it holds {path}")) from None
+        self._file = handle
+
+    def _lock_session(self, url: str, where: str) -> None:
+        connection = create_engine(url, poolclass=NullPool).connect().execution_options(isolation_level="AUTOCOMMIT")
+        if not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCAL_MODE_LOCK}).scalar():
+            connection.close()
+            raise SystemExit(_taken(where, "it holds the database's local-mode lock"))
+        self._connection = connection
+
+    def release(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # the session's end releases the lock anyway
+                self._connection.close()
+            self._connection = None
+
+
+def _taken(where: str, how: str) -> str:
+    return (
+        f"another imagegen process in local mode serves the job database {where} ({how}); run one "
+        "process per database in local mode (THREADS for more requests at once, QUEUE_BACKEND=celery "
+        "for more processes)"
+    )
+
+
 class LocalQueue:
     """Takes queued jobs, batches the compatible ones and hands each batch to the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, claim: DatabaseLock | None = None) -> None:
         self.engine = engine
+        self.claim = claim
         self.settings, self.models, self.jobs = engine.settings, engine.models, engine.jobs
         self._queue: deque[Job] = deque()
         self._not_before: dict[str, float] = {}  # a retried job's earliest next run (monotonic)
-        self._lock_file: int | None = None
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._done: dict[str, threading.Event] = {}
@@ -55,9 +118,8 @@ class LocalQueue:
 
     # ----- any thread -----
     def start(self) -> None:
-        """Takes DATA_DIR for this process alone, queues again the jobs an earlier process accepted but
-        did not end, then starts the thread."""
-        self._lock_data_dir()
+        """Queues again the jobs an earlier process accepted but did not end (the database is this
+        process's alone: `DatabaseLock`), then starts the thread."""
         for job in self.jobs.unfinished():
             self._done[job.id] = threading.Event()
             self._queue.append(job)
@@ -76,26 +138,8 @@ class LocalQueue:
         with self._cond:  # requests waiting for jobs that stay queued answer now (202: run after the restart)
             for job_id in list(self._done):
                 self._release(job_id)
-        if self._lock_file is not None and not self.alive:
-            os.close(self._lock_file)  # releases the lock
-            self._lock_file = None
-
-    def _lock_data_dir(self) -> None:
-        """Two local processes on one DATA_DIR (a WSGI server with several processes, an overlapping
-        deploy) would both queue again and run the same unfinished jobs; the second one stops here.
-        The lock is the kernel's (flock): it ends with the process, however it ends."""
-        path = self.settings.data_dir / LOCK_FILE
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            raise SystemExit(
-                f"another imagegen process serves DATA_DIR={self.settings.data_dir} (it holds {path}); "
-                "run one process per DATA_DIR in local mode (THREADS for more requests at once, "
-                "QUEUE_BACKEND=celery for more processes)"
-            ) from None
-        self._lock_file = handle
+        if self.claim is not None and not self.alive:
+            self.claim.release()
 
     @property
     def alive(self) -> bool:
