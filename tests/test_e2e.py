@@ -57,7 +57,7 @@ def test_jobs_survive_a_hard_kill(tmp_path):
 
     process, base = start_server(tmp_path, MAX_BATCH_SIZE="1")
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a bound, not a pace: a busy machine may take minutes
         final: dict[str, str] = {}
         while time.monotonic() < deadline and len(final) < len(ids):
             for job_id in ids:
@@ -92,7 +92,7 @@ def test_sigterm_finishes_the_running_batch_and_keeps_the_queue(tmp_path):
     try:
         first = json.loads(call(f"{base}/jobs/{ids[0]}")[2])
         assert first["status"] == "succeeded", "the running batch finished before exit"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a bound, not a pace: a busy machine may take minutes
         while time.monotonic() < deadline:
             statuses = [json.loads(call(f"{base}/jobs/{job_id}")[2])["status"] for job_id in ids]
             if all(s == "succeeded" for s in statuses):
