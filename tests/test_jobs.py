@@ -124,6 +124,27 @@ def test_cancel_stops_a_running_job_at_the_next_step(fake_client, fake):
     assert client.get(f"/jobs/{job_id}").json["status"] == "cancelled"
 
 
+def test_a_cancel_that_loses_the_race_with_the_end_names_the_end(fake_client, fake, monkeypatch):
+    """The job ends between the cancel's read and its write: the 409 says how it ended, not the
+    status read before (`running`)."""
+    client = fake_client
+    fake.hold(at_step=1)
+    job_id = client.post("/generate", json={"prompt": PROMPT, "steps": 3, "async": True}).json["id"]
+    assert fake.waiting.wait(10)
+    queue = client.application.extensions["imagegen"].queue
+
+    def too_late(_job_id: str) -> bool:
+        fake.let_go()
+        assert queue.wait(job_id, 30)
+        return False
+
+    monkeypatch.setattr(queue, "cancel", too_late)
+    refused = client.delete(f"/jobs/{job_id}")
+    assert refused.status_code == 409 and refused.json["error"]["code"] == "job_finished"
+    error = refused.json["error"]
+    assert "(succeeded)" in error["message"] and error["details"]["status"] == "succeeded"
+
+
 def test_list_jobs_with_status_filter(client):
     ok = client.post("/generate", json={"prompt": PROMPT, "steps": 1}).json["id"]
     listed = client.get("/jobs").json["jobs"]

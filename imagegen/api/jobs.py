@@ -71,8 +71,9 @@ def get_job(job_id: str) -> dict[str, Any]:
 def cancel_job(job_id: str) -> dict[str, Any]:
     """Cancels exactly this job: dropped from the queue, or stopped at the next step if running."""
     job = owned_job(job_id)
-    if not services().queue.cancel(job.id):
-        raise APIError("job_finished", f"The job has already ended ({job.status}).")
+    if not services().queue.cancel(job.id):  # it ended meanwhile: say how, as the record has it now
+        ended = owned_job(job_id).status
+        raise APIError("job_finished", f"The job has already ended ({ended}).", {"status": ended})
     return job_view(owned_job(job_id))
 
 
