@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery import Celery
 from celery.worker.control import control_command
 from celery_batches import Batches
 
@@ -32,7 +33,15 @@ from imagegen.jobs import JobStore
 from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
 from imagegen.protocol import SettingsPatch
-from imagegen.queues.cluster import TASK, ConsumerWatch, WorkerRegistry, broker_queue, make_celery, publish
+from imagegen.queues.cluster import (
+    TASK,
+    CeleryQueue,
+    ConsumerWatch,
+    WorkerRegistry,
+    broker_queue,
+    make_celery,
+    publish,
+)
 from imagegen.runtime import LiveSettings
 from imagegen.services import private_files
 from imagegen.states import WorkerState
@@ -68,7 +77,7 @@ class Heartbeat:
     batch never makes a live worker look dead, and renews the leases of the batch it runs. Each
     beat carries the worker's figures (memory, GPUs, models, generation histograms:
     `monitoring.runner_report`), which the API shows in /status and /metrics, then runs
-    `after_beat` (the idle and consumer watch). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
+    `after_beat` (`Watch`). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
     the worker `stalled`, and its leases are no longer renewed, so the others take its jobs."""
 
     def __init__(
@@ -187,6 +196,29 @@ class Commands:
         return answer
 
 
+class Watch:
+    """What the heartbeat thread does after each beat. It asks the worker's main thread, through the
+    broker, to unload models left idle and to consume the queue again when jobs wait there with no
+    consumer; and every RECONCILE_SECONDS it runs the cluster's reconciler, as every API replica
+    does: with no replica alive, a dead worker's jobs would otherwise stay `running` (each job is
+    taken by one conditional UPDATE, so reconcilers never publish a job twice)."""
+
+    def __init__(self, engine: Engine, celery: Celery, hostname: str, reconciler: CeleryQueue) -> None:
+        self.engine, self.celery, self.hostname, self.reconciler = engine, celery, hostname, reconciler
+        self.consumers = ConsumerWatch()
+        self.reconciled_at = time.monotonic()
+
+    def __call__(self) -> None:
+        timeout = self.engine.settings.model_idle_timeout_seconds
+        if timeout and self.engine.models.idle(timeout):
+            self.celery.control.broadcast("imagegen_unload_idle", destination=[self.hostname])
+        if self.consumers.unconsumed(broker_queue(self.celery)):
+            self.celery.control.broadcast("imagegen_resubscribe", destination=[self.hostname])
+        if time.monotonic() - self.reconciled_at >= self.engine.settings.reconcile_seconds:
+            self.reconciled_at = time.monotonic()
+            self.reconciler.reconcile()
+
+
 def resubscribe(consumer: Any) -> dict[str, Any]:
     """Consumes the task queue again: the broker holds jobs and counts no consumer, so this worker's
     was cancelled (a deleted queue) and the notice did not make Celery reconnect. Forgets the old
@@ -270,18 +302,8 @@ def main() -> None:
     celery = make_celery(settings)
     hostname = f"{name}@{socket.gethostname()}"  # the worker's name in Celery, for messages to itself
 
-    consumers = ConsumerWatch()
-
-    def watch() -> None:
-        """After each beat, asks this worker's main thread, through the broker, to unload models left
-        idle, and to consume the queue again when jobs wait there with no consumer."""
-        timeout = engine.settings.model_idle_timeout_seconds
-        if timeout and engine.models.idle(timeout):
-            celery.control.broadcast("imagegen_unload_idle", destination=[hostname])
-        if consumers.unconsumed(broker_queue(celery)):
-            celery.control.broadcast("imagegen_resubscribe", destination=[hostname])
-
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
+    watch = Watch(engine, celery, hostname, CeleryQueue(settings, endings, images, registry, celery))
     heartbeat = Heartbeat(registry, name, settings, engine, after_beat=watch)
     Commands(engine, done=heartbeat.beat).register()
     consume = Consumer(

@@ -148,6 +148,28 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
     assert queue["depth"] == 0 and queue["running"] == [] and queue["average_generation_seconds"] > 0
 
 
+def test_with_no_api_replica_alive_the_workers_mend_a_dead_workers_jobs(tmp_path, postgres_url, store, processes):
+    """The reconciler runs on workers too: with every API replica down, the jobs of a worker killed
+    mid-batch would otherwise stay `running` forever."""
+    env = cluster_env(tmp_path, postgres_url, MAX_BATCH_SIZE="2", RECONCILE_SECONDS="0.5")
+    workers = {name: start_worker(tmp_path, name, env) for name in ("w1", "w2")}
+    processes.extend(workers.values())
+    api, base = start_server(tmp_path, **env)
+    processes.append(api)
+    wait_until(lambda: sum(w["state"] == "ready" for w in get(base, "/status")[1]["app"]["workers"]) == 2)
+    answers = [post(base, {"prompt": PROMPT, "seed": n, "steps": 50, "async": True}) for n in range(4)]
+    assert all(status == 202 for status, _ in answers), answers
+    ids = [body["id"] for _, body in answers]
+    api.kill()
+    api.wait(10)
+    victim = wait_until(lambda: next((job.worker for job in store.running() if job.step), None), every=0.005)
+    workers[victim].kill()
+    workers[victim].wait(10)
+    finished = wait_until(lambda: (jobs := store.many(ids)) and all(j.status.finished for j in jobs) and jobs, 180)
+    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 4
+    assert any(job.attempts == 2 for job in finished), "the victim's jobs ran again, on the survivor"
+
+
 def test_two_api_processes_share_jobs_and_one_rate_limit(tmp_path, postgres_url, processes):
     need_service("Redis", 6379)
     key = secrets.token_hex(16)  # limits count per key, so this run's count starts at zero
