@@ -243,3 +243,22 @@ def test_a_repeat_with_the_same_idempotency_key_returns_the_first_job_on_every_s
     later = post("/generate", body, "k-native")
     assert later.status_code == 202 and later.json["id"] not in (first.json["id"], other.json["id"])
     assert post("/generate", body, "k\u00e9y").status_code == 400, "visible ASCII only"
+
+
+def test_a_batch_longer_than_the_shutdown_grace_goes_back_uncounted(app_factory, fake):
+    """A deploy's SIGTERM gives a long batch SHUTDOWN_GRACE_SECONDS: one still running after it is
+    put back in the queue without spending an attempt (it stayed `running`, and the next start
+    counted the deploy as a failed attempt), and its late end changes nothing."""
+    client = app_factory(pipeline=fake).test_client()
+    wait_ready(client)
+    fake.hold(at_step=1)
+    job_id = client.post("/generate", json={"prompt": PROMPT, "steps": 3, "async": True}).json["id"]
+    assert fake.waiting.wait(10)
+    services = client.application.extensions["imagegen"]
+    services.queue.stop(0.2)  # the grace runs out with the batch held
+    job = services.jobs.get(job_id)
+    assert job.status == "queued" and job.attempts == 0
+    fake.let_go()
+    wait_for(lambda: not services.queue.alive, "the batch to end", timeout=30)
+    job = services.jobs.get(job_id)
+    assert job.status == "queued" and job.attempts == 0 and not job.images, "its late end was refused"

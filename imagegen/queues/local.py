@@ -135,11 +135,21 @@ class LocalQueue:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._hand_back()
         with self._cond:  # requests waiting for jobs that stay queued answer now (202: run after the restart)
             for job_id in list(self._done):
                 self._release(job_id)
         if self.claim is not None and not self.alive:
             self.claim.release()
+
+    def _hand_back(self) -> None:
+        """The running batch outlived the shutdown's grace (SHUTDOWN_GRACE_SECONDS): its jobs go back
+        to the queue uncounted, for the next start (a deploy is no failure of theirs), and the
+        batch's late writes are refused, as its leases are gone."""
+        for job in list(self.engine.current):
+            if self.jobs.release(job, counted=False):
+                log.warning("job %s outlived the shutdown's grace: queued again for the next start", job.id)
 
     @property
     def alive(self) -> bool:
