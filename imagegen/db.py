@@ -93,7 +93,7 @@ jobs = Table(
     Column("lease_until", Float, nullable=False, server_default="0"),
     # When a queued job was last handed to the broker; the reconciler publishes again one it forgot.
     Column("published_at", Float),
-    # The Idempotency-Key its request carried, and what the request was (generation.fingerprint): a
+    # The Idempotency-Key its request carried, and what the request was (api.submission.fingerprint): a
     # repeat by the same client within a day returns this job (one per client and key).
     Column("idempotency_key", String(255)),
     Column("fingerprint", String(64)),
@@ -219,19 +219,16 @@ class Database:
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         parsed = make_url(url)
-        self.timeout = timeout
-        options: dict[str, Any] = {}
-        postgres = parsed.get_backend_name() == "postgresql"
-        if parsed.get_backend_name() == "sqlite":
+        sqlite = parsed.get_backend_name() == "sqlite"
+        if sqlite:
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
-            options["pool_pre_ping"] = True
-        else:
-            options.update(pool_size=10, max_overflow=20, pool_timeout=timeout)
-        if postgres:
+            connect = {"timeout": 30, "check_same_thread": False}
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args=connect)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:  # PostgreSQL
             seconds, milliseconds = max(2, math.ceil(timeout)), int(timeout * 1000)
-            options["connect_args"] = {
+            connect = {
                 "connect_timeout": seconds,
                 "options": f"-c statement_timeout={milliseconds}",
                 "keepalives": 1,
@@ -240,25 +237,17 @@ class Database:
                 "keepalives_count": 3,
                 "tcp_user_timeout": milliseconds,
             }
-        self.engine = create_engine(url, **options)
-        if parsed.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        if postgres:
-            self._bound_every_call()
+            self.engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=timeout, connect_args=connect)
+            self._bound_every_call(timeout)
         self.url = parsed.render_as_string(hide_password=True)
         # An embedded SQLite file's folder, whose disk /health and /status watch; None for a server.
-        self.local_dir = (
-            Path(parsed.database).resolve().parent
-            if parsed.get_backend_name() == "sqlite" and parsed.database
-            else None
-        )
+        self.local_dir = Path(parsed.database).resolve().parent if sqlite and parsed.database else None
         self._migrate()
 
-    def _bound_every_call(self) -> None:
+    def _bound_every_call(self, seconds: float) -> None:
         """Arms a deadline around each round trip: statements, commits, the rollback that resets a
         returned connection, and the ping at checkout (ours, since SQLAlchemy's pre-ping has no
         event before it; a failed ping asks the pool for a fresh connection)."""
-        seconds = self.timeout
 
         def arm(connection: Connection, *_args: Any) -> None:
             if not connection.info.get("unbounded"):
