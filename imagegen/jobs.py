@@ -11,11 +11,12 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, literal, or_, select, update
 
 from imagegen.db import Database, db_now, webhooks
 from imagegen.db import jobs as table
@@ -258,9 +259,18 @@ class JobStore:
         found = {row["id"]: _row_to_job(row) for row in self.db.query(JOBS.where(table.c.id.in_(job_ids)))}
         return [found[job_id] for job_id in job_ids if job_id in found]
 
-    def claim(self, job_ids: list[str], worker: str, lease_seconds: float, take_over: bool = False) -> list[Job]:
+    def claim(
+        self,
+        job_ids: list[str],
+        worker: str,
+        lease_seconds: float,
+        take_over: bool = False,
+        refund: Collection[str] = (),
+    ) -> list[Job]:
         """Marks these jobs running on `worker` under a lease of `lease_seconds` and counts the
-        attempt; returns those it claimed.
+        attempt; returns those it claimed. A job of `refund` still running on `worker` is not counted
+        again: its last attempt was cut short by an outage that also refused to put it back (a full
+        disk refuses every write), and outages cost no attempt.
 
         A job already ended is left alone, so a redelivered message never runs it again; so is a job
         running under a live lease (its worker is computing it: a redelivery after a broker
@@ -274,6 +284,10 @@ class JobStore:
             if take_over
             else or_(table.c.status == JobStatus.QUEUED, table.c.lease_until < now)
         )
+        attempts: Any = table.c.attempts + 1
+        if refund:
+            owed = and_(table.c.id.in_(list(refund)), table.c.status == JobStatus.RUNNING, table.c.worker == worker)
+            attempts = case((owed, table.c.attempts), else_=attempts)
         with self.db.transaction() as conn:
             claimed = conn.execute(
                 update(table)
@@ -282,7 +296,7 @@ class JobStore:
                     status=JobStatus.RUNNING,
                     started_at=now,
                     step=0,
-                    attempts=table.c.attempts + 1,
+                    attempts=attempts,
                     worker=worker,
                     lease_until=now + lease_seconds,
                 )

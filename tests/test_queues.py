@@ -48,28 +48,33 @@ def idle(client) -> None:
     raise AssertionError("the queue did not drain")
 
 
-@pytest.mark.parametrize("failing", ["claim", "finish"])
+@pytest.mark.parametrize("failing", [("claim",), ("finish",), ("finish", "release")])
 def test_the_local_queue_puts_back_a_batch_whose_records_cannot_be_written(app_factory, fake, monkeypatch, failing):
     """The database refuses a write (a lock held past the timeout, a full disk) before the batch
-    runs or as it ends: the waiting client still gets its image once the database answers again,
-    and the record does not stay queued or running until the next start."""
+    runs or as it ends, or refuses to put it back too (a full disk refuses every write): the
+    waiting client still gets its image once the database answers again, the record does not stay
+    queued or running until the next start, and the outage costs no attempt."""
     monkeypatch.setattr(runner, "OUTAGE_PAUSE_SECONDS", 0.3)
     client = app_factory(pipeline=fake).test_client()
     wait_ready(client)
     store = client.application.extensions["imagegen"].jobs
-    outage = [OperationalError("UPDATE jobs", {}, Exception("database is locked"))] * 2
-    write = getattr(store, failing)
+    outage = [OperationalError("UPDATE jobs", {}, Exception("database or disk is full"))] * 2
 
-    def database_down(*args: Any, **kwargs: Any) -> Any:
-        if outage:
-            raise outage.pop()
-        return write(*args, **kwargs)
+    def down(write: Any) -> Any:
+        def database_down(*args: Any, **kwargs: Any) -> Any:
+            if outage:
+                raise outage.pop()
+            return write(*args, **kwargs)
 
-    monkeypatch.setattr(store, failing, database_down)
+        return database_down
+
+    for name in failing:
+        monkeypatch.setattr(store, name, down(getattr(store, name)))
     answer = client.post("/generate", json={"prompt": PROMPT})
     assert answer.status_code == 200 and len(answer.json["images"]) == 1, answer.json
     job = store.get(answer.json["id"])
     assert outage == [] and job.status == JobStatus.SUCCEEDED
+    assert job.attempts == 1, "only the attempt that ran counts"
 
 
 def test_a_draining_server_refuses_new_jobs(fake_client):

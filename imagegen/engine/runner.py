@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -131,8 +131,9 @@ class Engine:
         if batch and not self.stalled():
             self.jobs.renew(batch, self.settings.job_lease_seconds)
 
-    def run(self, batch: list[Job]) -> list[Retry]:
-        """Runs one batch and returns the jobs to queue again, each with its pause.
+    def run(self, batch: list[Job], refund: Collection[str] = ()) -> list[Retry]:
+        """Runs one batch and returns the jobs to queue again, each with its pause (`refund`: jobs
+        whose last attempt here an outage cut short and could not put back; `JobStore.claim`).
 
         Jobs that already ended (a redelivered message, a cancel) or that another worker holds are
         skipped; a job whose earlier attempts all died with their worker fails instead of taking
@@ -140,7 +141,7 @@ class Engine:
         """
         with job_context([job.id for job in batch], [job.request_id for job in batch]):
             claimed = self.jobs.claim(
-                [job.id for job in batch], self.name, self.settings.job_lease_seconds, self.exclusive
+                [job.id for job in batch], self.name, self.settings.job_lease_seconds, self.exclusive, refund
             )
             runnable = [job for job in claimed if self._runnable(job)]
             if not runnable:

@@ -109,6 +109,7 @@ class LocalQueue:
         self.settings, self.models, self.jobs = engine.settings, engine.models, engine.jobs
         self._queue: deque[Job] = deque()
         self._not_before: dict[str, float] = {}  # a retried job's earliest next run (monotonic)
+        self._unrecorded: set[str] = set()  # jobs whose batch could not be recorded (generation thread only)
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._done: dict[str, threading.Event] = {}
@@ -341,9 +342,12 @@ class LocalQueue:
         return batch
 
     def _execute(self, batch: list[Job]) -> None:
+        ids = {job.id for job in batch}
         try:
-            retry = self.engine.run(batch)
+            retry = self.engine.run(batch, refund=self._unrecorded & ids)
+            self._unrecorded -= ids
         except Exception:  # the records could not be written (a job's own failure is the engine's to end)
+            self._unrecorded |= ids  # their attempt may stand counted: the next claim does not count it again
             with job_context([job.id for job in batch], [job.request_id for job in batch]):
                 log.exception(
                     "batch of %d jobs could not be recorded; queued again in %ss",
