@@ -66,21 +66,23 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 def caller() -> Caller:
     """The request's caller, as the generation service knows it, with its Idempotency-Key and the
-    request's fingerprint (every generating route of every surface reads its caller here)."""
+    request's fingerprint (every generating route of every surface reads its caller here; an edit
+    route more than once, so it is made once per request: the fingerprint hashes the uploads)."""
+    if "caller" in g:
+        return g.caller
     key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return Caller(client_key(), g.get("request_id"))
-    if not IDEMPOTENCY_KEY.fullmatch(key):
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         message = "The `Idempotency-Key` header must be 1 to 255 visible ASCII characters (a UUID, say)."
         raise APIError("invalid_request", message, {"field": "Idempotency-Key"})
-    return Caller(client_key(), g.get("request_id"), key, fingerprint())
+    g.caller = Caller(client_key(), g.get("request_id"), key, fingerprint() if key else None)
+    return g.caller
 
 
 def fingerprint() -> str:
     """What makes two requests one for an Idempotency-Key: the route and the body as sent (a JSON
     body by its content, a form by its fields and files), before any surface draws a seed."""
     digest = hashlib.sha256(f"{request.method} {request.path}".encode())
-    if request.mimetype == "multipart/form-data" or request.mimetype == "application/x-www-form-urlencoded":
+    if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         digest.update(json.dumps(sorted(request.form.items(multi=True))).encode())
         for name, file in sorted(request.files.items(multi=True)):
             digest.update(f"|{name}|".encode() + hashlib.sha256(file.read()).digest())
