@@ -34,6 +34,7 @@ from imagegen.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from imagegen.engine.models import Loader
+    from imagegen.queues.local import DatabaseLock
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,15 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
         from imagegen.queues.local import DatabaseLock
 
         claim = DatabaseLock(settings)
+    try:
+        return _build(settings, load, claim)
+    except BaseException:  # a start-up that stops (bad stored settings, say) leaves the database free
+        if claim is not None:
+            claim.release()
+        raise
+
+
+def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) -> Services:
     db = Database(settings.database, settings.database_timeout_seconds)
     live = LiveSettings(settings, db)
     settings = live.current  # with the admin's stored changes
