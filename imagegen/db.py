@@ -155,6 +155,9 @@ runtime_settings = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# One row, made by the migration that created the table: which database this is (`Database.identity`).
+identity = Table("identity", metadata, Column("id", String(32), primary_key=True))
+
 
 class Deadlines:
     """Cuts the socket of a PostgreSQL call that outlives DATABASE_TIMEOUT_SECONDS.
@@ -313,6 +316,10 @@ class Database:
     def now(self) -> float:
         """The database's clock (`db_now`), for a time that another machine will compare."""
         return float(self.query(select(db_now().label("now")))[0]["now"])
+
+    def identity(self) -> str:
+        """This database's id, random and made once: what an image store records as its owner."""
+        return str(self.query(select(identity.c.id))[0]["id"])
 
     def ping(self) -> None:
         """Raises when the database does not answer."""

@@ -73,7 +73,10 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         "Server threads taken: waiting requests hold at most THREADS - 2, all but liveness THREADS - 1.",
     ),
     "queue_full": ((503,), "The queue holds MAX_QUEUE_SIZE jobs; `Retry-After` estimates when a place frees up."),
-    "queue_unavailable": ((503,), "Cluster: the broker (or the database, or storage) does not answer."),
+    "queue_unavailable": (
+        (503,),
+        "Cluster: the broker, the database or storage does not answer (or no live worker reaches the broker).",
+    ),
     "queue_unconsumed": ((503,), "Cluster: jobs wait in the broker's queue and no worker consumes it (/health)."),
     "database_unavailable": ((503,), "The job database refused a read or write (down, locked, its disk full)."),
     "timeout": (

@@ -26,6 +26,7 @@ class WorkerState(StrEnum):
     READY = "ready"
     BUSY = "busy"
     STALLED = "stalled"  # its batch made no step for WATCHDOG_SECONDS: it hangs, and its jobs' leases run out
+    DISCONNECTED = "disconnected"  # its broker did not answer at two beats in a row: it can take no job
     STOPPED = "stopped"  # said goodbye (SIGTERM)
     LOST = "lost"  # went quiet: no heartbeat for three periods
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}\.png")
 INPUT_PATTERN = re.compile(r"[0-9a-f]{32}\.png")
+OWNER_FILE = ".imagegen-database"  # the id of the database whose records name this store's files
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,28 @@ class ImageStore:
             self.fs.makedirs(self._path("inputs"), exist_ok=True)
         self.db = db
         self.url = url
+        self._claim()
+
+    def _claim(self) -> None:
+        """Writes this store's database's id in OWNER_FILE, or refuses a store that names another.
+
+        Why: the sweep deletes the files that no record of *its* database names, so two instances
+        with databases of their own on one IMAGE_DIR (different DATA_DIRs, an overlapping deploy)
+        would each delete the other's images an hour after they were made. A cluster's replicas and
+        workers share one database, so they agree. Two first starts at once both write; each reads
+        the file back, and the one whose write was overwritten stops.
+        """
+        mine, path = self.db.identity(), self._path(OWNER_FILE)
+        if not self.fs.exists(path):
+            self.fs.pipe_file(path, mine.encode())
+        owner = self.fs.cat_file(path).decode().strip()
+        if owner != mine:
+            raise SystemExit(
+                f"IMAGE_DIR {self.url} holds the images of another database (its {OWNER_FILE} names {owner}; "
+                f"this DATABASE_URL is {mine}), and each would delete the other's images: give this instance an "
+                f"IMAGE_DIR of its own or the other's DATABASE_URL, or, if that database is gone (a deleted "
+                f"DATA_DIR), delete {path} and its images will be swept within the hour"
+            )
 
     @property
     def local_dir(self) -> Path | None:

@@ -35,8 +35,8 @@ from imagegen.monitoring import Monitor, runner_report
 from imagegen.protocol import SettingsPatch
 from imagegen.queues.cluster import (
     TASK,
+    BrokerWatch,
     CeleryQueue,
-    ConsumerWatch,
     WorkerRegistry,
     broker_queue,
     make_celery,
@@ -72,13 +72,40 @@ class JobBatches(Batches):
             self._tref = None
 
 
-class Heartbeat:
-    """Writes this worker's row every WORKER_HEARTBEAT_SECONDS from a thread of its own, so a long
-    batch never makes a live worker look dead, and renews the leases of the batch it runs. Each
-    beat carries the worker's figures (memory, GPUs, models, generation histograms:
-    `monitoring.runner_report`), which the API shows in /status and /metrics, then runs
-    `after_beat` (`Watch`). The watchdog: a batch with no step for WATCHDOG_SECONDS makes
-    the worker `stalled`, and its leases are no longer renewed, so the others take its jobs."""
+class Every:
+    """A thread of its own that runs `tick` every `seconds` until stopped. A tick that fails is
+    logged, and the next one tries again: the database or the broker may be away for a moment."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            try:
+                self.tick()
+            except Exception as exc:
+                log.warning("%s failed: %s", self._thread.name, exc)
+
+
+class Heartbeat(Every):
+    """Writes this worker's row every WORKER_HEARTBEAT_SECONDS, so a long batch never makes a live
+    worker look dead, and renews the leases of the batch it runs. Each beat carries the worker's
+    figures (memory, GPUs, models, generation histograms: `monitoring.runner_report`), which the
+    API shows in /status and /metrics. The watchdog: a batch with no step for WATCHDOG_SECONDS
+    makes the worker `stalled`, and its leases are no longer renewed, so the others take its jobs;
+    a broker that the `watch` found silent twice makes it `disconnected`."""
 
     def __init__(
         self,
@@ -86,14 +113,13 @@ class Heartbeat:
         name: str,
         settings: Settings,
         engine: Engine,
-        after_beat: Callable[[], None] = lambda: None,
+        watch: Watch | None = None,
     ) -> None:
+        super().__init__("heartbeat", settings.worker_heartbeat_seconds)
         self.registry, self.name, self.settings, self.engine = registry, name, settings, engine
-        self.after_beat = after_beat
+        self.watch = watch
         self.state = WorkerState.LOADING
         self.started = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def set(self, state: WorkerState) -> None:
         """Changes the state and says so at once."""
@@ -109,7 +135,7 @@ class Heartbeat:
             self.name,
             self.engine.models.device,
             self.settings.model_id,
-            WorkerState.STALLED if self.engine.stalled() else self.state,
+            self.reported(),
             self.engine.jobs_done,
             self.started,
             {
@@ -118,23 +144,25 @@ class Heartbeat:
             },
         )
 
+    def reported(self) -> WorkerState:
+        """The state the registry shows: what the worker does, unless it hangs or its broker is away."""
+        if self.engine.stalled():
+            return WorkerState.STALLED
+        if self.watch and self.watch.broker.unreachable and self.state != WorkerState.STOPPED:
+            return WorkerState.DISCONNECTED
+        return self.state
+
+    def tick(self) -> None:
+        self.beat()
+        self.engine.renew()
+
     def start(self) -> None:
         self.beat()
-        self._thread.start()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().stop()
         self.set(WorkerState.STOPPED)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.worker_heartbeat_seconds):
-            try:
-                self.beat()
-                self.engine.renew()
-                self.after_beat()
-            except Exception as exc:  # the database or the broker may be away for a moment; the next beat retries
-                log.warning("heartbeat failed: %s", exc)
 
 
 class Commands:
@@ -196,23 +224,32 @@ class Commands:
         return answer
 
 
-class Watch:
-    """What the heartbeat thread does after each beat. It asks the worker's main thread, through the
-    broker, to unload models left idle and to consume the queue again when jobs wait there with no
-    consumer; and every RECONCILE_SECONDS it runs the cluster's reconciler, as every API replica
-    does: with no replica alive, a dead worker's jobs would otherwise stay `running` (each job is
-    taken by one conditional UPDATE, so reconcilers never publish a job twice)."""
+class Watch(Every):
+    """What a worker checks every WORKER_HEARTBEAT_SECONDS, on a thread of its own (a broker that
+    does not answer holds each check for its timeouts, and beats and lease renewals must not wait
+    on it). It asks the worker's main thread, through the broker, to unload models left idle and
+    to consume the queue again when jobs wait there with no consumer; it notes a broker that does
+    not answer (`BrokerWatch`: the next beat says `disconnected`, and the API counts the worker
+    out); and every RECONCILE_SECONDS it runs the cluster's reconciler, as every API replica does:
+    with no replica alive, a dead worker's jobs would otherwise stay `running` (each job is taken
+    by one conditional UPDATE, so reconcilers never publish a job twice)."""
 
     def __init__(self, engine: Engine, celery: Celery, hostname: str, reconciler: CeleryQueue) -> None:
+        super().__init__("watch", engine.settings.worker_heartbeat_seconds)
         self.engine, self.celery, self.hostname, self.reconciler = engine, celery, hostname, reconciler
-        self.consumers = ConsumerWatch()
+        self.broker = BrokerWatch()
         self.reconciled_at = time.monotonic()
 
-    def __call__(self) -> None:
+    def tick(self) -> None:
         timeout = self.engine.settings.model_idle_timeout_seconds
         if timeout and self.engine.models.idle(timeout):
             self.celery.control.broadcast("imagegen_unload_idle", destination=[self.hostname])
-        if self.consumers.unconsumed(broker_queue(self.celery)):
+        was_unreachable = self.broker.unreachable
+        self.broker.check(broker_queue(self.celery))
+        if self.broker.unreachable != was_unreachable:
+            lost = "does not answer: this worker takes no job until it does"
+            log.warning("the broker %s", lost if self.broker.unreachable else "answers again")
+        if self.broker.unconsumed:
             self.celery.control.broadcast("imagegen_resubscribe", destination=[self.hostname])
         if time.monotonic() - self.reconciled_at >= self.engine.settings.reconcile_seconds:
             self.reconciled_at = time.monotonic()
@@ -304,7 +341,7 @@ def main() -> None:
 
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
     watch = Watch(engine, celery, hostname, CeleryQueue(settings, endings, images, registry, celery))
-    heartbeat = Heartbeat(registry, name, settings, engine, after_beat=watch)
+    heartbeat = Heartbeat(registry, name, settings, engine, watch)
     Commands(engine, done=heartbeat.beat).register()
     consume = Consumer(
         engine, lambda ids, after: publish(celery, ids, settings.publish_timeout_seconds, after), heartbeat.report
@@ -332,10 +369,12 @@ def main() -> None:
     live.start()
     webhooks.start()
     heartbeat.start()
+    watch.start()
     log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
     try:
         engine.models.get(settings.model_id)
     except Exception as exc:
+        watch.stop()
         heartbeat.stop()
         raise SystemExit(f"worker {name}: model {settings.model_id} failed to load: {exc}") from None
     heartbeat.set(WorkerState.READY)
@@ -354,6 +393,7 @@ def main() -> None:
             ]
         )
     finally:
+        watch.stop()
         heartbeat.stop()
         webhooks.stop()
         live.stop()

@@ -76,10 +76,12 @@ def app_factory(tmp_path: Path) -> Iterator[Any]:
     apps: list[Flask] = []
 
     def build_app(pipeline: FakePipeline | None = None, **overrides: Any) -> Flask:
-        # One live local app per DATA_DIR (its lock): an app built beside a running one gets its own;
-        # one built after the others stopped takes over their data, as a restarted server does.
+        # One live local app per DATA_DIR (its lock) and so per IMAGE_DIR (which names its database):
+        # an app built beside a running one gets its own; one built after the others stopped takes
+        # over their data, as a restarted server does.
         if any(getattr(app.extensions["imagegen"].queue, "alive", False) for app in apps):
             overrides.setdefault("data_dir", tmp_path / f"data-{len(apps)}")
+            overrides.setdefault("image_dir", tmp_path / f"images-{len(apps)}")
         settings = make_settings(tmp_path, **overrides)
         app = (
             create_app(services=build(settings, load=lambda _source, _dtype: pipeline))
@@ -202,12 +204,12 @@ def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subpro
         "ADMIN_TOKEN": ADMIN_TOKEN,
         **env,
     }
-    process = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    errors = tmp_path / f"app-{port}.stderr"  # what it said, for the failure's message
+    with errors.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=sink, stderr=sink)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 180  # a bound, not a pace: a busy machine may take a minute to start
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if call(f"{base}/health")[0] == 200 or not ready:
                 return process, base
@@ -215,7 +217,8 @@ def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subpro
             pass
         time.sleep(0.2)
     process.kill()
-    raise AssertionError("server did not become ready")
+    said = errors.read_text(errors="replace")[-2000:]
+    raise AssertionError(f"server did not become ready (exit {process.wait(10)}); it said:\n{said}")
 
 
 # ----- the real services a cluster uses: PostgreSQL, RabbitMQ, Redis (started on this machine and on

@@ -318,6 +318,41 @@ def test_a_worker_whose_consumer_was_cancelled_consumes_again(tmp_path, postgres
     assert "consuming it again" in (tmp_path / "logs" / "worker-w1.log").read_text()
 
 
+def test_a_worker_its_broker_stops_answering_says_so_until_it_answers_again(tmp_path, postgres_url, processes):
+    """The link between a worker and the broker hangs (a network split, a frozen host): the worker
+    beat on `ready` while it could take no job. It says `disconnected` (its beats and leases go
+    on), /health says no worker reaches the broker, and both mend with the link; a job sent
+    meanwhile runs then."""
+    from bench.harness import FrozenProxy
+
+    proxy = FrozenProxy(5672)
+    try:
+        env = cluster_env(tmp_path, postgres_url)
+        processes.append(
+            start_worker(tmp_path, "w1", {**env, "BROKER_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}//"})
+        )
+        api, base = start_server(tmp_path, **env)
+        processes.append(api)
+
+        def state() -> str:
+            return get(base, "/status")[1]["app"]["workers"][0]["state"]
+
+        wait_until(lambda: state() == "ready", timeout=120)
+        proxy.freeze()
+        wait_until(lambda: state() == "disconnected", timeout=60)
+        status, health = get(base, "/health")
+        assert (status, health["reason"]) == (503, "No live worker reaches the broker."), health
+        status, job = post(base, {"prompt": PROMPT, "steps": 2, "async": True})
+        assert status == 202, job
+        assert all(state() == "disconnected" for _ in range(10)), "never `lost`: it beats on while its broker hangs"
+        proxy.thaw()
+        wait_until(lambda: get(base, f"/jobs/{job['id']}")[1]["status"] == "succeeded", timeout=120)
+        wait_until(lambda: state() in {"ready", "busy"}, timeout=60)
+        assert get(base, "/health")[0] == 200
+    finally:
+        proxy.close()
+
+
 def test_a_redis_broker_that_stops_answering_fails_the_publish_within_its_timeout(app_factory, postgres_url, tmp_path):
     """Redis accepts connections and answers nothing: the publish gives up after
     PUBLISH_TIMEOUT_SECONDS with 503 queue_unavailable, instead of holding the request forever."""

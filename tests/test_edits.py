@@ -419,7 +419,13 @@ def test_an_edit_whose_input_expired_fails_with_image_expired(demo, source):
 
 @pytest.mark.slow
 def test_an_edit_queued_before_a_kill_9_completes_after_the_restart(tmp_path, source):
-    env = {"MODEL_ID": DEMO, "MAX_BATCH_SIZE": "1", "DEFAULT_STEPS": "50", "DATA_DIR": str(tmp_path / "server-data")}
+    env = {
+        "MODEL_ID": DEMO,
+        "MAX_BATCH_SIZE": "1",
+        "DEFAULT_STEPS": "50",
+        "DATA_DIR": str(tmp_path / "server-data"),  # not the `source` app's: a database of its own,
+        "IMAGE_DIR": str(tmp_path / "server-images"),  # so an image store of its own
+    }
     process, base = start_server(tmp_path, **env)
     mask = b64(png(square_mask()))
     ids = []

@@ -213,11 +213,13 @@ def test_liveness_and_leases_read_the_databases_clock(db, monkeypatch):
 
 
 def test_migrations_run_once_and_leave_the_newest_schema(db):
-    Database(db.engine.url.render_as_string(hide_password=False)).close()  # a second process starting
+    second = Database(db.engine.url.render_as_string(hide_password=False))  # a second process starting
+    assert second.identity() == db.identity(), "the database's id is made once, by its migration"
+    second.close()
     columns = {column["name"] for column in inspect(db.engine).get_columns("jobs")}
     assert {"attempts", "worker", "cache_key"} <= columns
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0010"
 
 
 def test_a_database_from_the_sqlite_only_releases_is_adopted(tmp_path):

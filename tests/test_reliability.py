@@ -60,6 +60,24 @@ def test_a_second_local_process_on_one_job_database_stops_with_a_clear_line(tmp_
         first.wait(30)
 
 
+def test_an_image_dir_that_another_database_uses_is_refused_at_start(app_factory, fake, tmp_path):
+    """Two instances with databases of their own on one IMAGE_DIR: the sweep of each deletes the
+    files no record of its own names, the other's images an hour after they were made. The second
+    is refused at start with the way out; the same database again (a restart) is not."""
+    shared = tmp_path / "images"
+    first = app_factory(pipeline=fake, image_dir=shared)
+    wait_ready(first.test_client())
+    name = first.test_client().post("/generate", json={"prompt": PROMPT}).json["images"][0]["url"].rsplit("/", 1)[1]
+    with pytest.raises(SystemExit, match="holds the images of another database") as refused:
+        app_factory(pipeline=fake, data_dir=tmp_path / "other", image_dir=shared)
+    assert str(shared / ".imagegen-database") in str(refused.value)
+    first.extensions["imagegen"].stop(30)
+    again = app_factory(pipeline=fake, image_dir=shared)  # the first's database: its own images
+    wait_ready(again.test_client())
+    assert again.test_client().get(f"/images/{name}").status_code == 200
+    assert (shared / name).exists()
+
+
 def test_a_hung_batch_makes_the_server_unready_until_it_moves(app_factory, fake):
     client = app_factory(pipeline=fake, watchdog_seconds=0.5).test_client()
     wait_ready(client)

@@ -129,19 +129,30 @@ def broker_queue(app: Celery) -> BrokerQueue | None:
         return None
 
 
-class ConsumerWatch:
-    """Whether jobs have waited in the broker's queue with no consumer at two checks in a row (one
-    would also catch a worker reconnecting). RabbitMQ cancels every consumer of a queue it deletes
-    (an operator's mistake, an expiry policy, a node leaving), and a worker that misses the notice
-    stays connected, alive and deaf; the API reports it, each worker re-subscribes."""
+class BrokerWatch:
+    """What the broker's task queue said at two checks in a row (one alone could be a worker
+    reconnecting, or a blip): whether jobs wait there with no consumer, and whether the broker did
+    not answer at all. RabbitMQ cancels every consumer of a queue it deletes (an operator's mistake,
+    an expiry policy, a node leaving), and a worker that misses the notice stays connected, alive
+    and deaf: the API reports it, each worker re-subscribes. A broker that does not answer a worker
+    (a network split, a frozen host) leaves it unable to take jobs while it goes on beating: it
+    says `disconnected` until the broker answers again."""
 
     def __init__(self) -> None:
-        self.checks = 0
+        self.waiting = self.silent = 0
 
-    def unconsumed(self, queue: BrokerQueue | None) -> bool:
+    def check(self, queue: BrokerQueue | None) -> None:
+        self.silent = self.silent + 1 if queue is None else 0
         waiting = queue is not None and queue.ready > 0 and queue.consumers == 0
-        self.checks = self.checks + 1 if waiting else 0
-        return self.checks >= 2
+        self.waiting = self.waiting + 1 if waiting else 0
+
+    @property
+    def unconsumed(self) -> bool:
+        return self.waiting >= 2
+
+    @property
+    def unreachable(self) -> bool:
+        return self.silent >= 2
 
 
 class WorkerRegistry:
@@ -214,7 +225,7 @@ class CeleryQueue:
         self._alive_checked = (0.0, False)
         self._probed: tuple[float, NotReady | None] = (-PROBE_CACHE_SECONDS, None)  # (when, what was down)
         self._stopping = threading.Event()
-        self._watch = ConsumerWatch()
+        self._watch = BrokerWatch()
         self.unconsumed = False
 
     def start(self) -> None:
@@ -268,7 +279,7 @@ class CeleryQueue:
         - running jobs whose lease ran out (their worker died, hung, or lost its database) are queued
           again and published;
         - jobs waiting in the broker with no consumer at two periods in a row make /health say so
-          (`ConsumerWatch`);
+          (`BrokerWatch`);
         - queued jobs the broker forgot (a purged queue, a broker restarted without persistence, an
           API killed between the record and the publish, a failed re-publish) are published again:
           while the records hold more queued jobs than the broker has messages ready, the oldest
@@ -278,7 +289,8 @@ class CeleryQueue:
         recovered = [job.id for job in self.jobs.expired() if self.jobs.recover(job)]
         republished: list[str] = []
         queue = broker_queue(self.app)
-        self.unconsumed = self._watch.unconsumed(queue)
+        self._watch.check(queue)
+        self.unconsumed = self._watch.unconsumed
         if queue is not None and (missing := self.jobs.depth() - queue.ready - len(recovered)) > 0:
             republished = self.jobs.due_for_publish(3 * self.settings.reconcile_seconds, missing)
         if recovered or republished:
@@ -359,7 +371,10 @@ class CeleryQueue:
             return down
         if self.unconsumed:
             return NotReady("queue_unconsumed", "Jobs wait in the broker's queue and no worker consumes it.", 5)
-        state = self._model_state(self.registry.alive())
+        alive = self.registry.alive()
+        if alive and all(worker["state"] == WorkerState.DISCONNECTED for worker in alive):
+            return NotReady("queue_unavailable", "No live worker reaches the broker.", 5)
+        state = self._model_state(alive)
         if state == ModelState.UNLOADED:
             return stopped
         if state == ModelState.LOADING:
