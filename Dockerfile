@@ -36,7 +36,7 @@ RUN apt-get update \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /data imagegen \
     && mkdir /data && chown imagegen:imagegen /data
 COPY --from=build /venv /venv
-COPY app.py config.py /app/
+COPY app.py config.py LICENSE /app/
 COPY imagegen/ /app/imagegen/
 COPY models/demo-shapes/ /app/models/demo-shapes/
 COPY models/loras/ /app/models/loras/

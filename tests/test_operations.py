@@ -355,3 +355,11 @@ def test_the_version_is_reported_and_in_the_changelog(fake_client):
     assert fake_client.get("/").json["version"] == __version__ == status["version"]
     assert f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()
     assert f"## {__version__} " in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_the_licence_is_apache_2_as_the_metadata_and_readme_say():
+    import tomllib
+
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    assert "[LICENSE](LICENSE)" in (ROOT / "README.md").read_text()
