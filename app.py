@@ -1,25 +1,46 @@
 """Entry point: `app` for any WSGI server; `python app.py` serves it with waitress.
 
-On SIGTERM (or Ctrl-C) the server stops taking work, lets the running batch finish within
-SHUTDOWN_GRACE_SECONDS, answers the requests that waited for it, and exits; jobs still queued stay
-in the store for the next start.
+`python app.py` takes its port before it builds anything: a port in use is one line and a non-zero
+exit, not a traceback after the model began to load. On SIGTERM (or Ctrl-C) the server stops
+taking work, lets the running batch finish within SHUTDOWN_GRACE_SECONDS, answers the requests
+that waited for it, and exits; jobs still queued stay in the store for the next start.
 """
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from types import FrameType
 
+from config import Settings, load_settings
 from imagegen import create_app
 
-app = create_app()
 
-if __name__ == "__main__":
+def listen(settings: Settings) -> socket.socket:
+    """The server's socket, bound; SystemExit with one line when it cannot be."""
+    try:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        return socket.create_server((settings.host, settings.port), family=family, backlog=settings.connection_limit)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"port {settings.port} is in use; set PORT=... to another (e.g. PORT=5001 make run)"
+            ) from None
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+
+
+if __name__ != "__main__":
+    app = create_app()
+else:
     from waitress.server import create_server
 
+    settings = load_settings()
+    sock = listen(settings)
+    app = create_app(settings)
     services = app.extensions["imagegen"]
     settings = services.settings
     # waitress reads a whole body before the app sees it, so it is given the largest body any route
@@ -27,8 +48,7 @@ if __name__ == "__main__":
     # is cut off there; each route's own, smaller limit is the app's (middleware.body_limit).
     server = create_server(
         app,
-        host=settings.host,
-        port=settings.port,
+        sockets=[sock],
         threads=settings.threads,
         connection_limit=settings.connection_limit,
         channel_timeout=settings.channel_timeout_seconds,

@@ -138,3 +138,24 @@ def test_sigterm_during_synchronous_requests_still_answers_them(tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_port_in_use_is_one_line_and_an_exit_before_anything_loads(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TINY_MODEL
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {"PATH": "/usr/bin:/bin", "PORT": str(port), "MODEL_ID": TINY_MODEL, "LOG_DIR": str(tmp_path / "logs")}
+        env |= {"DATA_DIR": str(tmp_path / "data"), "IMAGE_DIR": str(tmp_path / "images")}
+        result = subprocess.run(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"port {port} is in use; set PORT=... to another (e.g. PORT=5001 make run)"
+    ]
+    assert not (tmp_path / "data").exists(), "it stopped before it made its database or loaded the model"
