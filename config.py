@@ -281,6 +281,15 @@ class Settings(BaseSettings):
         parse_many(value)
         return value
 
+    @field_validator("webhook_allowed_ports")
+    @classmethod
+    def _check_ports(cls, value: str) -> str:
+        """`*`, or port numbers: a word here (`http`) would refuse every callback at submission."""
+        for item in comma_list(value):
+            if item != "*" and not (item.isdigit() and 1 <= int(item) <= 65535):
+                raise ValueError(f"{item!r} is not a port: give port numbers (80,443) or *")
+        return value
+
     @field_validator("request_timeout_seconds")
     @classmethod
     def _finite(cls, value: float) -> float:

@@ -10,13 +10,14 @@ environment's globals; MAX_WIDTH and friends cap what no entry caps.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from config import ModelEntry, Settings
+from config import ROOT, ModelEntry, Settings
 from imagegen.families import FAMILIES, Facts, Family, UnservedModel, checkpoint_family, facts, folder_reader
 from imagegen.quantization import Quantization, Unrunnable, check_backend, denoiser
 
@@ -57,6 +58,20 @@ class ModelSpec:
             "limits": {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps},
             "quantization": self.quantization.view(),
         }
+
+
+def hub_id(source: str) -> bool:
+    """Whether a source that is no file or folder here can be a hub id (`owner/name`); one whose
+    owner is a folder of the project (`models/nope`), or that starts like a path, meant a path
+    (and the hub would only be asked, in vain, at each load)."""
+    owner, slash, name = source.partition("/")
+    return bool(
+        slash
+        and re.fullmatch(r"[\w.-]+", owner)
+        and re.fullmatch(r"[\w.-]+", name)
+        and not owner.startswith(".")
+        and not (ROOT / owner).is_dir()
+    )
 
 
 def _hub_reader(repo: str) -> Callable[[str], dict[str, Any] | None]:
@@ -152,6 +167,8 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
             f"MODELS file model {model}, key family: {entry.family!r} is not one of {', '.join(FAMILIES)}"
         )
     source = settings.resolve_source(entry.source)
+    if not Path(source).exists() and not hub_id(source):
+        raise UnservedModel(f"no such folder or known model: {entry.source}")
     quantized = _scheme(settings, entry) != "none" or entry.quantize is not None
     found = _facts(model, source, entry, components=quantized)
     family = found.family if found else None

@@ -58,6 +58,8 @@ def test_preset_sets_defaults_and_explicit_values_win(monkeypatch):
         ("RATE_LIMIT", "lots", "RATE_LIMIT"),
         ("RATE_LIMIT_DEFAULT", "10 per fortnight", "RATE_LIMIT_DEFAULT"),
         ("RATE_LIMIT_COST", "many", "RATE_LIMIT_COST"),
+        ("WEBHOOK_ALLOWED_PORTS", "http", "WEBHOOK_ALLOWED_PORTS: Value error, 'http' is not a port"),
+        ("WEBHOOK_ALLOWED_PORTS", "443,70000", "'70000' is not a port"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(monkeypatch, name, value, fragment):
@@ -180,3 +182,19 @@ def test_weak_secrets_stop_a_production_start(monkeypatch, name, value, said):
         load_settings(_env_file=None)
     monkeypatch.setenv("APP_ENV", "development")
     assert load_settings(_env_file=None), "development takes any"
+
+
+@pytest.mark.parametrize("model", ["models/nope", "./nope", "/no/such/folder", "nope.safetensors"])
+def test_a_model_that_names_no_folder_here_stops_start_up_with_one_line(app_factory, model):
+    """A path that names nothing (`models/` is a folder of the project, so `models/nope` is not a
+    hub id) is said at start; it used to start, then ask the hub at every load."""
+    with pytest.raises(SystemExit) as stopped:
+        app_factory(model_id=model)
+    assert str(stopped.value) == f"cannot serve: no such folder or known model: {model}"
+
+
+def test_a_hub_id_is_left_for_the_hub_to_answer_at_load():
+    from imagegen.catalogue import hub_id
+
+    assert hub_id("stabilityai/sdxl-turbo") and hub_id("black-forest-labs/FLUX.1-schnell")
+    assert not hub_id("models/nope") and not hub_id("nope") and not hub_id("../x/y")

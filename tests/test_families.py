@@ -152,10 +152,10 @@ def test_the_catalogue_orders_request_entry_family_then_globals(tmp_path, tiny_m
 @pytest.mark.parametrize(
     ("entry", "words"),
     [
-        ({"source": "x", "steps": 4}, "model bad, key steps"),
-        ({"source": "x", "default_steps": "many"}, "model bad, key default_steps"),
-        ({"source": "x", "family": "dall-e"}, "model bad, key family"),
-        ({"source": "x", "default_width": 100}, "model bad, key default_width: must be a multiple of 8"),
+        ({"source": "org/x", "steps": 4}, "model bad, key steps"),
+        ({"source": "org/x", "default_steps": "many"}, "model bad, key default_steps"),
+        ({"source": "org/x", "family": "dall-e"}, "model bad, key family"),
+        ({"source": "org/x", "default_width": 100}, "model bad, key default_width: must be a multiple of 8"),
         ({"family": "sd"}, "model bad, key source"),
     ],
 )

@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen.engine import models
-from tests.conftest import ADMIN, ROOT, wait_ready
+from tests.conftest import ADMIN, ROOT, TINY_MODEL, wait_ready
 
 PROMPT = "an orange circle on a green background"
 
 
 def test_liveness_answers_even_when_not_ready(app_factory, tmp_path):
-    client = app_factory(model_id=str(tmp_path / "missing")).test_client()
+    client = app_factory(model_id=str(broken_model(tmp_path / "missing"))).test_client()
     assert client.get("/health/live").json == {"status": "alive"}
 
 
@@ -65,7 +67,7 @@ def test_host_figures_are_for_the_admin_or_the_metrics_token(app_factory):
 
 def test_production_health_and_index_disclose_no_paths(app_factory, tmp_path):
     client = app_factory(
-        app_env="production", allow_anonymous=True, model_id=str(tmp_path / "secret-dir")
+        app_env="production", allow_anonymous=True, model_id=str(broken_model(tmp_path / "secret-dir"))
     ).test_client()
     deadline = time.monotonic() + 20
     while client.get("/health").json["model_state"] != "failed" and time.monotonic() < deadline:
@@ -242,7 +244,7 @@ def test_generate_is_refused_while_loading(app_factory, fake):
 
 
 def test_broken_model_gives_503_with_reason_and_process_stays_up(app_factory, tmp_path):
-    app = app_factory(model_id=str(tmp_path / "no-such-model"))
+    app = app_factory(model_id=str(broken_model(tmp_path / "no-such-model")))
     client = app.test_client()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and client.get("/health").json.get("model_state") != "failed":
@@ -363,3 +365,10 @@ def test_the_licence_is_apache_2_as_the_metadata_and_readme_say():
     assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
     assert "[LICENSE](LICENSE)" in (ROOT / "README.md").read_text()
+
+
+def broken_model(path: Path) -> Path:
+    """A model folder with the tiny model's configs and no weights: it starts (its family can be
+    told), and fails to load (a folder that does not exist stops the start)."""
+    shutil.copytree(ROOT / TINY_MODEL, path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return path
