@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     models: str = ""  # more model ids (comma-separated), or a TOML catalogue file (`*.toml`)
     device: str = "auto"
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    torch_threads: int = Field(0, ge=0, le=1024)  # 0: the cores this process may use (imagegen.cpu)
     performance_preset: Literal["low", "balanced", "high"] = "balanced"
     model_preload: bool = True
     max_loaded_models: int = Field(1, ge=1, le=16)
@@ -301,8 +302,9 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Settings:
         for name in ("default_steps", "default_width", "default_height"):
             bound = name.replace("default", "max")
-            if getattr(self, name) > getattr(self, bound):
-                raise ValueError(f"{name.upper()} must not exceed {bound.upper()}")
+            value, limit = getattr(self, name), getattr(self, bound)
+            if value > limit:
+                raise ValueError(f"{name.upper()} {value} must not exceed {bound.upper()} ({limit})")
         for name in ("default_width", "default_height", "max_width", "max_height"):
             if getattr(self, name) % 8:
                 raise ValueError(f"{name.upper()} must be a multiple of 8")
@@ -347,6 +349,14 @@ class Settings(BaseSettings):
         if self.model_id not in self.model_entries():
             raise ValueError(f"MODEL_ID {self.model_id} is not a model of MODELS ({', '.join(self.model_entries())})")
         return self
+
+    def origin(self, name: str) -> str:
+        """Where a setting's value came from: `preset` (PERFORMANCE_PRESET's), `environment` (the
+        environment or `.env`, or the caller's), or `default`."""
+        preset = PRESETS.get(self.performance_preset, {})
+        if name in preset and getattr(self, name) == preset[name]:
+            return "preset"
+        return "environment" if name in self.model_fields_set else "default"
 
     @property
     def is_production(self) -> bool:
@@ -447,10 +457,18 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{**legacy, **overrides})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise SystemExit(f"invalid configuration: {problems}") from None
+        raise SystemExit(f"invalid configuration: {problems(exc)}") from None
+
+
+def problems(exc: ValidationError) -> str:
+    """What is wrong with settings, each problem naming its variable (`DEFAULT_STEPS: ...`) or, for
+    one between variables, saying them itself; not pydantic's "1 validation error for Settings"."""
+    said = []
+    for err in exc.errors():
+        name = ".".join(str(part) for part in err["loc"]).upper()
+        message = err["msg"].removeprefix("Value error, ")
+        said.append(f"{name}: {message}" if name else message)
+    return "; ".join(said)
 
 
 def notices(given: dict[str, Any], from_file: set[str]) -> list[str]:

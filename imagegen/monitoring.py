@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 from config import Settings
+from imagegen.cpu import usable_cores
 from imagegen.states import ModelState
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Monitor:
 
     def __init__(self, window: int = 1000) -> None:
         self.started = time.time()
+        psutil.cpu_percent(interval=None)  # psutil's first answer is 0.0: /status's first is now since start
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imagegen_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
@@ -181,7 +183,8 @@ def system_status(image_dir: Path, started: float, database_dir: Path | None = N
     """CPU, RAM, process RSS, GPU memory, the image disk (and an embedded database's) and uptime."""
     memory = psutil.virtual_memory()
     figures = {
-        "cpu_percent": psutil.cpu_percent(interval=None),  # since the last call (the first: since psutil's import)
+        "cpu_percent": psutil.cpu_percent(interval=None),  # since the last call (the first: since Monitor's start)
+        "usable_cores": usable_cores(),
         "ram": {"total_bytes": memory.total, "used_bytes": ram_used_bytes(), "percent": memory.percent},
         "process_rss_bytes": psutil.Process().memory_info().rss,
         "gpus": gpu_memory(),

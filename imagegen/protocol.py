@@ -170,3 +170,7 @@ class SettingsPatch(BaseModel):
     persist: bool = False  # accepted from 0.2's clients: every change is now stored (in the database)
 
     _check_limits = field_validator("rate_limit", "rate_limit_default", "rate_limit_cost")(_limit)
+
+
+# The settings an admin may change while serving (PATCH /admin/settings), by field name.
+TUNABLES = tuple(name for name in SettingsPatch.model_fields if name != "persist")

@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import delete, insert, select
 
-from config import Settings
+from config import Settings, problems
 from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.db import Database, db_now, runtime_settings
-from imagegen.protocol import SettingsPatch
+from imagegen.protocol import TUNABLES, SettingsPatch
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,19 @@ class LiveSettings:
     def overrides(self) -> dict[str, Any]:
         """The settings an admin changed, by field name."""
         return {name: value for name, value in self._stored.items() if not name.startswith(OPTION)}
+
+    def described(self) -> dict[str, dict[str, Any]]:
+        """Each setting an admin may change: the value in effect, where it came from (`admin`, else
+        the start's origin: `environment`, `preset` or `default`) and the start's value."""
+        changed = self.overrides()
+        return {
+            name: {
+                "value": getattr(self._current, name),
+                "source": "admin" if name in changed else self.base.origin(name),
+                "start_value": getattr(self.base, name),
+            }
+            for name in TUNABLES
+        }
 
     def option(self, name: str) -> Any:
         """A stored option that is not a setting (None when never set)."""
@@ -142,7 +155,11 @@ class LiveSettings:
 
 
 def with_changes(settings: Settings, changes: dict[str, Any]) -> Settings:
-    """The settings with these fields changed, checked as at start-up (ValueError naming the field)."""
+    """The settings with these fields changed, checked as at start-up (ValueError naming the field
+    and its limit)."""
     if not changes:
         return settings
-    return Settings(**{**settings.model_dump(), **changes, "_env_file": None})
+    try:
+        return Settings(**{**settings.model_dump(), **changes, "_env_file": None})
+    except ValidationError as exc:
+        raise ValueError(problems(exc)) from None

@@ -32,7 +32,7 @@ from imagegen.engine.runner import Engine, plan_batches
 from imagegen.jobs import JobStore
 from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
-from imagegen.protocol import SettingsPatch
+from imagegen.protocol import TUNABLES
 from imagegen.queues.cluster import (
     TASK,
     BrokerWatch,
@@ -51,7 +51,6 @@ from imagegen.webhooks import WebhookSender
 log = logging.getLogger("imagegen.worker")
 
 # The settings an admin may change at run time, which each heartbeat reports as this worker runs them.
-TUNABLES = tuple(name for name in SettingsPatch.model_fields if name != "persist")
 
 
 class JobBatches(Batches):
@@ -140,6 +139,7 @@ class Heartbeat(Every):
             self.started,
             {
                 **runner_report(self.engine.monitor, self.engine.models.describe()),
+                "torch_threads": self.engine.models.threads,
                 "settings": {name: getattr(self.engine.settings, name) for name in TUNABLES},
             },
         )

@@ -37,6 +37,7 @@ NATIVE_ROUTES = {
     ("post", "/cleanup"),
     ("post", "/models/{model_id}/load"),
     ("post", "/models/{model_id}/unload"),
+    ("get", "/admin/settings"),
     ("patch", "/admin/settings"),
 }
 

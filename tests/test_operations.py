@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -211,6 +212,18 @@ def test_runtime_settings_apply_now_and_outlive_a_restart_until_reset(app_factor
     assert settings.rate_limit == "1000/minute", "`null` set it back to the environment's"
 
 
+def test_admin_settings_name_the_limit_and_show_where_each_value_came_from(fake_client):
+    refused = fake_client.patch("/admin/settings", json={"default_steps": 500}, headers=ADMIN)
+    assert refused.status_code == 400
+    assert refused.json["error"]["message"] == "DEFAULT_STEPS 500 must not exceed MAX_STEPS (50)"
+    assert fake_client.patch("/admin/settings", json={"max_batch_size": 2}, headers=ADMIN).status_code == 200
+    shown = fake_client.get("/admin/settings", headers=ADMIN).json["settings"]
+    assert shown["max_batch_size"]["value"] == 2 and shown["max_batch_size"]["source"] == "admin"
+    assert shown["default_steps"] == {"value": 4, "source": "environment", "start_value": 4}  # the tests' own
+    assert shown["model_idle_timeout_seconds"]["source"] == "default"
+    assert fake_client.get("/admin/settings").status_code == 401
+
+
 def test_index_lists_every_endpoint(client):
     body = client.get("/").json
     assert body["name"] == "imagegen"
@@ -372,3 +385,48 @@ def broken_model(path: Path) -> Path:
     told), and fails to load (a folder that does not exist stops the start)."""
     shutil.copytree(ROOT / TINY_MODEL, path, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     return path
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no quota
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # docker --cpus=1.5
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files (macOS, a bare chroot)
+    ],
+)
+def test_the_usable_cores_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, files, expected):
+    import os
+
+    from imagegen.cpu import cpu_quota, usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (max(1, min(mask, -(-expected // 1))) if expected else mask)
+
+
+@pytest.mark.parametrize("setting", [0, 1])
+def test_status_shows_the_threads_torch_runs_with(app_factory, fake, setting):
+    from imagegen.cpu import usable_cores
+
+    client = app_factory(pipeline=fake, torch_threads=setting).test_client()
+    status = client.get("/status", headers=ADMIN).json
+    threads = setting or usable_cores()
+    assert status["app"]["model"]["torch_threads"] == threads == torch.get_num_threads()
+    assert status["system"]["usable_cores"] == usable_cores()
+
+
+def test_openmp_threads_sleep_while_they_wait():
+    """Set before torch loads OpenMP (which reads it once), by the engine, the only torch importer."""
+    import subprocess
+    import sys
+
+    code = "import imagegen.engine, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["PASSIVE", "True"], out.stderr[-2000:]

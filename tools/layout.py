@@ -61,6 +61,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "catalogue.py",
         "schedulers.py",
         "quantization.py",
+        "cpu.py",
         "loras.py",
         "edits.py",
     ),

@@ -101,6 +101,14 @@ def unload_model(model_id: str) -> dict[str, Any]:
     }
 
 
+@bp.get("/admin/settings", **spec({200: schemas.SettingsView}, errors=ADMIN_ERRORS))
+@raw
+def show_settings() -> dict[str, Any]:
+    """The settings an admin may change, each with the value in effect, where it came from (`admin`,
+    `environment`, `preset` or `default`) and the value it had at start."""
+    return {"settings": services().live.described()}
+
+
 @bp.patch(
     "/admin/settings",
     **spec(

@@ -48,6 +48,7 @@ ENDPOINTS = [
     ("POST", "/models/<id>/load", "Admin: load a model now."),
     ("POST", "/models/<id>/unload", "Admin: unload a model."),
     ("POST", "/cleanup", "Admin: delete old images, optionally unload models."),
+    ("GET", "/admin/settings", "Admin: the adjustable settings, each with its value and where it came from."),
     ("PATCH", "/admin/settings", "Admin: adjust log level, default steps, batch size, idle timeout, rate limits."),
 ]
 

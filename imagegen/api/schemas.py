@@ -172,6 +172,18 @@ class CleanupResponse(BaseModel):
     workers: dict[str, list[str]] | None = Field(None, description="With unload_models: what each runner unloaded.")
 
 
+class SettingView(BaseModel):
+    value: Any
+    source: Literal["admin", "environment", "preset", "default"]
+    start_value: Any
+
+
+class SettingsView(BaseModel):
+    """GET /admin/settings: each setting an admin may change, with where its value came from."""
+
+    settings: dict[str, SettingView]
+
+
 class SettingsChange(BaseModel):
     changed: dict[str, Any]
     persisted: bool

@@ -7,6 +7,12 @@ own, so the API and its engine never hold two), and the Engine that runs batches
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP, which reads it once: threads waiting for work sleep instead of spinning,
+# as spinning takes the cores that other threads (and other processes) need.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from config import Settings
 from imagegen.catalogue import ModelSpec, build_catalogue
 from imagegen.endings import Endings

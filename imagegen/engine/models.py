@@ -31,6 +31,7 @@ from PIL import Image
 
 from config import Settings
 from imagegen.catalogue import ModelSpec
+from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterStore
@@ -186,6 +187,8 @@ class ModelManager:
         self._load_pipeline = load
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
+        self.threads = torch_threads(settings.torch_threads)
+        torch.set_num_threads(self.threads)  # for the whole process: its engine is its only torch user
         self.catalogue = {model: self._runnable(spec) for model, spec in catalogue.items()}
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)

@@ -268,6 +268,7 @@ class LocalQueue:
         default = asdict(self.models.state(self.settings.model_id))
         default["device"] = default["device"] or self.models.device  # where it will load, before it has
         default["dtype"] = default["dtype"] or str(self.models.dtype).removeprefix("torch.")
+        default["torch_threads"] = self.models.threads
         return Runners(default, self.models.describe())
 
     # ----- the generation thread -----
