@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import secrets
 import select
 import socket
@@ -199,9 +200,26 @@ def test_generation_limit_answers_429_with_headers(app_factory):
     assert limited.json["error"]["code"] == "rate_limited"
     assert int(limited.headers["Retry-After"]) > 0
     assert limited.headers["X-RateLimit-Limit"] == "2" and limited.headers["X-RateLimit-Remaining"] == "0"
+    assert re.fullmatch(
+        r"Too many requests: 2 per 1 minute \(RATE_LIMIT\); retry in \d+ s\.", limited.json["error"]["message"]
+    )
     # another client is not affected; /health is exempt
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 1}).status_code == 200
     assert all(client.get("/health", environ_base=ip).status_code == 200 for _ in range(5))
+
+
+def test_refused_requests_spend_no_generation_budget_but_count_toward_the_default_limit(app_factory):
+    """A newcomer fixing their JSON is not locked out of generating; a flood of bad requests still
+    meets RATE_LIMIT_DEFAULT."""
+    client = app_factory(rate_limit="2/minute", rate_limit_default="6/minute").test_client()
+    wait_ready(client)
+    ip = {"REMOTE_ADDR": "198.51.100.8"}
+    bad = [client.post("/generate", json={"prompt": PROMPT, "steps": 0}, environ_base=ip) for _ in range(3)]
+    assert [r.status_code for r in bad] == [400] * 3
+    good = [client.post("/generate", json={"prompt": PROMPT, "steps": 1}, environ_base=ip) for _ in range(3)]
+    assert [r.status_code for r in good] == [200, 200, 429]
+    flood = client.post("/generate", json={"prompt": PROMPT, "steps": 0}, environ_base=ip)
+    assert flood.status_code == 429 and "(RATE_LIMIT_DEFAULT)" in flood.json["error"]["message"]
 
 
 def test_default_limit_covers_other_routes_and_forwarded_for_is_ignored(app_factory):

@@ -9,10 +9,13 @@ what raises them); `refusal_error` gives each its status from the one catalogue,
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from flask_limiter.errors import RateLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
@@ -92,7 +95,16 @@ def http_error(exc: HTTPException) -> APIError:
     status = exc.code or 500
     headers = dict(exc.get_headers()) if exc.response is None else {}
     headers.pop("Content-Type", None)
-    return APIError(HTTP_CODES.get(status, "error"), exc.description or exc.name, None, headers, status=status)
+    message = rate_limit_message(exc) if isinstance(exc, RateLimitExceeded) else exc.description or exc.name
+    return APIError(HTTP_CODES.get(status, "error"), message, None, headers, status=status)
+
+
+def rate_limit_message(exc: RateLimitExceeded) -> str:
+    """Which limit was reached, by its setting's name, and when the client may go on."""
+    setting = "RATE_LIMIT" if exc.limit.scope == "generation" else "RATE_LIMIT_DEFAULT"
+    window = current_app.extensions["imagegen_limiter"].current_limit
+    wait = f"; retry in {max(1, math.ceil(window.reset_at - time.time()))} s" if window else ""
+    return f"Too many requests: {exc.description} ({setting}){wait}."
 
 
 def refusal_error(refusal: Refusal) -> APIError:

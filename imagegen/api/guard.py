@@ -253,8 +253,16 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         key_prefix="imagegen",
         strategy="moving-window",
     )
-    # One RATE_LIMIT per client across every generating route (native, OpenAI, A1111), not one per route.
-    generation_limit = limiter.shared_limit(tunable("rate_limit"), scope="generation")
+    # One RATE_LIMIT per client across every generating route (native, OpenAI, A1111), not one per
+    # route. It guards the compute, so only a request taken as a job counts: a newcomer fixing their
+    # JSON is not locked out. Every request, refused ones too, also counts toward RATE_LIMIT_DEFAULT
+    # (`override_defaults=False`), which bounds a flood of bad requests.
+    generation_limit = limiter.shared_limit(
+        tunable("rate_limit"),
+        scope="generation",
+        deduct_when=lambda response: response.status_code < 400,
+        override_defaults=False,
+    )
     for endpoint, view in list(app.view_functions.items()):
         marked = getattr(view, "imagegen_marks", set())
         if "generation" in marked:
