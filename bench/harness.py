@@ -91,7 +91,7 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
             processes.append(_start([sys.executable, "app.py"], env))
             base = f"http://127.0.0.1:{values['port']}"
             try:
-                wait_ready(base)
+                wait_ready(base, timeout=600)  # a bound, not a pace: a start beside other work may take minutes
                 while workers and sum(w["state"] == "ready" for w in status(base)["app"]["workers"]) < workers:
                     time.sleep(0.1)
                 yield Server(base, psutil.Process(processes[-1].pid))

@@ -58,7 +58,7 @@ def test_preset_sets_defaults_and_explicit_values_win(monkeypatch):
         ("RATE_LIMIT", "lots", "RATE_LIMIT"),
         ("RATE_LIMIT_DEFAULT", "10 per fortnight", "RATE_LIMIT_DEFAULT"),
         ("RATE_LIMIT_COST", "many", "RATE_LIMIT_COST"),
-        ("WEBHOOK_ALLOWED_PORTS", "http", "WEBHOOK_ALLOWED_PORTS: Value error, 'http' is not a port"),
+        ("WEBHOOK_ALLOWED_PORTS", "http", "WEBHOOK_ALLOWED_PORTS: 'http' is not a port"),
         ("WEBHOOK_ALLOWED_PORTS", "443,70000", "'70000' is not a port"),
     ],
 )
