@@ -8,7 +8,7 @@ RUNTIME := $(VENV)/.runtime-installed
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
+.PHONY: install install-dev kernels run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
 
 # Each stamp re-installs only when its lock file changed since the last install.
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
@@ -20,7 +20,6 @@ $(RUNTIME): requirements.lock requirements-gpu.lock constraints.txt
 	if [ "$(GPU)" = 1 ]; then $(PIP) --require-hashes --no-deps -r requirements-gpu.lock; fi
 	$(PIP) -c constraints.txt torch
 	$(BIN)/python -m pip check
-	$(BIN)/python -m imagegen.quantization  # quanto's CPU int4 kernel, built once here (C++), not at a first load
 	touch $@
 
 $(DEV): $(RUNTIME) requirements-dev.lock
@@ -31,6 +30,11 @@ $(DEV): $(RUNTIME) requirements-dev.lock
 install: $(RUNTIME)
 
 install-dev: $(DEV)
+
+# quanto's CPU int4 kernel (C++; about 40 s on two idle cores, minutes on a busy machine), built
+# ahead; without this target the first model that asks for CPU int4 builds it, once per installation.
+kernels: install
+	$(BIN)/python -m imagegen.quantization
 
 run: install
 	$(BIN)/python app.py

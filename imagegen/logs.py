@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -98,6 +99,40 @@ def setup_logging(settings: Settings, filename: str = "app.log") -> None:
         handler.imagegen = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(settings.log_level)
-    # waitress logs each queue warning at WARNING; diffusers and transformers chatter at INFO.
-    for noisy in ("diffusers", "transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    quiet_libraries(settings.log_level)
+
+
+# Libraries whose warnings are no fault of this server or its user: at every start torchao cannot
+# load its CUDA kernels on a CPU build, torch warns of its own deprecations, transformers falls back
+# from torchvision (which this CPU torch cannot load), each on every start. `py.warnings` is Python's
+# warnings (DeprecationWarning, FutureWarning), routed into logging.
+LIBRARIES = (
+    "torch",
+    "torchao",
+    "diffusers",
+    "transformers",
+    "peft",
+    "optimum",
+    "huggingface_hub",
+    "accelerate",
+    "urllib3",
+    "filelock",
+    "py.warnings",
+)
+
+
+def quiet_libraries(level: str) -> None:
+    """Libraries log only their errors, unless LOG_LEVEL=DEBUG shows everything they say. Called
+    before the engine imports them: without a handler yet, Python prints their warnings to stderr."""
+    logging.captureWarnings(True)
+    quiet = level != "DEBUG"
+    # torch, diffusers and transformers set their own loggers' levels as they are imported, from these.
+    for variable, value in (
+        ("TORCH_LOGS", "-all"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+    ):
+        if quiet:
+            os.environ.setdefault(variable, value)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)

@@ -239,10 +239,17 @@ def pipeline_bytes(pipe: Any) -> dict[str, int]:
     return {**parts, "total": sum(parts.values())}
 
 
+def needs_kernel(quantization: Quantization, device: str) -> bool:
+    """Whether loading with this quantization on this device first builds a kernel (quanto's CPU int4)."""
+    backend = BACKENDS.get(quantization.backend or "")
+    return bool(backend and backend.programs.get((quantization.scheme, device.split(":")[0])))
+
+
 def build_kernels() -> None:
-    """Builds quanto's CPU int4 kernel now (C++, about 40 s on two cores, once per installation)
-    rather than in the first int4 model's load; `make install` runs it. Without a compiler it
-    builds nothing, and `for_device` refuses CPU int4."""
+    """Builds quanto's CPU int4 kernel (C++, about 40 s on two idle cores, once per installation:
+    torch caches it), before the first model that needs it loads, or ahead with `make kernels`;
+    not at install, as the defaults never use it. Without a compiler it builds nothing, and
+    `for_device` refuses CPU int4."""
     quanto = BACKENDS["quanto"]
     if installed(quanto) and shutil.which(quanto.programs[("int4", "cpu")]):
         from optimum.quanto.library.extensions import get_extension

@@ -23,6 +23,7 @@ from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.generation import GenerationService
 from imagegen.jobs import JobStore
+from imagegen.logs import quiet_libraries
 from imagegen.loras import AdapterStore
 from imagegen.maintenance import Maintenance
 from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
@@ -156,6 +157,7 @@ def build(settings: Settings, load: Loader | None = None) -> Services:
 
     `load` makes pipelines in local mode (tests pass one that returns a fake pipeline).
     """
+    quiet_libraries(settings.log_level)
     private_files(settings)
     claim = None
     if settings.queue_backend == "local":  # first: before this process migrates or starts anything

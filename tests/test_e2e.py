@@ -159,3 +159,20 @@ def test_a_port_in_use_is_one_line_and_an_exit_before_anything_loads(tmp_path):
         f"port {port} is in use; set PORT=... to another (e.g. PORT=5001 make run)"
     ]
     assert not (tmp_path / "data").exists(), "it stopped before it made its database or loaded the model"
+
+
+def test_a_default_start_says_only_its_own_lines(tmp_path):
+    """No traceback, no torchao "Failed to load", no library warnings, no progress bar: every line
+    a start prints is one of the server's log lines."""
+    import re
+
+    process, base = start_server(tmp_path, MODEL_ID="models/demo-shapes")
+    try:
+        assert call(f"{base}/generate", {"prompt": "a red circle on a blue background", "steps": 2})[0] == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+    said = (tmp_path / f"app-{base.rsplit(':', 1)[1]}.stderr").read_text()
+    ours = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (INFO|WARNING) \[[^]]*\] (imagegen|waitress)[\w.]*: ")
+    assert said and all(ours.match(line) for line in said.splitlines()), said
+    assert "Traceback" not in said and "Failed to load" not in said

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,17 @@ def test_cpu_int4_without_a_compiler_is_refused_at_start_up(app_factory, tmp_pat
     catalogue = catalogue_file(tmp_path, {"q": {"source": DEMO, "quantization": "int4"}})
     with pytest.raises(SystemExit, match="model q: quantization int4 on cpu needs quanto with a C"):
         app_factory(model_id="q", models=catalogue)
+
+
+def test_the_cpu_int4_kernel_is_built_when_a_model_needs_it_not_at_install():
+    """`make run` used to compile it (40 s idle, minutes busy) for a feature the defaults never use."""
+    from imagegen.quantization import needs_kernel
+    from tests.conftest import ROOT
+
+    assert needs_kernel(Quantization("int4", "quanto"), "cpu")
+    assert not needs_kernel(Quantization("int8", "quanto"), "cpu") and not needs_kernel(Quantization(), "cpu")
+    assert not needs_kernel(Quantization("int4", "quanto"), "cuda:0")
+    install = subprocess.run(["make", "-n", "-B", "install"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "imagegen.quantization" not in install.stdout
+    kernels = subprocess.run(["make", "-n", "kernels"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "python -m imagegen.quantization" in kernels.stdout

@@ -35,7 +35,14 @@ from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterStore
-from imagegen.quantization import Unrunnable, for_device, load_arguments, pipeline_bytes
+from imagegen.quantization import (
+    Unrunnable,
+    build_kernels,
+    for_device,
+    load_arguments,
+    needs_kernel,
+    pipeline_bytes,
+)
 from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from imagegen.states import ModelState, backoff
 
@@ -240,7 +247,11 @@ class ModelManager:
         started = time.perf_counter()
         try:
             with _LOAD_LOCK:
+                if needs_kernel(spec.quantization, self.device):
+                    log.info("building quanto's CPU int4 kernel if not built yet (C++, once per installation)")
+                    build_kernels()
                 pipe = self._load_pipeline(spec, dtype)
+            pipe.set_progress_bar_config(disable=True)  # before the warm-up's step: no tqdm bar in the log
             family = family_of(pipe, spec)
             self._apply_memory_options(pipe, spec)
             self._warm_up(pipe, family, spec)
@@ -251,7 +262,6 @@ class ModelManager:
             self._set(model_id, state=ModelState.FAILED, error=error, failures=failures, retry_at=time.time() + wait)
             log.error("model %s failed to load (%d in a row; next try in %.0fs): %s", model_id, failures, wait, exc)
             raise
-        pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - started
         self._default_schedulers[model_id] = pipe.scheduler
         self._families[model_id] = family
