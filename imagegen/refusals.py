@@ -16,14 +16,14 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "bad_request": ((400,), "The request could not be read at the HTTP level."),
     "invalid_json": ((400,), "The body is not a valid JSON document."),
     "invalid_request": ((400,), "A field is missing, of the wrong type or out of range; `details` names it."),
-    "prompt_rejected": ((400,), "A prompt broke a screening rule; `details.rule` names the rule."),
+    "prompt_rejected": ((400,), "A prompt broke a screening rule; `details[0].rule` names the rule."),
     "unknown_model": ((400,), "`model` (or A1111's `sd_model_checkpoint`) is not MODEL_ID or one of MODELS."),
     "invalid_sampler": ((400,), "AUTOMATIC1111 surface: an unknown `sampler_name`."),
     "callback_not_allowed": ((400,), "`callback_url` names a host, port or address webhooks may not go to."),
     "invalid_image": (
         (400,),
         "An `image` or `mask` that is not PNG, JPEG or WebP (by its bytes), is corrupt, has more pixels than "
-        "MAX_UPLOAD_PIXELS, or a mask of another size than its image, empty or full; `details.field` names it.",
+        "MAX_UPLOAD_PIXELS, or a mask of another size than its image, empty or full; `details[0].field` names it.",
     ),
     "unauthorized": ((401,), "No API key or admin token where one is needed, or a wrong one."),
     "forbidden": ((403,), "Not allowed: an admin route without the admin, or an unsigned or expired image URL."),

@@ -33,10 +33,10 @@ def test_a_cost_budget_counts_megapixel_steps(app_factory, fake):
     assert client.post("/generate", json=big).status_code == 200
     over = client.post("/generate", json=big)
     assert over.status_code == 429 and over.json["error"]["code"] == "rate_limited"
-    assert over.json["error"]["details"] == {"cost": 6} and int(over.headers["Retry-After"]) > 0
+    assert over.json["error"]["details"][0]["cost"] == 6 and int(over.headers["Retry-After"]) > 0
     assert client.post("/generate", json={"prompt": PROMPT, "steps": 20}).status_code == 200  # costs 1: fits
     huge = client.post("/generate", json={**big, "width": 512, "height": 512}, environ_base=OTHER)  # 21
-    assert huge.status_code == 400 and huge.json["error"]["details"]["cost"] == 21
+    assert huge.status_code == 400 and huge.json["error"]["details"][0]["cost"] == 21
 
 
 def test_one_client_cannot_fill_the_queue_by_default(app_factory, fake):

@@ -43,6 +43,6 @@ def test_full_queue_answers_503_with_retry_after(app_factory, fake):
     fake.let_go()
     assert refused.status_code == 503
     assert refused.json["error"]["code"] == "queue_full"
-    assert refused.json["error"]["details"] == {"max_queue_size": 1}
+    assert refused.json["error"]["details"][0]["max_queue_size"] == 1
     assert refused.headers["Retry-After"] == "1"  # one batch ahead, at the recent pace (well under 1 s)
     assert "Retry-After" not in queued.headers, "the rate limiter's window header is not for a 2xx"

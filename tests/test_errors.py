@@ -46,3 +46,24 @@ def test_the_openapi_document_gives_the_codes_as_an_enum(client):
 def test_an_error_answer_carries_its_catalogued_status(client):
     response = client.delete("/jobs/no-such-job")
     assert response.status_code in ERROR_CODES[response.json["error"]["code"]][0]
+
+
+def test_details_are_one_list_of_problems_whatever_refused(client):
+    """A schema check, a screening rule, a bad image, an unknown model, a callback, a bad query:
+    `details` is a list of `{field, message, ...}` for each (it was an object for all but the first)."""
+    cases = [
+        ({"prompt": "a cat", "steps": 0}, "invalid_request", "steps"),
+        ({"prompt": "{{7*7}}"}, "prompt_rejected", "prompt"),
+        ({"prompt": "a cat", "image": "bm90IGFuIGltYWdl"}, "invalid_image", "image"),
+        ({"prompt": "a cat", "model": "nope"}, "unknown_model", "model"),
+        ({"prompt": "a cat", "callback_url": "ftp://example.com/hook"}, "invalid_request", "callback_url"),
+    ]
+    for body, code, field in cases:
+        error = client.post("/generate", json=body).json["error"]
+        assert error["code"] == code, (body, error)
+        assert [problem["field"] for problem in error["details"]] == [field], (body, error)
+        assert all(isinstance(problem["message"], str) and problem["message"] for problem in error["details"])
+    listed = client.get("/jobs?limit=0").json["error"]
+    assert listed["details"] == [{"field": "limit", "message": listed["message"]}]
+    schema = client.get("/openapi.json").json["components"]["schemas"]["ErrorDetail"]["properties"]["details"]
+    assert "array" in str(schema)

@@ -98,7 +98,7 @@ def test_fields_a_family_cannot_honour_are_400s_naming_field_and_model(app_facto
     for field, value in (("guidance_scale", 3.0), ("negative_prompt", "blurry")):
         refused = client.post("/generate", json={"prompt": PROMPT, field: value})
         assert refused.status_code == 400, field
-        assert refused.json["error"]["details"] == {"field": field, "model": "flux-schnell"}
+        assert refused.json["error"]["details"][0].items() >= {"field": field, "model": "flux-schnell"}.items()
     # a client's defaults count as absent; a real conflict is a 400 on the A1111 surface too
     a1111 = {"prompt": PROMPT, "steps": 1, "width": 64, "height": 64}
     assert client.post("/sdapi/v1/txt2img", json={**a1111, "cfg_scale": 7.0}).status_code == 200
@@ -108,7 +108,7 @@ def test_fields_a_family_cannot_honour_are_400s_naming_field_and_model(app_facto
         client.post("/generate", json={"prompt": PROMPT, "prompt_2": "in a T5 prompt", "steps": 1}).status_code == 200
     )
     scheduler = client.post("/generate", json={"prompt": PROMPT, "scheduler": "euler"})
-    assert scheduler.status_code == 400 and scheduler.json["error"]["details"]["field"] == "scheduler"
+    assert scheduler.status_code == 400 and scheduler.json["error"]["details"][0]["field"] == "scheduler"
 
 
 def test_each_family_takes_what_it_can(app_factory, tmp_path, tiny_models):
@@ -118,7 +118,7 @@ def test_each_family_takes_what_it_can(app_factory, tmp_path, tiny_models):
     (tmp_path / "sd").mkdir()
     sd = serve(app_factory, tmp_path / "sd", tiny_models, "sd15")
     refused = sd.post("/generate", json={"prompt": PROMPT, "prompt_2": "second"})
-    assert refused.status_code == 400 and refused.json["error"]["details"]["field"] == "prompt_2"
+    assert refused.status_code == 400 and refused.json["error"]["details"][0]["field"] == "prompt_2"
     assert sd.post("/generate", json={"prompt": PROMPT, "scheduler": "euler_a", "steps": 2}).status_code == 200
 
 

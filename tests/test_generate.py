@@ -126,7 +126,7 @@ def test_a_failed_batch_is_retried_up_to_job_max_retries(fake_client, fake):
     fake.failures = [RuntimeError("boom inside the pipeline")] * 3
     failed = client.post("/generate", json={"prompt": PROMPT, "steps": 2})
     assert failed.status_code == 500 and len(fake.calls) == 6  # one try and two retries, then failed
-    assert client.get(f"/jobs/{failed.json['error']['details']['job_id']}").json["status"] == "failed"
+    assert client.get(f"/jobs/{failed.json['error']['details'][0]['job_id']}").json["status"] == "failed"
 
 
 def test_pipeline_exception_fails_only_that_job(app_factory, fake):
@@ -191,4 +191,4 @@ def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_withi
     too_few = client.post("/generate", json={"prompt": PROMPT, "scheduler": "pndm", "steps": 3})
     assert too_few.status_code == 400
     assert too_few.json["error"]["message"] == "`steps` must be at least 4 with the `pndm` scheduler, got 3"
-    assert too_few.json["error"]["details"] == {"field": "steps", "scheduler": "pndm"}
+    assert too_few.json["error"]["details"][0].items() >= {"field": "steps", "scheduler": "pndm"}.items()

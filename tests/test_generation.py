@@ -100,5 +100,5 @@ def test_an_edit_refused_by_the_budget_the_queue_or_its_callback_stores_nothing(
     wait_ready(hooked)
     refused = hooked.post("/generate", json={**edit, "callback_url": "http://10.1.2.3/hook", "async": True})
     assert refused.status_code == 400 and refused.json["error"]["code"] == "callback_not_allowed"
-    assert refused.json["error"]["details"] == {"field": "callback_url"}
+    assert refused.json["error"]["details"][0]["field"] == "callback_url"
     assert stored(hooked) == (0, 0, [])

@@ -142,7 +142,7 @@ def test_a_cancel_that_loses_the_race_with_the_end_names_the_end(fake_client, fa
     refused = client.delete(f"/jobs/{job_id}")
     assert refused.status_code == 409 and refused.json["error"]["code"] == "job_finished"
     error = refused.json["error"]
-    assert "(succeeded)" in error["message"] and error["details"]["status"] == "succeeded"
+    assert "(succeeded)" in error["message"] and error["details"][0]["status"] == "succeeded"
 
 
 def test_list_jobs_with_status_filter(client):

@@ -241,7 +241,7 @@ def test_a_repeat_with_the_same_idempotency_key_returns_the_first_job_on_every_s
     assert again.status_code == 202 and again.json["id"] == first.json["id"]
     waited = post("/generate", {**body, "async": False}, "k-native")
     assert waited.status_code == 422 and waited.json["error"]["code"] == "idempotency_key_reused"
-    assert waited.json["error"]["details"]["job_id"] == first.json["id"], "another body: refused, naming the job"
+    assert waited.json["error"]["details"][0]["job_id"] == first.json["id"], "another body: refused, naming the job"
     other = post("/generate", body, "k-native", headers=two)
     assert other.status_code == 202 and other.json["id"] != first.json["id"], "another client's key is its own"
 

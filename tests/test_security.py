@@ -113,7 +113,7 @@ def test_non_finite_and_broken_json_is_rejected(client, raw, status):
 
 def test_refusal_names_the_rule_and_logs_without_the_prompt(client, caplog):
     response = client.post("/generate", json={"prompt": "a cat {{ 7*7 }} secretword"}, headers={"X-Request-ID": "r-1"})
-    assert response.json["error"]["details"]["rule"] == "template"
+    assert response.json["error"]["details"][0]["rule"] == "template"
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "imagegen.screening")
     assert "rule=template" in logged and "secretword" not in logged
 
@@ -126,7 +126,7 @@ def test_configured_blocked_words_and_patterns(app_factory, tmp_path):
     for prompt, rule in [("some BANANAS", "blocked_word"), ("a Forbidden   Thing", "blocked_pattern")]:
         response = client.post("/generate", json={"prompt": prompt})
         assert response.status_code == 400
-        assert response.json["error"]["details"]["rule"] == rule
+        assert response.json["error"]["details"][0]["rule"] == rule
     assert client.post("/generate", json={"prompt": "a banana-free bowl", "steps": 1}).status_code == 200
 
 
@@ -448,7 +448,7 @@ def test_format_characters_cannot_split_a_blocked_word(app_factory, fake):
     wait_ready(client)
     for prompt in ("a forbid\u200bden cat", "a for\u00adbidden cat", "a \u2060forbidden\u2060 cat"):
         response = client.post("/generate", json={"prompt": prompt})
-        assert response.status_code == 400 and response.json["error"]["details"]["rule"] == "blocked_word", prompt
+        assert response.status_code == 400 and response.json["error"]["details"][0]["rule"] == "blocked_word", prompt
 
 
 def test_odd_signed_url_and_query_values_are_4xx_not_500(keyed):
@@ -606,7 +606,7 @@ def test_hostile_shapes_are_refused_from_their_headers(app_factory, fake):
         body = {"prompt": PROMPT, "image": base64.b64encode(data).decode()}
         refused = client.post("/generate", json=body)
         assert refused.status_code == 400 and why in refused.json["error"]["message"], why
-        assert refused.json["error"]["details"] == {"field": "image"}
+        assert refused.json["error"]["details"][0]["field"] == "image"
         assert time.process_time() - started < 1, f"{why}: refused before decoding"
     for size in ((16_777_216, 1), (1, 16_000_000)):  # within MAX_UPLOAD_PIXELS, ~900 MB to fit
         body = {"prompt": PROMPT, "image": base64.b64encode(png_of(size)).decode()}

@@ -139,7 +139,7 @@ def test_urls_a_webhook_may_not_go_to_are_refused_when_the_job_is_submitted(app_
     ):
         response = client.post("/generate", json={"prompt": PROMPT, "callback_url": url})
         assert response.status_code == 400, url
-        assert (response.json["error"]["code"], response.json["error"]["details"]["field"]) == (code, "callback_url")
+        assert (response.json["error"]["code"], response.json["error"]["details"][0]["field"]) == (code, "callback_url")
     assert client.get("/jobs").json["jobs"] == [] and fake.calls == []
 
 

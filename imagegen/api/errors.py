@@ -58,7 +58,18 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status or status_of(code), code, message
-        self.details, self.headers = details, headers or {}
+        self.details, self.headers = problems(details, message), headers or {}
+
+
+def problems(details: Any, message: str) -> list[dict[str, Any]] | None:
+    """`details` in its one shape on every route and code: a list of problems, each with `field`
+    (null where none is at fault) and `message`, and what else it names (a rule, a bound, a job).
+    Refusals give a dict for their one problem, schema checks a list of many."""
+    if details is None or isinstance(details, list):
+        return details
+    if not isinstance(details, dict):  # a development traceback's summary
+        return [{"field": None, "message": str(details)}]
+    return [{"field": details.get("field"), "message": message, **{k: v for k, v in details.items() if k != "field"}}]
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:

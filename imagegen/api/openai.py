@@ -84,8 +84,7 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 def render_error(error: APIError) -> Response:
     """Any error on this surface, in OpenAI's shape; `param` names the OpenAI field to fix."""
-    details = error.details if isinstance(error.details, dict) else {}
-    field = details.get("field") or (error.details[0]["field"] if isinstance(error.details, list) else None)
+    field = error.details[0]["field"] if error.details else None
     response = openai_error(error.status, error.message, PARAMS.get(field, field), error.code)
     response.headers.update(error.headers)
     return response

@@ -25,10 +25,20 @@ class CleanupRequest(BaseModel):
 # ----- responses (the OpenAPI document's source; the routes build plain dicts of these shapes) -----
 
 
+class Problem(BaseModel):
+    """One thing wrong: the field at fault (null where none is), what is wrong with it, and what
+    else the code names (`rule`, `max_queue_size`, `job_id`, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    field: str | None
+    message: str
+
+
 class ErrorDetail(BaseModel):
     code: Literal[tuple(ERROR_CODES)] = Field(description="See docs/errors.md.")  # type: ignore[valid-type]
     message: str
-    details: Any = None
+    details: list[Problem] | None = None
     request_id: str | None = None
 
 
