@@ -86,6 +86,28 @@ def test_openai_errors_in_openai_shape(client, server):
         anonymous.images.generate(prompt="a red circle")
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "said"),
+    [
+        ({"n": 10}, "n", "`n` must be between 1"),
+        ({"size": "100x100"}, "size", "the width in `size` must be a multiple of 8"),
+        ({"size": "big"}, "size", "`size`: must be `auto` or WIDTHxHEIGHT, e.g. 512x512"),
+    ],
+)
+def test_openai_errors_speak_openais_parameters(client, fields, param, said):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a red circle", **fields)
+    body = bad.value.body
+    assert body["param"] == param and said in body["message"], body
+    assert not any(word in body["message"] for word in ("num_images", "`width`", "`height`", "^(")), body
+
+
+def test_an_unknown_openai_path_answers_in_openais_shape(server):
+    status, _, raw = call(f"{server}/v1/images/nope", {"prompt": "a cat"}, {"Authorization": f"Bearer {KEY}"})
+    error = json.loads(raw)["error"]
+    assert status == 404 and error["type"] == "not_found_error" and set(error) == {"message", "type", "param", "code"}
+
+
 @pytest.fixture
 def webui(server) -> webuiapi.WebUIApi:
     host, port = urlsplit(server).hostname, urlsplit(server).port

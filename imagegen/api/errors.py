@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask_limiter.errors import RateLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -94,7 +94,10 @@ def error_response(error: APIError) -> Response:
 def validation_error(exc: ValidationError) -> APIError:
     """Turns a pydantic failure into a 400 whose message names the first bad field."""
     details = [
-        {"field": ".".join(str(part) for part in err["loc"]) or "body", "message": err["msg"]}
+        {
+            "field": ".".join(str(part) for part in err["loc"]) or "body",
+            "message": err["msg"].removeprefix("Value error, "),
+        }
         for err in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -151,6 +154,8 @@ def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = 
             g.retry_after = error.headers["Retry-After"]
         return render(error)
 
+    if isinstance(target, Blueprint) and target.url_prefix:
+        SURFACES[target.url_prefix] = render
     target.register_error_handler(APIError, handle)
     target.register_error_handler(Refusal, lambda exc: handle(refusal_error(exc)))
     target.register_error_handler(ValidationError, lambda exc: handle(validation_error(exc)))
@@ -159,6 +164,19 @@ def install(target: Flask | Blueprint, render: Callable[[APIError], Response] = 
     target.register_error_handler(Exception, lambda exc: handle(unexpected_error(exc)))
 
 
+# Each compatibility surface's renderer by its path prefix (`/v1`, `/sdapi/v1`), as `install` saw them.
+SURFACES: dict[str, Callable[[APIError], Response]] = {}
+
+
+def by_surface(error: APIError) -> Response:
+    """An error outside every blueprint's views (an unknown path, a method not allowed) in the shape
+    of the surface its path is under, so `/v1/nope` answers as OpenAI would; else the native one."""
+    for prefix, render in SURFACES.items():
+        if request.path == prefix or request.path.startswith(prefix + "/"):
+            return render(error)
+    return error_response(error)
+
+
 def init_app(app: Flask) -> None:
     """Registers the handlers so every error, ours or Werkzeug's, leaves in the one shape."""
-    install(app)
+    install(app, by_surface)

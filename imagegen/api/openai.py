@@ -8,10 +8,11 @@ transparent pixels mark the area to edit.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen import edits
 from imagegen.api import services
@@ -25,8 +26,9 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 # Model names OpenAI clients often send without asking: they mean "the server's default model".
 OPENAI_ALIASES = {"dall-e-2", "dall-e-3", "gpt-image-1"}
-# Our field names -> the OpenAI request field a client should fix.
+# Our field names -> the OpenAI request field a client should fix, and how a message names it.
 PARAMS = {"num_images": "n", "width": "size", "height": "size"}
+WORDS = {"num_images": "`n`", "width": "the width in `size`", "height": "the height in `size`"}
 
 
 class ImagesOptions(BaseModel):
@@ -36,7 +38,7 @@ class ImagesOptions(BaseModel):
 
     model: str | None = None
     n: int = 1
-    size: str | None = Field(None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
+    size: str | None = None
     response_format: Literal["url", "b64_json"] = "b64_json"
     user: str | None = None
     quality: str | None = None  # accepted and ignored
@@ -46,6 +48,13 @@ class ImagesOptions(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     loras: list[dict[str, Any]] | None = None  # [{"name", "weight"}], in extra_body
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"auto|\d{1,5}x\d{1,5}", value):
+            raise ValueError("must be `auto` or WIDTHxHEIGHT, e.g. 512x512")
+        return value
 
 
 class ImagesRequest(ImagesOptions):
@@ -83,9 +92,13 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
 
 
 def render_error(error: APIError) -> Response:
-    """Any error on this surface, in OpenAI's shape; `param` names the OpenAI field to fix."""
+    """Any error on this surface, in OpenAI's shape and words: `param` and the message name the
+    OpenAI field to fix (`n`, `size`), not the native one it became."""
     field = error.details[0]["field"] if error.details else None
-    response = openai_error(error.status, error.message, PARAMS.get(field, field), error.code)
+    message = error.message
+    for ours, theirs in WORDS.items():
+        message = message.replace(f"`{ours}`", theirs)
+    response = openai_error(error.status, message, PARAMS.get(field, field), error.code)
     response.headers.update(error.headers)
     return response
 
