@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -93,7 +94,8 @@ def decode(field: str, data: bytes, limits: UploadLimits) -> Image.Image:
         message = f"`{field}` declares more pixels than MAX_UPLOAD_PIXELS ({limits.max_pixels})"
         raise InputRejected("invalid_image", message, field) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputRejected("invalid_image", f"`{field}` is not a readable {kind} image ({exc})", field) from None
+        reason = re.sub(r"\s*<[^>]* object at 0x[0-9a-f]+>", "", str(exc))  # not Pillow's repr of our buffer
+        raise InputRejected("invalid_image", f"`{field}` is not a readable {kind} image ({reason})", field) from None
 
 
 def _check_shape(field: str, size: tuple[int, int], limits: UploadLimits) -> None:

@@ -42,6 +42,10 @@ class WebhookStatus(StrEnum):
     TIMED_OUT = "timed_out"  # given up, its last attempt unanswered in time (the receiver may have acted on it)
 
 
+# An edit's own fields, left out of a text-to-image job's `parameters` (they would say nothing there).
+EDIT_FIELDS = ("image", "mask", "strength", "mask_blur", "mask_crop_padding", "steps_run")
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything the engine needs for one job, fully resolved (defaults applied, seeds drawn)."""
@@ -94,18 +98,21 @@ class GenerationParams:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
     def view(self) -> dict[str, Any]:
-        """Every field as a job's `parameters` show them (the response schema is made from the same
-        fields), with the image count."""
-        return {
-            **asdict(self),
-            "seeds": list(self.seeds),
-            "loras": [list(lora) for lora in self.loras],
-            "num_images": len(self.seeds),
-        }
+        """The fields as a job's `parameters` show them (the response schema is made from the same
+        fields): `loras` in the request's shape, an edit's own fields only for an edit, and the
+        image count."""
+        fields = {**asdict(self), "loras": self.lora_view()}
+        if self.mode == "txt2img":
+            for name in EDIT_FIELDS:
+                del fields[name]
+        return {**fields, "seeds": list(self.seeds), "num_images": len(self.seeds)}
+
+    def lora_view(self) -> list[dict[str, Any]]:
+        return [{"name": name, "weight": weight} for name, weight in self.loras]
 
     def image_metadata(self, seed: int) -> dict[str, Any]:
         """What one PNG records about how it was made: every field, with its own seed."""
-        fields = asdict(self)
+        fields = {**asdict(self), "loras": self.lora_view()}
         del fields["seeds"]
         return {**fields, "seed": seed}
 

@@ -83,7 +83,7 @@ def screen_prompt(field: str, text: str, settings: Settings, client: str = "-") 
         log.warning("prompt rejected: field=%s rule=%s client=%s", field, rule, client)
         raise PromptRejected(field, rule, message)
 
-    if field == "prompt" and not text.strip():
+    if field == "prompt" and not normalise(text).strip():  # blank, or only invisible characters
         reject("empty", "must not be empty")
     if len(text) > settings.max_prompt_length:
         reject("too_long", f"must be at most {settings.max_prompt_length} characters, got {len(text)}")

@@ -192,3 +192,26 @@ def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_withi
     assert too_few.status_code == 400
     assert too_few.json["error"]["message"] == "`steps` must be at least 4 with the `pndm` scheduler, got 3"
     assert too_few.json["error"]["details"][0].items() >= {"field": "steps", "scheduler": "pndm"}.items()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "said"),
+    [
+        ("[]", 400, "The request body must be a JSON object, not an array."),
+        ("null", 400, "The request body must be a JSON object, not null."),
+        ("[" * 100_000 + "]" * 100_000, 400, "The request body's JSON is nested too deeply."),
+        ('{"prompt": "a cat",}', 400, "The request body is not valid JSON: Expecting property name enclosed in"),
+        ('{"prompt": "\\u200b\\u200b"}', 400, "`prompt` must not be empty"),
+    ],
+)
+def test_a_body_that_is_not_what_it_should_be_is_named_for_what_it_is(fake_client, body, status, said):
+    answer = fake_client.post("/generate", data=body, content_type="application/json")
+    assert answer.status_code == status and answer.json["error"]["message"].startswith(said), answer.json
+
+
+def test_a_text_to_image_jobs_parameters_carry_no_edit_fields_and_loras_in_the_requests_shape(fake_client):
+    parameters = fake_client.post("/generate", json={"prompt": "a cat", "steps": 2}).json["parameters"]
+    assert not {"image", "mask", "strength", "mask_blur", "mask_crop_padding", "steps_run"} & set(parameters)
+    assert parameters["loras"] == [] and parameters["mode"] == "txt2img"
+    garbage = fake_client.post("/generate", json={"prompt": "a cat", "image": base64.b64encode(b"GIF89a...").decode()})
+    assert "object at 0x" not in garbage.json["error"]["message"]

@@ -85,12 +85,12 @@ def test_the_demo_adapter_moves_shapes_to_the_corner_and_switches_per_batch(demo
         pixels = image_of(styled.json["images"][0])
         assert in_corner(pixels) and classify(pixels).caption == prompt, (prompt, centre(pixels), classify(pixels))
         assert (image_of(zero.json["images"][0]) == image_of(base.json["images"][0])).all(), "weight 0 is the base"
-        assert styled.json["parameters"]["loras"] == [["corner", 1.0]]
+        assert styled.json["parameters"]["loras"] == [{"name": "corner", "weight": 1.0}]
     [model] = demo.get("/models").json["models"]
     assert model["loads"] == 1, "switching adapters never reloads the model"
     named = demo.post("/generate", json={"prompt": PROMPTS[0], "seed": 1, "loras": [{"name": "corner"}]})
     stored = demo.get(named.json["images"][0]["url"].replace("http://localhost", "")).data
-    assert json.loads(Image.open(io.BytesIO(stored)).text["parameters"])["loras"] == [["corner", 1.0]]
+    assert json.loads(Image.open(io.BytesIO(stored)).text["parameters"])["loras"] == [{"name": "corner", "weight": 1.0}]
 
 
 def test_adapters_keep_batches_apart():

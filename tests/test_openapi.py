@@ -131,3 +131,13 @@ def test_no_5xx_and_responses_match_the_schema(fuzz_app):
         run()
     sent = fuzz_app.extensions["imagegen"].monitor.summary()["requests"]["total"]
     assert sent >= 5 * len(operations), f"only {sent} requests were sent"
+
+
+def test_summaries_are_whole_sentences_and_only_keyed_routes_show_a_lock(client):
+    paths = client.get("/openapi.json").json["paths"]
+    for path, item in paths.items():
+        for method, operation in item.items():
+            assert operation["summary"].endswith((".", ".)", ")")), (method, path, operation["summary"])
+    assert paths["/images/{name}"]["get"]["summary"].endswith("any other name, however encoded, is a 404.")
+    assert paths["/health"]["get"]["security"] == [] and paths["/health/live"]["get"]["security"] == []
+    assert paths["/generate"]["post"]["security"] != []

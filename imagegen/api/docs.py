@@ -8,6 +8,7 @@ own request validation is switched off per view with `raw`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +88,7 @@ def init_app(app: Flask) -> None:
     @app.get("/openapi.json", doc_ui=False)
     @public
     def openapi_json() -> dict[str, Any]:
-        return current_app.api_doc  # type: ignore[attr-defined]
+        return finished(current_app.api_doc)  # type: ignore[attr-defined]
 
     @app.get("/docs", doc_ui=False)
     @public
@@ -99,3 +100,25 @@ def init_app(app: Flask) -> None:
         if request.blueprint in {"openapi", "swagger"}:
             response.headers["Content-Security-Policy"] = DOCS_POLICY
         return response
+
+
+def finished(document: dict[str, Any]) -> dict[str, Any]:
+    """The document as Swagger UI should show it. flask-openapi3 takes a docstring's first line as
+    the summary, which cuts a wrapped sentence mid-way: the summary is the whole first sentence and
+    the description the rest. A route that needs no key (`public`) shows no lock."""
+    free = {
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for rule in current_app.url_map.iter_rules()
+        if "public" in getattr(current_app.view_functions[rule.endpoint], "imagegen_marks", set())
+    }
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            text = " ".join(f"{operation.get('summary', '')} {operation.pop('description', '')}".split())
+            text = text.replace("<br/>", " ")
+            first, _, rest = text.partition(". ")
+            operation["summary"] = first if first.endswith(".") or not rest else f"{first}."
+            if rest:
+                operation["description"] = rest
+            if path in free:
+                operation["security"] = []
+    return document

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from config import MAX_AGE_SECONDS
-from imagegen.jobs import GenerationParams, JobStatus, WebhookStatus
+from imagegen.jobs import EDIT_FIELDS, GenerationParams, JobStatus, WebhookStatus
 from imagegen.refusals import ERROR_CODES
 
 
@@ -62,11 +62,23 @@ class Timings(BaseModel):
     total_seconds: float | None
 
 
-# A job's `parameters`: every field of GenerationParams (the one list of them), and the image count.
+class LoraWeight(BaseModel):
+    name: str
+    weight: float
+
+
+# A job's `parameters`: every field of GenerationParams (the one list of them; an edit's own only
+# for edits), `loras` in the request's shape, and the image count.
 Parameters = create_model(
     "Parameters",
-    **{name: (hint, ...) for name, hint in get_type_hints(GenerationParams).items()},  # type: ignore[call-overload]
-    num_images=(int, ...),
+    **{  # type: ignore[call-overload]
+        **{
+            name: (hint | None, None) if name in EDIT_FIELDS else (hint, ...)
+            for name, hint in get_type_hints(GenerationParams).items()
+        },
+        "loras": (list[LoraWeight], ...),
+        "num_images": (int, ...),
+    },
 )
 
 

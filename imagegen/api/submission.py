@@ -37,12 +37,26 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
     read as their types say (`"4"` as 4; `outpaint` and `loras` as JSON)."""
     form = request.mimetype == "multipart/form-data"
     if data is None:
-        data = form_data() if form else request.get_json(silent=True)
-        if data is None:
-            raise APIError("invalid_json", "The request body must be a valid JSON document.")
+        data = form_data() if form else json_body()
     svc = services()
     context = {"settings": svc.settings, "catalogue": svc.catalogue}
     return schema.model_validate(data, strict=not form, context=context)
+
+
+def json_body() -> dict[str, Any]:
+    """The body's JSON object; `invalid_json` says where JSON that does not parse goes wrong, and
+    valid JSON that is not an object (`null`, `[]`) is named as what it is."""
+    try:
+        data = json.loads(request.get_data(cache=True))
+    except RecursionError:
+        raise APIError("invalid_json", "The request body's JSON is nested too deeply.") from None
+    except ValueError as exc:
+        where = f": {exc.msg} at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise APIError("invalid_json", f"The request body is not valid JSON{where}.") from None
+    if not isinstance(data, dict):
+        kind = {type(None): "null", list: "an array", str: "a string", bool: "a boolean"}.get(type(data), "a number")
+        raise APIError("invalid_request", f"The request body must be a JSON object, not {kind}.", {"field": "body"})
+    return data
 
 
 # A form's fields that hold JSON (an object or a list), as a form can carry no other structure.

@@ -154,7 +154,7 @@ function figure(image, caption) {
 function show(job) {
   const p = job.parameters;
   const mode = p.mode && p.mode !== "txt2img" ? `${p.mode}: ` : "";
-  const styles = (p.loras || []).map(([name, weight]) => ` <${name}:${weight}>`).join("");
+  const styles = (p.loras || []).map(({ name, weight }) => ` <${name}:${weight}>`).join("");
   const caption = `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale})`;
   $("results").replaceChildren(...job.images.map((image) => figure(image, caption)));
   lastSeed = job.images[0].seed;
