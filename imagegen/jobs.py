@@ -111,9 +111,10 @@ class GenerationParams:
         return [{"name": name, "weight": weight} for name, weight in self.loras]
 
     def image_metadata(self, seed: int) -> dict[str, Any]:
-        """What one PNG records about how it was made: every field, with its own seed."""
-        fields = {**asdict(self), "loras": self.lora_view()}
-        del fields["seeds"]
+        """What one PNG records about how it was made: the fields its job's `parameters` show, with
+        its own seed for the list of seeds."""
+        fields = self.view()
+        del fields["seeds"], fields["num_images"]
         return {**fields, "seed": seed}
 
 
