@@ -301,3 +301,56 @@ def test_a_lora_adapter_from_the_picker(page):
     page.select_option("#model", "schnell")  # a FLUX.1 model: the demo adapter does not fit it
     assert page.is_hidden("#loras_field")
     assert page.errors == []
+
+
+# Every control a user works: none may be cut off or need a sideways scroll.
+CONTROLS = "#form input:visible, #form select:visible, #form button:visible, #form label:visible"
+
+
+@pytest.mark.parametrize("page", [390, 1440], indirect=True)
+def test_the_page_fits_the_screen_with_every_control_reachable(page):
+    """At a phone's 390 px the page scrolled sideways (a grid whose <select> would not shrink); on
+    a 1440x900 desktop the result area, kept in sight, covered the gallery, and Generate sat below
+    the fold."""
+    width = page.viewport_size["width"]
+    page.set_viewport_size({"width": width, "height": 844 if width < 400 else 900})
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    for box in (page.locator(CONTROLS).nth(i).bounding_box() for i in range(page.locator(CONTROLS).count())):
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    playwright.expect(page.locator("#results .empty")).to_have_text("No image yet: type a prompt and press Generate.")
+    generate = page.locator("#generate").bounding_box()
+    assert generate["y"] + generate["height"] <= page.viewport_size["height"], "Generate in sight at the start"
+    page.fill("#steps", "2")
+    page.click("#generate")
+    playwright.expect(page.locator("#gallery img")).to_have_count(1, timeout=WAIT_MS)
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    stage, gallery = page.locator("#stage").bounding_box(), page.locator("#gallery").bounding_box()
+    assert stage["y"] + stage["height"] <= gallery["y"] or stage["x"] + stage["width"] <= gallery["x"], "no overlap"
+    assert page.errors == []
+
+
+def test_a_server_that_needs_a_key_says_so_and_loads_its_models_once_given(tmp_path):
+    """With API_KEYS on, the page read /models and /loras without the key (401s), kept the adapter
+    picker hidden until a reload and said nothing until Generate failed."""
+    key = "ui-key-0123456789abcdef"
+    process, base = start_server(tmp_path, MODEL_ID="models/demo-shapes", API_KEYS=key)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            page.goto(f"{base}/ui")
+            playwright.expect(page.locator("#message")).to_have_text(
+                "This server needs an API key: enter it in the API key field."
+            )
+            assert page.evaluate("document.activeElement.id") == "api_key"
+            page.fill("#api_key", key)
+            page.dispatch_event("#api_key", "change")
+            playwright.expect(page.locator("#loras_field")).to_be_visible()  # the demo adapter, read with the key
+            playwright.expect(page.locator("#message")).to_have_text("")
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_selector("#results img", timeout=WAIT_MS)
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(30)

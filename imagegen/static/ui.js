@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "imagegen.apiKey";
 const GALLERY_STORE = "imagegen.gallery";
+const NEEDS_KEY = "This server needs an API key: enter it in the API key field.";
 let current = null; // {id, source, timer}
 let lastSeed = null;
 
@@ -30,7 +31,7 @@ async function explain(response) {
   if (response.status === 429) {
     return `Rate limited: ${message} Try again in ${response.headers.get("Retry-After") || "a few"} s.`;
   }
-  if (response.status === 401) return "This server needs an API key: enter it above.";
+  if (response.status === 401) return NEEDS_KEY;
   if (response.status === 503) return `Busy: ${message}`;
   return message;
 }
@@ -57,6 +58,12 @@ async function loadConfig() {
   $("num_images").max = limits.max_images_per_request;
   // In production `/` names no models (an id can be a server path); key holders read them from /models.
   const response = await fetch("/models", { headers: headers() });
+  if (response.status === 401) {
+    say(NEEDS_KEY, true);
+    $("api_key").focus();
+  } else if ($("message").textContent === NEEDS_KEY) {
+    say("");
+  }
   const listed = response.ok ? (await response.json()).models : [];
   models = Object.fromEntries(listed.map((m) => [m.id, m]));
   const ids = info.models ?? listed.map((m) => m.id);
@@ -372,7 +379,10 @@ async function cancel() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("api_key").value = localStorage.getItem(KEY_STORE) || "";
-  $("api_key").addEventListener("change", () => localStorage.setItem(KEY_STORE, $("api_key").value.trim()));
+  $("api_key").addEventListener("change", () => {
+    localStorage.setItem(KEY_STORE, $("api_key").value.trim());
+    loadConfig().catch(() => say("Could not read the server's limits.", true)); // the models and adapters a key may see
+  });
   $("seed_random").addEventListener("change", () => { $("seed").disabled = $("seed_random").checked; });
   $("reuse").addEventListener("click", () => {
     if (lastSeed == null) return say("No seed yet: generate an image first.");
