@@ -51,6 +51,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "high": {"max_steps": 100, "max_width": 1024, "max_height": 1024, "max_batch_size": 8},
 }
 
+# What APP_ENV changes from the defaults (which are production's), unless the variable itself is
+# set: in development a newcomer trying prompts in the playground is not stopped after ten.
+ENV_DEFAULTS: dict[str, dict[str, Any]] = {"development": {"rate_limit": "60/minute"}, "production": {}}
+
 # Names of 0.2 still read for one release, each with a warning at start: old name -> new name.
 RENAMED = {
     "STORAGE_URL": "IMAGE_DIR",
@@ -239,12 +243,13 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        """Fills preset-controlled fields that were not given explicitly."""
+        """Fills the fields that PERFORMANCE_PRESET and APP_ENV control and that were not given."""
         if not isinstance(data, dict):
             return data
         given = {key.lower(): value for key, value in data.items()}
         preset = PRESETS.get(str(given.get("performance_preset", "balanced")).lower(), {})
-        return {**preset, **given}
+        environment = ENV_DEFAULTS.get(str(given.get("app_env", "development")).lower(), {})
+        return {**environment, **preset, **given}
 
     @field_validator("device")
     @classmethod
@@ -351,9 +356,9 @@ class Settings(BaseSettings):
         return self
 
     def origin(self, name: str) -> str:
-        """Where a setting's value came from: `preset` (PERFORMANCE_PRESET's), `environment` (the
+        """Where a setting's value came from: `preset` (PERFORMANCE_PRESET's or APP_ENV's), `environment` (the
         environment or `.env`, or the caller's), or `default`."""
-        preset = PRESETS.get(self.performance_preset, {})
+        preset = {**ENV_DEFAULTS[self.app_env], **PRESETS.get(self.performance_preset, {})}
         if name in preset and getattr(self, name) == preset[name]:
             return "preset"
         return "environment" if name in self.model_fields_set else "default"

@@ -198,3 +198,11 @@ def test_a_hub_id_is_left_for_the_hub_to_answer_at_load():
 
     assert hub_id("stabilityai/sdxl-turbo") and hub_id("black-forest-labs/FLUX.1-schnell")
     assert not hub_id("models/nope") and not hub_id("nope") and not hub_id("../x/y")
+
+
+def test_development_gives_a_learners_generation_limit_and_production_a_tight_one():
+    development = Settings(_env_file=None)
+    assert development.rate_limit == "60/minute" and development.origin("rate_limit") == "preset"
+    production = Settings(_env_file=None, app_env="production", allow_anonymous=True)
+    assert production.rate_limit == "10/minute" and production.origin("rate_limit") == "default"
+    assert Settings(_env_file=None, rate_limit="5/minute").origin("rate_limit") == "environment"
