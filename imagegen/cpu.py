@@ -15,26 +15,54 @@ import os
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def usable_cores(cgroup: Path = CGROUP) -> int:
+def usable_cores(cgroup: Path = CGROUP, membership: Path = PROC_CGROUP) -> int:
     """The cores this process may use: its affinity mask, capped by its cgroup's CPU quota
     (rounded up: a quota of 1.5 cores keeps two threads busy half the time each)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(cgroup)
+    quota = cpu_quota(cgroup, membership)
     return max(1, min(cores, math.ceil(quota)) if quota else cores)
 
 
-def cpu_quota(cgroup: Path = CGROUP) -> float | None:
-    """The cgroup's CPU quota in cores (cgroup v2's `cpu.max`, else v1's CFS files), or None for none."""
+def cpu_quota(cgroup: Path = CGROUP, membership: Path = PROC_CGROUP) -> float | None:
+    """The CPU quota in cores of the cgroup this process is in, the tightest of it and its
+    ancestors (cgroup v2's `cpu.max`, v1's CFS files), or None for none. Inside a container the
+    process's cgroup is the mount's root; on a host it is a folder below it (systemd's, a bench's)."""
+    quotas = [quota for folder in _own_cgroups(cgroup, membership) if (quota := _quota(folder)) is not None]
+    return min(quotas, default=None)
+
+
+def _own_cgroups(cgroup: Path, membership: Path) -> list[Path]:
+    """The folders of this process's CPU cgroup and of its ancestors, from /proc/self/cgroup."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    found = []
+    for line in lines:
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2's one hierarchy
+            found.append((cgroup, path))
+        elif "cpu" in controllers.split(","):
+            found.append((cgroup / controllers, path))
+    folders = []
+    for root, path in found or [(cgroup, "/"), (cgroup / "cpu", "/")]:
+        parts = [part for part in path.split("/") if part]
+        folders += [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    return folders
+
+
+def _quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        return None if quota < 0 else quota / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
         return None
 

@@ -388,26 +388,34 @@ def broken_model(path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("files", "expected"),
+    ("membership", "files", "expected"),
     [
-        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no quota
-        ({"cpu.max": "150000 100000\n"}, 1.5),  # docker --cpus=1.5
-        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),  # no cgroup files (macOS, a bare chroot)
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # cgroup v2 in a container, no quota
+        ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),  # docker --cpus=1.5
+        (
+            "1:cpu,cpuacct:/\n",
+            {"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            0.5,
+        ),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        # on a host: the process's own cgroup below the root, and the tightest of it and its parents
+        ("0::/bench/server\n", {"bench/cpu.max": "100000 100000\n", "bench/server/cpu.max": "max 100000\n"}, 1.0),
+        ("", {}, None),  # no cgroup at all (macOS, a bare chroot)
     ],
 )
-def test_the_usable_cores_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, files, expected):
+def test_the_usable_cores_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path, membership, files, expected):
     import os
 
     from imagegen.cpu import cpu_quota, usable_cores
 
+    (tmp_path / "self").write_text(membership)
+    root = tmp_path / "fs"
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cpu_quota(tmp_path) == expected
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert cpu_quota(root, tmp_path / "self") == expected
     mask = len(os.sched_getaffinity(0))
-    assert usable_cores(tmp_path) == (max(1, min(mask, -(-expected // 1))) if expected else mask)
+    assert usable_cores(root, tmp_path / "self") == (max(1, min(mask, -(-expected // 1))) if expected else mask)
 
 
 @pytest.mark.parametrize("setting", [0, 1])
