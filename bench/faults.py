@@ -429,7 +429,7 @@ def image_disk_full() -> Row:
                 ids = deploy.submit(8)
                 deploy.busy_worker()
                 filler = Path(disk) / "filler"
-                with open(filler, "wb") as out:
+                with open(filler, "wb", buffering=0) as out:  # unbuffered: nothing left to flush at close
                     try:
                         while True:
                             out.write(b"\0" * 65536)

@@ -1,11 +1,11 @@
-"""The code layout of README.md, made from the code: every module of `imagegen/`, by layer, with the
+"""The code layout of docs/architecture.md, made from the code: every module of `imagegen/`, by layer, with the
 first sentence of its docstring.
 
 Why generated: a hand-kept list drifted (ten modules were missing from it); this one is checked by
 the tests against the tree, and a module that no layer names fails them until it is placed.
 
     .venv/bin/python -m tools.layout           # prints the table
-    .venv/bin/python -m tools.layout --write   # replaces it in README.md, between the markers
+    .venv/bin/python -m tools.layout --write   # replaces it in docs/architecture.md, between the markers
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def placed() -> list[str]:
     return sorted(name for names in LAYERS.values() for name in names)
 
 
-def write(readme: Path = ROOT / "README.md") -> None:
+def write(readme: Path = ROOT / "docs" / "architecture.md") -> None:
     text = readme.read_text(encoding="utf-8")
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     readme.write_text(f"{text[:start]}\n{table()}\n{text[end:]}", encoding="utf-8")
@@ -103,7 +103,7 @@ def write(readme: Path = ROOT / "README.md") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/architecture.md")
     if parser.parse_args().write:
         write()
     else:
