@@ -8,7 +8,7 @@ RUNTIME := $(VENV)/.runtime-installed
 GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEV := $(VENV)/.dev-installed
 
-.PHONY: install install-dev kernels run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
+.PHONY: install install-dev kernels docs run worker test faults image-test lint bench gpu-wheels screenshot lock audit clean
 
 # Each stamp re-installs only when its lock file changed since the last install.
 # The runtime (requirements.lock) is all that `make run` needs; the test and lint tools
@@ -58,6 +58,11 @@ faults: install-dev
 # Docker (it starts Debian's dockerd, and makes the base image with debootstrap, when it must).
 image-test: install-dev
 	$(BIN)/python -m tools.image_test
+
+# The documentation site (MkDocs, Material theme) in site/; the tests build it too, with --strict,
+# so a broken link or anchor fails them.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: install-dev
 	$(BIN)/ruff check .

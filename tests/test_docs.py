@@ -3,7 +3,10 @@ at a README section that moved into docs/."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -49,3 +52,28 @@ def test_the_readme_is_what_a_newcomer_needs_and_the_rest_is_in_docs():
         assert f"(docs/{page}.md)" in readme, page
     said = "\n".join(page.read_text() for page in PAGES)
     assert not re.search(r'README(\'s)? "', said), "name a docs page, with a link, not a README section"
+
+
+def test_the_site_builds_with_every_page_and_no_broken_link(tmp_path):
+    """`make docs`: MkDocs with --strict fails on a page left out of the navigation, a link to no
+    page and an anchor to no heading."""
+    site = tmp_path / "site"
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    for page in (
+        "index.html",
+        "editing/index.html",
+        "CONFIGURATION/index.html",
+        "models/demo-shapes/index.html",
+    ):
+        assert (site / page).is_file(), page
+    assert (
+        'href="editing/"' in (site / "index.html").read_text() or 'href="editing/' in (site / "index.html").read_text()
+    )
