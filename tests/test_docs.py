@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ADMIN_TOKEN, ROOT, start_server
 
 PAGES = [
     ROOT / "README.md",
@@ -77,3 +77,45 @@ def test_the_site_builds_with_every_page_and_no_broken_link(tmp_path):
     assert (
         'href="editing/"' in (site / "index.html").read_text() or 'href="editing/' in (site / "index.html").read_text()
     )
+
+
+# Blocks that set up or deploy (a virtual environment, an image, a cluster) rather than call a
+# running server: `make test`, `make image-test` and the cluster tests run those paths.
+SETUP = re.compile(r"(?m)^\s*(?:\w+=\S+\s+)*(?:make|docker|systemctl)\b|QUEUE_BACKEND")
+# What a reader fills in, as the test fills it: the admin token `make run` prints, and the
+# project's Python where a block runs from the checkout (the test works in a folder of its own).
+FILLED = {"ADMIN=<token>": f"ADMIN={ADMIN_TOKEN}", ".venv/bin/python": sys.executable}
+
+
+def shell_examples() -> list[tuple[str, str]]:
+    """The README's and docs/'s shell blocks that talk to the server at 127.0.0.1:5000 or make its
+    inputs, in reading order."""
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for language, body in re.findall(r"(?ms)^```(\w*)\n(.*?)^```", page.read_text()):
+            talks = "127.0.0.1:5000" in body or ".venv/bin/python - <<" in body
+            if language in {"sh", "bash"} and talks and not SETUP.search(body):
+                found.append((page.relative_to(ROOT).as_posix(), body))
+    return found
+
+
+def test_every_shell_example_runs_as_written(tmp_path):
+    """Each block, against a server of the demo model, with every curl failing on an error status:
+    a newcomer who pastes them gets answers, not a 4xx."""
+    examples = shell_examples()
+    assert {page for page, _ in examples} >= {"README.md", "docs/editing.md", "docs/jobs.md", "docs/loras.md"}
+    (tmp_path / "server").mkdir()
+    process, base = start_server(tmp_path / "server", MODEL_ID="models/demo-shapes")
+    work = tmp_path / "reader"
+    work.mkdir()
+    try:
+        for page, body in examples:
+            script = body.replace("127.0.0.1:5000", base.removeprefix("http://"))
+            for written, filled in FILLED.items():
+                script = script.replace(written, filled)
+            strict = 'set -eo pipefail\ncurl() { command curl --fail-with-body --max-time 300 "$@"; }\n'
+            ran = subprocess.run(["bash", "-c", strict + script], cwd=work, capture_output=True, text=True, timeout=900)
+            assert ran.returncode == 0, (page, body, ran.stdout[-2000:], ran.stderr[-2000:])
+    finally:
+        process.terminate()
+        process.wait(30)
