@@ -51,7 +51,6 @@ class Monitor:
 
     def __init__(self, window: int = 1000) -> None:
         self.started = time.time()
-        psutil.cpu_percent(interval=None)  # psutil's first answer is 0.0: /status's first is now since start
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imagegen_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
@@ -179,11 +178,37 @@ def disk_figures(folder: Path) -> dict[str, Any]:
     return {"path": folder.name, "total_bytes": disk.total, "free_bytes": disk.free, "percent": percent}
 
 
+class CpuWindow:
+    """The machine's CPU use over the last half minute to minute, not since the previous reading:
+    psutil's `cpu_percent()` counts from whoever asked last (the alert check asks every few
+    seconds), so /status read 0.0 right after a generation. The window starts at a reading at least
+    30 s old, moved on once it is a minute old."""
+
+    def __init__(self) -> None:
+        self._start = self._last = (time.monotonic(), psutil.cpu_times())
+
+    def percent(self) -> float:
+        now = (time.monotonic(), psutil.cpu_times())
+        if now[0] - self._start[0] >= 60 and now[0] - self._last[0] >= 30:
+            self._start = self._last
+        if now[0] - self._last[0] >= 30:
+            self._last = now
+        busy, total = (_busy(now[1]) - _busy(self._start[1])), (sum(now[1]) - sum(self._start[1]))
+        return round(100 * busy / total, 1) if total > 0 else 0.0
+
+
+def _busy(times: Any) -> float:
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+CPU = CpuWindow()
+
+
 def system_status(image_dir: Path, started: float, database_dir: Path | None = None) -> dict[str, Any]:
     """CPU, RAM, process RSS, GPU memory, the image disk (and an embedded database's) and uptime."""
     memory = psutil.virtual_memory()
     figures = {
-        "cpu_percent": psutil.cpu_percent(interval=None),  # since the last call (the first: since Monitor's start)
+        "cpu_percent": CPU.percent(),
         "usable_cores": usable_cores(),
         "ram": {"total_bytes": memory.total, "used_bytes": ram_used_bytes(), "percent": memory.percent},
         "process_rss_bytes": psutil.Process().memory_info().rss,

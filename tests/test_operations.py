@@ -438,3 +438,14 @@ def test_openmp_threads_sleep_while_they_wait():
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["PASSIVE", "True"], out.stderr[-2000:]
+
+
+def test_status_reports_the_cpu_use_of_the_last_half_minute_not_since_the_last_reading(fake_client):
+    """The alert check reads the CPU every few seconds; /status read 0.0 after any work because it
+    counted from that reading."""
+    busy = time.monotonic()
+    while time.monotonic() - busy < 1:  # a second of one core's work, as a generation would be
+        pass
+    fake_client.application.extensions["imagegen"].check_alerts()
+    time.sleep(1)  # then a second of rest, as between a generation and a look at /status
+    assert fake_client.get("/status", headers=ADMIN).json["system"]["cpu_percent"] >= 10
