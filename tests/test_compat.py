@@ -99,6 +99,7 @@ def test_openai_errors_speak_openais_parameters(client, fields, param, said):
         client.images.generate(prompt="a red circle", **fields)
     body = bad.value.body
     assert body["param"] == param and said in body["message"], body
+    assert body["message"].count(f"`{param}`") == 1, "named once, not `n`: `n` must ..."
     assert not any(word in body["message"] for word in ("num_images", "`width`", "`height`", "^(")), body
 
 

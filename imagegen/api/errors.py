@@ -101,7 +101,10 @@ def validation_error(exc: ValidationError) -> APIError:
         for err in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
-    return APIError("invalid_request", f"`{first['field']}`: {first['message']}", details)
+    named = first["message"].startswith(f"`{first['field']}`")  # a validator of ours names it already
+    return APIError(
+        "invalid_request", first["message"] if named else f"`{first['field']}`: {first['message']}", details
+    )
 
 
 def http_error(exc: HTTPException) -> APIError:
