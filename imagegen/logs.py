@@ -135,4 +135,4 @@ def quiet_libraries(level: str) -> None:
         if quiet:
             os.environ.setdefault(variable, value)
     for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.DEBUG)

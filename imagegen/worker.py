@@ -50,8 +50,6 @@ from imagegen.webhooks import WebhookSender
 
 log = logging.getLogger("imagegen.worker")
 
-# The settings an admin may change at run time, which each heartbeat reports as this worker runs them.
-
 
 class JobBatches(Batches):
     """celery-batches, with its flush timer re-armed by the first message after each flush.
