@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     lora_dir: str = "models/loras"  # a folder, or an fsspec URL (s3://bucket/prefix) a cluster shares
     max_loras_per_request: int = Field(4, ge=0, le=16)
     max_loaded_loras: int = Field(8, ge=1, le=128)
+    # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
+    styles_file: str = ""
 
     # Queue and batching
     max_queue_size: int = Field(64, ge=1, le=100_000)

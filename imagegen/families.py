@@ -61,6 +61,9 @@ class Family:
     # The family whose LoRA adapters it takes and whose single checkpoints it shares tensor names
     # with (an inpainting model's base; both FLUX.1 variants are "flux"); empty: its own name.
     base: str = ""
+    # A CLIP text encoder whose last layers a request may skip (`clip_skip`), through the pipeline's
+    # own argument or embeddings of ours (engine/prompts.py says why); empty: none to skip.
+    clip_skip: Literal["", "argument", "embeddings"] = ""
 
     @property
     def lineage(self) -> str:
@@ -141,6 +144,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             strength_steps="floor",
+            clip_skip="embeddings",
         ),
         Family(
             "sd-inpaint",
@@ -155,6 +159,7 @@ FAMILIES: dict[str, Family] = {
             text_to_image=False,
             strength_steps="floor",
             base="sd",
+            clip_skip="embeddings",
         ),
         Family(
             "sdxl",
@@ -167,6 +172,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             strength_steps="floor",
+            clip_skip="argument",
         ),
         Family(
             "sdxl-inpaint",
@@ -181,6 +187,7 @@ FAMILIES: dict[str, Family] = {
             text_to_image=False,
             strength_steps="floor",
             base="sdxl",
+            clip_skip="argument",
         ),
         Family(
             "sd3",

@@ -42,14 +42,18 @@ from imagegen.loras import AdapterRejected, AdapterStore
 from imagegen.protocol import MAX_SEED, GenerateRequest, LoraChoice
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
-from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, SCHEDULERS, resolve
 from imagegen.screening import CostBudget, screen_prompt
 from imagegen.storage import NAME_PATTERN, ImageStore, input_png
+from imagegen.styles import StyleBook
 from imagegen.webhooks import check_callback_url
 
 # The longest an upload may take to decode (a few hundred ms is usual): longer is refused, so no
 # request waits on a hostile file; the decode itself runs on in the pool, bounded by its limits.
 DECODE_SECONDS = 10.0
+
+# The smallest size a seed's noise is drawn at (`seed_resize_from_*`): a latent pixel, for every family.
+MIN_NOISE_SIZE = 16
 
 # How long an Idempotency-Key names its first job: a repeat within it returns that job.
 IDEMPOTENCY_SECONDS = 86_400
@@ -120,8 +124,10 @@ class GenerationService:
         queue: JobQueue,
         budget: CostBudget,
         readiness: Callable[[str], NotReady | None],
+        styles: StyleBook,
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
+        self.styles = styles
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -188,13 +194,17 @@ class GenerationService:
         if spec is None:
             raise Refusal(f"`model` must be one of {', '.join(self._catalogue())}", "model", code="unknown_model")
         given = self._family_fields(request, spec, client_defaults or {})
+        prompt = request.prompt or ""
+        if request.styles:
+            prompt, given["negative_prompt"] = self.styles.apply(request.styles, prompt, given["negative_prompt"] or "")
         variation = request.image is not None and request.mask is None and request.outpaint is None
         for field in ("prompt", "negative_prompt", "prompt_2"):
-            text = (request.prompt or "") if field == "prompt" else given[field]
+            text = prompt if field == "prompt" else given[field]
             if (field == "prompt" and not variation) or text:
                 screen_prompt(field, text or "", settings, caller.owner)
         steps = request.steps or spec.default_steps
-        scheduler = self._scheduler(request.scheduler or DEFAULT_SCHEDULER, steps, spec)
+        scheduler, schedule = self._scheduler(request, spec)
+        self._clip_skip(request, spec)
         loras, versions = self._loras(request.loras, spec)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
@@ -212,8 +222,9 @@ class GenerationService:
             if edit.mask is not None:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
+        noise = self._noise(request, mode)
         params = GenerationParams(
-            prompt=request.prompt or "",
+            prompt=prompt,
             negative_prompt=given["negative_prompt"] or "",
             prompt_2=given["prompt_2"] or "",
             width=size[0],
@@ -222,9 +233,12 @@ class GenerationService:
             guidance_scale=spec.default_guidance if given["guidance_scale"] is None else given["guidance_scale"],
             seeds=_seeds(request.seed, request.num_images),
             scheduler=scheduler,
+            noise_schedule=schedule,
+            clip_skip=request.clip_skip or 1,
             model=model,
             mode=mode,
             loras=loras,
+            **noise,
             **editing,
         )
         # A random seed is never the same request; an adapter replaced under its name is another one.
@@ -292,7 +306,10 @@ class GenerationService:
         return given
 
     @staticmethod
-    def _scheduler(scheduler: str, steps: int, spec: ModelSpec) -> str:
+    def _scheduler(request: GenerateRequest, spec: ModelSpec) -> tuple[str, str]:
+        """The sampler and its noise schedule, each one the model's family runs (Karras, exponential
+        and beta sigmas only for the samplers diffusers offers them for)."""
+        scheduler, schedule = resolve(request.scheduler or DEFAULT_SCHEDULER, request.noise_schedule)
         family = spec.family
         if family is not None and scheduler != DEFAULT_SCHEDULER and scheduler not in family.schedulers:
             message = (
@@ -300,11 +317,41 @@ class GenerationService:
                 f"{', '.join([DEFAULT_SCHEDULER, *family.schedulers])}"
             )
             raise Refusal(message, "scheduler", details={"model": spec.id})
-        least = SCHEDULERS[scheduler].min_steps if scheduler in SCHEDULERS else 1
-        if steps < least:
-            message = f"`steps` must be at least {least} with the `{scheduler}` scheduler, got {steps}"
-            raise Refusal(message, "steps", details={"scheduler": scheduler})
-        return scheduler
+        takes = SCHEDULERS[scheduler].schedules if scheduler in SCHEDULERS else (AUTOMATIC,)
+        if schedule not in takes:
+            message = f"`noise_schedule` {schedule} does not run with the `{scheduler}` scheduler; it takes: "
+            message += ", ".join(takes)
+            raise Refusal(message, "noise_schedule", details={"scheduler": scheduler})
+        return scheduler, schedule
+
+    @staticmethod
+    def _clip_skip(request: GenerateRequest, spec: ModelSpec) -> None:
+        if (request.clip_skip or 1) > 1 and spec.family is not None and not spec.family.clip_skip:
+            message = f"`clip_skip` does not apply to model {spec.id} ({spec.family.title}): no CLIP text encoder"
+            raise Refusal(message, "clip_skip", details={"model": spec.id})
+
+    @staticmethod
+    def _noise(request: GenerateRequest, mode: str) -> dict[str, Any]:
+        """Variation seeds (A1111's subseeds): one per image, consecutive from `subseed` or drawn,
+        for text-to-image, whose starting noise they change (an edit's starts from its image)."""
+        resized = (request.seed_resize_from_width, request.seed_resize_from_height)
+        if not request.subseed_strength and not any(resized):
+            return {}
+        if mode != "txt2img":
+            field = "subseed_strength" if request.subseed_strength else "seed_resize_from_width"
+            raise Refusal(f"`{field}` is for text-to-image; an edit's noise starts from its image", field)
+        if 0 in resized and any(resized):
+            field = "seed_resize_from_height" if resized[0] else "seed_resize_from_width"
+            raise Refusal(f"`{field}` must be given with the other (both, or neither)", field)
+        for field, value in zip(("seed_resize_from_width", "seed_resize_from_height"), resized, strict=True):
+            if 0 < value < MIN_NOISE_SIZE:
+                raise Refusal(f"`{field}` must be 0 (none) or at least {MIN_NOISE_SIZE}, got {value}", field)
+        return {
+            "subseeds": _seeds(request.subseed, request.num_images) if request.subseed_strength else (),
+            "subseed_strength": request.subseed_strength,
+            "seed_resize_from_width": resized[0],
+            "seed_resize_from_height": resized[1],
+        }
 
     def _loras(
         self, choices: list[LoraChoice] | None, spec: ModelSpec

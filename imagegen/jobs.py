@@ -20,6 +20,7 @@ from sqlalchemy import and_, case, delete, func, insert, literal, or_, select, u
 
 from imagegen.db import Database, db_now, webhooks
 from imagegen.db import jobs as table
+from imagegen.schedulers import AUTOMATIC
 
 
 class JobStatus(StrEnum):
@@ -68,6 +69,12 @@ class GenerationParams:
     mask_crop_padding: int | None = None  # paint only the mask's box and this margin, scaled up (edits.crop_box)
     steps_run: int = 0  # the denoising steps an edit runs at its strength (0: all `steps`)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, with their weights
+    noise_schedule: str = AUTOMATIC  # the scheduler's sigmas (schedulers.SCHEDULES)
+    clip_skip: int = 1  # the text encoder's hidden state this many layers from its end (1: the last)
+    subseeds: tuple[int, ...] = ()  # variation seeds, one per image (empty: none)
+    subseed_strength: float = 0.0
+    seed_resize_from_width: int = 0  # the seed's noise drawn at this size (0: the image's)
+    seed_resize_from_height: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -90,6 +97,11 @@ class GenerationParams:
             self.mask_blur,
             self.mask_crop_padding,
             self.loras,
+            self.noise_schedule,
+            self.clip_skip,
+            self.subseed_strength,
+            self.seed_resize_from_width,
+            self.seed_resize_from_height,
         )
 
     @property
@@ -105,17 +117,18 @@ class GenerationParams:
         if self.mode == "txt2img":
             for name in EDIT_FIELDS:
                 del fields[name]
-        return {**fields, "seeds": list(self.seeds), "num_images": len(self.seeds)}
+        return {**fields, "seeds": list(self.seeds), "subseeds": list(self.subseeds), "num_images": len(self.seeds)}
 
     def lora_view(self) -> list[dict[str, Any]]:
         return [{"name": name, "weight": weight} for name, weight in self.loras]
 
-    def image_metadata(self, seed: int) -> dict[str, Any]:
-        """What one PNG records about how it was made: the fields its job's `parameters` show, with
-        its own seed for the list of seeds."""
+    def image_metadata(self, index: int) -> dict[str, Any]:
+        """What the job's `index`th PNG records about how it was made: the fields its job's
+        `parameters` show, with its own seed (and variation seed) for the lists of them."""
         fields = self.view()
-        del fields["seeds"], fields["num_images"]
-        return {**fields, "seed": seed}
+        del fields["seeds"], fields["subseeds"], fields["num_images"]
+        subseed = {"subseed": self.subseeds[index]} if self.subseeds else {}
+        return {**fields, "seed": self.seeds[index], **subseed}
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,7 @@ class Job:
 def _row_to_job(row: Any) -> Job:
     params = json.loads(row["params"])
     params["seeds"] = tuple(params["seeds"])
+    params["subseeds"] = tuple(params.get("subseeds", ()))
     params["loras"] = tuple(tuple(lora) for lora in params.get("loras", ()))
     return Job(
         params=GenerationParams(**params),

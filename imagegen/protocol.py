@@ -17,7 +17,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from config import Settings
-from imagegen.schedulers import SCHEDULER_NAMES
+from imagegen.schedulers import SCHEDULER_NAMES, SCHEDULES
 
 MAX_SEED = 2**32 - 1
 # An upload a surface has decoded itself (OpenAI's masks are alpha channels); no JSON carries one.
@@ -86,6 +86,21 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = 1
     scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    noise_schedule: Literal[tuple(SCHEDULES)] | None = Field(  # type: ignore[valid-type]
+        None, description="The sigmas the scheduler steps through (A1111's `scheduler`): GET /schedulers."
+    )
+    clip_skip: int | None = Field(
+        None, ge=1, le=12, description="Text-encoder layers to stop before the last (A1111's clip skip; 1: none)."
+    )
+    subseed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="A variation seed, mixed into `seed`'s noise by `subseed_strength`."
+    )
+    subseed_strength: float = Field(0.0, ge=0, le=1, description="0: `seed`'s image; 1: `subseed`'s.")
+    seed_resize_from_width: int = Field(
+        0, ge=0, le=4096, description="Noise drawn at this size and centred, so a new size keeps the composition."
+    )
+    seed_resize_from_height: int = Field(0, ge=0, le=4096)
+    styles: list[str] | None = Field(None, max_length=20, description="Prompt styles by name (GET /styles).")
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
     callback_url: str | None = Field(None, max_length=2000)

@@ -31,6 +31,7 @@ from imagegen.queues import JobQueue, NotReady
 from imagegen.runtime import LiveSettings
 from imagegen.screening import CostBudget
 from imagegen.storage import ImageStore
+from imagegen.styles import StyleBook
 from imagegen.webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Services:
             self.queue,
             CostBudget(self.settings.rate_limit_storage_uri),
             self.readiness,
+            StyleBook(self.settings.styles_file),
         )
         self.maintenance = Maintenance(lambda: self.live.current, self.images, self.jobs, self.queue, self.check_alerts)
         self.live.listeners.append(self._apply)

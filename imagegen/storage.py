@@ -45,6 +45,10 @@ class StoredImage:
     job_id: str | None = None
 
 
+# The PNG text chunk of a generated image's parameters as JSON (`parameters` holds A1111's infotext).
+METADATA_CHUNK = "imagegen"
+
+
 def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
     """The image as PNG; compress_level 1, since PNG's default level 6 costs several times the
     encoding time for a few % of size."""
@@ -121,10 +125,14 @@ class ImageStore:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def save(self, image: Image.Image, parameters: dict[str, Any], job_id: str) -> StoredImage:
-        """Writes the PNG under a random, unguessable name, then records it."""
+    def save(self, image: Image.Image, parameters: dict[str, Any], job_id: str, infotext: str = "") -> StoredImage:
+        """Writes the PNG under a random, unguessable name, then records it. Its text chunks say how
+        it was made: `imagegen` the parameters as JSON, `parameters` A1111's infotext (which A1111,
+        ComfyUI and image browsers read)."""
         info = PngInfo()
-        info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+        info.add_text(METADATA_CHUNK, json.dumps(parameters, sort_keys=True))
+        if infotext:
+            info.add_text("parameters", infotext)
         name = f"{secrets.token_urlsafe(16)}.png"
         data = png_bytes(image, info)
         self.fs.pipe_file(self._path(name), data)

@@ -166,10 +166,10 @@ def test_webuiapi_models_progress_and_interrupt(webui, server):
 def test_a1111_bad_sampler_and_options(webui, server):
     with pytest.raises(RuntimeError) as bad:
         webui.txt2img(prompt="a red circle", sampler_name="Warp Drive", steps=2, width=64, height=64)
-    assert bad.value.args[0] == 400 and "Unknown sampler" in bad.value.args[1]
+    assert bad.value.args[0] == 422 and "Unknown sampler" in bad.value.args[1]
     assert webui.get_options()["sd_model_checkpoint"] == "models/tiny-random"
     webui.set_options({"sd_model_checkpoint": "models/tiny-random", "some_other_option": 1})
-    assert [s["name"] for s in webui.get_samplers()][:2] == ["Euler", "Euler a"]
+    assert {"Euler", "Euler a", "PLMS"} <= {s["name"] for s in webui.get_samplers()}
     status, _, body = call(f"{server}/sdapi/v1/txt2img", {"prompt": "a red circle"})
     assert status == 401 and json.loads(body)["detail"]
 
@@ -201,7 +201,32 @@ def test_a1111_surface_through_the_test_client(app_factory):
         },
     )
     assert response.status_code == 200 and len(response.json["images"]) == 2
-    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 63}).json["errors"][0]["field"] == "width"
+    refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 63})
+    assert refused.status_code == 422 and refused.json["detail"][0]["loc"] == ["body", "width"]
+
+
+def test_webuiapi_speaks_a1111_fluently(webui):
+    """webuiapi's own requests (its defaults: eta 1, the hires fields off, `sampler_index`,
+    `scheduler: automatic`) with A1111's samplers and schedules, variation seeds, PNG info and the
+    lists it reads; what cannot be served is refused by name."""
+    small = {"prompt": "a red circle on a blue background", "steps": 3, "width": 64, "height": 64, "seed": 3}
+    plms = webui.txt2img(sampler_name="PLMS", **small)
+    assert plms.info["sampler_name"] == "PLMS" and plms.info["warnings"] == []
+    karras = webui.txt2img(sampler_name="DPM++ 2M", scheduler="Karras", **small)
+    combined = webui.txt2img(sampler_name="DPM++ 2M Karras", **small)
+    assert karras.info["scheduler"] == "Karras" and karras.image.tobytes() == combined.image.tobytes()
+    varied = webui.txt2img(subseed=9, subseed_strength=0.5, batch_size=2, **small)
+    assert varied.info["all_subseeds"] == [9, 10] and varied.info["subseed_strength"] == 0.5
+    read = webui.png_info(plms.image)
+    assert read.info == plms.info["infotexts"][0] and read.parameters["Sampler"] == "PLMS"
+    for method in ("get_upscalers", "get_sd_vae", "get_hypernetworks", "get_face_restorers"):
+        assert getattr(webui, method)() == [], method
+    assert webui.get_embeddings() == {"loaded": {}, "skipped": {}} and webui.get_cmd_flags()["api"] is True
+    assert [s["label"] for s in webui.get_schedulers()][:2] == ["Automatic", "Karras"]
+    assert webui.util_get_current_model() == "models/tiny-random"
+    with pytest.raises(RuntimeError) as refused:
+        webui.txt2img(restore_faces=True, **small)
+    assert refused.value.args[0] == 422 and "restore_faces" in refused.value.args[1]
 
 
 # ----- editing from the same clients -----
@@ -308,7 +333,7 @@ def test_webuiapi_img2img_with_and_without_a_mask(webui, server):
     status, _headers, answer = call(
         f"{server}/sdapi/v1/img2img", {"init_images": [base64.b64encode(BOMB).decode()]}, {"X-API-Key": KEY}
     )
-    assert status == 400 and json.loads(answer)["error"] == "invalid_image"
+    assert status == 422 and json.loads(answer)["error"] == "invalid_image"
 
 
 def test_webuiapi_interrupts_on_a_keyless_server(tmp_path):

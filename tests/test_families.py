@@ -99,11 +99,14 @@ def test_fields_a_family_cannot_honour_are_400s_naming_field_and_model(app_facto
         refused = client.post("/generate", json={"prompt": PROMPT, field: value})
         assert refused.status_code == 400, field
         assert refused.json["error"]["details"][0].items() >= {"field": field, "model": "flux-schnell"}.items()
-    # a client's defaults count as absent; a real conflict is a 400 on the A1111 surface too
+    # a client's defaults count as absent; a real conflict is refused on the A1111 surface too, as
+    # A1111 refuses (422), naming A1111's field
     a1111 = {"prompt": PROMPT, "steps": 1, "width": 64, "height": 64}
     assert client.post("/sdapi/v1/txt2img", json={**a1111, "cfg_scale": 7.0}).status_code == 200
     conflict = client.post("/sdapi/v1/txt2img", json={**a1111, "cfg_scale": 2.5})
-    assert conflict.status_code == 400 and "guidance_scale" in conflict.json["detail"]
+    [problem] = conflict.json["detail"]
+    assert conflict.status_code == 422 and problem["loc"] == ["body", "cfg_scale"]
+    assert problem["msg"].startswith("`cfg_scale` does not apply to model flux-schnell")
     assert (
         client.post("/generate", json={"prompt": PROMPT, "prompt_2": "in a T5 prompt", "steps": 1}).status_code == 200
     )

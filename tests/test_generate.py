@@ -32,12 +32,15 @@ def test_generate_returns_downloadable_png_with_parameters(client):
     assert (image["seed"], image["width"], image["height"]) == (7, 64, 64)
     picture = png(client, image["url"])
     assert picture.size == (64, 64)
-    embedded = json.loads(picture.text["parameters"])
+    embedded = json.loads(picture.text["imagegen"])
     assert embedded["prompt"] == PROMPT and embedded["seed"] == 7 and embedded["steps"] == 3
     assert body["parameters"]["steps"] == 3
     # the PNG records the same fields the response shows, with its own seed for the list of seeds
-    shown = {k: v for k, v in body["parameters"].items() if k not in {"seeds", "num_images"}}
+    shown = {k: v for k, v in body["parameters"].items() if k not in {"seeds", "subseeds", "num_images"}}
     assert embedded == {**shown, "seed": 7}
+    # and A1111's infotext, which A1111, ComfyUI and image browsers read
+    assert picture.text["parameters"].startswith(f"{PROMPT}\nSteps: 3, Sampler: Default, CFG scale: ")
+    assert "Seed: 7, Size: 64x64, Model: tiny-random, Version: imagegen " in picture.text["parameters"]
     timings = body["timings"]
     assert timings["total_seconds"] >= timings["generation_seconds"] > 0
     assert response.headers["X-Request-ID"]
@@ -161,8 +164,12 @@ def test_production_hides_internals(app_factory, fake):
 
 
 def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_within_0_and_1(app_factory, monkeypatch):
+    """Every sampler with every schedule it takes, at 1 and at 8 steps (PLMS too: without PNDM's
+    Runge-Kutta warm-up it needs no 4), natively and by A1111's titles."""
     from imagegen.engine import runner
-    from imagegen.schedulers import A1111_SAMPLERS, SCHEDULER_NAMES, SCHEDULERS
+    from imagegen.schedulers import A1111_SAMPLERS, SCHEDULER_NAMES, SCHEDULERS, resolve
+
+    assert resolve("dpm++_2m_karras", "automatic") == ("dpm++_2m", "karras")  # an earlier version's name
 
     client = app_factory(max_steps=8).test_client()
     wait_ready(client)
@@ -174,24 +181,25 @@ def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_withi
         store, "set_step", lambda jobs, step, lease: written.append(step) or set_step(jobs, step, lease)
     )
 
-    def bounds(name: str) -> tuple[int, int]:
-        return (SCHEDULERS[name].min_steps if name in SCHEDULERS else 1), 8
-
     for name in SCHEDULER_NAMES:
-        for steps in bounds(name):
+        schedules = SCHEDULERS[name].schedules if name in SCHEDULERS else ("automatic",)
+        for schedule, steps in [(schedule, steps) for schedule in schedules for steps in (1, 8)]:
             written.clear()
-            response = client.post("/generate", json={"prompt": PROMPT, "scheduler": name, "steps": steps})
-            assert response.status_code == 200, (name, steps, response.json)
-            assert written and max(written) <= steps and written[-1] == steps, (name, steps, written)
-    for title, name in A1111_SAMPLERS.items():
-        for steps in bounds(name):
-            body = {"prompt": PROMPT, "sampler_name": title, "steps": steps, "width": 64, "height": 64}
-            answer = client.post("/sdapi/v1/txt2img", json=body)
-            assert answer.status_code == 200, (title, steps, answer.json)
-    too_few = client.post("/generate", json={"prompt": PROMPT, "scheduler": "pndm", "steps": 3})
-    assert too_few.status_code == 400
-    assert too_few.json["error"]["message"] == "`steps` must be at least 4 with the `pndm` scheduler, got 3"
-    assert too_few.json["error"]["details"][0].items() >= {"field": "steps", "scheduler": "pndm"}.items()
+            body = {"prompt": PROMPT, "scheduler": name, "noise_schedule": schedule, "steps": steps}
+            response = client.post("/generate", json=body)
+            assert response.status_code == 200, (name, schedule, steps, response.json)
+            assert written and max(written) <= steps and written[-1] == steps, (name, schedule, steps, written)
+            shown = response.json["parameters"]
+            assert (shown["scheduler"], shown["noise_schedule"]) == resolve(name, schedule)
+    for title in A1111_SAMPLERS:
+        body = {"prompt": PROMPT, "sampler_name": title, "steps": 3, "width": 64, "height": 64}
+        answer = client.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 200, (title, answer.json)
+    unsupported = client.post("/generate", json={"prompt": PROMPT, "scheduler": "euler_a", "noise_schedule": "karras"})
+    assert unsupported.status_code == 400
+    problem = unsupported.json["error"]["details"][0]
+    assert problem.items() >= {"field": "noise_schedule", "scheduler": "euler_a"}.items()
+    assert "takes: automatic, sgm_uniform" in unsupported.json["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_the_demo_adapter_moves_shapes_to_the_corner_and_switches_per_batch(demo
     assert model["loads"] == 1, "switching adapters never reloads the model"
     named = demo.post("/generate", json={"prompt": PROMPTS[0], "seed": 1, "loras": [{"name": "corner"}]})
     stored = demo.get(named.json["images"][0]["url"].replace("http://localhost", "")).data
-    assert json.loads(Image.open(io.BytesIO(stored)).text["parameters"])["loras"] == [{"name": "corner", "weight": 1.0}]
+    assert json.loads(Image.open(io.BytesIO(stored)).text["imagegen"])["loras"] == [{"name": "corner", "weight": 1.0}]
 
 
 def test_adapters_keep_batches_apart():
@@ -280,7 +280,7 @@ def test_the_openai_and_a1111_clients_take_adapters(server):
     listed = json.loads(call(f"{server}/sdapi/v1/loras")[2])
     assert [lora["name"] for lora in listed] == ["corner"] and "/" not in listed[0]["path"]
     status, _headers, body = call(f"{server}/sdapi/v1/txt2img", {"prompt": "x <lora:nope:1>"})
-    assert status == 400 and json.loads(body)["error"] == "invalid_request"
+    assert status == 422 and json.loads(body)["error"] == "invalid_request"  # A1111's status
     [model] = json.loads(call(f"{server}/models")[2])["models"]
     assert model["loads"] == 1, "requests with and without the adapter interleaved on one load"
 

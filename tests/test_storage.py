@@ -33,7 +33,7 @@ def test_save_writes_png_with_parameters_under_random_name(store):
     second = store.save(png(), {"prompt": "p", "seed": 1}, "job1")
     assert first.name != second.name and len(first.name) == 26
     with Image.open(io.BytesIO(store.read(first.name))) as image:
-        assert json.loads(image.text["parameters"]) == {"prompt": "p", "seed": 1}
+        assert json.loads(image.text["imagegen"]) == {"prompt": "p", "seed": 1}
     assert store.stats() == {"count": 2, "bytes": first.bytes + second.bytes}
     store.ping()
 

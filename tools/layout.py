@@ -30,6 +30,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "api/adapters.py",
         "api/openai.py",
         "api/a1111.py",
+        "api/a1111_protocol.py",
         "api/ui.py",
         "api/docs.py",
         "api/submission.py",
@@ -46,6 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "generation.py",
         "protocol.py",
         "refusals.py",
+        "styles.py",
         "access.py",
         "screening.py",
         "runtime.py",
@@ -55,7 +57,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "logs.py",
     ),
     "Queues and workers": ("queues/__init__.py", "queues/local.py", "queues/cluster.py", "worker.py"),
-    "Engine (the only code that touches pipelines)": ("engine/__init__.py", "engine/runner.py", "engine/models.py"),
+    "Engine (the only code that touches pipelines)": (
+        "engine/__init__.py",
+        "engine/runner.py",
+        "engine/models.py",
+        "engine/prompts.py",
+        "engine/noise.py",
+    ),
     "Models (no torch: a cluster's API reads them too)": (
         "families.py",
         "catalogue.py",
@@ -65,7 +73,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "loras.py",
         "edits.py",
     ),
-    "Records": ("jobs.py", "endings.py", "storage.py", "db.py", "migrations/env.py", "states.py"),
+    "Records": ("jobs.py", "endings.py", "storage.py", "infotext.py", "db.py", "migrations/env.py", "states.py"),
 }
 
 

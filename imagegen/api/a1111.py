@@ -1,12 +1,16 @@
 """The AUTOMATIC1111 surface under /sdapi/v1, for scripts and the `webuiapi` package.
 
-Same worker, queue, validation, limits and keys as the native API. Requests may carry every field
-A1111 knows (unknown ones are ignored); answers have A1111's shapes (`images` as plain base64,
-`info` as a JSON string), and errors A1111's `{"error", "detail", "errors"}`.
+Same worker, queue, validation, limits and keys as the native API. Requests carry every field
+A1111 knows, in A1111's lax types; each field is honoured, named in the answer's `info.warnings`, or
+refused as `a1111_protocol.FIELDS` says. Answers have A1111's shapes (`images` as plain base64,
+`info` as a JSON string), and errors A1111's: status 422 for a request it cannot take, and a body
+with `detail` (FastAPI's list of `{loc, msg, type}` for a field's type or range).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import secrets
@@ -14,11 +18,19 @@ from typing import Any
 
 import psutil
 from flask import Blueprint, Response, jsonify, request
-from PIL import ImageChops
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image, ImageChops
+from pydantic import TypeAdapter, ValidationError
 
-from imagegen import edits
+from imagegen import edits, infotext
 from imagegen.api import services
+from imagegen.api.a1111_protocol import (
+    FIELDS,
+    OPTIONS,
+    Img2ImgRequest,
+    PngInfoRequest,
+    ProcessingRequest,
+    Txt2ImgRequest,
+)
 from imagegen.api.errors import APIError, install
 from imagegen.api.guard import generation_route, operator, require_admin, uploads
 from imagegen.api.submission import caller, generate_now, parse
@@ -26,68 +38,81 @@ from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
 from imagegen.protocol import MAX_SEED, GenerateRequest
-from imagegen.schedulers import A1111_SAMPLER_TITLES, A1111_SAMPLERS, DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.schedulers import A1111_SCHEDULES, AUTOMATIC, SCHEDULERS, SCHEDULES, a1111
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
-A1111_SCHEDULERS = ["automatic", "karras", "uniform"]
-
-
-class Txt2ImgRequest(BaseModel):
-    """The txt2img fields imagegen honours; every other A1111 field is accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    prompt: str = ""
-    negative_prompt: str | None = ""
-    seed: int = Field(-1, ge=-1, le=MAX_SEED)
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    sampler_name: str | None = None
-    sampler_index: str | None = None
-    scheduler: str | None = None
-
-
-class Img2ImgRequest(Txt2ImgRequest):
-    """The img2img fields imagegen honours: the first of `init_images` is edited (every image of the
-    batch from it); a `mask` (white inpaints; black with `inpainting_mask_invert`) makes it an
-    inpainting."""
-
-    init_images: list[str] = Field(min_length=1)
-    mask: str | None = None
-    denoising_strength: float = 0.75
-    mask_blur: int = 4
-    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = Field(0, ge=0, le=1)
-    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
-
-
+# Native field names -> the A1111 field a client should fix, in error messages and `loc`s.
+NAMES = {
+    "guidance_scale": "cfg_scale",
+    "num_images": "batch_size",
+    "scheduler": "sampler_name",
+    "noise_schedule": "scheduler",
+    "image": "init_images",
+    "strength": "denoising_strength",
+    "seed_resize_from_width": "seed_resize_from_w",
+    "seed_resize_from_height": "seed_resize_from_h",
+    "clip_skip": "CLIP_stop_at_last_layers",
+}
 # A1111's resize modes as ours ("latent upscale" resizes the image, as "just resize" does), and
 # what its masked area starts as (edits.prefill; "latent nothing" decodes to grey).
 RESIZE_MODES = ("resize", "crop", "fill", "resize")
 FILLS = ("fill", "original", "noise", "grey")
 
 
-def _error(status: int, kind: str, detail: str, errors: Any = None) -> Response:
-    response = jsonify({"error": kind, "detail": detail, "body": "", "errors": errors or ""})
-    response.status_code = status
-    return response
+def _renamed(text: str) -> str:
+    return re.sub(r"`(\w+)`", lambda match: f"`{NAMES.get(match[1], match[1])}`", text)
 
 
 def render_error(error: APIError) -> Response:
-    """Any error on this surface, in A1111's (FastAPI's) shape."""
-    response = _error(error.status, error.code, error.message, error.details)
+    """Any error on this surface in A1111's shape: FastAPI's 422 for a request it cannot take (with
+    `detail` a list of `{loc, msg, type}` for the fields at fault), and A1111's
+    `{"error", "detail", "body", "errors"}` with the status for the rest; native field names become
+    the A1111 fields to fix."""
+    status = 422 if error.status == 400 else error.status
+    message = _renamed(error.message)
+    detail: Any = message
+    if error.code == "invalid_request" and error.details and any(d.get("field") for d in error.details):
+        detail = [
+            {
+                "loc": ["body", *NAMES.get(d["field"] or "body", d["field"] or "body").split(".")],
+                "msg": _renamed(d["message"]),
+                "type": error.code,
+            }
+            for d in error.details
+        ]
+    response = jsonify({"error": error.code, "detail": detail, "body": "", "errors": message})
+    response.status_code = status
     response.headers.update(error.headers)
     return response
 
 
 install(bp, render_error)
+
+
+def refuse(field: str, message: str) -> APIError:
+    """A field this surface will not take (422 here, FastAPI's `detail` list naming it)."""
+    return APIError("invalid_request", message, {"field": field})
+
+
+def review(body: ProcessingRequest) -> list[str]:
+    """What the request asks that this server does not serve: a refusal for what would change the
+    image, else the warnings for the answer's `info` (fields A1111 does not know included)."""
+    warnings = [f"`{name}` is not an A1111 field; ignored" for name in body.model_extra or {}]
+    for name in body.model_fields_set & FIELDS.keys():
+        rule, value = FIELDS[name], getattr(body, name)
+        if rule.unserved is None or not rule.unserved(value, body):
+            continue
+        note = rule.note.format(value=", ".join(value) if isinstance(value, dict) else value)
+        if rule.verdict == "refused" and name in ("script_name", "alwayson_scripts"):  # A1111's own words
+            raise APIError("unprocessable", note, {"field": name})
+        if rule.verdict == "refused":
+            raise refuse(name, f"`{name}`: {note}")
+        warnings.append(f"`{name}`: {note}")
+    return warnings
+
+
+# ----- options -----
 
 
 def current_model() -> str:
@@ -98,20 +123,90 @@ def current_model() -> str:
     return chosen if chosen in svc.settings.allowed_models else svc.settings.model_id
 
 
-def scheduler_for(sampler: str | None, schedule: str | None) -> str:
-    """Maps an A1111 sampler (and, from A1111 1.9 on, its scheduler) to a diffusers scheduler."""
-    if not sampler:
-        return DEFAULT_SCHEDULER
-    key = sampler.strip().lower()
-    if (schedule or "").strip().lower() == "karras" and f"{key} karras" in A1111_SAMPLERS:
-        key = f"{key} karras"
-    if key not in A1111_SAMPLERS:
-        raise APIError(
-            "invalid_sampler",
-            f"Unknown sampler `{sampler}`; use one of {', '.join(A1111_SAMPLER_TITLES)}.",
-            {"field": "sampler_name"},
-        )
-    return A1111_SAMPLERS[key]
+def current_options() -> dict[str, Any]:
+    """Every option of OPTIONS: what was stored, else A1111's default."""
+    live = services().live
+    values = {name: live.option(name) for name in OPTIONS}
+    values = {name: OPTIONS[name].default if value is None else value for name, value in values.items()}
+    return {**values, "sd_model_checkpoint": current_model()}
+
+
+def checked_options(given: Any, field: str) -> dict[str, Any]:
+    """Options as sent (a POST's body, a request's `override_settings`), each known, of its type
+    and among the values taken; a refusal naming the first that is not."""
+    if not isinstance(given, dict):
+        raise refuse(field, f"`{field}` must be a JSON object of options")
+    checked = {}
+    for name, value in given.items():
+        option = OPTIONS.get(name)
+        where = f"`{name}`" if field == "body" else f"`{field}.{name}`"
+        if option is None:
+            raise refuse(name, f"{where} is not an option this server has (GET /sdapi/v1/options lists them)")
+        try:
+            value = TypeAdapter(type(option.default)).validate_python(value, strict=False)
+        except ValidationError:
+            raise refuse(name, f"{where} must be a {type(option.default).__name__}, got {value!r}") from None
+        if name == "sd_model_checkpoint" and value not in services().settings.allowed_models:
+            raise APIError(
+                "unknown_model",
+                f"{where} must be one of {', '.join(services().settings.allowed_models)}",
+                {"field": name},
+            )
+        if option.values and value not in option.values:
+            few = len(option.values) < 10
+            taken = ", ".join(map(str, option.values)) if few else f"{option.values[0]}-{option.values[-1]}"
+            raise refuse(name, f"{where}: {option.note}; it takes {taken}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+@bp.get("/options")
+def get_options() -> dict[str, Any]:
+    """The options of OPTIONS with their values here (docs/a1111.md says what each does)."""
+    return current_options()
+
+
+@bp.post("/options")
+def set_options() -> dict[str, Any]:
+    """Stores the options given, for every client and replica; an option that changes what others
+    get (OPTIONS' `honoured`) is the admin's to change, and a new checkpoint is loaded now."""
+    options = checked_options(request.get_json(silent=True), "body")
+    now = current_options()
+    changed = {name: value for name, value in options.items() if value != now[name]}
+    if any(OPTIONS[name].kind == "honoured" for name in changed):
+        require_admin()
+    svc = services()
+    if "sd_model_checkpoint" in changed:
+        svc.queue.load(changed["sd_model_checkpoint"])
+    if changed:
+        svc.live.change({}, changed)
+    return {}
+
+
+# ----- generation -----
+
+
+def scheduler_for(body: ProcessingRequest) -> tuple[str | None, str | None]:
+    """The native scheduler and noise schedule of an A1111 sampler and scheduler (None: the
+    model's own); an unknown name is refused naming its field."""
+    sampler, schedule = body.sampler(), body.scheduler
+    if not sampler:  # the model's own sampler, with a schedule that the generation service checks
+        alone = A1111_SCHEDULES.get((schedule or AUTOMATIC).strip().lower())
+        if alone is None:
+            raise refuse("scheduler", f"Unknown scheduler `{schedule}`; use one of {schedule_titles()}.")
+        return None, None if alone == AUTOMATIC else alone
+    named = a1111(sampler, schedule)
+    if named is None:
+        field = "sampler_name" if body.sampler_name else "sampler_index"
+        titles = ", ".join(s.a1111_titles[0] for s in SCHEDULERS.values())
+        raise APIError("invalid_sampler", f"Unknown sampler `{sampler}`; use one of {titles}.", {"field": field})
+    if named[1] is None:
+        raise refuse("scheduler", f"Unknown scheduler `{schedule}`; use one of {schedule_titles()}.")
+    return named
+
+
+def schedule_titles() -> str:
+    return ", ".join(s.label for s in SCHEDULES.values())
 
 
 # A1111's prompt syntax for an adapter: <lora:name> or <lora:name:weight>.
@@ -126,52 +221,91 @@ def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
             loras.append({"name": name.strip(), "weight": float(weight) if weight.strip() else 1.0})
         except ValueError:
             message = f"`<lora:{name}:{weight}>`: the weight must be a number"
-            raise APIError("invalid_request", message, {"field": "prompt"}) from None
+            raise refuse("prompt", message) from None
     return " ".join(LORA_TAG.sub(" ", prompt).split()), loras
 
 
-def _native(body: Txt2ImgRequest, first_seed: int, **edit: Any) -> GenerateRequest:
+def _options(body: ProcessingRequest) -> dict[str, Any]:
+    """The options in effect for this request: the stored ones with its `override_settings`."""
+    overrides = checked_options(body.override_settings, "override_settings") if body.override_settings else {}
+    return {**current_options(), **overrides}
+
+
+def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], **edit: Any) -> GenerateRequest:
     """The native request of a txt2img or img2img call (adapters from the prompt's tags)."""
     prompt, loras = prompt_loras(body.prompt)
+    scheduler, schedule = scheduler_for(body)
+    model = options["sd_model_checkpoint"]
+    clip_skip = options["CLIP_stop_at_last_layers"]
+    spec = services().catalogue.get(model)
+    if clip_skip > 1 and "CLIP_stop_at_last_layers" not in (body.override_settings or {}):
+        # the server-wide option applies to the models that have a CLIP encoder's layers to skip
+        clip_skip = clip_skip if spec is None or spec.family is None or spec.family.clip_skip else 1
+    variation = body.subseed_strength > 0
+    resized = body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0
     return parse(
         GenerateRequest,
         {
             "prompt": prompt,
-            "loras": loras or None,
+            "loras": None if body.disable_extra_networks else loras or None,
             "negative_prompt": body.negative_prompt or None,
+            "styles": body.styles or None,
             "width": body.width,
             "height": body.height,
             "steps": body.steps,
             "guidance_scale": body.cfg_scale,
             "seed": first_seed,
+            "subseed": (_first_seed(body.subseed) if variation else None),
+            "subseed_strength": body.subseed_strength,
+            "seed_resize_from_width": body.seed_resize_from_w if resized else 0,
+            "seed_resize_from_height": body.seed_resize_from_h if resized else 0,
             "num_images": body.batch_size * body.n_iter,
-            "scheduler": scheduler_for(body.sampler_name or body.sampler_index, body.scheduler),
-            "model": current_model(),
+            "scheduler": scheduler,
+            "noise_schedule": schedule,
+            "clip_skip": clip_skip if clip_skip > 1 else None,
+            "model": model,
             **edit,
         },
     )
 
 
-def _answer(body: Txt2ImgRequest, native: GenerateRequest) -> dict[str, Any]:
-    """Runs the request and answers in A1111's shape: plain base64 images, `info` as JSON text."""
+def _answer(
+    body: ProcessingRequest, native: GenerateRequest, options: dict[str, Any], warnings: list[str]
+) -> dict[str, Any]:
+    """Runs the request and answers in A1111's shape: base64 images in `samples_format`, `info` as
+    JSON text."""
     # webuiapi sends cfg_scale 7 and an empty negative prompt whatever its user chose
-    finished = generate_now(native, {"guidance_scale": Txt2ImgRequest.model_fields["cfg_scale"].default})
-    info = _info(body, finished)
-    images = [view["b64_json"] for view in image_views(finished, "b64_json")]
-    return {"images": images, "parameters": body.model_dump(exclude={"init_images", "mask"}), "info": json.dumps(info)}
+    finished = generate_now(native, {"guidance_scale": ProcessingRequest.model_fields["cfg_scale"].default})
+    images = [view["b64_json"] for view in image_views(finished, "b64_json")] if body.send_images else []
+    if options["samples_format"] != "png":
+        images = [encoded(png, options["samples_format"], options["jpeg_quality"]) for png in images]
+    exclude = set() if getattr(body, "include_init_images", True) else {"init_images", "mask"}
+    return {
+        "images": images,
+        "parameters": body.model_dump(exclude=exclude),
+        "info": json.dumps(_info(body, finished, warnings)),
+    }
 
 
-def _info(body: Txt2ImgRequest, finished: Job) -> dict[str, Any]:
+def encoded(png_b64: str, kind: str, quality: int) -> str:
+    """A base64 PNG as JPEG or WebP (A1111's `samples_format`), its infotext in the EXIF user
+    comment, where A1111 writes it and its PNG info reads it."""
+    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as image:
+        text = image.info.get("parameters", "")
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+        buffer = io.BytesIO()
+        kind = "JPEG" if kind in ("jpg", "jpeg") else "WEBP"
+        image.convert("RGB").save(buffer, format=kind, quality=quality, exif=exif)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+
+
+def _info(body: ProcessingRequest, finished: Job, warnings: list[str]) -> dict[str, Any]:
     params = finished.params
-    seeds = list(params.seeds)
-    sampler = body.sampler_name or body.sampler_index or "Default"
-    infotext = (
-        f"{params.prompt}\nNegative prompt: {params.negative_prompt}\nSteps: {params.steps}, Sampler: "
-        f"{sampler}, CFG scale: {params.guidance_scale}, Seed: {seeds[0]}, Size: {params.width}x{params.height}, "
-        f"Model: {params.model}"
-    )
-    if params.mode != "txt2img":
-        infotext += f", Denoising strength: {params.strength}"
+    seeds, subseeds = list(params.seeds), list(params.subseeds) or [-1] * len(params.seeds)
     return {
         "prompt": params.prompt,
         "all_prompts": [params.prompt] * len(seeds),
@@ -179,20 +313,27 @@ def _info(body: Txt2ImgRequest, finished: Job) -> dict[str, Any]:
         "all_negative_prompts": [params.negative_prompt] * len(seeds),
         "seed": seeds[0],
         "all_seeds": seeds,
-        "subseed": -1,
-        "all_subseeds": [-1] * len(seeds),
+        "subseed": subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": params.subseed_strength,
+        "seed_resize_from_w": params.seed_resize_from_width or -1,
+        "seed_resize_from_h": params.seed_resize_from_height or -1,
         "width": params.width,
         "height": params.height,
-        "sampler_name": sampler,
+        "sampler_name": infotext.sampler_title(params.scheduler),
+        "scheduler": SCHEDULES[params.noise_schedule].label,
         "cfg_scale": params.guidance_scale,
         "steps": params.steps,
         "batch_size": body.batch_size,
         "n_iter": body.n_iter,
+        "clip_skip": params.clip_skip,
+        "styles": body.styles or [],
         "denoising_strength": params.strength if params.mode != "txt2img" else None,
         "sd_model_name": params.model,
         "sd_model_hash": None,
         "job_id": finished.id,
-        "infotexts": [infotext.replace(f"Seed: {seeds[0]}", f"Seed: {s}") for s in seeds],
+        "infotexts": [infotext.write(params, index) for index in range(len(seeds))],
+        "warnings": warnings,
     }
 
 
@@ -206,7 +347,9 @@ def _first_seed(seed: int) -> int:
 def txt2img() -> dict[str, Any]:
     """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
     body = parse(Txt2ImgRequest)
-    return _answer(body, _native(body, _first_seed(body.seed)))
+    warnings = review(body)
+    options = _options(body)
+    return _answer(body, _native(body, _first_seed(body.seed), options), options, warnings)
 
 
 @bp.post("/img2img")
@@ -216,6 +359,8 @@ def img2img() -> dict[str, Any]:
     """Edits `init_images[0]` (image-to-image, or inpainting with a `mask`), `batch_size` x
     `n_iter` times, at `width` x `height`."""
     body = parse(Img2ImgRequest)
+    warnings = review(body)
+    options = _options(body)
     first_seed = _first_seed(body.seed)
     read_image = services().generation.read_image
     image = edits.as_rgb(read_image("init_images", body.init_images[0], caller()))
@@ -230,38 +375,30 @@ def img2img() -> dict[str, Any]:
         "image": image,
         "mask": mask,
         "strength": body.denoising_strength,
-        "mask_blur": body.mask_blur,
+        "mask_blur": body.mask_blur_x if body.mask_blur is None else body.mask_blur,
         "mask_crop_padding": body.inpaint_full_res_padding if mask and body.inpaint_full_res else None,
         "resize_mode": RESIZE_MODES[body.resize_mode],
     }
-    return _answer(body, _native(body, first_seed, **edit))
+    return _answer(body, _native(body, first_seed, options, **edit), options, warnings)
 
 
-@bp.get("/options")
-def get_options() -> dict[str, Any]:
-    return {"sd_model_checkpoint": current_model(), "samples_format": "png"}
-
-
-@bp.post("/options")
-def set_options() -> dict[str, Any]:
-    """Honours `sd_model_checkpoint` (switches every client's model, loading it now: the admin's to
-    do); other options are ignored."""
-    options = request.get_json(silent=True)
-    if not isinstance(options, dict):
-        raise APIError("invalid_request", "The body must be a JSON object of options.")
-    checkpoint = options.get("sd_model_checkpoint")
-    if checkpoint is not None and checkpoint != current_model():
-        require_admin()
-        svc = services()
-        if checkpoint not in svc.settings.allowed_models:
-            raise APIError(
-                "unknown_model",
-                f"`sd_model_checkpoint` must be one of {', '.join(svc.settings.allowed_models)}",
-                {"field": "sd_model_checkpoint"},
-            )
-        svc.queue.load(checkpoint)
-        svc.live.change({}, {"sd_model_checkpoint": checkpoint})
-    return {}
+@bp.post("/png-info")
+@uploads
+def png_info() -> dict[str, Any]:
+    """How an image was made: its infotext (this server's PNGs, A1111's and other tools', or a JPEG's
+    or WebP's EXIF user comment) as `info`, parsed into `parameters`, and its other text as `items`."""
+    body = parse(PngInfoRequest)
+    data = body.image.split(",", 1)[1] if body.image.startswith("data:") else body.image
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as image:
+            items = {key: value for key, value in image.info.items() if isinstance(value, str)}
+            comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (ValueError, OSError, Image.DecompressionBombError):
+        raise APIError("invalid_image", "`image` is not a PNG, JPEG or WebP in base64", {"field": "image"}) from None
+    text = items.pop("parameters", "")
+    if not text and isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+        text = comment[8:].decode("utf-16-be", errors="replace")
+    return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
 
 
 @bp.get("/sd-models")
@@ -281,17 +418,25 @@ def sd_models() -> list[dict[str, Any]]:
 
 @bp.get("/samplers")
 def samplers() -> list[dict[str, Any]]:
+    """The samplers the models run, by A1111's titles (the others as aliases, with the native name),
+    each with the schedules it takes (`scheduler`)."""
     return [
-        {"name": scheduler.a1111_titles[0], "aliases": [scheduler.name], "options": {}}
+        {
+            "name": scheduler.a1111_titles[0],
+            "aliases": [*scheduler.a1111_titles[1:], scheduler.name],
+            "options": {"scheduler": [SCHEDULES[name].label for name in scheduler.schedules]},
+        }
         for scheduler in SCHEDULERS.values()
     ]
 
 
 @bp.get("/schedulers")
 def schedulers() -> list[dict[str, Any]]:
+    """The noise schedules of A1111's `scheduler` field (Karras, exponential and beta sigmas only
+    with the samplers diffusers offers them for)."""
     return [
-        {"name": name, "label": name.title(), "aliases": None, "default_rho": -1, "need_inner_model": False}
-        for name in A1111_SCHEDULERS
+        {"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for s in SCHEDULES.values()
     ]
 
 
@@ -314,6 +459,52 @@ def refresh_loras() -> dict[str, Any]:
 def scripts() -> dict[str, list[str]]:
     """No A1111 extension scripts here (webuiapi asks at start-up)."""
     return {"txt2img": [], "img2img": []}
+
+
+# A1111's lists of which this server has nothing (no upscalers, face restorers, VAEs or
+# hypernetworks apart from the model's own, no scripts or extensions): each an honest empty list.
+EMPTY_LISTS = (
+    "upscalers",
+    "latent-upscale-modes",
+    "sd-vae",
+    "face-restorers",
+    "realesrgan-models",
+    "hypernetworks",
+    "script-info",
+    "extensions",
+)
+for _path in EMPTY_LISTS:
+    bp.add_url_rule(f"/{_path}", _path, lambda: jsonify([]))
+
+
+@bp.get("/prompt-styles")
+def prompt_styles() -> list[dict[str, str]]:
+    """STYLES_FILE's styles, which `styles` names."""
+    return [style.view() for style in services().generation.styles.all().values()]
+
+
+@bp.get("/embeddings")
+def embeddings() -> dict[str, Any]:
+    """No textual-inversion embeddings yet."""
+    return {"loaded": {}, "skipped": {}}
+
+
+@bp.get("/cmd-flags")
+def cmd_flags() -> dict[str, Any]:
+    """A1111's command-line flags that mean something here, from the settings (never a path or a
+    secret)."""
+    settings = services().settings
+    return {
+        "api": True,
+        "nowebui": False,
+        "listen": settings.host not in ("127.0.0.1", "localhost", "::1"),
+        "port": settings.port,
+        "api_auth": None,
+        "api_log": True,
+        "lowvram": settings.cpu_offload,
+        "medvram": settings.attention_slicing or settings.vae_tiling,
+        "ckpt": settings.model_id,
+    }
 
 
 @bp.get("/progress")

@@ -44,6 +44,8 @@ ENDPOINTS = [
     ("GET", "/status", "System and application figures for operators, with alerts."),
     ("GET", "/metrics", "Prometheus metrics."),
     ("GET", "/models", "Configured models and their states."),
+    ("GET", "/schedulers", "Samplers a request may name, with their noise schedules."),
+    ("GET", "/styles", "Prompt styles (STYLES_FILE) a request may name."),
     ("GET", "/loras", "LoRA adapters a request may name (admin: POST to add one, DELETE /loras/<name>)."),
     ("POST", "/models/<id>/load", "Admin: load a model now."),
     ("POST", "/models/<id>/unload", "Admin: unload a model."),

@@ -34,7 +34,7 @@ WORDS = {"num_images": "`n`", "width": "the width in `size`", "height": "the hei
 class ImagesOptions(BaseModel):
     """What every images call takes; unknown fields are ignored, as OpenAI-compatible servers do."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, coerce_numbers_to_str=True)
 
     model: str | None = None
     n: int = 1

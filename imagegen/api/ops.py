@@ -1,4 +1,5 @@
-"""The operators' surface: readiness and liveness, status figures, Prometheus metrics, models."""
+"""The operators' surface: readiness and liveness, status figures, Prometheus metrics, and what
+requests may name: models, schedulers, styles."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.guard import operator, public, unlimited
 from imagegen.api.views import model_views
+from imagegen.schedulers import SCHEDULERS, SCHEDULES
 from imagegen.states import ModelState
 
 bp = APIBlueprint("ops", __name__, abp_tags=[Tag(name="operations")])
@@ -71,6 +73,27 @@ def status() -> dict[str, Any]:
 def metrics() -> Response:
     """Prometheus text format: requests, latency, generation time, batch sizes, queue, memory, images."""
     return Response(generate_latest(services().monitor.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/schedulers", **spec({200: schemas.SchedulerList}, errors=(401, 429)))
+@raw
+def list_schedulers() -> dict[str, Any]:
+    """Every sampler a request may name, with the noise schedules it takes (GET /models says which
+    samplers each model runs)."""
+    return {
+        "schedulers": [
+            {"name": s.name, "a1111_titles": list(s.a1111_titles), "noise_schedules": list(s.schedules)}
+            for s in SCHEDULERS.values()
+        ],
+        "noise_schedules": [{"name": s.name, "a1111_title": s.label} for s in SCHEDULES.values()],
+    }
+
+
+@bp.get("/styles", **spec({200: schemas.StyleList}, errors=(401, 429)))
+@raw
+def list_styles() -> dict[str, Any]:
+    """The prompt styles of STYLES_FILE, which a request names in `styles`."""
+    return {"styles": [style.view() for style in services().generation.styles.all().values()]}
 
 
 @bp.get("/models", **spec({200: schemas.ModelList}, errors=(401, 429)))

@@ -164,6 +164,26 @@ class ModelList(BaseModel):
     models: list[dict[str, Any]]
 
 
+class SchedulerView(BaseModel):
+    """A sampler a request may name (`scheduler`; `default` is the model's own), its AUTOMATIC1111
+    titles and the noise schedules (`noise_schedule`) it runs with."""
+
+    name: str
+    a1111_titles: list[str]
+    noise_schedules: list[str]
+
+
+class SchedulerList(BaseModel):
+    schedulers: list[SchedulerView]
+    noise_schedules: list[dict[str, str]]
+
+
+class StyleList(BaseModel):
+    """STYLES_FILE's prompt styles, which `styles` names (`{prompt}` marks where the prompt goes)."""
+
+    styles: list[dict[str, str]]
+
+
 class LoraView(BaseModel):
     """One adapter file, from its header: `family` (sd, sdxl, sd3, flux; null when its tensor names
     do not tell) and `rank`; `trigger_words` from its metadata, where it has them."""

@@ -40,7 +40,7 @@ def parse(schema: type[Schema], data: Any = None) -> Schema:
         data = form_data() if form else json_body()
     svc = services()
     context = {"settings": svc.settings, "catalogue": svc.catalogue}
-    return schema.model_validate(data, strict=not form, context=context)
+    return schema.model_validate(data, strict=False if form else None, context=context)
 
 
 def json_body() -> dict[str, Any]:

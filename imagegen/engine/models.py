@@ -43,7 +43,7 @@ from imagegen.quantization import (
     needs_kernel,
     pipeline_bytes,
 )
-from imagegen.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, options, resolve
 from imagegen.states import ModelState, backoff
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ class ModelManager:
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
         self._default_schedulers: dict[str, Any] = {}
+        self._schedulers: dict[tuple[str, str, str], Any] = {}
         # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
         first_state = ModelState.LOADING if settings.model_preload else ModelState.UNLOADED
         self._info: dict[str, ModelInfo] = {settings.model_id: ModelInfo(settings.model_id, first_state)}
@@ -315,9 +316,10 @@ class ModelManager:
         scheduler: str = DEFAULT_SCHEDULER,
         mode: str = "txt2img",
         loras: tuple[tuple[str, float], ...] = (),
+        schedule: str = AUTOMATIC,
     ) -> DiffusionPipeline:
-        """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler and LoRA
-        adapters active, loading (and evicting) as needed."""
+        """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler (and
+        its noise schedule) and LoRA adapters active, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
@@ -332,17 +334,21 @@ class ModelManager:
                 self._edit_pipes[key] = EDIT_PIPELINES[mode].from_pipe(pipe)
                 self._edit_pipes[key].set_progress_bar_config(disable=True)
             pipe = self._edit_pipes[key]
+        pipe.scheduler = self._scheduler(model_id, *resolve(scheduler, schedule))
+        return pipe
+
+    def _scheduler(self, model_id: str, scheduler: str, schedule: str) -> Any:
+        """The model's scheduler of that name and schedule, made once from the model's own config (so
+        one schedule's options never linger into another's) and shared by its pipelines, which the
+        one engine thread calls one at a time."""
         default = self._default_schedulers[model_id]
         if scheduler == DEFAULT_SCHEDULER:
-            pipe.scheduler = default
-        else:
-            wanted = SCHEDULERS[scheduler]
-            if type(pipe.scheduler).__name__ != wanted.diffusers_class or any(
-                pipe.scheduler.config.get(k) != v for k, v in wanted.options.items()
-            ):
-                scheduler_class = getattr(diffusers, wanted.diffusers_class)
-                pipe.scheduler = scheduler_class.from_config(default.config, **wanted.options)
-        return pipe
+            return default
+        key = (model_id, scheduler, schedule)
+        if key not in self._schedulers:
+            class_name, wanted = options(scheduler, schedule)
+            self._schedulers[key] = getattr(diffusers, class_name).from_config(default.config, **wanted)
+        return self._schedulers[key]
 
     def _activate(self, model_id: str, pipe: DiffusionPipeline, loras: tuple[tuple[str, float], ...]) -> None:
         """Makes exactly these adapters active, at their weights: each is loaded into the model once
@@ -419,6 +425,8 @@ class ModelManager:
                 del self._edit_pipes[key]
             self._adapters.pop(target, None)  # they lived in the model's modules
             self._default_schedulers.pop(target, None)
+            for key in [key for key in self._schedulers if key[0] == target]:
+                del self._schedulers[key]
             self._families.pop(target, None)
             self._set(target, state=ModelState.UNLOADED, loras=[])
         if unloaded:

@@ -7,6 +7,7 @@ Whoever calls `run` must be the only thread touching the pipelines of its ModelM
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -21,9 +22,12 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy.exc import DBAPIError
 
 from config import Settings
+from imagegen import infotext
 from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
+from imagegen.engine.noise import VariationNoise
+from imagegen.engine.prompts import skip_layers
 from imagegen.jobs import Job, JobStatus
 from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
@@ -179,7 +183,7 @@ class Engine:
             if not runnable:
                 return []
             params = runnable[0].params
-            pipe = self.models.get(params.model, params.scheduler, params.mode, params.loras)
+            pipe = self.models.get(params.model, params.scheduler, params.mode, params.loras, params.noise_schedule)
             images = self._generate(pipe, runnable, inputs)
             # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
             # to end: its images are dropped, the others' kept.
@@ -292,6 +296,16 @@ class Engine:
                 arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
+        if params.clip_skip > 1:
+            skip_layers(pipe, family.clip_skip, arguments, params.clip_skip)
+        noise: Any = contextlib.nullcontext()
+        if params.subseed_strength or params.seed_resize_from_width:
+            seeds = [seed for job in batch for seed in job.params.seeds]
+            subseeds = [seed for job in batch for seed in job.params.subseeds] or seeds
+            resize = (params.seed_resize_from_width, params.seed_resize_from_height)
+            noise = VariationNoise(
+                generators, seeds, subseeds, params.subseed_strength, params.width, resize if all(resize) else None
+            )
         written = [0.0]
 
         def progress(index: int) -> bool:
@@ -319,7 +333,7 @@ class Engine:
             arguments["callback_on_step_end"] = on_step_end
         # no_grad, not inference_mode: quanto's int4 weights unpack in place on their first use,
         # which inference tensors forbid (and the pipelines' own calls run under no_grad anyway).
-        with torch.no_grad():
+        with torch.no_grad(), noise:
             output = pipe(**arguments, generator=generators)
         made = output.images
         if params.mask:
@@ -338,10 +352,10 @@ class Engine:
         storage is an outage to wait out, not a hung device whose jobs another worker should take)."""
         p = job.params
         stored = []
-        for image, seed in zip(images, p.seeds, strict=True):
+        for index, (image, seed) in enumerate(zip(images, p.seeds, strict=True)):
             self.progressed_at = time.monotonic()
             try:
-                saved = self.images.save(image, p.image_metadata(seed), job.id)
+                saved = self.images.save(image, p.image_metadata(index), job.id, infotext.write(p, index))
             except STORAGE_ERRORS as exc:
                 raise Outage(f"storing an image: {exc}") from exc
             stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
