@@ -59,6 +59,7 @@ SCHEDULERS: dict[str, Scheduler] = {
         Scheduler("dpm++_2m_sde", _DPMPP, _SDE, ("DPM++ 2M SDE",)),
         Scheduler("dpm++_2m_sde_heun", _DPMPP, {**_SDE, "solver_type": "heun"}, ("DPM++ 2M SDE Heun",)),
         Scheduler("dpm++_3m_sde", _DPMPP, {**_SDE, "solver_order": 3}, ("DPM++ 3M SDE",)),
+        Scheduler("dpm++_sde", "DPMSolverSDEScheduler", {}, ("DPM++ SDE",)),  # needs torchsde (requirements.txt)
         Scheduler("euler_a", "EulerAncestralDiscreteScheduler", {}, ("Euler a",), sigmas=False),
         Scheduler("euler", "EulerDiscreteScheduler", {}, ("Euler",)),
         Scheduler("lms", "LMSDiscreteScheduler", {}, ("LMS",)),  # needs SciPy (in requirements.txt)

@@ -106,6 +106,11 @@ def test_samplers_and_schedules_by_a1111s_names(a1111):
     assert labels == ["Automatic", "Karras", "Exponential", "Beta", "SGM Uniform"]
     plms = txt2img(a1111, sampler_name="PLMS", steps=3)  # no Runge-Kutta warm-up: any step count
     assert plms["info"]["sampler_name"] == "PLMS"
+    # DPM++ SDE's Brownian noise follows each image's seed: repeatable, alone or in a batch
+    sde = txt2img(a1111, sampler_name="DPM++ SDE", batch_size=2)
+    again = txt2img(a1111, sampler_name="DPM++ SDE", seed=12)
+    assert pixels(sde["images"][1]).tolist() == pixels(again["images"][0]).tolist()
+    assert plms["info"]["sampler_name"] == "PLMS"
     split = txt2img(a1111, sampler_name="DPM++ 2M", scheduler="Karras")
     combined = txt2img(a1111, sampler_name="DPM++ 2M Karras")  # the old combined title
     plain = txt2img(a1111, sampler_name="DPM++ 2M", scheduler="Automatic")

@@ -296,6 +296,8 @@ class Engine:
                 arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
+            pipe.scheduler.noise_sampler_seed = [seed for job in batch for seed in job.params.seeds]
         if params.clip_skip > 1:
             skip_layers(pipe, family.clip_skip, arguments, params.clip_skip)
         noise: Any = contextlib.nullcontext()
