@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     lora_dir: str = "models/loras"  # a folder, or an fsspec URL (s3://bucket/prefix) a cluster shares
     max_loras_per_request: int = Field(4, ge=0, le=16)
     max_loaded_loras: int = Field(8, ge=1, le=128)
+    # AUTOMATIC1111's prompt syntax ((word:1.3), [word], BREAK) for the CLIP families, or "none": plain text
+    prompt_syntax: Literal["a1111", "none"] = "a1111"
     # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
     styles_file: str = ""
 

@@ -61,9 +61,11 @@ class Family:
     # The family whose LoRA adapters it takes and whose single checkpoints it shares tensor names
     # with (an inpainting model's base; both FLUX.1 variants are "flux"); empty: its own name.
     base: str = ""
-    # A CLIP text encoder whose last layers a request may skip (`clip_skip`), through the pipeline's
-    # own argument or embeddings of ours (engine/prompts.py says why); empty: none to skip.
-    clip_skip: Literal["", "argument", "embeddings"] = ""
+    # CLIP text encoders the engine encodes prompts with itself (engine/prompts.py): "single" (SD's,
+    # through its final norm) or "pair" (SDXL's two, from the penultimate layer, with pooled
+    # embeddings); they take A1111's weights, BREAK, prompts longer than one window and clip skip.
+    # Empty: the pipeline encodes the prompts (T5, Gemma, Qwen), which take none of these.
+    clip: Literal["", "single", "pair"] = ""
 
     @property
     def lineage(self) -> str:
@@ -144,7 +146,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             strength_steps="floor",
-            clip_skip="embeddings",
+            clip="single",
         ),
         Family(
             "sd-inpaint",
@@ -159,7 +161,7 @@ FAMILIES: dict[str, Family] = {
             text_to_image=False,
             strength_steps="floor",
             base="sd",
-            clip_skip="embeddings",
+            clip="single",
         ),
         Family(
             "sdxl",
@@ -172,7 +174,7 @@ FAMILIES: dict[str, Family] = {
             editing=("img2img", "inpaint"),
             adapters=("lora",),
             strength_steps="floor",
-            clip_skip="argument",
+            clip="pair",
         ),
         Family(
             "sdxl-inpaint",
@@ -187,7 +189,7 @@ FAMILIES: dict[str, Family] = {
             text_to_image=False,
             strength_steps="floor",
             base="sdxl",
-            clip_skip="argument",
+            clip="pair",
         ),
         Family(
             "sd3",

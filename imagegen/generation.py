@@ -39,6 +39,7 @@ from imagegen.catalogue import ModelSpec
 from imagegen.edits import InputRejected
 from imagegen.jobs import GenerationParams, Job, JobStore
 from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.prompt_syntax import parse, weighted
 from imagegen.protocol import MAX_SEED, GenerateRequest, LoraChoice
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
@@ -203,6 +204,8 @@ class GenerationService:
             if (field == "prompt" and not variation) or text:
                 screen_prompt(field, text or "", settings, caller.owner)
         steps = request.steps or spec.default_steps
+        syntax = request.prompt_syntax or settings.prompt_syntax
+        self._syntax(syntax, {"prompt": prompt, "negative_prompt": given["negative_prompt"]}, spec)
         scheduler, schedule = self._scheduler(request, spec)
         self._clip_skip(request, spec)
         loras, versions = self._loras(request.loras, spec)
@@ -235,6 +238,7 @@ class GenerationService:
             scheduler=scheduler,
             noise_schedule=schedule,
             clip_skip=request.clip_skip or 1,
+            prompt_syntax=syntax,
             model=model,
             mode=mode,
             loras=loras,
@@ -325,8 +329,23 @@ class GenerationService:
         return scheduler, schedule
 
     @staticmethod
+    def _syntax(syntax: str, prompts: dict[str, str | None], spec: ModelSpec) -> None:
+        """A1111's weights and BREAK only for the families whose CLIP encoders the engine weighs;
+        for the others (T5, Gemma, Qwen) such a prompt is refused, not read as other words."""
+        family = spec.family
+        if syntax != "a1111" or family is None or family.clip:
+            return
+        for field, text in prompts.items():
+            if text and weighted(parse(text)):
+                message = (
+                    f"`{field}` has A1111 weights or BREAK, which model {spec.id} ({family.title}) does not take "
+                    "(its text encoder is not CLIP); leave them out, or send `prompt_syntax: none` for the text as is"
+                )
+                raise Refusal(message, field, details={"model": spec.id})
+
+    @staticmethod
     def _clip_skip(request: GenerateRequest, spec: ModelSpec) -> None:
-        if (request.clip_skip or 1) > 1 and spec.family is not None and not spec.family.clip_skip:
+        if (request.clip_skip or 1) > 1 and spec.family is not None and not spec.family.clip:
             message = f"`clip_skip` does not apply to model {spec.id} ({spec.family.title}): no CLIP text encoder"
             raise Refusal(message, "clip_skip", details={"model": spec.id})
 

@@ -70,6 +70,7 @@ class GenerationParams:
     steps_run: int = 0  # the denoising steps an edit runs at its strength (0: all `steps`)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, with their weights
     noise_schedule: str = AUTOMATIC  # the scheduler's sigmas (schedulers.SCHEDULES)
+    prompt_syntax: str = "a1111"  # A1111's weights and BREAK in the prompts, or "none": plain text
     clip_skip: int = 1  # the text encoder's hidden state this many layers from its end (1: the last)
     subseeds: tuple[int, ...] = ()  # variation seeds, one per image (empty: none)
     subseed_strength: float = 0.0

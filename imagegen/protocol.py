@@ -101,6 +101,10 @@ class GenerateRequest(BaseModel):
     )
     seed_resize_from_height: int = Field(0, ge=0, le=4096)
     styles: list[str] | None = Field(None, max_length=20, description="Prompt styles by name (GET /styles).")
+    prompt_syntax: Literal["a1111", "none"] | None = Field(
+        None,
+        description="`a1111`: `(word:1.3)`, `[word]`, `BREAK` weigh the prompt; `none`: plain text (PROMPT_SYNTAX).",
+    )
     response_format: Literal["url", "b64_json"] = "url"
     run_async: bool = Field(False, alias="async")
     callback_url: str | None = Field(None, max_length=2000)

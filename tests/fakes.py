@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
+from transformers import AutoTokenizer
+
+# The tiny model's tokenizer: the engine counts a prompt's tokens with the pipeline's own.
+TOKENIZER = AutoTokenizer.from_pretrained("models/tiny-random/tokenizer")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class FakePipeline:
 
     def __init__(self) -> None:
         self.scheduler = EulerDiscreteScheduler()
+        self.tokenizer = TOKENIZER
         self.calls: list[Call] = []
         self.failures: list[BaseException] = []
         self.step_seconds = 0.0

@@ -5,6 +5,10 @@ is the same classifier (tools/shapes.py) that scores the training drawings 100 %
 seeds are drawn from their own seed, never the training draws.
 
     python -m tools.eval_demo_model [--model models/demo-shapes] [--grid models/demo-shapes/samples.png]
+
+Long prompts: `--filler 20` puts 20 words the model does not know before each caption, past its
+text encoder's window of 16 tokens; `--encoder server` encodes the prompts as the server does
+(in windows, engine/prompts.py), `--encoder pipeline` as diffusers alone does (cut at the window).
 """
 
 from __future__ import annotations
@@ -19,15 +23,29 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
+from imagegen.engine.prompts import encode, stacked
+from imagegen.jobs import GenerationParams
 from tools.shapes import classify, random_scene
 
 EVAL_SEED = 20_261_126  # not the training seed: held-out scenes
+FILLER = "plain"  # a word the demo model's tokenizer does not know
 
 
-def generate(pipe: DiffusionPipeline, captions: list[str], seeds: list[int], steps: int, guidance: float) -> list:
+def generate(
+    pipe: DiffusionPipeline, captions: list[str], seeds: list[int], steps: int, guidance: float, server: bool = False
+) -> list:
+    """The images of the captions; with `server`, their prompts encoded as the server encodes them."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     with torch.no_grad():  # not inference_mode: quanto's int4 weights unpack in place
-        return pipe(prompt=captions, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+        if not server:
+            prompts: dict = {"prompt": captions}
+        else:
+            jobs = [
+                GenerationParams(caption, "", 64, 64, steps, guidance, (seed,), "default", "demo")
+                for caption, seed in zip(captions, seeds, strict=True)
+            ]
+            prompts = stacked([encode(pipe, "single", job) for job in jobs])
+        return pipe(**prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
 
 
 def grid(images: list[Image.Image], captions: list[str], path: Path, columns: int = 4) -> None:
@@ -46,17 +64,25 @@ def grid(images: list[Image.Image], captions: list[str], path: Path, columns: in
 
 
 def evaluate(
-    pipe: DiffusionPipeline, count: int = 100, steps: int = 20, guidance: float = 5.0, batch: int = 10
+    pipe: DiffusionPipeline,
+    count: int = 100,
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 10,
+    filler: int = 0,
+    server: bool = False,
 ) -> tuple[dict[str, float], list, list[Image.Image], list]:
     """The held-out accuracy of a loaded pipeline in percent (colour, background, shape), with the
-    scenes asked for, the images drawn and what the judge saw in each."""
+    scenes asked for, the images drawn and what the judge saw in each; `filler` unknown words
+    before each caption."""
     rng = np.random.default_rng(EVAL_SEED)
     scenes = [random_scene(rng) for _ in range(count)]
     seeds = [int(s) for s in rng.integers(0, 2**32 - 1, size=count)]
     images: list[Image.Image] = []
     for start in range(0, count, batch):
         chunk = slice(start, start + batch)
-        images += generate(pipe, [s.caption for s in scenes[chunk]], seeds[chunk], steps, guidance)
+        captions = [" ".join([FILLER] * filler + [s.caption]) for s in scenes[chunk]]
+        images += generate(pipe, captions, seeds[chunk], steps, guidance, server)
     judged = [classify(np.asarray(image)) for image in images]
     hits = {
         "colour": sum(j is not None and j.colour == s.colour for j, s in zip(judged, scenes, strict=True)),
@@ -73,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--filler", type=int, default=0, help="unknown words before each caption")
+    parser.add_argument("--encoder", choices=("pipeline", "server"), default="pipeline")
     parser.add_argument("--grid", type=Path, help="also write a grid of the first 16 samples with their prompts")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
@@ -80,9 +108,15 @@ def main() -> None:
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
-    figures, scenes, images, judged = evaluate(pipe, args.count, args.steps, args.guidance, args.batch)
+    server = args.encoder == "server"
+    figures, scenes, images, judged = evaluate(
+        pipe, args.count, args.steps, args.guidance, args.batch, args.filler, server
+    )
     seconds = time.perf_counter() - started
-    print(f"{args.count} held-out prompts, {args.steps} steps, guidance {args.guidance}, {seconds:.1f}s")
+    print(
+        f"{args.count} held-out prompts, {args.filler} filler words, encoded by the {args.encoder}, "
+        f"{args.steps} steps, guidance {args.guidance}, {seconds:.1f}s"
+    )
     print(f"shape colour {figures['colour']}%  background {figures['background']}%  shape {figures['shape']}%")
     print("goals: colour >= 95 %, background >= 95 %, shape >= 90 %")
     misses = [f"{s.caption} -> {j.caption if j else 'nothing'}" for j, s in zip(judged, scenes, strict=True) if j != s]

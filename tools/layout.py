@@ -68,6 +68,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "families.py",
         "catalogue.py",
         "schedulers.py",
+        "prompt_syntax.py",
         "quantization.py",
         "cpu.py",
         "loras.py",

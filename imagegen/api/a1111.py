@@ -240,7 +240,7 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
     spec = services().catalogue.get(model)
     if clip_skip > 1 and "CLIP_stop_at_last_layers" not in (body.override_settings or {}):
         # the server-wide option applies to the models that have a CLIP encoder's layers to skip
-        clip_skip = clip_skip if spec is None or spec.family is None or spec.family.clip_skip else 1
+        clip_skip = clip_skip if spec is None or spec.family is None or spec.family.clip else 1
     variation = body.subseed_strength > 0
     resized = body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0
     return parse(

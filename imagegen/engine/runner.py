@@ -27,7 +27,8 @@ from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.engine.noise import VariationNoise
-from imagegen.engine.prompts import skip_layers
+from imagegen.engine.prompts import Encoded, encode, needs_encoding, stacked
+from imagegen.families import Family
 from imagegen.jobs import Job, JobStatus
 from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
@@ -266,12 +267,35 @@ class Engine:
     def _generate(
         self, pipe: Any, batch: list[Job], inputs: dict[str, tuple[Image.Image | None, Image.Image | None]]
     ) -> list[list[Any]]:
-        """One pipeline call for the whole batch, with the arguments the model's family takes; one
-        seeded CPU generator per image, so an image is the same whether made alone or in a batch,
-        on any device. An edit gives each image its job's input (and mask); a masked edit's output
-        keeps the input's pixels outside the mask."""
+        """The batch's images, each job's in order. Where a job's prompts need more than the
+        pipeline reads (A1111's weights, more than one window, clip skip), the batch's prompts go to
+        it as embeddings of ours (engine/prompts.py; a plain prompt's are the pipeline's own), and
+        jobs whose prompts take another number of windows run in a call of their own: one call
+        takes one length, and padding a prompt with empty windows would change its image."""
+        family = self.models.family(batch[0].params.model)
+        if not family.clip or not any(needs_encoding(pipe, job.params) for job in batch):
+            return self._call(pipe, family, batch, inputs, {})
+        encoded = {job.id: encode(pipe, family.clip, job.params) for job in batch}
+        made: dict[str, list[Any]] = {}
+        for length in dict.fromkeys(e.length for e in encoded.values()):
+            jobs = [job for job in batch if encoded[job.id].length == length]
+            made.update(zip([job.id for job in jobs], self._call(pipe, family, jobs, inputs, encoded), strict=True))
+        return [made[job.id] for job in batch]
+
+    def _call(
+        self,
+        pipe: Any,
+        family: Family,
+        batch: list[Job],
+        inputs: dict[str, tuple[Image.Image | None, Image.Image | None]],
+        encoded: dict[str, Encoded],
+    ) -> list[list[Any]]:
+        """One pipeline call for these jobs, with the arguments the model's family takes (the
+        prompts as `encoded` embeddings, where given); one seeded CPU generator per image, so an
+        image is the same whether made alone or in a batch, on any device. An edit gives each image
+        its job's input (and mask); a masked edit's output keeps the input's pixels outside the
+        mask."""
         params = batch[0].params
-        family = self.models.family(params.model)
         prompts, negatives, prompts_2, generators, images, masks = [], [], [], [], [], []
         for job in batch:
             for seed in job.params.seeds:
@@ -284,6 +308,10 @@ class Engine:
         arguments = family.arguments(
             prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
         )
+        if encoded:
+            for name in ("prompt", "negative_prompt", "prompt_2"):
+                arguments.pop(name, None)
+            arguments.update(stacked([encoded[job.id] for job in batch for _seed in job.params.seeds]))
         boxes: list[tuple[int, int, int, int] | None] = [None] * len(images)
         if params.mode != "txt2img":
             painted, painted_masks = images, masks
@@ -298,8 +326,6 @@ class Engine:
                 del arguments["width"], arguments["height"]
         if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
             pipe.scheduler.noise_sampler_seed = [seed for job in batch for seed in job.params.seeds]
-        if params.clip_skip > 1:
-            skip_layers(pipe, family.clip_skip, arguments, params.clip_skip)
         noise: Any = contextlib.nullcontext()
         if params.subseed_strength or params.seed_resize_from_width:
             seeds = [seed for job in batch for seed in job.params.seeds]
