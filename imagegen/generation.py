@@ -208,6 +208,7 @@ class GenerationService:
         self._syntax(syntax, {"prompt": prompt, "negative_prompt": given["negative_prompt"]}, spec)
         scheduler, schedule = self._scheduler(request, spec)
         self._clip_skip(request, spec)
+        noise = self._noise(request)
         loras, versions = self._loras(request.loras, spec)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
@@ -225,7 +226,6 @@ class GenerationService:
             if edit.mask is not None:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
-        noise = self._noise(request, mode)
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=given["negative_prompt"] or "",
@@ -350,13 +350,13 @@ class GenerationService:
             raise Refusal(message, "clip_skip", details={"model": spec.id})
 
     @staticmethod
-    def _noise(request: GenerateRequest, mode: str) -> dict[str, Any]:
+    def _noise(request: GenerateRequest) -> dict[str, Any]:
         """Variation seeds (A1111's subseeds): one per image, consecutive from `subseed` or drawn,
         for text-to-image, whose starting noise they change (an edit's starts from its image)."""
         resized = (request.seed_resize_from_width, request.seed_resize_from_height)
         if not request.subseed_strength and not any(resized):
             return {}
-        if mode != "txt2img":
+        if request.image is not None:
             field = "subseed_strength" if request.subseed_strength else "seed_resize_from_width"
             raise Refusal(f"`{field}` is for text-to-image; an edit's noise starts from its image", field)
         if 0 in resized and any(resized):

@@ -180,6 +180,9 @@ def test_variation_seeds_give_neighbouring_images(a1111):
     resized = txt2img(a1111, seed=11, seed_resize_from_w=32, seed_resize_from_h=32)
     assert resized["info"]["seed_resize_from_w"] == 32 and "Seed resize from: 32x32" in resized["info"]["infotexts"][0]
     assert (pixels(resized["images"][0]) != base).any()
+    edit = {**SMALL, "init_images": [png_b64(Image.new("RGB", (64, 64)))], "subseed_strength": 0.5}
+    refused = a1111.post("/sdapi/v1/img2img", json=edit)  # an edit's noise starts from its image
+    assert refused.status_code == 422 and refused.json["detail"][0]["loc"] == ["body", "subseed_strength"]
     body = {"prompt": "a cat", "steps": 2, "seed": 11, "subseed": 99, "subseed_strength": 0.5}
     native = a1111.post("/generate", json=body)
     assert native.status_code == 200 and native.json["parameters"]["subseeds"] == [99]
