@@ -75,11 +75,6 @@ def parse(text: str) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
-def plain(fragments: list[tuple[str, float]]) -> str:
-    """The fragments' text without the syntax (BREAKs as spaces)."""
-    return " ".join(" ".join(text for text, _ in fragments).split()) if fragments else ""
-
-
 def weighted(fragments: list[tuple[str, float]]) -> bool:
     """Whether the syntax changes anything: a weight other than 1, or a BREAK."""
     return any(weight != 1.0 for _text, weight in fragments)
