@@ -43,7 +43,7 @@ from imagegen.prompt_syntax import parse, weighted
 from imagegen.protocol import MAX_SEED, GenerateRequest, LoraChoice
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
-from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, SCHEDULERS, resolve
+from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, resolve
 from imagegen.screening import CostBudget, screen_prompt
 from imagegen.storage import NAME_PATTERN, ImageStore, input_png
 from imagegen.styles import StyleBook
@@ -238,6 +238,7 @@ class GenerationService:
             scheduler=scheduler,
             noise_schedule=schedule,
             clip_skip=request.clip_skip or 1,
+            eta=request.eta,
             prompt_syntax=syntax,
             model=model,
             mode=mode,
@@ -321,6 +322,8 @@ class GenerationService:
                 f"{', '.join([DEFAULT_SCHEDULER, *family.schedulers])}"
             )
             raise Refusal(message, "scheduler", details={"model": spec.id})
+        if request.eta is not None and scheduler != ETA_SCHEDULER:
+            raise Refusal(f"`eta` applies to the `{ETA_SCHEDULER}` scheduler only, not `{scheduler}`", "eta")
         takes = SCHEDULERS[scheduler].schedules if scheduler in SCHEDULERS else (AUTOMATIC,)
         if schedule not in takes:
             message = f"`noise_schedule` {schedule} does not run with the `{scheduler}` scheduler; it takes: "

@@ -72,6 +72,7 @@ class GenerationParams:
     noise_schedule: str = AUTOMATIC  # the scheduler's sigmas (schedulers.SCHEDULES)
     prompt_syntax: str = "a1111"  # A1111's weights and BREAK in the prompts, or "none": plain text
     clip_skip: int = 1  # the text encoder's hidden state this many layers from its end (1: the last)
+    eta: float | None = None  # DDIM's eta (None: the scheduler's own, 0)
     subseeds: tuple[int, ...] = ()  # variation seeds, one per image (empty: none)
     subseed_strength: float = 0.0
     seed_resize_from_width: int = 0  # the seed's noise drawn at this size (0: the image's)
@@ -100,6 +101,7 @@ class GenerationParams:
             self.loras,
             self.noise_schedule,
             self.clip_skip,
+            self.eta,
             self.subseed_strength,
             self.seed_resize_from_width,
             self.seed_resize_from_height,

@@ -89,6 +89,12 @@ class GenerateRequest(BaseModel):
     noise_schedule: Literal[tuple(SCHEDULES)] | None = Field(  # type: ignore[valid-type]
         None, description="The sigmas the scheduler steps through (A1111's `scheduler`): GET /schedulers."
     )
+    eta: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="The `ddim` scheduler's eta: 0 (its default) is deterministic, 1 adds DDPM's noise.",
+    )
     clip_skip: int | None = Field(
         None, ge=1, le=12, description="Text-encoder layers to stop before the last (A1111's clip skip; 1: none)."
     )

@@ -73,6 +73,7 @@ SCHEDULERS: dict[str, Scheduler] = {
     )
 }
 DEFAULT_SCHEDULER = "default"  # the scheduler the model was saved with
+ETA_SCHEDULER = "ddim"  # the one whose step takes an eta (the pipelines pass `eta` to it alone)
 # Names of earlier versions, still taken: each a sampler and its noise schedule.
 ALIASES = {"pndm": ("plms", AUTOMATIC), "dpm++_2m_karras": ("dpm++_2m", "karras")}
 SCHEDULER_NAMES = (DEFAULT_SCHEDULER, *SCHEDULERS, *ALIASES)

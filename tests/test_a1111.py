@@ -125,6 +125,18 @@ def test_samplers_and_schedules_by_a1111s_names(a1111):
     assert next(s for s in native["schedulers"] if s["name"] == "euler")["noise_schedules"][1] == "karras"
 
 
+def test_ddims_eta_is_honoured_as_a1111_honours_it(a1111):
+    """webuiapi sends eta 1 with every request; A1111's DDIM runs with it (0 without one)."""
+    deterministic = txt2img(a1111, sampler_name="DDIM")
+    noisy = txt2img(a1111, sampler_name="DDIM", eta=1.0)
+    assert noisy["info"]["warnings"] == [] and noisy["images"] != deterministic["images"]
+    body = {"prompt": SMALL["prompt"], "steps": 3, "seed": 11, "guidance_scale": 7, "response_format": "b64_json"}
+    native = a1111.post("/generate", json={**body, "scheduler": "ddim", "eta": 1}).json["images"][0]["b64_json"]
+    assert pixels(native).tolist() == pixels(noisy["images"][0]).tolist()
+    refused = a1111.post("/generate", json={**body, "scheduler": "euler", "eta": 1})
+    assert refused.status_code == 400 and refused.json["error"]["details"][0]["field"] == "eta"
+
+
 def test_options_keep_what_they_are_given(a1111):
     options = a1111.get("/sdapi/v1/options").json
     assert options["sd_model_checkpoint"] == "models/tiny-random" and options["CLIP_stop_at_last_layers"] == 1
@@ -267,11 +279,11 @@ def test_fields_that_change_nothing_here_are_named_in_warnings(a1111):
     # webuiapi's defaults (eta 1, s_noise 1, the hires fields off, empty scripts) warn of nothing
     quiet = txt2img(a1111, eta=1.0, s_noise=1, s_churn=0, enable_hr=False, hr_scale=2, script_args=[], styles=[])
     assert quiet["info"]["warnings"] == []
-    noisy = txt2img(a1111, do_not_save_samples=True, sampler_name="DDIM", eta=0.5, warp_factor=9, comments={"a": 1})
+    noisy = txt2img(a1111, do_not_save_samples=True, sampler_name="Euler a", eta=0.5, warp_factor=9, comments={"a": 1})
     warnings = noisy["info"]["warnings"]
     assert "`warp_factor` is not an A1111 field; ignored" in warnings
     assert any(w.startswith("`do_not_save_samples`: images are stored anyway") for w in warnings)
-    assert any(w.startswith("`eta`: not applied") for w in warnings) and len(warnings) == 4
+    assert any(w.startswith("`eta`: honoured for DDIM; the ancestral") for w in warnings) and len(warnings) == 4
     assert txt2img(a1111, send_images=False)["images"] == []
 
 

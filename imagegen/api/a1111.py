@@ -38,7 +38,7 @@ from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
 from imagegen.protocol import MAX_SEED, GenerateRequest
-from imagegen.schedulers import A1111_SCHEDULES, AUTOMATIC, SCHEDULERS, SCHEDULES, a1111
+from imagegen.schedulers import A1111_SCHEDULES, AUTOMATIC, ETA_SCHEDULER, SCHEDULERS, SCHEDULES, a1111
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -263,6 +263,7 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
             "scheduler": scheduler,
             "noise_schedule": schedule,
             "clip_skip": clip_skip if clip_skip > 1 else None,
+            "eta": body.eta if scheduler == ETA_SCHEDULER else None,  # the other samplers take none, as on A1111
             "model": model,
             **edit,
         },

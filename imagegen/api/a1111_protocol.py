@@ -156,10 +156,8 @@ def _honoured(note: str) -> Rule:
 
 
 def _eta(value: Any, request: Any) -> bool:
-    """eta counts for DDIM (diffusers runs it at 0) and the ancestral samplers (at 1)."""
+    """eta counts for DDIM (honoured) and the ancestral samplers, which diffusers runs at 1."""
     sampler = (request.sampler() or "").lower()
-    if sampler.startswith("ddim"):
-        return value not in (None, 0)
     return value not in (None, 1) and (sampler.endswith(" a") or " a " in sampler)
 
 
@@ -185,7 +183,7 @@ FIELDS: dict[str, Rule] = {
     "tiling": Rule("refused", "seamless tiling is not available yet", _set),
     "do_not_save_samples": Rule("warned", "images are stored anyway, for IMAGE_TTL_SECONDS", _set),
     "do_not_save_grid": _honoured("no grid is ever made"),
-    "eta": Rule("warned", "not applied: DDIM runs at eta 0 and the ancestral samplers at 1", _eta),
+    "eta": Rule("warned", "honoured for DDIM; the ancestral samplers run at eta 1", _eta),
     "ddim_discretize": Rule("refused", "only `uniform` is served", _not("uniform")),
     "s_min_uncond": Rule("refused", "not served (only 0)", _not(0)),
     "s_churn": Rule("refused", "not served (only 0)", _not(0)),

@@ -308,6 +308,8 @@ class Engine:
         arguments = family.arguments(
             prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
         )
+        if params.eta is not None:
+            arguments["eta"] = params.eta
         if encoded:
             for name in ("prompt", "negative_prompt", "prompt_2"):
                 arguments.pop(name, None)
