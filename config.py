@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     lora_dir: str = "models/loras"  # a folder, or an fsspec URL (s3://bucket/prefix) a cluster shares
     max_loras_per_request: int = Field(4, ge=0, le=16)
     max_loaded_loras: int = Field(8, ge=1, le=128)
+    # Textual-inversion embeddings a prompt names: a folder, or an fsspec URL a cluster shares
+    embeddings_dir: str = "models/embeddings"
     # AUTOMATIC1111's prompt syntax ((word:1.3), [word], BREAK) for the CLIP families, or "none": plain text
     prompt_syntax: Literal["a1111", "none"] = "a1111"
     # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
@@ -269,7 +271,7 @@ class Settings(BaseSettings):
         """Relative paths are relative to the project, so `make run` works from any directory."""
         return value if value is None or value.is_absolute() else ROOT / value
 
-    @field_validator("image_dir", "lora_dir", "models", mode="before")
+    @field_validator("image_dir", "lora_dir", "embeddings_dir", "models", mode="before")
     @classmethod
     def _folder_or_url(cls, value: Any, info: ValidationInfo) -> str:
         """A folder (or MODELS' TOML file) relative to the project, as `_absolute` makes it; a URL,

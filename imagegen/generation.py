@@ -37,6 +37,7 @@ from config import Settings
 from imagegen import edits
 from imagegen.catalogue import ModelSpec
 from imagegen.edits import InputRejected
+from imagegen.embeddings import named
 from imagegen.jobs import GenerationParams, Job, JobStore
 from imagegen.loras import AdapterRejected, AdapterStore
 from imagegen.prompt_syntax import parse, weighted
@@ -120,6 +121,7 @@ class GenerationService:
         settings: Callable[[], Settings],
         catalogue: Callable[[], dict[str, ModelSpec]],
         adapters: AdapterStore,
+        embeddings: AdapterStore,
         images: ImageStore,
         jobs: JobStore,
         queue: JobQueue,
@@ -128,7 +130,7 @@ class GenerationService:
         styles: StyleBook,
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
-        self.styles = styles
+        self.styles, self.embeddings = styles, embeddings
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -209,6 +211,7 @@ class GenerationService:
         scheduler, schedule = self._scheduler(request, spec)
         self._clip_skip(request, spec)
         noise = self._noise(request)
+        embeddings = self._embeddings([prompt, given["negative_prompt"] or "", given["prompt_2"] or ""], spec)
         loras, versions = self._loras(request.loras, spec)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
@@ -240,6 +243,7 @@ class GenerationService:
             clip_skip=request.clip_skip or 1,
             eta=request.eta,
             prompt_syntax=syntax,
+            embeddings=embeddings,
             model=model,
             mode=mode,
             loras=loras,
@@ -345,6 +349,18 @@ class GenerationService:
                     "(its text encoder is not CLIP); leave them out, or send `prompt_syntax: none` for the text as is"
                 )
                 raise Refusal(message, field, details={"model": spec.id})
+
+    def _embeddings(self, texts: list[str], spec: ModelSpec) -> tuple[tuple[str, str], ...]:
+        """The embeddings the prompts name (by a word equal to a name in EMBEDDINGS_DIR), each made
+        for the model's family, with their versions (a replaced file is another embedding)."""
+        found = named(self.embeddings, texts)
+        family = spec.family
+        for embedding in found:
+            if family is not None and (not family.clip or not embedding.fits(family.name)):
+                made = f"made for {embedding.family}" if embedding.family else f"of width {embedding.widths}"
+                message = f"embedding `{embedding.name}` ({made}) does not fit model {spec.id} ({family.title})"
+                raise Refusal(message, "prompt", details={"model": spec.id, "embedding": embedding.name})
+        return tuple((embedding.name, embedding.version) for embedding in found)
 
     @staticmethod
     def _clip_skip(request: GenerateRequest, spec: ModelSpec) -> None:

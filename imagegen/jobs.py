@@ -71,6 +71,7 @@ class GenerationParams:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters by name, with their weights
     noise_schedule: str = AUTOMATIC  # the scheduler's sigmas (schedulers.SCHEDULES)
     prompt_syntax: str = "a1111"  # A1111's weights and BREAK in the prompts, or "none": plain text
+    embeddings: tuple[tuple[str, str], ...] = ()  # the textual-inversion embeddings its prompts name, with versions
     clip_skip: int = 1  # the text encoder's hidden state this many layers from its end (1: the last)
     eta: float | None = None  # DDIM's eta (None: the scheduler's own, 0)
     subseeds: tuple[int, ...] = ()  # variation seeds, one per image (empty: none)
@@ -197,6 +198,7 @@ def _row_to_job(row: Any) -> Job:
     params = json.loads(row["params"])
     params["seeds"] = tuple(params["seeds"])
     params["subseeds"] = tuple(params.get("subseeds", ()))
+    params["embeddings"] = tuple(tuple(pair) for pair in params.get("embeddings", ()))
     params["loras"] = tuple(tuple(lora) for lora in params.get("loras", ()))
     return Job(
         params=GenerationParams(**params),

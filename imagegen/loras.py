@@ -17,11 +17,11 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -34,6 +34,7 @@ from imagegen.storage import filesystem, modified
 if TYPE_CHECKING:
     from config import Settings
 
+Item = TypeVar("Item")  # what a store's files are read as: a Lora, an embeddings.Embedding
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SUFFIX = ".safetensors"
 
@@ -151,7 +152,7 @@ def _name(path: str) -> str:
     return path.rsplit("/", 1)[-1].removesuffix(SUFFIX)
 
 
-class AdapterStore:
+class AdapterStore(Generic[Item]):
     """The adapters of LORA_DIR: object storage every machine of a cluster shares, or (a
     folder): listed, checked and described from their headers, added and removed by admins, and
     handed to a worker as a file on its own disk.
@@ -161,9 +162,22 @@ class AdapterStore:
     weights from a local file, so an object is copied into `cache_dir` once per version.
     """
 
-    def __init__(self, url: str, cache_dir: Path, endpoint_url: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_dir: Path,
+        endpoint_url: str = "",
+        *,
+        read: Callable[..., Item] = read_lora,  # type: ignore[assignment]
+        what: str = "adapter",
+        where: str = "LORA_DIR",
+        listed: str = "GET /loras",
+    ) -> None:
+        """`read` describes a file from its header (a LoRA's by default; embeddings.py's too), and
+        `what`, `where` and `listed` are how messages name an item, the setting and the listing."""
         self.fs, self.root, self.remote = filesystem(url, endpoint_url)
         self.cache_dir = cache_dir
+        self.read, self.what, self.where, self.listed = read, what, where, listed
         self._described = lru_cache(maxsize=256)(self._describe)
 
     @classmethod
@@ -173,11 +187,11 @@ class AdapterStore:
     def path_of(self, name: str) -> str:
         """The file of an adapter name; AdapterRejected for a name that could leave the folder."""
         if not NAME.fullmatch(name) or name.endswith(SUFFIX):
-            raise AdapterRejected(f"`{name}` is not an adapter name (letters, digits, `_`, `.` and `-`)")
+            raise AdapterRejected(f"`{name}` is not an {self.what} name (letters, digits, `_`, `.` and `-`)")
         return f"{self.root}/{name}{SUFFIX}"
 
-    def _describe(self, path: str, stamp: str, size: int) -> Lora:
-        return read_lora(self.fs, path, size, _name(path), stamp)
+    def _describe(self, path: str, stamp: str, size: int) -> Item:
+        return self.read(self.fs, path, size, _name(path), stamp)
 
     def _info(self, path: str) -> dict[str, Any] | None:
         try:
@@ -191,7 +205,7 @@ class AdapterStore:
         that is not one."""
         return self._info(self.path_of(name)) is not None
 
-    def listing(self) -> list[Lora]:
+    def listing(self) -> list[Item]:
         """Every adapter, by name; files that are not LoRAs are left out."""
         try:
             found = self.fs.find(self.root, maxdepth=1, detail=True)
@@ -204,12 +218,12 @@ class AdapterStore:
                     adapters.append(self._described(path, _stamp(info), int(info["size"])))
         return adapters
 
-    def find(self, name: str) -> Lora:
+    def find(self, name: str) -> Item:
         """The adapter of that name (cached until its file changes); AdapterRejected when there is none."""
         path = self.path_of(name)
         info = self._info(path)
         if info is None:
-            raise AdapterRejected(f"no adapter `{name}` in LORA_DIR (GET /loras lists them)")
+            raise AdapterRejected(f"no {self.what} `{name}` in {self.where} ({self.listed} lists them)")
         return self._described(path, _stamp(info), int(info["size"]))
 
     def staging(self) -> contextlib.AbstractContextManager[Path]:
@@ -220,12 +234,12 @@ class AdapterStore:
         Path(self.root).mkdir(parents=True, exist_ok=True)
         return temporary_file(Path(self.root))
 
-    def publish(self, name: str, staged: Path) -> Lora:
+    def publish(self, name: str, staged: Path) -> Item:
         """Offers a staged file under `name` once its header reads as a LoRA: a rename in a folder,
         one upload to object storage, so no reader sees a partial adapter."""
         target = self.path_of(name)
         check_file(staged, name)
-        lora = read_lora(LocalFileSystem(), str(staged), staged.stat().st_size, name)
+        lora = self.read(LocalFileSystem(), str(staged), staged.stat().st_size, name)
         if self.remote:
             self.fs.makedirs(self.root, exist_ok=True)  # the bucket, on the first upload
             self.fs.put_file(str(staged), target)

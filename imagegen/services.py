@@ -20,6 +20,7 @@ from config import Settings
 from imagegen.access import Access
 from imagegen.catalogue import ModelSpec
 from imagegen.db import Database
+from imagegen.embeddings import embedding_store
 from imagegen.endings import Endings
 from imagegen.generation import GenerationService
 from imagegen.jobs import JobStore
@@ -52,6 +53,7 @@ class Services:
     jobs: JobStore
     images: ImageStore
     adapters: AdapterStore
+    embeddings: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -65,6 +67,7 @@ class Services:
             lambda: self.live.current,
             lambda: self.live.catalogue,
             self.adapters,
+            self.embeddings,
             self.images,
             self.jobs,
             self.queue,
@@ -182,6 +185,7 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
     jobs = JobStore(db)
     images = ImageStore(settings.image_dir, db, settings.s3_endpoint_url)
     adapters = AdapterStore.from_settings(settings)
+    embeddings = embedding_store(settings)
     access = Access.from_settings(settings)
     webhooks = WebhookSender(settings, jobs, access)
     endings = Endings(jobs, monitor, webhooks.notify)
@@ -203,10 +207,11 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
             "local",
             catalogue=live.catalogue,
             adapters=adapters,
+            embeddings=embeddings,
             load=load,
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
         queue = LocalQueue(engine, claim)
-    services = Services(live, access, jobs, images, adapters, queue, monitor, webhooks, Alerts(settings))
+    services = Services(live, access, jobs, images, adapters, embeddings, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(queue, images))
     return services

@@ -43,6 +43,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "image_dir": tmp_path / "images",
         "log_dir": tmp_path / "logs",
         "data_dir": tmp_path / "data",
+        "embeddings_dir": tmp_path / "embeddings",
         "rate_limit": "1000/minute",
         "rate_limit_default": "1000/minute",
         "rate_limit_cost": "off",
@@ -197,6 +198,7 @@ def start_server(tmp_path: Path, ready: bool = True, **env: str) -> tuple[subpro
         "IMAGE_DIR": str(tmp_path / "images"),
         "LOG_DIR": str(tmp_path / "logs"),
         "DATA_DIR": str(tmp_path / "data"),
+        "EMBEDDINGS_DIR": str(tmp_path / "embeddings"),  # what a test adds stays out of the checkout
         "DEFAULT_STEPS": "4",
         "RATE_LIMIT": "1000/minute",
         "RATE_LIMIT_DEFAULT": "100000/minute",

@@ -83,8 +83,13 @@ def test_the_site_builds_with_every_page_and_no_broken_link(tmp_path):
 # running server: `make test`, `make image-test` and the cluster tests run those paths.
 SETUP = re.compile(r"(?m)^\s*(?:\w+=\S+\s+)*(?:make|docker|systemctl)\b|QUEUE_BACKEND")
 # What a reader fills in, as the test fills it: the admin token `make run` prints, and the
-# project's Python where a block runs from the checkout (the test works in a folder of its own).
-FILLED = {"ADMIN=<token>": f"ADMIN={ADMIN_TOKEN}", ".venv/bin/python": sys.executable}
+# project's Python and models where a block runs from the checkout (the test works in a folder of
+# its own).
+FILLED = {
+    "ADMIN=<token>": f"ADMIN={ADMIN_TOKEN}",
+    ".venv/bin/python": sys.executable,
+    '"models/demo-shapes/': f'"{ROOT}/models/demo-shapes/',
+}
 
 
 def shell_examples() -> list[tuple[str, str]]:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flask.testing import FlaskClient
 from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPTextModel
 
 from imagegen.prompt_syntax import parse
-from tests.conftest import serve, wait_ready
+from tests.conftest import ADMIN, TINY_MODEL, catalogue_file, serve, wait_ready
 from tests.test_jobs import poll
 
 CIRCLE = "a red circle on a blue background"
@@ -86,3 +90,76 @@ def test_families_without_clip_refuse_weights_by_name(app_factory, tmp_path, tin
     assert client.post("/generate", json=as_text).status_code == 200
     skip = client.post("/generate", json={"prompt": "a red circle", "steps": 1, "clip_skip": 2})
     assert skip.status_code == 400 and skip.json["error"]["details"][0]["field"] == "clip_skip"
+
+
+def save_embedding(folder: Path, name: str, **tensors: torch.Tensor) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
+    return path
+
+
+def word_vector(word: str) -> torch.Tensor:
+    """The tiny model's own input vector for a word of its vocabulary."""
+    tokenizer = AutoTokenizer.from_pretrained(f"{TINY_MODEL}/tokenizer")
+    encoder = CLIPTextModel.from_pretrained(f"{TINY_MODEL}/text_encoder")
+    [token] = tokenizer(word, add_special_tokens=False).input_ids
+    return encoder.get_input_embeddings().weight[token].detach().clone()
+
+
+def test_an_embedding_named_in_a_prompt_stands_for_its_vectors(app_factory, tmp_path):
+    folder = tmp_path / "embeddings"
+    save_embedding(folder, "crimson", emb_params=word_vector("red")[None])  # A1111's format, one vector
+    save_embedding(folder, "sdxl-only", clip_l=torch.zeros(1, 768), clip_g=torch.zeros(1, 1280))
+    duo = torch.stack([word_vector("red"), word_vector("circle")])
+    save_embedding(folder, "duo", **{"<duo>": duo})  # diffusers' format: one tensor, two vectors
+    client = app_factory(embeddings_dir=str(folder)).test_client()
+    wait_ready(client)
+    listed = {item["name"]: item for item in client.get("/embeddings").json["embeddings"]}
+    assert listed["crimson"] == {
+        "name": "crimson",
+        "family": None,
+        "vectors": 1,
+        "widths": [64],
+        "bytes": listed["crimson"]["bytes"],
+    }
+    assert listed["sdxl-only"]["family"] == "sdxl"
+    assert client.get("/sdapi/v1/embeddings").json["loaded"]["crimson"]["vectors"] == 1
+    # the embedding is the word's own vector, so the image is the word's
+    assert (image(client, "a crimson circle on a blue background") == image(client, CIRCLE)).all()
+    assert (image(client, "a duo on a blue background") == image(client, CIRCLE)).all()
+    long = f"{FILLER} a duo on a blue background"  # spelled as its two tokens in the server's windows too
+    assert (image(client, long) == image(client, f"{FILLER} {CIRCLE}")).all()
+    negative = image(client, CIRCLE, negative_prompt="crimson")
+    assert (negative == image(client, CIRCLE, negative_prompt="red")).all()
+    refused = client.post("/generate", json={"prompt": "a sdxl-only circle", "steps": 2})
+    assert refused.status_code == 400 and "embedding `sdxl-only` (made for sdxl)" in refused.json["error"]["message"]
+    # an admin adds and removes one as a LoRA adapter is added and removed
+    added = save_embedding(tmp_path / "upload", "scarlet", emb_params=word_vector("red")[None])
+    form = {"file": (io.BytesIO(added.read_bytes()), "scarlet.safetensors")}
+    assert client.post("/embeddings", data=form, headers=ADMIN).status_code == 201
+    assert (image(client, "a scarlet circle on a blue background") == image(client, CIRCLE)).all()
+    not_one = {"file": (io.BytesIO(b"not a safetensors file"), "junk.safetensors")}
+    assert client.post("/embeddings", data=not_one, headers=ADMIN).status_code == 400
+    assert client.delete("/embeddings/scarlet", headers=ADMIN).status_code == 200
+    assert "scarlet" not in {item["name"] for item in client.get("/embeddings").json["embeddings"]}
+
+
+def test_an_sdxl_embedding_holds_a_part_for_each_text_encoder(app_factory, tmp_path, tiny_models):
+    model = tiny_models / "sdxl"
+    parts = {}
+    for key, folder in (("clip_l", ""), ("clip_g", "_2")):
+        tokenizer = AutoTokenizer.from_pretrained(model / f"tokenizer{folder}")
+        encoder = CLIPTextModel.from_pretrained(model / f"text_encoder{folder}")
+        [token] = tokenizer("red", add_special_tokens=False).input_ids
+        parts[key] = encoder.get_input_embeddings().weight[token].detach().clone()[None]
+    save_embedding(tmp_path / "embeddings", "crimson", **parts)
+    keys = {"source": str(model), "default_width": 64, "default_height": 64}
+    client = app_factory(
+        model_id="sdxl", models=catalogue_file(tmp_path, {"sdxl": keys}), embeddings_dir=str(tmp_path / "embeddings")
+    ).test_client()
+    wait_ready(client)
+    assert (image(client, "a crimson circle on a blue background") == image(client, CIRCLE)).all()
+    assert (
+        image(client, "a (crimson:1.2) circle", clip_skip=2) == image(client, "a (red:1.2) circle", clip_skip=2)
+    ).all()

@@ -9,6 +9,10 @@ seeds are drawn from their own seed, never the training draws.
 Long prompts: `--filler 20` puts 20 words the model does not know before each caption, past its
 text encoder's window of 16 tokens; `--encoder server` encodes the prompts as the server does
 (in windows, engine/prompts.py), `--encoder pipeline` as diffusers alone does (cut at the window).
+
+Embeddings: `--embedding` draws `a crimson circle on a blue background`, where `crimson` is a
+textual-inversion embedding holding the text encoder's own vector for `red`, beside the same
+prompt with `red`, for `--count` held-out seeds each.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from imagegen.engine.prompts import encode, stacked
 from imagegen.jobs import GenerationParams
-from tools.shapes import classify, random_scene
+from tools.shapes import Scene, classify, random_scene
 
 EVAL_SEED = 20_261_126  # not the training seed: held-out scenes
 FILLER = "plain"  # a word the demo model's tokenizer does not know
@@ -92,6 +96,21 @@ def evaluate(
     return {key: round(100 * value / count, 1) for key, value in hits.items()}, scenes, images, judged
 
 
+def embedding_figures(pipe: DiffusionPipeline, count: int, steps: int, guidance: float) -> dict[str, float]:
+    """How often a red circle on blue is drawn from `red`, and from an embedding of red's vector."""
+    [token] = pipe.tokenizer("red", add_special_tokens=False).input_ids
+    pipe.load_textual_inversion(
+        pipe.text_encoder.get_input_embeddings().weight[token].detach().clone(), token="crimson"
+    )
+    seeds = [int(s) for s in np.random.default_rng(EVAL_SEED).integers(0, 2**32 - 1, size=count)]
+    wanted = Scene("circle", "red", "blue")
+    figures = {}
+    for word in ("red", "crimson"):
+        images = generate(pipe, [f"a {word} circle on a blue background"] * count, seeds, steps, guidance)
+        figures[word] = round(100 * sum(classify(np.asarray(image)) == wanted for image in images) / count, 1)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/demo-shapes"))
@@ -101,12 +120,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--filler", type=int, default=0, help="unknown words before each caption")
     parser.add_argument("--encoder", choices=("pipeline", "server"), default="pipeline")
+    parser.add_argument("--embedding", action="store_true", help="measure an embedding of red's own vector instead")
     parser.add_argument("--grid", type=Path, help="also write a grid of the first 16 samples with their prompts")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
 
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if args.embedding:
+        figures = embedding_figures(pipe, args.count, args.steps, args.guidance)
+        print(f"a red circle on a blue background, {args.count} held-out seeds: drawn from `red` {figures['red']}%,")
+        print(f"from an embedding of red's vector (`crimson`) {figures['crimson']}%")
+        return
     started = time.perf_counter()
     server = args.encoder == "server"
     figures, scenes, images, judged = evaluate(

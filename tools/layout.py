@@ -72,6 +72,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "quantization.py",
         "cpu.py",
         "loras.py",
+        "embeddings.py",
         "edits.py",
     ),
     "Records": ("jobs.py", "endings.py", "storage.py", "infotext.py", "db.py", "migrations/env.py", "states.py"),

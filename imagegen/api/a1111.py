@@ -486,8 +486,20 @@ def prompt_styles() -> list[dict[str, str]]:
 
 @bp.get("/embeddings")
 def embeddings() -> dict[str, Any]:
-    """No textual-inversion embeddings yet."""
-    return {"loaded": {}, "skipped": {}}
+    """EMBEDDINGS_DIR's embeddings in A1111's shape (each is loaded into a model when a prompt names it)."""
+    return {
+        "loaded": {
+            item.name: {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": item.widths[0],
+                "vectors": item.vectors,
+            }
+            for item in services().embeddings.listing()
+        },
+        "skipped": {},
+    }
 
 
 @bp.get("/cmd-flags")

@@ -1,7 +1,10 @@
-"""LoRA adapters over HTTP: the list, and an admin's upload and delete.
+"""LoRA adapters and textual-inversion embeddings over HTTP: the lists, and an admin's upload and
+delete of either.
 
-A request's choice of adapters is checked by the generation service, from each file's header
-alone (no torch, so a cluster's API can do it too); a misfit only a load can show fails the job.
+A request's choice of adapters, and the embeddings its prompts name, are checked by the generation
+service from each file's header alone (no torch, so a cluster's API can do it too); a misfit only
+a load can show fails the job. Both live in stores of one kind (`loras.AdapterStore`), so one
+upload and one delete serve both.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import require_admin, uploads
-from imagegen.loras import AdapterRejected
+from imagegen.loras import AdapterRejected, AdapterStore
 
 bp = APIBlueprint("adapters", __name__, abp_tags=[Tag(name="adapters")])
 
@@ -27,44 +30,81 @@ def loras() -> dict[str, Any]:
     return {"loras": [lora.view() for lora in services().adapters.listing()]}
 
 
+@bp.get("/embeddings", **spec({200: schemas.EmbeddingList}, errors=(401, 429)))
+@raw
+def embeddings() -> dict[str, Any]:
+    """The embeddings in EMBEDDINGS_DIR, which a prompt uses by their name: family (from the
+    vectors' widths: 768 or 1024 for SD, 768 and 1280 for SDXL), vectors, widths, size."""
+    return {"embeddings": [item.view() for item in services().embeddings.listing()]}
+
+
+def _upload(store: AdapterStore) -> tuple[dict[str, Any], int]:
+    """An admin's upload into a store: a form's `file` (.safetensors, within the upload body limit:
+    a larger one is copied into the store's folder), named by the form's `name` or the file's
+    name; one of an existing name only with `overwrite=true`."""
+    require_admin()
+    upload = request.files.get("file")
+    if upload is None:
+        raise APIError("invalid_request", f"Send the {store.what} as the form's `file`.", {"field": "file"})
+    name = request.form.get("name") or (upload.filename or "").removesuffix(".safetensors")
+    try:
+        exists = store.exists(name)
+    except AdapterRejected as exc:
+        raise APIError("invalid_request", exc.message, {"field": "name"}) from None
+    if exists and request.form.get("overwrite") != "true":
+        message = f"An {store.what} `{name}` exists; send `overwrite=true` to replace it."
+        raise APIError("adapter_exists", message, {"field": "name"})
+    with store.staging() as partial:
+        upload.save(partial)
+        try:
+            item = store.publish(name, partial)  # checked before it is offered
+        except AdapterRejected as exc:
+            raise APIError("invalid_request", exc.message, {"field": "file"}) from None
+    return item.view(), 201
+
+
+def _delete(store: AdapterStore, name: str) -> dict[str, Any]:
+    """An admin's removal (workers that loaded it drop it when they next need room, or unload)."""
+    require_admin()
+    try:
+        deleted = store.delete(name)
+    except AdapterRejected:
+        deleted = False
+    if not deleted:
+        raise APIError("not_found", f"No {store.what} `{name}`.")
+    return {"deleted": name}
+
+
 @bp.post("/loras", **spec({201: schemas.LoraView}, errors=(400, 401, 403, 413, 415, 429)))
 @uploads
 @raw
 def upload() -> tuple[dict[str, Any], int]:
-    """Admin: adds an adapter from a form's `file` (.safetensors, within the upload body limit: a
-    larger one is copied into LORA_DIR), named by the form's `name` or the file's name; one of an
-    existing name only with `overwrite=true`."""
-    require_admin()
-    upload = request.files.get("file")
-    if upload is None:
-        raise APIError("invalid_request", "Send the adapter as the form's `file`.", {"field": "file"})
-    name = request.form.get("name") or (upload.filename or "").removesuffix(".safetensors")
-    adapters = services().adapters
-    try:
-        exists = adapters.exists(name)
-    except AdapterRejected as exc:
-        raise APIError("invalid_request", exc.message, {"field": "name"}) from None
-    if exists and request.form.get("overwrite") != "true":
-        message = f"An adapter `{name}` exists; send `overwrite=true` to replace it."
-        raise APIError("adapter_exists", message, {"field": "name"})
-    with adapters.staging() as partial:
-        upload.save(partial)
-        try:
-            lora = adapters.publish(name, partial)  # checked before it is offered
-        except AdapterRejected as exc:
-            raise APIError("invalid_request", exc.message, {"field": "file"}) from None
-    return lora.view(), 201
+    """Admin: adds an adapter from a form's `file` (.safetensors), named by `name` or the file's
+    name; one of an existing name only with `overwrite=true`."""
+    return _upload(services().adapters)
 
 
 @bp.delete("/loras/<name>", **spec({200: None}, parameters={"name": "An adapter of GET /loras."}, errors=(401, 404)))
 @raw
 def delete(name: str) -> dict[str, Any]:
     """Admin: removes an adapter (workers that loaded it drop it when they next need room)."""
-    require_admin()
-    try:
-        deleted = services().adapters.delete(name)
-    except AdapterRejected:
-        deleted = False
-    if not deleted:
-        raise APIError("not_found", f"No adapter `{name}`.")
-    return {"deleted": name}
+    return _delete(services().adapters, name)
+
+
+@bp.post("/embeddings", **spec({201: schemas.EmbeddingView}, errors=(400, 401, 403, 413, 415, 429)))
+@uploads
+@raw
+def upload_embedding() -> tuple[dict[str, Any], int]:
+    """Admin: adds an embedding from a form's `file` (.safetensors), named by `name` or the file's
+    name; one of an existing name only with `overwrite=true`."""
+    return _upload(services().embeddings)
+
+
+@bp.delete(
+    "/embeddings/<name>",
+    **spec({200: None}, parameters={"name": "An embedding of GET /embeddings."}, errors=(401, 404)),
+)
+@raw
+def delete_embedding(name: str) -> dict[str, Any]:
+    """Admin: removes an embedding (a model that loaded it keeps its tokens until it is unloaded)."""
+    return _delete(services().embeddings, name)

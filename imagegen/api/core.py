@@ -47,6 +47,7 @@ ENDPOINTS = [
     ("GET", "/schedulers", "Samplers a request may name, with their noise schedules."),
     ("GET", "/styles", "Prompt styles (STYLES_FILE) a request may name."),
     ("GET", "/loras", "LoRA adapters a request may name (admin: POST to add one, DELETE /loras/<name>)."),
+    ("GET", "/embeddings", "Textual-inversion embeddings a prompt may name (admin: POST, DELETE /embeddings/<name>)."),
     ("POST", "/models/<id>/load", "Admin: load a model now."),
     ("POST", "/models/<id>/unload", "Admin: unload a model."),
     ("POST", "/cleanup", "Admin: delete old images, optionally unload models."),

@@ -164,6 +164,21 @@ class ModelList(BaseModel):
     models: list[dict[str, Any]]
 
 
+class EmbeddingView(BaseModel):
+    """One textual-inversion embedding, from its header: `family` (sd, sdxl; null when its widths do
+    not tell), the `vectors` (tokens) it stands for, and its `widths` (one per text encoder)."""
+
+    name: str
+    family: str | None
+    vectors: int
+    widths: list[int]
+    bytes: int
+
+
+class EmbeddingList(BaseModel):
+    embeddings: list[EmbeddingView]
+
+
 class SchedulerView(BaseModel):
     """A sampler a request may name (`scheduler`; `default` is the model's own), its AUTOMATIC1111
     titles and the noise schedules (`noise_schedule`) it runs with."""

@@ -32,16 +32,18 @@ def build_engine(
     *,
     catalogue: dict[str, ModelSpec] | None = None,
     adapters: AdapterStore | None = None,
+    embeddings: AdapterStore | None = None,
     load: Loader | None = None,
     exclusive: bool = False,
 ) -> Engine:
-    """An engine named `name` on a new ModelManager; the catalogue and adapter store default to the
-    settings' own, `load` to loading real pipelines. `exclusive`: the only engine on its jobs (local
-    mode), which takes over any unfinished job."""
+    """An engine named `name` on a new ModelManager; the catalogue and the adapter and embedding
+    stores default to the settings' own, `load` to loading real pipelines. `exclusive`: the only
+    engine on its jobs (local mode), which takes over any unfinished job."""
     models = ModelManager(
         settings,
         build_catalogue(settings) if catalogue is None else catalogue,
         adapters or AdapterStore.from_settings(settings),
         load or load_pipeline,
+        embeddings,
     )
     return Engine(settings, models, images, endings, monitor, name, exclusive)

@@ -24,6 +24,7 @@ from typing import Any
 
 import diffusers
 import psutil
+import safetensors.torch
 import torch
 import transformers
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
@@ -33,6 +34,7 @@ from config import Settings
 from imagegen.catalogue import ModelSpec
 from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
+from imagegen.embeddings import SDXL_KEYS, embedding_store
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterStore
 from imagegen.quantization import (
@@ -187,7 +189,12 @@ class ModelManager:
     """
 
     def __init__(
-        self, settings: Settings, catalogue: dict[str, ModelSpec], adapters: AdapterStore, load: Loader = load_pipeline
+        self,
+        settings: Settings,
+        catalogue: dict[str, ModelSpec],
+        adapters: AdapterStore,
+        load: Loader = load_pipeline,
+        embeddings: AdapterStore | None = None,
     ) -> None:
         limit_heap_arenas()  # before the threads that generate and serve allocate
         self.settings = settings
@@ -200,6 +207,8 @@ class ModelManager:
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._edit_pipes: dict[tuple[str, Any], DiffusionPipeline] = {}  # (model, EDIT_PIPELINES class)
         self.adapters = adapters
+        self.embeddings = embeddings or embedding_store(settings)
+        self._embeddings: dict[str, dict[str, str]] = {}  # per model, its loaded embeddings' versions
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -317,6 +326,7 @@ class ModelManager:
         mode: str = "txt2img",
         loras: tuple[tuple[str, float], ...] = (),
         schedule: str = AUTOMATIC,
+        embeddings: tuple[str, ...] = (),
     ) -> DiffusionPipeline:
         """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler (and
         its noise schedule) and LoRA adapters active, loading (and evicting) as needed."""
@@ -328,6 +338,7 @@ class ModelManager:
         self._pipes.move_to_end(model_id)
         self._set(model_id, last_used=time.time())
         self._activate(model_id, pipe, loras)
+        self._embed(model_id, pipe, embeddings)
         if mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
             key = (model_id, EDIT_PIPELINES[mode])
             if key not in self._edit_pipes:
@@ -349,6 +360,35 @@ class ModelManager:
             class_name, wanted = options(scheduler, schedule)
             self._schedulers[key] = getattr(diffusers, class_name).from_config(default.config, **wanted)
         return self._schedulers[key]
+
+    def _embed(self, model_id: str, pipe: DiffusionPipeline, names: tuple[str, ...]) -> None:
+        """Loads the named embeddings into the model's tokenizers and text encoders, each once per
+        version of its file (a replaced file's tokens are unloaded first); the editing pipelines
+        share them. SDXL's files hold one part per encoder."""
+        loaded = self._embeddings.setdefault(model_id, {})
+        for name in names:
+            try:
+                path, version = self.embeddings.local_file(name)
+            except FileNotFoundError:
+                raise AdapterFailed(f"embedding `{name}` is no longer in EMBEDDINGS_DIR") from None
+            if loaded.get(name) == version:
+                continue
+            tensors = safetensors.torch.load_file(str(path))
+            parts = [tensors[key] for key in SDXL_KEYS] if all(key in tensors for key in SDXL_KEYS) else None
+            parts = parts or [tensors.get("emb_params", next(iter(tensors.values())))]
+            encoders = [(pipe.tokenizer, pipe.text_encoder)]
+            if len(parts) == 2:
+                encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+            for vectors, (tokenizer, encoder) in zip(parts, encoders, strict=True):
+                vectors = vectors[0] if vectors.ndim == 2 and vectors.shape[0] == 1 else vectors
+                tokens = [name] + [f"{name}_{i}" for i in range(1, len(vectors) if vectors.ndim == 2 else 1)]
+                if name in loaded:
+                    pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
+                try:
+                    pipe.load_textual_inversion(vectors, token=name, tokenizer=tokenizer, text_encoder=encoder)
+                except (ValueError, RuntimeError) as exc:
+                    raise AdapterFailed(f"embedding `{name}` does not fit model {model_id}", str(exc)) from exc
+            loaded[name] = version
 
     def _activate(self, model_id: str, pipe: DiffusionPipeline, loras: tuple[tuple[str, float], ...]) -> None:
         """Makes exactly these adapters active, at their weights: each is loaded into the model once
@@ -424,6 +464,7 @@ class ModelManager:
             for key in [key for key in self._edit_pipes if key[0] == target]:
                 del self._edit_pipes[key]
             self._adapters.pop(target, None)  # they lived in the model's modules
+            self._embeddings.pop(target, None)  # and these in its tokenizers and text encoders
             self._default_schedulers.pop(target, None)
             for key in [key for key in self._schedulers if key[0] == target]:
                 del self._schedulers[key]

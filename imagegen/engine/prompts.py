@@ -30,8 +30,9 @@ Window = tuple[list[int], list[float]]  # token ids (no special tokens) and thei
 MEAN_FLOOR = 0.01
 
 
-def windows(tokenizer: Any, text: str, syntax: str) -> list[Window]:
-    """The text's tokens in windows of the tokenizer's length less BOS and EOS."""
+def windows(tokenizer: Any, text: str, syntax: str, convert: Any = None) -> list[Window]:
+    """The text's tokens in windows of the tokenizer's length less BOS and EOS; `convert` (the
+    pipeline's `maybe_convert_prompt`) spells a multi-vector embedding's name as its tokens."""
     size = tokenizer.model_max_length - 2
     found: list[Window] = []
     tokens: list[int] = []
@@ -41,7 +42,8 @@ def windows(tokenizer: Any, text: str, syntax: str) -> list[Window]:
             found.append((tokens, weights))
             tokens, weights = [], []
             continue
-        for token in tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids:
+        spelled = convert(fragment, tokenizer) if convert else fragment
+        for token in tokenizer(spelled, add_special_tokens=False, truncation=False, verbose=False).input_ids:
             if len(tokens) == size:
                 found.append((tokens, weights))
                 tokens, weights = [], []
@@ -112,7 +114,7 @@ def encode(pipe: Any, kind: str, params: GenerationParams) -> Encoded:
     }
     split = {
         side: [
-            windows(tokenizer, text, params.prompt_syntax)
+            windows(tokenizer, text, params.prompt_syntax, getattr(pipe, "maybe_convert_prompt", None))
             for (tokenizer, _), text in zip(encoders, pair[: len(encoders)], strict=True)
         ]
         for side, pair in texts.items()

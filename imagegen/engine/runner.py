@@ -184,7 +184,10 @@ class Engine:
             if not runnable:
                 return []
             params = runnable[0].params
-            pipe = self.models.get(params.model, params.scheduler, params.mode, params.loras, params.noise_schedule)
+            named = tuple(dict.fromkeys(name for job in runnable for name, _version in job.params.embeddings))
+            pipe = self.models.get(
+                params.model, params.scheduler, params.mode, params.loras, params.noise_schedule, named
+            )
             images = self._generate(pipe, runnable, inputs)
             # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
             # to end: its images are dropped, the others' kept.
