@@ -329,7 +329,8 @@ class ModelManager:
         embeddings: tuple[str, ...] = (),
     ) -> DiffusionPipeline:
         """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler (and
-        its noise schedule) and LoRA adapters active, loading (and evicting) as needed."""
+        its noise schedule) and LoRA adapters active and the named embeddings loaded, loading (and
+        evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
