@@ -91,12 +91,14 @@ def resolve(scheduler: str, schedule: str | None) -> tuple[str, str]:
     return scheduler, schedule or AUTOMATIC
 
 
-def a1111(sampler: str, schedule: str | None) -> tuple[str, str | None] | None:
-    """An A1111 sampler title (`DPM++ 2M`, or the older combined `DPM++ 2M Karras`) and scheduler
-    (`Karras` or `karras`) as our names; None for a sampler the table lacks, a None schedule for
-    one it does not know (both for the caller to name)."""
-    key = sampler.strip().lower()
+def a1111(sampler: str | None, schedule: str | None) -> tuple[str, str | None] | None:
+    """An A1111 sampler title (`DPM++ 2M`, or the older combined `DPM++ 2M Karras`; none: the
+    model's own, DEFAULT_SCHEDULER) and scheduler (`Karras` or `karras`) as our names; None for a
+    sampler the table lacks, a None schedule for one it does not know (both for the caller to name)."""
     named = A1111_SCHEDULES.get((schedule or AUTOMATIC).strip().lower())
+    if not sampler:
+        return DEFAULT_SCHEDULER, named
+    key = sampler.strip().lower()
     if key not in A1111_SAMPLERS:  # "DPM++ 2M Karras": the old title of a sampler and its schedule
         for label, name in A1111_SCHEDULES.items():
             if key.endswith(f" {label}") and key.removesuffix(f" {label}") in A1111_SAMPLERS:

@@ -38,7 +38,7 @@ from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
 from imagegen.protocol import MAX_SEED, GenerateRequest
-from imagegen.schedulers import A1111_SCHEDULES, AUTOMATIC, ETA_SCHEDULER, SCHEDULERS, SCHEDULES, a1111
+from imagegen.schedulers import DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, SCHEDULES, a1111
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -104,7 +104,7 @@ def review(body: ProcessingRequest) -> list[str]:
         if rule.unserved is None or not rule.unserved(value, body):
             continue
         note = rule.note.format(value=", ".join(value) if isinstance(value, dict) else value)
-        if rule.verdict == "refused" and name in ("script_name", "alwayson_scripts"):  # A1111's own words
+        if rule.verdict == "refused" and rule.own_words:
             raise APIError("unprocessable", note, {"field": name})
         if rule.verdict == "refused":
             raise refuse(name, f"`{name}`: {note}")
@@ -190,19 +190,16 @@ def scheduler_for(body: ProcessingRequest) -> tuple[str | None, str | None]:
     """The native scheduler and noise schedule of an A1111 sampler and scheduler (None: the
     model's own); an unknown name is refused naming its field."""
     sampler, schedule = body.sampler(), body.scheduler
-    if not sampler:  # the model's own sampler, with a schedule that the generation service checks
-        alone = A1111_SCHEDULES.get((schedule or AUTOMATIC).strip().lower())
-        if alone is None:
-            raise refuse("scheduler", f"Unknown scheduler `{schedule}`; use one of {schedule_titles()}.")
-        return None, None if alone == AUTOMATIC else alone
     named = a1111(sampler, schedule)
     if named is None:
         field = "sampler_name" if body.sampler_name else "sampler_index"
         titles = ", ".join(s.a1111_titles[0] for s in SCHEDULERS.values())
         raise APIError("invalid_sampler", f"Unknown sampler `{sampler}`; use one of {titles}.", {"field": field})
-    if named[1] is None:
+    scheduler, chosen = named
+    if chosen is None:
         raise refuse("scheduler", f"Unknown scheduler `{schedule}`; use one of {schedule_titles()}.")
-    return named
+    # the model's own sampler: its schedule is the generation service's to check against it
+    return (None if scheduler == DEFAULT_SCHEDULER else scheduler), chosen
 
 
 def schedule_titles() -> str:

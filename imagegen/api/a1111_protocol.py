@@ -141,6 +141,7 @@ class Rule:
     verdict: Verdict
     note: str
     unserved: Callable[[Any, Any], bool] | None = None  # (value, request) -> is this value one we do not serve
+    own_words: bool = False  # the note is A1111's whole message (a 422 with it as `detail`), not one about the field
 
 
 def _set(value: Any, _request: Any) -> bool:
@@ -200,11 +201,11 @@ FIELDS: dict[str, Rule] = {
     "firstpass_image": Rule("refused", "hires fix is not available yet", _set),
     "comments": Rule("warned", "not written into the image's infotext", _set),
     "force_task_id": Rule("warned", "GET /sdapi/v1/progress follows your running job, not a task id", _set),
-    "script_name": Rule("refused", "Script '{value}' not found", _set),
+    "script_name": Rule("refused", "Script '{value}' not found", _set, own_words=True),
     "script_args": Rule("warned", "ignored without a script_name", lambda value, request: bool(value)),
     "send_images": _honoured("false: the answer carries no images"),
     "save_images": _honoured("images are always stored, for IMAGE_TTL_SECONDS"),
-    "alwayson_scripts": Rule("refused", "always on script {value} not found", _set),
+    "alwayson_scripts": Rule("refused", "always on script {value} not found", _set, own_words=True),
     "infotext": Rule("refused", "filling fields from an infotext is not served; send the fields", _set),
     "denoising_strength": _honoured("img2img's strength; on txt2img it is hires fix's, as on A1111"),
     "enable_hr": Rule("refused", "hires fix is not available yet", _set),

@@ -88,7 +88,7 @@ def needs_encoding(pipe: Any, params: GenerationParams) -> bool:
     texts = [text for text in (params.prompt, params.negative_prompt, params.prompt_2) if text]
     if params.clip_skip > 1 or (params.prompt_syntax == "a1111" and any(parse(t) != [(t, 1.0)] for t in texts)):
         return True
-    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None) or pipe.tokenizer]
+    tokenizers = [tokenizer for tokenizer in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tokenizer]
     return any(len(windows(tokenizer, text, "none")) > 1 for tokenizer in tokenizers for text in texts)
 
 

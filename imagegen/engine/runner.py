@@ -299,9 +299,10 @@ class Engine:
         its job's input (and mask); a masked edit's output keeps the input's pixels outside the
         mask."""
         params = batch[0].params
-        prompts, negatives, prompts_2, generators, images, masks = [], [], [], [], [], []
+        prompts, negatives, prompts_2, seeds, generators, images, masks = [], [], [], [], [], [], []
         for job in batch:
             for seed in job.params.seeds:
+                seeds.append(seed)
                 prompts.append(job.params.prompt)
                 negatives.append(job.params.negative_prompt)
                 prompts_2.append(job.params.prompt_2)
@@ -330,10 +331,9 @@ class Engine:
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
         if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
-            pipe.scheduler.noise_sampler_seed = [seed for job in batch for seed in job.params.seeds]
+            pipe.scheduler.noise_sampler_seed = seeds
         noise: Any = contextlib.nullcontext()
         if params.subseed_strength or params.seed_resize_from_width:
-            seeds = [seed for job in batch for seed in job.params.seeds]
             subseeds = [seed for job in batch for seed in job.params.subseeds] or seeds
             resize = (params.seed_resize_from_width, params.seed_resize_from_height)
             noise = VariationNoise(
