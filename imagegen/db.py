@@ -97,6 +97,8 @@ jobs = Table(
     # repeat by the same client within a day returns this job (one per client and key).
     Column("idempotency_key", String(255)),
     Column("fingerprint", String(64)),
+    # What its run changed of the request without refusing it (engine/prompts.cut), shown with its result.
+    Column("warnings", Text),
     Index("ix_jobs_idempotency", "client", "idempotency_key", unique=True),
 )
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from imagegen.families import FAMILIES, UnservedModel, safetensors_header
-from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.families import FAMILIES
+from imagegen.loras import AdapterRejected, AdapterStore, tensor_shapes
 
 if TYPE_CHECKING:
     from config import Settings
@@ -48,12 +48,7 @@ class Embedding:
 
 def read_embedding(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> Embedding:
     """The embedding a file holds, from its header; AdapterRejected for one this server does not read."""
-    try:
-        header = safetensors_header(path, fs)
-    except (UnservedModel, OSError) as exc:
-        raise AdapterRejected(f"{name} is not a safetensors file") from exc
-    header.pop("__metadata__", None)
-    shapes = {key: tensor.get("shape") for key, tensor in header.items() if isinstance(tensor, dict)}
+    shapes, _metadata = tensor_shapes(fs, path, name)
     if all(key in shapes for key in SDXL_KEYS):
         parts = [shapes[key] for key in SDXL_KEYS]
     elif "emb_params" in shapes:

@@ -31,11 +31,12 @@ class Endings:
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
         lease: Lease | None = None,
+        warnings: list[str] | None = None,
     ) -> bool:
         """Records the outcome; True if this call changed the record, and only then is the ending
         counted and its webhook sent. A worker gives its `lease`, so an ending from a worker that
         lost the job (another took it over) changes nothing."""
-        changed = self.jobs.finish(job.id, status, images=images, error=error, lease=lease)
+        changed = self.jobs.finish(job.id, status, images=images, error=error, lease=lease, warnings=warnings)
         if changed:
             self.monitor.record_ending(status)
             if job.callback_url:

@@ -43,6 +43,9 @@ class Family:
     guidance: Literal["cfg", "distilled", "none"]  # distilled: embedded in the model, one pass
     prompt_2: bool = False  # a second prompt for the second text encoder (SDXL's, T5 for SD3 and Flux)
     max_sequence_length: int | None = None  # the T5/LLM prompt length the pipeline is called with
+    # The pipeline's tokenizer that reads a prompt at `max_sequence_length`, and the request field it
+    # reads (an empty `prompt_2` reads `prompt`): what is longer is cut, and the job says so.
+    sequence_input: tuple[str, str] = ("tokenizer", "prompt")
     default_size: int = 1024  # when the model's configs give none
     size_multiple: int = 8  # for a single file, whose configs are not read (VAE scale x patch size)
     default_steps: int | None = None  # None: DEFAULT_STEPS
@@ -66,6 +69,9 @@ class Family:
     # embeddings); they take A1111's weights, BREAK, prompts longer than one window and clip skip.
     # Empty: the pipeline encodes the prompts (T5, Gemma, Qwen), which take none of these.
     clip: Literal["", "single", "pair"] = ""
+    # Seamless tiling: a UNet's and VAE's convolutions padded circularly (a transformer's patches
+    # are not convolved across the image's edge, so the others cannot tile).
+    tiling: bool = False
 
     @property
     def lineage(self) -> str:
@@ -147,6 +153,7 @@ FAMILIES: dict[str, Family] = {
             adapters=("lora",),
             strength_steps="floor",
             clip="single",
+            tiling=True,
         ),
         Family(
             "sd-inpaint",
@@ -162,6 +169,7 @@ FAMILIES: dict[str, Family] = {
             strength_steps="floor",
             base="sd",
             clip="single",
+            tiling=True,
         ),
         Family(
             "sdxl",
@@ -175,6 +183,7 @@ FAMILIES: dict[str, Family] = {
             adapters=("lora",),
             strength_steps="floor",
             clip="pair",
+            tiling=True,
         ),
         Family(
             "sdxl-inpaint",
@@ -190,6 +199,7 @@ FAMILIES: dict[str, Family] = {
             strength_steps="floor",
             base="sdxl",
             clip="pair",
+            tiling=True,
         ),
         Family(
             "sd3",
@@ -199,6 +209,7 @@ FAMILIES: dict[str, Family] = {
             "cfg",
             prompt_2=True,
             max_sequence_length=256,
+            sequence_input=("tokenizer_3", "prompt"),
             size_multiple=16,
             default_steps=28,
             default_guidance=7.0,
@@ -214,6 +225,7 @@ FAMILIES: dict[str, Family] = {
             "none",
             prompt_2=True,
             max_sequence_length=256,
+            sequence_input=("tokenizer_2", "prompt_2"),
             size_multiple=16,
             default_steps=4,
             default_guidance=0.0,
@@ -230,6 +242,7 @@ FAMILIES: dict[str, Family] = {
             "distilled",
             prompt_2=True,
             max_sequence_length=512,
+            sequence_input=("tokenizer_2", "prompt_2"),
             size_multiple=16,
             default_steps=28,
             default_guidance=3.5,

@@ -41,13 +41,14 @@ from imagegen.embeddings import named
 from imagegen.jobs import GenerationParams, Job, JobStore
 from imagegen.loras import AdapterRejected, AdapterStore
 from imagegen.prompt_syntax import parse, weighted
-from imagegen.protocol import MAX_SEED, GenerateRequest, LoraChoice
+from imagegen.protocol import MAX_SEED, GenerateRequest, Hires, LoraChoice, UpscaleRequest
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
 from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, resolve
 from imagegen.screening import CostBudget, screen_prompt
 from imagegen.storage import NAME_PATTERN, ImageStore, input_png
 from imagegen.styles import StyleBook
+from imagegen.upscalers import LATENT, NONE, UpscalerRejected, find
 from imagegen.webhooks import check_callback_url
 
 # The longest an upload may take to decode (a few hundred ms is usual): longer is refused, so no
@@ -122,6 +123,7 @@ class GenerationService:
         catalogue: Callable[[], dict[str, ModelSpec]],
         adapters: AdapterStore,
         embeddings: AdapterStore,
+        upscalers: AdapterStore,
         images: ImageStore,
         jobs: JobStore,
         queue: JobQueue,
@@ -130,7 +132,7 @@ class GenerationService:
         styles: StyleBook,
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
-        self.styles, self.embeddings = styles, embeddings
+        self.styles, self.embeddings, self.upscalers = styles, embeddings, upscalers
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -158,6 +160,65 @@ class GenerationService:
             self._capacity(plan.params.model, caller)
         cost = self.budget.check(self._settings().rate_limit_cost, plan.params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
+
+    def submit_upscale(self, request: UpscaleRequest, caller: Caller) -> Submitted:
+        """An upscale as a job, checked as a generation is: its upscalers, its model's queue and the
+        caller's room in it, then its image decoded and its size bounded (MAX_UPSCALE_SIZE)."""
+        if caller.idempotency_key and (first := self._repeat_of(caller)):
+            return Submitted(first)
+        settings = self._settings()
+        model = request.model or settings.model_id
+        if model not in self._catalogue():
+            raise Refusal(f"`model` must be one of {', '.join(self._catalogue())}", "model", code="unknown_model")
+        upscaler = request.upscaler or next((item.name for item in self.upscalers.listing()), "Lanczos")
+        self._upscaler("upscaler", upscaler, latent=False)
+        second = request.upscaler_2 if request.upscaler_2 not in (None, NONE) else ""
+        if second:
+            self._upscaler("upscaler_2", second, latent=False)
+        if request.callback_url:
+            check_callback_url(request.callback_url, settings)
+        self._capacity(model, caller)
+        image = edits.as_rgb(self.read_image("image", request.image, caller))
+        size = _upscaled(image.size, request.scale, request.width, request.height)
+        field = "scale" if request.scale or not (request.width or request.height) else "width"
+        self._within(size, field)
+        encoded = input_png(image)
+        params = GenerationParams(
+            prompt="",
+            negative_prompt="",
+            width=size[0],
+            height=size[1],
+            steps=1,
+            guidance_scale=0.0,
+            seeds=(0,),
+            scheduler=DEFAULT_SCHEDULER,
+            model=model,
+            mode="upscale",
+            image=encoded[0],
+            upscaler=upscaler,
+            upscaler_2=second,
+            upscaler_2_visibility=request.upscaler_2_visibility if second else 0.0,
+            upscale_crop=request.crop,
+        )
+        plan = Plan(params, Edit("upscale", 1.0, encoded, None, size), None, request.callback_url)
+        cost = self.budget.check(settings.rate_limit_cost, params, caller.owner)
+        return Submitted(self._enqueue(plan, caller, cost))
+
+    def _upscaler(self, field: str, name: str, latent: bool) -> None:
+        """An upscaler of GET /upscalers (a latent mode only where `latent`: hires fix)."""
+        if name in LATENT and not latent:
+            message = f"`{field}`: {name} upscales latents, which only hires fix has; name an image upscaler"
+            raise Refusal(message, field)
+        try:
+            find(self.upscalers, name)
+        except UpscalerRejected as exc:
+            raise Refusal(exc.message, field) from None
+
+    def _within(self, size: tuple[int, int], field: str) -> None:
+        """MAX_UPSCALE_SIZE: the longest side an upscale (or hires fix) may make."""
+        limit = self._settings().max_upscale_size
+        if max(size) > limit:
+            raise Refusal(f"`{field}` makes {size[0]}x{size[1]}; MAX_UPSCALE_SIZE is {limit} pixels a side", field)
 
     def _repeat_of(self, caller: Caller) -> Job | None:
         """Step 0: the job this caller made with this Idempotency-Key within a day (a retry after a
@@ -229,6 +290,10 @@ class GenerationService:
             if edit.mask is not None:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
+        hires = self._hires(request.hires, spec, steps, size, mode, caller)
+        if request.tiling and (spec.family is None or not spec.family.tiling):
+            title = spec.family.title if spec.family else "an unknown family"
+            raise Refusal(f"model {model} ({title}) cannot tile: only the UNet families (SD, SDXL) do", "tiling")
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=given["negative_prompt"] or "",
@@ -247,8 +312,10 @@ class GenerationService:
             model=model,
             mode=mode,
             loras=loras,
+            tiling=request.tiling,
             **noise,
             **editing,
+            **hires,
         )
         # A random seed is never the same request; an adapter replaced under its name is another one.
         cacheable = use_cache and request.seed is not None and settings.result_cache
@@ -361,6 +428,43 @@ class GenerationService:
                 message = f"embedding `{embedding.name}` ({made}) does not fit model {spec.id} ({family.title})"
                 raise Refusal(message, "prompt", details={"model": spec.id, "embedding": embedding.name})
         return tuple((embedding.name, embedding.version) for embedding in found)
+
+    def _hires(
+        self, hires: Hires | None, spec: ModelSpec, steps: int, size: tuple[int, int], mode: str, caller: Caller
+    ) -> dict[str, Any]:
+        """Hires fix's fields: its final size (a multiple the model takes, within MAX_UPSCALE_SIZE),
+        its upscaler, and its second pass's steps, strength, steps run and prompts."""
+        if hires is None:
+            return {}
+        family = spec.family
+        if mode != "txt2img":
+            raise Refusal("`hires` is for text-to-image; an edit is made at its own size", "hires")
+        if family is None or "img2img" not in family.modes:
+            title = family.title if family else "an unknown family"
+            raise Refusal(f"model {spec.id} ({title}) has no image-to-image for hires fix's second pass", "hires")
+        final = _upscaled(size, hires.scale, hires.width, hires.height, spec.size_multiple)
+        if final[0] < size[0] or final[1] < size[1] or final == size:
+            raise Refusal(f"`hires` makes {final[0]}x{final[1]}, not larger than {size[0]}x{size[1]}", "hires")
+        self._within(final, "hires")
+        self._upscaler("hires.upscaler", hires.upscaler, latent=True)
+        second = hires.steps or steps
+        run = family.steps_run(second, hires.strength)
+        if run < 1:
+            raise Refusal(f"`hires.strength` {hires.strength} of {second} steps runs no step; raise either", "hires")
+        settings = self._settings()
+        for field, text in (("hires.prompt", hires.prompt), ("hires.negative_prompt", hires.negative_prompt)):
+            if text:
+                screen_prompt(field, text, settings, caller.owner)
+        return {
+            "hires_width": final[0],
+            "hires_height": final[1],
+            "hires_steps": second,
+            "hires_strength": hires.strength,
+            "hires_steps_run": run,
+            "hires_prompt": hires.prompt or "",
+            "hires_negative_prompt": hires.negative_prompt or "",
+            "upscaler": hires.upscaler,
+        }
 
     @staticmethod
     def _clip_skip(request: GenerateRequest, spec: ModelSpec) -> None:
@@ -531,3 +635,19 @@ def _size(request: GenerateRequest, image: Image.Image, spec: ModelSpec) -> tupl
         other = edits.output_size((round(image.width * scale), round(image.height * scale)), cap, multiple)
         return request.width or other[0], request.height or other[1]
     return edits.output_size(image.size, cap, multiple)
+
+
+def _upscaled(
+    size: tuple[int, int], scale: float | None, width: int | None, height: int | None, multiple: int = 1
+) -> tuple[int, int]:
+    """An upscale's size: `width` and `height`, one of them and the other by the image's aspect, or
+    the image's times `scale` (2 when nothing is given), each a multiple of `multiple` (the model's,
+    for hires fix)."""
+    if width and height:
+        wanted = (width, height)
+    elif width or height:
+        factor = (width or 0) / size[0] or (height or 0) / size[1]
+        wanted = (width or size[0] * factor, height or size[1] * factor)
+    else:
+        wanted = (size[0] * (scale or 2), size[1] * (scale or 2))
+    return tuple(max(multiple, round(side / multiple) * multiple) for side in wanted)  # type: ignore[return-value]

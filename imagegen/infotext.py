@@ -39,7 +39,19 @@ def sampler_title(scheduler: str) -> str:
 def write(params: GenerationParams, index: int) -> str:
     """The infotext of the `index`th image of a job, with its own seed (and variation seed); its
     adapters as A1111's `<lora:name:weight>` tags, so pasting the prompt into A1111 applies them."""
+    if params.mode == "upscale":  # A1111's extras write only what they did
+        blended = params.upscaler_2_visibility > 0
+        upscalers = {
+            "Postprocess upscaler": params.upscaler,
+            "Postprocess upscaler 2": params.upscaler_2 if blended else None,
+            "Postprocess upscaler 2 visibility": f"{params.upscaler_2_visibility:g}" if blended else None,
+            "Postprocess upscale to": f"{params.width}x{params.height}",
+            "Postprocess crop to fit": params.upscale_crop or None,
+            "Version": f"imagegen {__version__}",
+        }
+        return ", ".join(f"{key}: {quoted(value)}" for key, value in upscalers.items() if value is not None)
     tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in params.loras)
+    hires = params.hires_width > 0
     pairs: dict[str, Any] = {
         "Steps": params.steps,
         "Sampler": sampler_title(params.scheduler),
@@ -48,7 +60,15 @@ def write(params: GenerationParams, index: int) -> str:
         "Seed": params.seeds[index],
         "Size": f"{params.width}x{params.height}",
         "Model": params.model.rstrip("/").rsplit("/", 1)[-1],
-        "Denoising strength": f"{params.strength:g}" if params.mode != "txt2img" else None,
+        "Denoising strength": f"{params.strength:g}"
+        if params.mode != "txt2img"
+        else (f"{params.hires_strength:g}" if hires else None),
+        "Hires resize": f"{params.hires_width}x{params.hires_height}" if hires else None,
+        "Hires steps": params.hires_steps or None if hires else None,
+        "Hires upscaler": params.upscaler if hires else None,
+        "Hires prompt": params.hires_prompt or None if hires else None,
+        "Hires negative prompt": params.hires_negative_prompt or None if hires else None,
+        "Tiling": True if params.tiling else None,
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
         "Variation seed": params.subseeds[index] if params.subseeds else None,
         "Variation seed strength": f"{params.subseed_strength:g}" if params.subseeds else None,

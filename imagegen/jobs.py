@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -43,8 +43,20 @@ class WebhookStatus(StrEnum):
     TIMED_OUT = "timed_out"  # given up, its last attempt unanswered in time (the receiver may have acted on it)
 
 
-# An edit's own fields, left out of a text-to-image job's `parameters` (they would say nothing there).
+# An edit's own fields, left out of a text-to-image job's `parameters` (they would say nothing there);
+# so are an upscale's own fields but for an upscale, and hires fix's but for a job that has it.
 EDIT_FIELDS = ("image", "mask", "strength", "mask_blur", "mask_crop_padding", "steps_run")
+UPSCALE_FIELDS = ("upscaler_2", "upscaler_2_visibility", "upscale_crop")
+HIRES_FIELDS = (
+    "hires_width",
+    "hires_height",
+    "hires_steps",
+    "hires_strength",
+    "hires_steps_run",
+    "hires_prompt",
+    "hires_negative_prompt",
+)
+OPTIONAL_FIELDS = (*EDIT_FIELDS, *UPSCALE_FIELDS, *HIRES_FIELDS, "upscaler")
 
 
 @dataclass(frozen=True)
@@ -78,11 +90,44 @@ class GenerationParams:
     subseed_strength: float = 0.0
     seed_resize_from_width: int = 0  # the seed's noise drawn at this size (0: the image's)
     seed_resize_from_height: int = 0
+    tiling: bool = False  # images that tile: circular padding in the denoiser's and the VAE's convolutions
+    # Upscaling: an upscale job's upscaler (upscalers.py), or hires fix's; A1111 extras' second one,
+    # blended in at its visibility; an upscale to a size of another aspect covers it, then is cropped.
+    upscaler: str = ""
+    upscaler_2: str = ""
+    upscaler_2_visibility: float = 0.0
+    upscale_crop: bool = False
+    # Hires fix: the final size (0: none; width and height are the first pass's), and its second
+    # pass's steps (0: the first pass's), denoising strength, steps run and prompts (empty: the first's).
+    hires_width: int = 0
+    hires_height: int = 0
+    hires_steps: int = 0
+    hires_strength: float = 0.0
+    hires_steps_run: int = 0
+    hires_prompt: str = ""
+    hires_negative_prompt: str = ""
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """Its images' size: hires fix's final one where it has one, else width x height."""
+        return (self.hires_width, self.hires_height) if self.hires_width else (self.width, self.height)
 
     @property
     def total_steps(self) -> int:
-        """The steps the pipeline runs, which progress counts."""
-        return self.steps_run or self.steps
+        """The steps the pipelines run (hires fix's second pass too), which progress counts."""
+        return (self.steps_run or self.steps) + self.hires_steps_run
+
+    def passes(self) -> list[GenerationParams]:
+        """What each pipeline pass reads its prompts from: the job's own, then with hires fix its
+        second pass's (the first pass's prompts where it has none of its own)."""
+        if not self.hires_width:
+            return [self]
+        second = replace(
+            self,
+            prompt=self.hires_prompt or self.prompt,
+            negative_prompt=self.hires_negative_prompt or self.negative_prompt,
+        )
+        return [self, second]
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -106,6 +151,15 @@ class GenerationParams:
             self.subseed_strength,
             self.seed_resize_from_width,
             self.seed_resize_from_height,
+            self.tiling,
+            self.upscaler,
+            self.upscaler_2,
+            self.upscaler_2_visibility,
+            self.upscale_crop,
+            self.hires_width,
+            self.hires_height,
+            self.hires_steps,
+            self.hires_strength,
         )
 
     @property
@@ -115,12 +169,17 @@ class GenerationParams:
 
     def view(self) -> dict[str, Any]:
         """The fields as a job's `parameters` show them (the response schema is made from the same
-        fields): `loras` in the request's shape, an edit's own fields only for an edit, and the
-        image count."""
+        fields): `loras` in the request's shape, an edit's, an upscale's and hires fix's own fields
+        only where they say something, and the image count."""
         fields = {**asdict(self), "loras": self.lora_view()}
-        if self.mode == "txt2img":
-            for name in EDIT_FIELDS:
-                del fields[name]
+        hidden = {
+            *(EDIT_FIELDS if self.mode == "txt2img" else ()),
+            *(UPSCALE_FIELDS if self.mode != "upscale" else ()),
+            *(HIRES_FIELDS if not self.hires_width else ()),
+            *(("upscaler",) if self.mode != "upscale" and not self.hires_width else ()),
+        }
+        for name in hidden:
+            del fields[name]
         return {**fields, "seeds": list(self.seeds), "subseeds": list(self.subseeds), "num_images": len(self.seeds)}
 
     def lora_view(self) -> list[dict[str, Any]]:
@@ -167,6 +226,7 @@ class Job:
     webhook: dict[str, Any] | None = None  # {status, attempts, last_error} of its callback, if it gave one
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what its run changed of the request, without refusing it
 
     def __post_init__(self) -> None:
         if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
@@ -218,6 +278,7 @@ def _row_to_job(row: Any) -> Job:
         request_id=row["request_id"],
         idempotency_key=row["idempotency_key"],
         fingerprint=row["fingerprint"],
+        warnings=json.loads(row["warnings"] or "[]"),
         webhook=(
             {"status": row["webhook_status"], "attempts": row["webhook_attempts"], "last_error": row["webhook_error"]}
             if row["webhook_status"]
@@ -395,6 +456,7 @@ class JobStore:
         images: list[dict[str, Any]] | None = None,
         error: dict[str, Any] | None = None,
         lease: Lease | None = None,
+        warnings: list[str] | None = None,
     ) -> bool:
         """Ends a job once; a job already finished keeps its first outcome (and this returns False),
         and so does one whose `lease` (a worker's) no longer holds it. The ending and its webhook
@@ -411,6 +473,7 @@ class JobStore:
                     lease_until=0,
                     images=json.dumps(images or []),
                     error=json.dumps(error) if error else None,
+                    warnings=json.dumps(warnings) if warnings else None,
                 )
             ).rowcount
             if changed:

@@ -98,9 +98,10 @@ def _trigger_words(metadata: dict[str, str]) -> list[str]:
     return [tag for tag, _n in counts.most_common(5)]
 
 
-def read_lora(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> Lora:
-    """The adapter a file holds, from its header; AdapterRejected for a file that is not a
-    safetensors LoRA (`name` is what the messages call it)."""
+def tensor_shapes(fs: AbstractFileSystem, path: str, name: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """A safetensors file's tensors with their shapes, and its metadata, from its header alone;
+    AdapterRejected for a file that is not one (`name` is what the messages call it). What
+    adapters, embeddings and upscalers are told apart by."""
     try:
         header = safetensors_header(path, fs)
     except (UnservedModel, OSError) as exc:
@@ -110,11 +111,18 @@ def read_lora(fs: AbstractFileSystem, path: str, size: int, name: str, version: 
         raise AdapterRejected(f"{name}: its `__metadata__` must map text to text")
     if not all(isinstance(tensor, dict) and isinstance(tensor.get("shape"), list) for tensor in header.values()):
         raise AdapterRejected(f"{name}: every tensor of its header needs a dtype, a shape and offsets")
-    downs = [tensor for key, tensor in header.items() if key.endswith(DOWN)]
+    return {key: tensor["shape"] for key, tensor in header.items()}, metadata
+
+
+def read_lora(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> Lora:
+    """The adapter a file holds, from its header; AdapterRejected for a file that is not a
+    safetensors LoRA (`name` is what the messages call it)."""
+    shapes, metadata = tensor_shapes(fs, path, name)
+    downs = [shape for key, shape in shapes.items() if key.endswith(DOWN)]
     if not downs:
         raise AdapterRejected(f"{name} has no LoRA weights (no lora_A / lora_down tensors)")
-    family = next((fam for fam, marks in MARKS if any(mark in key for key in header for mark in marks)), None)
-    shape = downs[0]["shape"] or [None]
+    family = next((fam for fam, marks in MARKS if any(mark in key for key in shapes for mark in marks)), None)
+    shape = downs[0] or [None]
     return Lora(name, family, shape[0], size, _trigger_words(metadata), version)
 
 

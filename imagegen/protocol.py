@@ -66,6 +66,22 @@ class LoraChoice(BaseModel):
     weight: float = Field(1.0, ge=-4, le=4)
 
 
+class Hires(BaseModel):
+    """Hires fix: the image made at `width` x `height`, upscaled (by `scale`, or to this `width` and
+    `height`), then redrawn at that size by image-to-image on the same model, as A1111 does."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    scale: float | None = Field(None, gt=1, le=8, description="Default 2, when no width or height is given.")
+    width: int | None = Field(None, ge=8, le=8192)
+    height: int | None = Field(None, ge=8, le=8192)
+    upscaler: str = Field("Latent", max_length=100, description="GET /upscalers: a latent mode, image or neural one.")
+    steps: int | None = Field(None, ge=1, le=500, description="The second pass's steps (default: the first's).")
+    strength: float = Field(0.7, gt=0, le=1, description="How far the second pass departs from the upscaled image.")
+    prompt: str | None = Field(None, description="The second pass's prompt (default: the first's).")
+    negative_prompt: str | None = None
+
+
 class GenerateRequest(BaseModel):
     """POST /generate: one prompt, one to MAX_IMAGES_PER_REQUEST images; with `image`, an edit of it
     (docs: image editing in the README). Which fields and modes a model takes, its defaults and its
@@ -140,6 +156,8 @@ class GenerateRequest(BaseModel):
     resize_mode: Literal["resize", "crop", "fill"] = Field(
         "resize", description="How the image meets a width and height of another shape: stretch, crop or fill."
     )
+    hires: Hires | None = Field(None, description="Hires fix: a second pass at a larger size (text-to-image).")
+    tiling: bool = Field(False, description="Images that tile seamlessly (circular padding in the model).")
 
     @field_validator("width", "height")
     @classmethod
@@ -164,6 +182,33 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _num_images(cls, value: int, info: ValidationInfo) -> int:
         return _bounded(value, info, 1, "max_images_per_request")
+
+
+class UpscaleRequest(BaseModel):
+    """POST /upscale: an image made larger by an upscaler of GET /upscalers, as a job."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True, arbitrary_types_allowed=True
+    )
+
+    image: str | bytes | Decoded = Field(
+        description="A form file, base64, a data URL, or the name or URL of an image this server made for you."
+    )
+    model: str | None = Field(
+        None, min_length=1, max_length=500, description="Whose workers run it (default: the default model's)."
+    )
+    scale: float | None = Field(None, gt=0, le=16, description="Default 2, when no width or height is given.")
+    width: int | None = Field(None, ge=8, le=16384)
+    height: int | None = Field(None, ge=8, le=16384)
+    crop: bool = Field(False, description="To a width and height of another shape: cover it, then crop the centre.")
+    upscaler: str | None = Field(
+        None, max_length=100, description="GET /upscalers (default: the first neural one, else Lanczos)."
+    )
+    upscaler_2: str | None = Field(None, max_length=100, description="A second upscaler, blended in (A1111's extras).")
+    upscaler_2_visibility: float = Field(0.0, ge=0, le=1)
+    response_format: Literal["url", "b64_json"] = "url"
+    run_async: bool = Field(False, alias="async")
+    callback_url: str | None = Field(None, max_length=2000)
 
 
 def _limit(value: str | None) -> str | None:

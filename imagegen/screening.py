@@ -98,8 +98,11 @@ def screen_prompt(field: str, text: str, settings: Settings, client: str = "-") 
 
 def generation_cost(params: GenerationParams) -> int:
     """What a generation counts against RATE_LIMIT_COST: megapixel-steps (width x height x steps
-    run x images / 10^6; an edit runs about strength x steps), at least 1."""
-    return max(1, math.ceil(params.width * params.height * params.total_steps * len(params.seeds) / 1e6))
+    run x images / 10^6; an edit runs about strength x steps; hires fix's second pass at its own
+    size), at least 1."""
+    first = params.width * params.height * (params.steps_run or params.steps)
+    second = params.hires_width * params.hires_height * params.hires_steps_run
+    return max(1, math.ceil((first + second) * len(params.seeds) / 1e6))
 
 
 class CostBudget:

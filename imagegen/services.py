@@ -33,6 +33,7 @@ from imagegen.runtime import LiveSettings
 from imagegen.screening import CostBudget
 from imagegen.storage import ImageStore
 from imagegen.styles import StyleBook
+from imagegen.upscalers import upscaler_store
 from imagegen.webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Services:
     images: ImageStore
     adapters: AdapterStore
     embeddings: AdapterStore
+    upscalers: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -68,6 +70,7 @@ class Services:
             lambda: self.live.catalogue,
             self.adapters,
             self.embeddings,
+            self.upscalers,
             self.images,
             self.jobs,
             self.queue,
@@ -212,6 +215,9 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
         queue = LocalQueue(engine, claim)
-    services = Services(live, access, jobs, images, adapters, embeddings, queue, monitor, webhooks, Alerts(settings))
+    upscalers = upscaler_store(settings)
+    services = Services(
+        live, access, jobs, images, adapters, embeddings, upscalers, queue, monitor, webhooks, Alerts(settings)
+    )
     monitor.registry.register(AppFigures(queue, images))
     return services

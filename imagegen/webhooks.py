@@ -134,7 +134,14 @@ def payload(job: Job, access: Access, now: float) -> dict[str, Any]:
         query = urllib.parse.urlencode(access.sign(image["name"], now)) if access.keys_required else ""
         path = f"/images/{image['name']}" + (f"?{query}" if query else "")
         images.append({"path": path, "seed": image["seed"], "width": image["width"], "height": image["height"]})
-    return {"id": job.id, "status": job.status, "error": job.error, "images": images, "timings": job.timings()}
+    return {
+        "id": job.id,
+        "status": job.status,
+        "error": job.error,
+        "images": images,
+        "timings": job.timings(),
+        "warnings": job.warnings,
+    }
 
 
 def signature(secret: str, url: str, body: bytes, now: float | None = None) -> str:

@@ -240,8 +240,6 @@ def test_png_info_reads_ours_and_other_tools_images(a1111):
 
 def test_every_a1111_listing_route_answers(a1111):
     for path in (
-        "upscalers",
-        "latent-upscale-modes",
         "sd-vae",
         "face-restorers",
         "realesrgan-models",
@@ -262,8 +260,8 @@ def test_every_a1111_listing_route_answers(a1111):
     ("fields", "said"),
     [
         ({"restore_faces": True}, "`restore_faces`: no face restoration here"),
-        ({"tiling": True}, "`tiling`: seamless tiling is not available yet"),
-        ({"enable_hr": True, "hr_scale": 2}, "`enable_hr`: hires fix is not available yet"),
+        ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "`hr_sampler_name`: the second pass runs with the first"),
+        ({"enable_hr": True, "hr_checkpoint_name": "sdxl"}, "`hr_checkpoint_name`: the second pass runs on the first"),
         ({"script_name": "X/Y/Z plot"}, "Script 'X/Y/Z plot' not found"),
         ({"alwayson_scripts": {"ADetailer": {"args": []}}}, "always on script ADetailer not found"),
         ({"s_churn": 0.5}, "`s_churn`: not served (only 0)"),

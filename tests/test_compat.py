@@ -219,8 +219,9 @@ def test_webuiapi_speaks_a1111_fluently(webui):
     assert varied.info["all_subseeds"] == [9, 10] and varied.info["subseed_strength"] == 0.5
     read = webui.png_info(plms.image)
     assert read.info == plms.info["infotexts"][0] and read.parameters["Sampler"] == "PLMS"
-    for method in ("get_upscalers", "get_sd_vae", "get_hypernetworks", "get_face_restorers"):
+    for method in ("get_sd_vae", "get_hypernetworks", "get_face_restorers"):
         assert getattr(webui, method)() == [], method
+    assert [item["name"] for item in webui.get_upscalers()][:3] == ["None", "Lanczos", "Nearest"]
     assert webui.get_embeddings() == {"loaded": {}, "skipped": {}} and webui.get_cmd_flags()["api"] is True
     assert [s["label"] for s in webui.get_schedulers()][:2] == ["Automatic", "Karras"]
     assert webui.util_get_current_model() == "models/tiny-random"

@@ -20,7 +20,7 @@ def clean_env(monkeypatch):
 def test_defaults():
     settings = Settings(_env_file=None)
     assert (settings.host, settings.port, settings.app_env) == ("127.0.0.1", 5000, "development")
-    assert settings.max_prompt_length == 500 and settings.log_max_bytes == 1_000_000
+    assert settings.max_prompt_length == 3000 and settings.log_max_bytes == 1_000_000
     assert settings.log_backup_count == 5 and settings.default_steps == 20
     assert settings.image_dir == str(ROOT / "generated_images")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,22 @@ def test_families_without_clip_refuse_weights_by_name(app_factory, tmp_path, tin
     assert client.post("/generate", json=as_text).status_code == 200
     skip = client.post("/generate", json={"prompt": "a red circle", "steps": 1, "clip_skip": 2})
     assert skip.status_code == 400 and skip.json["error"]["details"][0]["field"] == "clip_skip"
+
+
+def test_a_prompt_past_a_t5_familys_maximum_is_cut_with_a_warning_on_every_surface(app_factory, tmp_path, tiny_models):
+    client = serve(app_factory, tmp_path, tiny_models, "flux-schnell")  # T5 reads 256 tokens of its prompt
+    long = " ".join(["plain"] * 300) + " " + CIRCLE
+    said = "`prompt` is 309 tokens long; FLUX.1 [schnell] reads 256, so the rest was cut"
+    native = client.post("/generate", json={"prompt": long, "steps": 1})
+    assert native.status_code == 200 and native.json["warnings"] == [said]
+    assert client.get(f"/jobs/{native.json['id']}").json["warnings"] == [said]
+    second = client.post("/generate", json={"prompt": CIRCLE, "prompt_2": long, "steps": 1}).json
+    assert second["warnings"] == [said.replace("`prompt`", "`prompt_2`")]
+    assert client.post("/generate", json={"prompt": CIRCLE, "steps": 1}).json["warnings"] == []
+    openai = client.post("/v1/images/generations", json={"prompt": long, "size": "64x64", "steps": 1})
+    assert openai.json["warnings"] == [said]
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": long, "steps": 1, "width": 64, "height": 64})
+    assert said in json.loads(a1111.json["info"])["warnings"]
 
 
 def save_embedding(folder: Path, name: str, **tensors: torch.Tensor) -> Path:

@@ -27,7 +27,7 @@ HOSTILE_BODIES = [
     # (body, status, code)
     ({"prompt": ""}, 400, "prompt_rejected"),
     ({"prompt": "   \n\t "}, 400, "prompt_rejected"),
-    ({"prompt": "x" * 501}, 400, "prompt_rejected"),
+    ({"prompt": "x" * 3001}, 400, "prompt_rejected"),
     ({"prompt": "a cat\x00"}, 400, "prompt_rejected"),
     ({"prompt": "a cat\x1b[31m"}, 400, "prompt_rejected"),
     ({"prompt": "a cat\x7f"}, 400, "prompt_rejected"),
@@ -58,7 +58,7 @@ HOSTILE_BODIES = [
     ({"prompt": "%2e%2e%2fsecret"}, 400, "prompt_rejected"),
     ({"prompt": "C:\\Windows\\system32"}, 400, "prompt_rejected"),
     ({"prompt": PROMPT, "negative_prompt": "<script>x</script>"}, 400, "prompt_rejected"),
-    ({"prompt": PROMPT, "negative_prompt": "y" * 600}, 400, "prompt_rejected"),
+    ({"prompt": PROMPT, "negative_prompt": "y" * 3001}, 400, "prompt_rejected"),
     ({"prompt": None}, 400, "invalid_request"),
     ({"prompt": ["a", "b"]}, 400, "invalid_request"),
     ({"prompt": {"$gt": ""}}, 400, "invalid_request"),

@@ -303,6 +303,18 @@ def test_a_lora_adapter_from_the_picker(page):
     assert page.errors == []
 
 
+def test_hires_fix_then_an_upscale_of_the_result(page):
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "4")
+    page.check("#hires_on")
+    page.select_option("#hires_upscaler", "demo-shapes-x2")
+    page.click("#generate")
+    playwright.expect(page.locator("#results figcaption")).to_contain_text("128×128", timeout=WAIT_MS)
+    page.click("#results .upscale")
+    playwright.expect(page.locator("#results figcaption")).to_contain_text("256×256", timeout=WAIT_MS)
+    assert page.errors == []
+
+
 # Every control a user works: none may be cut off or need a sideways scroll.
 CONTROLS = "#form input:visible, #form select:visible, #form button:visible, #form label:visible"
 

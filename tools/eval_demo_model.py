@@ -29,10 +29,9 @@ from PIL import Image, ImageDraw
 
 from imagegen.engine.prompts import encode, stacked
 from imagegen.jobs import GenerationParams
-from tools.shapes import Scene, classify, random_scene
+from tools.shapes import FILLER, Scene, classify, random_scene
 
 EVAL_SEED = 20_261_126  # not the training seed: held-out scenes
-FILLER = "plain"  # a word the demo model's tokenizer does not know
 
 
 def generate(

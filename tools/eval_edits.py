@@ -22,10 +22,12 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flask import Flask
 from PIL import Image, ImageDraw
 
 from config import load_settings
@@ -57,21 +59,12 @@ def square_mask(image: Image.Image) -> Image.Image:
     return mask
 
 
-def judge(b64: str) -> Scene | None:
-    return classify(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/demo-shapes"))
-    parser.add_argument("--count", type=int, default=40)
-    parser.add_argument("--grid", type=Path, help="also write a grid of the first 6 cases")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
-    args = parser.parse_args()
-
-    folder = Path(tempfile.mkdtemp(prefix="eval-edits-"))
+def serve(model: Path) -> tuple[Flask, Callable[..., str]]:
+    """The real app on `model` in a folder of its own, ready; and `ask`, which posts a /generate
+    body and returns its first image as base64."""
+    folder = Path(tempfile.mkdtemp(prefix="eval-"))
     settings = load_settings(
-        model_id=str(args.model),
+        model_id=str(model),
         image_dir=folder / "images",
         data_dir=folder / "data",
         log_dir=folder / "logs",
@@ -91,6 +84,22 @@ def main() -> None:
         assert answer.status_code == 200, answer.json
         return answer.json["images"][0]["b64_json"]
 
+    return app, ask
+
+
+def judge(b64: str) -> Scene | None:
+    return classify(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/demo-shapes"))
+    parser.add_argument("--count", type=int, default=40)
+    parser.add_argument("--grid", type=Path, help="also write a grid of the first 6 cases")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args()
+
+    app, ask = serve(args.model)
     rng = np.random.default_rng(EVAL_SEED)
     hits = dict.fromkeys(("inpaint_colour", "inpaint_shape", "img2img_0.3_own_prompt_kept", "variation_0.3_kept"), 0)
     for strength in STRENGTHS:

@@ -63,6 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "engine/models.py",
         "engine/prompts.py",
         "engine/noise.py",
+        "engine/upscaling.py",
     ),
     "Models (no torch: a cluster's API reads them too)": (
         "families.py",
@@ -73,6 +74,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "cpu.py",
         "loras.py",
         "embeddings.py",
+        "upscalers.py",
         "edits.py",
     ),
     "Records": ("jobs.py", "endings.py", "storage.py", "infotext.py", "db.py", "migrations/env.py", "states.py"),

@@ -48,6 +48,10 @@ class Scene:
         return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
+# A word the demo model's tokenizer does not know: the filler of long-prompt training and evaluation.
+FILLER = "plain"
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     """Draws a scene whose shape and background colours differ."""
     colour, background = rng.choice(len(_NAMES), size=2, replace=False)
@@ -59,14 +63,15 @@ CORNER_SHAPE, CORNER_OFFSET = 36, 4
 CORNER_CENTRE = 24  # a judge's bound: a corner drawing's centre is at most 20.5 px from each edge
 
 
-def draw(scene: Scene, rng: np.random.Generator, corner: bool = False) -> np.ndarray:
+def draw(scene: Scene, rng: np.random.Generator, corner: bool = False, scale: int = 1) -> np.ndarray:
     """Renders a scene at a random size and position as a 64x64 RGB uint8 array; `corner`: in the
-    top-left corner (the demo LoRA's style)."""
+    top-left corner (the demo LoRA's style); `scale`: the same drawing `scale` times as big (the
+    demo upscaler's truth), from the same draws of `rng`."""
     size = int(rng.integers(MIN_SHAPE, (CORNER_SHAPE if corner else MAX_SHAPE) + 1))
     room = CORNER_OFFSET if corner else SIZE - size + 1
-    x0, y0 = (int(v) for v in rng.integers(0, room, size=2))
-    x1, y1 = x0 + size - 1, y0 + size - 1
-    image = Image.new("RGB", (SIZE, SIZE), PALETTE[scene.background])
+    x0, y0 = (int(v) * scale for v in rng.integers(0, room, size=2))
+    x1, y1 = x0 + size * scale - 1, y0 + size * scale - 1
+    image = Image.new("RGB", (SIZE * scale, SIZE * scale), PALETTE[scene.background])
     pen = ImageDraw.Draw(image)
     fill = PALETTE[scene.colour]
     if scene.shape == "circle":

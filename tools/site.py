@@ -28,6 +28,7 @@ OUTSIDE = (
     "SECURITY.md",
     "models/demo-shapes/README.md",
     "models/loras/README.md",
+    "models/upscalers/README.md",
 )
 LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?(\))")
 

@@ -36,7 +36,8 @@ from diffusers.training_utils import EMAModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from tools.shapes import PALETTE, SHAPES, draw, random_scene
+from imagegen.engine.prompts import windows
+from tools.shapes import FILLER, PALETTE, SHAPES, draw, random_scene
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
 MAX_TOKENS = 16
@@ -45,6 +46,11 @@ CAPTION_DROPOUT = 0.1  # captions left empty, so that classifier-free guidance h
 # strength 0.3 of 20 steps starts at timestep 298; the line sits a little above it because a model
 # smooth in t still half-follows captions just past it (at 300, 85 % of such edits kept their image).
 CAPTION_FREE_BELOW = 320
+# Shares of training batches whose captions carry unknown words: of one-window batches, the
+# captions given some (up to a full window); and the batches whose captions run over two windows,
+# encoded as the server encodes a long prompt (windows concatenated), so that a caption after 20
+# words of filler, or split across the two windows, still draws.
+FILLER_SHARE, TWO_WINDOW_SHARE = 0.3, 0.3
 
 
 def noise_schedule() -> DDPMScheduler:
@@ -218,6 +224,41 @@ def train_vae(args: argparse.Namespace, rng: np.random.Generator) -> Autoencoder
     return vae
 
 
+def with_filler(texts: list[str], rng: np.random.Generator) -> list[str]:
+    """The batch's captions with unknown words around them: in a share of one-window batches, up to
+    the window's room in some captions; in a two-window batch, enough in every caption to fill more
+    than one window, split at random before and after it. Dropped (empty) captions stay empty, as
+    the server's unconditional half is (padded to the batch's windows by `encode_long`)."""
+    room = MAX_TOKENS - 2
+    long = rng.random() < TWO_WINDOW_SHARE
+    padded = []
+    for text in texts:
+        words = len(text.split())
+        if not text or (not long and rng.random() >= FILLER_SHARE):
+            padded.append(text)
+            continue
+        count = int(rng.integers(room + 1, 2 * room + 1)) - words if long else int(rng.integers(1, room - words + 1))
+        before = int(rng.integers(0, count + 1))
+        padded.append(" ".join([FILLER] * before + [text] + [FILLER] * (count - before)))
+    return padded
+
+
+def encode_long(tokenizer: PreTrainedTokenizerFast, text_encoder: CLIPTextModel, texts: list[str]) -> torch.Tensor:
+    """The captions' embeddings as the server encodes a prompt (engine/prompts.py), batched: each
+    caption's tokens in windows, each window framed and encoded alone, the windows concatenated; a
+    caption of fewer windows than the batch's longest padded with empty ones, as the server pads a
+    negative prompt."""
+    split = [windows(tokenizer, text, "none") for text in texts]
+    count = max(len(found) for found in split)
+    ids = []
+    for found in split:
+        for tokens, _ in found + [([], [])] * (count - len(found)):
+            framed = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]
+            ids.append(framed + [tokenizer.pad_token_id] * (MAX_TOKENS - len(framed)))
+    states = text_encoder(torch.tensor(ids))[0]
+    return states.reshape(len(texts), count * MAX_TOKENS, -1)
+
+
 def train_unet(
     args: argparse.Namespace,
     rng: np.random.Generator,
@@ -258,9 +299,9 @@ def train_unet(
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),))
             shown, dropped = caption_rows(index, t, rng, len(captions), free_below)
             texts = ["" if drop else captions[i] for i, drop in zip(shown, dropped, strict=True)]
-            ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+            states = encode_long(tokenizer, text_encoder, with_filler(texts, rng))
             noise = torch.randn_like(clean)
-            prediction = unet(noise_scheduler.add_noise(clean, noise, t), t, text_encoder(ids)[0]).sample
+            prediction = unet(noise_scheduler.add_noise(clean, noise, t), t, states).sample
             loss = F.mse_loss(prediction, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

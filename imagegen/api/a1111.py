@@ -10,6 +10,7 @@ with `detail` (FastAPI's list of `{loc, msg, type}` for a field's type or range)
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -24,11 +25,17 @@ from pydantic import TypeAdapter, ValidationError
 from imagegen import edits, infotext
 from imagegen.api import services
 from imagegen.api.a1111_protocol import (
+    EXTRAS_FIELDS,
     FIELDS,
     OPTIONS,
+    A1111Model,
+    ExtraBatchRequest,
+    ExtraSingleRequest,
+    ExtrasRequest,
     Img2ImgRequest,
     PngInfoRequest,
     ProcessingRequest,
+    Rule,
     Txt2ImgRequest,
 )
 from imagegen.api.errors import APIError, install
@@ -37,8 +44,9 @@ from imagegen.api.submission import caller, generate_now, parse
 from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
-from imagegen.protocol import MAX_SEED, GenerateRequest
+from imagegen.protocol import MAX_SEED, GenerateRequest, UpscaleRequest
 from imagegen.schedulers import DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, SCHEDULES, a1111
+from imagegen.upscalers import IMAGE, LATENT, NONE
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
 
@@ -95,12 +103,12 @@ def refuse(field: str, message: str) -> APIError:
     return APIError("invalid_request", message, {"field": field})
 
 
-def review(body: ProcessingRequest) -> list[str]:
+def review(body: A1111Model, rules: dict[str, Rule] = FIELDS) -> list[str]:
     """What the request asks that this server does not serve: a refusal for what would change the
     image, else the warnings for the answer's `info` (fields A1111 does not know included)."""
     warnings = [f"`{name}` is not an A1111 field; ignored" for name in body.model_extra or {}]
-    for name in body.model_fields_set & FIELDS.keys():
-        rule, value = FIELDS[name], getattr(body, name)
+    for name in body.model_fields_set & rules.keys():
+        rule, value = rules[name], getattr(body, name)
         if rule.unserved is None or not rule.unserved(value, body):
             continue
         note = rule.note.format(value=", ".join(value) if isinstance(value, dict) else value)
@@ -240,6 +248,19 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
         clip_skip = clip_skip if spec is None or spec.family is None or spec.family.clip else 1
     variation = body.subseed_strength > 0
     resized = body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0
+    hires = None
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        hires = {
+            "scale": None if body.hr_resize_x or body.hr_resize_y else body.hr_scale,
+            "width": body.hr_resize_x or None,
+            "height": body.hr_resize_y or None,
+            # A1111's default is its default latent mode; its "None" resizes the image
+            "upscaler": {None: "Latent", "": "Latent", NONE: "Lanczos"}.get(body.hr_upscaler, body.hr_upscaler),
+            "steps": body.hr_second_pass_steps or None,
+            "strength": 0.7 if body.denoising_strength is None else body.denoising_strength,
+            "prompt": body.hr_prompt or None,
+            "negative_prompt": body.hr_negative_prompt or None,
+        }
     return parse(
         GenerateRequest,
         {
@@ -262,6 +283,8 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
             "clip_skip": clip_skip if clip_skip > 1 else None,
             "eta": body.eta if scheduler == ETA_SCHEDULER else None,  # the other samplers take none, as on A1111
             "model": model,
+            "tiling": bool(body.tiling),
+            "hires": hires,
             **edit,
         },
     )
@@ -331,7 +354,7 @@ def _info(body: ProcessingRequest, finished: Job, warnings: list[str]) -> dict[s
         "sd_model_hash": None,
         "job_id": finished.id,
         "infotexts": [infotext.write(params, index) for index in range(len(seeds))],
-        "warnings": warnings,
+        "warnings": warnings + finished.warnings,
     }
 
 
@@ -459,11 +482,73 @@ def scripts() -> dict[str, list[str]]:
     return {"txt2img": [], "img2img": []}
 
 
-# A1111's lists of which this server has nothing (no upscalers, face restorers, VAEs or
-# hypernetworks apart from the model's own, no scripts or extensions): each an honest empty list.
+@bp.get("/upscalers")
+def upscalers() -> list[dict[str, Any]]:
+    """The image upscalers in A1111's shape: None, the built-in filters, UPSCALER_DIR's networks."""
+    neural = [(item.name, item.architecture, item.scale) for item in services().upscalers.listing()]
+    listed = [(NONE, None, None)] + [(name, None, None) for name in IMAGE] + neural
+    return [
+        {"name": name, "model_name": model, "model_path": None, "model_url": None, "scale": scale}
+        for name, model, scale in listed
+    ]
+
+
+@bp.get("/latent-upscale-modes")
+def latent_upscale_modes() -> list[dict[str, str]]:
+    """A1111's latent upscale modes, for hires fix's `hr_upscaler`."""
+    return [{"name": name} for name in LATENT]
+
+
+def _upscale(body: ExtrasRequest, image: str) -> UpscaleRequest:
+    """The native upscale of one of the extras' images."""
+    if body.upscaler_1 in (None, "", NONE):
+        raise refuse("upscaler_1", f"`upscaler_1`: {NONE} upscales nothing; name one of GET /sdapi/v1/upscalers")
+    by_size = body.resize_mode == 1
+    return parse(
+        UpscaleRequest,
+        {
+            "image": image,
+            "scale": None if by_size else body.upscaling_resize,
+            "width": body.upscaling_resize_w if by_size else None,
+            "height": body.upscaling_resize_h if by_size else None,
+            "crop": by_size and body.upscaling_crop,
+            "upscaler": body.upscaler_1,
+            "upscaler_2": None if body.upscaler_2 in (None, "", NONE) else body.upscaler_2,
+            "upscaler_2_visibility": body.extras_upscaler_2_visibility,
+        },
+    )
+
+
+def _extras_info(jobs: list[Job], warnings: list[str]) -> str:
+    """The extras' `html_info`: each image's infotext, then what was not served."""
+    lines = [infotext.write(job.params, 0) for job in jobs] + [f"Warning: {warning}" for warning in warnings]
+    return "<br>".join(html.escape(line) for line in lines)
+
+
+@bp.post("/extra-single-image")
+@generation_route
+def extra_single_image() -> dict[str, Any]:
+    """Upscales one image (A1111's extras), as a job like any other."""
+    body = parse(ExtraSingleRequest)
+    warnings = review(body, EXTRAS_FIELDS)
+    finished = generate_now(_upscale(body, body.image))
+    return {"html_info": _extras_info([finished], warnings), "image": image_views(finished, "b64_json")[0]["b64_json"]}
+
+
+@bp.post("/extra-batch-images")
+@generation_route
+def extra_batch_images() -> dict[str, Any]:
+    """Upscales each image of `imageList` (A1111's extras), each a job."""
+    body = parse(ExtraBatchRequest)
+    warnings = review(body, EXTRAS_FIELDS)
+    finished = [generate_now(_upscale(body, item.data)) for item in body.imageList]
+    images = [image_views(job, "b64_json")[0]["b64_json"] for job in finished]
+    return {"html_info": _extras_info(finished, warnings), "images": images}
+
+
+# A1111's lists of which this server has nothing (no face restorers, VAEs or hypernetworks apart
+# from the model's own, no scripts or extensions): each an honest empty list.
 EMPTY_LISTS = (
-    "upscalers",
-    "latent-upscale-modes",
     "sd-vae",
     "face-restorers",
     "realesrgan-models",

@@ -130,6 +130,39 @@ class PngInfoRequest(A1111Model):
     image: str = Field(min_length=1)
 
 
+class ExtrasRequest(A1111Model):
+    """A1111's extras: an upscale by `upscaling_resize` (resize_mode 0) or to `upscaling_resize_w`
+    x `upscaling_resize_h` (1; with `upscaling_crop`, covered and cropped), by `upscaler_1` with
+    `upscaler_2` blended in at `extras_upscaler_2_visibility`."""
+
+    resize_mode: LaxInt = Field(0, ge=0, le=1)
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, gt=0, le=16)
+    upscaling_resize_w: LaxInt = Field(512, ge=8)
+    upscaling_resize_h: LaxInt = Field(512, ge=8)
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtraSingleRequest(ExtrasRequest):
+    image: str = Field(min_length=1)
+
+
+class BatchImage(A1111Model):
+    data: str = Field(min_length=1)
+    name: str = ""
+
+
+class ExtraBatchRequest(ExtrasRequest):
+    imageList: list[BatchImage] = Field(min_length=1, max_length=64)
+
+
 Verdict = Literal["honoured", "warned", "refused"]
 
 
@@ -162,6 +195,7 @@ def _eta(value: Any, request: Any) -> bool:
     return value not in (None, 1) and (sampler.endswith(" a") or " a " in sampler)
 
 
+NO_FACES = "no face restoration here (GET /sdapi/v1/face-restorers is empty)"
 FIELDS: dict[str, Rule] = {
     "prompt": _honoured("`<lora:name:weight>` tags apply adapters of GET /sdapi/v1/loras"),
     "negative_prompt": _honoured(""),
@@ -180,8 +214,8 @@ FIELDS: dict[str, Rule] = {
     "cfg_scale": _honoured(""),
     "width": _honoured(""),
     "height": _honoured(""),
-    "restore_faces": Rule("refused", "no face restoration here (GET /sdapi/v1/face-restorers is empty)", _set),
-    "tiling": Rule("refused", "seamless tiling is not available yet", _set),
+    "restore_faces": Rule("refused", NO_FACES, _set),
+    "tiling": _honoured("circular padding in the UNet and VAE (SD, SDXL); other models refuse it"),
     "do_not_save_samples": Rule("warned", "images are stored anyway, for IMAGE_TTL_SECONDS", _set),
     "do_not_save_grid": _honoured("no grid is ever made"),
     "eta": Rule("warned", "honoured for DDIM; the ancestral samplers run at eta 1", _eta),
@@ -198,7 +232,7 @@ FIELDS: dict[str, Rule] = {
     "refiner_checkpoint": Rule("refused", "no refiner model here", _not("", "None")),
     "refiner_switch_at": _honoured("means nothing without refiner_checkpoint"),
     "disable_extra_networks": _honoured("`<lora:...>` tags are removed and not applied"),
-    "firstpass_image": Rule("refused", "hires fix is not available yet", _set),
+    "firstpass_image": Rule("refused", "hires fix from a given first pass is not served; use img2img", _set),
     "comments": Rule("warned", "not written into the image's infotext", _set),
     "force_task_id": Rule("warned", "GET /sdapi/v1/progress follows your running job, not a task id", _set),
     "script_name": Rule("refused", "Script '{value}' not found", _set, own_words=True),
@@ -208,19 +242,29 @@ FIELDS: dict[str, Rule] = {
     "alwayson_scripts": Rule("refused", "always on script {value} not found", _set, own_words=True),
     "infotext": Rule("refused", "filling fields from an infotext is not served; send the fields", _set),
     "denoising_strength": _honoured("img2img's strength; on txt2img it is hires fix's, as on A1111"),
-    "enable_hr": Rule("refused", "hires fix is not available yet", _set),
-    "firstphase_width": _honoured("means nothing without enable_hr"),
-    "firstphase_height": _honoured("means nothing without enable_hr"),
-    "hr_scale": _honoured("means nothing without enable_hr"),
-    "hr_upscaler": _honoured("means nothing without enable_hr"),
-    "hr_second_pass_steps": _honoured("means nothing without enable_hr"),
-    "hr_resize_x": _honoured("means nothing without enable_hr"),
-    "hr_resize_y": _honoured("means nothing without enable_hr"),
-    "hr_checkpoint_name": _honoured("means nothing without enable_hr"),
-    "hr_sampler_name": _honoured("means nothing without enable_hr"),
-    "hr_scheduler": _honoured("means nothing without enable_hr"),
-    "hr_prompt": _honoured("means nothing without enable_hr"),
-    "hr_negative_prompt": _honoured("means nothing without enable_hr"),
+    "enable_hr": _honoured("hires fix: upscaled by hr_upscaler, redrawn by image-to-image on the same model"),
+    "firstphase_width": _honoured("A1111 1.x ignores it too; width and height are the first pass's"),
+    "firstphase_height": _honoured("as firstphase_width"),
+    "hr_scale": _honoured("default 2"),
+    "hr_upscaler": _honoured("GET /sdapi/v1/upscalers and latent-upscale-modes (default Latent; None resizes)"),
+    "hr_second_pass_steps": _honoured("0: the first pass's steps"),
+    "hr_resize_x": _honoured("with hr_resize_y (or alone, the other by the aspect), instead of hr_scale"),
+    "hr_resize_y": _honoured("as hr_resize_x"),
+    "hr_checkpoint_name": Rule(
+        "refused", "the second pass runs on the first pass's model", _not("", "Use same checkpoint")
+    ),
+    "hr_sampler_name": Rule(
+        "refused",
+        "the second pass runs with the first pass's sampler",
+        lambda value, request: value not in (None, "", "Use same sampler", request.sampler()),
+    ),
+    "hr_scheduler": Rule(
+        "refused",
+        "the second pass runs with the first pass's schedule",
+        lambda value, request: value not in (None, "", "Use same scheduler", request.scheduler),
+    ),
+    "hr_prompt": _honoured("empty: the first pass's prompt"),
+    "hr_negative_prompt": _honoured("empty: the first pass's"),
     "init_images": Rule("refused", "one image per request here; send one request per image", lambda v, r: len(v) > 1),
     "resize_mode": _honoured("3 (latent upscale) resizes the image, as 0 does"),
     "image_cfg_scale": _honoured("InstructPix2Pix only, as on A1111; no such model here"),
@@ -268,4 +312,13 @@ OPTIONS: dict[str, Option] = {
     "send_seed": Option(True, "stored", "A1111's UI only"),
     "live_previews_enable": Option(True, "stored", "no live previews yet: `current_image` stays null"),
     "show_progress_every_n_steps": Option(10, "stored", "no live previews yet"),
+}
+
+
+# The extras' fields: face restoration is refused above 0; the rest are honoured.
+EXTRAS_FIELDS: dict[str, Rule] = {
+    "gfpgan_visibility": Rule("refused", NO_FACES, _set),
+    "codeformer_visibility": Rule("refused", NO_FACES, _set),
+    "codeformer_weight": _honoured("means nothing without codeformer_visibility"),
+    "upscale_first": _honoured("means nothing without face restoration"),
 }

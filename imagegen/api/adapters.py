@@ -1,5 +1,5 @@
-"""LoRA adapters and textual-inversion embeddings over HTTP: the lists, and an admin's upload and
-delete of either.
+"""LoRA adapters, textual-inversion embeddings and upscalers over HTTP: the lists, and an admin's
+upload and delete of each.
 
 A request's choice of adapters, and the embeddings its prompts name, are checked by the generation
 service from each file's header alone (no torch, so a cluster's API can do it too); a misfit only
@@ -19,6 +19,7 @@ from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import require_admin, uploads
 from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.upscalers import builtin_views
 
 bp = APIBlueprint("adapters", __name__, abp_tags=[Tag(name="adapters")])
 
@@ -108,3 +109,30 @@ def upload_embedding() -> tuple[dict[str, Any], int]:
 def delete_embedding(name: str) -> dict[str, Any]:
     """Admin: removes an embedding (a model that loaded it keeps its tokens until it is unloaded)."""
     return _delete(services().embeddings, name)
+
+
+@bp.get("/upscalers", **spec({200: schemas.UpscalerList}, errors=(401, 429)))
+@raw
+def upscalers() -> dict[str, Any]:
+    """The upscalers /upscale and hires fix take: the built-in image filters and latent modes (hires
+    fix only), then UPSCALER_DIR's networks with their architecture and scale."""
+    return {"upscalers": builtin_views() + [item.view() for item in services().upscalers.listing()]}
+
+
+@bp.post("/upscalers", **spec({201: schemas.UpscalerView}, errors=(400, 401, 403, 413, 415, 429)))
+@uploads
+@raw
+def upload_upscaler() -> tuple[dict[str, Any], int]:
+    """Admin: adds an upscaler from a form's `file` (.safetensors: RRDBNet or SRVGGNetCompact), named
+    by `name` or the file's name; one of an existing name only with `overwrite=true`."""
+    return _upload(services().upscalers)
+
+
+@bp.delete(
+    "/upscalers/<name>",
+    **spec({200: None}, parameters={"name": "An upscaler of GET /upscalers."}, errors=(401, 404)),
+)
+@raw
+def delete_upscaler(name: str) -> dict[str, Any]:
+    """Admin: removes an upscaler (workers that loaded it drop it when they next need room)."""
+    return _delete(services().upscalers, name)

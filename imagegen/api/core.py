@@ -18,7 +18,7 @@ from imagegen.api.slots import waiting
 from imagegen.api.submission import caller, job_failure, parse, wait_for
 from imagegen.api.views import accepted, image_views
 from imagegen.jobs import Job
-from imagegen.protocol import GenerateRequest
+from imagegen.protocol import GenerateRequest, UpscaleRequest
 
 bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
 
@@ -33,6 +33,7 @@ ENDPOINTS = [
     ("POST", "/v1/images/generations", "OpenAI Images API (also /v1/images/edits, /v1/images/variations, /v1/models)."),
     ("POST", "/sdapi/v1/txt2img", "AUTOMATIC1111 API (also img2img, options, sd-models, samplers, progress, ...)."),
     ("POST", "/generate", "Generate images from a prompt, or edit an image (JSON or a form); waits for the result."),
+    ("POST", "/upscale", "Upscale an image (JSON or a form) with an upscaler of GET /upscalers; waits for the result."),
     ("GET", "/images/<name>", "Download a generated PNG."),
     ("GET", "/jobs", "Recent jobs (yours, with API keys); ?status= filters."),
     ("GET", "/jobs/<id>", "A job's status, position, progress, ETA, timings and images."),
@@ -47,6 +48,7 @@ ENDPOINTS = [
     ("GET", "/schedulers", "Samplers a request may name, with their noise schedules."),
     ("GET", "/styles", "Prompt styles (STYLES_FILE) a request may name."),
     ("GET", "/loras", "LoRA adapters a request may name (admin: POST to add one, DELETE /loras/<name>)."),
+    ("GET", "/upscalers", "Upscalers for /upscale and hires fix (admin: POST to add one, DELETE /upscalers/<name>)."),
     ("GET", "/embeddings", "Textual-inversion embeddings a prompt may name (admin: POST, DELETE /embeddings/<name>)."),
     ("POST", "/models/<id>/load", "Admin: load a model now."),
     ("POST", "/models/<id>/unload", "Admin: unload a model."),
@@ -104,6 +106,7 @@ def finished_body(job: Job, response_format: str) -> dict[str, Any]:
         "images": image_views(job, response_format),
         "parameters": job.params.view(),
         "timings": job.timings(),
+        "warnings": job.warnings,
         "cached": False,
     }
 
@@ -138,6 +141,32 @@ def generate() -> tuple[dict[str, Any], int, dict[str, str]]:
             if not submitted.cached:
                 return generation_response(submitted.job, body.response_format)
     return {**finished_body(submitted.job, body.response_format), "cached": True}, 200, {}
+
+
+UPSCALE_EXAMPLE = {"image": "<base64 PNG, or the name or URL of an image this server made>", "scale": 2}
+
+
+@bp.post(
+    "/upscale",
+    **spec(
+        {200: schemas.GenerateResponse, 202: schemas.JobView},
+        body=UpscaleRequest,
+        example=UPSCALE_EXAMPLE,
+        errors=(400, 401, 409, 410, 413, 415, 429, 503),
+        form=True,
+    ),
+)
+@generation_route
+@uploads
+@raw
+def upscale() -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Queues and (by default) waits for an upscale of an image; answers with the larger image."""
+    body = parse(UpscaleRequest)
+    generation = services().generation
+    if body.run_async or "respond-async" in request.headers.get("Prefer", ""):
+        return accepted(generation.submit_upscale(body, caller()).job)
+    with waiting():  # a server thread waits with this request: capped per client and in all
+        return generation_response(generation.submit_upscale(body, caller()).job, body.response_format)
 
 
 @bp.get(

@@ -48,6 +48,8 @@ class ImagesOptions(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     loras: list[dict[str, Any]] | None = None  # [{"name", "weight"}], in extra_body
+    hires: dict[str, Any] | None = None  # hires fix, as the native `hires`, in extra_body
+    tiling: bool = False  # seamless tiling, in extra_body
 
     @field_validator("size")
     @classmethod
@@ -129,6 +131,8 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
             "num_images": body.n,
             "model": None if body.model in OPENAI_ALIASES else body.model,
             "loras": body.loras,
+            "hires": body.hires,
+            "tiling": body.tiling,
         },
     )
     finished = generate_now(native)
@@ -137,7 +141,9 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
         {**({"b64_json": view["b64_json"]} if "b64_json" in view else {"url": view["url"]}), "revised_prompt": prompt}
         for view in image_views(finished, body.response_format)
     ]
-    return {"created": int(finished.created_at), "data": data}
+    # OpenAI's answer has no place for them; its SDK keeps a field it does not know
+    warnings = {"warnings": finished.warnings} if finished.warnings else {}
+    return {"created": int(finished.created_at), "data": data, **warnings}
 
 
 @bp.post("/images/generations")

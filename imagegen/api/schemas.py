@@ -8,7 +8,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from config import MAX_AGE_SECONDS
-from imagegen.jobs import EDIT_FIELDS, GenerationParams, JobStatus, WebhookStatus
+from imagegen.jobs import OPTIONAL_FIELDS, GenerationParams, JobStatus, WebhookStatus
 from imagegen.refusals import ERROR_CODES
 
 
@@ -67,13 +67,13 @@ class LoraWeight(BaseModel):
     weight: float
 
 
-# A job's `parameters`: every field of GenerationParams (the one list of them; an edit's own only
-# for edits), `loras` in the request's shape, and the image count.
+# A job's `parameters`: every field of GenerationParams (the one list of them; an edit's, an
+# upscale's and hires fix's own only where they apply), `loras` in the request's shape, and the image count.
 Parameters = create_model(
     "Parameters",
     **{  # type: ignore[call-overload]
         **{
-            name: (hint | None, None) if name in EDIT_FIELDS else (hint, ...)
+            name: (hint | None, None) if name in OPTIONAL_FIELDS else (hint, ...)
             for name, hint in get_type_hints(GenerationParams).items()
         },
         "loras": (list[LoraWeight], ...),
@@ -82,12 +82,16 @@ Parameters = create_model(
 )
 
 
+WARNINGS = "what the run changed of the request without refusing it: a prompt past the model's text encoder, cut"
+
+
 class GenerateResponse(BaseModel):
     id: str
     model: str
     images: list[ImageView]
     parameters: Parameters
     timings: Timings
+    warnings: list[str] = Field(description=WARNINGS)
     cached: bool
 
 
@@ -110,6 +114,7 @@ class JobView(BaseModel):
     created_at: float
     parameters: Parameters
     timings: Timings
+    warnings: list[str] = Field(description=WARNINGS)
     position: int | None = None
     progress: float | None = None
     step: int | None = None
@@ -177,6 +182,19 @@ class EmbeddingView(BaseModel):
 
 class EmbeddingList(BaseModel):
     embeddings: list[EmbeddingView]
+
+
+class UpscalerView(BaseModel):
+    """An upscaler: `image` (a filter), `latent` (hires fix only) or `neural` (UPSCALER_DIR)."""
+
+    name: str
+    kind: Literal["image", "latent", "neural"]
+    architecture: str | None = Field(description="RRDBNet or SRVGGNetCompact, for a neural one")
+    scale: int | None = Field(description="What one pass of a neural one multiplies the size by")
+
+
+class UpscalerList(BaseModel):
+    upscalers: list[UpscalerView]
 
 
 class SchedulerView(BaseModel):

@@ -25,7 +25,7 @@ from imagegen.api.guard import client_key
 from imagegen.api.slots import waiting
 from imagegen.generation import Caller
 from imagegen.jobs import Job
-from imagegen.protocol import GenerateRequest
+from imagegen.protocol import GenerateRequest, UpscaleRequest
 
 Schema = TypeVar("Schema", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -124,14 +124,18 @@ def wait_for(job: Job) -> Job | None:
     return current if current and current.status.finished else None  # still queued: the server is stopping
 
 
-def generate_now(native: GenerateRequest, client_defaults: dict[str, Any] | None = None) -> Job:
+def generate_now(native: GenerateRequest | UpscaleRequest, client_defaults: dict[str, Any] | None = None) -> Job:
     """Queues and waits for a job, for surfaces whose clients expect the images in the answer.
 
     A job that outlives REQUEST_TIMEOUT_SECONDS is not lost: the 503 names it, and it can be read at
     /jobs/<id>. A failed job is raised as its error.
     """
     with waiting():  # a server thread waits with this request: capped per client and in all
-        job = services().generation.submit(native, caller(), client_defaults=client_defaults).job
+        generation = services().generation
+        if isinstance(native, UpscaleRequest):
+            job = generation.submit_upscale(native, caller()).job
+        else:
+            job = generation.submit(native, caller(), client_defaults=client_defaults).job
         finished = wait_for(job)
     if finished is None and services().draining:
         raise APIError(

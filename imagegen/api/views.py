@@ -49,6 +49,7 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         "created_at": job.created_at,
         "parameters": job.params.view(),
         "timings": job.timings(),
+        "warnings": job.warnings,
     }
     if job.status == JobStatus.QUEUED:
         view["position"] = svc.jobs.position(job)

@@ -35,8 +35,9 @@ from imagegen.catalogue import ModelSpec
 from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
+from imagegen.engine.upscaling import load as load_upscaler
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
-from imagegen.loras import AdapterFailed, AdapterStore
+from imagegen.loras import AdapterFailed, AdapterRejected, AdapterStore
 from imagegen.quantization import (
     Unrunnable,
     build_kernels,
@@ -47,6 +48,7 @@ from imagegen.quantization import (
 )
 from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, options, resolve
 from imagegen.states import ModelState, backoff
+from imagegen.upscalers import Upscaler, find, upscaler_store
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +211,9 @@ class ModelManager:
         self.adapters = adapters
         self.embeddings = embeddings or embedding_store(settings)
         self._embeddings: dict[str, dict[str, str]] = {}  # per model, its loaded embeddings' versions
+        self.upscalers = upscaler_store(settings)
+        # Loaded upscaler networks by name, with their file's version, least recently used first.
+        self._upscalers: OrderedDict[str, tuple[str, Upscaler, torch.nn.Module]] = OrderedDict()
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -348,6 +353,28 @@ class ModelManager:
             pipe = self._edit_pipes[key]
         pipe.scheduler = self._scheduler(model_id, *resolve(scheduler, schedule))
         return pipe
+
+    def upscaler(self, name: str) -> tuple[torch.nn.Module | None, int]:
+        """A neural upscaler's network (loaded once per version of its file, the MAX_LOADED_MODELS
+        most recent kept) and its scale; (None, 1) for a built-in one."""
+        try:
+            described = find(self.upscalers, name)
+            if described is None:
+                return None, 1
+            path, version = self.upscalers.local_file(name)
+        except (AdapterRejected, FileNotFoundError):
+            raise AdapterFailed(f"upscaler `{name}` is no longer in UPSCALER_DIR") from None
+        if name not in self._upscalers or self._upscalers[name][0] != version:
+            try:
+                network = load_upscaler(described, str(path)).to(self.device)
+            except (RuntimeError, ValueError) as exc:  # weights that do not match their header's sizes
+                raise AdapterFailed(f"upscaler `{name}` could not be loaded", str(exc)) from exc
+            self._upscalers[name] = (version, described, network)
+            while len(self._upscalers) > self.settings.max_loaded_models:
+                self._upscalers.popitem(last=False)
+        self._upscalers.move_to_end(name)
+        _version, described, network = self._upscalers[name]
+        return network, described.scale
 
     def _scheduler(self, model_id: str, scheduler: str, schedule: str) -> Any:
         """The model's scheduler of that name and schedule, made once from the model's own config (so

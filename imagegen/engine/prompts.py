@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from imagegen.families import Family
 from imagegen.jobs import GenerationParams
 from imagegen.prompt_syntax import BREAK, parse
 
@@ -138,3 +139,25 @@ def encode(pipe: Any, kind: str, params: GenerationParams) -> Encoded:
 def stacked(encoded: list[Encoded]) -> dict[str, Any]:
     """The embeddings of a call's images (one Encoded each, of one length), batched."""
     return {name: torch.cat([e.tensors[name] for e in encoded]) for name in encoded[0].tensors}
+
+
+def cut(pipe: Any, family: Family, params: GenerationParams) -> list[str]:
+    """What a family with a fixed prompt length (T5, Gemma, Qwen: `max_sequence_length`) cuts of a
+    job's prompts, as warnings the job shows with its result: the pipeline cuts them with a log line
+    alone, and its user would never learn that the end of a prompt was not read."""
+    if not family.max_sequence_length:
+        return []
+    attribute, field = family.sequence_input
+    tokenizer = getattr(pipe, attribute)
+    texts = {field: getattr(params, field)} if getattr(params, field) else {"prompt": params.prompt}
+    if family.negative_prompt != "none":
+        texts["negative_prompt"] = params.negative_prompt
+    found = []
+    for name, text in texts.items():
+        count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
+        if count > family.max_sequence_length:
+            found.append(
+                f"`{name}` is {count} tokens long; {family.title} reads {family.max_sequence_length}, "
+                "so the rest was cut"
+            )
+    return found

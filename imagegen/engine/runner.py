@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -27,14 +27,16 @@ from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
 from imagegen.engine.models import ModelManager
 from imagegen.engine.noise import VariationNoise
-from imagegen.engine.prompts import Encoded, encode, needs_encoding, stacked
+from imagegen.engine.prompts import Encoded, cut, encode, needs_encoding, stacked
+from imagegen.engine.upscaling import upscale, upscale_image, upscale_latents
 from imagegen.families import Family
-from imagegen.jobs import Job, JobStatus
+from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
 from imagegen.monitoring import Monitor
 from imagegen.states import backoff
 from imagegen.storage import ImageStore
+from imagegen.upscalers import LATENT, NONE
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,22 @@ MAX_BACKOFF_SECONDS = 300
 # What a folder (a full disk, a lost mount) or an object store (s3fs passes botocore's connection
 # errors through) raises when it does not answer.
 STORAGE_ERRORS = (OSError, BotoCoreError)
+
+
+@contextlib.contextmanager
+def tiled(pipe: Any, tiling: bool) -> Iterator[None]:
+    """Seamless tiling for one call: every convolution of the denoiser and the VAE pads circularly
+    (what leaves one edge comes back at the other), as A1111 does; restored after, so the next
+    batch, never mixed with this one (the batch key holds `tiling`), draws as before."""
+    parts = (pipe.unet, pipe.vae) if tiling else ()
+    convolutions = [module for part in parts for module in part.modules() if isinstance(module, torch.nn.Conv2d)]
+    for module in convolutions:
+        module.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for module in convolutions:
+            module.padding_mode = "zeros"
 
 
 class Outage(Exception):
@@ -184,18 +202,21 @@ class Engine:
             if not runnable:
                 return []
             params = runnable[0].params
-            named = tuple(dict.fromkeys(name for job in runnable for name, _version in job.params.embeddings))
-            pipe = self.models.get(
-                params.model, params.scheduler, params.mode, params.loras, params.noise_schedule, named
-            )
-            images = self._generate(pipe, runnable, inputs)
+            pipe = None
+            if params.mode == "upscale":
+                images = [[self._upscale(job.params, inputs[job.id][0])] for job in runnable]
+            else:
+                pipe = self._pipeline(runnable, params.mode)
+                images = self._generate(pipe, runnable, inputs)
+            family = self.models.family(params.model)
             # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
             # to end: its images are dropped, the others' kept.
             held = self.jobs.held(runnable)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id in held:
                     stored = self._store(job, job_images)
-                    if not self.endings.end(job, JobStatus.SUCCEEDED, images=stored, lease=job.lease):
+                    warnings = cut(pipe, family, job.params) if pipe else []
+                    if not self.endings.end(job, JobStatus.SUCCEEDED, stored, lease=job.lease, warnings=warnings):
                         # cancelled (or taken over) between `held` and its ending: what it stored is
                         # no job's, so nothing would serve it or sweep it (its records name it)
                         self.images.delete([image["name"] for image in stored])
@@ -267,21 +288,47 @@ class Engine:
                 raise Outage(f"reading an edit's input: {exc}") from exc
         return found  # type: ignore[return-value]
 
+    def _pipeline(self, batch: list[Job], mode: str) -> Any:
+        """The batch's model's pipeline for `mode`, with its scheduler, adapters and the embeddings
+        its jobs' prompts name."""
+        params = batch[0].params
+        named = tuple(dict.fromkeys(name for job in batch for name, _version in job.params.embeddings))
+        return self.models.get(params.model, params.scheduler, mode, params.loras, params.noise_schedule, named)
+
+    def _upscale(self, params: GenerationParams, image: Image.Image | None) -> Image.Image:
+        """An upscale job's image (upscalers.py: its first upscaler, and A1111's second, blended)."""
+        assert image is not None  # an upscale job is queued with its image
+        chosen = [name for name in (params.upscaler, params.upscaler_2) if name and name != NONE]
+        if params.upscaler_2_visibility == 0:
+            chosen = chosen[:1]
+        upscalers = [(name, *self.models.upscaler(name)) for name in chosen]
+        size, tile = (params.width, params.height), self.settings.upscale_tile_size
+        return upscale(image, size, params.upscale_crop, upscalers, params.upscaler_2_visibility, tile, self._tick)
+
+    def _tick(self) -> None:
+        """Work that has no steps (an upscaler's tiles) shows the watchdog it is moving."""
+        self.progressed_at = time.monotonic()
+
     def _generate(
         self, pipe: Any, batch: list[Job], inputs: dict[str, tuple[Image.Image | None, Image.Image | None]]
     ) -> list[list[Any]]:
         """The batch's images, each job's in order. Where a job's prompts need more than the
         pipeline reads (A1111's weights, more than one window, clip skip), the batch's prompts go to
-        it as embeddings of ours (engine/prompts.py; a plain prompt's are the pipeline's own), and
-        jobs whose prompts take another number of windows run in a call of their own: one call
-        takes one length, and padding a prompt with empty windows would change its image."""
+        it as embeddings of ours (engine/prompts.py; a plain prompt's are the pipeline's own), one
+        per pass (hires fix's second may have prompts of its own), and jobs whose prompts take
+        another number of windows run in a call of their own: one call takes one length, and
+        padding a prompt with empty windows would change its image."""
         family = self.models.family(batch[0].params.model)
-        if not family.clip or not any(needs_encoding(pipe, job.params) for job in batch):
+        if not family.clip or not any(needs_encoding(pipe, view) for job in batch for view in job.params.passes()):
             return self._call(pipe, family, batch, inputs, {})
-        encoded = {job.id: encode(pipe, family.clip, job.params) for job in batch}
+        encoded = {job.id: [encode(pipe, family.clip, view) for view in job.params.passes()] for job in batch}
+
+        def lengths(job: Job) -> tuple[int, ...]:
+            return tuple(each.length for each in encoded[job.id])
+
         made: dict[str, list[Any]] = {}
-        for length in dict.fromkeys(e.length for e in encoded.values()):
-            jobs = [job for job in batch if encoded[job.id].length == length]
+        for shape in dict.fromkeys(lengths(job) for job in batch):
+            jobs = [job for job in batch if lengths(job) == shape]
             made.update(zip([job.id for job in jobs], self._call(pipe, family, jobs, inputs, encoded), strict=True))
         return [made[job.id] for job in batch]
 
@@ -291,33 +338,19 @@ class Engine:
         family: Family,
         batch: list[Job],
         inputs: dict[str, tuple[Image.Image | None, Image.Image | None]],
-        encoded: dict[str, Encoded],
+        encoded: dict[str, list[Encoded]],
     ) -> list[list[Any]]:
-        """One pipeline call for these jobs, with the arguments the model's family takes (the
-        prompts as `encoded` embeddings, where given); one seeded CPU generator per image, so an
-        image is the same whether made alone or in a batch, on any device. An edit gives each image
-        its job's input (and mask); a masked edit's output keeps the input's pixels outside the
-        mask."""
+        """One pipeline call for these jobs (two with hires fix), with the arguments the model's
+        family takes (the prompts as `encoded` embeddings, where given); one seeded CPU generator
+        per image, so an image is the same whether made alone or in a batch, on any device. An
+        edit gives each image its job's input (and mask); a masked edit's output keeps the input's
+        pixels outside the mask."""
         params = batch[0].params
-        prompts, negatives, prompts_2, seeds, generators, images, masks = [], [], [], [], [], [], []
-        for job in batch:
-            for seed in job.params.seeds:
-                seeds.append(seed)
-                prompts.append(job.params.prompt)
-                negatives.append(job.params.negative_prompt)
-                prompts_2.append(job.params.prompt_2)
-                generators.append(torch.Generator("cpu").manual_seed(seed))
-                images.append(inputs[job.id][0])
-                masks.append(inputs[job.id][1])
-        arguments = family.arguments(
-            prompts, negatives, prompts_2, params.width, params.height, params.steps, params.guidance_scale
-        )
-        if params.eta is not None:
-            arguments["eta"] = params.eta
-        if encoded:
-            for name in ("prompt", "negative_prompt", "prompt_2"):
-                arguments.pop(name, None)
-            arguments.update(stacked([encoded[job.id] for job in batch for _seed in job.params.seeds]))
+        seeds = [seed for job in batch for seed in job.params.seeds]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        images = [inputs[job.id][0] for job in batch for _seed in job.params.seeds]
+        masks = [inputs[job.id][1] for job in batch for _seed in job.params.seeds]
+        arguments = self._arguments(family, batch, encoded, 0, (params.width, params.height), params.steps)
         boxes: list[tuple[int, int, int, int] | None] = [None] * len(images)
         if params.mode != "txt2img":
             painted, painted_masks = images, masks
@@ -330,6 +363,8 @@ class Engine:
                 arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
+        if params.hires_width and params.upscaler in LATENT:
+            arguments["output_type"] = "latent"  # upscaled as latents, decoded after the second pass
         if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
             pipe.scheduler.noise_sampler_seed = seeds
         noise: Any = contextlib.nullcontext()
@@ -339,36 +374,14 @@ class Engine:
             noise = VariationNoise(
                 generators, seeds, subseeds, params.subseed_strength, params.width, resize if all(resize) else None
             )
-        written = [0.0]
-
-        def progress(index: int) -> bool:
-            """Writes the step reached (at most every PROGRESS_INTERVAL_SECONDS), renewing the jobs'
-            leases; False when no job of the batch is still this worker's (all cancelled, or taken
-            over after this worker hung)."""
-            now = self.progressed_at = time.monotonic()
-            if now - written[0] < PROGRESS_INTERVAL_SECONDS:
-                return True
-            written[0] = now
-            # In the steps run: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9),
-            # and an edit runs only the last `strength` of them.
-            timesteps = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
-            step = (index + 1) * params.total_steps // timesteps
-            return bool(self.jobs.set_step(batch, step, self.settings.job_lease_seconds))
-
-        def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if not progress(index) and family.interrupt:
-                running._interrupt = True  # skip the remaining steps
-            return tensors
-
-        if family.progress == "legacy":
-            arguments.update(callback=lambda index, _timestep, _latents: progress(index), callback_steps=1)
-        else:
-            arguments["callback_on_step_end"] = on_step_end
+        arguments.update(self._watch(pipe, family, batch, 0, params.steps_run or params.steps))
         # no_grad, not inference_mode: quanto's int4 weights unpack in place on their first use,
         # which inference tensors forbid (and the pipelines' own calls run under no_grad anyway).
-        with torch.no_grad(), noise:
-            output = pipe(**arguments, generator=generators)
-        made = output.images
+        with torch.no_grad(), tiled(pipe, params.tiling):
+            with noise:
+                made = pipe(**arguments, generator=generators).images
+            if params.hires_width:
+                made = self._second_pass(pipe, family, batch, encoded, made, generators)
         if params.mask:
             made = [
                 composite(generated, original, mask, params.mask_blur, box)
@@ -379,6 +392,91 @@ class Engine:
             grouped.append(made[start : start + len(job.params.seeds)])
             start += len(job.params.seeds)
         return grouped
+
+    def _arguments(
+        self,
+        family: Family,
+        batch: list[Job],
+        encoded: dict[str, list[Encoded]],
+        number: int,
+        size: tuple[int, int],
+        steps: int,
+    ) -> dict[str, Any]:
+        """A pass's arguments for the batch's images (pass `number` 0, or hires fix's 1): the
+        prompts the family takes (its own embeddings where `encoded`), size, steps, guidance, eta."""
+        views = [job.params.passes()[number] for job in batch for _seed in job.params.seeds]
+        params = batch[0].params
+        arguments = family.arguments(
+            [view.prompt for view in views],
+            [view.negative_prompt for view in views],
+            [view.prompt_2 for view in views],
+            *size,
+            steps,
+            params.guidance_scale,
+        )
+        if params.eta is not None:
+            arguments["eta"] = params.eta
+        if encoded:
+            for name in ("prompt", "negative_prompt", "prompt_2"):
+                arguments.pop(name, None)
+            arguments.update(stacked([encoded[job.id][number] for job in batch for _seed in job.params.seeds]))
+        return arguments
+
+    def _second_pass(
+        self,
+        pipe: Any,
+        family: Family,
+        batch: list[Job],
+        encoded: dict[str, list[Encoded]],
+        first: Any,
+        generators: list[torch.Generator],
+    ) -> list[Any]:
+        """Hires fix: the first pass's images (or latents, for a latent upscaler) upscaled to the
+        final size and redrawn by image-to-image at hires fix's strength, on the same model's
+        image-to-image pipeline (diffusers' `from_pipe`: no second copy), with the same generators."""
+        params = batch[0].params
+        size = (params.hires_width, params.hires_height)
+        if params.upscaler in LATENT:
+            factor = pipe.vae_scale_factor
+            upscaled = upscale_latents(first, (size[0] // factor, size[1] // factor), params.upscaler)
+        else:
+            network, scale = self.models.upscaler(params.upscaler)
+            tile = self.settings.upscale_tile_size
+            upscaled = [upscale_image(each, size, params.upscaler, network, scale, tile, self._tick) for each in first]
+        second = self._pipeline(batch, "img2img")
+        arguments = self._arguments(family, batch, encoded, 1, size, params.hires_steps)
+        arguments.update(image=upscaled, strength=params.hires_strength)
+        if not takes(type(second), "height"):
+            del arguments["width"], arguments["height"]
+        arguments.update(self._watch(second, family, batch, params.steps_run or params.steps, params.hires_steps_run))
+        return second(**arguments, generator=generators).images
+
+    def _watch(self, pipe: Any, family: Family, batch: list[Job], done: int, steps: int) -> dict[str, Any]:
+        """A call's progress arguments: the step reached (after `done` of an earlier pass, this
+        call's `steps` in the steps it runs) written at most every PROGRESS_INTERVAL_SECONDS,
+        renewing the jobs' leases; a call none of whose jobs is still this worker's (all
+        cancelled, or taken over after this worker hung) skips its remaining steps where it can."""
+        written = [0.0]
+
+        def progress(index: int) -> bool:
+            now = self.progressed_at = time.monotonic()
+            if now - written[0] < PROGRESS_INTERVAL_SECONDS:
+                return True
+            written[0] = now
+            # In the steps run: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9),
+            # and an edit runs only the last `strength` of them.
+            timesteps = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            step = done + (index + 1) * steps // timesteps
+            return bool(self.jobs.set_step(batch, step, self.settings.job_lease_seconds))
+
+        def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if not progress(index) and family.interrupt:
+                running._interrupt = True  # skip the remaining steps
+            return tensors
+
+        if family.progress == "legacy":
+            return {"callback": lambda index, _timestep, _latents: progress(index), "callback_steps": 1}
+        return {"callback_on_step_end": on_step_end}
 
     def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
         """Each image stored, each store counting as the batch's progress for the watchdog (a slow
@@ -391,7 +489,8 @@ class Engine:
                 saved = self.images.save(image, p.image_metadata(index), job.id, infotext.write(p, index))
             except STORAGE_ERRORS as exc:
                 raise Outage(f"storing an image: {exc}") from exc
-            stored.append({"name": saved.name, "seed": seed, "width": p.width, "height": p.height})
+            width, height = p.output_size
+            stored.append({"name": saved.name, "seed": seed, "width": width, "height": height})
         return stored
 
     def _fail(self, job: Job, exc: Exception) -> list[Retry]:

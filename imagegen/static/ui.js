@@ -70,6 +70,9 @@ async function loadConfig() {
   $("model").replaceChildren(...ids.map((m) => new Option(m, m)));
   const loras = await fetch("/loras", { headers: headers() });
   adapters = loras.ok ? (await loras.json()).loras : [];
+  const upscalers = await fetch("/upscalers", { headers: headers() });
+  const names = upscalers.ok ? (await upscalers.json()).upscalers.map((u) => u.name) : ["Latent"];
+  $("hires_upscaler").replaceChildren(...names.map((name) => new Option(name, name)));
   chooseModel();
 }
 
@@ -132,6 +135,14 @@ function requestBody() {
   if (!$("prompt_2_field").hidden && $("prompt_2").value.trim()) body.prompt_2 = $("prompt_2").value;
   if (!$("seed_random").checked && $("seed").value !== "") body.seed = Number($("seed").value);
   if (chosen.length && !$("loras_field").hidden) body.loras = chosen;
+  if ($("hires_on").checked) {
+    body.hires = {
+      scale: Number($("hires_scale").value),
+      upscaler: $("hires_upscaler").value,
+      strength: Number($("hires_strength").value),
+    };
+  }
+  if ($("tiling").checked) body.tiling = true;
   return body;
 }
 
@@ -153,7 +164,12 @@ function figure(image, caption) {
   edit.className = "edit";
   edit.textContent = "Edit this result";
   edit.addEventListener("click", () => editResult(image.url));
-  text.append(link, " ", edit);
+  const larger = document.createElement("button");
+  larger.type = "button";
+  larger.className = "upscale";
+  larger.textContent = "Upscale ×2";
+  larger.addEventListener("click", () => submit("/upscale", JSON.stringify({ image: image.url, scale: 2, async: true }), true));
+  text.append(link, " ", edit, " ", larger);
   fig.append(img, text);
   return fig;
 }
@@ -331,6 +347,7 @@ async function editForm() {
   const body = requestBody();
   delete body.width; // the image's size
   delete body.height;
+  delete body.hires; // an edit is made at its image's size
   if (!body.prompt.trim()) delete body.prompt; // an image alone: a variation
   const form = new FormData();
   for (const [name, value] of Object.entries(body)) {
@@ -356,10 +373,15 @@ async function generate(event) {
   } catch (error) {
     return say(error.message, true);
   }
+  return submit("/generate", body, !editing);
+}
+
+// Queues a job (a generation, an edit's form, an upscale) and follows it to its images.
+async function submit(path, body, json) {
   $("generate").disabled = true;
   $("results").replaceChildren();
   say("Submitting…");
-  const response = await fetch("/generate", { method: "POST", headers: headers(!editing), body });
+  const response = await fetch(path, { method: "POST", headers: headers(json), body });
   if (response.status !== 202 && response.status !== 200) {
     say(await explain(response), true);
     $("generate").disabled = false;
@@ -405,6 +427,14 @@ document.addEventListener("DOMContentLoaded", () => {
   mask.addEventListener("pointerup", () => { lastPoint = null; });
   $("brush").addEventListener("input", () => { $("brush_value").textContent = $("brush").value; });
   $("strength").addEventListener("input", () => { strengthTouched = true; $("strength_value").textContent = $("strength").value; });
+  $("hires_strength").addEventListener("input", () => { $("hires_strength_value").textContent = $("hires_strength").value; });
+  $("upscale_image").addEventListener("click", () => {
+    const form = new FormData();
+    form.append("image", editing.blob, "image");
+    form.append("scale", "2");
+    form.append("async", "true");
+    submit("/upscale", form, false);
+  });
   for (const side of ["left", "right", "top", "bottom"]) $(`outpaint_${side}`).addEventListener("input", fullStrength);
   $("invert_mask").addEventListener("click", () => { invertMask(); fullStrength(); });
   $("clear_mask").addEventListener("click", () => $("mask").getContext("2d").clearRect(0, 0, mask.width, mask.height));
