@@ -50,6 +50,20 @@ MARKS = (
 DOWN = ("lora_A.weight", "lora_down.weight", "lora.down.weight")
 
 
+# Files of weights that are pickles: loading one can run code, so only safetensors are read.
+PICKLES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def pickle_refusal(file: str) -> str:
+    """What to tell whoever offers a pickle: that it is refused, and the command that converts it."""
+    stem = file.rsplit(".", 1)[0]
+    return (
+        f"{file} is a pickle, which this server does not load (loading one can run code); convert it with "
+        f'`python -c "import torch, safetensors.torch as s; '
+        f"s.save_file(torch.load('{file}', weights_only=True), '{stem}.safetensors')\"`"
+    )
+
+
 class AdapterRejected(Refusal):
     """A file that is not a LoRA this server reads, or a name that is not one's."""
 

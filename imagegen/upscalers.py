@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fsspec import AbstractFileSystem
 
-from imagegen.loras import NAME, AdapterRejected, AdapterStore, tensor_shapes
+from imagegen.loras import NAME, AdapterRejected, AdapterStore, pickle_refusal, tensor_shapes
 
 if TYPE_CHECKING:
     from config import Settings
@@ -170,10 +170,6 @@ def find(store: AdapterStore, name: str) -> Upscaler | None:
         return store.find(name)
     except AdapterRejected as exc:
         if NAME.fullmatch(name) and store.fs.exists(f"{store.root}/{name}.pth"):
-            raise UpscalerRejected(
-                f"{name}.pth is a pickle, which this server does not load; convert it with "
-                '`python -c "import torch, safetensors.torch as s; '
-                f"s.save_file(torch.load('{name}.pth', weights_only=True), '{name}.safetensors')\"`"
-            ) from None
+            raise UpscalerRejected(pickle_refusal(f"{name}.pth")) from None
         known = ", ".join([*IMAGE, *LATENT])
         raise UpscalerRejected(f"{exc.message}; the built-in ones are {known}") from None

@@ -202,6 +202,10 @@ def test_a_pth_is_named_with_how_to_convert_it_and_uploads_are_read_by_architect
     (tmp_path / "upscalers" / "old.pth").write_bytes(b"pickle")
     refused = upscale(upscaling, drawing()[0], upscaler="old")
     assert refused.status_code == 400 and "old.pth is a pickle" in refused.json["error"]["message"]
+    body, kind = adapter_form("old", b"pickle")
+    body = body.replace(b'filename="upload.safetensors"', b'filename="old.pth"')
+    pickled = upscaling.post("/upscalers", data=body, content_type=kind, headers=ADMIN)
+    assert pickled.status_code == 400 and "safetensors.torch" in pickled.json["error"]["message"]
     path = tmp_path / "x4.safetensors"
     save_file(tiny_rrdb(4).state_dict(), str(path))
     body, kind = adapter_form("tiny-x4", path.read_bytes())

@@ -18,7 +18,7 @@ from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import require_admin, uploads
-from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.loras import PICKLES, AdapterRejected, AdapterStore, pickle_refusal
 from imagegen.upscalers import builtin_views
 
 bp = APIBlueprint("adapters", __name__, abp_tags=[Tag(name="adapters")])
@@ -47,6 +47,8 @@ def _upload(store: AdapterStore) -> tuple[dict[str, Any], int]:
     upload = request.files.get("file")
     if upload is None:
         raise APIError("invalid_request", f"Send the {store.what} as the form's `file`.", {"field": "file"})
+    if (upload.filename or "").endswith(PICKLES):
+        raise APIError("invalid_request", pickle_refusal(upload.filename or ""), {"field": "file"})
     name = request.form.get("name") or (upload.filename or "").removesuffix(".safetensors")
     try:
         exists = store.exists(name)
