@@ -312,6 +312,7 @@ def test_hires_fix_then_an_upscale_of_the_result(page):
     playwright.expect(page.locator("#results figcaption")).to_contain_text("128×128", timeout=WAIT_MS)
     page.click("#results .upscale")
     playwright.expect(page.locator("#results figcaption")).to_contain_text("256×256", timeout=WAIT_MS)
+    assert page.text_content("#results figcaption").startswith("upscaled by demo-shapes-x2 — 256×256")
     assert page.errors == []
 
 

@@ -51,7 +51,7 @@ class ErrorResponse(BaseModel):
 class ImageView(BaseModel):
     url: str | None = Field(None, description="Absolute URL of the PNG (signed when API keys are on).")
     b64_json: str | None = Field(None, description="The PNG, base64-encoded, with response_format b64_json.")
-    seed: int
+    seed: int | None = Field(description="The image's seed; none for an upscale.")
     width: int
     height: int
 

@@ -490,7 +490,8 @@ class Engine:
             except STORAGE_ERRORS as exc:
                 raise Outage(f"storing an image: {exc}") from exc
             width, height = p.output_size
-            stored.append({"name": saved.name, "seed": seed, "width": width, "height": height})
+            drawn = seed if p.mode != "upscale" else None  # an upscale draws no noise
+            stored.append({"name": saved.name, "seed": drawn, "width": width, "height": height})
         return stored
 
     def _fail(self, job: Job, exc: Exception) -> list[Retry]:

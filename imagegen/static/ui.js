@@ -154,7 +154,8 @@ function figure(image, caption) {
   img.width = image.width;
   img.height = image.height;
   const text = document.createElement("figcaption");
-  text.textContent = `${caption} — seed ${image.seed}, ${image.width}×${image.height} `;
+  const seed = image.seed != null ? `seed ${image.seed}, ` : "";
+  text.textContent = `${caption} — ${seed}${image.width}×${image.height} `;
   const link = document.createElement("a");
   link.href = image.url;
   link.download = `imagegen-${image.seed}.png`;
@@ -178,9 +179,11 @@ function show(job) {
   const p = job.parameters;
   const mode = p.mode && p.mode !== "txt2img" ? `${p.mode}: ` : "";
   const styles = (p.loras || []).map(({ name, weight }) => ` <${name}:${weight}>`).join("");
-  const caption = `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale})`;
+  const caption = p.mode === "upscale"
+    ? `upscaled by ${p.upscaler}`
+    : `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale})`;
   $("results").replaceChildren(...job.images.map((image) => figure(image, caption)));
-  lastSeed = job.images[0].seed;
+  if (job.images[0].seed != null) lastSeed = job.images[0].seed;
   const gallery = JSON.parse(localStorage.getItem(GALLERY_STORE) || "[]");
   gallery.unshift({ caption, images: job.images });
   localStorage.setItem(GALLERY_STORE, JSON.stringify(gallery.slice(0, 12)));
