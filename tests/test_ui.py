@@ -92,9 +92,9 @@ def test_generate_shows_progress_then_the_image_at_its_size(page, tmp_path):
     page.press("#prompt", "Enter")
     page.wait_for_selector("#progress:not([hidden])", timeout=30_000)
     assert "step" in page.text_content("#message") or "Queued" in page.text_content("#message")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
-    size = page.eval_on_selector("#results img", "img => img.complete && [img.naturalWidth, img.naturalHeight]")
-    assert size == [128, 64]
+    image = page.locator("#results img")
+    playwright.expect(image).to_have_js_property("naturalWidth", 128, timeout=WAIT_MS)  # fetched, not only shown
+    playwright.expect(image).to_have_js_property("naturalHeight", 64)
     assert "Done in" in page.text_content("#message")
     assert page.locator("#gallery img").count() == 1
     # the README's screenshot: the demo model at its native size
@@ -244,7 +244,8 @@ def test_brush_tools_and_editing_a_result_with_outpaint_margins(page):
     page.click("#clear_mask")
     page.click("#generate")
     page.wait_for_selector("#results figcaption >> text=outpaint:", timeout=WAIT_MS)
-    assert page.eval_on_selector("#results img", "img => img.complete && img.naturalWidth") == 80
+    # the caption shows before the browser has fetched the image: wait for the image itself
+    playwright.expect(page.locator("#results img")).to_have_js_property("naturalWidth", 80, timeout=WAIT_MS)
     page.click("#remove_image")
     assert page.is_hidden("#input_pane") and page.is_hidden("#edit_tools")
     assert page.errors == []
