@@ -67,20 +67,33 @@ def draw(scene: Scene, rng: np.random.Generator, corner: bool = False, scale: in
     """Renders a scene at a random size and position as a 64x64 RGB uint8 array; `corner`: in the
     top-left corner (the demo LoRA's style); `scale`: the same drawing `scale` times as big (the
     demo upscaler's truth), from the same draws of `rng`."""
+    return draw_both(scene, rng, corner, scale)[0]
+
+
+def draw_both(
+    scene: Scene, rng: np.random.Generator, corner: bool = False, scale: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """`draw`'s drawing and the shape's outline at the same place, 2 px of white on black (the demo
+    ControlNet's control image), from the same draws of `rng`."""
     size = int(rng.integers(MIN_SHAPE, (CORNER_SHAPE if corner else MAX_SHAPE) + 1))
     room = CORNER_OFFSET if corner else SIZE - size + 1
     x0, y0 = (int(v) * scale for v in rng.integers(0, room, size=2))
     x1, y1 = x0 + size * scale - 1, y0 + size * scale - 1
-    image = Image.new("RGB", (SIZE * scale, SIZE * scale), PALETTE[scene.background])
-    pen = ImageDraw.Draw(image)
-    fill = PALETTE[scene.colour]
-    if scene.shape == "circle":
-        pen.ellipse((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "square":
-        pen.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
-        pen.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
-    return np.asarray(image)
+    made = []
+    for background, style in ((PALETTE[scene.background], {"fill": PALETTE[scene.colour]}), ("black", OUTLINE)):
+        image = Image.new("RGB", (SIZE * scale, SIZE * scale), background)
+        pen = ImageDraw.Draw(image)
+        if scene.shape == "circle":
+            pen.ellipse((x0, y0, x1, y1), **style)
+        elif scene.shape == "square":
+            pen.rectangle((x0, y0, x1, y1), **style)
+        else:
+            pen.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], **style)
+        made.append(np.asarray(image))
+    return made[0], made[1]
+
+
+OUTLINE = {"outline": "white", "width": 2}  # the demo ControlNet's control image: the shape's outline
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ OUTSIDE = (
     "models/demo-shapes/README.md",
     "models/loras/README.md",
     "models/upscalers/README.md",
+    "models/controlnets/README.md",
 )
 LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?(\))")
 
