@@ -179,6 +179,10 @@ def test_an_upscale_is_a_job_that_can_be_polled_and_reads_images_made_here(upsca
     assert queued.status_code == 202
     done = poll(upscaling, queued.json["id"])
     assert done["status"] == "succeeded" and done["images"][0]["width"] == 128
+    model = made["model"]
+    assert upscaling.post(f"/models/{model}/unload", headers=ADMIN).json["state"] == "unloaded"
+    again = upscaling.post("/upscale", json={"image": made["images"][0]["url"], "upscaler": "Lanczos"})
+    assert again.status_code == 200, "an upscale needs no pipeline: its model may be unloaded"
     assert done["images"][0]["seed"] is None, "an upscale draws no noise"
     png = Image.open(io.BytesIO(upscaling.get(done["images"][0]["url"]).data))
     assert png.info["parameters"].startswith(f"Postprocess upscaler: {DEMO_UPSCALER}, Postprocess upscale to: 128x128")

@@ -202,20 +202,20 @@ class Engine:
             if not runnable:
                 return []
             params = runnable[0].params
-            pipe = None
+            pipe, family = None, None  # an upscale needs no pipeline: its model may be unloaded
             if params.mode == "upscale":
                 images = [[self._upscale(job.params, inputs[job.id][0])] for job in runnable]
             else:
                 pipe = self._pipeline(runnable, params.mode)
+                family = self.models.family(params.model)
                 images = self._generate(pipe, runnable, inputs)
-            family = self.models.family(params.model)
             # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
             # to end: its images are dropped, the others' kept.
             held = self.jobs.held(runnable)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id in held:
                     stored = self._store(job, job_images)
-                    warnings = cut(pipe, family, job.params) if pipe else []
+                    warnings = cut(pipe, family, job.params) if family else []
                     if not self.endings.end(job, JobStatus.SUCCEEDED, stored, lease=job.lease, warnings=warnings):
                         # cancelled (or taken over) between `held` and its ending: what it stored is
                         # no job's, so nothing would serve it or sweep it (its records name it)
