@@ -40,7 +40,7 @@ from imagegen.api.a1111_protocol import (
 )
 from imagegen.api.errors import APIError, install
 from imagegen.api.guard import generation_route, operator, require_admin, uploads
-from imagegen.api.submission import caller, generate_now, parse
+from imagegen.api.submission import caller, generate_all, generate_now, parse
 from imagegen.api.views import callers, eta_seconds, image_views
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
@@ -538,10 +538,11 @@ def extra_single_image() -> dict[str, Any]:
 @bp.post("/extra-batch-images")
 @generation_route
 def extra_batch_images() -> dict[str, Any]:
-    """Upscales each image of `imageList` (A1111's extras), each a job."""
+    """Upscales each image of `imageList` (A1111's extras), each a job, queued together so they
+    share batches."""
     body = parse(ExtraBatchRequest)
     warnings = review(body, EXTRAS_FIELDS)
-    finished = [generate_now(_upscale(body, item.data)) for item in body.imageList]
+    finished = generate_all([_upscale(body, item.data) for item in body.imageList])
     images = [image_views(job, "b64_json")[0]["b64_json"] for job in finished]
     return {"html_info": _extras_info(finished, warnings), "images": images}
 

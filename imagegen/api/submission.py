@@ -125,33 +125,44 @@ def wait_for(job: Job) -> Job | None:
 
 
 def generate_now(native: GenerateRequest | UpscaleRequest, client_defaults: dict[str, Any] | None = None) -> Job:
-    """Queues and waits for a job, for surfaces whose clients expect the images in the answer.
+    """Queues and waits for a job, for surfaces whose clients expect the images in the answer."""
+    return generate_all([native], client_defaults)[0]
+
+
+def generate_all(
+    natives: list[GenerateRequest | UpscaleRequest], client_defaults: dict[str, Any] | None = None
+) -> list[Job]:
+    """Queues the requests' jobs together (so they can share a batch), then waits for each, for
+    surfaces whose clients expect the images in the answer (A1111's extras send several images).
 
     A job that outlives REQUEST_TIMEOUT_SECONDS is not lost: the 503 names it, and it can be read at
     /jobs/<id>. A failed job is raised as its error.
     """
     with waiting():  # a server thread waits with this request: capped per client and in all
         generation = services().generation
-        if isinstance(native, UpscaleRequest):
-            job = generation.submit_upscale(native, caller()).job
-        else:
-            job = generation.submit(native, caller(), client_defaults=client_defaults).job
-        finished = wait_for(job)
-    if finished is None and services().draining:
-        raise APIError(
-            "shutting_down",
-            f"The server is restarting; the generation continues as job {job.id} (GET /jobs/{job.id}).",
-            headers={"Retry-After": "10"},
-        )
-    if finished is None:
-        raise APIError(
-            "timeout",
-            f"The generation did not end within this request (REQUEST_TIMEOUT_SECONDS, or the database did not "
-            f"answer); it continues as job {job.id} (GET /jobs/{job.id}).",
-        )
-    if finished.error or not finished.images:
-        raise job_failure(finished)
-    return finished
+        jobs = [
+            generation.submit_upscale(native, caller()).job
+            if isinstance(native, UpscaleRequest)
+            else generation.submit(native, caller(), client_defaults=client_defaults).job
+            for native in natives
+        ]
+        found = [wait_for(job) for job in jobs]
+    for job, finished in zip(jobs, found, strict=True):
+        if finished is None and services().draining:
+            raise APIError(
+                "shutting_down",
+                f"The server is restarting; the generation continues as job {job.id} (GET /jobs/{job.id}).",
+                headers={"Retry-After": "10"},
+            )
+        if finished is None:
+            raise APIError(
+                "timeout",
+                f"The generation did not end within this request (REQUEST_TIMEOUT_SECONDS, or the database did "
+                f"not answer); it continues as job {job.id} (GET /jobs/{job.id}).",
+            )
+        if finished.error or not finished.images:
+            raise job_failure(finished)
+    return [finished for finished in found if finished is not None]
 
 
 def job_failure(job: Job) -> APIError:
