@@ -17,7 +17,6 @@ same without control, and weight 0 against no ControlNet at all.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetP
 from PIL import Image
 
 from tools.shapes import centre, classify, draw_both, random_scene
-from tools.train_demo_model import MAX_TOKENS, cosine
+from tools.train_demo_model import MAX_TOKENS, cosine, write_record
 
 EVAL_SEED = 20_261_208  # not the training seed: held-out cases
 NEAR = 8  # pixels: how far the drawn shape's centre may be from the outline's
@@ -149,9 +148,7 @@ def main() -> None:
     print(f"saved {args.out} after {minutes:.1f} minutes", flush=True)
     figures = evaluate(args.model, args.out, args.eval_count)
     print(f"{args.eval_count} held-out cases: {figures}", flush=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    summary = {"minutes_training": round(minutes, 1), **settings, "held_out_percent": figures}
-    (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_record(args.out / "training.json", args, minutes, held_out_percent=figures)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ equal the base model's images).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from tools.shapes import classify, draw, in_corner, random_scene
-from tools.train_demo_model import MAX_TOKENS, caption_rows, cosine
+from tools.train_demo_model import MAX_TOKENS, caption_rows, cosine, write_record
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"]
 EVAL_SEED = 20_261_129
@@ -147,9 +146,7 @@ def main() -> None:
     print(f"saved {args.out} ({args.out.stat().st_size} bytes) after {minutes:.1f} minutes", flush=True)
     figures = evaluate(args.model, args.out, args.eval_count)
     print(f"{args.eval_count} held-out prompts: {figures}", flush=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    summary = {"minutes_training": round(minutes, 1), **settings, "held_out_percent": figures}
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_record(args.out.with_suffix(".json"), args, minutes, held_out_percent=figures)
 
 
 if __name__ == "__main__":

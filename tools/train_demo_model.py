@@ -21,6 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         model_max_length=MAX_TOKENS,
     )
+
+
+def write_record(path: Path, args: argparse.Namespace, minutes: float, **measured: Any) -> None:
+    """A trained demo part's record, beside it: its training minutes, its arguments (paths as text)
+    and what was measured of it, so its card's figures can be checked against the run."""
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    path.write_text(json.dumps({"minutes_training": round(minutes, 1), **settings, **measured}, indent=2) + "\n")
 
 
 def new_vae() -> AutoencoderKL:

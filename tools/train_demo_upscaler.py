@@ -20,7 +20,6 @@ sometimes wrong by the whole contrast, which scored below Lanczos on curved edge
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 from imagegen.engine.upscaling import SRVGGNetCompact, load, upscale_image
 from imagegen.upscalers import read_upscaler
 from tools.shapes import SIZE, draw, random_scene
-from tools.train_demo_model import cosine
+from tools.train_demo_model import cosine, write_record
 
 EVAL_SEED = 20_261_207  # not the training seed: held-out drawings
 OPTIONS = {"channels": 3, "scale": 2, "features": 32, "convolutions": 8, "prelu": True}
@@ -120,9 +119,7 @@ def main() -> None:
     described = read_upscaler(LocalFileSystem(), str(args.out), args.out.stat().st_size, args.out.stem)
     figures = evaluate(load(described, str(args.out)), args.eval_count)
     print(f"saved {args.out} ({args.out.stat().st_size} bytes) after {minutes:.1f} minutes; PSNR {figures}", flush=True)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    summary = {"minutes_training": round(minutes, 1), **settings, "network": OPTIONS, "held_out_psnr_db": figures}
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_record(args.out.with_suffix(".json"), args, minutes, network=OPTIONS, held_out_psnr_db=figures)
 
 
 if __name__ == "__main__":
