@@ -236,6 +236,10 @@ def _options(body: ProcessingRequest) -> dict[str, Any]:
     return {**current_options(), **overrides}
 
 
+# What A1111's hires fix does with `hr_upscaler: "None"`: the image resized, by PIL as A1111 does.
+NONE_RESIZES = "Lanczos"
+
+
 def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], **edit: Any) -> GenerateRequest:
     """The native request of a txt2img or img2img call (adapters from the prompt's tags)."""
     prompt, loras = prompt_loras(body.prompt)
@@ -250,17 +254,18 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
     resized = body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0
     hires = None
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
-        hires = {
+        given = {
             "scale": None if body.hr_resize_x or body.hr_resize_y else body.hr_scale,
             "width": body.hr_resize_x or None,
             "height": body.hr_resize_y or None,
-            # A1111's default is its default latent mode; its "None" resizes the image
-            "upscaler": {None: "Latent", "": "Latent", NONE: "Lanczos"}.get(body.hr_upscaler, body.hr_upscaler),
+            # A1111's "None" resizes the image; no upscaler is its default latent mode, as `hires`'s
+            "upscaler": NONE_RESIZES if body.hr_upscaler == NONE else body.hr_upscaler or None,
             "steps": body.hr_second_pass_steps or None,
-            "strength": 0.7 if body.denoising_strength is None else body.denoising_strength,
+            "strength": body.denoising_strength,
             "prompt": body.hr_prompt or None,
             "negative_prompt": body.hr_negative_prompt or None,
         }
+        hires = {name: value for name, value in given.items() if value is not None}  # the rest: `hires`'s defaults
     return parse(
         GenerateRequest,
         {
