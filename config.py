@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     upscaler_dir: str = "models/upscalers"
     upscale_tile_size: int = Field(256, ge=0, le=4096)  # input pixels per tile of a neural upscaler; 0: whole
     max_upscale_size: int = Field(2048, ge=64, le=8192)  # longest side of an upscaled image (hires fix's too)
+    # ControlNets (diffusers folders) in a folder or an fsspec URL a cluster shares, and how many stay loaded
+    controlnet_dir: str = "models/controlnets"
+    max_loaded_controlnets: int = Field(4, ge=1, le=64)
     # AUTOMATIC1111's prompt syntax ((word:1.3), [word], BREAK) for the CLIP families, or "none": plain text
     prompt_syntax: Literal["a1111", "none"] = "a1111"
     # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
@@ -275,7 +278,9 @@ class Settings(BaseSettings):
         """Relative paths are relative to the project, so `make run` works from any directory."""
         return value if value is None or value.is_absolute() else ROOT / value
 
-    @field_validator("image_dir", "lora_dir", "embeddings_dir", "upscaler_dir", "models", mode="before")
+    @field_validator(
+        "image_dir", "lora_dir", "embeddings_dir", "upscaler_dir", "controlnet_dir", "models", mode="before"
+    )
     @classmethod
     def _folder_or_url(cls, value: Any, info: ValidationInfo) -> str:
         """A folder (or MODELS' TOML file) relative to the project, as `_absolute` makes it; a URL,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import re
 import secrets
 from collections.abc import Callable
@@ -38,10 +39,11 @@ from imagegen import edits
 from imagegen.catalogue import ModelSpec
 from imagegen.edits import InputRejected
 from imagegen.embeddings import named
-from imagegen.jobs import GenerationParams, Job, JobStore
+from imagegen.jobs import Control, GenerationParams, Job, JobStore
 from imagegen.loras import AdapterRejected, AdapterStore
+from imagegen.preprocessors import preprocess, runnable
 from imagegen.prompt_syntax import parse, weighted
-from imagegen.protocol import MAX_SEED, GenerateRequest, Hires, LoraChoice, UpscaleRequest
+from imagegen.protocol import MAX_SEED, ControlChoice, GenerateRequest, Hires, LoraChoice, UpscaleRequest
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
 from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, resolve
@@ -90,13 +92,15 @@ class Edit:
 
 @dataclass(frozen=True)
 class Plan:
-    """A request checked and resolved: its parameters (an edit's inputs still to store), the edit,
-    the result cache's key (None: not cacheable) and the callback URL."""
+    """A request checked and resolved: its parameters (an edit's inputs and control maps still to
+    store), the edit, the result cache's key (None: not cacheable), the callback URL and the
+    control maps, encoded and named."""
 
     params: GenerationParams
     edit: Edit | None
     cache_key: str | None
     callback_url: str | None
+    maps: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class GenerationService:
         adapters: AdapterStore,
         embeddings: AdapterStore,
         upscalers: AdapterStore,
+        controlnets: AdapterStore,
         images: ImageStore,
         jobs: JobStore,
         queue: JobQueue,
@@ -132,7 +137,7 @@ class GenerationService:
         styles: StyleBook,
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
-        self.styles, self.embeddings, self.upscalers = styles, embeddings, upscalers
+        self.styles, self.embeddings, self.upscalers, self.controlnets = styles, embeddings, upscalers, controlnets
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -156,7 +161,7 @@ class GenerationService:
         plan = self.plan(request, caller, client_defaults, use_cache, lambda model: self._capacity(model, caller))
         if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
             return Submitted(hit, cached=True)
-        if request.image is None:  # an edit's were checked before its images were decoded
+        if request.image is None and not request.control:  # else checked before its images were decoded
             self._capacity(plan.params.model, caller)
         cost = self.budget.check(self._settings().rate_limit_cost, plan.params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
@@ -274,9 +279,10 @@ class GenerationService:
         noise = self._noise(request)
         embeddings = self._embeddings([prompt, given["negative_prompt"] or "", given["prompt_2"] or ""], spec)
         loras, versions = self._loras(request.loras, spec)
+        versions += self._controlnets(request.control or [], spec, request.image is not None)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
-        if request.image is not None and before_decode is not None:
+        if (request.image is not None or request.control) and before_decode is not None:
             before_decode(model)
         edit = self._edit(request, spec, caller)
         size, mode = (request.width or spec.default_width, request.height or spec.default_height), "txt2img"
@@ -291,6 +297,7 @@ class GenerationService:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
         hires = self._hires(request.hires, spec, steps, size, mode, caller)
+        control, maps = self._control_maps(request, size, edit, caller)
         if request.tiling and (spec.family is None or not spec.family.tiling):
             title = spec.family.title if spec.family else "an unknown family"
             raise Refusal(f"model {model} ({title}) cannot tile: only the UNet families (SD, SDXL) do", "tiling")
@@ -313,6 +320,7 @@ class GenerationService:
             mode=mode,
             loras=loras,
             tiling=request.tiling,
+            control=control,
             **noise,
             **editing,
             **hires,
@@ -320,7 +328,7 @@ class GenerationService:
         # A random seed is never the same request; an adapter replaced under its name is another one.
         cacheable = use_cache and request.seed is not None and settings.result_cache
         key = hashlib.sha256(f"{params.digest} {versions}".encode()).hexdigest() if cacheable else None
-        return Plan(params, edit, key, request.callback_url)
+        return Plan(params, edit, key, request.callback_url, maps)
 
     def cached(self, key: str, caller: Caller) -> Job | None:
         """The caller's earlier job of this cache key, while its images exist and have at least half
@@ -337,10 +345,10 @@ class GenerationService:
         Should a repeat with the same Idempotency-Key be recorded in between, this one returns it
         (the record allows one job per client and key)."""
         self.budget.charge(self._settings().rate_limit_cost, cost, caller.owner)
-        if plan.edit is not None:
-            for encoded in (plan.edit.image, plan.edit.mask):
-                if encoded is not None:
-                    self.images.store_input(*encoded)
+        inputs = (plan.edit.image, plan.edit.mask) if plan.edit is not None else ()
+        for encoded in (*inputs, *plan.maps):
+            if encoded is not None:
+                self.images.store_input(*encoded)
         job = Job(
             params=plan.params,
             client=caller.owner,
@@ -522,6 +530,64 @@ class GenerationService:
                 raise Refusal(f"{made_for}, not model {spec.id} ({family.name if family else '?'})", "loras")
             versions.append(lora.version)
         return tuple((choice.name, choice.weight) for choice in choices), versions
+
+    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, editing: bool) -> list[str]:
+        """The cheap half of a request's control, before any image is decoded: each ControlNet in
+        CONTROLNET_DIR and made for the model's family, its steps a span, its preprocessor one
+        that runs here, and an image for each (or an edit's own); their versions, for the cache."""
+        if not units:
+            return []
+        family = spec.family
+        if family is not None and "controlnet" not in family.adapters:
+            raise Refusal(
+                f"model {spec.id} ({family.title}) takes no ControlNet", "control", details={"model": spec.id}
+            )
+        versions = []
+        for index, unit in enumerate(units):
+            field = f"control.{index}"
+            try:
+                controlnet = self.controlnets.find(unit.model)
+            except AdapterRejected as exc:
+                raise Refusal(exc.message, f"{field}.model") from None
+            if family is not None and not controlnet.fits(family.name):
+                made = f"ControlNet `{unit.model}` is made for {controlnet.family} models"
+                message = f"{made}, not model {spec.id} ({family.title})"
+                raise Refusal(message, f"{field}.model", details={"model": spec.id})
+            if unit.start >= unit.end:
+                raise Refusal(f"`{field}.start` ({unit.start}) must be before its `end` ({unit.end})", f"{field}.start")
+            runnable(unit.preprocessor, f"{field}.preprocessor")
+            if unit.image is None and not editing:
+                message = f"`{field}.image` is required: text-to-image has no image of its own to steer by"
+                raise Refusal(message, f"{field}.image")
+            versions.append(controlnet.version)
+        return versions
+
+    def _control_maps(
+        self, request: GenerateRequest, size: tuple[int, int], edit: Edit | None, caller: Caller
+    ) -> tuple[tuple[Control, ...], tuple[tuple[str, bytes], ...]]:
+        """Each ControlNet's map at the output size: its image (or the edit's) decoded and
+        preprocessed, then encoded and named as an input (stored with the job)."""
+        control, maps = [], []
+        for index, unit in enumerate(request.control or []):
+            field = f"control.{index}"
+            if unit.image is None and edit is not None:
+                source = Image.open(io.BytesIO(edit.image[1]))
+            else:
+                source = edits.as_rgb(self.read_image(f"{field}.image", unit.image, caller))
+            thresholds = (unit.threshold_a, unit.threshold_b)
+            mapped = preprocess(
+                source,
+                unit.preprocessor,
+                size,
+                unit.resize_mode or request.resize_mode,
+                unit.resolution,
+                thresholds,
+                f"{field}.",
+            )
+            encoded = input_png(mapped)
+            control.append(Control(unit.model, encoded[0], unit.weight, unit.start, unit.end, unit.preprocessor))
+            maps.append(encoded)
+        return tuple(control), tuple(maps)
 
     def _edit(self, request: GenerateRequest, spec: ModelSpec, caller: Caller) -> Edit | None:
         """The request's edit (None for text-to-image): its mode from the fields given, checked against

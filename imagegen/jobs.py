@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, delete, func, insert, literal, or_, select, update
 
@@ -57,6 +57,18 @@ HIRES_FIELDS = (
     "hires_negative_prompt",
 )
 OPTIONAL_FIELDS = (*EDIT_FIELDS, *UPSCALE_FIELDS, *HIRES_FIELDS, "upscaler")
+
+
+class Control(NamedTuple):
+    """One ControlNet of a job: its name, its control map (preprocessed and stored before the job
+    was accepted, at the output size), its weight, and the share of the steps it acts in."""
+
+    model: str
+    image: str
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "none"  # what made the map, for the record
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,7 @@ class GenerationParams:
     hires_steps_run: int = 0
     hires_prompt: str = ""
     hires_negative_prompt: str = ""
+    control: tuple[Control, ...] = ()  # ControlNets (several: multi-ControlNet), in the request's order
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -160,6 +173,7 @@ class GenerationParams:
             self.hires_height,
             self.hires_steps,
             self.hires_strength,
+            tuple(unit[:1] + unit[2:5] for unit in self.control),  # the control maps may differ
         )
 
     @property
@@ -171,7 +185,7 @@ class GenerationParams:
         """The fields as a job's `parameters` show them (the response schema is made from the same
         fields): `loras` in the request's shape, an edit's, an upscale's and hires fix's own fields
         only where they say something, and the image count."""
-        fields = {**asdict(self), "loras": self.lora_view()}
+        fields = {**asdict(self), "loras": self.lora_view(), "control": [unit._asdict() for unit in self.control]}
         hidden = {
             *(EDIT_FIELDS if self.mode == "txt2img" else ()),
             *(UPSCALE_FIELDS if self.mode != "upscale" else ()),
@@ -260,6 +274,7 @@ def _row_to_job(row: Any) -> Job:
     params["subseeds"] = tuple(params.get("subseeds", ()))
     params["embeddings"] = tuple(tuple(pair) for pair in params.get("embeddings", ()))
     params["loras"] = tuple(tuple(lora) for lora in params.get("loras", ()))
+    params["control"] = tuple(Control(*unit) for unit in params.get("control", ()))
     return Job(
         params=GenerationParams(**params),
         client=row["client"],

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 Item = TypeVar("Item")  # what a store's files are read as: a Lora, an embeddings.Embedding
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SUFFIX = ".safetensors"
+# A diffusers folder's weights (beside its config.json): the file a folder item is versioned by.
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # Tensor-name marks of each family lineage (`families.Family.lineage`), checked in order (SDXL's
 # UNet has blocks of several transformer layers and a second text encoder; Flux has single-stream
@@ -170,7 +173,7 @@ def _stamp(info: dict[str, Any]) -> str:
 
 
 def _name(path: str) -> str:
-    """The adapter name of a file's path in the store."""
+    """The adapter name of a file's (or a folder's) path in the store."""
     return path.rsplit("/", 1)[-1].removesuffix(SUFFIX)
 
 
@@ -181,7 +184,9 @@ class AdapterStore(Generic[Item]):
 
     Why one interface for both: the API and the workers may be different machines, and only
     storage they share makes an upload through one API usable by every worker. A worker loads
-    weights from a local file, so an object is copied into `cache_dir` once per version.
+    weights from a local file, so an object is copied into `cache_dir` once per version. With
+    `folders`, an item may also be a diffusers folder (`<name>/config.json` and WEIGHTS, as
+    ControlNets come), versioned by its weights and copied whole.
     """
 
     def __init__(
@@ -194,12 +199,15 @@ class AdapterStore(Generic[Item]):
         what: str = "adapter",
         where: str = "LORA_DIR",
         listed: str = "GET /loras",
+        folders: bool = False,
     ) -> None:
-        """`read` describes a file from its header (a LoRA's by default; embeddings.py's too), and
-        `what`, `where` and `listed` are how messages name an item, the setting and the listing."""
+        """`read` describes a file (or a folder) from its header (a LoRA's by default; embeddings.py's
+        too), and `what`, `where` and `listed` are how messages name an item, the setting and the
+        listing."""
         self.fs, self.root, self.remote = filesystem(url, endpoint_url)
         self.cache_dir = cache_dir
         self.read, self.what, self.where, self.listed = read, what, where, listed
+        self.folders = folders
         self._described = lru_cache(maxsize=256)(self._describe)
 
     @classmethod
@@ -222,30 +230,45 @@ class AdapterStore(Generic[Item]):
             return None
         return info if info.get("type") == "file" else None
 
+    def _located(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The path of an item (its file, else with `folders` its folder) and the info of the file
+        it is versioned by; None when there is none. AdapterRejected for a name that is not one."""
+        path = self.path_of(name)
+        if (info := self._info(path)) is not None:
+            return path, info
+        folder = path.removesuffix(SUFFIX)
+        if self.folders and (info := self._info(f"{folder}/{WEIGHTS}")) is not None:
+            return folder, info
+        return None
+
     def exists(self, name: str) -> bool:
         """Whether a file of that adapter name is there (a LoRA or not); AdapterRejected for a name
         that is not one."""
-        return self._info(self.path_of(name)) is not None
+        return self._located(name) is not None
 
     def listing(self) -> list[Item]:
         """Every adapter, by name; files that are not LoRAs are left out."""
         try:
-            found = self.fs.find(self.root, maxdepth=1, detail=True)
+            found = self.fs.find(self.root, maxdepth=2 if self.folders else 1, detail=True)
         except FileNotFoundError:
             return []
         adapters = []
         for path, info in sorted(found.items()):
-            if path.endswith(SUFFIX) and NAME.fullmatch(_name(path)):
+            relative = path.removeprefix(self.root.rstrip("/") + "/")
+            file = relative.endswith(SUFFIX) and "/" not in relative
+            folder = self.folders and relative.count("/") == 1 and relative.endswith(f"/{WEIGHTS}")
+            item = path.removesuffix(f"/{WEIGHTS}")  # a folder item is named by its folder
+            if (file or folder) and NAME.fullmatch(_name(item)):
                 with contextlib.suppress(AdapterRejected):
-                    adapters.append(self._described(path, _stamp(info), int(info["size"])))
+                    adapters.append(self._described(item, _stamp(info), int(info["size"])))
         return adapters
 
     def find(self, name: str) -> Item:
         """The adapter of that name (cached until its file changes); AdapterRejected when there is none."""
-        path = self.path_of(name)
-        info = self._info(path)
-        if info is None:
+        located = self._located(name)
+        if located is None:
             raise AdapterRejected(f"no {self.what} `{name}` in {self.where} ({self.listed} lists them)")
+        path, info = located
         return self._described(path, _stamp(info), int(info["size"]))
 
     def staging(self) -> contextlib.AbstractContextManager[Path]:
@@ -270,32 +293,47 @@ class AdapterStore(Generic[Item]):
         return lora
 
     def delete(self, name: str) -> bool:
-        """Removes an adapter; False when there is none of that name."""
-        if not self.exists(name):
+        """Removes an adapter (a folder item whole); False when there is none of that name."""
+        located = self._located(name)
+        if located is None:
             return False
-        self.fs.rm_file(self.path_of(name))
+        self.fs.rm(located[0], recursive=not located[0].endswith(SUFFIX))
         return True
 
     def local_file(self, name: str) -> tuple[Path, str]:
-        """The adapter as a file on this machine's disk, and its version (which changes when the
-        file is replaced); FileNotFoundError when it is gone. An object is copied into the cache
-        once per version, and the versions it replaces are removed."""
-        path = self.path_of(name)
-        info = self._info(path)
-        if info is None:
-            raise FileNotFoundError(path)
+        """The adapter as a file (or a folder) on this machine's disk, and its version (which
+        changes when the file is replaced); FileNotFoundError when it is gone. An object is copied
+        into the cache once per version, and the versions it replaces are removed."""
+        located = self._located(name)
+        if located is None:
+            raise FileNotFoundError(self.path_of(name))
+        path, info = located
         stamp = _stamp(info)
         if not self.remote:
             return Path(path), stamp
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         version = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-        cached = self.cache_dir / f"{name}-{version}{SUFFIX}"
-        if not cached.is_file():  # workers sharing the folder each write a file of their own, then rename
+        suffix = SUFFIX if path.endswith(SUFFIX) else ""
+        cached = self.cache_dir / f"{name}-{version}{suffix}"
+        if not cached.exists():  # workers sharing the folder each write their own copy, then rename
+            self._copy(path, cached)
+            versions = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(suffix)}")
+            for old in self.cache_dir.iterdir():
+                if old != cached and versions.fullmatch(old.name):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        return cached, stamp
+
+    def _copy(self, path: str, cached: Path) -> None:
+        """An object (or a folder's objects) copied to `cached` whole: written aside, then renamed."""
+        if path.endswith(SUFFIX):
             with temporary_file(self.cache_dir) as partial:
                 self.fs.get_file(path, str(partial))
                 os.replace(partial, cached)
-            versions = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}{re.escape(SUFFIX)}")
-            for old in self.cache_dir.iterdir():
-                if old != cached and versions.fullmatch(old.name):
-                    old.unlink(missing_ok=True)
-        return cached, stamp
+            return
+        staged = Path(tempfile.mkdtemp(dir=self.cache_dir, suffix=".partial"))
+        try:
+            self.fs.get(f"{path}/", str(staged), recursive=True)
+            with contextlib.suppress(OSError):  # another worker's folder came first
+                os.replace(staged, cached)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)

@@ -20,6 +20,7 @@ from config import Settings
 from imagegen.schedulers import SCHEDULER_NAMES, SCHEDULES
 
 MAX_SEED = 2**32 - 1
+MAX_CONTROLS = 4  # ControlNets in one request (A1111's extension offers three units by default)
 # An upload a surface has decoded itself (OpenAI's masks are alpha channels); no JSON carries one.
 Decoded = SkipJsonSchema[Image.Image]
 
@@ -64,6 +65,37 @@ class LoraChoice(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     weight: float = Field(1.0, ge=-4, le=4)
+
+
+class ControlChoice(BaseModel):
+    """One ControlNet of a request: its name in GET /controlnets, the image that steers it (made into
+    its control map by `preprocessor`), its weight, and the share of the steps it acts in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+    model: str = Field(min_length=1, max_length=100)
+    image: str | bytes | Decoded | None = Field(
+        None,
+        description="As an edit's `image` (base64, a data URL, a form file, an image of yours); "
+        "default: the edit's own image.",
+    )
+    weight: float = Field(1.0, ge=0, le=2, description="How strongly it steers (0: not at all).")
+    start: float = Field(0.0, ge=0, lt=1, description="The share of the steps before it starts acting.")
+    end: float = Field(1.0, gt=0, le=1, description="The share of the steps after which it stops acting.")
+    preprocessor: str = Field(
+        "none", max_length=40, description="What makes the map from the image (GET /controlnets); none: it is one."
+    )
+    threshold_a: float | None = Field(None, description="The preprocessor's first threshold (GET /controlnets).")
+    threshold_b: float | None = None
+    resolution: int | None = Field(
+        None,
+        ge=64,
+        le=2048,
+        description="Pixels on the shorter side the preprocessor works at (default: the output's).",
+    )
+    resize_mode: Literal["resize", "crop", "fill"] | None = Field(
+        None, description="How the image meets the output's shape (default: the request's `resize_mode`)."
+    )
 
 
 class Hires(BaseModel):
@@ -158,6 +190,9 @@ class GenerateRequest(BaseModel):
     )
     hires: Hires | None = Field(None, description="Hires fix: a second pass at a larger size (text-to-image).")
     tiling: bool = Field(False, description="Images that tile seamlessly (circular padding in the model).")
+    control: list[ControlChoice] | None = Field(
+        None, max_length=MAX_CONTROLS, description="ControlNets steering the image (GET /controlnets), several at once."
+    )
 
     @field_validator("width", "height")
     @classmethod

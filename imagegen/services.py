@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from config import Settings
 from imagegen.access import Access
 from imagegen.catalogue import ModelSpec
+from imagegen.controlnets import controlnet_store
 from imagegen.db import Database
 from imagegen.embeddings import embedding_store
 from imagegen.endings import Endings
@@ -56,6 +57,7 @@ class Services:
     adapters: AdapterStore
     embeddings: AdapterStore
     upscalers: AdapterStore
+    controlnets: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -71,6 +73,7 @@ class Services:
             self.adapters,
             self.embeddings,
             self.upscalers,
+            self.controlnets,
             self.images,
             self.jobs,
             self.queue,
@@ -215,9 +218,7 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
         queue = LocalQueue(engine, claim)
-    upscalers = upscaler_store(settings)
-    services = Services(
-        live, access, jobs, images, adapters, embeddings, upscalers, queue, monitor, webhooks, Alerts(settings)
-    )
+    stores = (adapters, embeddings, upscaler_store(settings), controlnet_store(settings))
+    services = Services(live, access, jobs, images, *stores, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(queue, images))
     return services

@@ -250,7 +250,7 @@ def test_every_a1111_listing_route_answers(a1111):
         response = a1111.get(f"/sdapi/v1/{path}")
         assert response.status_code == 200 and response.json == [], path
     assert a1111.get("/sdapi/v1/embeddings").json == {"loaded": {}, "skipped": {}}
-    assert a1111.get("/sdapi/v1/scripts").json == {"txt2img": [], "img2img": []}
+    assert a1111.get("/sdapi/v1/scripts").json == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     flags = a1111.get("/sdapi/v1/cmd-flags").json
     assert flags["api"] is True and flags["port"] == 5000 and flags["api_auth"] is None
     assert a1111.get("/sdapi/v1/memory", headers=ADMIN).json["ram"]["total"] > 0

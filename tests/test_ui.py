@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from tests.conftest import ROOT, call, start_server
 from tools.make_model import build
-from tools.shapes import in_corner
+from tools.shapes import centre, in_corner
 
 pytestmark = pytest.mark.slow
 
@@ -368,3 +368,32 @@ def test_a_server_that_needs_a_key_says_so_and_loads_its_models_once_given(tmp_p
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_scribble_on_the_control_pad_steers_the_demo_model(page):
+    """An outline drawn in the pad's top left, seen as the map the ControlNet reads, puts the demo
+    model's shape there."""
+    playwright.expect(page.locator("#control_field")).to_be_visible()
+    page.locator("#control_canvas").scroll_into_view_if_needed()
+    pad = page.locator("#control_canvas").bounding_box()
+    centre_x, centre_y, radius = pad["x"] + pad["width"] / 4, pad["y"] + pad["height"] / 4, pad["width"] * 0.15
+    points = [(centre_x + radius * np.cos(a), centre_y + radius * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 40)]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for point in points[1:]:
+        page.mouse.move(*point)
+    page.mouse.up()
+    assert page.is_checked("#control_on"), "drawing turns control on"
+    page.click("#control_detect")
+    playwright.expect(page.locator("#control_map")).to_be_visible()
+    page.fill("#control_end", "0.7")
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "20")
+    page.click("#generate")
+    page.wait_for_selector("#results img", timeout=WAIT_MS)
+    assert "ControlNet demo-shapes-scribble × 1" in page.text_content("#results figcaption")
+    found = centre(result_pixels(page))
+    assert found is not None and max(abs(found[0] - 16), abs(found[1] - 16)) <= 8, found
+    page.select_option("#model", "schnell")  # a FLUX.1 model: no ControlNet here fits it
+    assert page.is_hidden("#control_field")
+    assert page.errors == []

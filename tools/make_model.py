@@ -12,6 +12,10 @@ encoder shares one word-level tokenizer built here, so nothing is downloaded.
     python -m tools.make_model --family flux-dev --size tiny --out /tmp/flux-dev
     python -m tools.make_model --family sd15 --size full --out /tmp/sd15      # 4 GB in fp32
     python -m tools.make_model --family flux-schnell --out /tmp/flux --gguf Q4_0   # and its transformer as GGUF
+    python -m tools.make_model --family sd15 --out /tmp/sd15 --controlnet /tmp/controlnets/tiny   # and a ControlNet
+
+A ControlNet (SD, SDXL) is built from its model's UNet as diffusers builds a new one
+(`ControlNetModel.from_unet`), but with its zero convolutions random, so that it steers at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -457,6 +462,22 @@ def build(family: str, seed: int = 0, size: str = "tiny", device: str = "cpu") -
         return builders[family]()
 
 
+def controlnet(pipe: Any, seed: int = 0) -> ControlNetModel:
+    """A ControlNet for a UNet model's pipeline (SD, SDXL): its UNet's encoder, conditioned through
+    as many levels as the VAE downscales (8x: four), the outputs that a new one starts at zero drawn
+    at random instead, as a trained one's are not zero, and the map's embedding strong enough that
+    two maps make two images (at the default scale a tiny model's map would barely count)."""
+    torch.manual_seed(seed)
+    widths = (16, 32, 96, 256) if pipe.unet.config.block_out_channels[0] >= 320 else (4, 8, 16, 16)
+    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths)
+    for layer in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    for layer in net.controlnet_cond_embedding.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    return net
+
+
 def parameters(pipe: Any) -> dict[str, int]:
     """Each model component's parameter count."""
     return {
@@ -502,6 +523,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gguf", metavar="KIND", help="also write OUT/transformer.gguf in KIND (Q4_0, Q8_0)")
+    parser.add_argument("--controlnet", type=Path, metavar="DIR", help="also write a ControlNet for it (SD, SDXL)")
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)
     for name, count in parameters(pipe).items():
@@ -512,6 +534,12 @@ def main() -> None:
         if args.gguf:
             count = write_gguf(pipe.transformer, args.out / "transformer.gguf", args.gguf)
             print(f"wrote its transformer to {args.out / 'transformer.gguf'} ({count} matrices in {args.gguf})")
+    if args.controlnet and args.device != "meta":
+        net = controlnet(pipe, args.seed).to(getattr(torch, args.dtype))
+        net.save_pretrained(args.controlnet, safe_serialization=True)
+        print(
+            f"saved a ControlNet for it to {args.controlnet} ({sum(p.numel() for p in net.parameters()) / 1e6:,.1f}M)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ def services() -> Services:
 def init_app(app: OpenAPI) -> None:
     """Registers every surface: the native API (in the OpenAPI document), the playground and the
     compatibility surfaces."""
-    from imagegen.api import a1111, adapters, admin, core, jobs, openai, ops, slots, ui
+    from imagegen.api import a1111, a1111_controlnet, adapters, admin, core, jobs, openai, ops, slots, ui
 
     slots.init_app(app)
     for api in (core.bp, jobs.bp, ops.bp, admin.bp, adapters.bp):
         app.register_api(api)
-    for blueprint in (ui.bp, openai.bp, a1111.bp):
+    for blueprint in (ui.bp, openai.bp, a1111.bp, a1111_controlnet.bp):
         app.register_blueprint(blueprint)

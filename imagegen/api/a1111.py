@@ -24,19 +24,20 @@ from pydantic import TypeAdapter, ValidationError
 
 from imagegen import edits, infotext
 from imagegen.api import services
+from imagegen.api.a1111_controlnet import bp as controlnet_bp
+from imagegen.api.a1111_controlnet import control_units
 from imagegen.api.a1111_protocol import (
     EXTRAS_FIELDS,
-    FIELDS,
     OPTIONS,
-    A1111Model,
     ExtraBatchRequest,
     ExtraSingleRequest,
     ExtrasRequest,
     Img2ImgRequest,
     PngInfoRequest,
     ProcessingRequest,
-    Rule,
     Txt2ImgRequest,
+    refuse,
+    review,
 )
 from imagegen.api.errors import APIError, install
 from imagegen.api.guard import generation_route, operator, require_admin, uploads
@@ -68,8 +69,20 @@ RESIZE_MODES = ("resize", "crop", "fill", "resize")
 FILLS = ("fill", "original", "noise", "grey")
 
 
+# A native ControlNet's fields (`control.0.start`) as its unit's (`alwayson_scripts.controlnet.args.0.guidance_start`).
+UNIT_NAMES = {"start": "guidance_start", "end": "guidance_end", "preprocessor": "module", "resolution": "processor_res"}
+CONTROL_FIELD = re.compile(r"control\.(\d+)\.(\w+)")
+
+
+def a1111_field(field: str) -> str:
+    """The A1111 field a client should fix, for a native field's name."""
+    if match := CONTROL_FIELD.fullmatch(field):
+        return f"alwayson_scripts.controlnet.args.{match[1]}.{UNIT_NAMES.get(match[2], match[2])}"
+    return NAMES.get(field, field)
+
+
 def _renamed(text: str) -> str:
-    return re.sub(r"`(\w+)`", lambda match: f"`{NAMES.get(match[1], match[1])}`", text)
+    return re.sub(r"`([\w.]+)`", lambda match: f"`{a1111_field(match[1])}`", text)
 
 
 def render_error(error: APIError) -> Response:
@@ -83,7 +96,7 @@ def render_error(error: APIError) -> Response:
     if error.code == "invalid_request" and error.details and any(d.get("field") for d in error.details):
         detail = [
             {
-                "loc": ["body", *NAMES.get(d["field"] or "body", d["field"] or "body").split(".")],
+                "loc": ["body", *a1111_field(d["field"] or "body").split(".")],
                 "msg": _renamed(d["message"]),
                 "type": error.code,
             }
@@ -96,28 +109,7 @@ def render_error(error: APIError) -> Response:
 
 
 install(bp, render_error)
-
-
-def refuse(field: str, message: str) -> APIError:
-    """A field this surface will not take (422 here, FastAPI's `detail` list naming it)."""
-    return APIError("invalid_request", message, {"field": field})
-
-
-def review(body: A1111Model, rules: dict[str, Rule] = FIELDS) -> list[str]:
-    """What the request asks that this server does not serve: a refusal for what would change the
-    image, else the warnings for the answer's `info` (fields A1111 does not know included)."""
-    warnings = [f"`{name}` is not an A1111 field; ignored" for name in body.model_extra or {}]
-    for name in body.model_fields_set & rules.keys():
-        rule, value = rules[name], getattr(body, name)
-        if rule.unserved is None or not rule.unserved(value, body):
-            continue
-        note = rule.note.format(value=", ".join(value) if isinstance(value, dict) else value)
-        if rule.verdict == "refused" and rule.own_words:
-            raise APIError("unprocessable", note, {"field": name})
-        if rule.verdict == "refused":
-            raise refuse(name, f"`{name}`: {note}")
-        warnings.append(f"`{name}`: {note}")
-    return warnings
+install(controlnet_bp, render_error)
 
 
 # ----- options -----
@@ -240,8 +232,11 @@ def _options(body: ProcessingRequest) -> dict[str, Any]:
 NONE_RESIZES = "Lanczos"
 
 
-def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], **edit: Any) -> GenerateRequest:
-    """The native request of a txt2img or img2img call (adapters from the prompt's tags)."""
+def _native(
+    body: ProcessingRequest, first_seed: int, options: dict[str, Any], control: list[dict[str, Any]], **edit: Any
+) -> GenerateRequest:
+    """The native request of a txt2img or img2img call (adapters from the prompt's tags, ControlNets
+    from its units)."""
     prompt, loras = prompt_loras(body.prompt)
     scheduler, schedule = scheduler_for(body)
     model = options["sd_model_checkpoint"]
@@ -290,6 +285,7 @@ def _native(body: ProcessingRequest, first_seed: int, options: dict[str, Any], *
             "model": model,
             "tiling": bool(body.tiling),
             "hires": hires,
+            "control": control or None,
             **edit,
         },
     )
@@ -374,8 +370,9 @@ def txt2img() -> dict[str, Any]:
     """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
     body = parse(Txt2ImgRequest)
     warnings = review(body)
+    control, unit_warnings = control_units(body.alwayson_scripts)
     options = _options(body)
-    return _answer(body, _native(body, _first_seed(body.seed), options), options, warnings)
+    return _answer(body, _native(body, _first_seed(body.seed), options, control), options, warnings + unit_warnings)
 
 
 @bp.post("/img2img")
@@ -386,6 +383,8 @@ def img2img() -> dict[str, Any]:
     `n_iter` times, at `width` x `height`."""
     body = parse(Img2ImgRequest)
     warnings = review(body)
+    control, unit_warnings = control_units(body.alwayson_scripts)
+    warnings += unit_warnings
     options = _options(body)
     first_seed = _first_seed(body.seed)
     read_image = services().generation.read_image
@@ -405,7 +404,7 @@ def img2img() -> dict[str, Any]:
         "mask_crop_padding": body.inpaint_full_res_padding if mask and body.inpaint_full_res else None,
         "resize_mode": RESIZE_MODES[body.resize_mode],
     }
-    return _answer(body, _native(body, first_seed, options, **edit), options, warnings)
+    return _answer(body, _native(body, first_seed, options, control, **edit), options, warnings)
 
 
 @bp.post("/png-info")
@@ -483,8 +482,9 @@ def refresh_loras() -> dict[str, Any]:
 
 @bp.get("/scripts")
 def scripts() -> dict[str, list[str]]:
-    """No A1111 extension scripts here (webuiapi asks at start-up)."""
-    return {"txt2img": [], "img2img": []}
+    """The one extension served here, sd-webui-controlnet, as an always-on script (webuiapi asks at
+    start-up)."""
+    return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
 
 @bp.get("/upscalers")

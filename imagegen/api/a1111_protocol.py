@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from imagegen.api.errors import APIError
 from imagegen.protocol import MAX_SEED
 
 
@@ -239,7 +240,12 @@ FIELDS: dict[str, Rule] = {
     "script_args": Rule("warned", "ignored without a script_name", lambda value, request: bool(value)),
     "send_images": _honoured("false: the answer carries no images"),
     "save_images": _honoured("images are always stored, for IMAGE_TTL_SECONDS"),
-    "alwayson_scripts": Rule("refused", "always on script {value} not found", _set, own_words=True),
+    "alwayson_scripts": Rule(
+        "refused",
+        "always on script {value} not found",
+        lambda value, _request: any(name.lower() != "controlnet" for name in value),
+        own_words=True,
+    ),
     "infotext": Rule("refused", "filling fields from an infotext is not served; send the fields", _set),
     "denoising_strength": _honoured("img2img's strength; on txt2img it is hires fix's, as on A1111"),
     "enable_hr": _honoured("hires fix: upscaled by hr_upscaler, redrawn by image-to-image on the same model"),
@@ -283,6 +289,30 @@ FIELDS: dict[str, Rule] = {
     "latent_mask": Rule("refused", "not served", _set),
     "include_init_images": _honoured("true: `parameters` echoes init_images and mask"),
 }
+
+
+def refuse(field: str, message: str) -> APIError:
+    """A field this surface will not take (422 here, FastAPI's `detail` list naming it)."""
+    return APIError("invalid_request", message, {"field": field})
+
+
+def review(body: A1111Model, rules: dict[str, Rule] | None = None, where: str = "") -> list[str]:
+    """What the request asks that this server does not serve: a refusal for what would change the
+    image, else the warnings for the answer's `info` (fields A1111 does not know included); `where`
+    is the fields' place in the request (a ControlNet unit's)."""
+    rules = FIELDS if rules is None else rules
+    warnings = [f"`{where}{name}` is not an A1111 field; ignored" for name in body.model_extra or {}]
+    for name in body.model_fields_set & rules.keys():
+        rule, value = rules[name], getattr(body, name)
+        if rule.unserved is None or not rule.unserved(value, body):
+            continue
+        note = rule.note.format(value=", ".join(value) if isinstance(value, dict) else value)
+        if rule.verdict == "refused" and rule.own_words:
+            raise APIError("unprocessable", note, {"field": f"{where}{name}"})
+        if rule.verdict == "refused":
+            raise refuse(f"{where}{name}", f"`{where}{name}`: {note}")
+        warnings.append(f"`{where}{name}`: {note}")
+    return warnings
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""LoRA adapters, textual-inversion embeddings and upscalers over HTTP: the lists, and an admin's
-upload and delete of each.
+"""LoRA adapters, textual-inversion embeddings, upscalers and ControlNets over HTTP: the lists, and
+an admin's upload and delete of the files among them (a ControlNet is a folder, copied into
+CONTROLNET_DIR).
 
 A request's choice of adapters, and the embeddings its prompts name, are checked by the generation
 service from each file's header alone (no torch, so a cluster's API can do it too); a misfit only
@@ -19,6 +20,7 @@ from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import require_admin, uploads
 from imagegen.loras import PICKLES, AdapterRejected, AdapterStore, pickle_refusal
+from imagegen.preprocessors import PREPROCESSORS
 from imagegen.upscalers import builtin_views
 
 bp = APIBlueprint("adapters", __name__, abp_tags=[Tag(name="adapters")])
@@ -138,3 +140,14 @@ def upload_upscaler() -> tuple[dict[str, Any], int]:
 def delete_upscaler(name: str) -> dict[str, Any]:
     """Admin: removes an upscaler (workers that loaded it drop it when they next need room)."""
     return _delete(services().upscalers, name)
+
+
+@bp.get("/controlnets", **spec({200: schemas.ControlNetList}, errors=(401, 429)))
+@raw
+def controlnets() -> dict[str, Any]:
+    """The ControlNets a request's `control` names (CONTROLNET_DIR's folders, with the family each
+    steers), and the preprocessors that make a control map from an image."""
+    return {
+        "controlnets": [item.view() for item in services().controlnets.listing()],
+        "preprocessors": [item.view() for item in PREPROCESSORS.values()],
+    }

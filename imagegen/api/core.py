@@ -49,6 +49,8 @@ ENDPOINTS = [
     ("GET", "/styles", "Prompt styles (STYLES_FILE) a request may name."),
     ("GET", "/loras", "LoRA adapters a request may name (admin: POST to add one, DELETE /loras/<name>)."),
     ("GET", "/upscalers", "Upscalers for /upscale and hires fix (admin: POST to add one, DELETE /upscalers/<name>)."),
+    ("GET", "/controlnets", "ControlNets for a request's `control`, and the preprocessors that make control maps."),
+    ("POST", "/controlnet/detect", "An image made into a control map by a preprocessor (sd-webui-controlnet's shape)."),
     ("GET", "/embeddings", "Textual-inversion embeddings a prompt may name (admin: POST, DELETE /embeddings/<name>)."),
     ("POST", "/models/<id>/load", "Admin: load a model now."),
     ("POST", "/models/<id>/unload", "Admin: unload a model."),

@@ -67,6 +67,15 @@ class LoraWeight(BaseModel):
     weight: float
 
 
+class ControlView(BaseModel):
+    model: str
+    image: str = Field(description="The control map, as an input stored for the job.")
+    weight: float
+    start: float
+    end: float
+    preprocessor: str
+
+
 # A job's `parameters`: every field of GenerationParams (the one list of them; an edit's, an
 # upscale's and hires fix's own only where they apply), `loras` in the request's shape, and the image count.
 Parameters = create_model(
@@ -77,6 +86,7 @@ Parameters = create_model(
             for name, hint in get_type_hints(GenerationParams).items()
         },
         "loras": (list[LoraWeight], ...),
+        "control": (list[ControlView], ...),
         "num_images": (int, ...),
     },
 )
@@ -195,6 +205,37 @@ class UpscalerView(BaseModel):
 
 class UpscalerList(BaseModel):
     upscalers: list[UpscalerView]
+
+
+class ControlNetView(BaseModel):
+    """A ControlNet of CONTROLNET_DIR, for a request's `control`."""
+
+    name: str
+    kind: Literal["controlnet"]
+    family: str = Field(description="The family lineage of the models it steers: sd, sdxl, sd3, flux")
+    architecture: str = Field(description="Its diffusers class")
+    bytes: int
+
+
+class ThresholdView(BaseModel):
+    meaning: str
+    default: float
+    low: float
+    high: float
+
+
+class PreprocessorView(BaseModel):
+    """What makes a control map from an image; `thresholds` are what `threshold_a` and `threshold_b` mean."""
+
+    name: str
+    description: str
+    available: bool = Field(description="false: it needs a model file this server does not have, and is refused")
+    thresholds: list[ThresholdView]
+
+
+class ControlNetList(BaseModel):
+    controlnets: list[ControlNetView]
+    preprocessors: list[PreprocessorView]
 
 
 class SchedulerView(BaseModel):

@@ -60,7 +60,7 @@ def json_body() -> dict[str, Any]:
 
 
 # A form's fields that hold JSON (an object or a list), as a form can carry no other structure.
-JSON_FIELDS = ("outpaint", "loras")
+JSON_FIELDS = ("outpaint", "loras", "control")
 
 
 def form_data() -> dict[str, Any]:

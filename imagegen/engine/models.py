@@ -27,11 +27,17 @@ import psutil
 import safetensors.torch
 import torch
 import transformers
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 from PIL import Image
 
 from config import Settings
 from imagegen.catalogue import ModelSpec
+from imagegen.controlnets import controlnet_store
 from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
@@ -80,6 +86,7 @@ class ModelInfo:
     quantization: dict[str, Any] | None = None  # the scheme loaded, with the backend chosen for the device
     weight_bytes: dict[str, int] | None = None  # per component, and "total", from the state dicts
     loras: list[str] = field(default_factory=list)  # the LoRA adapters loaded into it, least recently used first
+    controlnets: list[str] = field(default_factory=list)  # the ControlNets loaded beside it, the same way
 
 
 def resolve_device(setting: str) -> str:
@@ -182,6 +189,9 @@ EDIT_PIPELINES: dict[str, Any] = {
     "inpaint": AutoPipelineForInpainting,
     "outpaint": AutoPipelineForInpainting,
 }
+# With ControlNets, each mode's pipeline is its ControlNet variant, made the same way (diffusers'
+# auto pipelines pick the class that takes `controlnet` for the loaded one's family).
+CONTROL_PIPELINES: dict[str, Any] = {"txt2img": AutoPipelineForText2Image, **EDIT_PIPELINES}
 
 
 class ModelManager:
@@ -214,6 +224,9 @@ class ModelManager:
         self.upscalers = upscaler_store(settings)
         # Loaded upscaler networks by name, with their file's version, least recently used first.
         self._upscalers: OrderedDict[str, tuple[str, Upscaler, torch.nn.Module]] = OrderedDict()
+        self.controlnets = controlnet_store(settings)
+        # Loaded ControlNets by (model, name), with their weights' version, least recently used first.
+        self._controlnets: OrderedDict[tuple[str, str], tuple[str, torch.nn.Module]] = OrderedDict()
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -332,10 +345,11 @@ class ModelManager:
         loras: tuple[tuple[str, float], ...] = (),
         schedule: str = AUTOMATIC,
         embeddings: tuple[str, ...] = (),
+        controls: tuple[str, ...] = (),
     ) -> DiffusionPipeline:
         """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler (and
-        its noise schedule) and LoRA adapters active and the named embeddings loaded, loading (and
-        evicting) as needed."""
+        its noise schedule) and LoRA adapters active, the named embeddings loaded and the named
+        ControlNets beside it, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
@@ -345,7 +359,11 @@ class ModelManager:
         self._set(model_id, last_used=time.time())
         self._activate(model_id, pipe, loras)
         self._embed(model_id, pipe, embeddings)
-        if mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
+        if controls:  # a pipeline of a few milliseconds, made per batch: the modules are the loaded ones
+            nets = [self.controlnet(model_id, pipe, name) for name in controls]
+            pipe = CONTROL_PIPELINES[mode].from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
+            pipe.set_progress_bar_config(disable=True)
+        elif mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
             key = (model_id, EDIT_PIPELINES[mode])
             if key not in self._edit_pipes:
                 self._edit_pipes[key] = EDIT_PIPELINES[mode].from_pipe(pipe)
@@ -375,6 +393,30 @@ class ModelManager:
         self._upscalers.move_to_end(name)
         _version, described, network = self._upscalers[name]
         return network, described.scale
+
+    def controlnet(self, model_id: str, pipe: DiffusionPipeline, name: str) -> torch.nn.Module:
+        """A ControlNet for that model, loaded once per version of its weights in the model's dtype
+        and on its device, the MAX_LOADED_CONTROLNETS most recent kept."""
+        key = (model_id, name)
+        try:
+            described = self.controlnets.find(name)
+            path, version = self.controlnets.local_file(name)
+        except (AdapterRejected, FileNotFoundError):
+            raise AdapterFailed(f"ControlNet `{name}` is no longer in CONTROLNET_DIR") from None
+        if key not in self._controlnets or self._controlnets[key][0] != version:
+            try:
+                network = getattr(diffusers, described.architecture).from_pretrained(path, dtype=pipe.dtype)
+            except (OSError, RuntimeError, ValueError) as exc:  # weights that do not match their config
+                raise AdapterFailed(f"ControlNet `{name}` could not be loaded", str(exc)) from exc
+            self._controlnets[key] = (version, network.to(self.device))
+            changed = {model_id}
+            while len(self._controlnets) > self.settings.max_loaded_controlnets:
+                changed.add(self._controlnets.popitem(last=False)[0][0])
+            for model in changed:
+                self._set(model, controlnets=[each for owner, each in self._controlnets if owner == model])
+            log.info("loaded ControlNet %s for model %s (%d loaded)", name, model_id, len(self._controlnets))
+        self._controlnets.move_to_end(key)
+        return self._controlnets[key][1]
 
     def _scheduler(self, model_id: str, scheduler: str, schedule: str) -> Any:
         """The model's scheduler of that name and schedule, made once from the model's own config (so
@@ -497,7 +539,9 @@ class ModelManager:
             for key in [key for key in self._schedulers if key[0] == target]:
                 del self._schedulers[key]
             self._families.pop(target, None)
-            self._set(target, state=ModelState.UNLOADED, loras=[])
+            for key in [key for key in self._controlnets if key[0] == target]:
+                del self._controlnets[key]
+            self._set(target, state=ModelState.UNLOADED, loras=[], controlnets=[])
         if unloaded:
             gc.collect()
             release_freed_ram()

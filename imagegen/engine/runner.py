@@ -49,6 +49,10 @@ OUTAGE_PAUSE_SECONDS = 5
 MAX_BACKOFF_SECONDS = 300
 
 
+# Each job's stored inputs by job id: its edit's image and mask (None where it has none), then its
+# ControlNets' maps in order.
+Inputs = dict[str, tuple[Image.Image | None, ...]]
+
 # What a folder (a full disk, a lost mount) or an object store (s3fs passes botocore's connection
 # errors through) raises when it does not answer.
 STORAGE_ERRORS = (OSError, BotoCoreError)
@@ -267,33 +271,38 @@ class Engine:
         )
         return []
 
-    def _inputs(self, jobs: list[Job]) -> dict[str, tuple[Image.Image | None, Image.Image | None]]:
-        """Each job's stored image and mask (None for what it has not), by job id, each stored input
-        read once however many jobs share it; a job whose inputs expired before it ran fails, and
-        only it."""
-        found, read = {}, {}
+    def _inputs(self, jobs: list[Job]) -> Inputs:
+        """Each job's stored image, mask and control maps (None for what it has not), by job id, each
+        stored input read once however many jobs share it; a job whose inputs expired before it ran
+        fails, and only it."""
+        found: Inputs = {}
+        read: dict[str, Image.Image] = {}
         for job in jobs:
+            names = (job.params.image, job.params.mask, *(unit.image for unit in job.params.control))
             try:
-                for name in (job.params.image, job.params.mask):
+                for name in names:
                     if name and name not in read:
                         read[name] = self.images.read_input(name)
-                found[job.id] = tuple(read.get(name) for name in (job.params.image, job.params.mask))
+                found[job.id] = tuple(read.get(name) for name in names)
             except FileNotFoundError:
-                message = "The image to edit expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
+                message = "The job's input image expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
                 error = {"code": "image_expired", "message": message}
                 self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
             except UnidentifiedImageError:  # a damaged file is no outage: the job fails on its own
                 raise
             except STORAGE_ERRORS as exc:
                 raise Outage(f"reading an edit's input: {exc}") from exc
-        return found  # type: ignore[return-value]
+        return found
 
     def _pipeline(self, batch: list[Job], mode: str) -> Any:
         """The batch's model's pipeline for `mode`, with its scheduler, adapters and the embeddings
         its jobs' prompts name."""
         params = batch[0].params
         named = tuple(dict.fromkeys(name for job in batch for name, _version in job.params.embeddings))
-        return self.models.get(params.model, params.scheduler, mode, params.loras, params.noise_schedule, named)
+        controls = tuple(unit.model for unit in params.control)
+        return self.models.get(
+            params.model, params.scheduler, mode, params.loras, params.noise_schedule, named, controls
+        )
 
     def _upscale(self, params: GenerationParams, image: Image.Image | None) -> Image.Image:
         """An upscale job's image (upscalers.py: its first upscaler, and A1111's second, blended)."""
@@ -309,9 +318,7 @@ class Engine:
         """Work that has no steps (an upscaler's tiles) shows the watchdog it is moving."""
         self.progressed_at = time.monotonic()
 
-    def _generate(
-        self, pipe: Any, batch: list[Job], inputs: dict[str, tuple[Image.Image | None, Image.Image | None]]
-    ) -> list[list[Any]]:
+    def _generate(self, pipe: Any, batch: list[Job], inputs: Inputs) -> list[list[Any]]:
         """The batch's images, each job's in order. Where a job's prompts need more than the
         pipeline reads (A1111's weights, more than one window, clip skip), the batch's prompts go to
         it as embeddings of ours (engine/prompts.py; a plain prompt's are the pipeline's own), one
@@ -337,7 +344,7 @@ class Engine:
         pipe: Any,
         family: Family,
         batch: list[Job],
-        inputs: dict[str, tuple[Image.Image | None, Image.Image | None]],
+        inputs: Inputs,
         encoded: dict[str, list[Encoded]],
     ) -> list[list[Any]]:
         """One pipeline call for these jobs (two with hires fix), with the arguments the model's
@@ -363,6 +370,8 @@ class Engine:
                 arguments["mask_image"] = painted_masks
             if not takes(type(pipe), "height"):
                 del arguments["width"], arguments["height"]
+        if params.control:
+            arguments.update(self._control(pipe, batch, inputs, (params.width, params.height), boxes))
         if params.hires_width and params.upscaler in LATENT:
             arguments["output_type"] = "latent"  # upscaled as latents, decoded after the second pass
         if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
@@ -381,7 +390,7 @@ class Engine:
             with noise:
                 made = pipe(**arguments, generator=generators).images
             if params.hires_width:
-                made = self._second_pass(pipe, family, batch, encoded, made, generators)
+                made = self._second_pass(pipe, family, batch, inputs, encoded, made, generators)
         if params.mask:
             made = [
                 composite(generated, original, mask, params.mask_blur, box)
@@ -427,6 +436,7 @@ class Engine:
         pipe: Any,
         family: Family,
         batch: list[Job],
+        inputs: Inputs,
         encoded: dict[str, list[Encoded]],
         first: Any,
         generators: list[torch.Generator],
@@ -446,10 +456,42 @@ class Engine:
         second = self._pipeline(batch, "img2img")
         arguments = self._arguments(family, batch, encoded, 1, size, params.hires_steps)
         arguments.update(image=upscaled, strength=params.hires_strength)
+        if params.control:  # the maps steer the second pass too, at its size (as A1111's "Both")
+            arguments.update(self._control(second, batch, inputs, size, [None] * len(upscaled)))
         if not takes(type(second), "height"):
             del arguments["width"], arguments["height"]
         arguments.update(self._watch(second, family, batch, params.steps_run or params.steps, params.hires_steps_run))
         return second(**arguments, generator=generators).images
+
+    @staticmethod
+    def _control(
+        pipe: Any, batch: list[Job], inputs: Inputs, size: tuple[int, int], boxes: list[Any]
+    ) -> dict[str, Any]:
+        """A call's ControlNet arguments: each ControlNet's map for each image at the call's size
+        (cut to an inpainting's box where it paints only the masked area), its weight and its span
+        of the steps; one ControlNet's as values, several as lists (the maps per image, one per
+        ControlNet), as diffusers takes them."""
+        params = batch[0].params
+        maps = []
+        for index in range(len(params.control)):
+            images = [inputs[job.id][2 + index] for job in batch for _seed in job.params.seeds]
+            fitted = [
+                (image.crop(box) if box else image).resize(size, Image.Resampling.BILINEAR)
+                if box or image.size != size
+                else image
+                for image, box in zip(images, boxes, strict=True)
+            ]
+            maps.append(fitted)
+        several = len(params.control) > 1
+        values = {
+            "controlnet_conditioning_scale": [unit.weight for unit in params.control],
+            "control_guidance_start": [unit.start for unit in params.control],
+            "control_guidance_end": [unit.end for unit in params.control],
+        }
+        name = "control_image" if takes(type(pipe), "control_image") else "image"  # an edit's `image` is its input
+        arguments = {name: [list(each) for each in zip(*maps, strict=True)] if several else maps[0]}
+        arguments.update({key: value if several else value[0] for key, value in values.items()})
+        return arguments
 
     def _watch(self, pipe: Any, family: Family, batch: list[Job], done: int, steps: int) -> dict[str, Any]:
         """A call's progress arguments: the step reached (after `done` of an earlier pass, this

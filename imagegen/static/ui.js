@@ -27,7 +27,7 @@ function say(text, isError = false) {
 async function explain(response) {
   let body = {};
   try { body = await response.json(); } catch { /* not JSON */ }
-  const message = (body.error && body.error.message) || response.statusText;
+  const message = (body.error && body.error.message) || body.errors || response.statusText; // native, or A1111's shape
   if (response.status === 429) {
     return `Rate limited: ${message} Try again in ${response.headers.get("Retry-After") || "a few"} s.`;
   }
@@ -46,6 +46,7 @@ function fillSizes(max, preferred, select) {
 
 let models = {}; // id -> what /models says: family, the fields it takes, defaults, limits
 let adapters = []; // what /loras lists
+let controlnets = []; // what /controlnets lists
 let chosen = []; // [{name, weight}] for the next request
 
 async function loadConfig() {
@@ -70,6 +71,11 @@ async function loadConfig() {
   $("model").replaceChildren(...ids.map((m) => new Option(m, m)));
   const loras = await fetch("/loras", { headers: headers() });
   adapters = loras.ok ? (await loras.json()).loras : [];
+  const controls = await fetch("/controlnets", { headers: headers() });
+  const control = controls.ok ? await controls.json() : { controlnets: [], preprocessors: [] };
+  controlnets = control.controlnets;
+  const runnable = control.preprocessors.filter((p) => p.available);
+  $("control_preprocessor").replaceChildren(...runnable.map((p) => new Option(`${p.name}: ${p.description}`, p.name)));
   const upscalers = await fetch("/upscalers", { headers: headers() });
   const names = upscalers.ok ? (await upscalers.json()).upscalers.map((u) => u.name) : ["Latent"];
   $("hires_upscaler").replaceChildren(...names.map((name) => new Option(name, name)));
@@ -83,6 +89,10 @@ function showAdapters() {
   const fitting = adapters.filter((a) => !a.family || !family || a.family === family);
   const takes = !model || !model.adapters || model.adapters.includes("lora");
   $("loras_field").hidden = !takes || fitting.length === 0;
+  const steering = controlnets.filter((c) => !family || c.family === family);
+  const controlled = model && model.adapters && model.adapters.includes("controlnet");
+  $("control_field").hidden = !controlled || steering.length === 0;
+  $("control_model").replaceChildren(...steering.map((c) => new Option(c.name, c.name)));
   $("lora").replaceChildren(...fitting.map((a) => new Option(a.trigger_words.length ? `${a.name} (${a.trigger_words.join(", ")})` : a.name, a.name)));
   chosen = chosen.filter((c) => fitting.some((a) => a.name === c.name));
   $("lora_list").replaceChildren(...chosen.map((c, i) => {
@@ -143,7 +153,63 @@ function requestBody() {
     };
   }
   if ($("tiling").checked) body.tiling = true;
+  if ($("control_on").checked && !$("control_field").hidden) {
+    body.control = [{
+      model: $("control_model").value,
+      image: $("control_canvas").toDataURL("image/png"),
+      preprocessor: $("control_preprocessor").value,
+      weight: Number($("control_weight").value),
+      start: Number($("control_start").value),
+      end: Number($("control_end").value),
+    }];
+  }
   return body;
+}
+
+// The control pad: white strokes on black (a map as it is), or an image loaded onto it.
+let controlPoint = null;
+function clearControl() {
+  const canvas = $("control_canvas");
+  const pen = canvas.getContext("2d");
+  pen.fillStyle = "black";
+  pen.fillRect(0, 0, canvas.width, canvas.height);
+  $("control_map").hidden = true;
+}
+
+function drawControl(event) {
+  const canvas = $("control_canvas");
+  const box = canvas.getBoundingClientRect();
+  const point = [(event.clientX - box.left) * canvas.width / box.width, (event.clientY - box.top) * canvas.height / box.height];
+  const pen = canvas.getContext("2d");
+  pen.strokeStyle = "white";
+  pen.lineWidth = 8;
+  pen.lineCap = "round";
+  pen.beginPath();
+  pen.moveTo(...(controlPoint || point));
+  pen.lineTo(...point);
+  pen.stroke();
+  controlPoint = point;
+}
+
+async function loadControl(file) {
+  const image = await createImageBitmap(file);
+  const canvas = $("control_canvas");
+  clearControl();
+  canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
+  if ($("control_preprocessor").value === "none") $("control_preprocessor").value = "canny";
+}
+
+async function showControlMap() {
+  const image = $("control_canvas").toDataURL("image/png").split(",")[1];
+  const body = {
+    controlnet_module: $("control_preprocessor").value,
+    controlnet_input_images: [image],
+    controlnet_processor_res: Math.min(Number($("width").value), Number($("height").value)),
+  };
+  const response = await fetch("/controlnet/detect", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
+  if (!response.ok) return say(await explain(response), true);
+  $("control_map").src = `data:image/png;base64,${(await response.json()).images[0]}`;
+  $("control_map").hidden = false;
 }
 
 function figure(image, caption) {
@@ -179,9 +245,10 @@ function show(job) {
   const p = job.parameters;
   const mode = p.mode && p.mode !== "txt2img" ? `${p.mode}: ` : "";
   const styles = (p.loras || []).map(({ name, weight }) => ` <${name}:${weight}>`).join("");
+  const steering = (p.control || []).map(({ model, weight }) => `, ControlNet ${model} × ${weight}`).join("");
   const caption = p.mode === "upscale"
     ? `upscaled by ${p.upscaler}`
-    : `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale})`;
+    : `${mode}${p.prompt}${styles} (${p.steps} steps, guidance ${p.guidance_scale}${steering})`;
   $("results").replaceChildren(...job.images.map((image) => figure(image, caption)));
   if (job.images[0].seed != null) lastSeed = job.images[0].seed;
   const gallery = JSON.parse(localStorage.getItem(GALLERY_STORE) || "[]");
@@ -443,6 +510,17 @@ document.addEventListener("DOMContentLoaded", () => {
   $("clear_mask").addEventListener("click", () => $("mask").getContext("2d").clearRect(0, 0, mask.width, mask.height));
   $("remove_image").addEventListener("click", removeImage);
   $("add_lora").addEventListener("click", addAdapter);
+  const pad = $("control_canvas");
+  clearControl();
+  pad.addEventListener("pointerdown", (event) => { pad.setPointerCapture(event.pointerId); controlPoint = null; drawControl(event); });
+  pad.addEventListener("pointermove", (event) => { if (pad.hasPointerCapture(event.pointerId)) drawControl(event); });
+  pad.addEventListener("pointerup", () => { controlPoint = null; $("control_on").checked = true; });
+  $("control_file").addEventListener("change", () => {
+    if ($("control_file").files[0]) loadControl($("control_file").files[0]).then(() => { $("control_on").checked = true; });
+  });
+  $("control_clear").addEventListener("click", clearControl);
+  $("control_detect").addEventListener("click", () => showControlMap().catch((error) => say(error.message, true)));
+  $("control_weight").addEventListener("input", () => { $("control_weight_value").textContent = $("control_weight").value; });
   renderGallery();
   loadConfig().catch(() => say("Could not read the server's limits.", true));
 });
