@@ -98,6 +98,7 @@ bench: install
 	$(BIN)/python -m bench.fullsize
 	$(BIN)/python -m bench.edits
 	$(BIN)/python -m bench.upscale
+	$(BIN)/python -m bench.controlnet
 	$(BIN)/python -m bench.loras
 
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,

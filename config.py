@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     # ControlNets (diffusers folders) in a folder or an fsspec URL a cluster shares, and how many stay loaded
     controlnet_dir: str = "models/controlnets"
     max_loaded_controlnets: int = Field(4, ge=1, le=64)
+    # IP-Adapters (each a folder with its image encoder) in a folder or an fsspec URL a cluster shares
+    ipadapter_dir: str = "models/ip-adapters"
     # AUTOMATIC1111's prompt syntax ((word:1.3), [word], BREAK) for the CLIP families, or "none": plain text
     prompt_syntax: Literal["a1111", "none"] = "a1111"
     # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
@@ -279,7 +281,14 @@ class Settings(BaseSettings):
         return value if value is None or value.is_absolute() else ROOT / value
 
     @field_validator(
-        "image_dir", "lora_dir", "embeddings_dir", "upscaler_dir", "controlnet_dir", "models", mode="before"
+        "image_dir",
+        "lora_dir",
+        "embeddings_dir",
+        "upscaler_dir",
+        "controlnet_dir",
+        "ipadapter_dir",
+        "models",
+        mode="before",
     )
     @classmethod
     def _folder_or_url(cls, value: Any, info: ValidationInfo) -> str:

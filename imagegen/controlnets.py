@@ -1,11 +1,13 @@
-"""ControlNets: the diffusers folders in CONTROLNET_DIR (a folder, or object storage), what their
-configs say, and which models they fit.
+"""Control models: the ControlNets in CONTROLNET_DIR and the IP-Adapters in IPADAPTER_DIR (each a
+folder, in a folder or object storage), what their files say, and which models they fit.
 
-Why from configs alone: the API refuses an unknown ControlNet, or one made for another family,
-before a job is queued, and a cluster's API has no torch. A diffusers folder's `config.json` names
-its class (SD's and SDXL's `ControlNetModel`, `SD3ControlNetModel`, `FluxControlNetModel`) and,
-for the UNet ones, whether it takes SDXL's added embeddings. Requests name ControlNets, never
-paths: a name is a folder's name in CONTROLNET_DIR.
+Why from configs and headers alone: the API refuses an unknown control model, or one made for
+another family, before a job is queued, and a cluster's API has no torch. A ControlNet's diffusers
+`config.json` names its class (SD's and SDXL's `ControlNetModel`, `SD3ControlNetModel`,
+`FluxControlNetModel`, or a `T2IAdapter`) and which of SD's and SDXL's UNets it is made for. An
+IP-Adapter's weights (`ip_adapter.safetensors`, beside the CLIP image encoder it reads images
+with) tell the width of the text embeddings it adds to: SD's 768 or 1024, SDXL's 2048. Requests
+name them, never paths: a name is a folder's name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec import AbstractFileSystem
 
 from imagegen.families import FAMILIES
-from imagegen.loras import SUFFIX, AdapterRejected, AdapterStore
+from imagegen.loras import SUFFIX, WEIGHTS, AdapterRejected, AdapterStore, tensor_shapes
 
 if TYPE_CHECKING:
     from config import Settings
@@ -33,23 +35,27 @@ def _unet_lineage(config: dict[str, Any]) -> str:
     return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
 
-# The ControlNet classes diffusers loads from a folder, with the family lineage each one serves.
-CLASSES: dict[str, Callable[[dict[str, Any]], str]] = {
-    "ControlNetModel": _unet_lineage,
-    "SD3ControlNetModel": lambda _config: "sd3",
-    "FluxControlNetModel": lambda _config: "flux",
+# The control classes diffusers loads from a folder: each one's kind, and the family lineage it
+# serves (a T2I-Adapter's `adapter_type` says SDXL's or SD's).
+CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "ControlNetModel": ("controlnet", _unet_lineage),
+    "SD3ControlNetModel": ("controlnet", lambda _config: "sd3"),
+    "FluxControlNetModel": ("controlnet", lambda _config: "flux"),
+    "T2IAdapter": ("t2i-adapter", lambda config: "sdxl" if config.get("adapter_type") == "full_adapter_xl" else "sd"),
 }
 
 
 @dataclass(frozen=True)
 class ControlNet:
-    """One ControlNet folder, as its config describes it."""
+    """One ControlNet (or T2I-Adapter: a lighter network steering the same way) folder, as its
+    config describes it."""
 
     name: str
     family: str  # the family lineage it is made for: sd, sdxl, sd3, flux
     architecture: str  # its diffusers class
     bytes: int
     version: str = ""  # changes when its weights are replaced under its name (not shown)
+    kind: str = "controlnet"  # or t2i-adapter
 
     def fits(self, family: str) -> bool:
         """Whether it is made for a model of that family, or of its base (an inpainting model
@@ -59,7 +65,7 @@ class ControlNet:
     def view(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "kind": "controlnet",
+            "kind": self.kind,
             "family": self.family,
             "architecture": self.architecture,
             "bytes": self.bytes,
@@ -82,7 +88,62 @@ def read_controlnet(fs: AbstractFileSystem, path: str, size: int, name: str, ver
     if architecture not in CLASSES:
         served = ", ".join(CLASSES)
         raise ControlRejected(f"{name} is a {architecture}, not a ControlNet this server runs ({served})")
-    return ControlNet(name, CLASSES[architecture](config), architecture, size, version)
+    kind, lineage = CLASSES[architecture]
+    return ControlNet(name, lineage(config), architecture, size, version, kind)
+
+
+# An IP-Adapter's folder: its weights (h94/IP-Adapter's `image_proj.*` and `ip_adapter.*` tensors
+# in one safetensors file, under this name) and the CLIP vision model it encodes images with.
+IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"
+IMAGE_ENCODER = "image_encoder"
+# The width of the text embeddings an IP-Adapter's keys are made for, by family lineage.
+IP_ADAPTER_WIDTHS = {768: "sd", 1024: "sd", 2048: "sdxl"}
+
+
+@dataclass(frozen=True)
+class IPAdapter:
+    """One IP-Adapter folder, as its weights' header describes it."""
+
+    name: str
+    family: str | None  # None: a width no published family has (a test's tiny one): the load tells
+    bytes: int
+    version: str = ""
+
+    def fits(self, family: str) -> bool:
+        return self.family is None or FAMILIES[family].lineage == self.family
+
+    def view(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "ip-adapter", "family": self.family, "bytes": self.bytes}
+
+
+def read_ip_adapter(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> IPAdapter:
+    """The IP-Adapter a folder holds, from its weights' header; ControlRejected for anything else."""
+    if path.endswith(SUFFIX):
+        raise ControlRejected(
+            f"{name}{SUFFIX} is a single file; an IP-Adapter is served from a folder holding it as "
+            f"{IP_ADAPTER_WEIGHTS} and its CLIP image encoder as {IMAGE_ENCODER}/"
+        )
+    shapes, _metadata = tensor_shapes(fs, f"{path}/{IP_ADAPTER_WEIGHTS}", name)
+    keys = [shape for key, shape in shapes.items() if key.startswith("ip_adapter.") and key.endswith(".to_k_ip.weight")]
+    if not keys or not any(key.startswith("image_proj.") for key in shapes):
+        raise ControlRejected(f"{name}: {IP_ADAPTER_WEIGHTS} has no `image_proj` and `ip_adapter` tensors")
+    if not fs.exists(f"{path}/{IMAGE_ENCODER}/config.json"):
+        raise ControlRejected(f"{name} has no {IMAGE_ENCODER}/ (the CLIP vision model it encodes images with)")
+    return IPAdapter(name, IP_ADAPTER_WIDTHS.get(keys[0][-1]), size, version)
+
+
+def ip_adapter_store(settings: Settings) -> AdapterStore:
+    """IPADAPTER_DIR's folders, listed, checked and copied as ControlNets are."""
+    return AdapterStore(
+        settings.ipadapter_dir,
+        settings.data_dir / "ipadapter-cache",
+        settings.s3_endpoint_url,
+        read=read_ip_adapter,
+        what="IP-Adapter",
+        where="IPADAPTER_DIR",
+        listed="GET /controlnets",
+        folders=IP_ADAPTER_WEIGHTS,
+    )
 
 
 def controlnet_store(settings: Settings) -> AdapterStore:
@@ -95,5 +156,5 @@ def controlnet_store(settings: Settings) -> AdapterStore:
         what="ControlNet",
         where="CONTROLNET_DIR",
         listed="GET /controlnets",
-        folders=True,
+        folders=WEIGHTS,
     )

@@ -39,11 +39,19 @@ from imagegen import edits
 from imagegen.catalogue import ModelSpec
 from imagegen.edits import InputRejected
 from imagegen.embeddings import named
-from imagegen.jobs import Control, GenerationParams, Job, JobStore
+from imagegen.jobs import Control, GenerationParams, Job, JobStore, Reference
 from imagegen.loras import AdapterRejected, AdapterStore
 from imagegen.preprocessors import preprocess, runnable
 from imagegen.prompt_syntax import parse, weighted
-from imagegen.protocol import MAX_SEED, ControlChoice, GenerateRequest, Hires, LoraChoice, UpscaleRequest
+from imagegen.protocol import (
+    MAX_SEED,
+    ControlChoice,
+    GenerateRequest,
+    Hires,
+    LoraChoice,
+    ReferenceChoice,
+    UpscaleRequest,
+)
 from imagegen.queues import JobQueue, NotReady
 from imagegen.refusals import Refusal
 from imagegen.schedulers import AUTOMATIC, DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, resolve
@@ -129,6 +137,7 @@ class GenerationService:
         embeddings: AdapterStore,
         upscalers: AdapterStore,
         controlnets: AdapterStore,
+        ip_adapters: AdapterStore,
         images: ImageStore,
         jobs: JobStore,
         queue: JobQueue,
@@ -137,7 +146,8 @@ class GenerationService:
         styles: StyleBook,
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
-        self.styles, self.embeddings, self.upscalers, self.controlnets = styles, embeddings, upscalers, controlnets
+        self.styles, self.embeddings, self.upscalers = styles, embeddings, upscalers
+        self.controlnets, self.ip_adapters = controlnets, ip_adapters
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -161,7 +171,7 @@ class GenerationService:
         plan = self.plan(request, caller, client_defaults, use_cache, lambda model: self._capacity(model, caller))
         if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
             return Submitted(hit, cached=True)
-        if request.image is None and not request.control:  # else checked before its images were decoded
+        if request.image is None and not request.control and not request.ip_adapter:  # else before the decodes
             self._capacity(plan.params.model, caller)
         cost = self.budget.check(self._settings().rate_limit_cost, plan.params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
@@ -279,10 +289,14 @@ class GenerationService:
         noise = self._noise(request)
         embeddings = self._embeddings([prompt, given["negative_prompt"] or "", given["prompt_2"] or ""], spec)
         loras, versions = self._loras(request.loras, spec)
-        versions += self._controlnets(request.control or [], spec, request.image is not None)
+        # the mode's kind, before the edit's images are read (which tell variation from image-to-image)
+        masked = request.mask is not None or request.outpaint is not None
+        kind = "txt2img" if request.image is None else "inpaint" if masked else "img2img"
+        versions += self._controlnets(request.control or [], spec, kind)
+        versions += self._ip_adapters(request.ip_adapter or [], spec)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
-        if (request.image is not None or request.control) and before_decode is not None:
+        if (request.image is not None or request.control or request.ip_adapter) and before_decode is not None:
             before_decode(model)
         edit = self._edit(request, spec, caller)
         size, mode = (request.width or spec.default_width, request.height or spec.default_height), "txt2img"
@@ -298,6 +312,7 @@ class GenerationService:
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
         hires = self._hires(request.hires, spec, steps, size, mode, caller)
         control, maps = self._control_maps(request, size, edit, caller)
+        references, shown = self._references(request, caller)
         if request.tiling and (spec.family is None or not spec.family.tiling):
             title = spec.family.title if spec.family else "an unknown family"
             raise Refusal(f"model {model} ({title}) cannot tile: only the UNet families (SD, SDXL) do", "tiling")
@@ -321,6 +336,7 @@ class GenerationService:
             loras=loras,
             tiling=request.tiling,
             control=control,
+            ip_adapter=references,
             **noise,
             **editing,
             **hires,
@@ -328,7 +344,7 @@ class GenerationService:
         # A random seed is never the same request; an adapter replaced under its name is another one.
         cacheable = use_cache and request.seed is not None and settings.result_cache
         key = hashlib.sha256(f"{params.digest} {versions}".encode()).hexdigest() if cacheable else None
-        return Plan(params, edit, key, request.callback_url, maps)
+        return Plan(params, edit, key, request.callback_url, maps + shown)
 
     def cached(self, key: str, caller: Caller) -> Job | None:
         """The caller's earlier job of this cache key, while its images exist and have at least half
@@ -531,7 +547,7 @@ class GenerationService:
             versions.append(lora.version)
         return tuple((choice.name, choice.weight) for choice in choices), versions
 
-    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, editing: bool) -> list[str]:
+    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, mode: str) -> list[str]:
         """The cheap half of a request's control, before any image is decoded: each ControlNet in
         CONTROLNET_DIR and made for the model's family, its steps a span, its preprocessor one
         that runs here, and an image for each (or an edit's own); their versions, for the cache."""
@@ -542,7 +558,10 @@ class GenerationService:
             raise Refusal(
                 f"model {spec.id} ({family.title}) takes no ControlNet", "control", details={"model": spec.id}
             )
-        versions = []
+        if family is not None and mode not in (family.control_modes or family.modes):
+            only = ", ".join(family.control_modes or ())
+            raise Refusal(f"model {spec.id} ({family.title}) takes ControlNets in {only} only", "control")
+        versions, kinds = [], []
         for index, unit in enumerate(units):
             field = f"control.{index}"
             try:
@@ -556,11 +575,63 @@ class GenerationService:
             if unit.start >= unit.end:
                 raise Refusal(f"`{field}.start` ({unit.start}) must be before its `end` ({unit.end})", f"{field}.start")
             runnable(unit.preprocessor, f"{field}.preprocessor")
-            if unit.image is None and not editing:
+            if unit.image is None and mode == "txt2img":
                 message = f"`{field}.image` is required: text-to-image has no image of its own to steer by"
                 raise Refusal(message, f"{field}.image")
+            kinds.append(controlnet.kind)
             versions.append(controlnet.version)
+        if "t2i-adapter" in kinds:
+            self._t2i_adapters(units, kinds, spec, mode)
         return versions
+
+    @staticmethod
+    def _t2i_adapters(units: list[ControlChoice], kinds: list[str], spec: ModelSpec, mode: str) -> None:
+        """T2I-Adapters: diffusers has them for text-to-image alone, not beside ControlNets, acting
+        in every step (its SD pipeline has no span of steps)."""
+        family = spec.family
+        if family is not None and (not family.t2i_pipeline or mode != "txt2img"):
+            raise Refusal(f"model {spec.id} ({family.title}) takes T2I-Adapters in text-to-image only", "control")
+        if len(set(kinds)) > 1:
+            raise Refusal("`control` mixes T2I-Adapters and ControlNets, which diffusers runs apart", "control")
+        for index, unit in enumerate(units):
+            if (unit.start, unit.end) != (0, 1):
+                message = f"`control.{index}`: a T2I-Adapter acts in every step (start 0, end 1)"
+                raise Refusal(message, f"control.{index}.start" if unit.start else f"control.{index}.end")
+
+    def _ip_adapters(self, units: list[ReferenceChoice], spec: ModelSpec) -> list[str]:
+        """Each IP-Adapter in IPADAPTER_DIR and made for the model's family, named once; their
+        versions, for the cache."""
+        if not units:
+            return []
+        family = spec.family
+        if family is not None and "ip-adapter" not in family.adapters:
+            message = f"model {spec.id} ({family.title}) takes no IP-Adapter"
+            raise Refusal(message, "ip_adapter", details={"model": spec.id})
+        if len({unit.model for unit in units}) < len(units):
+            raise Refusal("`ip_adapter` names an IP-Adapter twice", "ip_adapter")
+        versions = []
+        for index, unit in enumerate(units):
+            field = f"ip_adapter.{index}.model"
+            try:
+                adapter = self.ip_adapters.find(unit.model)
+            except AdapterRejected as exc:
+                raise Refusal(exc.message, field) from None
+            if family is not None and not adapter.fits(family.name):
+                message = f"IP-Adapter `{unit.model}` is made for {adapter.family} models, not model {spec.id}"
+                raise Refusal(message, field, details={"model": spec.id})
+            versions.append(adapter.version)
+        return versions
+
+    def _references(
+        self, request: GenerateRequest, caller: Caller
+    ) -> tuple[tuple[Reference, ...], tuple[tuple[str, bytes], ...]]:
+        """Each IP-Adapter's image decoded and encoded as an input (its image encoder resizes it)."""
+        references, shown = [], []
+        for index, unit in enumerate(request.ip_adapter or []):
+            encoded = input_png(edits.as_rgb(self.read_image(f"ip_adapter.{index}.image", unit.image, caller)))
+            references.append(Reference(unit.model, encoded[0], unit.scale))
+            shown.append(encoded)
+        return tuple(references), tuple(shown)
 
     def _control_maps(
         self, request: GenerateRequest, size: tuple[int, int], edit: Edit | None, caller: Caller

@@ -71,6 +71,14 @@ class Control(NamedTuple):
     preprocessor: str = "none"  # what made the map, for the record
 
 
+class Reference(NamedTuple):
+    """One IP-Adapter of a job: its name, the image it is shown (stored with the job) and its scale."""
+
+    model: str
+    image: str
+    scale: float = 1.0
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Everything the engine needs for one job, fully resolved (defaults applied, seeds drawn)."""
@@ -119,6 +127,7 @@ class GenerationParams:
     hires_prompt: str = ""
     hires_negative_prompt: str = ""
     control: tuple[Control, ...] = ()  # ControlNets (several: multi-ControlNet), in the request's order
+    ip_adapter: tuple[Reference, ...] = ()  # IP-Adapters with their reference images
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -174,6 +183,7 @@ class GenerationParams:
             self.hires_steps,
             self.hires_strength,
             tuple(unit[:1] + unit[2:5] for unit in self.control),  # the control maps may differ
+            self.ip_adapter,  # a pipeline call shows every image one reference image per IP-Adapter
         )
 
     @property
@@ -185,7 +195,12 @@ class GenerationParams:
         """The fields as a job's `parameters` show them (the response schema is made from the same
         fields): `loras` in the request's shape, an edit's, an upscale's and hires fix's own fields
         only where they say something, and the image count."""
-        fields = {**asdict(self), "loras": self.lora_view(), "control": [unit._asdict() for unit in self.control]}
+        fields = {
+            **asdict(self),
+            "loras": self.lora_view(),
+            "control": [unit._asdict() for unit in self.control],
+            "ip_adapter": [reference._asdict() for reference in self.ip_adapter],
+        }
         hidden = {
             *(EDIT_FIELDS if self.mode == "txt2img" else ()),
             *(UPSCALE_FIELDS if self.mode != "upscale" else ()),
@@ -275,6 +290,7 @@ def _row_to_job(row: Any) -> Job:
     params["embeddings"] = tuple(tuple(pair) for pair in params.get("embeddings", ()))
     params["loras"] = tuple(tuple(lora) for lora in params.get("loras", ()))
     params["control"] = tuple(Control(*unit) for unit in params.get("control", ()))
+    params["ip_adapter"] = tuple(Reference(*reference) for reference in params.get("ip_adapter", ()))
     return Job(
         params=GenerationParams(**params),
         client=row["client"],

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 Item = TypeVar("Item")  # what a store's files are read as: a Lora, an embeddings.Embedding
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SUFFIX = ".safetensors"
-# A diffusers folder's weights (beside its config.json): the file a folder item is versioned by.
+# A diffusers folder's weights (beside its config.json): the file a ControlNet's folder is versioned by.
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # Tensor-name marks of each family lineage (`families.Family.lineage`), checked in order (SDXL's
@@ -185,8 +185,8 @@ class AdapterStore(Generic[Item]):
     Why one interface for both: the API and the workers may be different machines, and only
     storage they share makes an upload through one API usable by every worker. A worker loads
     weights from a local file, so an object is copied into `cache_dir` once per version. With
-    `folders`, an item may also be a diffusers folder (`<name>/config.json` and WEIGHTS, as
-    ControlNets come), versioned by its weights and copied whole.
+    `folders` (a file name), an item may also be a folder holding a file of that name (a diffusers
+    folder's WEIGHTS beside its config.json, as ControlNets come), versioned by it and copied whole.
     """
 
     def __init__(
@@ -199,7 +199,7 @@ class AdapterStore(Generic[Item]):
         what: str = "adapter",
         where: str = "LORA_DIR",
         listed: str = "GET /loras",
-        folders: bool = False,
+        folders: str = "",
     ) -> None:
         """`read` describes a file (or a folder) from its header (a LoRA's by default; embeddings.py's
         too), and `what`, `where` and `listed` are how messages name an item, the setting and the
@@ -237,7 +237,7 @@ class AdapterStore(Generic[Item]):
         if (info := self._info(path)) is not None:
             return path, info
         folder = path.removesuffix(SUFFIX)
-        if self.folders and (info := self._info(f"{folder}/{WEIGHTS}")) is not None:
+        if self.folders and (info := self._info(f"{folder}/{self.folders}")) is not None:
             return folder, info
         return None
 
@@ -256,8 +256,8 @@ class AdapterStore(Generic[Item]):
         for path, info in sorted(found.items()):
             relative = path.removeprefix(self.root.rstrip("/") + "/")
             file = relative.endswith(SUFFIX) and "/" not in relative
-            folder = self.folders and relative.count("/") == 1 and relative.endswith(f"/{WEIGHTS}")
-            item = path.removesuffix(f"/{WEIGHTS}")  # a folder item is named by its folder
+            folder = self.folders and relative.count("/") == 1 and relative.endswith(f"/{self.folders}")
+            item = path.removesuffix(f"/{self.folders}") if folder else path  # a folder item is named by its folder
             if (file or folder) and NAME.fullmatch(_name(item)):
                 with contextlib.suppress(AdapterRejected):
                     adapters.append(self._described(item, _stamp(info), int(info["size"])))

@@ -98,6 +98,16 @@ class ControlChoice(BaseModel):
     )
 
 
+class ReferenceChoice(BaseModel):
+    """One IP-Adapter of a request: its name in GET /controlnets, and the image whose look it lends."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+    model: str = Field(min_length=1, max_length=100)
+    image: str | bytes | Decoded = Field(description="As an edit's `image`: base64, a data URL, a form file, ...")
+    scale: float = Field(1.0, ge=0, le=2, description="How much of the image's look it lends (0: none).")
+
+
 class Hires(BaseModel):
     """Hires fix: the image made at `width` x `height`, upscaled (by `scale`, or to this `width` and
     `height`), then redrawn at that size by image-to-image on the same model, as A1111 does."""
@@ -192,6 +202,9 @@ class GenerateRequest(BaseModel):
     tiling: bool = Field(False, description="Images that tile seamlessly (circular padding in the model).")
     control: list[ControlChoice] | None = Field(
         None, max_length=MAX_CONTROLS, description="ControlNets steering the image (GET /controlnets), several at once."
+    )
+    ip_adapter: list[ReferenceChoice] | None = Field(
+        None, max_length=MAX_CONTROLS, description="IP-Adapters lending the look of images (GET /controlnets)."
     )
 
     @field_validator("width", "height")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from config import Settings
 from imagegen.access import Access
 from imagegen.catalogue import ModelSpec
-from imagegen.controlnets import controlnet_store
+from imagegen.controlnets import controlnet_store, ip_adapter_store
 from imagegen.db import Database
 from imagegen.embeddings import embedding_store
 from imagegen.endings import Endings
@@ -58,6 +58,7 @@ class Services:
     embeddings: AdapterStore
     upscalers: AdapterStore
     controlnets: AdapterStore
+    ip_adapters: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -74,6 +75,7 @@ class Services:
             self.embeddings,
             self.upscalers,
             self.controlnets,
+            self.ip_adapters,
             self.images,
             self.jobs,
             self.queue,
@@ -218,7 +220,7 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
         queue = LocalQueue(engine, claim)
-    stores = (adapters, embeddings, upscaler_store(settings), controlnet_store(settings))
+    stores = (adapters, embeddings, upscaler_store(settings), controlnet_store(settings), ip_adapter_store(settings))
     services = Services(live, access, jobs, images, *stores, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(queue, images))
     return services

@@ -14,17 +14,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import webuiapi
 from diffusers import UNet2DConditionModel
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from imagegen.api.a1111_controlnet import UNIT_FIELDS, ControlNetUnit
-from imagegen.controlnets import ControlRejected, read_controlnet
+from imagegen.controlnets import IP_ADAPTER_WEIGHTS, ControlRejected, read_controlnet
 from imagegen.jobs import Control, GenerationParams
 from imagegen.loras import WEIGHTS, AdapterStore
 from imagegen.preprocessors import preprocess
-from tests.conftest import ROOT, TINY_MODEL, serve, wait_ready
+from tests.conftest import ROOT, TINY_MODEL, catalogue_file, serve, wait_ready
 from tests.test_upscaling import decoded as as_image
 from tests.test_upscaling import png_b64
 from tools import make_model
@@ -97,7 +99,7 @@ def test_controlnets_lists_the_folders_it_can_serve_with_their_family_and_the_pr
 
 
 def test_a_single_file_or_another_models_folder_is_refused_with_what_to_do(controlnets):
-    store = AdapterStore(str(controlnets), controlnets / "cache", read=read_controlnet, folders=True)
+    store = AdapterStore(str(controlnets), controlnets / "cache", read=read_controlnet, folders=WEIGHTS)
     for name, expected in (("single", "diffusers folder"), ("unet", "UNet2DConditionModel")):
         with pytest.raises(ControlRejected, match=expected):
             store.find(name)
@@ -200,9 +202,11 @@ def test_a_bad_control_is_a_400_naming_its_field_and_stores_nothing(controlled, 
 
 
 def test_a_family_without_controlnets_refuses_them_by_name(app_factory, tmp_path, tiny_models):
-    client = serve(app_factory, tmp_path, tiny_models, "sd3")
-    answer = generate(client, model="sd3", control=[unit()])
+    client = serve(app_factory, tmp_path, tiny_models, "pixart-sigma")
+    answer = generate(client, model="pixart-sigma", control=[unit()])
     assert answer.status_code == 400 and "takes no ControlNet" in answer.json["error"]["message"]
+    answer = generate(client, model="pixart-sigma", ip_adapter=[{"model": "look", "image": RED}])
+    assert answer.status_code == 400 and "takes no IP-Adapter" in answer.json["error"]["message"]
 
 
 # ----- the preprocessors -----
@@ -333,7 +337,7 @@ def test_every_unit_field_has_a_verdict_in_the_code_and_the_docs():
 
 
 def test_controlnets_from_object_storage_are_copied_whole_once_per_version(controlnets, s3_url, s3_endpoint, tmp_path):
-    store = AdapterStore(s3_url, tmp_path / "cache", s3_endpoint, read=read_controlnet, folders=True)
+    store = AdapterStore(s3_url, tmp_path / "cache", s3_endpoint, read=read_controlnet, folders=WEIGHTS)
     store.fs.makedirs(store.root, exist_ok=True)
     store.fs.put(str(controlnets / "tiny"), f"{store.root}/tiny", recursive=True)
     assert [item.name for item in store.listing()] == ["tiny"] and store.find("tiny").family == "sd"
@@ -345,3 +349,120 @@ def test_controlnets_from_object_storage_are_copied_whole_once_per_version(contr
     replaced, newer = store.local_file("tiny")
     assert newer != version and replaced != folder and not folder.exists(), "the old copy removed"
     assert store.delete("tiny") and store.listing() == []
+
+
+# ----- IP-Adapters -----
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """IPADAPTER_DIR for the tests: a tiny IP-Adapter of the tiny model (`look`), and one whose
+    weights are as wide as SDXL's text embeddings (`xl-look`: a header to refuse, never loaded)."""
+    root = tmp_path_factory.mktemp("ip-adapters")
+    unet = UNet2DConditionModel.from_pretrained(ROOT / TINY_MODEL / "unet")
+    (root / "look").mkdir()
+    make_model.ip_adapter(type("Pipe", (), {"unet": unet})(), root / "look")
+    shutil.copytree(root / "look", root / "xl-look")
+    tensors = {"image_proj.proj.weight": torch.zeros(8, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 2048)}
+    save_file(tensors, str(root / "xl-look" / IP_ADAPTER_WEIGHTS))
+    return root
+
+
+@pytest.fixture
+def shown(app_factory: Any, controlnets: Path, references: Path) -> FlaskClient:
+    client = app_factory(controlnet_dir=controlnets, ipadapter_dir=references, result_cache=False).test_client()
+    wait_ready(client)
+    return client
+
+
+RED, BLUE = (png_b64(Image.new("RGB", (64, 64), colour)) for colour in ("red", "blue"))
+
+
+def test_an_ip_adapter_lends_its_images_look_and_scale_zero_is_none(shown):
+    listed = shown.get("/controlnets").json["ip_adapters"]
+    assert {(item["name"], item["family"]) for item in listed} == {("look", None), ("xl-look", "sdxl")}
+    plain = decoded(generate(shown).json["images"][0])
+    red = generate(shown, ip_adapter=[{"model": "look", "image": RED}])
+    assert red.status_code == 200, red.json
+    assert red.json["parameters"]["ip_adapter"][0]["scale"] == 1.0
+    blue = decoded(generate(shown, ip_adapter=[{"model": "look", "image": BLUE}]).json["images"][0])
+    assert np.abs(decoded(red.json["images"][0]).astype(int) - blue).mean() > 5, "another image, another look"
+    assert (
+        decoded(generate(shown, ip_adapter=[{"model": "look", "image": RED, "scale": 0}]).json["images"][0]) == plain
+    ).all()
+    assert (decoded(generate(shown).json["images"][0]) == plain).all(), "unloaded when no request asks for it"
+    both = generate(
+        shown, ip_adapter=[{"model": "look", "image": RED}], control=[unit()], hires={"upscaler": "Lanczos"}
+    )
+    assert both.status_code == 200, both.json
+
+
+@pytest.mark.parametrize(
+    ("references_", "field", "words"),
+    [
+        ([{"model": "missing", "image": RED}], "ip_adapter.0.model", "no IP-Adapter `missing`"),
+        ([{"model": "xl-look", "image": RED}], "ip_adapter.0.model", "made for sdxl models"),
+        ([{"model": "look", "image": "bm90IGFuIGltYWdl"}], "ip_adapter.0.image", ""),
+        ([{"model": "look", "image": RED}] * 2, "ip_adapter", "twice"),
+    ],
+)
+def test_a_bad_ip_adapter_is_a_400_naming_its_field(shown, references_, field, words):
+    answer = generate(shown, ip_adapter=references_)
+    assert answer.status_code == 400, answer.json
+    assert answer.json["error"]["details"][0]["field"] == field and words in answer.json["error"]["message"]
+
+
+def test_a1111_ip_adapter_units_show_the_unit_image_or_the_init_image(shown):
+    plain = a1111(shown, "txt2img", [])
+    unit_ = webuiapi.ControlNetUnit(
+        image=Image.new("RGB", (64, 64), "red"), module="ip-adapter_clip_sd15", model="look"
+    )
+    lent = a1111(shown, "txt2img", [unit_.to_dict()])
+    assert lent.status_code == 200, lent.json
+    assert (decoded(lent.json["images"][0]) != decoded(plain.json["images"][0])).any()
+    assert "look" in shown.get("/controlnet/model_list").json["model_list"]
+    assert "ip-adapter_clip_sd15" in shown.get("/controlnet/module_list").json["module_list"]
+    init = png_b64(Image.new("RGB", (64, 64), "navy"))
+    edited = a1111(shown, "img2img", [{"module": "ip-adapter-auto", "model": "look"}], init_images=[init])
+    assert edited.status_code == 200, edited.json
+    early = a1111(shown, "txt2img", [{**unit_.to_dict(), "guidance_end": 0.5}])
+    assert early.status_code == 422 and "acts in every step" in early.json["errors"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux-schnell", "sd3"])
+def test_each_family_with_controlnets_is_steered_by_its_tiny_one(app_factory, tmp_path, tiny_models, family):
+    """ControlNets for SD and SDXL (a UNet's encoder) and for SD3 and FLUX.1 (a transformer block);
+    IP-Adapters and T2I-Adapters for the UNet ones."""
+    pipe = make_model.build(family)
+    make_model.controlnet(pipe).save_pretrained(tmp_path / "controlnets" / "net")
+    folders = {"controlnet_dir": str(tmp_path / "controlnets"), "ipadapter_dir": str(tmp_path / "ip-adapters")}
+    if hasattr(pipe, "unet"):
+        (tmp_path / "ip-adapters" / "look").mkdir(parents=True)
+        make_model.ip_adapter(pipe, tmp_path / "ip-adapters" / "look")
+        make_model.t2i_adapter(pipe).save_pretrained(tmp_path / "controlnets" / "adapter")
+    catalogue = catalogue_file(tmp_path, {family: {"source": str(tiny_models / family), "default_width": 64}})
+    client = app_factory(model_id=family, models=catalogue, result_cache=False, **folders).test_client()
+    wait_ready(client)
+    plain = generate(client, model=family)
+    steered = generate(client, model=family, control=[unit(model="net")])
+    assert steered.status_code == 200, steered.json
+    assert (decoded(plain.json["images"][0]) != decoded(steered.json["images"][0])).any()
+    edited = generate(client, model=family, image=RED, strength=0.8, control=[unit(model="net")])
+    if family == "sd3":
+        assert edited.status_code == 400 and "in txt2img only" in edited.json["error"]["message"]
+    else:
+        assert edited.status_code == 200, edited.json
+    if hasattr(pipe, "unet"):
+        lent = generate(client, model=family, ip_adapter=[{"model": "look", "image": RED}])
+        assert lent.status_code == 200, lent.json
+        assert (decoded(plain.json["images"][0]) != decoded(lent.json["images"][0])).any()
+        adapted = generate(client, model=family, control=[unit(model="adapter")])
+        assert adapted.status_code == 200, adapted.json
+        assert (decoded(plain.json["images"][0]) != decoded(adapted.json["images"][0])).any()
+        for refused in (
+            {"control": [unit(model="adapter")], "image": RED},  # text-to-image only
+            {"control": [unit(model="adapter"), unit(model="net")]},  # not beside a ControlNet
+            {"control": [unit(model="adapter", end=0.5)]},  # in every step
+        ):
+            answer = generate(client, model=family, **refused)
+            assert answer.status_code == 400 and "T2I-Adapter" in answer.json["error"]["message"], answer.json

@@ -15,12 +15,15 @@ encoder shares one word-level tokenizer built here, so nothing is downloaded.
     python -m tools.make_model --family sd15 --out /tmp/sd15 --controlnet /tmp/controlnets/tiny   # and a ControlNet
 
 A ControlNet (SD, SDXL) is built from its model's UNet as diffusers builds a new one
-(`ControlNetModel.from_unet`), but with its zero convolutions random, so that it steers at once.
+(`ControlNetModel.from_unet`), but with its zero convolutions random, so that it steers at once;
+an IP-Adapter (`--ip-adapter DIR`) in h94/IP-Adapter's layout, with a tiny CLIP image encoder; a
+T2I-Adapter (`--t2i-adapter DIR`) with a level per level of the UNet's encoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,25 +36,31 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    T2IAdapter,
     UNet2DConditionModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     Gemma2Config,
     Gemma2Model,
     PreTrainedTokenizerFast,
@@ -256,7 +265,7 @@ def sd3() -> StableDiffusion3Pipeline:
         patch_size=2,
         in_channels=16,
         out_channels=16,
-        num_layers=1,
+        num_layers=2,  # SD3's last block reads no text, and takes no ControlNet residual: one before it does
         attention_head_dim=8,
         num_attention_heads=2,
         caption_projection_dim=16,
@@ -462,20 +471,83 @@ def build(family: str, seed: int = 0, size: str = "tiny", device: str = "cpu") -
         return builders[family]()
 
 
-def controlnet(pipe: Any, seed: int = 0) -> ControlNetModel:
-    """A ControlNet for a UNet model's pipeline (SD, SDXL): its UNet's encoder, conditioned through
-    as many levels as the VAE downscales (8x: four), the outputs that a new one starts at zero drawn
-    at random instead, as a trained one's are not zero, and the map's embedding strong enough that
-    two maps make two images (at the default scale a tiny model's map would barely count)."""
+# A transformer family's ControlNet class, built from its transformer's config with one block of each kind.
+TRANSFORMER_CONTROLNETS: dict[str, tuple[Any, dict[str, int]]] = {
+    "SD3Transformer2DModel": (SD3ControlNetModel, {"num_layers": 1}),
+    "FluxTransformer2DModel": (FluxControlNetModel, {"num_layers": 1, "num_single_layers": 0}),
+}
+
+
+def controlnet(pipe: Any, seed: int = 0) -> torch.nn.Module:
+    """A ControlNet for a model's pipeline. For a UNet (SD, SDXL) its encoder, conditioned through as
+    many levels as the VAE downscales (8x: four), with the map's embedding strong enough that two
+    maps make two images; for a transformer (SD3, FLUX.1) one of its blocks. The layers a new one
+    starts at zero are drawn at random instead, as a trained one's are not zero."""
     torch.manual_seed(seed)
-    widths = (16, 32, 96, 256) if pipe.unet.config.block_out_channels[0] >= 320 else (4, 8, 16, 16)
-    net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths)
-    for layer in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-        torch.nn.init.normal_(layer.weight, std=0.1)
-    for layer in net.controlnet_cond_embedding.modules():
-        if isinstance(layer, torch.nn.Conv2d):
-            torch.nn.init.normal_(layer.weight, std=0.5)
+    if hasattr(pipe, "unet"):
+        widths = (16, 32, 96, 256) if pipe.unet.config.block_out_channels[0] >= 320 else (4, 8, 16, 16)
+        net = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=widths)
+        for layer in net.controlnet_cond_embedding.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.normal_(layer.weight, std=0.5)
+    else:  # from_transformer loses a tiny transformer's head sizes: built from its config instead
+        kind, sizes = TRANSFORMER_CONTROLNETS[type(pipe.transformer).__name__]
+        accepted = inspect.signature(kind.__init__).parameters
+        config = {key: value for key, value in pipe.transformer.config.items() if key in accepted}
+        net = kind(**{**config, **sizes})
+    for parameter in net.parameters():
+        if parameter.ndim > 1 and not parameter.any():
+            torch.nn.init.normal_(parameter, std=0.1)
     return net
+
+
+def t2i_adapter(pipe: Any, seed: int = 0) -> T2IAdapter:
+    """A T2I-Adapter for a UNet model (SD, SDXL): one level of features per level of its UNet's
+    encoder, from the image unshuffled to the latents' size (SDXL's kind for SDXL)."""
+    torch.manual_seed(seed)
+    xl = pipe.unet.config.addition_embed_type == "text_time"
+    return T2IAdapter(
+        channels=list(pipe.unet.config.block_out_channels),
+        num_res_blocks=1,
+        downscale_factor=16 if xl else 8,
+        adapter_type="full_adapter_xl" if xl else "full_adapter",
+    )
+
+
+def ip_adapter(pipe: Any, folder: Path, seed: int = 0) -> None:
+    """An IP-Adapter for a UNet model (SD, SDXL) in h94/IP-Adapter's layout, written to `folder`: a
+    tiny CLIP vision encoder in `image_encoder/`, and `ip_adapter.safetensors` with the image
+    projection (four tokens of the text embeddings' width) and a key and a value projection for
+    each cross-attention, numbered as the original code numbers them (1, 3, 5, ...)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder", safe_serialization=True)
+    width, channels = pipe.unet.config.cross_attention_dim, pipe.unet.config.block_out_channels
+    tensors = {
+        "image_proj.proj.weight": torch.randn(4 * width, vision.projection_dim) * 0.5,
+        "image_proj.proj.bias": torch.zeros(4 * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    crossed = [name for name in pipe.unet.attn_processors if not name.endswith("attn1.processor")]
+    for index, name in enumerate(crossed):
+        block = int(name.split(".")[1]) if not name.startswith("mid_block") else 0
+        hidden = (
+            channels[-1]
+            if name.startswith("mid_block")
+            else (list(reversed(channels)) if name.startswith("up_blocks") else list(channels))[block]
+        )
+        for projection in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(hidden, width) * 0.5
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(folder / "ip_adapter.safetensors"))
 
 
 def parameters(pipe: Any) -> dict[str, int]:
@@ -524,6 +596,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gguf", metavar="KIND", help="also write OUT/transformer.gguf in KIND (Q4_0, Q8_0)")
     parser.add_argument("--controlnet", type=Path, metavar="DIR", help="also write a ControlNet for it (SD, SDXL)")
+    parser.add_argument("--ip-adapter", type=Path, metavar="DIR", help="also write an IP-Adapter for it (SD, SDXL)")
+    parser.add_argument("--t2i-adapter", type=Path, metavar="DIR", help="also write a T2I-Adapter for it (SD, SDXL)")
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)
     for name, count in parameters(pipe).items():
@@ -540,6 +614,12 @@ def main() -> None:
         print(
             f"saved a ControlNet for it to {args.controlnet} ({sum(p.numel() for p in net.parameters()) / 1e6:,.1f}M)"
         )
+    if args.ip_adapter and args.device != "meta":
+        ip_adapter(pipe, args.ip_adapter, args.seed)
+        print(f"saved an IP-Adapter for it to {args.ip_adapter}")
+    if args.t2i_adapter and args.device != "meta":
+        t2i_adapter(pipe, args.seed).save_pretrained(args.t2i_adapter, safe_serialization=True)
+        print(f"saved a T2I-Adapter for it to {args.t2i_adapter}")
 
 
 if __name__ == "__main__":

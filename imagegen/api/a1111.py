@@ -233,7 +233,7 @@ NONE_RESIZES = "Lanczos"
 
 
 def _native(
-    body: ProcessingRequest, first_seed: int, options: dict[str, Any], control: list[dict[str, Any]], **edit: Any
+    body: ProcessingRequest, first_seed: int, options: dict[str, Any], units: dict[str, Any], **edit: Any
 ) -> GenerateRequest:
     """The native request of a txt2img or img2img call (adapters from the prompt's tags, ControlNets
     from its units)."""
@@ -285,7 +285,7 @@ def _native(
             "model": model,
             "tiling": bool(body.tiling),
             "hires": hires,
-            "control": control or None,
+            **units,
             **edit,
         },
     )
@@ -370,9 +370,9 @@ def txt2img() -> dict[str, Any]:
     """Generates `batch_size` x `n_iter` images; `seed` -1 draws one at random, the rest follow it."""
     body = parse(Txt2ImgRequest)
     warnings = review(body)
-    control, unit_warnings = control_units(body.alwayson_scripts)
+    units, unit_warnings = control_units(body.alwayson_scripts)
     options = _options(body)
-    return _answer(body, _native(body, _first_seed(body.seed), options, control), options, warnings + unit_warnings)
+    return _answer(body, _native(body, _first_seed(body.seed), options, units), options, warnings + unit_warnings)
 
 
 @bp.post("/img2img")
@@ -383,7 +383,9 @@ def img2img() -> dict[str, Any]:
     `n_iter` times, at `width` x `height`."""
     body = parse(Img2ImgRequest)
     warnings = review(body)
-    control, unit_warnings = control_units(body.alwayson_scripts)
+    units, unit_warnings = control_units(body.alwayson_scripts)
+    for reference in units["ip_adapter"] or []:  # a unit without an image is shown the init image
+        reference["image"] = reference["image"] or body.init_images[0]
     warnings += unit_warnings
     options = _options(body)
     first_seed = _first_seed(body.seed)
@@ -404,7 +406,7 @@ def img2img() -> dict[str, Any]:
         "mask_crop_padding": body.inpaint_full_res_padding if mask and body.inpaint_full_res else None,
         "resize_mode": RESIZE_MODES[body.resize_mode],
     }
-    return _answer(body, _native(body, first_seed, options, control, **edit), options, warnings)
+    return _answer(body, _native(body, first_seed, options, units, **edit), options, warnings)
 
 
 @bp.post("/png-info")

@@ -53,6 +53,8 @@ RESIZE_MODES = {
     "1": "crop",
     "2": "fill",
 }
+# The extension's IP-Adapter modules: the image goes to an IP-Adapter (with its own image encoder).
+IP_ADAPTER_MODULES = ["ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl"]
 BALANCED = ("Balanced", "0")
 DEFAULT_RESOLUTION = 512  # the extension's preprocessor resolution where a unit sends -1
 HASHED = re.compile(r"^(?P<name>.+?) \[[0-9a-fA-F]+\]$")  # "control_v11p_sd15_canny [d14c016b]"
@@ -88,7 +90,7 @@ UNIT_FIELDS: dict[str, Rule] = {
     "input_image": Rule("honoured", "an old name of image"),
     "mask": Rule("refused", "a unit's own mask (inpainting ControlNets) is not served", _set),
     "module": Rule("honoured", "the preprocessors of GET /controlnet/module_list"),
-    "model": Rule("honoured", "GET /controlnet/model_list (with or without a ` [hash]`)"),
+    "model": Rule("honoured", "GET /controlnet/model_list (with or without a ` [hash]`): ControlNets and IP-Adapters"),
     "weight": Rule("honoured", "0-2"),
     "resize_mode": Rule("honoured", "Just Resize, Crop and Resize, Resize and Fill (or 0, 1, 2)"),
     "low_vram": Rule("warned", "memory is the server's to manage", _not(False)),
@@ -117,10 +119,11 @@ def _units(scripts: dict[str, Any]) -> list[Any]:
     return []
 
 
-def control_units(scripts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The native `control` entries of a request's enabled ControlNet units, and the warnings of
-    what they ask that nothing here serves; a refusal naming the unit's field for the rest."""
-    control, warnings = [], []
+def control_units(scripts: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """The native `control` and `ip_adapter` entries of a request's enabled units (an `ip-adapter_*`
+    module makes an IP-Adapter's), and the warnings of what they ask that nothing here serves; a
+    refusal naming the unit's field for the rest."""
+    control, references, warnings = [], [], []
     for index, given in enumerate(_units(scripts)):
         where = f"alwayson_scripts.controlnet.args.{index}"
         try:
@@ -140,12 +143,19 @@ def control_units(scripts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[s
         if unit.resize_mode not in RESIZE_MODES:
             raise refuse(f"{where}.resize_mode", f"`{where}.resize_mode` must be one of {', '.join(RESIZE_MODES)}")
         image = unit.image.get("image") if isinstance(unit.image, dict) else unit.image
+        model = match["name"] if (match := HASHED.match(unit.model)) else unit.model
+        if unit.module.startswith("ip-adapter"):  # the adapter brings its own image encoder
+            if (unit.guidance_start, unit.guidance_end) != (0, 1):
+                message = f"`{where}.guidance_start`: an IP-Adapter acts in every step here (0 to 1)"
+                raise refuse(f"{where}.guidance_start", message)
+            references.append({"model": model, "image": image or unit.input_image or None, "scale": unit.weight})
+            continue
         resolution = (
             None if unit.pixel_perfect else unit.processor_res if unit.processor_res > 0 else DEFAULT_RESOLUTION
         )
         control.append(
             {
-                "model": (match["name"] if (match := HASHED.match(unit.model)) else unit.model),
+                "model": model,
                 "image": image or unit.input_image or None,
                 "weight": unit.weight,
                 "start": unit.guidance_start,
@@ -157,9 +167,9 @@ def control_units(scripts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[s
                 "resize_mode": RESIZE_MODES[unit.resize_mode],
             }
         )
-    if len(control) > MAX_CONTROLS:
+    if max(len(control), len(references)) > MAX_CONTROLS:
         raise refuse("alwayson_scripts", f"`alwayson_scripts.controlnet.args`: at most {MAX_CONTROLS} enabled units")
-    return control, warnings
+    return {"control": control or None, "ip_adapter": references or None}, warnings
 
 
 # ----- the extension's routes -----
@@ -172,8 +182,10 @@ def version() -> dict[str, int]:
 
 @bp.get("/model_list")
 def model_list() -> dict[str, list[str]]:
-    """CONTROLNET_DIR's ControlNets, by name (a unit may add A1111's ` [hash]`)."""
-    return {"model_list": [item.name for item in services().controlnets.listing()]}
+    """CONTROLNET_DIR's ControlNets and IPADAPTER_DIR's IP-Adapters, by name (a unit may add A1111's
+    ` [hash]`)."""
+    stores = (services().controlnets, services().ip_adapters)
+    return {"model_list": [item.name for store in stores for item in store.listing()]}
 
 
 @bp.get("/module_list")
@@ -181,8 +193,9 @@ def module_list() -> dict[str, Any]:
     """The modules that run here (depth and pose need models this server has not), each with its
     sliders as the extension describes them."""
     names = [name for name, ours in MODULES.items() if PREPROCESSORS[ours].run is not None and "(" not in name]
+    names += IP_ADAPTER_MODULES
     detail = {}
-    for name in names:
+    for name in names[: -len(IP_ADAPTER_MODULES)]:
         preprocessor = PREPROCESSORS[MODULES[name]]
         sliders: list[dict[str, Any]] = [
             {"name": "Preprocessor Resolution", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048}
@@ -192,6 +205,7 @@ def module_list() -> dict[str, Any]:
             for each in preprocessor.thresholds
         ]
         detail[name] = {"model_free": name == "none", "sliders": sliders if name != "none" else []}
+    detail.update({name: {"model_free": False, "sliders": []} for name in IP_ADAPTER_MODULES})
     return {"module_list": names, "module_detail": detail}
 
 

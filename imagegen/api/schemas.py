@@ -67,6 +67,12 @@ class LoraWeight(BaseModel):
     weight: float
 
 
+class ReferenceView(BaseModel):
+    model: str
+    image: str = Field(description="The reference image, as an input stored for the job.")
+    scale: float
+
+
 class ControlView(BaseModel):
     model: str
     image: str = Field(description="The control map, as an input stored for the job.")
@@ -87,6 +93,7 @@ Parameters = create_model(
         },
         "loras": (list[LoraWeight], ...),
         "control": (list[ControlView], ...),
+        "ip_adapter": (list[ReferenceView], ...),
         "num_images": (int, ...),
     },
 )
@@ -207,11 +214,20 @@ class UpscalerList(BaseModel):
     upscalers: list[UpscalerView]
 
 
+class IPAdapterView(BaseModel):
+    """An IP-Adapter of IPADAPTER_DIR, for a request's `ip_adapter`."""
+
+    name: str
+    kind: Literal["ip-adapter"]
+    family: str | None = Field(description="sd or sdxl, from its weights' widths; null: a width of no published family")
+    bytes: int
+
+
 class ControlNetView(BaseModel):
     """A ControlNet of CONTROLNET_DIR, for a request's `control`."""
 
     name: str
-    kind: Literal["controlnet"]
+    kind: Literal["controlnet", "t2i-adapter"]
     family: str = Field(description="The family lineage of the models it steers: sd, sdxl, sd3, flux")
     architecture: str = Field(description="Its diffusers class")
     bytes: int
@@ -235,6 +251,7 @@ class PreprocessorView(BaseModel):
 
 class ControlNetList(BaseModel):
     controlnets: list[ControlNetView]
+    ip_adapters: list[IPAdapterView]
     preprocessors: list[PreprocessorView]
 
 

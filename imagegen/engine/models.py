@@ -32,12 +32,13 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     DiffusionPipeline,
+    T2IAdapter,
 )
 from PIL import Image
 
 from config import Settings
 from imagegen.catalogue import ModelSpec
-from imagegen.controlnets import controlnet_store
+from imagegen.controlnets import IMAGE_ENCODER, IP_ADAPTER_WEIGHTS, controlnet_store, ip_adapter_store
 from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
@@ -227,6 +228,9 @@ class ModelManager:
         self.controlnets = controlnet_store(settings)
         # Loaded ControlNets by (model, name), with their weights' version, least recently used first.
         self._controlnets: OrderedDict[tuple[str, str], tuple[str, torch.nn.Module]] = OrderedDict()
+        self.ip_adapters = ip_adapter_store(settings)
+        # Per model, the IP-Adapters loaded into its UNet (diffusers holds one set), with their versions.
+        self._references: dict[str, tuple[tuple[str, str], ...]] = {}
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
@@ -346,10 +350,11 @@ class ModelManager:
         schedule: str = AUTOMATIC,
         embeddings: tuple[str, ...] = (),
         controls: tuple[str, ...] = (),
+        references: tuple[str, ...] = (),
     ) -> DiffusionPipeline:
         """The pipeline for model_id's mode (families.Family.modes) with the requested scheduler (and
-        its noise schedule) and LoRA adapters active, the named embeddings loaded and the named
-        ControlNets beside it, loading (and evicting) as needed."""
+        its noise schedule) and LoRA adapters active, the named embeddings and IP-Adapters loaded and
+        the named ControlNets beside it, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
             while len(self._pipes) >= self.settings.max_loaded_models:
@@ -359,9 +364,14 @@ class ModelManager:
         self._set(model_id, last_used=time.time())
         self._activate(model_id, pipe, loras)
         self._embed(model_id, pipe, embeddings)
-        if controls:  # a pipeline of a few milliseconds, made per batch: the modules are the loaded ones
+        self._show(model_id, pipe, references)
+        if controls or references:  # a pipeline of a few milliseconds, made per batch from the loaded modules
             nets = [self.controlnet(model_id, pipe, name) for name in controls]
-            pipe = CONTROL_PIPELINES[mode].from_pipe(pipe, controlnet=nets if len(nets) > 1 else nets[0])
+            steering = nets if len(nets) > 1 else nets[0] if nets else None
+            if nets and isinstance(nets[0], T2IAdapter):  # the service lets them steer only alone, in text-to-image
+                pipe = getattr(diffusers, self._families[model_id].t2i_pipeline).from_pipe(pipe, adapter=steering)
+            else:
+                pipe = CONTROL_PIPELINES[mode].from_pipe(pipe, **({"controlnet": steering} if nets else {}))
             pipe.set_progress_bar_config(disable=True)
         elif mode in EDIT_PIPELINES and not (mode in MASKED and not self._families[model_id].text_to_image):
             key = (model_id, EDIT_PIPELINES[mode])
@@ -417,6 +427,38 @@ class ModelManager:
             log.info("loaded ControlNet %s for model %s (%d loaded)", name, model_id, len(self._controlnets))
         self._controlnets.move_to_end(key)
         return self._controlnets[key][1]
+
+    def _show(self, model_id: str, pipe: DiffusionPipeline, names: tuple[str, ...]) -> None:
+        """Makes exactly these IP-Adapters loaded into the model's UNet, with the first one's image
+        encoder: diffusers holds one set at a time, so another set is loaded in its place (none
+        restores the model's own attention)."""
+        wanted = []
+        for name in names:
+            try:
+                wanted.append((name, *self.ip_adapters.local_file(name)))
+            except FileNotFoundError:
+                raise AdapterFailed(f"IP-Adapter `{name}` is no longer in IPADAPTER_DIR") from None
+        loaded = tuple((name, version) for name, _path, version in wanted)
+        if self._references.get(model_id, ()) == loaded:
+            return
+        if self._references.pop(model_id, ()):
+            pipe.unload_ip_adapter()
+        if not wanted:
+            return
+        folders = [str(path) for _name, path, _version in wanted]
+        try:
+            pipe.load_ip_adapter(
+                folders,
+                subfolder=[""] * len(folders),
+                weight_name=[IP_ADAPTER_WEIGHTS] * len(folders),
+                image_encoder_folder=IMAGE_ENCODER,
+            )
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # what half-loaded goes with it
+                pipe.unload_ip_adapter()
+            raise AdapterFailed(f"IP-Adapter {', '.join(names)} does not fit model {model_id}", str(exc)) from exc
+        self._references[model_id] = loaded
+        log.info("loaded IP-Adapters %s into model %s", ", ".join(names), model_id)
 
     def _scheduler(self, model_id: str, scheduler: str, schedule: str) -> Any:
         """The model's scheduler of that name and schedule, made once from the model's own config (so
@@ -541,6 +583,7 @@ class ModelManager:
             self._families.pop(target, None)
             for key in [key for key in self._controlnets if key[0] == target]:
                 del self._controlnets[key]
+            self._references.pop(target, None)
             self._set(target, state=ModelState.UNLOADED, loras=[], controlnets=[])
         if unloaded:
             gc.collect()

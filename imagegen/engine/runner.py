@@ -50,7 +50,7 @@ MAX_BACKOFF_SECONDS = 300
 
 
 # Each job's stored inputs by job id: its edit's image and mask (None where it has none), then its
-# ControlNets' maps in order.
+# ControlNets' maps and its IP-Adapters' images, in order.
 Inputs = dict[str, tuple[Image.Image | None, ...]]
 
 # What a folder (a full disk, a lost mount) or an object store (s3fs passes botocore's connection
@@ -278,7 +278,8 @@ class Engine:
         found: Inputs = {}
         read: dict[str, Image.Image] = {}
         for job in jobs:
-            names = (job.params.image, job.params.mask, *(unit.image for unit in job.params.control))
+            p = job.params
+            names = (p.image, p.mask, *(unit.image for unit in p.control), *(each.image for each in p.ip_adapter))
             try:
                 for name in names:
                     if name and name not in read:
@@ -300,8 +301,9 @@ class Engine:
         params = batch[0].params
         named = tuple(dict.fromkeys(name for job in batch for name, _version in job.params.embeddings))
         controls = tuple(unit.model for unit in params.control)
+        references = tuple(reference.model for reference in params.ip_adapter)
         return self.models.get(
-            params.model, params.scheduler, mode, params.loras, params.noise_schedule, named, controls
+            params.model, params.scheduler, mode, params.loras, params.noise_schedule, named, controls, references
         )
 
     def _upscale(self, params: GenerationParams, image: Image.Image | None) -> Image.Image:
@@ -372,6 +374,7 @@ class Engine:
                 del arguments["width"], arguments["height"]
         if params.control:
             arguments.update(self._control(pipe, batch, inputs, (params.width, params.height), boxes))
+        arguments.update(self._reference(pipe, batch, inputs))
         if params.hires_width and params.upscaler in LATENT:
             arguments["output_type"] = "latent"  # upscaled as latents, decoded after the second pass
         if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's Brownian noise: each image's from its seed
@@ -458,6 +461,7 @@ class Engine:
         arguments.update(image=upscaled, strength=params.hires_strength)
         if params.control:  # the maps steer the second pass too, at its size (as A1111's "Both")
             arguments.update(self._control(second, batch, inputs, size, [None] * len(upscaled)))
+        arguments.update(self._reference(second, batch, inputs))
         if not takes(type(second), "height"):
             del arguments["width"], arguments["height"]
         arguments.update(self._watch(second, family, batch, params.steps_run or params.steps, params.hires_steps_run))
@@ -470,7 +474,8 @@ class Engine:
         """A call's ControlNet arguments: each ControlNet's map for each image at the call's size
         (cut to an inpainting's box where it paints only the masked area), its weight and its span
         of the steps; one ControlNet's as values, several as lists (the maps per image, one per
-        ControlNet), as diffusers takes them."""
+        ControlNet), as diffusers takes them. T2I-Adapters take theirs per adapter, and their
+        weights (they act in every step: the service saw to it)."""
         params = batch[0].params
         maps = []
         for index in range(len(params.control)):
@@ -483,6 +488,12 @@ class Engine:
             ]
             maps.append(fitted)
         several = len(params.control) > 1
+        if takes(type(pipe), "adapter_conditioning_scale"):
+            weights = [unit.weight for unit in params.control]
+            return {
+                "image": maps if several else maps[0],
+                "adapter_conditioning_scale": weights if several else weights[0],
+            }
         values = {
             "controlnet_conditioning_scale": [unit.weight for unit in params.control],
             "control_guidance_start": [unit.start for unit in params.control],
@@ -492,6 +503,18 @@ class Engine:
         arguments = {name: [list(each) for each in zip(*maps, strict=True)] if several else maps[0]}
         arguments.update({key: value if several else value[0] for key, value in values.items()})
         return arguments
+
+    @staticmethod
+    def _reference(pipe: Any, batch: list[Job], inputs: Inputs) -> dict[str, Any]:
+        """A call's IP-Adapter arguments (none without): each one's image (the batch's jobs share
+        them: they are in the batch key), its scale set in the model's attention."""
+        params = batch[0].params
+        if not params.ip_adapter:
+            return {}
+        scales = [reference.scale for reference in params.ip_adapter]
+        pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
+        shown = inputs[batch[0].id][2 + len(params.control) :]
+        return {"ip_adapter_image": list(shown)}
 
     def _watch(self, pipe: Any, family: Family, batch: list[Job], done: int, steps: int) -> dict[str, Any]:
         """A call's progress arguments: the step reached (after `done` of an earlier pass, this
@@ -516,7 +539,7 @@ class Engine:
                 running._interrupt = True  # skip the remaining steps
             return tensors
 
-        if family.progress == "legacy":
+        if family.progress == "legacy" or not takes(type(pipe), "callback_on_step_end"):  # T2I-Adapters' too
             return {"callback": lambda index, _timestep, _latents: progress(index), "callback_steps": 1}
         return {"callback_on_step_end": on_step_end}
 
