@@ -466,3 +466,13 @@ def test_each_family_with_controlnets_is_steered_by_its_tiny_one(app_factory, tm
         ):
             answer = generate(client, model=family, **refused)
             assert answer.status_code == 400 and "T2I-Adapter" in answer.json["error"]["message"], answer.json
+
+
+def test_the_openai_surface_takes_control_in_extra_body(controlled):
+    body = {"prompt": PROMPT, "size": "64x64", "seed": 7, "steps": 4, "guidance_scale": 5.0}
+    plain = controlled.post("/v1/images/generations", json=body)
+    steered = controlled.post("/v1/images/generations", json={**body, "control": [unit()]})
+    assert plain.status_code == steered.status_code == 200, steered.json
+    assert (decoded(plain.json["data"][0]["b64_json"]) != decoded(steered.json["data"][0]["b64_json"])).any()
+    refused = controlled.post("/v1/images/generations", json={**body, "control": [unit(model="missing")]})
+    assert refused.status_code == 400 and "missing" in refused.json["error"]["message"]

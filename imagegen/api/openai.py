@@ -50,6 +50,8 @@ class ImagesOptions(BaseModel):
     loras: list[dict[str, Any]] | None = None  # [{"name", "weight"}], in extra_body
     hires: dict[str, Any] | None = None  # hires fix, as the native `hires`, in extra_body
     tiling: bool = False  # seamless tiling, in extra_body
+    control: list[dict[str, Any]] | None = None  # ControlNets, as the native `control`, in extra_body
+    ip_adapter: list[dict[str, Any]] | None = None  # IP-Adapters, as the native `ip_adapter`, in extra_body
 
     @field_validator("size")
     @classmethod
@@ -133,6 +135,8 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
             "loras": body.loras,
             "hires": body.hires,
             "tiling": body.tiling,
+            "control": body.control,
+            "ip_adapter": body.ip_adapter,
         },
     )
     finished = generate_now(native)
