@@ -36,6 +36,17 @@ def sampler_title(scheduler: str) -> str:
     return chosen.a1111_titles[0] if chosen else scheduler.replace("_", " ").title()
 
 
+def units(params: GenerationParams) -> dict[str, str]:
+    """Its ControlNets (T2I-Adapters) and IP-Adapters as sd-webui-controlnet writes its units."""
+    steering = [
+        f"Module: {unit.preprocessor}, Model: {unit.model}, Weight: {unit.weight:g}, "
+        f"Guidance Start: {unit.start:g}, Guidance End: {unit.end:g}"
+        for unit in params.control
+    ]
+    steering += [f"Module: ip-adapter-auto, Model: {each.model}, Weight: {each.scale:g}" for each in params.ip_adapter]
+    return {f"ControlNet {index}": text for index, text in enumerate(steering)}
+
+
 def write(params: GenerationParams, index: int) -> str:
     """The infotext of the `index`th image of a job, with its own seed (and variation seed); its
     adapters as A1111's `<lora:name:weight>` tags, so pasting the prompt into A1111 applies them."""
@@ -75,6 +86,7 @@ def write(params: GenerationParams, index: int) -> str:
         "Seed resize from": f"{params.seed_resize_from_width}x{params.seed_resize_from_height}"
         if params.seed_resize_from_width
         else None,
+        **units(params),
         "Version": f"imagegen {__version__}",
     }
     line = ", ".join(f"{key}: {quoted(value)}" for key, value in pairs.items() if value is not None)

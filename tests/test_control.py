@@ -476,3 +476,11 @@ def test_the_openai_surface_takes_control_in_extra_body(controlled):
     assert (decoded(plain.json["data"][0]["b64_json"]) != decoded(steered.json["data"][0]["b64_json"])).any()
     refused = controlled.post("/v1/images/generations", json={**body, "control": [unit(model="missing")]})
     assert refused.status_code == 400 and "missing" in refused.json["error"]["message"]
+
+
+def test_the_png_says_how_it_was_steered_as_sd_webui_controlnet_writes_it(shown):
+    made = generate(shown, control=[unit(weight=0.5, end=0.7)], ip_adapter=[{"model": "look", "image": RED}])
+    info = shown.post("/sdapi/v1/png-info", json={"image": made.json["images"][0]["b64_json"]}).json
+    unit_text = "Module: none, Model: tiny, Weight: 0.5, Guidance Start: 0, Guidance End: 0.7"
+    assert f'ControlNet 0: "{unit_text}"' in info["info"]
+    assert 'ControlNet 1: "Module: ip-adapter-auto, Model: look, Weight: 1"' in info["info"]
