@@ -72,14 +72,28 @@ class ControlNet:
         }
 
 
+# A single file's marks: lllyasviel's layout (its hint encoder, with or without the `control_model.`
+# prefix of a whole checkpoint) or diffusers' names in one file; SDXL's added embeddings in either.
+SINGLE_FILE_MARKS = ("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")
+SDXL_MARKS = ("label_emb.0.0.weight", "add_embedding.linear_1.weight")
+
+
+def _single_file(fs: AbstractFileSystem, path: str, size: int, name: str, version: str) -> ControlNet:
+    """A ControlNet in one safetensors file, from its tensor names (it carries no config: the
+    engine builds it with the config of the model it steers, engine/models.py)."""
+    shapes, _metadata = tensor_shapes(fs, path, name)
+    keys = {key.removeprefix("control_model.") for key in shapes}
+    if not any(mark in keys for mark in SINGLE_FILE_MARKS):
+        raise ControlRejected(f"{name}{SUFFIX} is not a ControlNet (no hint encoder among its tensors)")
+    family = "sdxl" if any(mark in keys for mark in SDXL_MARKS) else "sd"
+    return ControlNet(name, family, "ControlNetModel", size, version)
+
+
 def read_controlnet(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> ControlNet:
-    """The ControlNet a folder holds, from its config.json; ControlRejected for anything else (a
-    single file among them: loading one needs configs no offline server has)."""
+    """The ControlNet (or T2I-Adapter) a folder holds, from its config.json, or a single file
+    holds, from its tensor names; ControlRejected for anything else."""
     if path.endswith(SUFFIX):
-        raise ControlRejected(
-            f"{name}{SUFFIX} is a single file; a ControlNet is served from a diffusers folder "
-            "(config.json and diffusion_pytorch_model.safetensors, as `ControlNetModel.save_pretrained` writes it)"
-        )
+        return _single_file(fs, path, size, name, version)
     try:
         config = json.loads(fs.cat_file(f"{path}/config.json"))
     except (OSError, ValueError):

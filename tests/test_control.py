@@ -52,13 +52,15 @@ def outline(box: tuple[int, int, int, int] = (8, 8, 40, 40), size: int = 64) -> 
 @pytest.fixture(scope="module")
 def controlnets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CONTROLNET_DIR for the tests: a tiny random ControlNet of the tiny model (`tiny`), one of a
-    tiny SDXL (`tiny-xl`), the demo ControlNet, and a file and a folder that are no ControlNets."""
+    tiny SDXL (`tiny-xl`), the demo ControlNet, `tiny` again as one file (`single`, diffusers' names),
+    and a file and a folder that are no ControlNets."""
     root = tmp_path_factory.mktemp("controlnets")
     unet = UNet2DConditionModel.from_pretrained(ROOT / TINY_MODEL / "unet")
     make_model.controlnet(type("Pipe", (), {"unet": unet})()).save_pretrained(root / "tiny")
     make_model.controlnet(make_model.build("sdxl")).save_pretrained(root / "tiny-xl")
     shutil.copytree(ROOT / "models/controlnets" / DEMO_CONTROLNET, root / DEMO_CONTROLNET)
     (root / "single.safetensors").write_bytes((root / "tiny/diffusion_pytorch_model.safetensors").read_bytes())
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(4, 4)}, str(root / "lora.safetensors"))
     (root / "unet").mkdir()
     shutil.copy(ROOT / TINY_MODEL / "unet/config.json", root / "unet/config.json")
     shutil.copy(root / "tiny/diffusion_pytorch_model.safetensors", root / "unet")
@@ -87,7 +89,8 @@ def unit(**fields: Any) -> dict[str, Any]:
 def test_controlnets_lists_the_folders_it_can_serve_with_their_family_and_the_preprocessors(controlled):
     listed = controlled.get("/controlnets").json
     by_name = {item["name"]: item for item in listed["controlnets"]}
-    assert set(by_name) == {"tiny", "tiny-xl", DEMO_CONTROLNET}, "a single file and a UNet folder are left out"
+    assert set(by_name) == {"tiny", "tiny-xl", "single", DEMO_CONTROLNET}, "a LoRA and a UNet folder are left out"
+    assert by_name["single"]["family"] == "sd" and by_name["single"]["kind"] == "controlnet"
     assert by_name["tiny"]["family"] == "sd" and by_name["tiny-xl"]["family"] == "sdxl"
     assert by_name["tiny"]["kind"] == "controlnet" and by_name["tiny"]["architecture"] == "ControlNetModel"
     preprocessors = {item["name"]: item for item in listed["preprocessors"]}
@@ -98,9 +101,9 @@ def test_controlnets_lists_the_folders_it_can_serve_with_their_family_and_the_pr
     assert not preprocessors["depth"]["available"] and "needs a depth model" in preprocessors["depth"]["description"]
 
 
-def test_a_single_file_or_another_models_folder_is_refused_with_what_to_do(controlnets):
+def test_a_file_or_a_folder_of_something_else_is_refused_with_what_it_is(controlnets):
     store = AdapterStore(str(controlnets), controlnets / "cache", read=read_controlnet, folders=WEIGHTS)
-    for name, expected in (("single", "diffusers folder"), ("unet", "UNet2DConditionModel")):
+    for name, expected in (("lora", "not a ControlNet"), ("unet", "UNet2DConditionModel")):
         with pytest.raises(ControlRejected, match=expected):
             store.find(name)
 
@@ -249,7 +252,12 @@ def test_detect_makes_maps_as_sd_webui_controlnet_answers(controlled):
 
 def test_a1111_lists_models_modules_and_its_version(controlled):
     assert controlled.get("/controlnet/version").json == {"version": 2}
-    assert set(controlled.get("/controlnet/model_list").json["model_list"]) == {"tiny", "tiny-xl", DEMO_CONTROLNET}
+    assert set(controlled.get("/controlnet/model_list").json["model_list"]) == {
+        "tiny",
+        "tiny-xl",
+        "single",
+        DEMO_CONTROLNET,
+    }
     modules = controlled.get("/controlnet/module_list").json
     assert {"none", "canny", "scribble_xdog", "invert", "lineart_standard"} <= set(modules["module_list"])
     assert "depth_midas" not in modules["module_list"], "listed only where it runs"
@@ -484,3 +492,10 @@ def test_the_png_says_how_it_was_steered_as_sd_webui_controlnet_writes_it(shown)
     unit_text = "Module: none, Model: tiny, Weight: 0.5, Guidance Start: 0, Guidance End: 0.7"
     assert f'ControlNet 0: "{unit_text}"' in info["info"]
     assert 'ControlNet 1: "Module: ip-adapter-auto, Model: look, Weight: 1"' in info["info"]
+
+
+def test_a_controlnet_in_one_file_loads_with_the_config_of_the_model_it_steers(controlled):
+    folder = generate(controlled, control=[unit()])
+    single = generate(controlled, control=[unit(model="single")])
+    assert single.status_code == 200, single.json
+    assert (decoded(folder.json["images"][0]) == decoded(single.json["images"][0])).all(), "the same weights"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import re
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +33,7 @@ from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    ControlNetModel,
     DiffusionPipeline,
     T2IAdapter,
 )
@@ -163,6 +166,28 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
                 f"{spec.id} a `config` folder in the MODELS file (a diffusers folder of its family)"
             ) from exc
         raise
+
+
+def single_file_controlnet(path: Path, unet: Any, dtype: torch.dtype) -> ControlNetModel:
+    """A ControlNet from one safetensors file, lllyasviel's layout or diffusers' names, read by
+    diffusers' converter with the config of the UNet it steers (the file has none, and the hub's
+    are out of reach) and its hint encoder's widths, read from the file."""
+    with safetensors.safe_open(str(path), framework="pt") as tensors:
+        shapes = {key.removeprefix("control_model."): tensors.get_slice(key).get_shape() for key in tensors.keys()}  # noqa: SIM118
+    if "controlnet_cond_embedding.conv_in.weight" in shapes:  # conv_in, then every other block widens
+        hint = ["controlnet_cond_embedding.conv_in.weight"]
+        hint += [f"controlnet_cond_embedding.blocks.{i}.weight" for i in range(1, 64, 2)]
+    else:  # lllyasviel's: a convolution every other layer, one in two widening; the last one is out
+        layers = sorted(int(key.split(".")[1]) for key in shapes if re.fullmatch(r"input_hint_block\.\d+\.weight", key))
+        hint = [f"input_hint_block.{i}.weight" for i in layers[:-1] if i % 4 == 0]
+    widths = tuple(shapes[key][0] for key in hint if key in shapes)
+    with torch.device("meta"):  # the config alone: no weights are made
+        shaped = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=widths, load_weights_from_unet=False
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps(dict(shaped.config)))
+        return ControlNetModel.from_single_file(str(path), config=folder, torch_dtype=dtype)
 
 
 def family_of(pipe: DiffusionPipeline, spec: ModelSpec) -> Family:
@@ -415,7 +440,10 @@ class ModelManager:
             raise AdapterFailed(f"ControlNet `{name}` is no longer in CONTROLNET_DIR") from None
         if key not in self._controlnets or self._controlnets[key][0] != version:
             try:
-                network = getattr(diffusers, described.architecture).from_pretrained(path, dtype=pipe.dtype)
+                if path.is_file():
+                    network = single_file_controlnet(path, pipe.unet, pipe.dtype)
+                else:
+                    network = getattr(diffusers, described.architecture).from_pretrained(path, dtype=pipe.dtype)
             except (OSError, RuntimeError, ValueError) as exc:  # weights that do not match their config
                 raise AdapterFailed(f"ControlNet `{name}` could not be loaded", str(exc)) from exc
             self._controlnets[key] = (version, network.to(self.device))
