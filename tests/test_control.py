@@ -19,7 +19,7 @@ import webuiapi
 from diffusers import UNet2DConditionModel
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from imagegen.api.a1111_controlnet import UNIT_FIELDS, ControlNetUnit
 from imagegen.controlnets import IP_ADAPTER_WEIGHTS, ControlRejected, read_controlnet
@@ -49,17 +49,70 @@ def outline(box: tuple[int, int, int, int] = (8, 8, 40, 40), size: int = 64) -> 
     return image
 
 
+# diffusers' names of a ControlNet's resnet layers, as lllyasviel's code names them
+RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def lllyasviel_layout(tensors: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet's tensors under the names of lllyasviel's original code (what A1111's
+    and ComfyUI's ControlNet files use): diffusers' converter read backwards, for a test file."""
+    renamed = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if parts[0] == "down_blocks" and parts[2] in ("resnets", "attentions"):
+            block, layer = int(parts[1]), int(parts[3])
+            inner = ".".join(parts[4:])
+            if parts[2] == "resnets":
+                inner = ".".join(RESNET_NAMES.get(part, part) for part in parts[4:])
+            new = (
+                f"input_blocks.{block * (layers_per_block + 1) + layer + 1}.{0 if parts[2] == 'resnets' else 1}.{inner}"
+            )
+        elif parts[0] == "down_blocks":  # a downsampler
+            new = f"input_blocks.{(int(parts[1]) + 1) * (layers_per_block + 1)}.0.op.{parts[-1]}"
+        elif parts[0] == "mid_block":
+            inner = (
+                ".".join(RESNET_NAMES.get(part, part) for part in parts[3:])
+                if parts[1] == "resnets"
+                else ".".join(parts[3:])
+            )
+            new = f"middle_block.{1 if parts[1] == 'attentions' else 2 * int(parts[2])}.{inner}"
+        else:
+            new = {
+                "time_embedding.linear_1": "time_embed.0",
+                "time_embedding.linear_2": "time_embed.2",
+                "conv_in": "input_blocks.0.0",
+                "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+                "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+                "controlnet_mid_block": "middle_block_out.0",
+            }.get(".".join(parts[:-1]), ".".join(parts[:-1])) + f".{parts[-1]}"
+            if parts[0] == "controlnet_cond_embedding" and parts[1] == "blocks":
+                new = f"input_hint_block.{2 * (int(parts[2]) + 1)}.{parts[-1]}"
+            if parts[0] == "controlnet_down_blocks":
+                new = f"zero_convs.{parts[1]}.0.{parts[-1]}"
+        renamed[f"control_model.{new}"] = value
+    return renamed
+
+
 @pytest.fixture(scope="module")
 def controlnets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CONTROLNET_DIR for the tests: a tiny random ControlNet of the tiny model (`tiny`), one of a
-    tiny SDXL (`tiny-xl`), the demo ControlNet, `tiny` again as one file (`single`, diffusers' names),
-    and a file and a folder that are no ControlNets."""
+    tiny SDXL (`tiny-xl`), the demo ControlNet, `tiny` again as one file (`single`, diffusers' names;
+    `original`, lllyasviel's), and a file and a folder that are no ControlNets."""
     root = tmp_path_factory.mktemp("controlnets")
     unet = UNet2DConditionModel.from_pretrained(ROOT / TINY_MODEL / "unet")
     make_model.controlnet(type("Pipe", (), {"unet": unet})()).save_pretrained(root / "tiny")
     make_model.controlnet(make_model.build("sdxl")).save_pretrained(root / "tiny-xl")
     shutil.copytree(ROOT / "models/controlnets" / DEMO_CONTROLNET, root / DEMO_CONTROLNET)
     (root / "single.safetensors").write_bytes((root / "tiny/diffusion_pytorch_model.safetensors").read_bytes())
+    tiny = load_file(str(root / "tiny/diffusion_pytorch_model.safetensors"))
+    save_file(lllyasviel_layout(tiny, unet.config.layers_per_block), str(root / "original.safetensors"))
     save_file({"lora_unet_down.lora_down.weight": torch.zeros(4, 4)}, str(root / "lora.safetensors"))
     (root / "unet").mkdir()
     shutil.copy(ROOT / TINY_MODEL / "unet/config.json", root / "unet/config.json")
@@ -89,7 +142,9 @@ def unit(**fields: Any) -> dict[str, Any]:
 def test_controlnets_lists_the_folders_it_can_serve_with_their_family_and_the_preprocessors(controlled):
     listed = controlled.get("/controlnets").json
     by_name = {item["name"]: item for item in listed["controlnets"]}
-    assert set(by_name) == {"tiny", "tiny-xl", "single", DEMO_CONTROLNET}, "a LoRA and a UNet folder are left out"
+    assert set(by_name) == {"tiny", "tiny-xl", "single", "original", DEMO_CONTROLNET}, (
+        "a LoRA and a UNet folder are left out"
+    )
     assert by_name["single"]["family"] == "sd" and by_name["single"]["kind"] == "controlnet"
     assert by_name["tiny"]["family"] == "sd" and by_name["tiny-xl"]["family"] == "sdxl"
     assert by_name["tiny"]["kind"] == "controlnet" and by_name["tiny"]["architecture"] == "ControlNetModel"
@@ -255,6 +310,7 @@ def test_a1111_lists_models_modules_and_its_version(controlled):
     assert set(controlled.get("/controlnet/model_list").json["model_list"]) == {
         "tiny",
         "tiny-xl",
+        "original",
         "single",
         DEMO_CONTROLNET,
     }
@@ -496,6 +552,9 @@ def test_the_png_says_how_it_was_steered_as_sd_webui_controlnet_writes_it(shown)
 
 def test_a_controlnet_in_one_file_loads_with_the_config_of_the_model_it_steers(controlled):
     folder = generate(controlled, control=[unit()])
-    single = generate(controlled, control=[unit(model="single")])
-    assert single.status_code == 200, single.json
-    assert (decoded(folder.json["images"][0]) == decoded(single.json["images"][0])).all(), "the same weights"
+    for name in ("single", "original"):
+        single = generate(controlled, control=[unit(model=name)])
+        assert single.status_code == 200, single.json
+        assert (decoded(folder.json["images"][0]) == decoded(single.json["images"][0])).all(), (
+            f"{name}: the same weights"
+        )
