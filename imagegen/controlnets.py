@@ -6,7 +6,8 @@ another family, before a job is queued, and a cluster's API has no torch. A Cont
 `config.json` names its class (SD's and SDXL's `ControlNetModel`, `SD3ControlNetModel`,
 `FluxControlNetModel`, or a `T2IAdapter`) and which of SD's and SDXL's UNets it is made for. An
 IP-Adapter's weights (`ip_adapter.safetensors`, beside the CLIP image encoder it reads images
-with) tell the width of the text embeddings it adds to: SD's 768 or 1024, SDXL's 2048. Requests
+with) tell the width of the text embeddings it adds to: SD's 768 or 1024, SDXL's 2048, FLUX.1's
+4096. Requests
 name them, never paths: a name is a folder's name.
 """
 
@@ -111,7 +112,10 @@ def read_controlnet(fs: AbstractFileSystem, path: str, size: int, name: str, ver
 IP_ADAPTER_WEIGHTS = "ip_adapter.safetensors"
 IMAGE_ENCODER = "image_encoder"
 # The width of the text embeddings an IP-Adapter's keys are made for, by family lineage.
-IP_ADAPTER_WIDTHS = {768: "sd", 1024: "sd", 2048: "sdxl"}
+IP_ADAPTER_WIDTHS = {768: "sd", 1024: "sd", 2048: "sdxl", 4096: "flux"}
+# The names of its tensors: h94's (SD, SDXL; diffusers' FLUX.1 files too) and XLabs' (FLUX.1).
+IP_ADAPTER_KEYS = (".to_k_ip.weight", "ip_adapter_double_stream_k_proj.weight")
+IP_ADAPTER_PROJECTIONS = ("image_proj.", "ip_adapter_proj_model.")
 
 
 @dataclass(frozen=True)
@@ -138,9 +142,9 @@ def read_ip_adapter(fs: AbstractFileSystem, path: str, size: int, name: str, ver
             f"{IP_ADAPTER_WEIGHTS} and its CLIP image encoder as {IMAGE_ENCODER}/"
         )
     shapes, _metadata = tensor_shapes(fs, f"{path}/{IP_ADAPTER_WEIGHTS}", name)
-    keys = [shape for key, shape in shapes.items() if key.startswith("ip_adapter.") and key.endswith(".to_k_ip.weight")]
-    if not keys or not any(key.startswith("image_proj.") for key in shapes):
-        raise ControlRejected(f"{name}: {IP_ADAPTER_WEIGHTS} has no `image_proj` and `ip_adapter` tensors")
+    keys = [shape for key, shape in shapes.items() if key.endswith(IP_ADAPTER_KEYS)]
+    if not keys or not any(key.startswith(IP_ADAPTER_PROJECTIONS) for key in shapes):
+        raise ControlRejected(f"{name}: {IP_ADAPTER_WEIGHTS} has no image projection and key projections")
     if not fs.exists(f"{path}/{IMAGE_ENCODER}/config.json"):
         raise ControlRejected(f"{name} has no {IMAGE_ENCODER}/ (the CLIP vision model it encodes images with)")
     return IPAdapter(name, IP_ADAPTER_WIDTHS.get(keys[0][-1]), size, version)

@@ -515,10 +515,11 @@ def t2i_adapter(pipe: Any, seed: int = 0) -> T2IAdapter:
 
 
 def ip_adapter(pipe: Any, folder: Path, seed: int = 0) -> None:
-    """An IP-Adapter for a UNet model (SD, SDXL) in h94/IP-Adapter's layout, written to `folder`: a
-    tiny CLIP vision encoder in `image_encoder/`, and `ip_adapter.safetensors` with the image
-    projection (four tokens of the text embeddings' width) and a key and a value projection for
-    each cross-attention, numbered as the original code numbers them (1, 3, 5, ...)."""
+    """An IP-Adapter for a model in h94/IP-Adapter's layout, written to `folder`: a tiny CLIP vision
+    encoder in `image_encoder/`, and `ip_adapter.safetensors` with the image projection (four
+    tokens of the text embeddings' width) and a key and a value projection for each
+    cross-attention of a UNet (SD, SDXL), numbered as the original code numbers them (1, 3, 5, ...),
+    or, with biases, for each double-stream block of FLUX.1's transformer (0, 1, 2, ...)."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -530,14 +531,22 @@ def ip_adapter(pipe: Any, folder: Path, seed: int = 0) -> None:
         projection_dim=32,
     )
     CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder", safe_serialization=True)
-    width, channels = pipe.unet.config.cross_attention_dim, pipe.unet.config.block_out_channels
+    unet = getattr(pipe, "unet", None)
+    width = unet.config.cross_attention_dim if unet else pipe.transformer.config.joint_attention_dim
     tensors = {
         "image_proj.proj.weight": torch.randn(4 * width, vision.projection_dim) * 0.5,
         "image_proj.proj.bias": torch.zeros(4 * width),
         "image_proj.norm.weight": torch.ones(width),
         "image_proj.norm.bias": torch.zeros(width),
     }
-    crossed = [name for name in pipe.unet.attn_processors if not name.endswith("attn1.processor")]
+    if unet is None:  # FLUX.1: every double-stream block, at the transformer's inner width
+        inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+        for index in range(len(pipe.transformer.transformer_blocks)):
+            for projection in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{index}.{projection}.weight"] = torch.randn(inner, width) * 0.5
+                tensors[f"ip_adapter.{index}.{projection}.bias"] = torch.zeros(inner)
+    channels = unet.config.block_out_channels if unet else ()
+    crossed = [name for name in unet.attn_processors if not name.endswith("attn1.processor")] if unet else []
     for index, name in enumerate(crossed):
         block = int(name.split(".")[1]) if not name.startswith("mid_block") else 0
         hidden = (
@@ -596,7 +605,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gguf", metavar="KIND", help="also write OUT/transformer.gguf in KIND (Q4_0, Q8_0)")
     parser.add_argument("--controlnet", type=Path, metavar="DIR", help="also write a ControlNet for it (SD, SDXL)")
-    parser.add_argument("--ip-adapter", type=Path, metavar="DIR", help="also write an IP-Adapter for it (SD, SDXL)")
+    parser.add_argument("--ip-adapter", type=Path, metavar="DIR", help="also write an IP-Adapter (SD, SDXL, FLUX.1)")
     parser.add_argument("--t2i-adapter", type=Path, metavar="DIR", help="also write a T2I-Adapter for it (SD, SDXL)")
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)

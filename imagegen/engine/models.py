@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import json
 import logging
 import re
@@ -474,13 +475,20 @@ class ModelManager:
         if not wanted:
             return
         folders = [str(path) for _name, path, _version in wanted]
+        weights = [IP_ADAPTER_WEIGHTS] * len(folders)
         try:
-            pipe.load_ip_adapter(
-                folders,
-                subfolder=[""] * len(folders),
-                weight_name=[IP_ADAPTER_WEIGHTS] * len(folders),
-                image_encoder_folder=IMAGE_ENCODER,
-            )
+            if "image_encoder_folder" in inspect.signature(pipe.load_ip_adapter).parameters:  # the UNets'
+                pipe.load_ip_adapter(
+                    folders, subfolder=[""] * len(folders), weight_name=weights, image_encoder_folder=IMAGE_ENCODER
+                )
+            else:  # FLUX.1's: the encoder by its path, in the model's dtype (its default is float16)
+                encoder = f"{folders[0]}/{IMAGE_ENCODER}"
+                pipe.load_ip_adapter(
+                    folders,
+                    weight_name=weights,
+                    image_encoder_pretrained_model_name_or_path=encoder,
+                    image_encoder_dtype=pipe.dtype,
+                )
         except Exception as exc:
             with contextlib.suppress(Exception):  # what half-loaded goes with it
                 pipe.unload_ip_adapter()
