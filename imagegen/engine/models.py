@@ -255,7 +255,7 @@ class ModelManager:
         # Loaded ControlNets by (model, name), with their weights' version, least recently used first.
         self._controlnets: OrderedDict[tuple[str, str], tuple[str, torch.nn.Module]] = OrderedDict()
         self.ip_adapters = ip_adapter_store(settings)
-        # Per model, the IP-Adapters loaded into its UNet (diffusers holds one set), with their versions.
+        # Per model, the IP-Adapters loaded into its attention (diffusers holds one set), with their versions.
         self._references: dict[str, tuple[tuple[str, str], ...]] = {}
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
         self._adapters: dict[str, OrderedDict[str, str]] = {}
@@ -458,9 +458,9 @@ class ModelManager:
         return self._controlnets[key][1]
 
     def _show(self, model_id: str, pipe: DiffusionPipeline, names: tuple[str, ...]) -> None:
-        """Makes exactly these IP-Adapters loaded into the model's UNet, with the first one's image
-        encoder: diffusers holds one set at a time, so another set is loaded in its place (none
-        restores the model's own attention)."""
+        """Makes exactly these IP-Adapters loaded into the model's attention (its UNet's or its
+        transformer's), with the first one's image encoder: diffusers holds one set at a time, so
+        another set is loaded in its place (none restores the model's own attention)."""
         wanted = []
         for name in names:
             try:

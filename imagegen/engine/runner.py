@@ -272,9 +272,9 @@ class Engine:
         return []
 
     def _inputs(self, jobs: list[Job]) -> Inputs:
-        """Each job's stored image, mask and control maps (None for what it has not), by job id, each
-        stored input read once however many jobs share it; a job whose inputs expired before it ran
-        fails, and only it."""
+        """Each job's stored image, mask, control maps and IP-Adapter images (None for what it has
+        not), by job id, each stored input read once however many jobs share it; a job whose inputs
+        expired before it ran fails, and only it."""
         found: Inputs = {}
         read: dict[str, Image.Image] = {}
         for job in jobs:
