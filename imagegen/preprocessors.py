@@ -112,6 +112,17 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 }
 
 
+# The longest side a preprocessor works at: a long, thin image at a high resolution would otherwise
+# ask for hundreds of megapixels.
+MAX_SIDE = 4096
+
+
+def scaled(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """A size scaled so its shorter side is `resolution` pixels, its longer one at most MAX_SIDE."""
+    scale = min(resolution / min(size), MAX_SIDE / max(size))
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def runnable(name: str, field: str = "preprocessor") -> Preprocessor:
     """The preprocessor of that name; a Refusal naming `field` for one this server has not, or
     cannot run (depth and pose)."""
@@ -149,9 +160,7 @@ def preprocess(
     fitted = fit(image, size, resize_mode)
     working = fitted
     if resolution and resolution != min(size):
-        scale = resolution / min(size)
-        scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        working = fitted.resize(scaled, Image.Resampling.LANCZOS)
+        working = fitted.resize(scaled(size, resolution), Image.Resampling.LANCZOS)
     assert preprocessor.run is not None  # runnable's
     made = preprocessor.run(np.asarray(working.convert("RGB")), *values)
     result = Image.fromarray(made).convert("RGB")

@@ -560,3 +560,12 @@ def test_a_controlnet_in_one_file_loads_with_the_config_of_the_model_it_steers(c
         assert (decoded(folder.json["images"][0]) == decoded(single.json["images"][0])).all(), (
             f"{name}: the same weights"
         )
+
+
+def test_a_long_thin_image_at_a_high_resolution_is_worked_on_within_bounds(controlled):
+    strip = png_b64(Image.new("RGB", (800, 100), "white"))  # as long as MAX_UPLOAD_ASPECT allows
+    body = {"controlnet_module": "canny", "controlnet_input_images": [strip], "controlnet_processor_res": 2048}
+    answer = controlled.post("/controlnet/detect", json=body)
+    assert answer.status_code == 200, answer.json
+    made = decoded(answer.json["images"][0])
+    assert made.shape[:2] == (512, 4096), "the longer side bounded: not 16384 x 2048 pixels"

@@ -22,7 +22,7 @@ from imagegen.api import services
 from imagegen.api.a1111_protocol import A1111Model, Rule, _not, _set, refuse, review
 from imagegen.api.guard import uploads
 from imagegen.api.submission import caller, parse
-from imagegen.preprocessors import PREPROCESSORS, preprocess, runnable
+from imagegen.preprocessors import PREPROCESSORS, preprocess, runnable, scaled
 from imagegen.protocol import MAX_CONTROLS
 
 bp = Blueprint("a1111_controlnet", __name__, url_prefix="/controlnet")  # errors in A1111's shape (a1111.py)
@@ -244,9 +244,7 @@ def detect() -> dict[str, Any]:
     maps = []
     for index, image in enumerate(images):
         source = edits.as_rgb(services().generation.read_image(f"controlnet_input_images.{index}", image, caller()))
-        scale = resolution / min(source.size)
-        size = (max(1, round(source.width * scale)), max(1, round(source.height * scale)))
-        made = preprocess(source, module, size, thresholds=thresholds, where="controlnet_")  # type: ignore[arg-type]
+        made = preprocess(source, module, scaled(source.size, resolution), thresholds=thresholds, where="controlnet_")  # type: ignore[arg-type]
         buffer = io.BytesIO()
         made.save(buffer, format="PNG")
         maps.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
