@@ -122,8 +122,12 @@ def test_one_api_two_workers_survive_a_kill_9_mid_batch(tmp_path, postgres_url, 
         assert status == 202 and body["parameters"]["mode"] == "inpaint", body
         edits.append(body["id"])
     ids += edits
-    # kill a worker as soon as its batch has made its first step (50 steps: the batch is far from done)
-    victim = wait_until(lambda: next((job.worker for job in store.running() if job.step), None), every=0.005)
+    # kill a worker as soon as a batch of its has made its first step and not yet half of them (a job
+    # seen running at its last step may have ended by the time the signal lands: nothing to run again)
+    victim = wait_until(
+        lambda: next((job.worker for job in store.running() if 0 < job.step < job.params.total_steps // 2), None),
+        every=0.005,
+    )
     workers[victim].send_signal(signal.SIGKILL)
     workers[victim].wait(10)
 
