@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from imagegen.families import FAMILIES
-from imagegen.loras import SUFFIX, WEIGHTS, AdapterRejected, AdapterStore, tensor_shapes
+from imagegen.loras import SUFFIX, WEIGHTS, AdapterRejected, AdapterStore, made_for, tensor_shapes
 
 if TYPE_CHECKING:
     from config import Settings
@@ -58,10 +57,8 @@ class ControlNet:
     version: str = ""  # changes when its weights are replaced under its name (not shown)
     kind: str = "controlnet"  # or t2i-adapter
 
-    def fits(self, family: str) -> bool:
-        """Whether it is made for a model of that family, or of its base (an inpainting model
-        takes its base's ControlNets)."""
-        return FAMILIES[family].lineage == self.family
+    def fits(self, family: str | None) -> bool:
+        return made_for(self.family, family)
 
     def view(self) -> dict[str, Any]:
         return {
@@ -127,8 +124,8 @@ class IPAdapter:
     bytes: int
     version: str = ""
 
-    def fits(self, family: str) -> bool:
-        return self.family is None or FAMILIES[family].lineage == self.family
+    def fits(self, family: str | None) -> bool:
+        return made_for(self.family, family)
 
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "ip-adapter", "family": self.family, "bytes": self.bytes}

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec import AbstractFileSystem
 
-from imagegen.families import FAMILIES
-from imagegen.loras import AdapterRejected, AdapterStore, tensor_shapes
+from imagegen.loras import AdapterRejected, AdapterStore, made_for, tensor_shapes
 
 if TYPE_CHECKING:
     from config import Settings
@@ -40,7 +39,7 @@ class Embedding:
     version: str = ""  # changes when the file is replaced under its name (not shown)
 
     def fits(self, family: str | None) -> bool:
-        return self.family is None or family is None or FAMILIES[family].lineage == self.family
+        return made_for(self.family, family)
 
     def view(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "version"}

@@ -519,6 +519,22 @@ class GenerationService:
             "seed_resize_from_height": resized[1],
         }
 
+    @staticmethod
+    def _fitting(store: AdapterStore, name: str, field: str, spec: ModelSpec) -> Any:
+        """An item of a store (a LoRA, a ControlNet, an IP-Adapter) made for the model's family; a
+        refusal naming `field` for a name the store lacks, or an item made for another family."""
+        try:
+            item = store.find(name)
+        except AdapterRejected as exc:
+            raise Refusal(exc.message, field) from None
+        family = spec.family
+        if not item.fits(family.name if family else None):
+            made = f"{store.what} `{name}` is made for {item.family} models"
+            raise Refusal(
+                f"{made}, not model {spec.id} ({family.title if family else '?'})", field, details={"model": spec.id}
+            )
+        return item
+
     def _loras(
         self, choices: list[LoraChoice] | None, spec: ModelSpec
     ) -> tuple[tuple[tuple[str, float], ...], list[str]]:
@@ -535,16 +551,7 @@ class GenerationService:
         names = [choice.name for choice in choices]
         if len(set(names)) < len(names):
             raise Refusal("`loras` names an adapter twice", "loras")
-        versions = []
-        for choice in choices:
-            try:
-                lora = self.adapters.find(choice.name)
-            except AdapterRejected as exc:
-                raise Refusal(exc.message, "loras") from None
-            if not lora.fits(family.name if family else None):
-                made_for = f"adapter `{lora.name}` is made for {lora.family} models"
-                raise Refusal(f"{made_for}, not model {spec.id} ({family.name if family else '?'})", "loras")
-            versions.append(lora.version)
+        versions = [self._fitting(self.adapters, choice.name, "loras", spec).version for choice in choices]
         return tuple((choice.name, choice.weight) for choice in choices), versions
 
     def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, mode: str) -> list[str]:
@@ -564,14 +571,7 @@ class GenerationService:
         versions, kinds = [], []
         for index, unit in enumerate(units):
             field = f"control.{index}"
-            try:
-                controlnet = self.controlnets.find(unit.model)
-            except AdapterRejected as exc:
-                raise Refusal(exc.message, f"{field}.model") from None
-            if family is not None and not controlnet.fits(family.name):
-                made = f"ControlNet `{unit.model}` is made for {controlnet.family} models"
-                message = f"{made}, not model {spec.id} ({family.title})"
-                raise Refusal(message, f"{field}.model", details={"model": spec.id})
+            controlnet = self._fitting(self.controlnets, unit.model, f"{field}.model", spec)
             if unit.start >= unit.end:
                 raise Refusal(f"`{field}.start` ({unit.start}) must be before its `end` ({unit.end})", f"{field}.start")
             runnable(unit.preprocessor, f"{field}.preprocessor")
@@ -609,18 +609,10 @@ class GenerationService:
             raise Refusal(message, "ip_adapter", details={"model": spec.id})
         if len({unit.model for unit in units}) < len(units):
             raise Refusal("`ip_adapter` names an IP-Adapter twice", "ip_adapter")
-        versions = []
-        for index, unit in enumerate(units):
-            field = f"ip_adapter.{index}.model"
-            try:
-                adapter = self.ip_adapters.find(unit.model)
-            except AdapterRejected as exc:
-                raise Refusal(exc.message, field) from None
-            if family is not None and not adapter.fits(family.name):
-                message = f"IP-Adapter `{unit.model}` is made for {adapter.family} models, not model {spec.id}"
-                raise Refusal(message, field, details={"model": spec.id})
-            versions.append(adapter.version)
-        return versions
+        return [
+            self._fitting(self.ip_adapters, unit.model, f"ip_adapter.{index}.model", spec).version
+            for index, unit in enumerate(units)
+        ]
 
     def _references(
         self, request: GenerateRequest, caller: Caller

@@ -67,6 +67,12 @@ def pickle_refusal(file: str) -> str:
     )
 
 
+def made_for(lineage: str | None, family: str | None) -> bool:
+    """Whether a file made for a family lineage fits a model of that family, or of its base (an
+    inpainting model takes its base's); unknown either way: let the load tell."""
+    return lineage is None or family is None or FAMILIES[family].lineage == lineage
+
+
 class AdapterRejected(Refusal):
     """A file that is not a LoRA this server reads, or a name that is not one's."""
 
@@ -92,9 +98,7 @@ class Lora:
     version: str = ""  # changes when the file is replaced under its name (not shown)
 
     def fits(self, family: str | None) -> bool:
-        """Whether it is made for a model of that family, or of its base (an inpainting model takes
-        its base's adapters; unknown either way: let the load tell)."""
-        return self.family is None or family is None or FAMILIES[family].lineage == self.family
+        return made_for(self.family, family)
 
     def view(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if key != "version"}
