@@ -565,8 +565,8 @@ class GenerationService:
             raise Refusal(
                 f"model {spec.id} ({family.title}) takes no ControlNet", "control", details={"model": spec.id}
             )
-        if family is not None and mode not in (family.control_modes or family.modes):
-            only = ", ".join(family.control_modes or ())
+        if family is not None and family.control_modes and mode not in family.control_modes:
+            only = ", ".join(family.control_modes)  # a mode the family lacks altogether is the edit's to refuse
             raise Refusal(f"model {spec.id} ({family.title}) takes ControlNets in {only} only", "control")
         versions, kinds = [], []
         for index, unit in enumerate(units):

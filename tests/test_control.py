@@ -569,3 +569,15 @@ def test_a_long_thin_image_at_a_high_resolution_is_worked_on_within_bounds(contr
     assert answer.status_code == 200, answer.json
     made = decoded(answer.json["images"][0])
     assert made.shape[:2] == (512, 4096), "the longer side bounded: not 16384 x 2048 pixels"
+
+
+def test_an_inpainting_model_refuses_text_to_image_with_control_as_it_does_without(
+    app_factory, tmp_path, tiny_models, controlnets
+):
+    catalogue = catalogue_file(
+        tmp_path, {"sd-inpaint": {"source": str(tiny_models / "sd-inpaint"), "default_width": 64}}
+    )
+    client = app_factory(model_id="sd-inpaint", models=catalogue, controlnet_dir=controlnets).test_client()
+    wait_ready(client)
+    answer = generate(client, model="sd-inpaint", control=[unit()])
+    assert answer.status_code == 400 and "only inpaints" in answer.json["error"]["message"], answer.json
