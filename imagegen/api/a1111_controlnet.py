@@ -142,13 +142,13 @@ def control_units(scripts: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any
         module = MODULES.get(unit.module, unit.module)
         if unit.resize_mode not in RESIZE_MODES:
             raise refuse(f"{where}.resize_mode", f"`{where}.resize_mode` must be one of {', '.join(RESIZE_MODES)}")
-        image = unit.image.get("image") if isinstance(unit.image, dict) else unit.image
+        image = (unit.image.get("image") if isinstance(unit.image, dict) else unit.image) or unit.input_image or None
         model = match["name"] if (match := HASHED.match(unit.model)) else unit.model
         if unit.module.startswith("ip-adapter"):  # the adapter brings its own image encoder
             if (unit.guidance_start, unit.guidance_end) != (0, 1):
                 message = f"`{where}.guidance_start`: an IP-Adapter acts in every step here (0 to 1)"
                 raise refuse(f"{where}.guidance_start", message)
-            references.append({"model": model, "image": image or unit.input_image or None, "scale": unit.weight})
+            references.append({"model": model, "image": image, "scale": unit.weight})
             continue
         resolution = (
             None if unit.pixel_perfect else unit.processor_res if unit.processor_res > 0 else DEFAULT_RESOLUTION
@@ -156,7 +156,7 @@ def control_units(scripts: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any
         control.append(
             {
                 "model": model,
-                "image": image or unit.input_image or None,
+                "image": image,
                 "weight": unit.weight,
                 "start": unit.guidance_start,
                 "end": unit.guidance_end,
@@ -192,10 +192,9 @@ def model_list() -> dict[str, list[str]]:
 def module_list() -> dict[str, Any]:
     """The modules that run here (depth and pose need models this server has not), each with its
     sliders as the extension describes them."""
-    names = [name for name, ours in MODULES.items() if PREPROCESSORS[ours].run is not None and "(" not in name]
-    names += IP_ADAPTER_MODULES
+    runs = [name for name, ours in MODULES.items() if PREPROCESSORS[ours].run is not None and "(" not in name]
     detail = {}
-    for name in names[: -len(IP_ADAPTER_MODULES)]:
+    for name in runs:
         preprocessor = PREPROCESSORS[MODULES[name]]
         sliders: list[dict[str, Any]] = [
             {"name": "Preprocessor Resolution", "value": DEFAULT_RESOLUTION, "min": 64, "max": 2048}
@@ -206,7 +205,7 @@ def module_list() -> dict[str, Any]:
         ]
         detail[name] = {"model_free": name == "none", "sliders": sliders if name != "none" else []}
     detail.update({name: {"model_free": False, "sliders": []} for name in IP_ADAPTER_MODULES})
-    return {"module_list": names, "module_detail": detail}
+    return {"module_list": runs + IP_ADAPTER_MODULES, "module_detail": detail}
 
 
 @bp.get("/settings")
