@@ -435,16 +435,17 @@ class ModelManager:
         and on its device, the MAX_LOADED_CONTROLNETS most recent kept."""
         key = (model_id, name)
         try:
-            described = self.controlnets.find(name)
             path, version = self.controlnets.local_file(name)
+            loaded = key in self._controlnets and self._controlnets[key][0] == version
+            architecture = None if loaded else self.controlnets.find(name).architecture  # read only to load
         except (AdapterRejected, FileNotFoundError):
             raise AdapterFailed(f"ControlNet `{name}` is no longer in CONTROLNET_DIR") from None
-        if key not in self._controlnets or self._controlnets[key][0] != version:
+        if not loaded:
             try:
                 if path.is_file():
                     network = single_file_controlnet(path, pipe.unet, pipe.dtype)
                 else:
-                    network = getattr(diffusers, described.architecture).from_pretrained(path, dtype=pipe.dtype)
+                    network = getattr(diffusers, architecture).from_pretrained(path, dtype=pipe.dtype)
             except (OSError, RuntimeError, ValueError) as exc:  # weights that do not match their config
                 raise AdapterFailed(f"ControlNet `{name}` could not be loaded", str(exc)) from exc
             self._controlnets[key] = (version, network.to(self.device))
