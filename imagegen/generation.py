@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import re
 import secrets
 from collections.abc import Callable
@@ -96,6 +95,7 @@ class Edit:
     image: tuple[str, bytes]
     mask: tuple[str, bytes] | None
     size: tuple[int, int]
+    picture: Image.Image | None = None  # the image itself, which a ControlNet without an image of its own reads
 
 
 @dataclass(frozen=True)
@@ -633,8 +633,8 @@ class GenerationService:
         control, maps = [], []
         for index, unit in enumerate(request.control or []):
             field = f"control.{index}"
-            if unit.image is None and edit is not None:
-                source = Image.open(io.BytesIO(edit.image[1]))
+            if unit.image is None and edit is not None and edit.picture is not None:
+                source = edit.picture
             else:
                 source = edits.as_rgb(self.read_image(f"{field}.image", unit.image, caller))
             thresholds = (unit.threshold_a, unit.threshold_b)
@@ -699,7 +699,7 @@ class GenerationService:
                 edits.check_mask(mask, size)  # a speck of a mask can vanish when scaled down
             image = edits.fit(image, size, request.resize_mode)
         strength = request.strength or edits.DEFAULT_STRENGTH[mode]
-        return Edit(mode, strength, input_png(image), input_png(mask) if mask else None, image.size)
+        return Edit(mode, strength, input_png(image), input_png(mask) if mask else None, image.size, image)
 
     def read_image(self, field: str, value: str | bytes | Image.Image, caller: Caller) -> Image.Image:
         """The image a field gives (file bytes, base64, a data URL, or the name or URL of an image this
