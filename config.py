@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     max_loaded_controlnets: int = Field(4, ge=1, le=64)
     # IP-Adapters (each a folder with its image encoder) in a folder or an fsspec URL a cluster shares
     ipadapter_dir: str = "models/ip-adapters"
+    # The networks of the depth and pose preprocessors (transformers folders `depth/`, `pose/`)
+    preprocessor_dir: str = "models/preprocessors"
     # AUTOMATIC1111's prompt syntax ((word:1.3), [word], BREAK) for the CLIP families, or "none": plain text
     prompt_syntax: Literal["a1111", "none"] = "a1111"
     # A1111's styles.csv (name, prompt with {prompt}, negative_prompt): a path or an fsspec URL; empty: none
@@ -287,6 +289,7 @@ class Settings(BaseSettings):
         "upscaler_dir",
         "controlnet_dir",
         "ipadapter_dir",
+        "preprocessor_dir",
         "models",
         mode="before",
     )

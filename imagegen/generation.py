@@ -40,11 +40,12 @@ from imagegen.edits import InputRejected
 from imagegen.embeddings import named
 from imagegen.jobs import Control, GenerationParams, Job, JobStore, Reference
 from imagegen.loras import AdapterRejected, AdapterStore
-from imagegen.preprocessors import preprocess, runnable
+from imagegen.preprocessors import preprocess, runnable, scaled
 from imagegen.prompt_syntax import parse, weighted
 from imagegen.protocol import (
     MAX_SEED,
     ControlChoice,
+    DetectRequest,
     GenerateRequest,
     Hires,
     LoraChoice,
@@ -119,6 +120,23 @@ class Submitted:
     cached: bool = False
 
 
+def _image_job(model: str, size: tuple[int, int], **fields: Any) -> GenerationParams:
+    """The parameters of a job that only works on an image (an upscale, a control map): one image
+    of that size, its generation's fields at their defaults, drawing no noise."""
+    return GenerationParams(
+        prompt="",
+        negative_prompt="",
+        width=size[0],
+        height=size[1],
+        steps=1,
+        guidance_scale=0.0,
+        seeds=(0,),
+        scheduler=DEFAULT_SCHEDULER,
+        model=model,
+        **fields,
+    )
+
+
 def _seeds(seed: int | None, count: int) -> tuple[int, ...]:
     """The request's seeds: consecutive from its own, or drawn."""
     if seed is None:
@@ -138,6 +156,7 @@ class GenerationService:
         upscalers: AdapterStore,
         controlnets: AdapterStore,
         ip_adapters: AdapterStore,
+        networks: AdapterStore,
         images: ImageStore,
         jobs: JobStore,
         queue: JobQueue,
@@ -147,7 +166,7 @@ class GenerationService:
     ) -> None:
         self._settings, self._catalogue = settings, catalogue
         self.styles, self.embeddings, self.upscalers = styles, embeddings, upscalers
-        self.controlnets, self.ip_adapters = controlnets, ip_adapters
+        self.controlnets, self.ip_adapters, self.networks = controlnets, ip_adapters, networks
         self.adapters, self.images, self.jobs, self.queue = adapters, images, jobs, queue
         self.budget, self.readiness = budget, readiness
         # Uploads decode here, at most as many at once as the threads that may be held for long.
@@ -198,16 +217,9 @@ class GenerationService:
         field = "scale" if request.scale or not (request.width or request.height) else "width"
         self._within(size, field)
         encoded = input_png(image)
-        params = GenerationParams(
-            prompt="",
-            negative_prompt="",
-            width=size[0],
-            height=size[1],
-            steps=1,
-            guidance_scale=0.0,
-            seeds=(0,),
-            scheduler=DEFAULT_SCHEDULER,
-            model=model,
+        params = _image_job(
+            model,
+            size,
             mode="upscale",
             image=encoded[0],
             upscaler=upscaler,
@@ -218,6 +230,24 @@ class GenerationService:
         plan = Plan(params, Edit("upscale", 1.0, encoded, None, size), None, request.callback_url)
         cost = self.budget.check(settings.rate_limit_cost, params, caller.owner)
         return Submitted(self._enqueue(plan, caller, cost))
+
+    def submit_detect(self, request: DetectRequest, caller: Caller) -> Submitted:
+        """A control map made as a job (the depth and pose networks run where the workers are, and
+        a cluster's API has no torch), checked as a unit's is: its preprocessor served, its
+        thresholds in range, the default model's queue and the caller's room in it, its image
+        decoded and fitted to the working size; the worker's map is the job's image."""
+        model = self._settings().model_id
+        runnable(request.preprocessor, "preprocessor", networks := self.served_networks())
+        self._capacity(model, caller)
+        image = edits.as_rgb(self.read_image("image", request.image, caller))
+        size = scaled(image.size, request.resolution)
+        thresholds = (request.threshold_a, request.threshold_b)
+        working = preprocess(image, request.preprocessor, size, networks, thresholds=thresholds)
+        encoded = input_png(working)
+        control = (Control("", encoded[0], preprocessor=request.preprocessor),)
+        params = _image_job(model, size, mode="detect", control=control)
+        cost = self.budget.check(self._settings().rate_limit_cost, params, caller.owner)
+        return Submitted(self._enqueue(Plan(params, None, None, None, (encoded,)), caller, cost))
 
     def _upscaler(self, field: str, name: str, latent: bool) -> None:
         """An upscaler of GET /upscalers (a latent mode only where `latent`: hires fix)."""
@@ -292,7 +322,8 @@ class GenerationService:
         # the mode's kind, before the edit's images are read (which tell variation from image-to-image)
         masked = request.mask is not None or request.outpaint is not None
         kind = "txt2img" if request.image is None else "inpaint" if masked else "img2img"
-        versions += self._controlnets(request.control or [], spec, kind)
+        networks = self.served_networks() if request.control else set()
+        versions += self._controlnets(request.control or [], spec, kind, networks)
         versions += self._ip_adapters(request.ip_adapter or [], spec)
         if request.callback_url:
             check_callback_url(request.callback_url, settings)
@@ -311,7 +342,7 @@ class GenerationService:
                 editing["mask"] = edit.mask[0]
                 editing.update(mask_blur=request.mask_blur, mask_crop_padding=request.mask_crop_padding)
         hires = self._hires(request.hires, spec, steps, size, mode, caller)
-        control, maps = self._control_maps(request, size, edit, caller)
+        control, maps = self._control_maps(request, size, edit, caller, networks)
         references, shown = self._references(request, caller)
         if request.tiling and (spec.family is None or not spec.family.tiling):
             title = spec.family.title if spec.family else "an unknown family"
@@ -554,10 +585,15 @@ class GenerationService:
         versions = [self._fitting(self.adapters, choice.name, "loras", spec).version for choice in choices]
         return tuple((choice.name, choice.weight) for choice in choices), versions
 
-    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, mode: str) -> list[str]:
+    def served_networks(self) -> set[str]:
+        """The network preprocessors PREPROCESSOR_DIR serves (depth, pose), by name."""
+        return {network.name for network in self.networks.listing()}
+
+    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, mode: str, networks: set[str]) -> list[str]:
         """The cheap half of a request's control, before any image is decoded: each ControlNet in
         CONTROLNET_DIR and made for the model's family, its steps a span, its preprocessor one
-        that runs here, and an image for each (or an edit's own); their versions, for the cache."""
+        that runs here, and an image for each (or an edit's own); their versions (and their
+        network preprocessors'), for the cache."""
         if not units:
             return []
         family = spec.family
@@ -574,7 +610,8 @@ class GenerationService:
             controlnet = self._fitting(self.controlnets, unit.model, f"{field}.model", spec)
             if unit.start >= unit.end:
                 raise Refusal(f"`{field}.start` ({unit.start}) must be before its `end` ({unit.end})", f"{field}.start")
-            runnable(unit.preprocessor, f"{field}.preprocessor")
+            if runnable(unit.preprocessor, f"{field}.preprocessor", networks).run is None:
+                versions.append(self.networks.find(unit.preprocessor).version)
             if unit.image is None and mode == "txt2img":
                 message = f"`{field}.image` is required: text-to-image has no image of its own to steer by"
                 raise Refusal(message, f"{field}.image")
@@ -626,10 +663,11 @@ class GenerationService:
         return tuple(references), tuple(shown)
 
     def _control_maps(
-        self, request: GenerateRequest, size: tuple[int, int], edit: Edit | None, caller: Caller
+        self, request: GenerateRequest, size: tuple[int, int], edit: Edit | None, caller: Caller, networks: set[str]
     ) -> tuple[tuple[Control, ...], tuple[tuple[str, bytes], ...]]:
         """Each ControlNet's map at the output size: its image (or the edit's) decoded and
-        preprocessed, then encoded and named as an input (stored with the job)."""
+        preprocessed (for a network, fitted for the worker to map), then encoded and named as an
+        input (stored with the job)."""
         control, maps = [], []
         for index, unit in enumerate(request.control or []):
             field = f"control.{index}"
@@ -642,6 +680,7 @@ class GenerationService:
                 source,
                 unit.preprocessor,
                 size,
+                networks,
                 unit.resize_mode or request.resize_mode,
                 unit.resolution,
                 thresholds,

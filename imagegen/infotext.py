@@ -61,6 +61,8 @@ def write(params: GenerationParams, index: int) -> str:
             "Version": f"imagegen {__version__}",
         }
         return ", ".join(f"{key}: {quoted(value)}" for key, value in upscalers.items() if value is not None)
+    if params.mode == "detect":  # a control map: what made it
+        return f"Module: {params.control[0].preprocessor}, Version: imagegen {__version__}"
     tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in params.loras)
     hires = params.hires_width > 0
     pairs: dict[str, Any] = {

@@ -61,14 +61,15 @@ OPTIONAL_FIELDS = (*EDIT_FIELDS, *UPSCALE_FIELDS, *HIRES_FIELDS, "upscaler")
 
 class Control(NamedTuple):
     """One ControlNet of a job: its name, its control map (preprocessed and stored before the job
-    was accepted, at the output size), its weight, and the share of the steps it acts in."""
+    was accepted, at the output size; for a network preprocessor, the image it maps, which the
+    worker maps), its weight, and the share of the steps it acts in."""
 
     model: str
     image: str
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    preprocessor: str = "none"  # what made the map, for the record
+    preprocessor: str = "none"  # what made the map (a network's is made by the worker)
 
 
 class Reference(NamedTuple):
@@ -93,7 +94,7 @@ class GenerationParams:
     scheduler: str
     model: str
     prompt_2: str = ""  # for the second text encoder of the families that have one (families.py)
-    mode: str = "txt2img"  # or img2img, variation, inpaint, outpaint (families.Family.modes)
+    mode: str = "txt2img"  # or img2img, variation, inpaint, outpaint (families.Family.modes), upscale, detect
     image: str = ""  # an edit's image, stored before the job was accepted (ImageStore.save_input)
     mask: str = ""  # an inpainting's or outpainting's mask (white = repaint), stored the same way
     strength: float = 1.0  # how far an edit departs from its image (1: repainted from noise)
@@ -202,7 +203,7 @@ class GenerationParams:
             "ip_adapter": [reference._asdict() for reference in self.ip_adapter],
         }
         hidden = {
-            *(EDIT_FIELDS if self.mode == "txt2img" else ()),
+            *(EDIT_FIELDS if self.mode in ("txt2img", "detect") else ()),
             *(UPSCALE_FIELDS if self.mode != "upscale" else ()),
             *(HIRES_FIELDS if not self.hires_width else ()),
             *(("upscaler",) if self.mode != "upscale" and not self.hires_width else ()),

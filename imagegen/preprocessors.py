@@ -1,24 +1,34 @@
 """Control preprocessors: an image made into the map a ControlNet reads (white lines on black),
-offline, with OpenCV and no model files, as sd-webui-controlnet's model-free ones are.
+offline: with OpenCV and no model files, as sd-webui-controlnet's model-free ones are, or (depth
+and pose) by a network in PREPROCESSOR_DIR.
 
-Why here and not in the engine: a request's control image is preprocessed when the request is
-checked, before it is queued (a bad image is a 400 naming its field, and a worker reads a finished
-map), and the same code answers POST /controlnet/detect, which shows a user the map first. Depth and
-pose need networks of their own; they are listed, with that said, and refused.
+Why the model-free ones here and not in the engine: a request's control image is preprocessed when
+the request is checked, before it is queued (a bad image is a 400 naming its field, and a worker
+reads a finished map), and the same code answers POST /controlnet/detect, which shows a user the
+map first. A network needs torch, which a cluster's API has not: for depth and pose the request
+stores the image fitted to the working size, and the worker makes the map (engine/annotators.py).
+Each is served by the transformers folder of its name in PREPROCESSOR_DIR (`depth/`: Depth Anything,
+DPT or another depth-estimation model; `pose/`: ViTPose), and listed as needing one without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from fsspec import AbstractFileSystem
 from PIL import Image
 
 from imagegen.edits import fit
+from imagegen.loras import SUFFIX, AdapterRejected, AdapterStore
 from imagegen.refusals import Refusal
+
+if TYPE_CHECKING:
+    from config import Settings
 
 
 @dataclass(frozen=True)
@@ -73,21 +83,33 @@ def _invert(pixels: np.ndarray, _a: float, _b: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """One preprocessor: what it makes, its thresholds, and its function (None: it needs a model
-    file this server does not have, and is refused)."""
+    """One preprocessor: what it makes, its thresholds, and its function (None: a network, run by
+    the worker where PREPROCESSOR_DIR has its folder)."""
 
     name: str
     description: str
     run: Callable[[np.ndarray, float, float], np.ndarray] | None
     thresholds: tuple[Threshold, ...] = ()
 
-    def view(self) -> dict[str, Any]:
+    def runs(self, networks: Collection[str]) -> bool:
+        """Whether it runs here: a model-free one always, a network where `networks` (the
+        folders of PREPROCESSOR_DIR) has it."""
+        return self.run is not None or self.name in networks
+
+    def view(self, networks: Collection[str]) -> dict[str, Any]:
         return {
             "name": self.name,
-            "description": self.description,
-            "available": self.run is not None,
+            "description": self.description if self.runs(networks) else f"{self.description}: {self.needs}",
+            "available": self.runs(networks),
+            "model_free": self.run is not None,
             "thresholds": [vars(threshold) for threshold in self.thresholds],
         }
+
+    @property
+    def needs(self) -> str:
+        """What a network preprocessor lacks where it is not served."""
+        kind = NETWORKS[self.name][0]
+        return f"needs a {kind} model, a transformers folder `{self.name}/` in PREPROCESSOR_DIR"
 
 
 PREPROCESSORS: dict[str, Preprocessor] = {
@@ -106,10 +128,66 @@ PREPROCESSORS: dict[str, Preprocessor] = {
         ),
         Preprocessor("lineart", "soft lines from edges", _lineart),
         Preprocessor("invert", "black on white made white on black", _invert),
-        Preprocessor("depth", "a depth map: needs a depth model, which this server does not have", None),
-        Preprocessor("pose", "an OpenPose skeleton: needs a pose model, which this server does not have", None),
+        Preprocessor("depth", "a depth map (near is light)", None),
+        Preprocessor("pose", "an OpenPose skeleton of the person the image shows", None),
     )
 }
+
+# The network preprocessors: what each folder must hold (its model kind, and the architectures
+# transformers names in its config.json that make one).
+NETWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "depth": ("depth-estimation", ("ForDepthEstimation",)),
+    "pose": ("pose-estimation (ViTPose)", ("VitPoseForPoseEstimation",)),
+}
+# The weights file a transformers folder is versioned by (save_pretrained's name).
+NETWORK_WEIGHTS = "model.safetensors"
+
+
+class PreprocessorRejected(AdapterRejected):
+    """A folder of PREPROCESSOR_DIR that is not the network its name says."""
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network preprocessor's folder, as its config describes it."""
+
+    name: str
+    architecture: str
+    bytes: int
+    version: str = ""
+
+    def view(self) -> dict[str, Any]:
+        return {"name": self.name, "architecture": self.architecture, "bytes": self.bytes}
+
+
+def read_network(fs: AbstractFileSystem, path: str, size: int, name: str, version: str = "") -> Network:
+    """The network a folder of PREPROCESSOR_DIR holds, from its config.json; PreprocessorRejected
+    for a folder not named after a network preprocessor, or holding another kind of model."""
+    if name not in NETWORKS or path.endswith(SUFFIX):
+        raise PreprocessorRejected(f"{name}: PREPROCESSOR_DIR serves the folders {', '.join(NETWORKS)}")
+    kind, marks = NETWORKS[name]
+    try:
+        config = json.loads(fs.cat_file(f"{path}/config.json"))
+        architecture = str(config["architectures"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise PreprocessorRejected(f"{name}: its config.json is missing or names no architecture") from None
+    if not architecture.endswith(marks):
+        raise PreprocessorRejected(f"{name}/ holds a {architecture}, not a {kind} model")
+    return Network(name, architecture, size, version)
+
+
+def network_store(settings: Settings) -> AdapterStore:
+    """PREPROCESSOR_DIR's folders, listed, checked and copied as ControlNets are."""
+    return AdapterStore(
+        settings.preprocessor_dir,
+        settings.data_dir / "preprocessor-cache",
+        settings.s3_endpoint_url,
+        read=read_network,
+        what="preprocessor model",
+        where="PREPROCESSOR_DIR",
+        listed="GET /controlnets",
+        folders=NETWORK_WEIGHTS,
+    )
 
 
 # The longest side a preprocessor works at: a long, thin image at a high resolution would otherwise
@@ -123,13 +201,13 @@ def scaled(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def runnable(name: str, field: str = "preprocessor") -> Preprocessor:
-    """The preprocessor of that name; a Refusal naming `field` for one this server has not, or
-    cannot run (depth and pose)."""
+def runnable(name: str, field: str, networks: Collection[str]) -> Preprocessor:
+    """The preprocessor of that name; a Refusal naming `field` for one this server has not, or a
+    network whose folder `networks` (PREPROCESSOR_DIR's) lacks."""
     preprocessor = PREPROCESSORS.get(name)
-    if preprocessor is None or preprocessor.run is None:
-        served = ", ".join(p for p, each in PREPROCESSORS.items() if each.run is not None)
-        why = preprocessor.description if preprocessor else "no such preprocessor"
+    if preprocessor is None or not preprocessor.runs(networks):
+        served = ", ".join(p for p, each in PREPROCESSORS.items() if each.runs(networks))
+        why = preprocessor.needs if preprocessor else "no such preprocessor"
         raise Refusal(f"`{field}` {name!r}: {why}; these run here: {served}", field)
     return preprocessor
 
@@ -138,16 +216,18 @@ def preprocess(
     image: Image.Image,
     name: str,
     size: tuple[int, int],
+    networks: Collection[str],
     resize_mode: str = "resize",
     resolution: int | None = None,
     thresholds: tuple[float | None, float | None] = (None, None),
     where: str = "",
 ) -> Image.Image:
     """The control map of an RGB image at `size` (fitted by `resize_mode` first): the preprocessor
-    run at `resolution` pixels on the shorter side (None: at `size` itself), then scaled to `size`.
+    run at `resolution` pixels on the shorter side (None: at `size` itself), then scaled to `size`;
+    for a network, the image fitted and scaled to that working size, for the worker to map.
     A Refusal for a preprocessor this server has not, or a threshold out of range, naming the
     field (`preprocessor`, `threshold_a`, `threshold_b`) after the prefix `where`."""
-    preprocessor = runnable(name, f"{where}preprocessor")
+    preprocessor = runnable(name, f"{where}preprocessor", networks)
     values = [0.0, 0.0]
     for index, threshold in enumerate(preprocessor.thresholds):
         value = threshold.default if thresholds[index] is None else thresholds[index]
@@ -161,7 +241,8 @@ def preprocess(
     working = fitted
     if resolution and resolution != min(size):
         working = fitted.resize(scaled(size, resolution), Image.Resampling.LANCZOS)
-    assert preprocessor.run is not None  # runnable's
+    if preprocessor.run is None:
+        return working.convert("RGB")
     made = preprocessor.run(np.asarray(working.convert("RGB")), *values)
     result = Image.fromarray(made).convert("RGB")
     return result if result.size == size else result.resize(size, Image.Resampling.BILINEAR)

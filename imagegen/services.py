@@ -29,6 +29,7 @@ from imagegen.logs import quiet_libraries
 from imagegen.loras import AdapterStore
 from imagegen.maintenance import Maintenance
 from imagegen.monitoring import Alerts, AppFigures, Monitor, system_status
+from imagegen.preprocessors import network_store
 from imagegen.queues import JobQueue, NotReady
 from imagegen.runtime import LiveSettings
 from imagegen.screening import CostBudget
@@ -59,6 +60,7 @@ class Services:
     upscalers: AdapterStore
     controlnets: AdapterStore
     ip_adapters: AdapterStore
+    networks: AdapterStore
     queue: JobQueue
     monitor: Monitor
     webhooks: WebhookSender
@@ -76,6 +78,7 @@ class Services:
             self.upscalers,
             self.controlnets,
             self.ip_adapters,
+            self.networks,
             self.images,
             self.jobs,
             self.queue,
@@ -220,7 +223,8 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
             exclusive=True,  # the only engine on its jobs: it takes over any an earlier process left
         )
         queue = LocalQueue(engine, claim)
-    stores = (adapters, embeddings, upscaler_store(settings), controlnet_store(settings), ip_adapter_store(settings))
+    controls = (controlnet_store(settings), ip_adapter_store(settings), network_store(settings))
+    stores = (adapters, embeddings, upscaler_store(settings), *controls)
     services = Services(live, access, jobs, images, *stores, queue, monitor, webhooks, Alerts(settings))
     monitor.registry.register(AppFigures(queue, images))
     return services

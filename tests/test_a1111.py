@@ -109,7 +109,8 @@ def test_samplers_and_schedules_by_a1111s_names(a1111):
     # DPM++ SDE's Brownian noise follows each image's seed: repeatable, alone or in a batch
     sde = txt2img(a1111, sampler_name="DPM++ SDE", batch_size=2)
     again = txt2img(a1111, sampler_name="DPM++ SDE", seed=12)
-    assert pixels(sde["images"][1]).tolist() == pixels(again["images"][0]).tolist()
+    # (a batch's arithmetic may round a pixel by one level; other noise is another image)
+    assert np.abs(pixels(sde["images"][1]) - pixels(again["images"][0])).max() <= 2
     assert plms["info"]["sampler_name"] == "PLMS"
     split = txt2img(a1111, sampler_name="DPM++ 2M", scheduler="Karras")
     combined = txt2img(a1111, sampler_name="DPM++ 2M Karras")  # the old combined title

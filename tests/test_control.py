@@ -153,7 +153,8 @@ def test_controlnets_lists_the_folders_it_can_serve_with_their_family_and_the_pr
         100,
         200,
     ]
-    assert not preprocessors["depth"]["available"] and "needs a depth model" in preprocessors["depth"]["description"]
+    depth = preprocessors["depth"]
+    assert not depth["available"] and "needs a depth-estimation model" in depth["description"]
 
 
 def test_a_file_or_a_folder_of_something_else_is_refused_with_what_it_is(controlnets):
@@ -242,7 +243,7 @@ def test_jobs_with_the_same_controlnets_batch_together_each_with_its_own_map(con
         ([unit(model="tiny-xl")], "control.0.model", "made for sdxl models"),
         ([unit(image="bm90IGFuIGltYWdl")], "control.0.image", ""),
         ([unit(start=0.6, end=0.5)], "control.0.start", "before its `end`"),
-        ([unit(preprocessor="depth")], "control.0.preprocessor", "needs a depth model"),
+        ([unit(preprocessor="depth")], "control.0.preprocessor", "needs a depth-estimation model"),
         ([unit(preprocessor="sketch")], "control.0.preprocessor", "no such preprocessor"),
         ([unit(preprocessor="canny", threshold_a=300)], "control.0.threshold_a", "between 1 and 255"),
         ([unit(image=None)], "control.0.image", "text-to-image has no image"),
@@ -274,15 +275,15 @@ def test_preprocessors_make_white_lines_on_black_from_a_drawing():
     drawing = Image.new("RGB", (64, 64), "white")
     ImageDraw.Draw(drawing).ellipse((16, 16, 48, 48), fill="red")
     for name in ("canny", "scribble", "lineart"):
-        lines = np.asarray(preprocess(drawing, name, (64, 64)))[..., 0]
+        lines = np.asarray(preprocess(drawing, name, (64, 64), ()))[..., 0]
         assert lines[2, 2] == 0 and lines[32, 32] < 128, f"{name}: no line far from the edge"
         ring = [lines[32, x] for x in range(12, 21)] + [lines[32, x] for x in range(44, 53)]
         assert max(ring) > 128, f"{name}: a line at the circle's edge"
     sketch = Image.new("RGB", (64, 64), "white")
     ImageDraw.Draw(sketch).line((0, 32, 63, 32), fill="black", width=2)
-    inverted = np.asarray(preprocess(sketch, "invert", (64, 64)))
+    inverted = np.asarray(preprocess(sketch, "invert", (64, 64), ()))
     assert inverted[32, 10].tolist() == [255, 255, 255] and inverted[5, 5].tolist() == [0, 0, 0]
-    bigger = preprocess(drawing, "canny", (128, 96), resolution=64)
+    bigger = preprocess(drawing, "canny", (128, 96), (), resolution=64)
     assert bigger.size == (128, 96), "run at 64 px on the shorter side, then scaled to the output"
 
 
@@ -298,7 +299,7 @@ def test_detect_makes_maps_as_sd_webui_controlnet_answers(controlled):
     webui_shape = {"controlnet_module": "invert (from white bg & black line)", "controlnet_images": [png_b64(drawing)]}
     assert decoded(controlled.post("/controlnet/detect", json=webui_shape).json["images"][0]).shape == (512, 512, 3)
     refused = controlled.post("/controlnet/detect", json={**body, "controlnet_module": "depth_midas"})
-    assert refused.status_code == 422 and "needs a depth model" in refused.json["errors"]
+    assert refused.status_code == 422 and "needs a depth-estimation model" in refused.json["errors"]
     assert refused.json["detail"][0]["loc"] == ["body", "controlnet_module"]
 
 
@@ -493,6 +494,14 @@ def test_a1111_ip_adapter_units_show_the_unit_image_or_the_init_image(shown):
     assert early.status_code == 422 and "acts in every step" in early.json["errors"]
 
 
+def xlabs_name(key: str) -> str:
+    """A FLUX.1 IP-Adapter tensor's name in XLabs' files (XLabs-AI/flux-ip-adapter), from diffusers'."""
+    if key.startswith("image_proj."):
+        return key.replace("image_proj.", "ip_adapter_proj_model.", 1)
+    _prefix, block, projection, rest = key.split(".", 3)
+    return f"double_blocks.{block}.processor.ip_adapter_double_stream_{projection[3]}_proj.{rest}"
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux-schnell", "flux-dev", "sd3"])
 def test_each_family_with_controlnets_is_steered_by_its_tiny_one(app_factory, tmp_path, tiny_models, family):
     """ControlNets for SD and SDXL (a UNet's encoder) and for SD3 and FLUX.1 (a transformer block);
@@ -521,6 +530,14 @@ def test_each_family_with_controlnets_is_steered_by_its_tiny_one(app_factory, tm
         lent = generate(client, model=family, ip_adapter=[{"model": "look", "image": RED}])
         assert lent.status_code == 200, lent.json
         assert (decoded(plain.json["images"][0]) != decoded(lent.json["images"][0])).any()
+    if family.startswith("flux"):  # XLabs' names for the same tensors: the same IP-Adapter
+        xlabs = tmp_path / "ip-adapters" / "xlabs"
+        shutil.copytree(tmp_path / "ip-adapters" / "look", xlabs)
+        tensors = load_file(str(xlabs / IP_ADAPTER_WEIGHTS))
+        save_file({xlabs_name(key): value for key, value in tensors.items()}, str(xlabs / IP_ADAPTER_WEIGHTS))
+        again = generate(client, model=family, ip_adapter=[{"model": "xlabs", "image": RED}])
+        assert again.status_code == 200, again.json
+        assert (decoded(again.json["images"][0]) == decoded(lent.json["images"][0])).all()
     if hasattr(pipe, "unet"):
         adapted = generate(client, model=family, control=[unit(model="adapter")])
         assert adapted.status_code == 200, adapted.json

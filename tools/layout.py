@@ -65,6 +65,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "engine/prompts.py",
         "engine/noise.py",
         "engine/upscaling.py",
+        "engine/annotators.py",
     ),
     "Models (no torch: a cluster's API reads them too)": (
         "families.py",

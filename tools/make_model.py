@@ -17,7 +17,9 @@ encoder shares one word-level tokenizer built here, so nothing is downloaded.
 A ControlNet (SD, SDXL) is built from its model's UNet as diffusers builds a new one
 (`ControlNetModel.from_unet`), but with its zero convolutions random, so that it steers at once;
 an IP-Adapter (`--ip-adapter DIR`) in h94/IP-Adapter's layout, with a tiny CLIP image encoder; a
-T2I-Adapter (`--t2i-adapter DIR`) with a level per level of the UNet's encoder.
+T2I-Adapter (`--t2i-adapter DIR`) with a level per level of the UNet's encoder. The depth and
+pose preprocessors' networks (`--preprocessors DIR`: DIR/depth, a Depth Anything; DIR/pose, a
+ViTPose) are tiny transformers models with their image processors, for any family.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
+    DPTImageProcessorPil,
     Gemma2Config,
     Gemma2Model,
     PreTrainedTokenizerFast,
@@ -68,6 +74,10 @@ from transformers import (
     Qwen3Model,
     T5Config,
     T5EncoderModel,
+    VitPoseBackboneConfig,
+    VitPoseConfig,
+    VitPoseForPoseEstimation,
+    VitPoseImageProcessorPil,
 )
 
 from tools.train_demo_model import build_tokenizer
@@ -559,6 +569,50 @@ def ip_adapter(pipe: Any, folder: Path, seed: int = 0) -> None:
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(folder / "ip_adapter.safetensors"))
 
 
+def preprocessor_networks(folder: Path, seed: int = 0) -> None:
+    """Tiny networks for the depth and pose preprocessors, in PREPROCESSOR_DIR's layout under
+    `folder`: `depth/` a Depth Anything (a DINOv2 backbone), `pose/` a ViTPose with COCO's 17
+    keypoints, each with the image processor its published model has (at a small size)."""
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    depth = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(depth).save_pretrained(folder / "depth")
+    DPTImageProcessorPil(
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder / "depth")
+    vit = VitPoseBackboneConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=[64, 48],
+        patch_size=[16, 16],
+        out_indices=[2],
+    )
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=vit, num_labels=17)).save_pretrained(folder / "pose")
+    VitPoseImageProcessorPil(size={"height": 64, "width": 48}).save_pretrained(folder / "pose")
+
+
 def parameters(pipe: Any) -> dict[str, int]:
     """Each model component's parameter count."""
     return {
@@ -607,6 +661,7 @@ def main() -> None:
     parser.add_argument("--controlnet", type=Path, metavar="DIR", help="also write a ControlNet for it (SD, SDXL)")
     parser.add_argument("--ip-adapter", type=Path, metavar="DIR", help="also write an IP-Adapter (SD, SDXL, FLUX.1)")
     parser.add_argument("--t2i-adapter", type=Path, metavar="DIR", help="also write a T2I-Adapter for it (SD, SDXL)")
+    parser.add_argument("--preprocessors", type=Path, metavar="DIR", help="also write DIR/depth and DIR/pose networks")
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)
     for name, count in parameters(pipe).items():
@@ -629,6 +684,9 @@ def main() -> None:
     if args.t2i_adapter and args.device != "meta":
         t2i_adapter(pipe, args.seed).save_pretrained(args.t2i_adapter, safe_serialization=True)
         print(f"saved a T2I-Adapter for it to {args.t2i_adapter}")
+    if args.preprocessors and args.device != "meta":
+        preprocessor_networks(args.preprocessors, args.seed)
+        print(f"saved depth and pose networks to {args.preprocessors}")
 
 
 if __name__ == "__main__":

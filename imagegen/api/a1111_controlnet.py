@@ -21,9 +21,11 @@ from imagegen import edits
 from imagegen.api import services
 from imagegen.api.a1111_protocol import A1111Model, Rule, _not, _set, refuse, review
 from imagegen.api.guard import uploads
-from imagegen.api.submission import caller, parse
+from imagegen.api.submission import caller, generate_all, parse
+from imagegen.api.views import image_views
 from imagegen.preprocessors import PREPROCESSORS, preprocess, runnable, scaled
 from imagegen.protocol import MAX_CONTROLS
+from imagegen.protocol import DetectRequest as NativeDetect
 
 bp = Blueprint("a1111_controlnet", __name__, url_prefix="/controlnet")  # errors in A1111's shape (a1111.py)
 
@@ -40,6 +42,8 @@ MODULES = {
     "invert (from white bg & black line)": "invert",
     "invert": "invert",
     "depth_midas": "depth",
+    "depth_anything": "depth",
+    "depth_anything_v2": "depth",
     "openpose": "pose",
 }
 # A unit's resize modes, by name and by number, as ours (the old "Inner/Outer Fit" names included).
@@ -190,9 +194,10 @@ def model_list() -> dict[str, list[str]]:
 
 @bp.get("/module_list")
 def module_list() -> dict[str, Any]:
-    """The modules that run here (depth and pose need models this server has not), each with its
-    sliders as the extension describes them."""
-    runs = [name for name, ours in MODULES.items() if PREPROCESSORS[ours].run is not None and "(" not in name]
+    """The modules that run here (depth and pose where PREPROCESSOR_DIR has their networks), each
+    with its sliders as the extension describes them."""
+    networks = services().generation.served_networks()
+    runs = [name for name, ours in MODULES.items() if PREPROCESSORS[ours].runs(networks) and "(" not in name]
     detail = {}
     for name in runs:
         preprocessor = PREPROCESSORS[MODULES[name]]
@@ -228,7 +233,8 @@ class DetectRequest(A1111Model):
 @uploads
 def detect() -> dict[str, Any]:
     """Each image made into a control map by a module, at `controlnet_processor_res` pixels on its
-    shorter side (-1: 512), as base64 PNGs: what a unit with that module would steer by."""
+    shorter side (-1: 512), as base64 PNGs: what a unit with that module would steer by. A
+    network's maps (depth, pose) are made by the workers, as jobs queued together."""
     body = parse(DetectRequest)
     images = body.controlnet_input_images or body.controlnet_images
     if not images:
@@ -236,14 +242,23 @@ def detect() -> dict[str, Any]:
     if body.controlnet_masks:
         raise refuse("controlnet_masks", "`controlnet_masks`: no module here takes a mask")
     module = MODULES.get(body.controlnet_module, body.controlnet_module)
-    runnable(module, "controlnet_module")
+    generation = services().generation
+    networks = generation.served_networks()
     resolution = body.controlnet_processor_res if body.controlnet_processor_res > 0 else DEFAULT_RESOLUTION
-    given = (body.controlnet_threshold_a, body.controlnet_threshold_b)
-    thresholds = tuple(None if value == -1 else value for value in given)
+    a, b = (None if value == -1 else value for value in (body.controlnet_threshold_a, body.controlnet_threshold_b))
+    network = runnable(module, "controlnet_module", networks).run is None
+    sources = [
+        edits.as_rgb(generation.read_image(f"controlnet_input_images.{index}", image, caller()))
+        for index, image in enumerate(images)
+    ]
+    if network:  # the workers have it
+        natives = [NativeDetect(image=source, preprocessor=module, resolution=resolution) for source in sources]
+        maps = [image_views(job, "b64_json")[0]["b64_json"] for job in generate_all(natives)]
+        return {"images": maps, "info": "Success"}
     maps = []
-    for index, image in enumerate(images):
-        source = edits.as_rgb(services().generation.read_image(f"controlnet_input_images.{index}", image, caller()))
-        made = preprocess(source, module, scaled(source.size, resolution), thresholds=thresholds, where="controlnet_")  # type: ignore[arg-type]
+    for source in sources:
+        size = scaled(source.size, resolution)
+        made = preprocess(source, module, size, networks, thresholds=(a, b), where="controlnet_")
         buffer = io.BytesIO()
         made.save(buffer, format="PNG")
         maps.append(base64.b64encode(buffer.getvalue()).decode("ascii"))

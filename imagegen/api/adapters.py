@@ -147,9 +147,10 @@ def delete_upscaler(name: str) -> dict[str, Any]:
 def controlnets() -> dict[str, Any]:
     """The ControlNets a request's `control` names (CONTROLNET_DIR's folders, with the family each
     steers), the IP-Adapters its `ip_adapter` names (IPADAPTER_DIR's), and the preprocessors that
-    make a control map from an image."""
+    make a control map from an image (depth and pose where PREPROCESSOR_DIR has their networks)."""
+    networks = services().generation.served_networks()
     return {
         "controlnets": [item.view() for item in services().controlnets.listing()],
         "ip_adapters": [item.view() for item in services().ip_adapters.listing()],
-        "preprocessors": [item.view() for item in PREPROCESSORS.values()],
+        "preprocessors": [item.view(networks) for item in PREPROCESSORS.values()],
     }

@@ -245,7 +245,8 @@ class PreprocessorView(BaseModel):
 
     name: str
     description: str
-    available: bool = Field(description="false: it needs a model file this server does not have, and is refused")
+    available: bool = Field(description="false: it needs a network PREPROCESSOR_DIR lacks, and is refused")
+    model_free: bool = Field(description="false: a network (depth, pose), run by the workers")
     thresholds: list[ThresholdView]
 
 

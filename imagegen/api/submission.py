@@ -25,7 +25,7 @@ from imagegen.api.guard import client_key
 from imagegen.api.slots import waiting
 from imagegen.generation import Caller
 from imagegen.jobs import Job
-from imagegen.protocol import GenerateRequest, UpscaleRequest
+from imagegen.protocol import DetectRequest, GenerateRequest, UpscaleRequest
 
 Schema = TypeVar("Schema", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -124,14 +124,26 @@ def wait_for(job: Job) -> Job | None:
     return current if current and current.status.finished else None  # still queued: the server is stopping
 
 
-def generate_now(native: GenerateRequest | UpscaleRequest, client_defaults: dict[str, Any] | None = None) -> Job:
+# The native requests a surface may queue and wait for: generations, upscales and control maps.
+Native = GenerateRequest | UpscaleRequest | DetectRequest
+
+
+def generate_now(native: Native, client_defaults: dict[str, Any] | None = None) -> Job:
     """Queues and waits for a job, for surfaces whose clients expect the images in the answer."""
     return generate_all([native], client_defaults)[0]
 
 
-def generate_all(
-    natives: list[GenerateRequest | UpscaleRequest], client_defaults: dict[str, Any] | None = None
-) -> list[Job]:
+def _submit(native: Native, client_defaults: dict[str, Any] | None) -> Job:
+    """A native request handed to the generation service's entry for its kind."""
+    generation = services().generation
+    if isinstance(native, UpscaleRequest):
+        return generation.submit_upscale(native, caller()).job
+    if isinstance(native, DetectRequest):
+        return generation.submit_detect(native, caller()).job
+    return generation.submit(native, caller(), client_defaults=client_defaults).job
+
+
+def generate_all(natives: list[Native], client_defaults: dict[str, Any] | None = None) -> list[Job]:
     """Queues the requests' jobs together (so they can share a batch), then waits for each, for
     surfaces whose clients expect the images in the answer (A1111's extras send several images).
 
@@ -139,13 +151,7 @@ def generate_all(
     /jobs/<id>. A failed job is raised as its error.
     """
     with waiting():  # a server thread waits with this request: capped per client and in all
-        generation = services().generation
-        jobs = [
-            generation.submit_upscale(native, caller()).job
-            if isinstance(native, UpscaleRequest)
-            else generation.submit(native, caller(), client_defaults=client_defaults).job
-            for native in natives
-        ]
+        jobs = [_submit(native, client_defaults) for native in natives]
         found = [wait_for(job) for job in jobs]
     for job, finished in zip(jobs, found, strict=True):
         if finished is None and services().draining:

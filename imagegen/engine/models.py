@@ -46,9 +46,12 @@ from imagegen.controlnets import IMAGE_ENCODER, IP_ADAPTER_WEIGHTS, controlnet_s
 from imagegen.cpu import torch_threads
 from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
+from imagegen.engine.annotators import Annotator
+from imagegen.engine.annotators import load as load_annotator
 from imagegen.engine.upscaling import load as load_upscaler
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterRejected, AdapterStore
+from imagegen.preprocessors import network_store
 from imagegen.quantization import (
     Unrunnable,
     build_kernels,
@@ -255,6 +258,9 @@ class ModelManager:
         # Loaded ControlNets by (model, name), with their weights' version, least recently used first.
         self._controlnets: OrderedDict[tuple[str, str], tuple[str, torch.nn.Module]] = OrderedDict()
         self.ip_adapters = ip_adapter_store(settings)
+        self.networks = network_store(settings)
+        # The network preprocessors loaded (two at most: depth and pose), by name, with their version.
+        self._annotators: dict[str, tuple[str, Annotator]] = {}
         # Per model, the IP-Adapters loaded into its attention (diffusers holds one set), with their versions.
         self._references: dict[str, tuple[tuple[str, str], ...]] = {}
         # Per model, its loaded adapters (PEFT adapter name -> LoRA name), least recently used first.
@@ -429,6 +435,21 @@ class ModelManager:
         self._upscalers.move_to_end(name)
         _version, described, network = self._upscalers[name]
         return network, described.scale
+
+    def annotator(self, name: str) -> Annotator:
+        """A network preprocessor (depth, pose), loaded once per version of its folder in the
+        engine's dtype and on its device."""
+        try:
+            path, version = self.networks.local_file(name)
+        except (AdapterRejected, FileNotFoundError):
+            raise AdapterFailed(f"preprocessor `{name}` is no longer in PREPROCESSOR_DIR") from None
+        if name not in self._annotators or self._annotators[name][0] != version:
+            try:
+                self._annotators[name] = (version, load_annotator(name, path, self.device, self.dtype))
+            except (OSError, RuntimeError, ValueError) as exc:  # weights that do not match their config
+                raise AdapterFailed(f"preprocessor `{name}` could not be loaded", str(exc)) from exc
+            log.info("loaded the %s preprocessor's network", name)
+        return self._annotators[name][1]
 
     def controlnet(self, model_id: str, pipe: DiffusionPipeline, name: str) -> torch.nn.Module:
         """A ControlNet for that model, loaded once per version of its weights in the model's dtype

@@ -34,6 +34,7 @@ from imagegen.jobs import GenerationParams, Job, JobStatus
 from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
 from imagegen.monitoring import Monitor
+from imagegen.preprocessors import PREPROCESSORS
 from imagegen.states import backoff
 from imagegen.storage import ImageStore
 from imagegen.upscalers import LATENT, NONE
@@ -206,9 +207,11 @@ class Engine:
             if not runnable:
                 return []
             params = runnable[0].params
-            pipe, family = None, None  # an upscale needs no pipeline: its model may be unloaded
+            pipe, family = None, None  # an upscale or a map needs no pipeline: its model may be unloaded
             if params.mode == "upscale":
                 images = [[self._upscale(job.params, inputs[job.id][0])] for job in runnable]
+            elif params.mode == "detect":  # its map, made by `_inputs`
+                images = [[inputs[job.id][2]] for job in runnable]
             else:
                 pipe = self._pipeline(runnable, params.mode)
                 family = self.models.family(params.model)
@@ -273,10 +276,12 @@ class Engine:
 
     def _inputs(self, jobs: list[Job]) -> Inputs:
         """Each job's stored image, mask, control maps and IP-Adapter images (None for what it has
-        not), by job id, each stored input read once however many jobs share it; a job whose inputs
-        expired before it ran fails, and only it."""
+        not), by job id, each stored input read once however many jobs share it, and mapped once by
+        its network preprocessor where it has one; a job whose inputs expired before it ran fails,
+        and only it."""
         found: Inputs = {}
         read: dict[str, Image.Image] = {}
+        made: dict[tuple[str, str], Image.Image] = {}  # (input, network): its map
         for job in jobs:
             p = job.params
             names = (p.image, p.mask, *(unit.image for unit in p.control), *(each.image for each in p.ip_adapter))
@@ -284,7 +289,14 @@ class Engine:
                 for name in names:
                     if name and name not in read:
                         read[name] = self.images.read_input(name)
-                found[job.id] = tuple(read.get(name) for name in names)
+                images = [read.get(name) for name in names]
+                for index, unit in enumerate(p.control):
+                    if PREPROCESSORS[unit.preprocessor].run is None:
+                        key = (unit.image, unit.preprocessor)
+                        if key not in made:
+                            made[key] = self.models.annotator(unit.preprocessor)(read[unit.image])
+                        images[2 + index] = made[key]
+                found[job.id] = tuple(images)
             except FileNotFoundError:
                 message = "The job's input image expired (IMAGE_TTL_SECONDS) before the job ran; send it again."
                 error = {"code": "image_expired", "message": message}
