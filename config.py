@@ -17,7 +17,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from limits import parse, parse_many
@@ -108,6 +108,7 @@ class ModelEntry(BaseModel):
     quantization_backend: QuantizationBackend | None = None
     quantize: tuple[str, ...] | None = Field(None, min_length=1, strict=False)  # default: the UNet or transformer
     transformer: str | None = Field(None, min_length=1)  # a GGUF file used as the model's transformer
+    preview_vae: str | None = Field(None, min_length=1)  # a tiny autoencoder (TAESD) folder that decodes previews
 
 
 class Settings(BaseSettings):
@@ -176,6 +177,8 @@ class Settings(BaseSettings):
     max_jobs_per_client: int = Field(16, ge=0, le=100_000)
     max_waits_per_client: int = Field(4, ge=0, le=10_000)
     result_cache: bool = True
+    # A preview of a running job's image every this many steps: "auto" (about four a job), 0 (none)
+    preview_every: Annotated[int, Field(ge=0, le=1000)] | Literal["auto"] = "auto"
 
     # Request limits and defaults
     default_steps: int = Field(20, ge=1, le=500)

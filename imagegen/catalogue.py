@@ -39,6 +39,7 @@ class ModelSpec:
     max_height: int
     max_steps: int
     quantization: Quantization
+    preview_vae: str | None = None  # a local AutoencoderTiny folder its previews are decoded with
 
     def view(self) -> dict[str, Any]:
         """What /models says about it: enough for a client (or the playground) to build a request."""
@@ -201,7 +202,18 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         max_height=max_height,
         max_steps=max_steps,
         quantization=_quantization(settings, model, entry, source, found),
+        preview_vae=_preview_vae(settings, model, entry),
     )
+
+
+def _preview_vae(settings: Settings, model: str, entry: ModelEntry) -> str | None:
+    """The entry's preview decoder, a diffusers AutoencoderTiny folder on this machine."""
+    if entry.preview_vae is None:
+        return None
+    folder = settings.resolve_source(entry.preview_vae)
+    if not (Path(folder) / "config.json").is_file():
+        raise UnservedModel(f"MODELS file model {model}, key preview_vae: {entry.preview_vae} is no diffusers folder")
+    return folder
 
 
 def build_catalogue(settings: Settings) -> dict[str, ModelSpec]:

@@ -99,6 +99,8 @@ jobs = Table(
     Column("fingerprint", String(64)),
     # What its run changed of the request without refusing it (engine/prompts.cut), shown with its result.
     Column("warnings", Text),
+    # The step of its latest preview (0: none yet), stored by its worker as storage.ImageStore.save_preview.
+    Column("preview_step", Integer, nullable=False, server_default="0"),
     Index("ix_jobs_idempotency", "client", "idempotency_key", unique=True),
 )
 

@@ -74,6 +74,9 @@ class Family:
     # Seamless tiling: a UNet's and VAE's convolutions padded circularly (a transformer's patches
     # are not convolved across the image's edge, so the others cannot tile).
     tiling: bool = False
+    # The latent space its previews are approximated in without a decoder (engine/previews.LATENT_RGB:
+    # SD's, SDXL's, SD3's, FLUX.1's VAE); empty: none known.
+    latent_space: str = ""
 
     @property
     def lineage(self) -> str:
@@ -149,6 +152,7 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusionPipeline",
             "native",
             "cfg",
+            latent_space="sd",
             default_size=512,
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
@@ -164,6 +168,7 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusionInpaintPipeline",
             "native",
             "cfg",
+            latent_space="sd",
             default_size=512,
             schedulers=NOISE_SCHEDULERS,
             editing=("inpaint",),
@@ -180,6 +185,7 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusionXLPipeline",
             "native",
             "cfg",
+            latent_space="sdxl",
             prompt_2=True,
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
@@ -195,6 +201,7 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusionXLInpaintPipeline",
             "native",
             "cfg",
+            latent_space="sdxl",
             prompt_2=True,
             schedulers=NOISE_SCHEDULERS,
             editing=("inpaint",),
@@ -211,6 +218,7 @@ FAMILIES: dict[str, Family] = {
             "StableDiffusion3Pipeline",
             "native",
             "cfg",
+            latent_space="sd3",
             prompt_2=True,
             max_sequence_length=256,
             sequence_input=("tokenizer_3", "prompt"),
@@ -228,6 +236,7 @@ FAMILIES: dict[str, Family] = {
             "FluxPipeline",
             "none",
             "none",
+            latent_space="flux",
             prompt_2=True,
             max_sequence_length=256,
             sequence_input=("tokenizer_2", "prompt_2"),
@@ -245,6 +254,7 @@ FAMILIES: dict[str, Family] = {
             "FluxPipeline",
             "true_cfg",
             "distilled",
+            latent_space="flux",
             prompt_2=True,
             max_sequence_length=512,
             sequence_input=("tokenizer_2", "prompt_2"),
@@ -262,6 +272,7 @@ FAMILIES: dict[str, Family] = {
             "PixArtSigmaPipeline",
             "native",
             "cfg",
+            latent_space="sdxl",
             max_sequence_length=300,
             size_multiple=16,
             default_steps=20,
@@ -291,6 +302,7 @@ FAMILIES: dict[str, Family] = {
             "ZImagePipeline",
             "native",
             "cfg",
+            latent_space="flux",
             max_sequence_length=512,
             size_multiple=16,
             default_steps=28,

@@ -27,7 +27,7 @@ import re
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
@@ -375,7 +375,18 @@ class GenerationService:
         # A random seed is never the same request; an adapter replaced under its name is another one.
         cacheable = use_cache and request.seed is not None and settings.result_cache
         key = hashlib.sha256(f"{params.digest} {versions}".encode()).hexdigest() if cacheable else None
+        # how often it shows its image forming is no part of what it makes (nor of its cache key)
+        params = replace(params, preview_every=self._preview_every(request.previews, params.total_steps))
         return Plan(params, edit, key, request.callback_url, maps + shown)
+
+    def _preview_every(self, previews: int | None, steps: int) -> int:
+        """The steps between a job's previews: as many as `previews` spread evenly over its steps
+        (none at the last: the image itself comes then), else PREVIEW_EVERY's cadence (auto: about
+        four a job); 0: none."""
+        if previews is None:
+            every = self._settings().preview_every
+            return max(1, -(-steps // 4)) if every == "auto" else every
+        return -(-steps // (previews + 1)) if previews else 0
 
     def cached(self, key: str, caller: Caller) -> Job | None:
         """The caller's earlier job of this cache key, while its images exist and have at least half

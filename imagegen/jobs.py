@@ -129,11 +129,19 @@ class GenerationParams:
     hires_negative_prompt: str = ""
     control: tuple[Control, ...] = ()  # ControlNets (several: multi-ControlNet), in the request's order
     ip_adapter: tuple[Reference, ...] = ()  # IP-Adapters with their reference images
+    preview_every: int = 0  # a preview of the image forming every this many steps (0: none); not batched on
 
     @property
     def output_size(self) -> tuple[int, int]:
         """Its images' size: hires fix's final one where it has one, else width x height."""
         return (self.hires_width, self.hires_height) if self.hires_width else (self.width, self.height)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The stored inputs it reads (empty where it has none): an edit's image and mask, then its
+        ControlNets' maps and its IP-Adapters' images, in order."""
+        references = (each.image for each in self.ip_adapter)
+        return (self.image, self.mask, *(unit.image for unit in self.control), *references)
 
     @property
     def total_steps(self) -> int:
@@ -257,6 +265,7 @@ class Job:
     idempotency_key: str | None = None
     fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)  # what its run changed of the request, without refusing it
+    preview_step: int = 0  # the step of its latest preview (0: none yet)
 
     def __post_init__(self) -> None:
         if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
@@ -311,6 +320,7 @@ def _row_to_job(row: Any) -> Job:
         idempotency_key=row["idempotency_key"],
         fingerprint=row["fingerprint"],
         warnings=json.loads(row["warnings"] or "[]"),
+        preview_step=row["preview_step"],
         webhook=(
             {"status": row["webhook_status"], "attempts": row["webhook_attempts"], "last_error": row["webhook_error"]}
             if row["webhook_status"]
@@ -416,6 +426,7 @@ class JobStore:
                     status=JobStatus.RUNNING,
                     started_at=now,
                     step=0,
+                    preview_step=0,
                     attempts=attempts,
                     worker=worker,
                     lease_until=now + lease_seconds,
@@ -456,12 +467,18 @@ class JobStore:
                         status=JobStatus.QUEUED,
                         started_at=None,
                         step=0,
+                        preview_step=0,
                         worker=None,
                         lease_until=0,
                         **values,
                     )
                 ).rowcount
             )
+
+    def set_preview(self, job: Job, step: int) -> bool:
+        """Records that the job's preview of this step is stored, while it is still its worker's."""
+        with self.db.transaction() as conn:
+            return bool(conn.execute(update(table).where(_held([job])).values(preview_step=step)).rowcount)
 
     def set_step(self, jobs: list[Job], step: int, lease_seconds: float) -> int:
         """Records progress and renews the jobs' leases; returns how many are still running under

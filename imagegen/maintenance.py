@@ -43,8 +43,9 @@ class Maintenance:
         self._thread = threading.Thread(target=self._run, name="maintenance", daemon=True)
 
     def expire_inputs(self, seconds: float, dry_run: bool = False) -> dict[str, int]:
-        """Deletes edit inputs stored more than `seconds` ago, except those of jobs not yet ended."""
-        keep = {name for job in self.jobs.unfinished() for name in (job.params.image, job.params.mask) if name}
+        """Deletes edit inputs (and control maps, reference images) stored more than `seconds` ago,
+        except those of jobs not yet ended."""
+        keep = {name for job in self.jobs.unfinished() for name in job.params.inputs if name}
         return self.images.delete_inputs_older_than(seconds, keep, dry_run)
 
     def run_once(self) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class Maintenance:
         result["inputs_expired"] = self.expire_inputs(settings.image_ttl_seconds)
         result["jobs_deleted"] = self.jobs.delete_finished_older_than(settings.image_ttl_seconds)
         result["untracked"] = self.images.sweep_untracked(UNTRACKED_GRACE_SECONDS)
+        result["previews_expired"] = self.images.delete_previews_older_than(settings.image_ttl_seconds)
         if settings.max_image_storage_mb:
             result["quota"] = self.images.enforce_quota(settings.max_image_storage_mb * 2**20)
         if settings.model_idle_timeout_seconds:

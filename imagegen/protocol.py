@@ -200,6 +200,12 @@ class GenerateRequest(BaseModel):
     )
     hires: Hires | None = Field(None, description="Hires fix: a second pass at a larger size (text-to-image).")
     tiling: bool = Field(False, description="Images that tile seamlessly (circular padding in the model).")
+    previews: int | None = Field(
+        None,
+        ge=0,
+        le=50,
+        description="Previews of the image as it forms, spread over the steps (0: none; default: PREVIEW_EVERY's).",
+    )
     control: list[ControlChoice] | None = Field(
         None, max_length=MAX_CONTROLS, description="ControlNets steering the image (GET /controlnets), several at once."
     )

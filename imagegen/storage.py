@@ -92,6 +92,7 @@ class ImageStore:
         self.fs.makedirs(self.root, exist_ok=True)
         if not self.remote:  # object stores have no folders to make
             self.fs.makedirs(self._path("inputs"), exist_ok=True)
+            self.fs.makedirs(self._path("previews"), exist_ok=True)
         self.db = db
         self.url = url
         self._claim()
@@ -191,6 +192,26 @@ class ImageStore:
                 conn.execute(delete(inputs).where(inputs.c.name.in_(names)))
             self._remove([self._path(f"inputs/{name}") for name in names])
         return {"deleted": len(rows), "bytes": sum(row["bytes"] for row in rows)}
+
+    def save_preview(self, job_id: str, image: Image.Image) -> None:
+        """A running job's preview, replacing its last (it is served while the job runs, never listed)."""
+        self.fs.pipe_file(self._path(f"previews/{job_id}.png"), png_bytes(image))
+
+    def read_preview(self, job_id: str) -> bytes:
+        """A job's latest preview as PNG; FileNotFoundError when it has none (or it expired)."""
+        return self.fs.cat_file(self._path(f"previews/{job_id}.png"))
+
+    def delete_previews_older_than(self, seconds: float) -> int:
+        """Deletes the previews last written more than `seconds` ago (by the database's clock, as
+        `sweep_untracked` judges ages): a job's, once it has ended, is never shown again."""
+        try:
+            listed = self.fs.find(self._path("previews"), detail=True)
+        except FileNotFoundError:
+            return 0
+        cutoff = self.db.now() - seconds
+        old = [path for path, info in listed.items() if modified(info) < cutoff]
+        self._remove(old)
+        return len(old)
 
     def presigned_url(self, name: str, seconds: int) -> str:
         """A URL of the object itself that works for `seconds` (object storage only); FileNotFoundError

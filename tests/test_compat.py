@@ -158,6 +158,13 @@ def test_webuiapi_models_progress_and_interrupt(webui, server):
         time.sleep(0.05)
     progress = webui.get_progress()
     assert progress["state"]["sampling_steps"] == 400 and progress["state"]["job"] == job_id
+    deadline = time.monotonic() + 120  # its first preview (PREVIEW_EVERY auto: at step 100)
+    while webui.get_progress()["current_image"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shown = base64.b64decode(webui.get_progress()["current_image"])
+    assert Image.open(io.BytesIO(shown)).size == (64, 64), "the image forming, as A1111's live preview"
+    skipped = json.loads(call(f"{server}/sdapi/v1/progress?skip_current_image=true", headers={"X-API-Key": KEY})[2])
+    assert skipped["current_image"] is None and skipped["state"]["job"] == job_id
     webui.interrupt()
     job = json.loads(call(f"{server}/jobs/{job_id}", headers={"X-API-Key": KEY})[2])
     assert job["status"] == "cancelled"

@@ -172,7 +172,7 @@ def test_events_stream_progress_then_done(client):
     text = response.get_data(as_text=True)
     events = [block for block in text.strip().split("\n\n") if block]
     kinds = [block.split("\n")[0] for block in events]
-    assert kinds[-1] == "event: done" and set(kinds[:-1]) <= {"event: progress"}
+    assert kinds[-1] == "event: done" and set(kinds[:-1]) <= {"event: progress", "event: preview"}
     final = json.loads(events[-1].split("data: ", 1)[1])
     assert final["status"] == "succeeded" and final["images"]
 

@@ -34,6 +34,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -567,6 +568,19 @@ def ip_adapter(pipe: Any, folder: Path, seed: int = 0) -> None:
         for projection in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(hidden, width) * 0.5
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(folder / "ip_adapter.safetensors"))
+
+
+def preview_vae(pipe: Any, seed: int = 0) -> AutoencoderTiny:
+    """A tiny autoencoder (TAESD's kind) for a model's latents, a catalogue entry's `preview_vae`:
+    it decodes them to 4x their size (TAESD's own decode to 8x: three levels, here two)."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        latent_channels=pipe.vae.config.latent_channels,
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+    )
 
 
 def preprocessor_networks(folder: Path, seed: int = 0) -> None:

@@ -42,7 +42,7 @@ from imagegen.api.a1111_protocol import (
 from imagegen.api.errors import APIError, install
 from imagegen.api.guard import generation_route, operator, require_admin, uploads
 from imagegen.api.submission import caller, generate_all, generate_now, parse
-from imagegen.api.views import callers, eta_seconds, image_views
+from imagegen.api.views import callers, eta_seconds, image_views, preview_png
 from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
 from imagegen.protocol import MAX_SEED, GenerateRequest, UpscaleRequest
@@ -228,6 +228,13 @@ def _options(body: ProcessingRequest) -> dict[str, Any]:
     return {**current_options(), **overrides}
 
 
+def _previews(options: dict[str, Any], steps: int) -> int:
+    """The previews of a job at `show_progress_every_n_steps` (none at its last step, whose image
+    comes then), or none without `live_previews_enable`."""
+    every = options["show_progress_every_n_steps"]
+    return -(-steps // every) - 1 if options["live_previews_enable"] and every > 0 else 0
+
+
 # What A1111's hires fix does with `hr_upscaler: "None"`: the image resized, by PIL as A1111 does.
 NONE_RESIZES = "Lanczos"
 
@@ -285,6 +292,7 @@ def _native(
             "model": model,
             "tiling": bool(body.tiling),
             "hires": hires,
+            "previews": _previews(options, body.steps),
             **units,
             **edit,
         },
@@ -612,10 +620,13 @@ def cmd_flags() -> dict[str, Any]:
 
 @bp.get("/progress")
 def progress() -> dict[str, Any]:
-    """The running job's progress in A1111's shape."""
+    """The running job's progress in A1111's shape, with its latest preview as `current_image`
+    (unless `?skip_current_image=true`)."""
     svc = services()
     running = svc.jobs.running()
     job = next(iter(callers(running)), None)
+    skip = request.args.get("skip_current_image", "false").lower() == "true"
+    shown = preview_png(job) if job and not skip else None
     fraction = round(job.progress, 4) if job else 0.0
     eta = (eta_seconds(job) or 0.0) if job else 0.0
     return {
@@ -631,7 +642,7 @@ def progress() -> dict[str, Any]:
             "sampling_step": job.step if job else 0,
             "sampling_steps": job.params.total_steps if job else 0,
         },
-        "current_image": None,
+        "current_image": base64.b64encode(shown).decode("ascii") if shown else None,
         "textinfo": None,
     }
 

@@ -340,8 +340,10 @@ OPTIONS: dict[str, Option] = {
     "enable_pnginfo": Option(True, "fixed", "every PNG carries its infotext", (True,)),
     "samples_save": Option(True, "fixed", "every image is stored, for IMAGE_TTL_SECONDS", (True,)),
     "send_seed": Option(True, "stored", "A1111's UI only"),
-    "live_previews_enable": Option(True, "stored", "no live previews yet: `current_image` stays null"),
-    "show_progress_every_n_steps": Option(10, "stored", "no live previews yet"),
+    "live_previews_enable": Option(True, "honoured", "previews for /progress's `current_image` (false: none)"),
+    "show_progress_every_n_steps": Option(
+        10, "honoured", "steps between those previews (-1: none)", tuple(range(-1, 1001))
+    ),
 }
 
 

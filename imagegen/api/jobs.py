@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -16,7 +17,7 @@ from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import client_key
 from imagegen.api.slots import stream_slot
-from imagegen.api.views import callers, job_view, owned_job
+from imagegen.api.views import callers, job_view, owned_job, preview_png
 from imagegen.jobs import JobStatus
 
 bp = APIBlueprint("jobs", __name__, abp_tags=[Tag(name="jobs")])
@@ -80,16 +81,17 @@ def cancel_job(job_id: str) -> dict[str, Any]:
 @bp.get("/jobs/<job_id>/events", **spec({200: None}, parameters=JOB_ID, errors=(401, 404, 429)))
 @raw
 def job_events(job_id: str) -> Response:
-    """Server-Sent Events: a `progress` event whenever the job changes, then one `done` event; a
-    comment line every KEEPALIVE_SECONDS of silence, so a client that has gone is noticed (the write
-    fails) and its server thread freed."""
+    """Server-Sent Events: a `progress` event whenever the job changes, a `preview` event with each
+    new preview (its step, and the image as a PNG data URL), then one `done` event; a comment line
+    every KEEPALIVE_SECONDS of silence, so a client that has gone is noticed (the write fails) and
+    its server thread freed."""
     owned_job(job_id)
     svc = services()
     release = stream_slot()  # a server thread streams to this client: capped per client and in all
 
     def stream() -> Iterator[str]:
         last, deadline = None, time.monotonic() + EVENT_MAX_SECONDS
-        sent = time.monotonic()
+        sent, shown = time.monotonic(), 0
         try:
             while time.monotonic() < deadline:
                 job = svc.jobs.get(job_id)
@@ -100,6 +102,10 @@ def job_events(job_id: str) -> Response:
                 if JobStatus(job.status).finished:
                     yield f"event: done\ndata: {payload}\n\n"
                     return
+                if job.preview_step > shown and (image := preview_png(job)):
+                    shown = job.preview_step
+                    preview = {"step": shown, "image": f"data:image/png;base64,{base64.b64encode(image).decode()}"}
+                    yield f"event: preview\ndata: {json.dumps(preview)}\n\n"
                 if payload != last:
                     yield f"event: progress\ndata: {payload}\n\n"
                     last, sent = payload, time.monotonic()
@@ -115,6 +121,19 @@ def job_events(job_id: str) -> Response:
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+@bp.get(
+    "/jobs/<job_id>/preview",
+    **spec({200: None}, parameters=JOB_ID, errors=(401, 404, 429)),
+)
+@raw
+def job_preview(job_id: str) -> Response:
+    """The latest preview of a running job's image, as a PNG (404 before its first)."""
+    image = preview_png(owned_job(job_id))
+    if image is None:
+        raise APIError("not_found", "The job has no preview (yet, or any more).")
+    return Response(image, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
 
 @bp.get("/queue", **spec({200: schemas.QueueSummary}, errors=(401, 429)))

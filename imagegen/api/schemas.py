@@ -122,8 +122,14 @@ class WebhookView(BaseModel):
     last_error: str | None
 
 
+class PreviewView(BaseModel):
+    url: str = Field(description="GET it for the PNG (signed in with your key, as this job's URL is).")
+    step: int = Field(description="The step it shows.")
+
+
 class JobView(BaseModel):
-    """A job; `position` while queued, `progress`/`step`/`eta_seconds` while running, `images` when done."""
+    """A job; `position` while queued, `progress`/`step`/`eta_seconds` (and its latest `preview`) while
+    running, `images` when done."""
 
     id: str
     status: JobStatus
@@ -137,6 +143,7 @@ class JobView(BaseModel):
     step: int | None = None
     total_steps: int | None = None
     eta_seconds: float | None = None
+    preview: PreviewView | None = None
     images: list[ImageView] | None = None
     error: dict[str, Any] | None = None
     webhook: WebhookView | None = None

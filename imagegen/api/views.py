@@ -60,6 +60,9 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
             total_steps=job.params.total_steps,
             eta_seconds=eta_seconds(job),
         )
+        if job.preview_step:
+            url = url_for("jobs.job_preview", job_id=job.id, step=job.preview_step, _external=True)
+            view["preview"] = {"url": url, "step": job.preview_step}
     if job.status == JobStatus.SUCCEEDED:
         view.update(progress=1.0, images=image_views(job, response_format))
     if job.error:
@@ -92,6 +95,16 @@ def model_views(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         {**model, "error": "The model failed to load; the server log has the cause."} if model.get("error") else model
         for model in models
     ]
+
+
+def preview_png(job: Job) -> bytes | None:
+    """A running job's latest preview (None before its first, or once the job has ended)."""
+    if job.status != JobStatus.RUNNING or not job.preview_step:
+        return None
+    try:
+        return services().images.read_preview(job.id)
+    except FileNotFoundError:
+        return None
 
 
 def eta_seconds(job: Job) -> float | None:

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 import transformers
 from diffusers import (
+    AutoencoderTiny,
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
@@ -48,6 +49,7 @@ from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
 from imagegen.engine.annotators import Annotator
 from imagegen.engine.annotators import load as load_annotator
+from imagegen.engine.previews import Previewer, previewer
 from imagegen.engine.upscaling import load as load_upscaler
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
 from imagegen.loras import AdapterFailed, AdapterRejected, AdapterStore
@@ -259,6 +261,8 @@ class ModelManager:
         self._controlnets: OrderedDict[tuple[str, str], tuple[str, torch.nn.Module]] = OrderedDict()
         self.ip_adapters = ip_adapter_store(settings)
         self.networks = network_store(settings)
+        # Per model, how its previews are made (None: it has no way), settled at its first preview.
+        self._previewers: dict[str, Previewer | None] = {}
         # The network preprocessors loaded (two at most: depth and pose), by name, with their version.
         self._annotators: dict[str, tuple[str, Annotator]] = {}
         # Per model, the IP-Adapters loaded into its attention (diffusers holds one set), with their versions.
@@ -435,6 +439,17 @@ class ModelManager:
         self._upscalers.move_to_end(name)
         _version, described, network = self._upscalers[name]
         return network, described.scale
+
+    def previewer(self, model_id: str, pipe: DiffusionPipeline, family: Family) -> Previewer | None:
+        """How the model's latents become a preview (engine/previews.py), with the catalogue's
+        `preview_vae` loaded once beside it, in its dtype."""
+        if model_id not in self._previewers:
+            folder = self.catalogue[model_id].preview_vae
+            tiny = AutoencoderTiny.from_pretrained(folder, dtype=pipe.dtype).to(self.device) if folder else None
+            self._previewers[model_id] = previewer(pipe, family.latent_space, tiny)
+            how = "none" if self._previewers[model_id] is None else "preview_vae" if tiny else "its VAE or factors"
+            log.info("previews of model %s: %s", model_id, how)
+        return self._previewers[model_id]
 
     def annotator(self, name: str) -> Annotator:
         """A network preprocessor (depth, pose), loaded once per version of its folder in the
@@ -642,6 +657,7 @@ class ModelManager:
             for key in [key for key in self._controlnets if key[0] == target]:
                 del self._controlnets[key]
             self._references.pop(target, None)
+            self._previewers.pop(target, None)
             self._set(target, state=ModelState.UNLOADED, loras=[], controlnets=[])
         if unloaded:
             gc.collect()

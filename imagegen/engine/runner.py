@@ -284,7 +284,7 @@ class Engine:
         made: dict[tuple[str, str], Image.Image] = {}  # (input, network): its map
         for job in jobs:
             p = job.params
-            names = (p.image, p.mask, *(unit.image for unit in p.control), *(each.image for each in p.ip_adapter))
+            names = p.inputs
             try:
                 for name in names:
                     if name and name not in read:
@@ -398,7 +398,8 @@ class Engine:
             noise = VariationNoise(
                 generators, seeds, subseeds, params.subseed_strength, params.width, resize if all(resize) else None
             )
-        arguments.update(self._watch(pipe, family, batch, 0, params.steps_run or params.steps))
+        size = (params.width, params.height)
+        arguments.update(self._watch(pipe, family, batch, 0, params.steps_run or params.steps, size))
         # no_grad, not inference_mode: quanto's int4 weights unpack in place on their first use,
         # which inference tensors forbid (and the pipelines' own calls run under no_grad anyway).
         with torch.no_grad(), tiled(pipe, params.tiling):
@@ -476,7 +477,8 @@ class Engine:
         arguments.update(self._reference(second, batch, inputs))
         if not takes(type(second), "height"):
             del arguments["width"], arguments["height"]
-        arguments.update(self._watch(second, family, batch, params.steps_run or params.steps, params.hires_steps_run))
+        done = params.steps_run or params.steps
+        arguments.update(self._watch(second, family, batch, done, params.hires_steps_run, size))
         return second(**arguments, generator=generators).images
 
     @staticmethod
@@ -528,32 +530,65 @@ class Engine:
         shown = inputs[batch[0].id][2 + len(params.control) :]
         return {"ip_adapter_image": list(shown)}
 
-    def _watch(self, pipe: Any, family: Family, batch: list[Job], done: int, steps: int) -> dict[str, Any]:
+    def _watch(
+        self, pipe: Any, family: Family, batch: list[Job], done: int, steps: int, size: tuple[int, int]
+    ) -> dict[str, Any]:
         """A call's progress arguments: the step reached (after `done` of an earlier pass, this
         call's `steps` in the steps it runs) written at most every PROGRESS_INTERVAL_SECONDS,
-        renewing the jobs' leases; a call none of whose jobs is still this worker's (all
-        cancelled, or taken over after this worker hung) skips its remaining steps where it can."""
+        renewing the jobs' leases, and each job's previews at its cadence; a call none of whose
+        jobs is still this worker's (all cancelled, or taken over after this worker hung) skips
+        its remaining steps where it can."""
         written = [0.0]
 
-        def progress(index: int) -> bool:
-            now = self.progressed_at = time.monotonic()
-            if now - written[0] < PROGRESS_INTERVAL_SECONDS:
-                return True
-            written[0] = now
+        def reached(index: int) -> int:
             # In the steps run: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9),
             # and an edit runs only the last `strength` of them.
             timesteps = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
-            step = done + (index + 1) * steps // timesteps
+            return done + (index + 1) * steps // timesteps
+
+        def progress(index: int, latents: Any) -> bool:
+            now = self.progressed_at = time.monotonic()
+            step = reached(index)
+            self._preview(pipe, family, batch, step, latents, size)
+            if now - written[0] < PROGRESS_INTERVAL_SECONDS:
+                return True
+            written[0] = now
             return bool(self.jobs.set_step(batch, step, self.settings.job_lease_seconds))
 
         def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if not progress(index) and family.interrupt:
+            if not progress(index, tensors.get("latents")) and family.interrupt:
                 running._interrupt = True  # skip the remaining steps
             return tensors
 
         if family.progress == "legacy" or not takes(type(pipe), "callback_on_step_end"):  # T2I-Adapters' too
-            return {"callback": lambda index, _timestep, _latents: progress(index), "callback_steps": 1}
+            return {"callback": lambda index, _timestep, latents: progress(index, latents), "callback_steps": 1}
         return {"callback_on_step_end": on_step_end}
+
+    def _preview(
+        self, pipe: Any, family: Family, batch: list[Job], step: int, latents: Any, size: tuple[int, int]
+    ) -> None:
+        """Each job due a preview at this step (at its cadence; none at its last step, whose image
+        comes next): its first image's latents made small (engine/previews.py), stored where every
+        API process reads it, and recorded. A storage that fails to take one only costs the preview."""
+        offsets, offset = [], 0
+        for job in batch:
+            every = job.params.preview_every
+            if every and step % every == 0 and job.preview_step < step < job.params.total_steps:
+                offsets.append((offset, job))
+            offset += len(job.params.seeds)
+        if not offsets or latents is None:
+            return
+        make = self.models.previewer(batch[0].params.model, pipe, family)
+        if make is None:
+            return
+        for first, job in offsets:
+            job.preview_step = step  # a step some schedulers reach twice is shown once
+            try:
+                self.images.save_preview(job.id, make(latents[first : first + 1], size))
+            except STORAGE_ERRORS as exc:
+                log.warning("job %s: its preview at step %d was not stored (%s)", job.id, step, exc)
+                continue
+            self.jobs.set_preview(job, step)
 
     def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
         """Each image stored, each store counting as the batch's progress for the watchdog (a slow
