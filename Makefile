@@ -100,6 +100,7 @@ bench: install
 	$(BIN)/python -m bench.upscale
 	$(BIN)/python -m bench.controlnet
 	$(BIN)/python -m bench.loras
+	$(BIN)/python -m bench.previews
 
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
 # manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.

@@ -245,6 +245,7 @@ class Settings(BaseSettings):
     rate_limit_cost: str = "200/minute"
     rate_limit_storage_uri: str = "memory://"
     blocked_words: str = ""
+    allow_low_moderation: bool = False  # a request's `moderation: low` skips the word rules
     blocked_patterns_file: Path | None = None
 
     # Cluster (docs/scaling.md)

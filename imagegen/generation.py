@@ -302,6 +302,10 @@ class GenerationService:
         spec = self._catalogue().get(model)
         if spec is None:
             raise Refusal(f"`model` must be one of {', '.join(self._catalogue())}", "model", code="unknown_model")
+        if request.moderation == "low" and not settings.allow_low_moderation:
+            raise Refusal("`moderation` low: this server screens every prompt (ALLOW_LOW_MODERATION)", "moderation")
+        if request.quality is not None and request.output_format == "png":
+            raise Refusal("`quality` is a jpeg's or webp's: give `output_format` jpeg or webp", "quality")
         given = self._family_fields(request, spec, client_defaults or {})
         prompt = request.prompt or ""
         if request.styles:
@@ -310,7 +314,7 @@ class GenerationService:
         for field in ("prompt", "negative_prompt", "prompt_2"):
             text = prompt if field == "prompt" else given[field]
             if (field == "prompt" and not variation) or text:
-                screen_prompt(field, text or "", settings, caller.owner)
+                screen_prompt(field, text or "", settings, caller.owner, request.moderation)
         steps = request.steps or spec.default_steps
         syntax = request.prompt_syntax or settings.prompt_syntax
         self._syntax(syntax, {"prompt": prompt, "negative_prompt": given["negative_prompt"]}, spec)
@@ -366,6 +370,8 @@ class GenerationService:
             mode=mode,
             loras=loras,
             tiling=request.tiling,
+            output_format=request.output_format,
+            quality=request.quality or 0,
             control=control,
             ip_adapter=references,
             **noise,

@@ -130,6 +130,8 @@ class GenerationParams:
     control: tuple[Control, ...] = ()  # ControlNets (several: multi-ControlNet), in the request's order
     ip_adapter: tuple[Reference, ...] = ()  # IP-Adapters with their reference images
     preview_every: int = 0  # a preview of the image forming every this many steps (0: none); not batched on
+    output_format: str = "png"  # how its images are stored: png, jpeg or webp (storage.FORMATS)
+    quality: int = 0  # a jpeg's or webp's quality (0: storage.DEFAULT_QUALITY)
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -206,6 +206,13 @@ class GenerateRequest(BaseModel):
         le=50,
         description="Previews of the image as it forms, spread over the steps (0: none; default: PREVIEW_EVERY's).",
     )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="How the images are stored and served (a JPEG's or WebP's infotext in its EXIF)."
+    )
+    quality: int | None = Field(None, ge=1, le=100, description="A jpeg's or webp's quality (default 90).")
+    moderation: Literal["auto", "low"] = Field(
+        "auto", description="low: the operator's word rules are not applied, where ALLOW_LOW_MODERATION allows it."
+    )
     control: list[ControlChoice] | None = Field(
         None, max_length=MAX_CONTROLS, description="ControlNets steering the image (GET /controlnets), several at once."
     )

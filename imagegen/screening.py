@@ -76,8 +76,13 @@ def _rules(blocked_patterns_file: Path | None, blocked_words: str) -> tuple[tupl
     return tuple(rules)
 
 
-def screen_prompt(field: str, text: str, settings: Settings, client: str = "-") -> None:
-    """Raises PromptRejected naming the rule a prompt breaks; returns quietly otherwise."""
+# The operator's own rules (BLOCKED_WORDS, BLOCKED_PATTERNS_FILE), which `moderation: low` leaves out.
+OPERATORS_RULES = ("blocked_word", "blocked_pattern")
+
+
+def screen_prompt(field: str, text: str, settings: Settings, client: str = "-", moderation: str = "auto") -> None:
+    """Raises PromptRejected naming the rule a prompt breaks; returns quietly otherwise. With
+    `moderation` low (where ALLOW_LOW_MODERATION allows it), the operator's rules are not applied."""
 
     def reject(rule: str, message: str) -> None:
         log.warning("prompt rejected: field=%s rule=%s client=%s", field, rule, client)
@@ -92,6 +97,8 @@ def screen_prompt(field: str, text: str, settings: Settings, client: str = "-") 
             reject("control_character", "must not contain control characters")
     folded = normalise(text)
     for rule, pattern in _rules(settings.blocked_patterns_file, settings.blocked_words):
+        if moderation == "low" and rule in OPERATORS_RULES:
+            continue
         if pattern.search(folded):
             reject(rule, f"was refused by the `{rule}` rule")
 

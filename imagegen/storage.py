@@ -33,7 +33,7 @@ from imagegen.db import images as table
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}\.png")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}\.(png|jpg|webp)")
 INPUT_PATTERN = re.compile(r"[0-9a-f]{32}\.png")
 OWNER_FILE = ".imagegen-database"  # the id of the database whose records name this store's files
 
@@ -47,6 +47,20 @@ class StoredImage:
 
 # The PNG text chunk of a generated image's parameters as JSON (`parameters` holds A1111's infotext).
 METADATA_CHUNK = "imagegen"
+# The formats an image is stored in, by request name: its file suffix, PIL's name and HTTP's.
+FORMATS = {
+    "png": ("png", "PNG", "image/png"),
+    "jpeg": ("jpg", "JPEG", "image/jpeg"),
+    "webp": ("webp", "WEBP", "image/webp"),
+}
+# Where a JPEG's or WebP's infotext goes, as A1111 writes it: the EXIF user comment.
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+DEFAULT_QUALITY = 90  # a lossy format's, where a request gives none
+
+
+def media_type(name: str) -> str:
+    """The HTTP type of a stored image, from its suffix."""
+    return next(kind for suffix, _pil, kind in FORMATS.values() if name.endswith(f".{suffix}"))
 
 
 def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
@@ -54,6 +68,31 @@ def png_bytes(image: Image.Image, info: PngInfo | None = None) -> bytes:
     encoding time for a few % of size."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
+    return buffer.getvalue()
+
+
+def image_bytes(
+    image: Image.Image,
+    output_format: str,
+    quality: int = 0,
+    infotext: str = "",
+    parameters: dict[str, Any] | None = None,
+) -> bytes:
+    """The image in a format of FORMATS: a PNG with its text chunks (`imagegen` the parameters as
+    JSON, `parameters` A1111's infotext), a JPEG or WebP at `quality` (0: DEFAULT_QUALITY) with the
+    infotext in its EXIF user comment, where A1111 writes it."""
+    if output_format == "png":
+        info = PngInfo()
+        if parameters is not None:
+            info.add_text(METADATA_CHUNK, json.dumps(parameters, sort_keys=True))
+        if infotext:
+            info.add_text("parameters", infotext)
+        return png_bytes(image, info)
+    exif = Image.Exif()
+    if infotext:
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + infotext.encode("utf-16-be")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=FORMATS[output_format][1], quality=quality or DEFAULT_QUALITY, exif=exif)
     return buffer.getvalue()
 
 
@@ -126,16 +165,19 @@ class ImageStore:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def save(self, image: Image.Image, parameters: dict[str, Any], job_id: str, infotext: str = "") -> StoredImage:
-        """Writes the PNG under a random, unguessable name, then records it. Its text chunks say how
-        it was made: `imagegen` the parameters as JSON, `parameters` A1111's infotext (which A1111,
-        ComfyUI and image browsers read)."""
-        info = PngInfo()
-        info.add_text(METADATA_CHUNK, json.dumps(parameters, sort_keys=True))
-        if infotext:
-            info.add_text("parameters", infotext)
-        name = f"{secrets.token_urlsafe(16)}.png"
-        data = png_bytes(image, info)
+    def save(
+        self,
+        image: Image.Image,
+        parameters: dict[str, Any],
+        job_id: str,
+        infotext: str = "",
+        output_format: str = "png",
+        quality: int = 0,
+    ) -> StoredImage:
+        """Writes the image under a random, unguessable name, then records it; it says how it was
+        made (image_bytes), which A1111, ComfyUI and image browsers read."""
+        data = image_bytes(image, output_format, quality, infotext, parameters)
+        name = f"{secrets.token_urlsafe(16)}.{FORMATS[output_format][0]}"
         self.fs.pipe_file(self._path(name), data)
         with self.db.transaction() as conn:
             conn.execute(insert(table).values(name=name, job_id=job_id, created_at=db_now(), bytes=len(data)))

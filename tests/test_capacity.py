@@ -73,9 +73,9 @@ def test_synchronous_waits_are_capped_per_client_and_in_all(app_factory, fake):
 
 
 def test_streams_are_capped_send_keep_alives_and_free_their_slot_when_closed(app_factory, fake, monkeypatch):
-    from imagegen.api import jobs
+    from imagegen.api import streams
 
-    monkeypatch.setattr(jobs, "KEEPALIVE_SECONDS", 0.3)
+    monkeypatch.setattr(streams, "KEEPALIVE_SECONDS", 0.3)
     client = app_factory(pipeline=fake, max_waits_per_client=1).test_client()
     wait_ready(client)
     fake.hold()

@@ -487,6 +487,13 @@ def test_an_adapter_an_admin_adds_through_the_api_is_loaded_by_a_worker(tmp_path
     assert in_corner(pixels) and classify(pixels).caption == prompt, "the worker drew in the adapter's style"
     [cached] = (tmp_path / "data" / "lora-cache").iterdir()  # the worker's copy on its own disk
     assert cached.read_bytes() == (ROOT / "models" / "loras" / "corner.safetensors").read_bytes()
+    # a running job's preview, stored by the worker in the shared storage, is served by the API
+    slow = {"prompt": prompt, "steps": 50, "width": 256, "height": 256, "previews": 4, "async": True}
+    job_id = post(base, slow)[1]["id"]
+    running = wait_until(lambda: get(base, f"/jobs/{job_id}")[1].get("preview"), timeout=300)
+    status, _, png = call(running["url"])
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (256, 256), "decoded by the demo model's VAE"
+    _delete(f"{base}/jobs/{job_id}", {})
 
 
 def call_json(url: str, body: dict[str, Any] | None = None, method: str = "POST") -> tuple[int, Any]:

@@ -362,3 +362,57 @@ def test_webuiapi_interrupts_on_a_keyless_server(tmp_path):
     finally:
         process.kill()
         process.wait(10)
+
+
+def test_openai_streams_partial_images_then_the_image_in_its_format(client):
+    stream = client.images.generate(
+        model="gpt-image-1",
+        prompt="a red circle on a blue background",
+        size="64x64",
+        stream=True,
+        partial_images=2,
+        output_format="webp",
+        output_compression=60,
+        extra_body={"steps": 300, "seed": 5},  # slow enough that its previews are seen (at steps 100 and 200)
+    )
+    events = list(stream)
+    partial = [event for event in events if event.type == "image_generation.partial_image"]
+    assert [event.type for event in events][-1] == "image_generation.completed" and len(events) == len(partial) + 1
+    assert 1 <= len(partial) <= 2 and [event.partial_image_index for event in partial] == list(range(len(partial)))
+    for event in [*partial, events[-1]]:
+        shown = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        assert shown.format == "WEBP" and shown.size == (64, 64) and event.output_format == "webp"
+    assert events[-1].size == "64x64" and events[-1].usage.total_tokens == 0
+
+    edit = client.images.edit(
+        image=("photo.png", encoded(Image.new("RGB", (64, 64), BLUE)), "image/png"),
+        prompt="a red circle",
+        stream=True,
+        partial_images=1,
+        extra_body={"steps": 3},
+    )
+    assert [event.type for event in edit][-1] == "image_edit.completed"
+
+
+def test_openai_formats_backgrounds_moderation_and_what_it_does_not_serve(client, server):
+    jpeg = client.images.generate(prompt="a red circle", size="64x64", output_format="jpeg", extra_body={"steps": 2})
+    made = Image.open(io.BytesIO(base64.b64decode(jpeg.data[0].b64_json)))
+    assert made.format == "JPEG" and "Steps: 2" in made.getexif().get_ifd(0x8769)[0x9286].decode("utf-16-be", "ignore")
+    assert jpeg.output_format == "jpeg"
+    for fields, param in (
+        ({"background": "transparent"}, "background"),
+        ({"moderation": "low"}, "moderation"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_compression": 50}, "output_compression"),  # a png has no compression level
+    ):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.images.generate(prompt="a red circle", size="64x64", extra_body={"steps": 2}, **fields)
+        assert bad.value.body["param"] == param, bad.value.body
+    assert client.images.generate(prompt="a red circle", size="64x64", background="opaque", extra_body={"steps": 2})
+    _status, _, raw = call(
+        f"{server}/v1/images/generations",
+        {"prompt": "a red circle", "size": "64x64", "quality": "hd", "style": "vivid", "steps": 2},
+        {"Authorization": f"Bearer {KEY}"},
+    )
+    warned = json.loads(raw)["warnings"]
+    assert any(line.startswith("`quality`") for line in warned) and any(line.startswith("`style`") for line in warned)

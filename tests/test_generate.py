@@ -46,6 +46,23 @@ def test_generate_returns_downloadable_png_with_parameters(client):
     assert response.headers["X-Request-ID"]
 
 
+def test_images_are_stored_and_served_in_the_format_asked_for(client):
+    sizes = {}
+    formats = (("jpeg", "image/jpeg", 95), ("jpeg", "image/jpeg", 5), ("webp", "image/webp", None))
+    for output_format, kind, quality in formats:
+        body = {"prompt": PROMPT, "seed": 7, "steps": 2, "output_format": output_format, "quality": quality}
+        made = client.post("/generate", json=body).json
+        served = client.get(made["images"][0]["url"])
+        assert served.status_code == 200 and served.mimetype == kind, output_format
+        sizes[quality] = len(served.data)
+        picture = Image.open(io.BytesIO(served.data))
+        comment = picture.getexif().get_ifd(0x8769)[0x9286]  # the EXIF user comment, as A1111 writes it
+        assert comment.startswith(b"UNICODE\0") and "Seed: 7" in comment[8:].decode("utf-16-be")
+    assert sizes[5] < sizes[95], "the quality asked for"
+    refused = client.post("/generate", json={"prompt": PROMPT, "output_format": "png", "quality": 50})
+    assert refused.status_code == 400 and refused.json["error"]["details"][0]["field"] == "quality"
+
+
 def test_same_seed_same_image_and_seeds_drawn_when_missing(client):
     def pixels(**extra):
         body = client.post(

@@ -219,7 +219,7 @@ def test_migrations_run_once_and_leave_the_newest_schema(db):
     columns = {column["name"] for column in inspect(db.engine).get_columns("jobs")}
     assert {"attempts", "worker", "cache_key"} <= columns
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0011"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0012"
 
 
 def test_a_database_from_the_sqlite_only_releases_is_adopted(tmp_path):

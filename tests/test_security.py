@@ -128,6 +128,15 @@ def test_configured_blocked_words_and_patterns(app_factory, tmp_path):
         assert response.status_code == 400
         assert response.json["error"]["details"][0]["rule"] == rule
     assert client.post("/generate", json={"prompt": "a banana-free bowl", "steps": 1}).status_code == 200
+    low = client.post("/generate", json={"prompt": "some bananas", "moderation": "low"})
+    assert low.status_code == 400 and low.json["error"]["details"][0]["field"] == "moderation"
+    lenient = app_factory(blocked_words="bananas", allow_low_moderation=True).test_client()
+    wait_ready(lenient)
+    assert lenient.post("/generate", json={"prompt": "some bananas", "steps": 1}).status_code == 400
+    allowed = lenient.post("/generate", json={"prompt": "some bananas", "steps": 1, "moderation": "low"})
+    assert allowed.status_code == 200, "low: the operator's own word rules are not applied"
+    injected = lenient.post("/generate", json={"prompt": "bananas <script>x</script>", "moderation": "low"})
+    assert injected.status_code == 400, "the markup and injection rules still are"
 
 
 def test_body_size_and_content_type(app_factory):

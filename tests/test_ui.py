@@ -29,6 +29,7 @@ if not Path(CHROMIUM).exists():
 SCREENSHOT = os.environ.get("IMAGEGEN_SCREENSHOT")
 # A bound on each generation a page waits for, not a pace: on a busy 2-core machine one took over 60 s.
 WAIT_MS = 180_000
+RESULT = "#results img:not(#preview)"  # a result, not the image forming before it
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def page(server, request):
         page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: page.errors.append(str(e)))
         page.goto(f"{server}/ui")
-        page.wait_for_selector("#model option", state="attached")
+        page.wait_for_selector("body[data-ready]", state="attached")  # the defaults are in: a fill now stays
         yield page
         assert page.outside == [], f"the page reached outside the server: {page.outside}"
         context.close()
@@ -92,7 +93,7 @@ def test_generate_shows_progress_then_the_image_at_its_size(page, tmp_path):
     page.press("#prompt", "Enter")
     page.wait_for_selector("#progress:not([hidden])", timeout=30_000)
     assert "step" in page.text_content("#message") or "Queued" in page.text_content("#message")
-    image = page.locator("#results img")
+    image = page.locator(RESULT)  # the result, not the image forming
     playwright.expect(image).to_have_js_property("naturalWidth", 128, timeout=WAIT_MS)  # fetched, not only shown
     playwright.expect(image).to_have_js_property("naturalHeight", 64)
     assert "Done in" in page.text_content("#message")
@@ -105,6 +106,18 @@ def test_generate_shows_progress_then_the_image_at_its_size(page, tmp_path):
     shot = ROOT / SCREENSHOT if SCREENSHOT else tmp_path / "playground.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes().startswith(b"\x89PNG")
+    assert page.errors == []
+
+
+def test_the_image_forms_in_place_while_the_job_runs(page):
+    page.fill("#steps", "400")  # previews at steps 100, 200 and 300
+    page.click("#generate")
+    forming = page.locator("#results #preview")
+    playwright.expect(forming).to_be_visible(timeout=WAIT_MS)
+    playwright.expect(forming).to_have_js_property("naturalWidth", 64)  # the demo model's VAE decodes it whole
+    assert "forming — step" in page.text_content("#results figcaption")
+    playwright.expect(page.locator(RESULT)).to_have_count(1, timeout=WAIT_MS)
+    assert page.locator("#preview").count() == 0, "the result takes its place"
     assert page.errors == []
 
 
@@ -139,7 +152,7 @@ def test_the_form_shows_only_the_fields_the_chosen_model_takes(page):
     assert page.input_value("#steps") == "4"  # the family's default
     page.fill("#prompt_2", "a red circle, drawn flat")
     page.click("#generate")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
     assert "Done in" in page.text_content("#message")
     page.select_option("#model", "models/demo-shapes")
     assert visible() == {"negative_prompt": True, "guidance_scale": True, "prompt_2": False}
@@ -197,7 +210,7 @@ def stroke(page: Any, points: list[tuple[int, int]], brush: int = 12) -> None:
 
 
 def result_pixels(page: Any) -> np.ndarray:
-    status, _headers, png = call(page.get_attribute("#results img", "src"))
+    status, _headers, png = call(page.get_attribute(RESULT, "src"))
     assert status == 200
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
@@ -212,7 +225,7 @@ def test_inpaint_a_picked_image_with_the_brush(page, tmp_path):
     assert page.input_value("#strength") == "1", "a mask repaints from noise unless the user chose"
     page.fill("#prompt", "a yellow square on a blue background")
     page.click("#generate")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
     assert page.text_content("#results figcaption").startswith("inpaint: a yellow square")
     made = result_pixels(page)
     assert (made[:8] == BLUE).all() and (made[:, :8] == BLUE).all(), "what the brush left is the original's"
@@ -245,7 +258,7 @@ def test_brush_tools_and_editing_a_result_with_outpaint_margins(page):
     page.click("#generate")
     page.wait_for_selector("#results figcaption >> text=outpaint:", timeout=WAIT_MS)
     # the caption shows before the browser has fetched the image: wait for the image itself
-    playwright.expect(page.locator("#results img")).to_have_js_property("naturalWidth", 80, timeout=WAIT_MS)
+    playwright.expect(page.locator(RESULT)).to_have_js_property("naturalWidth", 80, timeout=WAIT_MS)
     page.click("#remove_image")
     assert page.is_hidden("#input_pane") and page.is_hidden("#edit_tools")
     assert page.errors == []
@@ -274,14 +287,14 @@ def test_on_a_desktop_the_controls_sit_beside_a_large_crisp_view(page, tmp_path)
     page.fill("#prompt", "a yellow square on a blue background")
     page.fill("#steps", "20")
     page.click("#generate")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
-    playwright.expect(page.locator("#results img")).to_have_js_property("complete", True)
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
+    playwright.expect(page.locator(RESULT)).to_have_js_property("complete", True)
     form, stage = page.locator("#form").bounding_box(), page.locator("#stage").bounding_box()
     assert form["x"] + form["width"] <= stage["x"], "the controls beside the view"
-    source, result = page.locator("#source").bounding_box(), page.locator("#results img").bounding_box()
+    source, result = page.locator("#source").bounding_box(), page.locator(RESULT).bounding_box()
     assert source["x"] + source["width"] <= result["x"], "the input beside the result"
     assert result["width"] >= 4 * 64, "a 64-pixel result is shown large"
-    assert page.eval_on_selector("#results img", "img => getComputedStyle(img).imageRendering") == "pixelated"
+    assert page.eval_on_selector(RESULT, "img => getComputedStyle(img).imageRendering") == "pixelated"
     page.evaluate("window.scrollTo(0, 0)")
     shot = ROOT / SCREENSHOT.replace(".png", "-desktop.png") if SCREENSHOT else tmp_path / "desktop.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -296,7 +309,7 @@ def test_a_lora_adapter_from_the_picker(page):
     page.fill("#prompt", "a green square on a white background")
     page.fill("#steps", "20")
     page.click("#generate")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
     assert "<corner:1>" in page.text_content("#results figcaption")
     assert in_corner(result_pixels(page)), "the adapter's style: the shape in the corner"
     page.select_option("#model", "schnell")  # a FLUX.1 model: the demo adapter does not fit it
@@ -363,7 +376,7 @@ def test_a_server_that_needs_a_key_says_so_and_loads_its_models_once_given(tmp_p
             playwright.expect(page.locator("#message")).to_have_text("")
             page.fill("#steps", "2")
             page.click("#generate")
-            page.wait_for_selector("#results img", timeout=WAIT_MS)
+            page.wait_for_selector(RESULT, timeout=WAIT_MS)
             browser.close()
     finally:
         process.terminate()
@@ -390,7 +403,7 @@ def test_a_scribble_on_the_control_pad_steers_the_demo_model(page):
     page.fill("#prompt", "a red circle on a blue background")
     page.fill("#steps", "20")
     page.click("#generate")
-    page.wait_for_selector("#results img", timeout=WAIT_MS)
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
     assert "ControlNet demo-shapes-scribble × 1" in page.text_content("#results figcaption")
     found = centre(result_pixels(page))
     assert found is not None and max(abs(found[0] - 16), abs(found[1] - 16)) <= 8, found

@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "api/docs.py",
         "api/submission.py",
         "api/views.py",
+        "api/streams.py",
         "api/slots.py",
         "api/guard.py",
         "api/middleware.py",
@@ -66,6 +67,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "engine/noise.py",
         "engine/upscaling.py",
         "engine/annotators.py",
+        "engine/previews.py",
     ),
     "Models (no torch: a cluster's API reads them too)": (
         "families.py",

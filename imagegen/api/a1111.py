@@ -47,6 +47,7 @@ from imagegen.jobs import Job
 from imagegen.monitoring import gpu_memory
 from imagegen.protocol import MAX_SEED, GenerateRequest, UpscaleRequest
 from imagegen.schedulers import DEFAULT_SCHEDULER, ETA_SCHEDULER, SCHEDULERS, SCHEDULES, a1111
+from imagegen.storage import EXIF_IFD, USER_COMMENT
 from imagegen.upscalers import IMAGE, LATENT, NONE
 
 bp = Blueprint("a1111", __name__, url_prefix="/sdapi/v1")
@@ -292,7 +293,10 @@ def _native(
             "model": model,
             "tiling": bool(body.tiling),
             "hires": hires,
-            "previews": _previews(options, body.steps),
+            "previews": _previews(options, body.steps or (spec.default_steps if spec else 1)),
+            # A1111's samples_format: stored so (a JPEG's or WebP's infotext in its EXIF, as A1111's)
+            "output_format": {"jpg": "jpeg"}.get(options["samples_format"], options["samples_format"]),
+            "quality": options["jpeg_quality"] if options["samples_format"] != "png" else None,
             **units,
             **edit,
         },
@@ -307,30 +311,12 @@ def _answer(
     # webuiapi sends cfg_scale 7 and an empty negative prompt whatever its user chose
     finished = generate_now(native, {"guidance_scale": ProcessingRequest.model_fields["cfg_scale"].default})
     images = [view["b64_json"] for view in image_views(finished, "b64_json")] if body.send_images else []
-    if options["samples_format"] != "png":
-        images = [encoded(png, options["samples_format"], options["jpeg_quality"]) for png in images]
     exclude = set() if getattr(body, "include_init_images", True) else {"init_images", "mask"}
     return {
         "images": images,
         "parameters": body.model_dump(exclude=exclude),
         "info": json.dumps(_info(body, finished, warnings)),
     }
-
-
-def encoded(png_b64: str, kind: str, quality: int) -> str:
-    """A base64 PNG as JPEG or WebP (A1111's `samples_format`), its infotext in the EXIF user
-    comment, where A1111 writes it and its PNG info reads it."""
-    with Image.open(io.BytesIO(base64.b64decode(png_b64))) as image:
-        text = image.info.get("parameters", "")
-        exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
-        buffer = io.BytesIO()
-        kind = "JPEG" if kind in ("jpg", "jpeg") else "WEBP"
-        image.convert("RGB").save(buffer, format=kind, quality=quality, exif=exif)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 
 
 def _info(body: ProcessingRequest, finished: Job, warnings: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from imagegen.api.submission import caller, job_failure, parse, wait_for
 from imagegen.api.views import accepted, image_views
 from imagegen.jobs import Job
 from imagegen.protocol import GenerateRequest, UpscaleRequest
+from imagegen.storage import media_type
 
 bp = APIBlueprint("core", __name__, abp_tags=[Tag(name="generate")])
 
@@ -193,6 +194,6 @@ def image(name: str) -> Response:
         data = store.read(name)
     except FileNotFoundError:
         raise APIError("not_found", "No such image.") from None
-    response = send_file(io.BytesIO(data), mimetype="image/png", etag=name, max_age=3600, conditional=True)
+    response = send_file(io.BytesIO(data), mimetype=media_type(name), etag=name, max_age=3600, conditional=True)
     response.headers["Cache-Control"] = "private, max-age=3600, immutable"
     return response

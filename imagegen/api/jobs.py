@@ -5,26 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
-from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, request, stream_with_context
+from flask import Response, request
 from flask_openapi3 import APIBlueprint, Tag
 
 from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
 from imagegen.api.guard import client_key
-from imagegen.api.slots import stream_slot
+from imagegen.api.streams import follow
 from imagegen.api.views import callers, job_view, owned_job, preview_png
-from imagegen.jobs import JobStatus
+from imagegen.jobs import Job, JobStatus
 
 bp = APIBlueprint("jobs", __name__, abp_tags=[Tag(name="jobs")])
-
-EVENT_INTERVAL_SECONDS = 0.25
-EVENT_MAX_SECONDS = 3600
-KEEPALIVE_SECONDS = 10
 
 
 def _response_format() -> str:
@@ -86,41 +80,14 @@ def job_events(job_id: str) -> Response:
     every KEEPALIVE_SECONDS of silence, so a client that has gone is noticed (the write fails) and
     its server thread freed."""
     owned_job(job_id)
-    svc = services()
-    release = stream_slot()  # a server thread streams to this client: capped per client and in all
 
-    def stream() -> Iterator[str]:
-        last, deadline = None, time.monotonic() + EVENT_MAX_SECONDS
-        sent, shown = time.monotonic(), 0
-        try:
-            while time.monotonic() < deadline:
-                job = svc.jobs.get(job_id)
-                if job is None:
-                    return
-                view = job_view(job)
-                payload = json.dumps(view)
-                if JobStatus(job.status).finished:
-                    yield f"event: done\ndata: {payload}\n\n"
-                    return
-                if job.preview_step > shown and (image := preview_png(job)):
-                    shown = job.preview_step
-                    preview = {"step": shown, "image": f"data:image/png;base64,{base64.b64encode(image).decode()}"}
-                    yield f"event: preview\ndata: {json.dumps(preview)}\n\n"
-                if payload != last:
-                    yield f"event: progress\ndata: {payload}\n\n"
-                    last, sent = payload, time.monotonic()
-                elif time.monotonic() - sent >= KEEPALIVE_SECONDS:
-                    yield ": keep-alive\n\n"
-                    sent = time.monotonic()
-                time.sleep(EVENT_INTERVAL_SECONDS)
-        finally:
-            release()
+    def render(kind: str, job: Job, image: bytes | None) -> list[str]:
+        if kind == "preview" and image is not None:
+            shown = {"step": job.preview_step, "image": f"data:image/png;base64,{base64.b64encode(image).decode()}"}
+            return [f"event: preview\ndata: {json.dumps(shown)}\n\n"]
+        return [f"event: {kind}\ndata: {json.dumps(job_view(job))}\n\n"]
 
-    response = Response(stream_with_context(stream()), mimetype="text/event-stream")
-    response.call_on_close(release)  # also when the stream never started
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    return follow(job_id, render)
 
 
 @bp.get(

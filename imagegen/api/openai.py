@@ -8,27 +8,45 @@ transparent pixels mark the area to edit.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
+import time
 from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen import edits
 from imagegen.api import services
 from imagegen.api.errors import APIError, install
 from imagegen.api.guard import generation_route, uploads
-from imagegen.api.submission import caller, form_data, generate_now, parse
+from imagegen.api.streams import follow
+from imagegen.api.submission import caller, form_data, generate_now, job_failure, parse
 from imagegen.api.views import image_views
+from imagegen.jobs import Job
 from imagegen.protocol import MAX_SEED, GenerateRequest
+from imagegen.storage import image_bytes
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 # Model names OpenAI clients often send without asking: they mean "the server's default model".
 OPENAI_ALIASES = {"dall-e-2", "dall-e-3", "gpt-image-1"}
 # Our field names -> the OpenAI request field a client should fix, and how a message names it.
-PARAMS = {"num_images": "n", "width": "size", "height": "size"}
-WORDS = {"num_images": "`n`", "width": "the width in `size`", "height": "the height in `size`"}
+PARAMS = {"num_images": "n", "width": "size", "height": "size", "quality": "output_compression"}
+WORDS = {
+    "num_images": "`n`",
+    "width": "the width in `size`",
+    "height": "the height in `size`",
+    "quality": "`output_compression`",
+}
+# OpenAI's request fields that mean nothing to these models: named in the answer's warnings.
+UNSERVED = {
+    "quality": "OpenAI's quality tiers; this server's images are made by `steps` and `guidance_scale`",
+    "style": "DALL-E 3's styles; say it in the prompt",
+}
 
 
 class ImagesOptions(BaseModel):
@@ -41,8 +59,14 @@ class ImagesOptions(BaseModel):
     size: str | None = None
     response_format: Literal["url", "b64_json"] = "b64_json"
     user: str | None = None
-    quality: str | None = None  # accepted and ignored
-    style: str | None = None  # accepted and ignored
+    quality: str | None = None  # named in the answer's warnings (UNSERVED)
+    style: str | None = None  # named in the answer's warnings (UNSERVED)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)  # a jpeg's or webp's quality, as OpenAI's
+    background: Literal["transparent", "opaque", "auto"] = "auto"
+    moderation: Literal["low", "auto"] = "auto"
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3)  # previews sent before the image, with `stream`
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = None
@@ -117,9 +141,16 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
     return int(width), int(height)
 
 
-def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
-    """Maps an images call onto the native request, runs it, and answers in OpenAI's shape."""
+def _generate(body: ImagesOptions, fields: dict[str, Any], event: str = "image_generation") -> Any:
+    """Maps an images call onto the native request, runs it, and answers in OpenAI's shape: at once,
+    or with `stream` as OpenAI's events (`<event>.partial_image`, then `<event>.completed`)."""
     width, height = _size(body.size)
+    model = None if body.model in OPENAI_ALIASES else body.model
+    if body.background == "transparent":
+        named = model or services().settings.model_id
+        raise APIError(
+            "invalid_request", f"`background` transparent: model {named} draws opaque images", {"field": "background"}
+        )
     native = parse(
         GenerateRequest,
         {
@@ -131,14 +162,22 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
             "guidance_scale": body.guidance_scale,
             "seed": body.seed,
             "num_images": body.n,
-            "model": None if body.model in OPENAI_ALIASES else body.model,
+            "model": model,
             "loras": body.loras,
             "hires": body.hires,
             "tiling": body.tiling,
             "control": body.control,
             "ip_adapter": body.ip_adapter,
+            "previews": body.partial_images if body.stream else 0,
+            "output_format": body.output_format,
+            # OpenAI's compression is a quality: 100 (its default) the least compressed
+            "quality": max(body.output_compression, 1) if body.output_compression is not None else None,
+            "moderation": body.moderation,
         },
     )
+    warnings = [f"`{name}`: {why} (ignored)" for name, why in UNSERVED.items() if getattr(body, name) is not None]
+    if body.stream:
+        return _stream(services().generation.submit(native, caller()).job, body, event, warnings)
     finished = generate_now(native)
     prompt = fields.get("prompt") or ""
     data = [
@@ -146,8 +185,61 @@ def _generate(body: ImagesOptions, fields: dict[str, Any]) -> dict[str, Any]:
         for view in image_views(finished, body.response_format)
     ]
     # OpenAI's answer has no place for them; its SDK keeps a field it does not know
-    warnings = {"warnings": finished.warnings} if finished.warnings else {}
-    return {"created": int(finished.created_at), "data": data, **warnings}
+    warnings += finished.warnings
+    return {
+        "created": int(finished.created_at),
+        "data": data,
+        "output_format": body.output_format,
+        "background": "opaque",
+        **({"warnings": warnings} if warnings else {}),
+    }
+
+
+def _stream(job: Job, body: ImagesOptions, event: str, warnings: list[str]) -> Response:
+    """OpenAI's image stream of a job: its first `partial_images` previews (in its output format),
+    then each image, or its error."""
+    sent = [0]
+    shape = {
+        "size": f"{job.params.output_size[0]}x{job.params.output_size[1]}",
+        "quality": "auto",
+        "background": "opaque",
+        "output_format": body.output_format,
+    }
+
+    def render(kind: str, ended: Job, image: bytes | None) -> list[str]:
+        if kind == "preview" and image is not None and sent[0] < body.partial_images:
+            with Image.open(io.BytesIO(image)) as preview:
+                partial = base64.b64encode(image_bytes(preview, body.output_format, job.params.quality)).decode()
+            data = {"type": f"{event}.partial_image", "b64_json": partial, "partial_image_index": sent[0]}
+            sent[0] += 1
+            return [_event(data["type"], {**data, **shape, "created_at": int(time.time())})]
+        if kind != "done":
+            return []
+        if ended.error or not ended.images:
+            failure = job_failure(ended)
+            return [
+                _event("error", {"error": {"message": failure.message, "type": "server_error", "code": failure.code}})
+            ]
+        usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0}
+        completed = {
+            "type": f"{event}.completed",
+            **shape,
+            "created_at": int(time.time()),
+            "usage": {**usage, "total_tokens": 0},
+        }
+        every = warnings + ended.warnings
+        return [
+            _event(
+                completed["type"], {**completed, "b64_json": view["b64_json"], **({"warnings": every} if every else {})}
+            )
+            for view in image_views(ended, "b64_json")
+        ]
+
+    return follow(job.id, render)
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
 @bp.post("/images/generations")
@@ -179,7 +271,7 @@ def edits_route() -> dict[str, Any]:
         mask = edits.transparent_area(read_image("mask", body.mask, caller()), "mask")
     else:
         mask = edits.transparent_area(image, "image") if edits.has_transparency(image) else None
-    return _generate(body, {"prompt": body.prompt, "image": image, "mask": mask})
+    return _generate(body, {"prompt": body.prompt, "image": image, "mask": mask}, "image_edit")
 
 
 @bp.post("/images/variations")

@@ -598,7 +598,8 @@ class Engine:
         for index, (image, seed) in enumerate(zip(images, p.seeds, strict=True)):
             self.progressed_at = time.monotonic()
             try:
-                saved = self.images.save(image, p.image_metadata(index), job.id, infotext.write(p, index))
+                text = infotext.write(p, index)
+                saved = self.images.save(image, p.image_metadata(index), job.id, text, p.output_format, p.quality)
             except STORAGE_ERRORS as exc:
                 raise Outage(f"storing an image: {exc}") from exc
             width, height = p.output_size

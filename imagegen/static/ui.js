@@ -80,6 +80,7 @@ async function loadConfig() {
   const names = upscalers.ok ? (await upscalers.json()).upscalers.map((u) => u.name) : ["Latent"];
   $("hires_upscaler").replaceChildren(...names.map((name) => new Option(name, name)));
   chooseModel();
+  document.body.dataset.ready = "true"; // the form holds the server's defaults: what a user types now stays
 }
 
 // The adapters that fit the chosen model (by the family their header tells), and the chosen ones.
@@ -270,11 +271,33 @@ function update(job) {
     $("progress").value = job.progress || 0;
     say(`Generating — step ${job.step || 0} of ${job.total_steps}` +
         (job.eta_seconds != null ? `, about ${Math.ceil(job.eta_seconds)} s left.` : "."));
+    // polled (with a key): its latest preview, fetched with the key, once per step it shows
+    if (current && !current.source && job.preview && job.preview.step !== current.previewStep) {
+      current.previewStep = job.preview.step;
+      fetch(job.preview.url, { headers: headers() })
+        .then((r) => (r.ok ? r.blob() : null))
+        .then((blob) => blob && showPreview(URL.createObjectURL(blob), job.preview.step));
+    }
   }
+}
+
+// The image forming, in the place its result will take.
+function showPreview(src, step) {
+  const img = document.createElement("img");
+  img.src = src;
+  img.id = "preview";
+  img.alt = `The image forming, at step ${step}`;
+  const shown = document.createElement("figure");
+  shown.className = "forming";
+  const caption = document.createElement("figcaption");
+  caption.textContent = `forming — step ${step}`;
+  shown.append(img, caption);
+  $("results").replaceChildren(shown);
 }
 
 function finish(job) {
   stopFollowing();
+  if ($("preview")) $("results").replaceChildren(); // the image forming is gone with its job
   $("progress").hidden = true;
   $("cancel").disabled = true;
   $("generate").disabled = false;
@@ -312,6 +335,10 @@ function follow(job) {
   const source = new EventSource(`/jobs/${job.id}/events`);
   current.source = source;
   source.addEventListener("progress", (e) => update(JSON.parse(e.data)));
+  source.addEventListener("preview", (e) => {
+    const preview = JSON.parse(e.data);
+    showPreview(preview.image, preview.step);
+  });
   source.addEventListener("done", (e) => finish(JSON.parse(e.data)));
   source.onerror = () => { source.close(); current.source = null; poll(job.id); };
 }
