@@ -477,14 +477,13 @@ class JobStore:
                 ).rowcount
             )
 
-    def set_preview(self, job: Job, step: int) -> bool:
-        """Records that the job's preview of this step is stored, while it is still its worker's."""
-        with self.db.transaction() as conn:
-            return bool(conn.execute(update(table).where(_held([job])).values(preview_step=step)).rowcount)
-
-    def set_step(self, jobs: list[Job], step: int, lease_seconds: float) -> int:
-        """Records progress and renews the jobs' leases; returns how many are still running under
-        their leases (not cancelled, not taken over)."""
+    def set_step(self, jobs: list[Job], step: int, lease_seconds: float, previews: dict[str, int] | None = None) -> int:
+        """Records progress (and the steps of the previews stored since, by job id) and renews the
+        jobs' leases; returns how many are still running under their leases (not cancelled, not
+        taken over)."""
+        if previews:
+            shown = case(previews, value=table.c.id, else_=table.c.preview_step)
+            return self._touch(jobs, lease_seconds, step=step, preview_step=shown)
         return self._touch(jobs, lease_seconds, step=step)
 
     def renew(self, jobs: list[Job], lease_seconds: float) -> int:

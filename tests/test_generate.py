@@ -195,7 +195,7 @@ def test_every_scheduler_and_sampler_runs_at_its_step_bounds_with_progress_withi
     set_step = store.set_step
     monkeypatch.setattr(runner, "PROGRESS_INTERVAL_SECONDS", 0)  # every step is written
     monkeypatch.setattr(
-        store, "set_step", lambda jobs, step, lease: written.append(step) or set_step(jobs, step, lease)
+        store, "set_step", lambda jobs, step, *rest: written.append(step) or set_step(jobs, step, *rest)
     )
 
     for name in SCHEDULER_NAMES:

@@ -538,7 +538,7 @@ class Engine:
         renewing the jobs' leases, and each job's previews at its cadence; a call none of whose
         jobs is still this worker's (all cancelled, or taken over after this worker hung) skips
         its remaining steps where it can."""
-        written = [0.0]
+        written, shown = [0.0], {}  # shown: previews stored since the last write, recorded with it
 
         def reached(index: int) -> int:
             # In the steps run: some schedulers take more timesteps than steps (Heun 2N-1, PNDM N+9),
@@ -549,11 +549,13 @@ class Engine:
         def progress(index: int, latents: Any) -> bool:
             now = self.progressed_at = time.monotonic()
             step = reached(index)
-            self._preview(pipe, family, batch, step, latents, size)
+            shown.update(self._preview(pipe, family, batch, step, latents, size))
             if now - written[0] < PROGRESS_INTERVAL_SECONDS:
                 return True
             written[0] = now
-            return bool(self.jobs.set_step(batch, step, self.settings.job_lease_seconds))
+            held = self.jobs.set_step(batch, step, self.settings.job_lease_seconds, shown)
+            shown.clear()
+            return bool(held)
 
         def on_step_end(running: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if not progress(index, tensors.get("latents")) and family.interrupt:
@@ -566,10 +568,12 @@ class Engine:
 
     def _preview(
         self, pipe: Any, family: Family, batch: list[Job], step: int, latents: Any, size: tuple[int, int]
-    ) -> None:
+    ) -> dict[str, int]:
         """Each job due a preview at this step (at its cadence; none at its last step, whose image
-        comes next): its first image's latents made small (engine/previews.py), stored where every
-        API process reads it, and recorded. A storage that fails to take one only costs the preview."""
+        comes next): its first image's latents made small (engine/previews.py) and stored where
+        every API process reads it; the steps stored, by job, for the next progress write to record
+        (a transaction of their own would cost more than the preview). A storage that fails to
+        take one only costs the preview."""
         offsets, offset = [], 0
         for job in batch:
             every = job.params.preview_every
@@ -577,10 +581,11 @@ class Engine:
                 offsets.append((offset, job))
             offset += len(job.params.seeds)
         if not offsets or latents is None:
-            return
+            return {}
         make = self.models.previewer(batch[0].params.model, pipe, family)
         if make is None:
-            return
+            return {}
+        stored = {}
         for first, job in offsets:
             job.preview_step = step  # a step some schedulers reach twice is shown once
             try:
@@ -588,7 +593,8 @@ class Engine:
             except STORAGE_ERRORS as exc:
                 log.warning("job %s: its preview at step %d was not stored (%s)", job.id, step, exc)
                 continue
-            self.jobs.set_preview(job, step)
+            stored[job.id] = step
+        return stored
 
     def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
         """Each image stored, each store counting as the batch's progress for the watchdog (a slow
