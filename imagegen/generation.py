@@ -40,7 +40,7 @@ from imagegen.edits import InputRejected
 from imagegen.embeddings import named
 from imagegen.jobs import Control, GenerationParams, Job, JobStore, Reference
 from imagegen.loras import AdapterRejected, AdapterStore
-from imagegen.preprocessors import preprocess, runnable, scaled
+from imagegen.preprocessors import Network, preprocess, runnable, scaled
 from imagegen.prompt_syntax import parse, weighted
 from imagegen.protocol import (
     MAX_SEED,
@@ -233,16 +233,15 @@ class GenerationService:
 
     def submit_detect(self, request: DetectRequest, caller: Caller) -> Submitted:
         """A control map made as a job (the depth and pose networks run where the workers are, and
-        a cluster's API has no torch), checked as a unit's is: its preprocessor served, its
-        thresholds in range, the default model's queue and the caller's room in it, its image
-        decoded and fitted to the working size; the worker's map is the job's image."""
+        a cluster's API has no torch), checked as a unit's is: its preprocessor served, the
+        default model's queue and the caller's room in it, its image decoded and fitted to the
+        working size; the worker's map is the job's image."""
         model = self._settings().model_id
         runnable(request.preprocessor, "preprocessor", networks := self.served_networks())
         self._capacity(model, caller)
         image = edits.as_rgb(self.read_image("image", request.image, caller))
         size = scaled(image.size, request.resolution)
-        thresholds = (request.threshold_a, request.threshold_b)
-        working = preprocess(image, request.preprocessor, size, networks, thresholds=thresholds)
+        working = preprocess(image, request.preprocessor, size, networks)
         encoded = input_png(working)
         control = (Control("", encoded[0], preprocessor=request.preprocessor),)
         params = _image_job(model, size, mode="detect", control=control)
@@ -326,7 +325,7 @@ class GenerationService:
         # the mode's kind, before the edit's images are read (which tell variation from image-to-image)
         masked = request.mask is not None or request.outpaint is not None
         kind = "txt2img" if request.image is None else "inpaint" if masked else "img2img"
-        networks = self.served_networks() if request.control else set()
+        networks = self.served_networks() if request.control else {}
         versions += self._controlnets(request.control or [], spec, kind, networks)
         versions += self._ip_adapters(request.ip_adapter or [], spec)
         if request.callback_url:
@@ -602,11 +601,14 @@ class GenerationService:
         versions = [self._fitting(self.adapters, choice.name, "loras", spec).version for choice in choices]
         return tuple((choice.name, choice.weight) for choice in choices), versions
 
-    def served_networks(self) -> set[str]:
-        """The network preprocessors PREPROCESSOR_DIR serves (depth, pose), by name."""
-        return {network.name for network in self.networks.listing()}
+    def served_networks(self) -> dict[str, Network]:
+        """The network preprocessors PREPROCESSOR_DIR serves (depth, pose), by name, described
+        (their versions too) by one listing."""
+        return {network.name: network for network in self.networks.listing()}
 
-    def _controlnets(self, units: list[ControlChoice], spec: ModelSpec, mode: str, networks: set[str]) -> list[str]:
+    def _controlnets(
+        self, units: list[ControlChoice], spec: ModelSpec, mode: str, networks: dict[str, Network]
+    ) -> list[str]:
         """The cheap half of a request's control, before any image is decoded: each ControlNet in
         CONTROLNET_DIR and made for the model's family, its steps a span, its preprocessor one
         that runs here, and an image for each (or an edit's own); their versions (and their
@@ -627,8 +629,8 @@ class GenerationService:
             controlnet = self._fitting(self.controlnets, unit.model, f"{field}.model", spec)
             if unit.start >= unit.end:
                 raise Refusal(f"`{field}.start` ({unit.start}) must be before its `end` ({unit.end})", f"{field}.start")
-            if runnable(unit.preprocessor, f"{field}.preprocessor", networks).run is None:
-                versions.append(self.networks.find(unit.preprocessor).version)
+            if runnable(unit.preprocessor, f"{field}.preprocessor", networks).network:
+                versions.append(networks[unit.preprocessor].version)
             if unit.image is None and mode == "txt2img":
                 message = f"`{field}.image` is required: text-to-image has no image of its own to steer by"
                 raise Refusal(message, f"{field}.image")
@@ -680,7 +682,12 @@ class GenerationService:
         return tuple(references), tuple(shown)
 
     def _control_maps(
-        self, request: GenerateRequest, size: tuple[int, int], edit: Edit | None, caller: Caller, networks: set[str]
+        self,
+        request: GenerateRequest,
+        size: tuple[int, int],
+        edit: Edit | None,
+        caller: Caller,
+        networks: dict[str, Network],
     ) -> tuple[tuple[Control, ...], tuple[tuple[str, bytes], ...]]:
         """Each ControlNet's map at the output size: its image (or the edit's) decoded and
         preprocessed (for a network, fitted for the worker to map), then encoded and named as an

@@ -91,17 +91,22 @@ class Preprocessor:
     run: Callable[[np.ndarray, float, float], np.ndarray] | None
     thresholds: tuple[Threshold, ...] = ()
 
+    @property
+    def network(self) -> bool:
+        """Whether it is a network (depth, pose), which a worker runs from PREPROCESSOR_DIR."""
+        return self.run is None
+
     def runs(self, networks: Collection[str]) -> bool:
         """Whether it runs here: a model-free one always, a network where `networks` (the
         folders of PREPROCESSOR_DIR) has it."""
-        return self.run is not None or self.name in networks
+        return not self.network or self.name in networks
 
     def view(self, networks: Collection[str]) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description if self.runs(networks) else f"{self.description}: {self.needs}",
             "available": self.runs(networks),
-            "model_free": self.run is not None,
+            "model_free": not self.network,
             "thresholds": [vars(threshold) for threshold in self.thresholds],
         }
 
@@ -241,7 +246,7 @@ def preprocess(
     working = fitted
     if resolution and resolution != min(size):
         working = fitted.resize(scaled(size, resolution), Image.Resampling.LANCZOS)
-    if preprocessor.run is None:
+    if preprocessor.run is None:  # a network: the worker maps the working image
         return working.convert("RGB")
     made = preprocessor.run(np.asarray(working.convert("RGB")), *values)
     result = Image.fromarray(made).convert("RGB")

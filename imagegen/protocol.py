@@ -274,15 +274,13 @@ class UpscaleRequest(BaseModel):
 
 class DetectRequest(BaseModel):
     """An image made into a control map by a preprocessor, as a job: POST /controlnet/detect's for
-    the network preprocessors (depth, pose), which run where the workers are."""
+    the network preprocessors (depth, pose: no thresholds), which run where the workers are."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
 
     image: str | bytes | Decoded
     preprocessor: str = Field(max_length=40)
     resolution: int = Field(ge=64, le=2048, description="Pixels on the shorter side the map is made at.")
-    threshold_a: float | None = None
-    threshold_b: float | None = None
 
 
 def _limit(value: str | None) -> str | None:

@@ -246,7 +246,7 @@ def detect() -> dict[str, Any]:
     networks = generation.served_networks()
     resolution = body.controlnet_processor_res if body.controlnet_processor_res > 0 else DEFAULT_RESOLUTION
     a, b = (None if value == -1 else value for value in (body.controlnet_threshold_a, body.controlnet_threshold_b))
-    network = runnable(module, "controlnet_module", networks).run is None
+    network = runnable(module, "controlnet_module", networks).network
     sources = [
         edits.as_rgb(generation.read_image(f"controlnet_input_images.{index}", image, caller()))
         for index, image in enumerate(images)

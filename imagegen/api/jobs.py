@@ -81,11 +81,11 @@ def job_events(job_id: str) -> Response:
     its server thread freed."""
     owned_job(job_id)
 
-    def render(kind: str, job: Job, image: bytes | None) -> list[str]:
+    def render(kind: str, job: Job, view: dict[str, Any], image: bytes | None) -> list[str]:
         if kind == "preview" and image is not None:
             shown = {"step": job.preview_step, "image": f"data:image/png;base64,{base64.b64encode(image).decode()}"}
             return [f"event: preview\ndata: {json.dumps(shown)}\n\n"]
-        return [f"event: {kind}\ndata: {json.dumps(job_view(job))}\n\n"]
+        return [f"event: {kind}\ndata: {json.dumps(view)}\n\n"]
 
     return follow(job_id, render)
 

@@ -206,7 +206,7 @@ def _stream(job: Job, body: ImagesOptions, event: str, warnings: list[str]) -> R
         "output_format": body.output_format,
     }
 
-    def render(kind: str, ended: Job, image: bytes | None) -> list[str]:
+    def render(kind: str, ended: Job, _view: dict[str, Any], image: bytes | None) -> list[str]:
         if kind == "preview" and image is not None and sent[0] < body.partial_images:
             with Image.open(io.BytesIO(image)) as preview:
                 partial = base64.b64encode(image_bytes(preview, body.output_format, job.params.quality)).decode()

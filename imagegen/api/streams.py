@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Response, stream_with_context
 
@@ -26,8 +27,9 @@ EVENT_MAX_SECONDS = 3600
 KEEPALIVE_SECONDS = 10
 
 # A surface's events for one moment of a job: "progress" (it changed), "preview" (with the new
-# preview's PNG) or "done" (it ended); each a whole SSE event ("event: ...\ndata: ...\n\n").
-Render = Callable[[str, Job, bytes | None], list[str]]
+# preview's PNG) or "done" (it ended), given the job and its view (views.job_view, made once a
+# poll); each a whole SSE event ("event: ...\ndata: ...\n\n").
+Render = Callable[[str, Job, dict[str, Any], bytes | None], list[str]]
 
 
 def follow(job_id: str, render: Render) -> Response:
@@ -43,16 +45,17 @@ def follow(job_id: str, render: Render) -> Response:
                 job = svc.jobs.get(job_id)
                 if job is None:
                     return
+                view = job_view(job)
                 if JobStatus(job.status).finished:
-                    yield from render("done", job, None)
+                    yield from render("done", job, view, None)
                     return
                 events = []
                 if job.preview_step > shown and (image := preview_png(job)):
                     shown = job.preview_step
-                    events += render("preview", job, image)
-                moment = json.dumps(job_view(job))  # its position while queued, its step while running, ...
+                    events += render("preview", job, view, image)
+                moment = json.dumps(view)  # its position while queued, its step while running, ...
                 if moment != changed:
-                    events += render("progress", job, None)
+                    events += render("progress", job, view, None)
                     changed = moment
                 if events:
                     yield from events

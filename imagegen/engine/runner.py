@@ -291,7 +291,7 @@ class Engine:
                         read[name] = self.images.read_input(name)
                 images = [read.get(name) for name in names]
                 for index, unit in enumerate(p.control):
-                    if PREPROCESSORS[unit.preprocessor].run is None:
+                    if PREPROCESSORS[unit.preprocessor].network:
                         key = (unit.image, unit.preprocessor)
                         if key not in made:
                             made[key] = self.models.annotator(unit.preprocessor)(read[unit.image])
