@@ -20,7 +20,7 @@ from imagegen.loras import AdapterStore
 from imagegen.preprocessors import NETWORK_WEIGHTS, PreprocessorRejected, read_network
 from tests.conftest import wait_ready
 from tests.test_control import controlnets as controlnets
-from tests.test_control import decoded, generate, unit
+from tests.test_control import decoded, generate, served, unit
 from tests.test_upscaling import png_b64
 from tools import make_model
 
@@ -35,9 +35,7 @@ def networks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def mapped(app_factory: Any, controlnets: Path, networks: Path) -> FlaskClient:
-    client = app_factory(controlnet_dir=controlnets, preprocessor_dir=networks, result_cache=False).test_client()
-    wait_ready(client)
-    return client
+    return served(app_factory, controlnet_dir=controlnets, preprocessor_dir=networks)
 
 
 def scene() -> Image.Image:

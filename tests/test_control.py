@@ -120,11 +120,16 @@ def controlnets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def controlled(app_factory: Any, controlnets: Path) -> FlaskClient:
-    client = app_factory(controlnet_dir=controlnets, result_cache=False).test_client()
+def served(app_factory: Any, **settings: Any) -> FlaskClient:
+    """A ready client of an app with these settings, its result cache off (tests compare runs)."""
+    client = app_factory(result_cache=False, **settings).test_client()
     wait_ready(client)
     return client
+
+
+@pytest.fixture
+def controlled(app_factory: Any, controlnets: Path) -> FlaskClient:
+    return served(app_factory, controlnet_dir=controlnets)
 
 
 def generate(client: FlaskClient, **fields: Any) -> Any:
@@ -435,9 +440,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def shown(app_factory: Any, controlnets: Path, references: Path) -> FlaskClient:
-    client = app_factory(controlnet_dir=controlnets, ipadapter_dir=references, result_cache=False).test_client()
-    wait_ready(client)
-    return client
+    return served(app_factory, controlnet_dir=controlnets, ipadapter_dir=references)
 
 
 RED, BLUE = (png_b64(Image.new("RGB", (64, 64), colour)) for colour in ("red", "blue"))
@@ -515,8 +518,7 @@ def test_each_family_with_controlnets_is_steered_by_its_tiny_one(app_factory, tm
     if hasattr(pipe, "unet"):
         make_model.t2i_adapter(pipe).save_pretrained(tmp_path / "controlnets" / "adapter")
     catalogue = catalogue_file(tmp_path, {family: {"source": str(tiny_models / family), "default_width": 64}})
-    client = app_factory(model_id=family, models=catalogue, result_cache=False, **folders).test_client()
-    wait_ready(client)
+    client = served(app_factory, model_id=family, models=catalogue, **folders)
     plain = generate(client, model=family)
     steered = generate(client, model=family, control=[unit(model="net")])
     assert steered.status_code == 200, steered.json
