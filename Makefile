@@ -101,6 +101,9 @@ bench: install
 	$(BIN)/python -m bench.controlnet
 	$(BIN)/python -m bench.loras
 	$(BIN)/python -m bench.previews
+	$(BIN)/python -m bench.step_cache
+	$(BIN)/python -m bench.loads
+	$(BIN)/python -m bench.compiling
 
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
 # manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.

@@ -77,6 +77,10 @@ REMOVED = {
 # device, and `Quantization`, an entry's scheme resolved with its backend and components).
 Scheme = Literal["none", "int8", "int8-dynamic", "int4", "fp8", "nf4"]
 QuantizationBackend = Literal["torchao", "quanto", "bitsandbytes"]
+# How much of a step its denoiser may take from the steps before (imagegen/engine/caching.py).
+StepCache = Literal["none", "fast", "faster"]
+# What of a model torch.compile compiles when it loads: nothing, one of each repeated block, or its whole denoiser.
+Compile = Literal["none", "regional", "full"]
 
 
 def comma_list(value: str) -> list[str]:
@@ -109,6 +113,8 @@ class ModelEntry(BaseModel):
     quantize: tuple[str, ...] | None = Field(None, min_length=1, strict=False)  # default: the UNet or transformer
     transformer: str | None = Field(None, min_length=1)  # a GGUF file used as the model's transformer
     preview_vae: str | None = Field(None, min_length=1)  # a tiny autoencoder (TAESD) folder that decodes previews
+    step_cache: StepCache | None = None  # the requests' default step cache (none: every step computed in full)
+    compile: Compile | None = None  # torch.compile its denoiser at load (none: eager)
 
 
 class Settings(BaseSettings):

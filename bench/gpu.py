@@ -8,9 +8,11 @@ weights, built on the GPU by tools.make_model: the compute and memory of the rea
   beyond HTTP), measured back to back;
 - peak VRAM of one image: plain, with attention slicing, with VAE tiling, with CPU offload;
 - VRAM once the engine has unloaded the model;
-- images per second with the UNet under `torch.compile` (after its compile), against without;
-- quantized weights, loaded as the server loads them: SDXL's UNet in int8 (torchao) and NF4
-  (bitsandbytes) against fp16: VRAM loaded, peak VRAM of one image, the UNet's weight bytes and
+- step caching (a request's `step_cache`): `fast` and `faster` against `none`, through the engine;
+- regional `torch.compile` as a catalogue's `compile = "regional"` does it: the cold compile, the
+  first call with inductor's cache warm (as after a restart), and the speed against eager;
+- quantized weights, loaded as the server loads them: SDXL's UNet in int8 and fp8 (torchao) and
+  NF4 (bitsandbytes) against fp16: VRAM loaded, peak VRAM of one image, the UNet's weight bytes and
   seconds per image; with `--flux`, FLUX.1 [dev]'s transformer the same way in bf16;
 - FLUX.1 [dev] at 1024x1024 in bf16, only if time is left (`--flux`).
 
@@ -48,6 +50,7 @@ from imagegen.catalogue import ModelSpec
 from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.engine import build_engine
+from imagegen.engine.compiling import compile_denoiser
 from imagegen.engine.runner import Engine
 from imagegen.families import FAMILIES
 from imagegen.jobs import GenerationParams, Job, JobStore
@@ -81,7 +84,7 @@ SMOKE_CASES = (
     Case("SDXL (tiny)", "sdxl", "sdxl", 64, 2, torch.float32, (1, 2), "tiny"),
 )
 # The quantized rows: the model's denoiser in each scheme, against the unquantized model.
-SCHEMES = (("none", None), ("int8", "torchao"), ("nf4", "bitsandbytes"))
+SCHEMES = (("none", None), ("int8", "torchao"), ("fp8", "torchao"), ("nf4", "bitsandbytes"))
 
 
 @dataclass
@@ -167,7 +170,7 @@ def engine_for(case: Case, device: str, tmp: Path) -> Iterator[tuple[Engine, Job
         quantization=Quantization(),
     )
 
-    def load(_spec: ModelSpec, dtype: torch.dtype) -> Any:
+    def load(_spec: ModelSpec, dtype: torch.dtype, _device: str | None) -> Any:
         pipe = build(case.build, size=case.model_size, device=device).to(dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -185,8 +188,10 @@ def engine_for(case: Case, device: str, tmp: Path) -> Iterator[tuple[Engine, Job
         db.close()
 
 
-def engine_call(engine: Engine, jobs: JobStore, case: Case, batch: int) -> None:
-    params = GenerationParams(PROMPT, "", case.size, case.size, case.steps, 5.0, (0,), "default", "bench")
+def engine_call(engine: Engine, jobs: JobStore, case: Case, batch: int, step_cache: str = "none") -> None:
+    params = GenerationParams(
+        PROMPT, "", case.size, case.size, case.steps, 5.0, (0,), "default", "bench", step_cache=step_cache
+    )
     created = [jobs.create(Job(params=params, client="bench")) for _ in range(batch)]
     assert engine.run(created) == [], "the engine failed the batch"
 
@@ -208,7 +213,8 @@ def measure(case: Case, run: Run, tmp: Path, compile_unet: bool) -> dict[str, An
 
 
 def pipeline_figures(engine: Engine, jobs: JobStore, case: Case, run: Run, compile_unet: bool) -> dict[str, Any]:
-    """Throughput against the raw call, peak VRAM per memory option, and torch.compile."""
+    """Throughput against the raw call, peak VRAM per memory option, step caching's levels against
+    none, and regional torch.compile (cold, then with its cache warm) against eager."""
     device, pipe, row = run.device, engine.models.get("bench"), {}
     for batch in case.batches:
         raw = timed(device, lambda b=batch: raw_call(pipe, case, b))
@@ -227,12 +233,18 @@ def pipeline_figures(engine: Engine, jobs: JobStore, case: Case, run: Run, compi
         raw_call(pipe, case, 1)
         row[f"peak_vram_mb_{name}"] = vram_mb(device)
         disable()
-    if compile_unet and run.allows(f"{case.name}: torch.compile", 180):
+    if run.allows(f"{case.name}: step caching", 60):
+        none = timed(device, lambda: engine_call(engine, jobs, case, 1))
+        for level in ("fast", "faster"):
+            cached = timed(device, lambda lv=level: engine_call(engine, jobs, case, 1, lv))
+            row[f"step_cache_{level}_speedup"] = none / cached
+    if compile_unet and run.allows(f"{case.name}: regional torch.compile", 180):
         eager = timed(device, lambda: raw_call(pipe, case, 1))
-        pipe.unet = torch.compile(pipe.unet)
-        row["compile_seconds"] = timed(device, lambda: raw_call(pipe, case, 1))
-        row["compiled_vs_eager"] = eager / timed(device, lambda: raw_call(pipe, case, 1))
-        pipe.unet = pipe.unet._orig_mod
+        compile_denoiser(pipe, "regional", engine.models.compile_cache)  # as a catalogue's `compile` does
+        row["regional_compile_cold_s"] = timed(device, lambda: raw_call(pipe, case, 1))
+        row["regional_compiled_speedup"] = eager / timed(device, lambda: raw_call(pipe, case, 1))
+        torch._dynamo.reset()  # a restarted process: inductor's caches on disk, nothing in memory
+        row["regional_compile_warm_cache_s"] = timed(device, lambda: raw_call(pipe, case, 1))
     if device.startswith("cuda"):  # last: offload leaves hooks on the pipeline
         pipe.enable_model_cpu_offload()
         reset_peak(device)

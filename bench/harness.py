@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 import psutil
 
-from config import ROOT
+from config import ROOT, Settings
+from imagegen.cpu import torch_threads
 
 T = TypeVar("T")
 
@@ -317,8 +318,76 @@ def peak_rss_mb(process: psutil.Process, work: Callable[[], T]) -> tuple[T, floa
         sampler.join()
 
 
+def ran_with_threads() -> int:
+    """The torch threads a benchmark ran with: this process's where it runs torch, else what a
+    server it started picks from the same environment (TORCH_THREADS, else the usable cores)."""
+    loaded = sys.modules.get("torch")
+    return loaded.get_num_threads() if loaded else torch_threads(int(os.environ.get("TORCH_THREADS") or 0))
+
+
 def write_results(name: str, results: dict[str, Any]) -> Path:
-    """Saves a benchmark's figures as JSON under bench/results/."""
+    """Saves a benchmark's figures as JSON under bench/results/, with the threads it ran with."""
     path = Path(__file__).resolve().parent / "results" / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(json.dumps({"torch_threads": ran_with_threads(), **results}, indent=2) + "\n")
     return path
+
+
+@contextmanager
+def in_process(pipe: Any, size: int, **overrides: Any) -> Iterator[Any]:
+    """A test client of a whole app (queue, engine, storage) serving `pipe` as the demo model's
+    entry, up to `size` pixels a side: for figures of the engine's own work, measured in this
+    process's CPU seconds, with no other server process sharing the cores."""
+    from imagegen import create_app
+    from imagegen.services import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        values: dict[str, Any] = {
+            "model_id": "models/demo-shapes",  # its family and files; the pipeline is `pipe`
+            "image_dir": Path(tmp) / "images",
+            "data_dir": Path(tmp) / "data",
+            "log_dir": Path(tmp) / "logs",
+            "rate_limit": "100000/minute",
+            "rate_limit_cost": "off",
+            "result_cache": False,
+            "max_width": size,
+            "max_height": size,
+            **overrides,
+        }
+        settings = Settings(_env_file=None, **values)
+        app = create_app(services=build(settings, load=lambda *_: pipe))
+        client = app.test_client()
+        wait_for(lambda: client.get("/health").status_code == 200, "the model ready", timeout=600)
+        try:
+            yield client
+        finally:
+            app.extensions["imagegen"].stop(30)
+
+
+@dataclass
+class Rounds:
+    """Each variant's CPU seconds (this process's) and wall seconds per request, and its answers."""
+
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    answers: dict[str, list[Any]] = field(default_factory=dict)
+
+    def median(self, variant: str, wall: bool = False) -> float:
+        return round(statistics.median((self.wall if wall else self.cpu)[variant]), 3)
+
+
+def alternate(client: Any, bodies: dict[str, dict[str, Any]], rounds: int, path: str = "/generate") -> Rounds:
+    """Each variant's request once a round, in turn, for `rounds` rounds after an uncounted first
+    (it warms up): side by side, so a noisy neighbour slows each alike. Each round's seed is its
+    own, the same for every variant."""
+    measured = Rounds()
+    for index in range(rounds + 1):
+        for variant, body in bodies.items():
+            started, wall = time.process_time(), time.perf_counter()
+            answer = client.post(path, json={"seed": index, **body})
+            spent, waited = time.process_time() - started, time.perf_counter() - wall
+            assert answer.status_code == 200, answer.json
+            if index:
+                measured.cpu.setdefault(variant, []).append(spent)
+                measured.wall.setdefault(variant, []).append(waited)
+                measured.answers.setdefault(variant, []).append(answer.json)
+    return measured

@@ -11,19 +11,12 @@ random weights (256 px: its VAE is large, so its latents are approximated by SD'
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 
-from bench.harness import write_results
-from config import Settings
-from imagegen import create_app
-from imagegen.services import build
+from bench.harness import alternate, in_process, write_results
 from tools.make_model import build as build_model
 
 PROMPT = "a red circle on a blue background"
@@ -31,43 +24,14 @@ STEPS = 20
 
 
 def costs(name: str, pipe: Any, size: int, rounds: int) -> dict[str, float]:
-    """CPU seconds per job with no previews and with the default's, and their ratio."""
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            model_id="models/demo-shapes",  # its family and files; the pipeline is `pipe`
-            image_dir=Path(tmp) / "images",
-            data_dir=Path(tmp) / "data",
-            log_dir=Path(tmp) / "logs",
-            rate_limit="100000/minute",
-            rate_limit_cost="off",
-            result_cache=False,
-            max_width=size,
-            max_height=size,
-            _env_file=None,
-        )
-        app = create_app(services=build(settings, load=lambda _source, _dtype: pipe))
-        client = app.test_client()
-        deadline = time.monotonic() + 600
-        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        variants = {"none": 0, "previews": None}  # None: PREVIEW_EVERY's auto
-        seconds: dict[str, list[float]] = {variant: [] for variant in variants}
-        walls: dict[str, list[float]] = {variant: [] for variant in variants}
-        every = 0
-        for index in range(rounds + 1):  # the first round warms up, uncounted
-            for variant, previews in variants.items():
-                body = {"prompt": PROMPT, "seed": index, "steps": STEPS, "width": size, "height": size}
-                started, wall = time.process_time(), time.perf_counter()
-                answer = client.post("/generate", json={**body, "previews": previews})
-                spent, waited = time.process_time() - started, time.perf_counter() - wall
-                assert answer.status_code == 200, answer.json
-                every = max(every, answer.json["parameters"]["preview_every"])
-                if index:
-                    seconds[variant].append(spent)
-                    walls[variant].append(waited)
-        app.extensions["imagegen"].stop(30)
-    none, previews = (round(statistics.median(seconds[variant]), 3) for variant in variants)
-    wall_none, wall_previews = (round(statistics.median(walls[variant]), 3) for variant in variants)
+    """CPU and wall seconds per job with no previews and with the default's, and their ratios."""
+    body = {"prompt": PROMPT, "steps": STEPS, "width": size, "height": size}
+    with in_process(pipe, size) as client:
+        # previews None: PREVIEW_EVERY's auto
+        measured = alternate(client, {"none": {**body, "previews": 0}, "previews": {**body, "previews": None}}, rounds)
+    every = max(answer["parameters"]["preview_every"] for answer in measured.answers["previews"])
+    none, previews = measured.median("none"), measured.median("previews")
+    wall_none, wall_previews = measured.median("none", wall=True), measured.median("previews", wall=True)
     return {
         f"{name} none cpu_s": none,
         f"{name} previews cpu_s": previews,
@@ -86,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     demo = StableDiffusionPipeline.from_pretrained("models/demo-shapes", dtype=torch.float32)
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "steps": STEPS}
+    results: dict[str, Any] = {"steps": STEPS}
     results.update(costs("demo 64px", demo, 64, args.demo_rounds))
     results.update(costs("SD 1.5 full size 256px", build_model("sd15", size="full"), 256, args.rounds))
     for key, value in results.items():

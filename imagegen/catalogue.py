@@ -40,6 +40,7 @@ class ModelSpec:
     max_steps: int
     quantization: Quantization
     preview_vae: str | None = None  # a local AutoencoderTiny folder its previews are decoded with
+    step_cache: str = "none"  # its requests' default step cache (families.Family.step_cache: how)
 
     def view(self) -> dict[str, Any]:
         """What /models says about it: enough for a client (or the playground) to build a request."""
@@ -55,9 +56,12 @@ class ModelSpec:
                 "height": self.default_height,
                 "steps": self.default_steps,
                 "guidance_scale": self.default_guidance,
+                "step_cache": self.step_cache,
             },
             "limits": {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps},
             "quantization": self.quantization.view(),
+            "step_cache": ["none", "fast", "faster"] if self.family and self.family.step_cache else ["none"],
+            "compile": self.entry.compile or "none",
         }
 
 
@@ -184,6 +188,9 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         value = getattr(entry, key)
         if value is not None and value > cap:
             raise UnservedModel(f"MODELS file model {model}, key {key}: {value} is over its limit {cap}")
+    if entry.compile == "regional" and family is not None and not family.repeated_blocks:
+        why = f"{family.title} names no repeated blocks; use full"
+        raise UnservedModel(f"MODELS file model {model}, key compile: {why}")
     trained = found.default_size if found else None
     guidance = family.default_guidance if family else None
     return ModelSpec(
@@ -203,6 +210,7 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         max_steps=max_steps,
         quantization=_quantization(settings, model, entry, source, found),
         preview_vae=_preview_vae(settings, model, entry),
+        step_cache=entry.step_cache or "none",
     )
 
 

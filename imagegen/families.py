@@ -77,6 +77,14 @@ class Family:
     # The latent space its previews are approximated in without a decoder (engine/previews.LATENT_RGB:
     # SD's, SDXL's, SD3's, FLUX.1's VAE); empty: none known.
     latent_space: str = ""
+    # How its denoiser reuses work between steps for a request's `step_cache` (engine/caching.METHODS:
+    # DeepCache's feature reuse for a UNet; diffusers' First-Block-Cache (FLUX.1) or TaylorSeer
+    # hooks for a transformer); empty: none.
+    step_cache: str = ""
+    # Its denoiser names the blocks it repeats (diffusers' `_repeated_blocks`), which a catalogue's
+    # `compile = "regional"` compiles one of each kind of (its UNet's transformer blocks; FLUX.1's and
+    # Z-Image's transformer blocks); SD3's, PixArt's and Sana's do not.
+    repeated_blocks: bool = False
 
     @property
     def lineage(self) -> str:
@@ -153,6 +161,8 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sd",
+            step_cache="deepcache",
+            repeated_blocks=True,
             default_size=512,
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
@@ -169,6 +179,8 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sd",
+            step_cache="deepcache",
+            repeated_blocks=True,
             default_size=512,
             schedulers=NOISE_SCHEDULERS,
             editing=("inpaint",),
@@ -186,6 +198,8 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sdxl",
+            step_cache="deepcache",
+            repeated_blocks=True,
             prompt_2=True,
             schedulers=NOISE_SCHEDULERS,
             editing=("img2img", "inpaint"),
@@ -202,6 +216,8 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sdxl",
+            step_cache="deepcache",
+            repeated_blocks=True,
             prompt_2=True,
             schedulers=NOISE_SCHEDULERS,
             editing=("inpaint",),
@@ -219,6 +235,7 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sd3",
+            step_cache="taylorseer",
             prompt_2=True,
             max_sequence_length=256,
             sequence_input=("tokenizer_3", "prompt"),
@@ -237,6 +254,8 @@ FAMILIES: dict[str, Family] = {
             "none",
             "none",
             latent_space="flux",
+            step_cache="first_block",
+            repeated_blocks=True,
             prompt_2=True,
             max_sequence_length=256,
             sequence_input=("tokenizer_2", "prompt_2"),
@@ -255,6 +274,8 @@ FAMILIES: dict[str, Family] = {
             "true_cfg",
             "distilled",
             latent_space="flux",
+            step_cache="first_block",
+            repeated_blocks=True,
             prompt_2=True,
             max_sequence_length=512,
             sequence_input=("tokenizer_2", "prompt_2"),
@@ -273,6 +294,7 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="sdxl",
+            step_cache="taylorseer",
             max_sequence_length=300,
             size_multiple=16,
             default_steps=20,
@@ -293,6 +315,7 @@ FAMILIES: dict[str, Family] = {
             default_steps=20,
             default_guidance=4.5,
             call={"use_resolution_binning": False},
+            step_cache="taylorseer",
             adapters=("lora",),
             gguf=True,
         ),
@@ -303,6 +326,8 @@ FAMILIES: dict[str, Family] = {
             "native",
             "cfg",
             latent_space="flux",
+            step_cache="taylorseer",
+            repeated_blocks=True,
             max_sequence_length=512,
             size_multiple=16,
             default_steps=28,

@@ -350,6 +350,10 @@ class GenerationService:
         if request.tiling and (spec.family is None or not spec.family.tiling):
             title = spec.family.title if spec.family else "an unknown family"
             raise Refusal(f"model {model} ({title}) cannot tile: only the UNet families (SD, SDXL) do", "tiling")
+        step_cache = request.step_cache or spec.step_cache
+        if step_cache != "none" and (spec.family is None or not spec.family.step_cache):
+            title = spec.family.title if spec.family else "an unknown family"
+            raise Refusal(f"`step_cache` {step_cache}: model {model} ({title}) has no step cache here", "step_cache")
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=given["negative_prompt"] or "",
@@ -369,6 +373,7 @@ class GenerationService:
             mode=mode,
             loras=loras,
             tiling=request.tiling,
+            step_cache=step_cache,
             output_format=request.output_format,
             quality=request.quality or 0,
             control=control,

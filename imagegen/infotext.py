@@ -82,6 +82,7 @@ def write(params: GenerationParams, index: int) -> str:
         "Hires prompt": params.hires_prompt or None if hires else None,
         "Hires negative prompt": params.hires_negative_prompt or None if hires else None,
         "Tiling": True if params.tiling else None,
+        "Step cache": params.step_cache if params.step_cache != "none" else None,
         "Clip skip": params.clip_skip if params.clip_skip > 1 else None,
         "Variation seed": params.subseeds[index] if params.subseeds else None,
         "Variation seed strength": f"{params.subseed_strength:g}" if params.subseeds else None,

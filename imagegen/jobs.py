@@ -132,6 +132,7 @@ class GenerationParams:
     preview_every: int = 0  # a preview of the image forming every this many steps (0: none); not batched on
     output_format: str = "png"  # how its images are stored: png, jpeg or webp (storage.FORMATS)
     quality: int = 0  # a jpeg's or webp's quality (0: storage.DEFAULT_QUALITY)
+    step_cache: str = "none"  # how much of a step reuses the steps before (engine/caching.py)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -195,6 +196,7 @@ class GenerationParams:
             self.hires_strength,
             tuple(unit[:1] + unit[2:5] for unit in self.control),  # the control maps may differ
             self.ip_adapter,  # a pipeline call shows every image one reference image per IP-Adapter
+            self.step_cache,
         )
 
     @property

@@ -84,11 +84,7 @@ def app_factory(tmp_path: Path) -> Iterator[Any]:
             overrides.setdefault("data_dir", tmp_path / f"data-{len(apps)}")
             overrides.setdefault("image_dir", tmp_path / f"images-{len(apps)}")
         settings = make_settings(tmp_path, **overrides)
-        app = (
-            create_app(services=build(settings, load=lambda _source, _dtype: pipeline))
-            if pipeline
-            else create_app(settings)
-        )
+        app = create_app(services=build(settings, load=lambda *_: pipeline)) if pipeline else create_app(settings)
         app.testing = True
         apps.append(app)
         return app

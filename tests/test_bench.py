@@ -44,9 +44,16 @@ def test_the_gpu_benchmark_runs_its_reduced_mode_on_the_cpu(tmp_path):
         "SDXL (tiny) nf4 (bitsandbytes): quantization nf4 runs bitsandbytes on cuda, not on this worker's device cpu"
     ]
     rows = {row["model"]: row for row in result["rows"]}
-    assert list(rows) == ["SD 1.5 (tiny)", "SDXL (tiny)", "SDXL (tiny) none", "SDXL (tiny) int8 (torchao)"]
+    assert list(rows) == [
+        "SD 1.5 (tiny)",
+        "SDXL (tiny)",
+        "SDXL (tiny) none",
+        "SDXL (tiny) int8 (torchao)",
+        "SDXL (tiny) fp8 (torchao)",
+    ]
     for row in result["rows"][:2]:
         assert row["raw_batch_2_images_per_s"] > 0 and row["engine_vs_raw_batch_2"] > 0
+        assert row["step_cache_fast_speedup"] > 0 and row["step_cache_faster_speedup"] > 0
     assert (
         rows["SDXL (tiny) int8 (torchao)"]["denoiser_weight_mb"] < 0.75 * rows["SDXL (tiny) none"]["denoiser_weight_mb"]
     )

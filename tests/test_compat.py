@@ -416,3 +416,8 @@ def test_openai_formats_backgrounds_moderation_and_what_it_does_not_serve(client
     )
     warned = json.loads(raw)["warnings"]
     assert any(line.startswith("`quality`") for line in warned) and any(line.startswith("`style`") for line in warned)
+    # gpt-image's tiers are honoured, as the step cache (written in the image's infotext), unwarned
+    tiered = client.images.generate(prompt="a red circle", size="64x64", quality="low", extra_body={"steps": 12})
+    assert not (tiered.model_extra or {}).get("warnings")
+    written = Image.open(io.BytesIO(base64.b64decode(tiered.data[0].b64_json))).text["parameters"]
+    assert "Step cache: faster" in written

@@ -48,9 +48,7 @@ def engine_parts(tmp_path: Path, fake: FakePipeline, **overrides: object) -> Par
     db = Database(settings.database)
     jobs, monitor, notified = JobStore(db), Monitor(), []
     endings = Endings(jobs, monitor, notified.append)
-    engine = build_engine(
-        settings, ImageStore(settings.image_dir, db), endings, monitor, "test", load=lambda _s, _d: fake
-    )
+    engine = build_engine(settings, ImageStore(settings.image_dir, db), endings, monitor, "test", load=lambda *_: fake)
     engine.models.get(settings.model_id)
     fake.calls.clear()  # the load's warm-up call
     return Parts(engine, jobs, monitor, notified)

@@ -37,7 +37,7 @@ def test_the_service_the_worker_and_the_engine_import_no_http():
 
 
 def test_a_job_is_submitted_and_run_without_flask(tmp_path, fake):
-    services = build(make_settings(tmp_path), load=lambda _spec, _dtype: fake)
+    services = build(make_settings(tmp_path), load=lambda *_: fake)
     services.start()
     try:
         request = GenerateRequest.model_validate(

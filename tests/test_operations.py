@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -282,6 +283,10 @@ def test_status_reports_system_and_app_figures(app_factory):
     assert system["disk"]["total_bytes"] > 0 and system["uptime_seconds"] >= 0
     assert app["model"]["state"] == "ready" and app["model"]["device"] == "cpu"
     assert app["model"]["dtype"] == "float32"
+    # from the process's start (this test process's, long before this app) to the model's readiness
+    started = psutil.Process().create_time()
+    assert 0 < app["model"]["load_seconds"] < app["model"]["ready_after_start_seconds"] <= time.time() - started
+    assert app["model"]["compile_seconds"] is None, "not compiled"
     assert app["queue"] == {"depth": 0, "max": 64, "active": 0}
     assert app["images"]["count"] == 1 and app["images"]["bytes"] > 0
     assert app["requests"]["total"] >= 2

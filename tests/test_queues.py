@@ -116,7 +116,7 @@ def test_local_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, fake
     notified: list[str] = []
     endings = Endings(JobStore(db), Monitor(), notified.append)
     images = ImageStore(settings.image_dir, db)
-    queue = LocalQueue(build_engine(settings, images, endings, Monitor(), "local", load=lambda _s, _d: fake))
+    queue = LocalQueue(build_engine(settings, images, endings, Monitor(), "local", load=lambda *_: fake))
     queue.models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
     queue.start()
     fake.step_seconds = 0.11  # every step writes progress and reads cancels
@@ -160,7 +160,7 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
     worker_notified: list[str] = []
     worker_endings = Endings(JobStore(worker_db), Monitor(), worker_notified.append)
     images = ImageStore(settings.image_dir, worker_db)
-    engine = build_engine(settings, images, worker_endings, Monitor(), "w1", load=lambda _s, _d: fake)
+    engine = build_engine(settings, images, worker_endings, Monitor(), "w1", load=lambda *_: fake)
     models = engine.models
     republished: list[str] = []
     states: list[WorkerState] = []
@@ -196,7 +196,7 @@ def test_a_worker_applies_an_admins_change_when_idle_at_once_and_during_a_batch_
         Endings(jobs, Monitor(), lambda _job_id: None),
         Monitor(),
         "w1",
-        load=lambda _s, _d: fake,
+        load=lambda *_: fake,
     )
     consume = worker_process.Consumer(engine, lambda _ids, _after: None, lambda _state: None)
     consume.adjust(settings.model_copy(update={"max_batch_size": 3}))
@@ -227,7 +227,7 @@ def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, po
         Endings(JobStore(db), Monitor(), lambda _job_id: None),
         Monitor(),
         "w1",
-        load=lambda _s, _d: fake,
+        load=lambda *_: fake,
     )
     republished: list[str] = []
     states: list[WorkerState] = []

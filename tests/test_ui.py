@@ -330,6 +330,19 @@ def test_hires_fix_then_an_upscale_of_the_result(page):
     assert page.errors == []
 
 
+def test_the_step_cache_offers_the_models_levels_and_is_sent(page):
+    assert page.eval_on_selector_all("#step_cache option", "os => os.map(o => o.value)") == ["none", "fast", "faster"]
+    assert page.input_value("#step_cache") == "none", "the model's default"
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "12")
+    page.select_option("#step_cache", "faster")
+    page.click("#generate")
+    page.wait_for_selector(RESULT, timeout=WAIT_MS)
+    status, _headers, png = call(page.get_attribute(RESULT, "src"))
+    assert status == 200 and "Step cache: faster" in Image.open(io.BytesIO(png)).text["parameters"]
+    assert page.errors == []
+
+
 # Every control a user works: none may be cut off or need a sideways scroll.
 CONTROLS = "#form input:visible, #form select:visible, #form button:visible, #form label:visible"
 

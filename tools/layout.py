@@ -68,6 +68,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "engine/upscaling.py",
         "engine/annotators.py",
         "engine/previews.py",
+        "engine/caching.py",
+        "engine/compiling.py",
     ),
     "Models (no torch: a cluster's API reads them too)": (
         "families.py",

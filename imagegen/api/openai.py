@@ -44,9 +44,12 @@ WORDS = {
 }
 # OpenAI's request fields that mean nothing to these models: named in the answer's warnings.
 UNSERVED = {
-    "quality": "OpenAI's quality tiers; this server's images are made by `steps` and `guidance_scale`",
+    "quality": "DALL-E 3's tiers; gpt-image's `low`, `medium` and `high` set the step cache",
     "style": "DALL-E 3's styles; say it in the prompt",
 }
+# gpt-image's quality tiers as step caching (a request's `step_cache` in extra_body wins): a lower
+# tier reuses more of the steps before, for less time; `auto` (its default) is the model's own.
+QUALITY_STEP_CACHE = {"low": "faster", "medium": "fast", "high": "none"}
 
 
 class ImagesOptions(BaseModel):
@@ -59,7 +62,7 @@ class ImagesOptions(BaseModel):
     size: str | None = None
     response_format: Literal["url", "b64_json"] = "b64_json"
     user: str | None = None
-    quality: str | None = None  # named in the answer's warnings (UNSERVED)
+    quality: str | None = None  # gpt-image's tiers set the step cache; others are named in warnings
     style: str | None = None  # named in the answer's warnings (UNSERVED)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)  # a jpeg's or webp's quality, as OpenAI's
@@ -74,6 +77,7 @@ class ImagesOptions(BaseModel):
     loras: list[dict[str, Any]] | None = None  # [{"name", "weight"}], in extra_body
     hires: dict[str, Any] | None = None  # hires fix, as the native `hires`, in extra_body
     tiling: bool = False  # seamless tiling, in extra_body
+    step_cache: str | None = None  # the native `step_cache` (none, fast, faster), in extra_body
     control: list[dict[str, Any]] | None = None  # ControlNets, as the native `control`, in extra_body
     ip_adapter: list[dict[str, Any]] | None = None  # IP-Adapters, as the native `ip_adapter`, in extra_body
 
@@ -166,6 +170,7 @@ def _generate(body: ImagesOptions, fields: dict[str, Any], event: str = "image_g
             "loras": body.loras,
             "hires": body.hires,
             "tiling": body.tiling,
+            "step_cache": body.step_cache or QUALITY_STEP_CACHE.get(body.quality or "auto"),
             "control": body.control,
             "ip_adapter": body.ip_adapter,
             "previews": body.partial_images if body.stream else 0,
@@ -175,7 +180,12 @@ def _generate(body: ImagesOptions, fields: dict[str, Any], event: str = "image_g
             "moderation": body.moderation,
         },
     )
-    warnings = [f"`{name}`: {why} (ignored)" for name, why in UNSERVED.items() if getattr(body, name) is not None]
+    honoured = {"quality": (*QUALITY_STEP_CACHE, "auto")}
+    warnings = [
+        f"`{name}`: {why} (ignored)"
+        for name, why in UNSERVED.items()
+        if getattr(body, name) is not None and getattr(body, name) not in honoured.get(name, ())
+    ]
     if body.stream:
         return _stream(services().generation.submit(native, caller()).job, body, event, warnings)
     finished = generate_now(native)

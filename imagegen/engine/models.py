@@ -49,6 +49,7 @@ from imagegen.edits import MASKED
 from imagegen.embeddings import SDXL_KEYS, embedding_store
 from imagegen.engine.annotators import Annotator
 from imagegen.engine.annotators import load as load_annotator
+from imagegen.engine.compiling import CACHE_FOLDER, compile_denoiser
 from imagegen.engine.previews import Previewer, previewer
 from imagegen.engine.upscaling import load as load_upscaler
 from imagegen.families import BY_PIPELINE, FAMILIES, Family, UnservedModel, served
@@ -92,6 +93,10 @@ class ModelInfo:
     error: str | None = None
     failures: int = 0  # failed loads in a row
     loads: int = 0  # loads since this process started (an adapter switch is none)
+    compile_seconds: float | None = None  # its warm-up step, which compiled it (catalogue key `compile`)
+    # From its process's start (the interpreter's, imports included) to its last load's readiness:
+    # for a model loaded at start, how long a restart keeps it from serving.
+    ready_after_start_seconds: float | None = None
     retry_at: float | None = None  # when a failed load is tried again (epoch seconds)
     quantization: dict[str, Any] | None = None  # the scheme loaded, with the backend chosen for the device
     weight_bytes: dict[str, int] | None = None  # per component, and "total", from the state dicts
@@ -150,15 +155,18 @@ def memory_snapshot(device: str) -> str:
     return f"rss={rss:.0f}MB"
 
 
-def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype, device: str | None) -> DiffusionPipeline:
     """A pipeline from a diffusers folder or hub id, or from one checkpoint file: safetensors weights
-    only, since a pickled checkpoint (.ckpt, .bin) can run code when it is loaded. A single file
-    is loaded by its family's pipeline, with the configs and tokenizers of the entry's `config`
-    folder (without network, nothing else has them)."""
+    only, since a pickled checkpoint (.ckpt, .bin) can run code when it is loaded. A folder's
+    weights are memory-mapped and, given a `device` (an accelerator it is not offloaded from),
+    placed straight on it (`device_map`): no copy of the whole model passes through RAM on the way.
+    A single file is loaded by its family's pipeline, with the configs and tokenizers of the
+    entry's `config` folder (without network, nothing else has them)."""
     source = Path(spec.source)
     if not source.is_file():
         quantized = load_arguments(spec.quantization, spec.source, dtype)
-        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True, **quantized)
+        placed = {"device_map": device} if device else {}
+        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True, **placed, **quantized)
     if source.suffix != ".safetensors" or spec.family is None:
         raise ValueError(f"only .safetensors checkpoints are loaded, not {source.name}")
     config = Settings.resolve_source(spec.entry.config) if spec.entry.config else None
@@ -208,7 +216,7 @@ def family_of(pipe: DiffusionPipeline, spec: ModelSpec) -> Family:
     return BY_PIPELINE[name]
 
 
-Loader = Callable[[ModelSpec, torch.dtype], DiffusionPipeline]
+Loader = Callable[[ModelSpec, torch.dtype, str | None], DiffusionPipeline]
 
 # An adapter's name inside the model (PEFT keeps them in module dicts: no dots).
 ADAPTER_KEY = re.compile(r"\W")
@@ -246,6 +254,7 @@ class ModelManager:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.torch_dtype, self.device)
         self.threads = torch_threads(settings.torch_threads)
+        self.compile_cache = settings.data_dir / CACHE_FOLDER
         torch.set_num_threads(self.threads)  # for the whole process: its engine is its only torch user
         self.catalogue = {model: self._runnable(spec) for model, spec in catalogue.items()}
         self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
@@ -318,11 +327,15 @@ class ModelManager:
                 if needs_kernel(spec.quantization, self.device):
                     log.info("building quanto's CPU int4 kernel if not built yet (C++, once per installation)")
                     build_kernels()
-                pipe = self._load_pipeline(spec, dtype)
+                pipe = self._load_pipeline(spec, dtype, self._placed(spec))
             pipe.set_progress_bar_config(disable=True)  # before the warm-up's step: no tqdm bar in the log
             family = family_of(pipe, spec)
             self._apply_memory_options(pipe, spec)
+            how = spec.entry.compile or "none"
+            compile_denoiser(pipe, how, self.compile_cache)
+            warming = time.perf_counter()
             self._warm_up(pipe, family, spec)
+            compiled = round(time.perf_counter() - warming, 3) if how != "none" else None
         except Exception as exc:
             failures = self.state(model_id).failures + 1
             wait = backoff(LOAD_RETRY_SECONDS, failures, MAX_RETRY_SECONDS)
@@ -345,6 +358,8 @@ class ModelManager:
             loads=self.state(model_id).loads + 1,
             quantization=spec.quantization.view(),
             weight_bytes=pipeline_bytes(pipe),
+            compile_seconds=compiled,
+            ready_after_start_seconds=round(time.time() - psutil.Process().create_time(), 3),
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
@@ -360,19 +375,26 @@ class ModelManager:
         with torch.no_grad():  # not inference_mode: see Engine._generate
             pipe(**arguments, generator=torch.Generator("cpu").manual_seed(0))
 
+    def _placed(self, spec: ModelSpec) -> str | None:
+        """The device a model is loaded straight onto: an accelerator diffusers places whole models
+        on (`cuda`; not one CPU offload keeps the weights off), else None (the CPU, or moved after)."""
+        if self.device != "cuda" or self._chosen(spec, "cpu_offload"):
+            return None
+        return self.device
+
+    def _chosen(self, spec: ModelSpec, name: str) -> Any:
+        """A memory option: the entry's, else the setting's (or its preset's)."""
+        value = getattr(spec.entry, name)
+        return getattr(self.settings, name) if value is None else value
+
     def _apply_memory_options(self, pipe: DiffusionPipeline, spec: ModelSpec) -> None:
         """The entry's (else the preset's) memory trade-offs; CPU offload only means something on an
-        accelerator."""
-
-        def chosen(name: str) -> bool:
-            value = getattr(spec.entry, name)
-            return getattr(self.settings, name) if value is None else value
-
-        if chosen("attention_slicing"):
+        accelerator. A model already placed on its device stays (`to` moves nothing there)."""
+        if self._chosen(spec, "attention_slicing"):
             pipe.enable_attention_slicing()
-        if chosen("vae_tiling") and hasattr(pipe, "vae"):
+        if self._chosen(spec, "vae_tiling") and hasattr(pipe, "vae"):
             pipe.vae.enable_tiling()
-        if chosen("cpu_offload") and self.device.startswith("cuda"):
+        if self._chosen(spec, "cpu_offload") and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)

@@ -25,6 +25,7 @@ from config import Settings
 from imagegen import infotext
 from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
+from imagegen.engine.caching import step_caching
 from imagegen.engine.models import ModelManager
 from imagegen.engine.noise import VariationNoise
 from imagegen.engine.prompts import Encoded, cut, encode, needs_encoding, stacked
@@ -403,7 +404,7 @@ class Engine:
         # no_grad, not inference_mode: quanto's int4 weights unpack in place on their first use,
         # which inference tensors forbid (and the pipelines' own calls run under no_grad anyway).
         with torch.no_grad(), tiled(pipe, params.tiling):
-            with noise:
+            with noise, step_caching(pipe, family, params.step_cache):
                 made = pipe(**arguments, generator=generators).images
             if params.hires_width:
                 made = self._second_pass(pipe, family, batch, inputs, encoded, made, generators)
@@ -479,7 +480,8 @@ class Engine:
             del arguments["width"], arguments["height"]
         done = params.steps_run or params.steps
         arguments.update(self._watch(second, family, batch, done, params.hires_steps_run, size))
-        return second(**arguments, generator=generators).images
+        with step_caching(second, family, params.step_cache):
+            return second(**arguments, generator=generators).images
 
     @staticmethod
     def _control(

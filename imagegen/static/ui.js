@@ -127,6 +127,7 @@ function chooseModel() {
   $("steps").max = model.limits.max_steps;
   $("steps").value = model.defaults.steps;
   $("guidance_scale").value = model.defaults.guidance_scale;
+  $("step_cache").replaceChildren(...model.step_cache.map((level) => new Option(level, level, false, level === model.defaults.step_cache)));
   showAdapters();
 }
 
@@ -154,6 +155,7 @@ function requestBody() {
     };
   }
   if ($("tiling").checked) body.tiling = true;
+  if ($("step_cache").value) body.step_cache = $("step_cache").value;
   if ($("control_on").checked && !$("control_field").hidden) {
     body.control = [{
       model: $("control_model").value,
