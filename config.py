@@ -180,6 +180,7 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(0, ge=0, le=10_000)
+    model_switch_wait_ms: int = Field(10_000, ge=0, le=3_600_000)  # imagegen.scheduling
     max_jobs_per_client: int = Field(16, ge=0, le=100_000)
     max_waits_per_client: int = Field(4, ge=0, le=10_000)
     result_cache: bool = True

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from config import Settings
@@ -275,8 +275,34 @@ class AppFigures(Collector):
                 gauges["broker_consumers"] = ("Consumers of the broker's queue (RabbitMQ).", runners.broker.consumers)
         for name, (description, value) in gauges.items():
             yield GaugeMetricFamily(f"imagegen_{name}", description, value=value)
+        # each model's loads, this process's or (in a cluster) every live worker's since it started
+        reports = (
+            runners.models
+            if runners.workers is None
+            else [info for worker in runners.workers if worker["alive"] for info in worker.get("models") or []]
+        )
+        yield from model_counts(reports)
         if runners.workers is not None:  # a cluster: its workers, each by name
             yield from worker_figures(runners.workers)
+
+
+MODEL_COUNTS = {
+    "model_loads": ("loads", "Model loads, by model."),
+    "model_switches": ("switches", "Model loads that first unloaded another model (MAX_LOADED_MODELS), by model."),
+}
+
+
+def model_counts(reports: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Loads and switches per model, summed over the reports that give them (a model's on each worker)."""
+    for name, (key, description) in MODEL_COUNTS.items():
+        family = CounterMetricFamily(f"imagegen_{name}", description, labels=["model"])
+        totals: dict[str, int] = {}
+        for info in reports:
+            if key in info:
+                totals[info["id"]] = totals.get(info["id"], 0) + info[key]
+        for model, total in totals.items():
+            family.add_metric([model], total)
+        yield family
 
 
 def loaded_models(models: list[dict[str, Any]]) -> list[str]:

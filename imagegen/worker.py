@@ -10,6 +10,7 @@ that this worker is alive, what it runs, and how much it has done.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from celery.worker.control import control_command
 from celery_batches import Batches
 
 from config import Settings, load_settings
+from imagegen import scheduling
 from imagegen.access import Access
 from imagegen.db import Database
 from imagegen.endings import Endings
@@ -267,9 +269,10 @@ def resubscribe(consumer: Any) -> dict[str, Any]:
 
 class Consumer:
     """What the worker does with one flush of messages: the jobs still to run, in batches by the
-    engine's rule; a retried job goes back to the broker as a new message, due after its pause.
-    An admin's change (`adjust`) applies at once when no flush runs, else when the running one ends,
-    so no batch sees its settings change and an idle worker reports the change in its next beat."""
+    engine's rule, in the scheduling policy's order (imagegen.scheduling); a retried job goes back
+    to the broker as a new message, due after its pause. An admin's change (`adjust`) applies at
+    once when no flush runs, else when the running one ends, so no batch sees its settings change
+    and an idle worker reports the change in its next beat."""
 
     def __init__(
         self, engine: Engine, republish: Callable[[list[str], float], None], report: Callable[[WorkerState], None]
@@ -278,6 +281,8 @@ class Consumer:
         self._lock = threading.Lock()
         self._running = False
         self._pending: Settings | None = None
+        self._served: dict[str, int] = {}  # each owner's last turn (scheduling.in_turns)
+        self._turns = itertools.count()
 
     def adjust(self, changed: Settings) -> None:
         with self._lock:
@@ -300,7 +305,11 @@ class Consumer:
     def _consume(self, ids: list[str]) -> None:
         try:
             pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
-            for batch in plan_batches(pending, self.engine.settings.max_batch_size):
+            pending = scheduling.in_turns(pending, self._served)
+            batches = plan_batches(pending, self.engine.settings.max_batch_size)
+            for batch in scheduling.loaded_first(batches, self.engine.models.loaded()):
+                for job in batch:
+                    self._served[job.client] = next(self._turns)
                 self.report(WorkerState.BUSY)
                 for again in self.engine.run(batch):  # a new message each: this one is acked with its batch
                     self.republish([again.job.id], again.after)

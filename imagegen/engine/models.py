@@ -93,6 +93,7 @@ class ModelInfo:
     error: str | None = None
     failures: int = 0  # failed loads in a row
     loads: int = 0  # loads since this process started (an adapter switch is none)
+    switches: int = 0  # of those, loads that first unloaded another model to make room (MAX_LOADED_MODELS)
     compile_seconds: float | None = None  # its warm-up step, which compiled it (catalogue key `compile`)
     # From its process's start (the interpreter's, imports included) to its last load's readiness:
     # for a model loaded at start, how long a restart keeps it from serving.
@@ -415,9 +416,12 @@ class ModelManager:
         the named ControlNets beside it, loading (and evicting) as needed."""
         pipe = self._pipes.get(model_id)
         if pipe is None:
+            switched = len(self._pipes) >= self.settings.max_loaded_models
             while len(self._pipes) >= self.settings.max_loaded_models:
                 self.unload(next(iter(self._pipes)))
             pipe = self._pipes[model_id] = self._load(model_id)
+            if switched:
+                self._set(model_id, switches=self.state(model_id).switches + 1)
         self._pipes.move_to_end(model_id)
         self._set(model_id, last_used=time.time())
         self._activate(model_id, pipe, loras)
@@ -630,6 +634,10 @@ class ModelManager:
             pipe.set_adapters(active, adapter_weights=[weight for _name, weight in loras])
         elif loaded:
             pipe.disable_lora()
+
+    def loaded(self) -> list[str]:
+        """The models in memory, least recently used first (generation thread only)."""
+        return list(self._pipes)
 
     def pipeline(self, model_id: str) -> DiffusionPipeline | None:
         """The loaded text-to-image pipeline of a model, None when it is not loaded (generation

@@ -1,0 +1,51 @@
+"""Which queued job runs next: a policy, not arrival order alone.
+
+Fair turns: owners (API keys, or addresses without keys) take turns, each owner's first waiting
+job before anyone's second, so one client's sixteen queued jobs do not stand in front of everyone
+else's. A batch's other places go in the same order, so a client's batch-mates are its own only
+when no one else waits.
+
+Loaded models first: with jobs for several models waiting, the next batch is for a model already
+in memory, so a worker whose MAX_LOADED_MODELS is smaller than the models its clients name does
+not unload and load again for each batch (real models take seconds to a minute to load). A job for
+another model waits at most MODEL_SWITCH_WAIT_MS for that: once the oldest job has waited so long,
+it goes next whatever it loads, so no job starves.
+
+Both queues use it: the local queue for each batch; a cluster worker for the messages it takes at
+once (the broker hands them over in arrival order, so there the turns reach only that far).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping, Sequence
+
+from imagegen.jobs import Job
+
+
+def in_turns(ready: Sequence[Job], served: Mapping[str, int]) -> list[Job]:
+    """The ready jobs (oldest first) in fair turns: every owner's first, then every owner's second,
+    ...; within a round, the owner whose last turn (`served`, a rising count) was longest ago first,
+    an owner never served before anyone; then arrival."""
+    seen: dict[str, int] = {}
+    ranked = []
+    for index, job in enumerate(ready):
+        round_ = seen[job.client] = seen.get(job.client, -1) + 1
+        ranked.append(((round_, served.get(job.client, -1), index), job))
+    return [job for _rank, job in sorted(ranked, key=lambda pair: pair[0])]
+
+
+def first(ready: Sequence[Job], loaded: Collection[str], patience_seconds: float, now: float | None = None) -> Job:
+    """The job to start the next batch with, from `ready` in turn order: the head, if its model is
+    loaded or it has waited `patience_seconds`, else the first whose model is loaded, else the head."""
+    head = ready[0]
+    waited = (time.time() if now is None else now) - head.created_at
+    if waited >= patience_seconds or head.params.model in loaded:
+        return head
+    return next((job for job in ready if job.params.model in loaded), head)
+
+
+def loaded_first(batches: list[list[Job]], loaded: Collection[str]) -> list[list[Job]]:
+    """Batches for loaded models before the others, each group in its order (a worker's batches
+    of one delivery all run now, so none waits long)."""
+    return sorted(batches, key=lambda batch: batch[0].params.model not in loaded)
