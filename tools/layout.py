@@ -58,7 +58,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "monitoring.py",
         "logs.py",
     ),
-    "Queues and workers": ("queues/__init__.py", "queues/local.py", "queues/cluster.py", "worker.py"),
+    "Queues and workers": ("queues/__init__.py", "scheduling.py", "queues/local.py", "queues/cluster.py", "worker.py"),
     "Engine (the only code that touches pipelines)": (
         "engine/__init__.py",
         "engine/runner.py",
