@@ -12,10 +12,12 @@ import pytest
 import torch
 from sqlalchemy import select, text
 
+from imagegen.catalogue import build_catalogue
 from imagegen.db import Database
 from imagegen.db import jobs as jobs_table
 from imagegen.endings import Endings
 from imagegen.engine import build_engine
+from imagegen.engine.models import load_pipeline
 from imagegen.engine.runner import Engine, gather, plan_batches
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.monitoring import Monitor
@@ -251,3 +253,15 @@ def test_a_job_cancelled_as_it_stores_its_images_leaves_none_behind(parts, monke
     assert all(parts.engine.images.find(name) is None for name in stored), "no record left"
     assert parts.engine.images.stats()["count"] == 0
     assert not any(parts.engine.images.local_dir.glob("*.png")), "no file left"
+
+
+def test_a_model_is_placed_on_its_device_as_it_loads_and_then_moves_nowhere(tmp_path: Path):
+    """On CUDA the loader passes `device_map` (the weights go there straight); here the same call
+    with the CPU, which diffusers takes as a device too: the pipeline records where it was placed
+    and still takes the `to` every load ends with."""
+    settings = make_settings(tmp_path)
+    spec = build_catalogue(settings)[settings.model_id]
+    pipe = load_pipeline(spec, torch.float32, "cpu")
+    assert pipe.hf_device_map == "cpu" and pipe.unet.device.type == "cpu"
+    pipe.to("cpu")
+    assert load_pipeline(spec, torch.float32, None).hf_device_map is None
