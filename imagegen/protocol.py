@@ -203,7 +203,7 @@ class GenerateRequest(BaseModel):
     step_cache: StepCache | None = Field(
         None,
         description="Steps that reuse the work of the steps before: none, fast (nearly the same image), faster "
-        "(about half the time); default: the model's (GET /models).",
+        "(more reuse, about 0.6x of the time); default: the model's (GET /models).",
     )
     previews: int | None = Field(
         None,
