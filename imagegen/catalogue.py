@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from config import ROOT, ModelEntry, Settings
+from config import ROOT, ModelEntry, Settings, StepCache
 from imagegen.families import FAMILIES, Facts, Family, UnservedModel, checkpoint_family, facts, folder_reader
 from imagegen.quantization import Quantization, Unrunnable, check_backend, denoiser
 
@@ -60,7 +60,7 @@ class ModelSpec:
             },
             "limits": {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps},
             "quantization": self.quantization.view(),
-            "step_cache": ["none", "fast", "faster"] if self.family and self.family.step_cache else ["none"],
+            "step_cache": list(get_args(StepCache)) if self.family and self.family.step_cache else ["none"],
             "compile": self.entry.compile or "none",
         }
 
