@@ -17,6 +17,7 @@ once (the broker hands them over in arrival order, so there the turns reach only
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Collection, Mapping, Sequence
 
@@ -33,6 +34,23 @@ def in_turns(ready: Sequence[Job], served: Mapping[str, int]) -> list[Job]:
         round_ = seen[job.client] = seen.get(job.client, -1) + 1
         ranked.append(((round_, served.get(job.client, -1), index), job))
     return [job for _rank, job in sorted(ranked, key=lambda pair: pair[0])]
+
+
+class Turns:
+    """Whose turn it is, for one queue or worker: each owner's last turn, counted as batches start."""
+
+    def __init__(self) -> None:
+        self._served: dict[str, int] = {}
+        self._count = itertools.count()
+
+    def order(self, ready: Sequence[Job]) -> list[Job]:
+        """The ready jobs (oldest first) in turns (`in_turns`)."""
+        return in_turns(ready, self._served)
+
+    def taken(self, batch: Sequence[Job]) -> None:
+        """A batch starts: its owners have had their turn."""
+        for job in batch:
+            self._served[job.client] = next(self._count)
 
 
 def first(ready: Sequence[Job], loaded: Collection[str], patience_seconds: float, now: float | None = None) -> Job:

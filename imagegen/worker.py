@@ -10,7 +10,6 @@ that this worker is alive, what it runs, and how much it has done.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
@@ -281,8 +280,7 @@ class Consumer:
         self._lock = threading.Lock()
         self._running = False
         self._pending: Settings | None = None
-        self._served: dict[str, int] = {}  # each owner's last turn (scheduling.in_turns)
-        self._turns = itertools.count()
+        self._turns = scheduling.Turns()
 
     def adjust(self, changed: Settings) -> None:
         with self._lock:
@@ -305,11 +303,10 @@ class Consumer:
     def _consume(self, ids: list[str]) -> None:
         try:
             pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
-            pending = scheduling.in_turns(pending, self._served)
+            pending = self._turns.order(pending)
             batches = plan_batches(pending, self.engine.settings.max_batch_size)
             for batch in scheduling.loaded_first(batches, self.engine.models.loaded()):
-                for job in batch:
-                    self._served[job.client] = next(self._turns)
+                self._turns.taken(batch)
                 self.report(WorkerState.BUSY)
                 for again in self.engine.run(batch):  # a new message each: this one is acked with its batch
                     self.republish([again.job.id], again.after)

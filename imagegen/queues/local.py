@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import math
 import os
@@ -111,8 +110,7 @@ class LocalQueue:
         self.settings, self.models, self.jobs = engine.settings, engine.models, engine.jobs
         self._queue: deque[Job] = deque()
         self._not_before: dict[str, float] = {}  # a retried job's earliest next run (monotonic)
-        self._served: dict[str, int] = {}  # each owner's last turn (scheduling.in_turns)
-        self._turns = itertools.count()
+        self._turns = scheduling.Turns()
         self._unrecorded: set[str] = set()  # jobs whose batch could not be recorded (generation thread only)
         self._tasks: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
@@ -326,21 +324,18 @@ class LocalQueue:
             return None
         return max(0.0, min(self._not_before.values()) - time.monotonic())
 
-    def _in_turns(self) -> list[Job]:
-        return scheduling.in_turns(self._ready(), self._served)
-
     def _take_batch(self) -> list[Job]:
         """The next job by the scheduling policy (imagegen.scheduling: owners in turns, a loaded
         model's first) plus those that share its batch in the same order, waiting up to
         BATCH_WAIT_MS for more."""
         patience = self.settings.model_switch_wait_ms / 1000
-        first = scheduling.first(self._in_turns(), self.models.loaded(), patience)
+        first = scheduling.first(self._turns.order(self._ready()), self.models.loaded(), patience)
         self._queue.remove(first)
         self._not_before.pop(first.id, None)
         batch, images = [first], len(first.params.seeds)
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
         while True:
-            for job in gather(first, self._in_turns(), images, self.settings.max_batch_size):
+            for job in gather(first, self._turns.order(self._ready()), images, self.settings.max_batch_size):
                 self._not_before.pop(job.id, None)
                 self._queue.remove(job)
                 batch.append(job)
@@ -350,8 +345,7 @@ class LocalQueue:
                 break
             self._cond.wait(remaining)
         self._running = [job.id for job in batch]
-        for job in batch:
-            self._served[job.client] = next(self._turns)
+        self._turns.taken(batch)
         return batch
 
     def _execute(self, batch: list[Job]) -> None:
