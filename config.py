@@ -17,7 +17,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from dotenv import dotenv_values
 from limits import parse, parse_many
@@ -81,6 +81,10 @@ QuantizationBackend = Literal["torchao", "quanto", "bitsandbytes"]
 StepCache = Literal["none", "fast", "faster"]
 # What of a model torch.compile compiles when it loads: nothing, one of each repeated block, or its whole denoiser.
 Compile = Literal["none", "regional", "full"]
+# A job's priority class, lowest first: a higher class runs first, owners take turns within one
+# (imagegen/scheduling.py). An API key's jobs get its class (`name:key:class`), others `normal`.
+Priority = Literal["low", "normal", "high"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
 def comma_list(value: str) -> list[str]:
@@ -267,6 +271,8 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(10, gt=0, le=3600)
     broker_heartbeat_seconds: float = Field(0, ge=0, le=3600)
     publish_timeout_seconds: float = Field(10, gt=0, le=300)
+    worker_models: str = ""
+    wait_for_workers: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -391,6 +397,10 @@ class Settings(BaseSettings):
                 raise ValueError("QUEUE_BACKEND=celery needs ADMIN_TOKEN, the same on every API replica")
         if self.model_id not in self.model_entries():
             raise ValueError(f"MODEL_ID {self.model_id} is not a model of MODELS ({', '.join(self.model_entries())})")
+        if unknown := [model for model in comma_list(self.worker_models) if model not in self.model_entries()]:
+            raise ValueError(
+                f"WORKER_MODELS names {', '.join(unknown)}, not in MODELS ({', '.join(self.model_entries())})"
+            )
         return self
 
     def origin(self, name: str) -> str:
@@ -409,6 +419,12 @@ class Settings(BaseSettings):
     def allowed_models(self) -> tuple[str, ...]:
         """MODEL_ID first, then the other models a request may choose (MODELS' ids, or its file's)."""
         return (self.model_id, *(model for model in self.model_entries() if model != self.model_id))
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The models a cluster worker serves (WORKER_MODELS, in the catalogue's order), all by default."""
+        chosen = comma_list(self.worker_models)
+        return tuple(model for model in self.allowed_models if model in chosen) or self.allowed_models
 
     @property
     def models_file(self) -> Path | None:
@@ -466,12 +482,24 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'imagegen.sqlite3'}"
 
     def api_key_list(self) -> list[str]:
-        """API_KEYS plus the non-empty, non-comment lines of API_KEYS_FILE."""
-        keys = comma_list(self.api_keys)
+        """The API keys themselves (`api_key_entries`)."""
+        return [key for _name, key, _priority in self.api_key_entries()]
+
+    def api_key_entries(self) -> list[tuple[str, str, str]]:
+        """Each API key as (name, key, priority class): the entries of API_KEYS plus the non-empty,
+        non-comment lines of API_KEYS_FILE. An entry is a bare key (no name, class `normal`) or
+        `name:key:class`, where the class is one of PRIORITIES; a key holding colons otherwise stays
+        whole."""
+        entries = comma_list(self.api_keys)
         if self.api_keys_file:
             lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-        return keys
+            entries += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        parsed = []
+        for entry in entries:
+            parts = entry.split(":")
+            named = len(parts) == 3 and parts[0] and parts[1] and parts[2] in PRIORITIES
+            parsed.append((parts[0], parts[1], parts[2]) if named else ("", entry, "normal"))
+        return parsed
 
     @staticmethod
     def resolve_source(source: str) -> str:

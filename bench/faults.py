@@ -58,6 +58,7 @@ from bench.harness import (
 from config import ROOT
 from imagegen.db import Database
 from imagegen.jobs import Job, JobStore
+from imagegen.queues.cluster import queue_name
 
 VHOST = "imagegen-faults"
 BROKER = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
@@ -296,7 +297,12 @@ def deployment(
         finally:
             deploy.close()
             if cluster:
-                delete_queue(BROKER, queue)
+                delete_queue(BROKER, model_queue(values))
+
+
+def model_queue(env: dict[str, str]) -> str:
+    """The broker queue of a deployment's model (its jobs' messages)."""
+    return queue_name(env["BROKER_QUEUE"], env["MODEL_ID"])
 
 
 def _workers_ready(deploy: Deployment) -> int:
@@ -485,7 +491,7 @@ def queue_purged() -> Row:
     with deployment(workers=1) as deploy:
         ids = deploy.submit(8)
         deploy.busy_worker()
-        _rabbitmqctl("purge_queue", "-p", VHOST, deploy.env["BROKER_QUEUE"])
+        _rabbitmqctl("purge_queue", "-p", VHOST, model_queue(deploy.env))
         return deploy.settle("broker queue purged while jobs wait", ids, time.time())
 
 
@@ -495,7 +501,7 @@ def queue_deleted() -> Row:
     with deployment() as deploy:
         ids = deploy.submit(8)
         deploy.busy_worker()
-        _rabbitmqctl("delete_queue", "-p", VHOST, deploy.env["BROKER_QUEUE"])
+        _rabbitmqctl("delete_queue", "-p", VHOST, model_queue(deploy.env))
         ids += deploy.submit(4)  # published while the queue is gone, or into the one the reconciler made again
         return deploy.settle("broker queue deleted while jobs wait", ids, time.time())
 

@@ -29,6 +29,7 @@ import psutil
 
 from config import ROOT, Settings
 from imagegen.cpu import torch_threads
+from imagegen.queues.cluster import queue_name
 
 T = TypeVar("T")
 
@@ -48,12 +49,13 @@ class Server:
 
 
 @contextmanager
-def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
+def serve(workers: int = 0, worker_models: list[str] | None = None, **overrides: Any) -> Iterator[Server]:
     """`python app.py` in its own process (tmp storage, generous limits), so load generated here never
     competes with it for the GIL, as real clients never do; yields its URL and process.
 
-    With `workers`, a cluster instead: that many `python -m imagegen.worker` processes behind it,
-    on this machine's RabbitMQ and a fresh PostgreSQL database, ready before this yields.
+    With `workers`, a cluster instead: that many `python -m imagegen.worker` processes behind it
+    (the ith serving `worker_models[i]`, where given: a WORKER_MODELS value), on this machine's
+    RabbitMQ and a fresh PostgreSQL database, ready before this yields.
     """
     with tempfile.TemporaryDirectory() as tmp:
         values: dict[str, Any] = {
@@ -85,8 +87,12 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
                     worker_heartbeat_seconds=1,
                 )
             env = {name.upper(): str(v) for name, v in values.items()}
+            serves = worker_models or [""] * workers
             processes = [
-                _start([sys.executable, "-m", "imagegen.worker"], {**env, "WORKER_NAME": f"w{i}"})
+                _start(
+                    [sys.executable, "-m", "imagegen.worker"],
+                    {**env, "WORKER_NAME": f"w{i}", "WORKER_MODELS": serves[i]},
+                )
                 for i in range(workers)
             ]
             processes.append(_start([sys.executable, "app.py"], env))
@@ -102,7 +108,9 @@ def serve(workers: int = 0, **overrides: Any) -> Iterator[Server]:
                 for process in processes:
                     process.wait(60)
                 if workers:
-                    delete_queue(RABBITMQ, values["broker_queue"])
+                    known = {name: value for name, value in values.items() if name in Settings.model_fields}
+                    for model in Settings(_env_file=None, **known).allowed_models:
+                        delete_queue(RABBITMQ, queue_name(values["broker_queue"], model))
 
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
@@ -215,10 +223,12 @@ def status(base: str) -> dict[str, Any]:
     return json.loads(request(f"{base}/status")[2])
 
 
-def request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+def request(
+    url: str, body: dict[str, Any] | None = None, timeout: float = 600, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json", "X-Admin-Token": ADMIN_TOKEN}
+        url, data=data, headers={"Content-Type": "application/json", "X-Admin-Token": ADMIN_TOKEN, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:

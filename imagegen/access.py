@@ -30,6 +30,7 @@ class Access:
     """
 
     key_ids: dict[bytes, str]
+    priorities: dict[str, str]  # each key's priority class (config.PRIORITIES), by its id
     admin_token: str
     admin_token_generated: bool
     url_key: bytes
@@ -37,13 +38,17 @@ class Access:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Access:
-        digests = {hashlib.sha256(key.encode()).digest(): "" for key in settings.api_key_list()}
-        # A key's id is a short digest: safe to log and to show as a job's owner, useless to an attacker.
-        key_ids = {digest: digest.hex()[:12] for digest in digests}
+        # A key's id is its name, or else a short digest: safe to log and to show as a job's owner,
+        # useless to an attacker.
+        key_ids, priorities = {}, {}
+        for name, key, priority in settings.api_key_entries():
+            digest = hashlib.sha256(key.encode()).digest()
+            key_ids[digest] = name or digest.hex()[:12]
+            priorities[key_ids[digest]] = priority
         url_key = settings.secret_key.encode() or secrets.token_bytes(32)
         generated = not settings.admin_token and not settings.is_production
         admin_token = secrets.token_urlsafe(24) if generated else settings.admin_token
-        return cls(key_ids, admin_token, generated, url_key, settings.image_url_ttl_seconds)
+        return cls(key_ids, priorities, admin_token, generated, url_key, settings.image_url_ttl_seconds)
 
     @property
     def keys_required(self) -> bool:

@@ -101,7 +101,13 @@ jobs = Table(
     Column("warnings", Text),
     # The step of its latest preview (0: none yet), stored by its worker as storage.ImageStore.save_preview.
     Column("preview_step", Integer, nullable=False, server_default="0"),
+    # Its model (also in `params`) and priority class (an index of config.PRIORITIES): what a
+    # worker's broker message lets it take, in the scheduling policy's order, and what /metrics
+    # counts the queue by.
+    Column("model", Text),
+    Column("priority", Integer, nullable=False, server_default="1"),
     Index("ix_jobs_idempotency", "client", "idempotency_key", unique=True),
+    Index("ix_jobs_waiting", "status", "model"),
 )
 
 images = Table(

@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy.exc import IntegrityError
 
-from config import Settings
+from config import PRIORITIES, Settings
 from imagegen import edits
 from imagegen.catalogue import ModelSpec
 from imagegen.edits import InputRejected
@@ -84,6 +84,8 @@ class Caller:
     request_id: str | None = None
     idempotency_key: str | None = None  # the request's Idempotency-Key header
     fingerprint: str | None = None  # what the request was, as sent (its route and body), with a key
+    priority: str = "normal"  # its jobs' class (config.PRIORITIES): its API key's, or what it asked for
+    admin: bool = False  # it carries the admin token: it may ask for any class
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class GenerationService:
         the model takes no such field."""
         if caller.idempotency_key and (first := self._repeat_of(caller)):
             return Submitted(first)
+        caller = self._prioritised(request.priority, caller)
         plan = self.plan(request, caller, client_defaults, use_cache, lambda model: self._capacity(model, caller))
         if plan.cache_key and (hit := self.cached(plan.cache_key, caller)):
             return Submitted(hit, cached=True)
@@ -275,6 +278,18 @@ class GenerationService:
             )
             raise Refusal(message, "Idempotency-Key", code="idempotency_key_reused", details={"job_id": first.id})
         return first
+
+    @staticmethod
+    def _prioritised(asked: str | None, caller: Caller) -> Caller:
+        """The caller with the class its request asked for: its key's or lower, or any for an admin."""
+        if asked is None or asked == caller.priority:
+            return caller
+        if not caller.admin and PRIORITIES.index(asked) > PRIORITIES.index(caller.priority):
+            message = (
+                f"`priority` {asked} is above your API key's class ({caller.priority}); only an admin may raise it"
+            )
+            raise Refusal(message, "priority", code="forbidden")
+        return replace(caller, priority=asked)
 
     def _capacity(self, model: str, caller: Caller) -> None:
         """Step 3's cheap part: the model ready, and room in the queue for this caller."""
@@ -425,6 +440,7 @@ class GenerationService:
             request_id=caller.request_id,
             idempotency_key=caller.idempotency_key,
             fingerprint=caller.fingerprint,
+            priority=PRIORITIES.index(caller.priority),
         )
         try:
             self.queue.submit(job)

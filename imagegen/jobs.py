@@ -18,9 +18,12 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, delete, func, insert, literal, or_, select, update
 
+from config import PRIORITIES
 from imagegen.db import Database, db_now, webhooks
 from imagegen.db import jobs as table
 from imagegen.schedulers import AUTOMATIC
+
+NORMAL = PRIORITIES.index("normal")
 
 
 class JobStatus(StrEnum):
@@ -270,6 +273,7 @@ class Job:
     fingerprint: str | None = None
     warnings: list[str] = field(default_factory=list)  # what its run changed of the request, without refusing it
     preview_step: int = 0  # the step of its latest preview (0: none yet)
+    priority: int = NORMAL  # its class, an index of config.PRIORITIES: higher runs first
 
     def __post_init__(self) -> None:
         if self.callback_url and self.webhook is None:  # nothing in the outbox until the job ends
@@ -325,6 +329,7 @@ def _row_to_job(row: Any) -> Job:
         fingerprint=row["fingerprint"],
         warnings=json.loads(row["warnings"] or "[]"),
         preview_step=row["preview_step"],
+        priority=row["priority"],
         webhook=(
             {"status": row["webhook_status"], "attempts": row["webhook_attempts"], "last_error": row["webhook_error"]}
             if row["webhook_status"]
@@ -372,6 +377,8 @@ class JobStore:
                     status=job.status,
                     client=job.client,
                     params=json.dumps(asdict(job.params)),
+                    model=job.params.model,
+                    priority=job.priority,
                     created_at=db_now(),
                     published_at=db_now(),
                     cache_key=job.cache_key,
@@ -581,13 +588,14 @@ class JobStore:
                 )
             )
 
-    def due_for_publish(self, older_than: float, limit: int) -> list[str]:
-        """The oldest queued jobs (at most `limit`) not handed to the broker for `older_than`
-        seconds, each marked published now by this call alone: reconcilers on several replicas at
-        once never publish one job twice."""
+    def due_for_publish(self, older_than: float, limit: int, model: str) -> list[str]:
+        """The oldest queued jobs of a model (at most `limit`) not handed to the broker for
+        `older_than` seconds, each marked published now by this call alone: reconcilers on several
+        replicas at once never publish one job twice."""
         now = db_now()
         stale = and_(
             table.c.status == JobStatus.QUEUED,
+            table.c.model == model,
             or_(table.c.published_at.is_(None), table.c.published_at < now - older_than),
         )
         oldest = select(table.c.id).where(stale).order_by(table.c.created_at).limit(limit)
@@ -666,9 +674,32 @@ class JobStore:
         rows = self.db.query(JOBS.where(table.c.status == JobStatus.RUNNING).order_by(table.c.created_at))
         return [_row_to_job(row) for row in rows]
 
-    def position(self, job: Job) -> int:
-        """1 + the queued jobs accepted before this one: the same answer from every replica."""
-        return self._queued(table.c.created_at < job.created_at) + 1
+    def queued(self) -> list[Job]:
+        """Every queued job, oldest first (a job's place in the queue is the scheduling policy's)."""
+        rows = self.db.query(JOBS.where(table.c.status == JobStatus.QUEUED).order_by(table.c.created_at))
+        return [_row_to_job(row) for row in rows]
+
+    def waiting(self, model: str, limit: int) -> list[Job]:
+        """The oldest `limit` queued jobs of a model that may run now (a retried job waits out its
+        pause: its message is due then), oldest first: what a worker's messages for that model
+        let it choose from."""
+        due = or_(table.c.published_at.is_(None), table.c.published_at <= db_now())
+        query = JOBS.where(table.c.status == JobStatus.QUEUED, table.c.model == model, due)
+        return [_row_to_job(row) for row in self.db.query(query.order_by(table.c.created_at).limit(limit))]
+
+    def queue_by_model(self) -> list[dict[str, Any]]:
+        """The queue by model and priority class: how many jobs wait, and since when the oldest."""
+        query = (
+            select(
+                table.c.model,
+                table.c.priority,
+                func.count().label("jobs"),
+                func.min(table.c.created_at).label("oldest"),
+            )
+            .where(table.c.status == JobStatus.QUEUED)
+            .group_by(table.c.model, table.c.priority)
+        )
+        return self.db.query(query)
 
     def recent_generation_seconds(self, last: int = 10) -> float | None:
         """Mean time from start to end of the last succeeded jobs (in a cluster, on any worker)."""

@@ -21,11 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from config import Settings
+from config import PRIORITIES, Settings
 from imagegen.cpu import usable_cores
 from imagegen.states import ModelState
 
 if TYPE_CHECKING:
+    from imagegen.jobs import JobStore
     from imagegen.queues import JobQueue
     from imagegen.storage import ImageStore
 
@@ -251,8 +252,8 @@ class AppFigures(Collector):
     """The figures /metrics reads at scrape time: the queue, models, memory and images of this
     process, and each cluster worker's from its last report."""
 
-    def __init__(self, queue: JobQueue, images: ImageStore) -> None:
-        self.queue, self.images = queue, images
+    def __init__(self, queue: JobQueue, images: ImageStore, jobs: JobStore) -> None:
+        self.queue, self.images, self.jobs = queue, images, jobs
 
     def collect(self) -> Iterator[Metric]:
         queue = self.queue.snapshot()
@@ -282,8 +283,26 @@ class AppFigures(Collector):
             else [info for worker in runners.workers if worker["alive"] for info in worker.get("models") or []]
         )
         yield from model_counts(reports)
+        yield from queue_figures(self.jobs.queue_by_model(), self.jobs.db.now())
         if runners.workers is not None:  # a cluster: its workers, each by name
             yield from worker_figures(runners.workers)
+
+
+def queue_figures(rows: list[Any], now: float) -> Iterator[Metric]:
+    """The queue by model and priority class (`JobStore.queue_by_model`): what to scale each model's
+    workers on, as its jobs and its oldest job's wait (docs/scaling.md)."""
+    jobs = GaugeMetricFamily("imagegen_queue_jobs", "Queued jobs, by model and priority.", labels=["model", "priority"])
+    oldest = GaugeMetricFamily(
+        "imagegen_queue_oldest_wait_seconds",
+        "How long the oldest queued job has waited, by model and priority.",
+        labels=["model", "priority"],
+    )
+    for row in rows:
+        labels = [row["model"] or "", PRIORITIES[row["priority"]]]
+        jobs.add_metric(labels, row["jobs"])
+        oldest.add_metric(labels, max(0.0, now - row["oldest"]))
+    yield jobs
+    yield oldest
 
 
 MODEL_COUNTS = {
@@ -338,6 +357,13 @@ def worker_figures(workers: list[dict[str, Any]]) -> Iterator[Metric]:
         for gpu in worker.get("gpus") or []:
             vram.add_metric([worker["name"], str(gpu["index"])], gpu["used_bytes"])
     yield vram
+    serves = GaugeMetricFamily(
+        "imagegen_worker_serves", "1 for each model a live worker serves (WORKER_MODELS).", labels=["worker", "model"]
+    )
+    for worker in (worker for worker in workers if worker["alive"]):
+        for model in worker.get("serves") or []:
+            serves.add_metric([worker["name"], model], 1)
+    yield serves
     for name, description in (
         ("generation_seconds", "Time of one pipeline call (a batch) on the worker."),
         ("batch_size", "Images per pipeline call on the worker."),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from config import Settings, StepCache
+from config import Priority, Settings, StepCache
 from imagegen.schedulers import SCHEDULER_NAMES, SCHEDULES
 
 MAX_SEED = 2**32 - 1
@@ -215,6 +215,11 @@ class GenerateRequest(BaseModel):
         "png", description="How the images are stored and served (a JPEG's or WebP's infotext in its EXIF)."
     )
     quality: int | None = Field(None, ge=1, le=100, description="A jpeg's or webp's quality (default 90).")
+    priority: Priority | None = Field(
+        None,
+        description="Its class: high, normal or low (default: your API key's). You may lower yours; only an "
+        "admin may raise it.",
+    )
     moderation: Literal["auto", "low"] = Field(
         "auto", description="low: the operator's word rules are not applied, where ALLOW_LOW_MODERATION allows it."
     )

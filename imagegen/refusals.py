@@ -26,7 +26,11 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
         "MAX_UPLOAD_PIXELS, or a mask of another size than its image, empty or full; `details[0].field` names it.",
     ),
     "unauthorized": ((401,), "No API key or admin token where one is needed, or a wrong one."),
-    "forbidden": ((403,), "Not allowed: an admin route without the admin, or an unsigned or expired image URL."),
+    "forbidden": (
+        (403,),
+        "Not allowed: an admin route without the admin, a priority above the key's, or an unsigned or expired "
+        "image URL.",
+    ),
     "admin_disabled": ((403,), "Admin routes are off (production without an ADMIN_TOKEN)."),
     "cross_site_refused": (
         (403,),
@@ -87,6 +91,7 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "model_loading": ((503,), "The model is loading; `Retry-After` says when to look again."),
     "model_unavailable": ((503,), "The model failed to load; it is tried again with backoff (`Retry-After`)."),
     "worker_stopped": ((503,), "No generation thread or cluster worker is running."),
+    "model_unserved": ((503,), "Cluster: no live worker serves the model (WORKER_MODELS); WAIT_FOR_WORKERS queues it."),
     "worker_stalled": ((503,), "The generation thread's batch has made no step for WATCHDOG_SECONDS (a hung device)."),
     "disk_full": ((503,), "The image disk is nearly full (a /health reason)."),
     "error": ((), "Any other HTTP error status, with the status's own message."),

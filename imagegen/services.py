@@ -226,5 +226,5 @@ def _build(settings: Settings, load: Loader | None, claim: DatabaseLock | None) 
     controls = (controlnet_store(settings), ip_adapter_store(settings), network_store(settings))
     stores = (adapters, embeddings, upscaler_store(settings), *controls)
     services = Services(live, access, jobs, images, *stores, queue, monitor, webhooks, Alerts(settings))
-    monitor.registry.register(AppFigures(queue, images))
+    monitor.registry.register(AppFigures(queue, images, jobs))
     return services

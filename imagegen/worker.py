@@ -1,8 +1,10 @@
 """`python -m imagegen.worker` (`make worker`): one cluster worker process that owns one device.
 
-It loads MODEL_ID on DEVICE, then consumes job ids from the broker with celery-batches (up to
-MAX_BATCH_SIZE messages, or whatever arrived within BATCH_WAIT_MS) in one solo-pool process, and
-feeds them to the same engine the local mode runs. Messages are acknowledged only after their
+It serves the models of WORKER_MODELS (all by default), loading at start as many as
+MAX_LOADED_MODELS allows on DEVICE, then consumes their queues' messages with celery-batches (up to
+MAX_BATCH_SIZE messages, or whatever arrived within BATCH_WAIT_MS) in one solo-pool process; each
+message lets it take one queued job of its model, the one the scheduling policy puts first, and
+it feeds them to the same engine the local mode runs. Messages are acknowledged only after their
 batch ran, so a worker killed mid-batch hands its jobs back to the broker; the job record decides
 what runs again (an ended job never does). A heartbeat in the database tells every API replica
 that this worker is alive, what it runs, and how much it has done.
@@ -30,7 +32,7 @@ from imagegen.db import Database
 from imagegen.endings import Endings
 from imagegen.engine import build_engine, runner
 from imagegen.engine.runner import Engine, plan_batches
-from imagegen.jobs import JobStore
+from imagegen.jobs import Job, JobStatus, JobStore
 from imagegen.logs import job_context, setup_logging
 from imagegen.monitoring import Monitor, runner_report
 from imagegen.protocol import TUNABLES
@@ -39,9 +41,10 @@ from imagegen.queues.cluster import (
     BrokerWatch,
     CeleryQueue,
     WorkerRegistry,
-    broker_queue,
+    broker_queues,
     make_celery,
     publish,
+    queue_name,
 )
 from imagegen.runtime import LiveSettings
 from imagegen.services import private_files
@@ -132,12 +135,13 @@ class Heartbeat(Every):
         self.registry.beat(
             self.name,
             self.engine.models.device,
-            self.settings.model_id,
+            self.settings.served_models[0],
             self.reported(),
             self.engine.jobs_done,
             self.started,
             {
                 **runner_report(self.engine.monitor, self.engine.models.describe()),
+                "serves": list(self.settings.served_models),
                 "torch_threads": self.engine.models.threads,
                 "settings": {name: getattr(self.engine.settings, name) for name in TUNABLES},
             },
@@ -171,12 +175,12 @@ class Commands:
     Each answer is a JSON object: what was done, or `error`. After each command `done` runs (a
     heartbeat), so the API reads the models' new states as soon as it has the answer."""
 
-    def __init__(self, engine: Engine, done: Callable[[], None]) -> None:
-        self.engine, self.done = engine, done
+    def __init__(self, engine: Engine, done: Callable[[], None], queues: list[str]) -> None:
+        self.engine, self.done, self.queues = engine, done, queues
 
     def load(self, model: str) -> dict[str, Any]:
-        if model not in self.engine.settings.allowed_models:
-            return {"error": f"`{model}` is not in this worker's MODEL_ID or MODELS"}
+        if model not in self.engine.settings.served_models:
+            return {"error": f"`{model}` is not one of this worker's WORKER_MODELS"}
         try:
             self.engine.models.get(model)
         except Exception as exc:
@@ -213,7 +217,7 @@ class Commands:
 
         @control_command(name="imagegen_resubscribe")
         def _resubscribe(state: Any) -> dict[str, Any]:
-            return resubscribe(state.consumer)
+            return resubscribe(state.consumer, self.queues)
 
     def _then_report(self, answer: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -244,7 +248,8 @@ class Watch(Every):
         if timeout and self.engine.models.idle(timeout):
             self.celery.control.broadcast("imagegen_unload_idle", destination=[self.hostname])
         was_unreachable = self.broker.unreachable
-        self.broker.check(broker_queue(self.celery))
+        queues = broker_queues(self.celery, list(self.engine.settings.served_models))
+        self.broker.check(None if queues is None else list(queues.values()))
         if self.broker.unreachable != was_unreachable:
             lost = "does not answer: this worker takes no job until it does"
             log.warning("the broker %s", lost if self.broker.unreachable else "answers again")
@@ -255,26 +260,31 @@ class Watch(Every):
             self.reconciler.reconcile()
 
 
-def resubscribe(consumer: Any) -> dict[str, Any]:
-    """Consumes the task queue again: the broker holds jobs and counts no consumer, so this worker's
-    was cancelled (a deleted queue) and the notice did not make Celery reconnect. Forgets the old
-    consumer tag first, since Celery still takes it for a live one. `consumer` is Celery's."""
-    queue = consumer.app.conf.task_default_queue
-    consumer.task_consumer.cancel_by_queue(queue)
-    consumer.add_task_queue(queue)
-    log.warning("the broker counted no consumer of %s while jobs waited: consuming it again", queue)
-    return {"resubscribed": queue}
+def resubscribe(consumer: Any, queues: list[str]) -> dict[str, Any]:
+    """Consumes its models' queues again: the broker holds jobs and counts no consumer of one, so
+    this worker's was cancelled (a deleted queue) and the notice did not make Celery reconnect.
+    Forgets the old consumer tags first, since Celery still takes them for live ones. `consumer` is
+    Celery's."""
+    for queue in queues:
+        consumer.task_consumer.cancel_by_queue(queue)
+        consumer.add_task_queue(queue)
+    log.warning("the broker counted no consumer of a queue while jobs waited: consuming %s again", ", ".join(queues))
+    return {"resubscribed": queues}
 
 
 class Consumer:
-    """What the worker does with one flush of messages: the jobs still to run, in batches by the
-    engine's rule, in the scheduling policy's order (imagegen.scheduling); a retried job goes back
-    to the broker as a new message, due after its pause. An admin's change (`adjust`) applies at
+    """What the worker does with one flush of messages (`choose`): as many queued jobs of each
+    model as it has messages for that model, the ones the scheduling policy puts first, in batches
+    by the engine's rule; a retried job goes back to the broker as a new message, due after its
+    pause. An admin's change (`adjust`) applies at
     once when no flush runs, else when the running one ends, so no batch sees its settings change
     and an idle worker reports the change in its next beat."""
 
     def __init__(
-        self, engine: Engine, republish: Callable[[list[str], float], None], report: Callable[[WorkerState], None]
+        self,
+        engine: Engine,
+        republish: Callable[[list[tuple[str, str]], float], None],
+        report: Callable[[WorkerState], None],
     ) -> None:
         self.engine, self.republish, self.report = engine, republish, report
         self._lock = threading.Lock()
@@ -289,37 +299,64 @@ class Consumer:
             else:
                 self.engine.settings = changed
 
-    def __call__(self, job_ids: list[str]) -> None:
+    def __call__(self, tickets: list[tuple[str, str]]) -> None:
+        """One flush of messages, each a (job id, model) ticket."""
         with self._lock:
             self._running = True
         try:
-            self._consume(list(dict.fromkeys(job_ids)))  # a redelivery may repeat an id
+            self._consume(list(dict.fromkeys(tickets)))  # a redelivery may repeat one
         finally:
             with self._lock:
                 self._running = False
                 if self._pending is not None:
                     self.engine.settings, self._pending = self._pending, None
 
-    def _consume(self, ids: list[str]) -> None:
+    def choose(self, tickets: list[tuple[str, str]]) -> list[Job]:
+        """The jobs these messages let this worker run. A message names the job published with it
+        and its model, and stands for one queued job of that model: the policy picks which (a
+        light client's job passes a heavy client's queued before it). A named job still running is
+        a redelivery after its worker stopped; it comes first, and the claim decides whether its
+        lease ran out. A spare message (its job taken through another's) finds nothing to take."""
+        named = self.engine.jobs.many([job_id for job_id, _model in tickets])
+        chosen = [job for job in named if job.status == JobStatus.RUNNING]
+        wanted: dict[str, int] = {}
+        for _job_id, model in tickets:
+            wanted[model] = wanted.get(model, 0) + 1
+        for job in chosen:
+            wanted[job.params.model] -= 1
+        for model, count in wanted.items():
+            waiting = self.engine.jobs.waiting(model, self.engine.settings.max_queue_size)
+            chosen += self._turns.order(waiting)[:count]
+        return chosen
+
+    def _consume(self, tickets: list[tuple[str, str]]) -> None:
         try:
-            pending = [job for job in self.engine.jobs.many(ids) if not job.status.finished]
-            pending = self._turns.order(pending)
-            batches = plan_batches(pending, self.engine.settings.max_batch_size)
+            chosen = self.choose(tickets)
+            batches = plan_batches(chosen, self.engine.settings.max_batch_size)
             for batch in scheduling.loaded_first(batches, self.engine.models.loaded()):
                 self._turns.taken(batch)
                 self.report(WorkerState.BUSY)
                 for again in self.engine.run(batch):  # a new message each: this one is acked with its batch
-                    self.republish([again.job.id], again.after)
+                    self.republish([(again.job.id, again.job.params.model)], again.after)
+            # A job another worker took first (through its own message) leaves this message unused:
+            # it goes out again, so every queued job keeps a message.
+            lost = [
+                job
+                for job in self.engine.jobs.many([job.id for job in chosen])
+                if job.worker not in (None, self.engine.name)
+            ]
+            if lost:
+                self.republish([(job.id, job.params.model) for job in lost], 0)
         except Exception:
             # Not a job's own failure (the engine ends those) but the database's or the broker's: these
             # messages are acknowledged when this returns, so their jobs go back to the queue as new
             # ones, after a pause that keeps an outage from becoming a busy loop. Ended jobs are skipped.
-            with job_context(ids, []):
+            with job_context([job_id for job_id, _model in tickets], []):
                 log.exception(
-                    "batch of %d jobs could not run; queued again in %ss", len(ids), runner.OUTAGE_PAUSE_SECONDS
+                    "batch of %d jobs could not run; queued again in %ss", len(tickets), runner.OUTAGE_PAUSE_SECONDS
                 )
             time.sleep(runner.OUTAGE_PAUSE_SECONDS)
-            self.republish(ids, 0)  # if this fails too, the reconciler publishes them again
+            self.republish(tickets, 0)  # if this fails too, the reconciler publishes them again
         self.report(WorkerState.READY)
 
 
@@ -346,9 +383,13 @@ def main() -> None:
     registry = WorkerRegistry(db, settings.worker_heartbeat_seconds)
     watch = Watch(engine, celery, hostname, CeleryQueue(settings, endings, images, registry, celery))
     heartbeat = Heartbeat(registry, name, settings, engine, watch)
-    Commands(engine, done=heartbeat.beat).register()
+    served = settings.served_models
+    queues = [queue_name(settings.broker_queue, model) for model in served]
+    Commands(engine, heartbeat.beat, queues).register()
     consume = Consumer(
-        engine, lambda ids, after: publish(celery, ids, settings.publish_timeout_seconds, after), heartbeat.report
+        engine,
+        lambda tickets, after: publish(celery, tickets, settings.publish_timeout_seconds, after),
+        heartbeat.report,
     )
 
     def adjusted(changed: Settings) -> None:
@@ -366,30 +407,35 @@ def main() -> None:
         acks_late=True,
     )
     def generate(requests: list[Any]) -> None:
-        """One flush of messages, each carrying a job id."""
-        consume([request.args[0] for request in requests])
+        """One flush of messages, each carrying a job id and its model."""
+        consume([(request.args[0], request.args[1]) for request in requests])
 
     live.listeners.append(adjusted)
     live.start()
     webhooks.start()
     heartbeat.start()
     watch.start()
-    log.info("worker %s: loading %s on %s", name, settings.model_id, engine.models.device)
+    log.info("worker %s: serving %s on %s", name, ", ".join(served), engine.models.device)
     try:
-        engine.models.get(settings.model_id)
+        engine.models.get(served[0])
     except Exception as exc:
         watch.stop()
         heartbeat.stop()
-        raise SystemExit(f"worker {name}: model {settings.model_id} failed to load: {exc}") from None
+        raise SystemExit(f"worker {name}: model {served[0]} failed to load: {exc}") from None
+    for model in served[1 : settings.max_loaded_models]:  # the others it serves, as far as memory allows
+        try:
+            engine.models.get(model)
+        except Exception as exc:  # its jobs load it again when they come
+            log.warning("worker %s: model %s failed to load at start: %s", name, model, exc)
     heartbeat.set(WorkerState.READY)
-    log.info("worker %s: consuming %s from %s", name, settings.broker_queue, celery.connection_for_read().as_uri())
+    log.info("worker %s: consuming %s from %s", name, ", ".join(queues), celery.connection_for_read().as_uri())
     try:
         celery.worker_main(
             [
                 "worker",
                 "--pool=solo",
                 f"--hostname={hostname}",
-                f"--queues={settings.broker_queue}",
+                f"--queues={','.join(queues)}",
                 f"--loglevel={settings.log_level}",
                 "--without-gossip",
                 "--without-mingle",

@@ -289,14 +289,19 @@ def broker_queue() -> str:
 
 
 def delete_broker_queues() -> None:
-    """Deletes the queues the tests named from RabbitMQ and Redis, so runs leave no queues behind."""
+    """Deletes the queues the tests named from RabbitMQ and Redis (each model's of the models the
+    cluster tests serve), so runs leave no queues behind."""
     from kombu import Connection
+
+    from imagegen.queues.cluster import queue_name
+
+    names = [queue_name(base, model) for base in BROKER_QUEUES for model in (TINY_MODEL, "models/demo-shapes")]
 
     for url, port in ((RABBITMQ, 5672), (f"{REDIS}/1", 6379)):
         if not service_up(port):
             continue
         with Connection(url, connect_timeout=3) as conn:
-            for name in BROKER_QUEUES:
+            for name in names:
                 with conn.channel() as channel:
                     channel.queue_delete(name)
     BROKER_QUEUES.clear()

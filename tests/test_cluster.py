@@ -283,7 +283,7 @@ def test_health_and_metrics_say_when_jobs_wait_and_no_worker_consumes_the_queue(
     WorkerRegistry(services.jobs.db, heartbeat_seconds=5).beat("w", "cpu", "m", "ready", 0, time.time())
     services.queue.reconcile()
     assert client.get("/health").status_code == 200, "an empty queue needs no consumer"
-    publish(services.queue.app, ["a-job"], 5)
+    publish(services.queue.app, [("a-job", services.settings.model_id)], 5)
     wait_until(lambda: services.queue.describe().broker.ready == 1, timeout=10)
     services.queue.reconcile()
     assert client.get("/health").status_code == 200, "one check could be a worker reconnecting"
@@ -302,24 +302,23 @@ def test_a_worker_whose_consumer_was_cancelled_consumes_again(tmp_path, postgres
     lost): the job waits, the worker sees no consumer counted and subscribes again."""
     from celery import Celery
 
-    from imagegen.queues.cluster import broker_queue as broker_queue_of
+    from imagegen.queues.cluster import broker_queue as counts
+    from imagegen.queues.cluster import queue_name
 
     env = cluster_env(tmp_path, postgres_url)
     processes.append(start_worker(tmp_path, "w1", env))
     api, base = start_server(tmp_path, **env)
     processes.append(api)
-    app = Celery(broker=env["BROKER_URL"], task_default_queue=env["BROKER_QUEUE"])
-    wait_until(lambda: broker_queue_of(app).consumers == 1, timeout=60)  # the worker consumes: /health came first
-    control = app.control
-    answer = control.cancel_consumer(
-        env["BROKER_QUEUE"], destination=[f"w1@{socket.gethostname()}"], reply=True, timeout=30
-    )
+    app = Celery(broker=env["BROKER_URL"])
+    queue = queue_name(env["BROKER_QUEUE"], TINY_MODEL)
+    wait_until(lambda: counts(app, queue).consumers == 1, timeout=60)  # the worker consumes: /health came first
+    answer = app.control.cancel_consumer(queue, destination=[f"w1@{socket.gethostname()}"], reply=True, timeout=30)
     assert answer
-    wait_until(lambda: broker_queue_of(app).consumers == 0, timeout=30)  # applied soon after the answer
+    wait_until(lambda: counts(app, queue).consumers == 0, timeout=30)  # applied soon after the answer
     status, job = post(base, {"prompt": PROMPT, "steps": 2, "async": True})
     assert status == 202
     wait_until(lambda: get(base, f"/jobs/{job['id']}")[1]["status"] == "succeeded", timeout=60)
-    assert "consuming it again" in (tmp_path / "logs" / "worker-w1.log").read_text()
+    assert f"consuming {queue} again" in (tmp_path / "logs" / "worker-w1.log").read_text()
 
 
 def test_a_worker_its_broker_stops_answering_says_so_until_it_answers_again(tmp_path, postgres_url, processes):
@@ -572,3 +571,46 @@ def test_what_an_admin_changes_on_one_replica_reaches_the_other_and_the_worker(t
     wait_until(lambda: get(b, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == DEMO, timeout=30)  # every replica
     status, _, raw = call(f"{b}/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64})
     assert status == 200 and json.loads(json.loads(raw)["info"])["sd_model_name"] == DEMO
+
+
+def test_a_worker_serves_its_own_models_and_owners_take_turns_across_the_queue(tmp_path, postgres_url, processes):
+    """WAIT_FOR_WORKERS: jobs queue with no worker alive; then a worker that serves only the tiny
+    model runs a high-class key's job first and a heavy client's twelve and a light client's two
+    in turns (the broker hands out the heavy client's messages first), and never loads the other
+    model, whose job waits with a reason.
+    Without WAIT_FOR_WORKERS, a job for a model no live worker serves is refused."""
+    heavy, light, vip = "key-heavy-0123456789", "key-light-0123456789", "key-vip-0123456789"
+    keys = {"API_KEYS": f"{heavy},{light},vip:{vip}:high", "SECRET_KEY": "s" * 32}
+    env = cluster_env(tmp_path, postgres_url, MODELS=DEMO, MAX_BATCH_SIZE="4", **keys)
+    api, base = start_server(tmp_path, WAIT_FOR_WORKERS="true", **env)
+    processes.append(api)
+    body = {"prompt": PROMPT, "steps": 2, "async": True}
+    heavies = [post(base, body, {"X-API-Key": heavy})[1]["id"] for _ in range(12)]
+    lights = [post(base, body, {"X-API-Key": light})[1]["id"] for _ in range(2)]
+    urgent = post(base, body, {"X-API-Key": vip})[1]["id"]  # queued last, in a higher class
+    status, other = post(base, {**body, "model": DEMO}, {"X-API-Key": light})
+    assert status == 202, other
+    processes.append(start_worker(tmp_path, "w1", {**env, "WORKER_MODELS": TINY_MODEL}))
+    owners = {**dict.fromkeys(heavies, heavy), **dict.fromkeys(lights, light), urgent: vip}
+    view = lambda job_id: get(base, f"/jobs/{job_id}", {"X-API-Key": owners[job_id]})[1]  # noqa: E731
+    for job_id in owners:
+        wait_until(lambda job_id=job_id: view(job_id)["status"] in ("succeeded", "failed"), timeout=180)
+    finished = {}
+    for job_id in owners:
+        done = view(job_id)
+        assert done["status"] == "succeeded", done
+        finished[job_id] = done["created_at"] + done["timings"]["total_seconds"]
+    assert max(finished[job_id] for job_id in lights) < min(finished[job_id] for job_id in heavies[4:])
+    assert finished[urgent] <= min(finished.values()), "the high class first"
+    waiting = get(base, f"/jobs/{other['id']}", {"X-API-Key": light})[1]
+    assert waiting["status"] == "queued" and waiting["reason"].startswith(f"No live worker serves model `{DEMO}`")
+    [worker] = get(base, "/status")[1]["app"]["workers"]
+    assert worker["serves"] == [TINY_MODEL] and [model["id"] for model in worker["models"]] == [TINY_MODEL]
+    metrics = get(base, "/metrics")[1].decode()
+    assert f'imagegen_queue_jobs{{model="{DEMO}",priority="normal"}} 1.0' in metrics
+    assert f'imagegen_worker_serves{{model="{TINY_MODEL}",worker="w1"}} 1.0' in metrics
+    strict, strict_base = start_server(tmp_path, LOG_DIR=str(tmp_path / "logs-strict"), **env)
+    processes.append(strict)
+    status, refused = post(strict_base, {**body, "model": DEMO}, {"X-API-Key": light})
+    assert status == 503 and refused["error"]["code"] == "model_unserved", refused
+    assert post(strict_base, body, {"X-API-Key": light})[0] == 202

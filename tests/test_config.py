@@ -60,6 +60,7 @@ def test_preset_sets_defaults_and_explicit_values_win(monkeypatch):
         ("RATE_LIMIT_COST", "many", "RATE_LIMIT_COST"),
         ("WEBHOOK_ALLOWED_PORTS", "http", "WEBHOOK_ALLOWED_PORTS: 'http' is not a port"),
         ("WEBHOOK_ALLOWED_PORTS", "443,70000", "'70000' is not a port"),
+        ("WORKER_MODELS", "models/demo-shapes,sdxl", "WORKER_MODELS names sdxl, not in MODELS (models/demo-shapes)"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(monkeypatch, name, value, fragment):
@@ -206,3 +207,13 @@ def test_development_gives_a_learners_generation_limit_and_production_a_tight_on
     production = Settings(_env_file=None, app_env="production", allow_anonymous=True)
     assert production.rate_limit == "10/minute" and production.origin("rate_limit") == "default"
     assert Settings(_env_file=None, rate_limit="5/minute").origin("rate_limit") == "environment"
+
+
+def test_an_api_key_entry_may_name_the_key_and_its_priority_class():
+    settings = Settings(_env_file=None, api_keys="batch:key-one-0123456789:low,key:with:colons,plain-key-0123456789")
+    assert settings.api_key_entries() == [
+        ("batch", "key-one-0123456789", "low"),
+        ("", "key:with:colons", "normal"),  # not a class: the whole entry is the key
+        ("", "plain-key-0123456789", "normal"),
+    ]
+    assert settings.api_key_list() == ["key-one-0123456789", "key:with:colons", "plain-key-0123456789"]

@@ -8,11 +8,13 @@ import time
 import pytest
 from sqlalchemy import inspect, text, update
 
+from config import PRIORITIES
 from imagegen.db import Database
 from imagegen.db import jobs as jobs_table
 from imagegen.db import workers as workers_table
 from imagegen.jobs import GenerationParams, Job, JobStatus, JobStore
 from imagegen.queues.cluster import WorkerRegistry
+from imagegen.scheduling import positions
 from imagegen.states import WorkerState
 
 
@@ -122,12 +124,16 @@ def test_release_counts_the_attempt_unless_an_outage_cut_it_short(store):
 def test_forgotten_queued_jobs_are_handed_out_once(store):
     old, new, running = add(store), add(store), add(store)
     store.claim([running.id], "w", LEASE)
-    assert store.due_for_publish(older_than=60, limit=10) == []  # just published by their API
+    model = old.params.model
+    assert store.due_for_publish(older_than=60, limit=10, model=model) == []  # just published by their API
     with store.db.transaction() as conn:
         conn.execute(update(jobs_table).values(published_at=jobs_table.c.published_at - 61))
-    assert store.due_for_publish(older_than=60, limit=1) == [old.id]  # the oldest first, within the limit
-    assert store.due_for_publish(older_than=60, limit=10) == [new.id]  # the old one counts as published now
-    assert store.due_for_publish(older_than=60, limit=10) == []
+    assert store.due_for_publish(older_than=60, limit=10, model="another") == []  # each model's queue apart
+    assert store.due_for_publish(older_than=60, limit=1, model=model) == [old.id]  # the oldest first, within the limit
+    assert store.due_for_publish(older_than=60, limit=10, model=model) == [
+        new.id
+    ]  # the old one counts as published now
+    assert store.due_for_publish(older_than=60, limit=10, model=model) == []
 
 
 def test_a_job_ends_exactly_once(store):
@@ -155,13 +161,15 @@ def test_release_and_progress(store):
 
 
 def test_queue_position_depth_and_running(store):
-    a, b, c = add(store, client="x"), add(store, client="y"), add(store, client="x")
-    assert [store.position(job) for job in (a, b, c)] == [1, 2, 3]
+    a, b, c = add(store, client="x"), add(store, client="x"), add(store, client="y")
+    assert positions(store.queued()) == {a.id: 1, c.id: 2, b.id: 3}  # y's first before x's second
     assert store.depth() == 3 and store.depth("x") == 2 and store.depth("nobody") == 0
-    store.claim([a.id], "w", LEASE)
-    assert store.position(store.get(c.id)) == 2
-    assert [job.id for job in store.running()] == [a.id]
-    assert [job.id for job in store.unfinished()] == [a.id, b.id, c.id]
+    urgent = store.create(Job(params=params(), client="x", priority=PRIORITIES.index("high")))
+    assert positions(store.queued())[urgent.id] == 1, "a higher class goes first"
+    store.claim([a.id, urgent.id], "w", LEASE)
+    assert positions(store.queued()) == {b.id: 1, c.id: 2}  # each one's first: in arrival order
+    assert [job.id for job in store.running()] == [a.id, urgent.id]
+    assert [job.id for job in store.unfinished()] == [a.id, b.id, c.id, urgent.id]
 
 
 def test_recent_cached_and_forgetting(store):
@@ -217,9 +225,9 @@ def test_migrations_run_once_and_leave_the_newest_schema(db):
     assert second.identity() == db.identity(), "the database's id is made once, by its migration"
     second.close()
     columns = {column["name"] for column in inspect(db.engine).get_columns("jobs")}
-    assert {"attempts", "worker", "cache_key"} <= columns
+    assert {"attempts", "worker", "cache_key", "model", "priority"} <= columns
     with db.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0012"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0013"
 
 
 def test_a_database_from_the_sqlite_only_releases_is_adopted(tmp_path):
@@ -243,5 +251,6 @@ def test_a_database_from_the_sqlite_only_releases_is_adopted(tmp_path):
         )
     store = JobStore(Database(f"sqlite:///{path}"))
     job = store.get("j")
-    assert job.status == JobStatus.QUEUED and job.attempts == 0
+    assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.priority == PRIORITIES.index("normal")
+    assert [waiting.id for waiting in store.waiting("m", 10)] == ["j"], "its model's column filled from its parameters"
     assert [claimed.id for claimed in store.claim(["j"], "w", LEASE)] == ["j"]

@@ -162,16 +162,16 @@ def test_cluster_mode_sends_one_webhook_for_a_cancelled_running_job(tmp_path, po
     images = ImageStore(settings.image_dir, worker_db)
     engine = build_engine(settings, images, worker_endings, Monitor(), "w1", load=lambda *_: fake)
     models = engine.models
-    republished: list[str] = []
+    republished: list[tuple[str, str]] = []
     states: list[WorkerState] = []
-    consume = worker_process.Consumer(engine, lambda ids, _after: republished.extend(ids), states.append)
+    consume = worker_process.Consumer(engine, lambda tickets, _after: republished.extend(tickets), states.append)
 
     models.get(settings.model_id)  # loaded (and warmed up) before the hold, which takes the next call
     fake.step_seconds = 0.11
     fake.hold(at_step=1)
     job = Job(params=params(), callback_url="http://hooks.example/x")
     queue.submit(job)
-    running = threading.Thread(target=consume, args=([job.id],))
+    running = threading.Thread(target=consume, args=([(job.id, job.params.model)],))
     running.start()
     assert fake.waiting.wait(30)
     assert queue.cancel(job.id)
@@ -206,7 +206,7 @@ def test_a_worker_applies_an_admins_change_when_idle_at_once_and_during_a_batch_
     fake.hold(at_step=1)
     job = Job(params=params())
     jobs.create(job)
-    running = threading.Thread(target=consume, args=([job.id],))
+    running = threading.Thread(target=consume, args=([(job.id, job.params.model)],))
     running.start()
     assert fake.waiting.wait(30)
     consume.adjust(settings.model_copy(update={"max_batch_size": 2}))
@@ -229,17 +229,17 @@ def test_a_worker_hands_back_its_messages_when_the_database_is_away(tmp_path, po
         "w1",
         load=lambda *_: fake,
     )
-    republished: list[str] = []
+    republished: list[tuple[str, str]] = []
     states: list[WorkerState] = []
-    consume = worker_process.Consumer(engine, lambda ids, _after: republished.extend(ids), states.append)
+    consume = worker_process.Consumer(engine, lambda tickets, _after: republished.extend(tickets), states.append)
 
     def database_down(*_args: Any) -> None:
         raise OperationalError("SELECT", {}, Exception("connection refused"))
 
     monkeypatch.setattr(engine.jobs, "many", database_down)
     monkeypatch.setattr(runner, "OUTAGE_PAUSE_SECONDS", 0)
-    consume(["a", "b", "a"])  # a redelivery may repeat an id
-    assert republished == ["a", "b"] and fake.calls == []
+    consume([("a", "m"), ("b", "m"), ("a", "m")])  # a redelivery may repeat one
+    assert republished == [("a", "m"), ("b", "m")] and fake.calls == []
     assert states == [WorkerState.READY]
     db.close()
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from config import PRIORITIES
 from imagegen import scheduling
 from imagegen.jobs import GenerationParams, Job
 from tests.conftest import ADMIN, TINY_MODEL, catalogue_file, wait_ready
@@ -63,12 +64,17 @@ def hold(app: Any) -> tuple[threading.Thread, threading.Event]:
     return holder, gate
 
 
-def test_a_light_client_queued_behind_a_heavy_one_is_served_in_turn(app_factory):
-    a, b = "key-aaaa-0123456789", "key-bbbb-0123456789"
-    app = app_factory(api_keys=f"{a},{b}", result_cache=False)
+def keyed_and_held(app_factory: Any, api_keys: str) -> tuple[Any, Any, threading.Thread, threading.Event]:
+    """An app with these API keys, ready, its generation thread held (`hold`), and its client."""
+    app = app_factory(api_keys=api_keys, result_cache=False)
     client = app.test_client()
     wait_ready(client)
-    holder, gate = hold(app)
+    return app, client, *hold(app)
+
+
+def test_a_light_client_queued_behind_a_heavy_one_is_served_in_turn(app_factory):
+    a, b = "key-aaaa-0123456789", "key-bbbb-0123456789"
+    app, client, holder, gate = keyed_and_held(app_factory, f"{a},{b}")
     body = {"prompt": "a red circle", "steps": 2, "async": True}
     heavy = [client.post("/generate", json=body, headers={"X-API-Key": a}).json["id"] for _ in range(12)]
     light = [client.post("/generate", json=body, headers={"X-API-Key": b}).json["id"] for _ in range(2)]
@@ -112,3 +118,47 @@ def test_alternating_two_models_with_one_loaded_at_a_time_loads_each_once_not_pe
     # swaps the model for every batch
     assert sum(figures["imagegen_model_loads"].values()) == loads
     assert sum(figures["imagegen_model_switches"].values()) == loads - 1
+
+
+def test_a_higher_class_goes_first_then_owners_take_turns_within_it():
+    low, normal, high = (PRIORITIES.index(name) for name in ("low", "normal", "high"))
+    jobs = [job("m", 100.0, "a"), job("m", 101.0, "a"), job("m", 102.0, "b"), job("m", 103.0, "c")]
+    jobs[1].priority, jobs[2].priority, jobs[3].priority = high, low, high
+    assert scheduling.in_turns(jobs, {}) == [jobs[1], jobs[3], jobs[0], jobs[2]]
+    loaded_elsewhere = [job("x", 100.0), job("m", 101.0)]
+    loaded_elsewhere[0].priority = high
+    assert loaded_elsewhere[1].priority == normal
+    assert scheduling.first(loaded_elsewhere, ["m"], patience_seconds=60, now=102.0) is loaded_elsewhere[0], (
+        "a loaded model never lets a lower class pass"
+    )
+
+
+def test_a_keys_class_orders_the_queue_and_a_request_may_lower_its_own_but_not_raise_it(app_factory):
+    boss, staff = "key-boss-0123456789", "key-staff-0123456789"
+    app, client, holder, gate = keyed_and_held(app_factory, f"boss:{boss}:high,{staff}")
+    body = {"prompt": "a red circle", "steps": 2, "async": True}
+    as_staff, as_boss = {"X-API-Key": staff}, {"X-API-Key": boss}
+    raised = client.post("/generate", json={**body, "priority": "high"}, headers=as_staff)
+    assert raised.status_code == 403 and raised.json["error"]["details"][0]["field"] == "priority"
+    assert "above your API key's class (normal)" in raised.json["error"]["message"]
+    later = client.post("/generate", json={**body, "priority": "low"}, headers=as_staff).json["id"]
+    staffs = [client.post("/generate", json=body, headers=as_staff).json["id"] for _ in range(4)]
+    urgent = client.post("/generate", json=body, headers=as_boss).json["id"]
+    admins = client.post("/generate", json={**body, "priority": "high"}, headers={**as_staff, **ADMIN})
+    assert admins.status_code == 202, admins.json  # an admin may set any class
+    queue = client.get("/queue", headers=as_staff).json["queued"]
+    assert [(each["id"], each["priority"]) for each in queue][-1] == (later, "low")
+    assert {each["id"]: each["position"] for each in queue}[staffs[0]] == 3, "after the two high jobs"
+    assert client.get(f"/jobs/{urgent}", headers=as_boss).json["position"] in (1, 2)
+    metrics = client.get("/metrics", headers=ADMIN).get_data(as_text=True)
+    assert f'imagegen_queue_jobs{{model="{TINY_MODEL}",priority="normal"}} 4.0' in metrics
+    assert f'imagegen_queue_oldest_wait_seconds{{model="{TINY_MODEL}",priority="low"}}' in metrics
+    gate.set()
+    holder.join(60)
+    svc = app.extensions["imagegen"]
+    ids = [later, *staffs, urgent, admins.json["id"]]
+    for job_id in ids:
+        assert svc.queue.wait(job_id, 120)
+    started = {each.id: each.started_at for each in svc.jobs.many(ids)}
+    assert started[urgent] <= min(started[job_id] for job_id in staffs)
+    assert started[later] == max(started.values()), "the low job last"

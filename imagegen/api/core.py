@@ -40,7 +40,7 @@ ENDPOINTS = [
     ("GET", "/jobs/<id>", "A job's status, position, progress, ETA, timings and images."),
     ("DELETE", "/jobs/<id>", "Cancel a queued or running job."),
     ("GET", "/jobs/<id>/events", "Server-Sent Events with the job's progress until it ends."),
-    ("GET", "/queue", "Queue depth, running jobs and average generation time."),
+    ("GET", "/queue", "Queue depth, your queued jobs with their places, running jobs and average generation time."),
     ("GET", "/health", "Readiness: 200 when a generation could start now, else 503 with a reason."),
     ("GET", "/health/live", "Liveness: the process answers."),
     ("GET", "/status", "System and application figures for operators, with alerts."),

@@ -125,8 +125,17 @@ def host_trusted(host: str, trusted: list[str]) -> bool:
 def credentialed() -> bool:
     """The request carries a valid API key or the admin token: a client we know, whatever Host it
     reached us by (a junk `Authorization` header proves nothing)."""
-    token = request.headers.get("X-Admin-Token") or bearer_token() or ""
-    return api_key_id() is not None or access().is_admin(token)
+    return api_key_id() is not None or by_admin()
+
+
+def by_admin() -> bool:
+    """The request carries the admin token (X-Admin-Token or Bearer)."""
+    return access().is_admin(request.headers.get("X-Admin-Token") or bearer_token() or "")
+
+
+def key_priority() -> str:
+    """The priority class of the request's API key (`name:key:class`); `normal` without one."""
+    return access().priorities.get(api_key_id() or "", "normal")
 
 
 def _origin(value: str) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 from flask import Response, request
 from flask_openapi3 import APIBlueprint, Tag
 
+from config import PRIORITIES
+from imagegen import scheduling
 from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.errors import APIError
@@ -106,17 +108,24 @@ def job_preview(job_id: str) -> Response:
 @bp.get("/queue", **spec({200: schemas.QueueSummary}, errors=(401, 429)))
 @raw
 def queue_summary() -> dict[str, Any]:
-    """Depth, the caller's running jobs with their progress (others' only as the count `active`), and
-    the recent average generation time."""
+    """Depth, the caller's queued jobs with their places (by the scheduling policy: priority classes,
+    then owners in turns) and its running jobs with their progress (others' only as the counts
+    `depth` and `active`), and the recent average generation time."""
     svc = services()
     snapshot = svc.queue.snapshot()
     running = svc.jobs.running()
     mine = [job_view(job) for job in callers(running)]
+    queued = svc.jobs.queued()
+    places = scheduling.positions(queued)
     recent = svc.jobs.recent_generation_seconds()
     return {
         "depth": snapshot.depth,
         "max": snapshot.max,
         "active": len(running),
+        "queued": [
+            {"id": job.id, "position": places[job.id], "priority": PRIORITIES[job.priority]}
+            for job in sorted(callers(queued), key=lambda job: places[job.id])
+        ],
         "running": [{k: v.get(k) for k in ("id", "progress", "step", "total_steps", "eta_seconds")} for v in mine],
         "average_generation_seconds": None if recent is None else round(recent, 4),
     }

@@ -7,7 +7,7 @@ from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from config import MAX_AGE_SECONDS
+from config import MAX_AGE_SECONDS, Priority
 from imagegen.jobs import OPTIONAL_FIELDS, GenerationParams, JobStatus, WebhookStatus
 from imagegen.refusals import ERROR_CODES
 
@@ -138,7 +138,9 @@ class JobView(BaseModel):
     parameters: Parameters
     timings: Timings
     warnings: list[str] = Field(description=WARNINGS)
-    position: int | None = None
+    priority: Priority = Field(description="Its class: a higher one runs first, owners take turns within one.")
+    position: int | None = Field(None, description="Its place in the queue (1: next), by priority and turns.")
+    reason: str | None = Field(None, description="Why it waits beyond its turn: no live worker serves its model.")
     progress: float | None = None
     step: int | None = None
     total_steps: int | None = None
@@ -158,6 +160,7 @@ class QueueSummary(BaseModel):
     depth: int
     max: int
     active: int = Field(description="Jobs running now, everyone's.")
+    queued: list[dict[str, Any]] = Field(description="Your queued jobs: id, position (1: next) and priority.")
     running: list[dict[str, Any]] = Field(description="Your running jobs.")
     average_generation_seconds: float | None
 

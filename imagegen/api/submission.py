@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from imagegen.api import services
 from imagegen.api.errors import APIError
-from imagegen.api.guard import client_key
+from imagegen.api.guard import by_admin, client_key, key_priority
 from imagegen.api.slots import waiting
 from imagegen.generation import Caller
 from imagegen.jobs import Job
@@ -88,7 +88,9 @@ def caller() -> Caller:
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         message = "The `Idempotency-Key` header must be 1 to 255 visible ASCII characters (a UUID, say)."
         raise APIError("invalid_request", message, {"field": "Idempotency-Key"})
-    g.caller = Caller(client_key(), g.get("request_id"), key, fingerprint() if key else None)
+    g.caller = Caller(
+        client_key(), g.get("request_id"), key, fingerprint() if key else None, key_priority(), by_admin()
+    )
     return g.caller
 
 

@@ -12,6 +12,8 @@ from typing import Any
 from flask import url_for
 from sqlalchemy.exc import SQLAlchemyError
 
+from config import PRIORITIES
+from imagegen import scheduling
 from imagegen.api import services
 from imagegen.api.errors import APIError
 from imagegen.api.guard import client_key
@@ -50,9 +52,12 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         "parameters": job.params.view(),
         "timings": job.timings(),
         "warnings": job.warnings,
+        "priority": PRIORITIES[job.priority],
     }
     if job.status == JobStatus.QUEUED:
-        view["position"] = svc.jobs.position(job)
+        view["position"] = scheduling.positions(svc.jobs.queued()).get(job.id, 1)  # 1: taken meanwhile
+        if reason := svc.queue.waits_for(job.params.model):
+            view["reason"] = reason
     if job.status == JobStatus.RUNNING:
         view.update(
             progress=round(job.progress, 4),

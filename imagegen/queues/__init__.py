@@ -148,5 +148,8 @@ class JobQueue(Protocol):
     def problem(self, model: str, probe: bool = False) -> NotReady | None:
         """Why a job for `model` could not start now; `probe` adds the checks that cost a round trip."""
 
+    def waits_for(self, model: str) -> str | None:
+        """Why a queued job of `model` waits beyond its turn (no live worker serves it), or None."""
+
     def describe(self) -> Runners:
         """The runners' models (and a cluster's workers and broker depth), for /status and /metrics."""

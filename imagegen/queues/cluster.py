@@ -4,12 +4,20 @@ Why Celery and not a queue of our own: a broker already knows how to hand a mess
 one consumer and take it back when that consumer's connection dies (RabbitMQ does so at once), so
 with late acknowledgement a killed worker loses no job. The job record in SQL stays the one truth:
 the broker carries only job ids, and every API replica answers from the record.
+
+One broker queue per model (`queue_name`), and a worker consumes the queues of the models it
+serves (WORKER_MODELS), so a job reaches only a worker that has its model. A message is a ticket:
+it names the job published with it, and lets the worker that takes it run one queued job of that
+model, the one the scheduling policy puts first (imagegen/scheduling.py: priority classes, then
+owners in turns), read from the records. The broker hands messages over in arrival order; the
+records let a light client's job pass a heavy client's sixteen, across the whole cluster.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -78,9 +86,15 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
 
 
-def publish(app: Celery, job_ids: list[str], timeout: float, after: float = 0) -> None:
-    """Sends one message per job to the workers' queue (BROKER_QUEUE), due `after` seconds from now,
-    each confirmed within `timeout` seconds.
+def queue_name(base: str, model: str) -> str:
+    """A model's broker queue: BROKER_QUEUE, a dot, the model's id with any character but letters,
+    digits and `_.:-` made `_` (`imagegen.models_demo-shapes`)."""
+    return f"{base}.{re.sub(r'[^A-Za-z0-9_.:-]', '_', model)}"
+
+
+def publish(app: Celery, tickets: list[tuple[str, str]], timeout: float, after: float = 0) -> None:
+    """Sends one message per (job id, model) to the model's queue (`queue_name`), due `after`
+    seconds from now, each confirmed within `timeout` seconds.
 
     On a connection of its own whose every read and write also times out: a broker that blocks
     publishers (a memory or disk alarm) stops reading, and the confirm's timeout alone would leave
@@ -88,10 +102,11 @@ def publish(app: Celery, job_ids: list[str], timeout: float, after: float = 0) -
     """
     sockets = {"read_timeout": timeout, "write_timeout": timeout}
     with app.connection_for_write(transport_options=sockets) as connection:
-        for job_id in job_ids:
+        for job_id, model in tickets:
             app.send_task(
                 TASK,
-                args=[job_id],
+                args=[job_id, model],
+                queue=queue_name(app.conf.task_default_queue, model),
                 countdown=after or None,
                 connection=connection,
                 timeout=timeout,
@@ -114,11 +129,11 @@ class BrokerQueue:
     consumers: int | None
 
 
-def broker_queue(app: Celery) -> BrokerQueue | None:
-    """The task queue's counts, from a passive declare; None if the broker does not answer."""
+def broker_queue(app: Celery, name: str) -> BrokerQueue | None:
+    """A queue's counts, from a passive declare; None if the broker does not answer."""
     try:
         with app.connection_for_read() as conn:
-            declared = conn.default_channel.queue_declare(queue=app.conf.task_default_queue, passive=True)
+            declared = conn.default_channel.queue_declare(queue=name, passive=True)
             amqp = conn.transport.driver_type == "amqp"
             return BrokerQueue(declared.message_count, declared.consumer_count if amqp else None)
     except ChannelError as exc:
@@ -129,9 +144,15 @@ def broker_queue(app: Celery) -> BrokerQueue | None:
         return None
 
 
+def broker_queues(app: Celery, models: list[str]) -> dict[str, BrokerQueue] | None:
+    """The counts of these models' queues, by model; None if the broker does not answer."""
+    counts = {model: broker_queue(app, queue_name(app.conf.task_default_queue, model)) for model in models}
+    return None if None in counts.values() else counts  # type: ignore[return-value]
+
+
 class BrokerWatch:
-    """What the broker's task queue said at two checks in a row (one alone could be a worker
-    reconnecting, or a blip): whether jobs wait there with no consumer, and whether the broker did
+    """What the broker's queues said at two checks in a row (one alone could be a worker
+    reconnecting, or a blip): whether jobs wait in one with no consumer, and whether the broker did
     not answer at all. RabbitMQ cancels every consumer of a queue it deletes (an operator's mistake,
     an expiry policy, a node leaving), and a worker that misses the notice stays connected, alive
     and deaf: the API reports it, each worker re-subscribes. A broker that does not answer a worker
@@ -141,9 +162,9 @@ class BrokerWatch:
     def __init__(self) -> None:
         self.waiting = self.silent = 0
 
-    def check(self, queue: BrokerQueue | None) -> None:
-        self.silent = self.silent + 1 if queue is None else 0
-        waiting = queue is not None and queue.ready > 0 and queue.consumers == 0
+    def check(self, queues: list[BrokerQueue] | None) -> None:
+        self.silent = self.silent + 1 if queues is None else 0
+        waiting = queues is not None and any(queue.ready > 0 and queue.consumers == 0 for queue in queues)
         self.waiting = self.waiting + 1 if waiting else 0
 
     @property
@@ -222,7 +243,7 @@ class CeleryQueue:
     ) -> None:
         self.settings, self.endings, self.images, self.registry, self.app = settings, endings, images, registry, app
         self.jobs = endings.jobs
-        self._alive_checked = (0.0, False)
+        self._alive_checked: tuple[float, list[dict[str, Any]]] = (-1.0, [])
         self._probed: tuple[float, NotReady | None] = (-PROBE_CACHE_SECONDS, None)  # (when, what was down)
         self._stopping = threading.Event()
         self._watch = BrokerWatch()
@@ -239,12 +260,22 @@ class CeleryQueue:
     def apply(self, settings: Settings) -> None:
         self.settings = settings
 
-    def _any_alive(self) -> bool:
-        """A worker is alive (checked at most once a second: heartbeats come every few seconds anyway)."""
+    def _alive(self) -> list[dict[str, Any]]:
+        """The live workers (read at most once a second: heartbeats come every few seconds anyway)."""
         now = time.monotonic()
         if now - self._alive_checked[0] > 1:
-            self._alive_checked = (now, bool(self.registry.alive()))
+            self._alive_checked = (now, self.registry.alive())
         return self._alive_checked[1]
+
+    def _serving(self, model: str, alive: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """The live workers that serve a model (a worker's report says which: WORKER_MODELS)."""
+        workers = self._alive() if alive is None else alive
+        return [worker for worker in workers if model in worker.get("serves", self.settings.allowed_models)]
+
+    def waits_for(self, model: str) -> str | None:
+        if self._serving(model):
+            return None
+        return f"No live worker serves model `{model}`; the job waits for one (WAIT_FOR_WORKERS)."
 
     def room(self, client: str) -> None:
         self._room(client)
@@ -264,7 +295,7 @@ class CeleryQueue:
         depth = self._room(job.client)
         self.jobs.create(job)
         try:
-            publish(self.app, [job.id], self.settings.publish_timeout_seconds)
+            publish(self.app, [(job.id, job.params.model)], self.settings.publish_timeout_seconds)
         except Exception as exc:
             log.error("broker refused job %s: %s", job.id, exc)
             error = {"code": "broker_unavailable", "message": "The queue is unreachable."}
@@ -278,21 +309,30 @@ class CeleryQueue:
 
         - running jobs whose lease ran out (their worker died, hung, or lost its database) are queued
           again and published;
-        - jobs waiting in the broker with no consumer at two periods in a row make /health say so
-          (`BrokerWatch`);
+        - jobs waiting in the queue of a model some live worker serves, with no consumer, at two
+          periods in a row make /health say so (`BrokerWatch`);
         - queued jobs the broker forgot (a purged queue, a broker restarted without persistence, an
           API killed between the record and the publish, a failed re-publish) are published again:
-          while the records hold more queued jobs than the broker has messages ready, the oldest
-          not published for three periods go out again. A job published twice runs once: the
-          record decides (`JobStore.claim`).
+          while the records hold more queued jobs of a model than its queue has messages ready, the
+          oldest not published for three periods go out again. A job published twice runs once:
+          the record decides (`JobStore.claim`), and a spare message finds nothing to take.
         """
-        recovered = [job.id for job in self.jobs.expired() if self.jobs.recover(job)]
-        republished: list[str] = []
-        queue = broker_queue(self.app)
-        self._watch.check(queue)
+        recovered = [(job.id, job.params.model) for job in self.jobs.expired() if self.jobs.recover(job)]
+        republished: list[tuple[str, str]] = []
+        depth: dict[str, int] = {}
+        for row in self.jobs.queue_by_model():
+            depth[row["model"]] = depth.get(row["model"], 0) + row["jobs"]
+        queues = broker_queues(self.app, list(dict.fromkeys([*self.settings.allowed_models, *depth])))
+        alive = self.registry.alive()
+        self._watch.check(
+            None if queues is None else [queues[model] for model in queues if self._serving(model, alive)]
+        )
         self.unconsumed = self._watch.unconsumed
-        if queue is not None and (missing := self.jobs.depth() - queue.ready - len(recovered)) > 0:
-            republished = self.jobs.due_for_publish(3 * self.settings.reconcile_seconds, missing)
+        for model, queue in (queues or {}).items():
+            missing = depth.get(model, 0) - queue.ready - sum(ticket[1] == model for ticket in recovered)
+            if missing > 0:
+                older = 3 * self.settings.reconcile_seconds
+                republished += [(job_id, model) for job_id in self.jobs.due_for_publish(older, missing, model)]
         if recovered or republished:
             log.warning(
                 "reconciler: %d jobs whose worker stopped queued again, %d forgotten by the broker published again",
@@ -321,10 +361,13 @@ class CeleryQueue:
                 return True
 
     def load(self, model: str) -> dict[str, ModelState]:
-        """Every live worker loads the model (one it may serve: its MODEL_ID or MODELS) between batches."""
-        answers = self._ask_workers("imagegen_load", model=model)
+        """Every live worker that serves the model (its WORKER_MODELS) loads it between batches."""
+        serving = {worker["name"] for worker in self._serving(model, self.registry.alive())}
+        answers = {
+            name: answer for name, answer in self._ask_workers("imagegen_load", model=model).items() if name in serving
+        }
         if not answers:
-            raise NotReady("worker_stopped", "No generation worker is alive.")
+            raise self._unready(model, bool(self.registry.alive()))
         if failed := {name: answer["error"] for name, answer in answers.items() if "error" in answer}:
             reasons = "; ".join(f"{name}: {error}" for name, error in failed.items())
             raise NotReady("model_unavailable", f"Model `{model}` failed to load on {reasons}", retry_after=30)
@@ -363,10 +406,11 @@ class CeleryQueue:
         return seconds_until_room(depth, self.settings.max_batch_size, workers, self.jobs.recent_generation_seconds())
 
     def problem(self, model: str, probe: bool = False) -> NotReady | None:
-        """No worker alive; with `probe`, also the broker, database or storage down, or workers loading."""
-        stopped = NotReady("worker_stopped", "No generation worker is alive.")
+        """No live worker serves the model (unless WAIT_FOR_WORKERS: then its jobs wait for one);
+        with `probe`, also the broker, database or storage down, or the workers loading it."""
+        waiting = self.settings.wait_for_workers
         if not probe:
-            return None if self._any_alive() else stopped
+            return None if waiting or self._serving(model) else self._unready(model, bool(self._alive()))
         if down := self._parts_down():
             return down
         if self.unconsumed:
@@ -374,12 +418,20 @@ class CeleryQueue:
         alive = self.registry.alive()
         if alive and all(worker["state"] == WorkerState.DISCONNECTED for worker in alive):
             return NotReady("queue_unavailable", "No live worker reaches the broker.", 5)
-        state = self._model_state(alive)
-        if state == ModelState.UNLOADED:
-            return stopped
-        if state == ModelState.LOADING:
+        serving = self._serving(model, alive)
+        if not serving:
+            return None if waiting else self._unready(model, bool(alive))
+        if self._model_state(serving) == ModelState.LOADING:
             return NotReady("model_loading", "The workers are loading the model.", 5)
         return None
+
+    @staticmethod
+    def _unready(model: str, any_alive: bool) -> NotReady:
+        """No live worker for this model: none at all, or none of those alive serves it."""
+        if not any_alive:
+            return NotReady("worker_stopped", "No generation worker is alive.")
+        message = f"No live worker serves model `{model}` (their WORKER_MODELS); try another model or later."
+        return NotReady("model_unserved", message, retry_after=30)
 
     def _parts_down(self) -> NotReady | None:
         """The first of the broker, the database and the storage that does not answer, asked at most
@@ -403,11 +455,11 @@ class CeleryQueue:
         return answer
 
     @staticmethod
-    def _model_state(alive: list[dict[str, Any]]) -> ModelState:
-        """The default model's state as the live workers report it."""
-        if any(worker["state"].serving for worker in alive):
+    def _model_state(serving: list[dict[str, Any]]) -> ModelState:
+        """A model's state as the live workers that serve it report theirs."""
+        if any(worker["state"].serving for worker in serving):
             return ModelState.READY
-        return ModelState.LOADING if alive else ModelState.UNLOADED
+        return ModelState.LOADING if serving else ModelState.UNLOADED
 
     def describe(self) -> Runners:
         """The models as the live workers report them (each model's best state, and each worker's),
@@ -425,9 +477,16 @@ class CeleryQueue:
         for entry in models.values():
             entry["state"] = min(entry["workers"].values(), key=MODEL_STATE_RANK.index)
         default = models.get(self.settings.model_id, {"id": self.settings.model_id, "workers": {}})
+        serving = self._serving(self.settings.model_id, alive)
         model = {
             **default,
-            "state": self._model_state(alive),
-            "device": ", ".join(sorted({worker["device"] for worker in alive})) or None,
+            "state": self._model_state(serving),
+            "device": ", ".join(sorted({worker["device"] for worker in serving})) or None,
         }
-        return Runners(model, list(models.values()) or [model], workers, broker_queue(self.app))
+        queues = broker_queues(self.app, list(self.settings.allowed_models))
+        broker = None
+        if queues is not None:
+            counts = [queue.consumers for queue in queues.values()]
+            consumers = None if None in counts else sum(counts)  # type: ignore[arg-type]
+            broker = BrokerQueue(sum(queue.ready for queue in queues.values()), consumers)
+        return Runners(model, list(models.values()) or [model], workers, broker)

@@ -257,6 +257,10 @@ class LocalQueue:
             return NotReady("model_loading", f"Model `{model}` is loading; try again shortly.", retry_after=5)
         return None
 
+    def waits_for(self, model: str) -> str | None:
+        """This process serves every model of its catalogue."""
+        return None
+
     def snapshot(self) -> Snapshot:
         with self._cond:
             return Snapshot(len(self._queue), self.settings.max_queue_size, list(self._running))
