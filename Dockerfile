@@ -18,6 +18,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY requirements.lock requirements-gpu.lock constraints.txt /src/
 COPY docker/ /src/docker/
+COPY tools/pip_check.py /src/
 RUN set -e; \
     if [ -f /src/docker/extras/ca.crt ]; then export PIP_CERT=/src/docker/extras/ca.crt; fi; \
     python3 -m venv /venv; \
@@ -25,7 +26,7 @@ RUN set -e; \
     $pip --require-hashes --no-deps -r /src/requirements.lock -r /src/docker/requirements-bookworm.txt; \
     if [ "$GPU" = 1 ]; then $pip --require-hashes --no-deps -r /src/requirements-gpu.lock; fi; \
     $pip -c /src/constraints.txt ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch; \
-    /venv/bin/python -m pip check; \
+    /venv/bin/python /src/pip_check.py; \
     find /venv -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE}

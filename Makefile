@@ -19,12 +19,12 @@ $(RUNTIME): requirements.lock requirements-gpu.lock constraints.txt
 	$(PIP) --require-hashes --no-deps -r requirements.lock
 	if [ "$(GPU)" = 1 ]; then $(PIP) --require-hashes --no-deps -r requirements-gpu.lock; fi
 	$(PIP) -c constraints.txt torch
-	$(BIN)/python -m pip check
+	$(BIN)/python tools/pip_check.py
 	touch $@
 
 $(DEV): $(RUNTIME) requirements-dev.lock
 	$(PIP) --require-hashes --no-deps -r requirements-dev.lock
-	$(BIN)/python -m pip check
+	$(BIN)/python tools/pip_check.py
 	touch $@
 
 install: $(RUNTIME)
@@ -104,6 +104,7 @@ bench: install
 	$(BIN)/python -m bench.step_cache
 	$(BIN)/python -m bench.loads
 	$(BIN)/python -m bench.compiling
+	$(BIN)/python -m bench.provenance
 
 # The wheels bench/gpu.py needs on a GPU machine that has torch but no network (Python 3.12,
 # manylinux x86-64), into .whl/; bench/gpu.py's docstring says how to install and run them there.

@@ -274,6 +274,15 @@ class Settings(BaseSettings):
     worker_models: str = ""
     wait_for_workers: bool = False
 
+    # Provenance (docs/provenance.md)
+    metadata: Literal["full", "minimal", "none"] = "full"
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
+    c2pa_include_prompt: bool = True
+    watermark: Literal["off", "on"] = "off"
+    safety_checker: Literal["auto", "on", "off"] = "auto"
+    safety_action: Literal["fail", "blur"] = "fail"
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -293,7 +302,7 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("log_dir", "data_dir", "blocked_patterns_file", "api_keys_file")
+    @field_validator("log_dir", "data_dir", "blocked_patterns_file", "api_keys_file", "c2pa_cert", "c2pa_key")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         """Relative paths are relative to the project, so `make run` works from any directory."""
@@ -371,6 +380,8 @@ class Settings(BaseSettings):
             ("api_keys_file", self.api_keys_file),
             ("blocked_patterns_file", self.blocked_patterns_file),
             ("models", self.models_file),
+            ("c2pa_cert", self.c2pa_cert),
+            ("c2pa_key", self.c2pa_key),
         ):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name.upper()} names a file that does not exist: {path}")
@@ -397,6 +408,8 @@ class Settings(BaseSettings):
                 raise ValueError("QUEUE_BACKEND=celery needs ADMIN_TOKEN, the same on every API replica")
         if self.model_id not in self.model_entries():
             raise ValueError(f"MODEL_ID {self.model_id} is not a model of MODELS ({', '.join(self.model_entries())})")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ValueError("C2PA_CERT and C2PA_KEY go together: the certificate chain and its private key")
         if unknown := [model for model in comma_list(self.worker_models) if model not in self.model_entries()]:
             raise ValueError(
                 f"WORKER_MODELS names {', '.join(unknown)}, not in MODELS ({', '.join(self.model_entries())})"

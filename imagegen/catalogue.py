@@ -41,6 +41,9 @@ class ModelSpec:
     quantization: Quantization
     preview_vae: str | None = None  # a local AutoencoderTiny folder its previews are decoded with
     step_cache: str = "none"  # its requests' default step cache (families.Family.step_cache: how)
+    # Its own safety checker (SAFETY_CHECKER): `on` (it ships one, which runs), `off` (it ships one,
+    # never loaded), `none` (it ships none), None (a hub model unread: known when it loads).
+    safety_checker: str | None = None
 
     def view(self) -> dict[str, Any]:
         """What /models says about it: enough for a client (or the playground) to build a request."""
@@ -62,6 +65,7 @@ class ModelSpec:
             "quantization": self.quantization.view(),
             "step_cache": list(get_args(StepCache)) if self.family and self.family.step_cache else ["none"],
             "compile": self.entry.compile or "none",
+            "safety_checker": self.safety_checker,
         }
 
 
@@ -211,7 +215,28 @@ def resolve(settings: Settings, model: str, entry: ModelEntry) -> ModelSpec:
         quantization=_quantization(settings, model, entry, source, found),
         preview_vae=_preview_vae(settings, model, entry),
         step_cache=entry.step_cache or "none",
+        safety_checker=_safety_checker(settings, model, source),
     )
+
+
+def _safety_checker(settings: Settings, model: str, source: str) -> str | None:
+    """Whether the model's own safety checker runs (ModelSpec.safety_checker), from its
+    model_index.json; SAFETY_CHECKER=on refuses a model that ships none."""
+    path = Path(source)
+    if path.is_file():
+        ships: bool | None = False  # a checkpoint file holds the denoiser, encoders and VAE only
+    else:
+        index = (folder_reader(path) if path.is_dir() else _hub_reader(source))("model_index.json")
+        ships = None if index is None else bool((index.get("safety_checker") or [None])[-1])
+    if ships is None:
+        return None
+    if not ships:
+        if settings.safety_checker == "on":
+            raise UnservedModel(
+                f"model {model} ships no safety checker, and SAFETY_CHECKER=on runs one for every model"
+            )
+        return "none"
+    return "off" if settings.safety_checker == "off" else "on"
 
 
 def _preview_vae(settings: Settings, model: str, entry: ModelEntry) -> str | None:

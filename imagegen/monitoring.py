@@ -308,6 +308,7 @@ def queue_figures(rows: list[Any], now: float) -> Iterator[Metric]:
 MODEL_COUNTS = {
     "model_loads": ("loads", "Model loads, by model."),
     "model_switches": ("switches", "Model loads that first unloaded another model (MAX_LOADED_MODELS), by model."),
+    "images_filtered": ("filtered", "Images the model's own safety checker flagged (SAFETY_CHECKER), by model."),
 }
 
 

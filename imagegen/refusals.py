@@ -91,6 +91,10 @@ ERROR_CODES: dict[str, tuple[tuple[int, ...], str]] = {
     "model_loading": ((503,), "The model is loading; `Retry-After` says when to look again."),
     "model_unavailable": ((503,), "The model failed to load; it is tried again with backoff (`Retry-After`)."),
     "worker_stopped": ((503,), "No generation thread or cluster worker is running."),
+    "content_filtered": (
+        (400,),
+        "The model's safety checker flagged the image (SAFETY_CHECKER); nothing was stored (SAFETY_ACTION=fail).",
+    ),
     "model_unserved": ((503,), "Cluster: no live worker serves the model (WORKER_MODELS); WAIT_FOR_WORKERS queues it."),
     "worker_stalled": ((503,), "The generation thread's batch has made no step for WATCHDOG_SECONDS (a hung device)."),
     "disk_full": ((503,), "The image disk is nearly full (a /health reason)."),

@@ -53,6 +53,8 @@ FORMATS = {
     "jpeg": ("jpg", "JPEG", "image/jpeg"),
     "webp": ("webp", "WEBP", "image/webp"),
 }
+# The PNG chunk of an XMP packet, as Adobe's XMP specification names it.
+XMP_CHUNK = "XML:com.adobe.xmp"
 # Where a JPEG's or WebP's infotext goes, as A1111 writes it: the EXIF user comment.
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 DEFAULT_QUALITY = 90  # a lossy format's, where a request gives none
@@ -77,22 +79,29 @@ def image_bytes(
     quality: int = 0,
     infotext: str = "",
     parameters: dict[str, Any] | None = None,
+    xmp: bytes | None = None,
 ) -> bytes:
     """The image in a format of FORMATS: a PNG with its text chunks (`imagegen` the parameters as
-    JSON, `parameters` A1111's infotext), a JPEG or WebP at `quality` (0: DEFAULT_QUALITY) with the
-    infotext in its EXIF user comment, where A1111 writes it."""
+    JSON, `parameters` A1111's infotext, the XMP packet in `XML:com.adobe.xmp`), a JPEG or WebP at
+    `quality` (0: DEFAULT_QUALITY) with the infotext in its EXIF user comment, where A1111 writes
+    it, and the XMP packet where each format keeps one."""
     if output_format == "png":
         info = PngInfo()
         if parameters is not None:
             info.add_text(METADATA_CHUNK, json.dumps(parameters, sort_keys=True))
         if infotext:
             info.add_text("parameters", infotext)
+        if xmp:
+            info.add_itxt(XMP_CHUNK, xmp.decode())
         return png_bytes(image, info)
     exif = Image.Exif()
     if infotext:
         exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + infotext.encode("utf-16-be")
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format=FORMATS[output_format][1], quality=quality or DEFAULT_QUALITY, exif=exif)
+    extra = {"xmp": xmp} if xmp else {}
+    image.convert("RGB").save(
+        buffer, format=FORMATS[output_format][1], quality=quality or DEFAULT_QUALITY, exif=exif, **extra
+    )
     return buffer.getvalue()
 
 
@@ -165,18 +174,9 @@ class ImageStore:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
-    def save(
-        self,
-        image: Image.Image,
-        parameters: dict[str, Any],
-        job_id: str,
-        infotext: str = "",
-        output_format: str = "png",
-        quality: int = 0,
-    ) -> StoredImage:
-        """Writes the image under a random, unguessable name, then records it; it says how it was
-        made (image_bytes), which A1111, ComfyUI and image browsers read."""
-        data = image_bytes(image, output_format, quality, infotext, parameters)
+    def save(self, data: bytes, job_id: str, output_format: str = "png") -> StoredImage:
+        """Writes an encoded image (`provenance.Provenance.encode`) under a random, unguessable
+        name, then records it."""
         name = f"{secrets.token_urlsafe(16)}.{FORMATS[output_format][0]}"
         self.fs.pipe_file(self._path(name), data)
         with self.db.transaction() as conn:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from packaging.utils import canonicalize_name
 
 from config import ROOT, Settings, load_settings
 from tools.lock import UNHASHED, roots
+from tools.pip_check import unmet
 
 
 @pytest.fixture(autouse=True)
@@ -144,6 +147,21 @@ def test_every_requirement_is_pinned_and_hash_locked():
     for requirement in roots(ROOT / "requirements-dev.txt") + roots(ROOT / "requirements-gpu.txt"):
         name = canonicalize_name(requirement.name)
         assert requirement.specifier.contains(locked.get(name) or pinned[name]), requirement
+
+
+def test_the_pip_check_excuses_only_what_packages_installed_without_dependencies_do_not_need():
+    report = (
+        "invisible-watermark 0.2.0 requires opencv-python, which is not installed.\n"
+        "invisible-watermark 0.2.0 requires onnx, which is not installed.\n"
+        "invisible-watermark 0.2.0 requires torch, which is not installed.\n"
+        "celery 5.6.3 requires kombu, which is not installed.\n"
+    )
+    assert unmet(report) == [
+        "invisible-watermark 0.2.0 requires torch, which is not installed.",
+        "celery 5.6.3 requires kombu, which is not installed.",
+    ]
+    assert unmet("No broken requirements found.\n") == []
+    assert subprocess.run([sys.executable, "tools/pip_check.py"], cwd=ROOT, capture_output=True).returncode == 0
 
 
 def test_names_of_0_2_are_read_with_a_warning_and_misspelled_ones_named(tmp_path, monkeypatch, caplog):

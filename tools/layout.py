@@ -85,7 +85,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "preprocessors.py",
         "edits.py",
     ),
-    "Records": ("jobs.py", "endings.py", "storage.py", "infotext.py", "db.py", "migrations/env.py", "states.py"),
+    "Records": (
+        "jobs.py",
+        "endings.py",
+        "storage.py",
+        "provenance.py",
+        "infotext.py",
+        "db.py",
+        "migrations/env.py",
+        "states.py",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ file. torch cannot have one (the same version is a CPU build here and a CUDA bui
 different files and different dependencies), so `make` installs the hash-locked files first with
 `--no-deps` (every package but torch, checked against every file PyPI has for its version, so one
 lock serves every platform) and then torch by version alone, whose dependencies are then already
-there (on a CUDA machine it adds its own CUDA libraries); `pip check` proves nothing is missing.
+there (on a CUDA machine it adds its own CUDA libraries); `pip check` (tools/pip_check.py) proves nothing is missing.
 
 Run by `make lock` in a fresh environment of requirements-dev.txt and requirements-gpu.txt; it asks
 PyPI's simple JSON API (PEP 691) for the hashes, so it needs the network.
@@ -25,6 +25,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+
+from tools.pip_check import WITHOUT_DEPENDENCIES
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX = "https://pypi.org/simple"
@@ -67,7 +69,9 @@ def closure(requirements: Path) -> set[str]:
             if key in seen:
                 continue
             seen.add(key)
-            queue.extend((Requirement(dep), wanted) for dep in metadata.requires(name) or [])
+            needs = [Requirement(dep) for dep in metadata.requires(name) or []]
+            unneeded = WITHOUT_DEPENDENCIES.get(name, set())  # installed without them (tools/pip_check.py)
+            queue.extend((dep, wanted) for dep in needs if canonicalize_name(dep.name) not in unneeded)
     return {key.split("[")[0] for key in seen}
 
 

@@ -57,8 +57,11 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors.torch import save_file
 from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -482,6 +485,29 @@ def build(family: str, seed: int = 0, size: str = "tiny", device: str = "cpu") -
         return builders[family]()
 
 
+def with_safety_checker(pipe: StableDiffusionPipeline, flags: bool, seed: int = 0) -> StableDiffusionPipeline:
+    """The SD pipeline with a tiny random safety checker (StableDiffusionSafetyChecker, a CLIP vision
+    tower, and its image processor) that flags every image (`flags`) or none: its concepts' thresholds
+    set beyond what a cosine similarity reaches, one way or the other."""
+    torch.manual_seed(seed)
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
+        vision_config={**vision, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        threshold = -2.0 if flags else 2.0  # a score is similarity - threshold: always above 0, or never
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return StableDiffusionPipeline(
+        **{**pipe.components, "safety_checker": checker, "feature_extractor": processor},
+        requires_safety_checker=True,
+    )
+
+
 # A transformer family's ControlNet class, built from its transformer's config with one block of each kind.
 TRANSFORMER_CONTROLNETS: dict[str, tuple[Any, dict[str, int]]] = {
     "SD3Transformer2DModel": (SD3ControlNetModel, {"num_layers": 1}),
@@ -676,8 +702,17 @@ def main() -> None:
     parser.add_argument("--ip-adapter", type=Path, metavar="DIR", help="also write an IP-Adapter (SD, SDXL, FLUX.1)")
     parser.add_argument("--t2i-adapter", type=Path, metavar="DIR", help="also write a T2I-Adapter for it (SD, SDXL)")
     parser.add_argument("--preprocessors", type=Path, metavar="DIR", help="also write DIR/depth and DIR/pose networks")
+    parser.add_argument(
+        "--safety-checker",
+        choices=["flags", "passes"],
+        help="sd15: with a tiny safety checker that flags every image, or none",
+    )
     args = parser.parse_args()
     pipe = build(args.family, args.seed, args.size, args.device)
+    if args.safety_checker:
+        if args.family != "sd15":
+            raise SystemExit("--safety-checker: sd15 only")
+        pipe = with_safety_checker(pipe, args.safety_checker == "flags", args.seed)
     for name, count in parameters(pipe).items():
         print(f"{name}: {count / 1e6:,.1f}M parameters")
     if args.out and args.device != "meta":

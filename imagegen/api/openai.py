@@ -130,9 +130,14 @@ def render_error(error: APIError) -> Response:
     message = error.message
     for ours, theirs in WORDS.items():
         message = message.replace(f"`{ours}`", theirs)
-    response = openai_error(error.status, message, PARAMS.get(field, field), error.code)
+    response = openai_error(error.status, message, PARAMS.get(field, field), CODES.get(error.code, error.code))
     response.headers.update(error.headers)
     return response
+
+
+# Our error codes that OpenAI's clients know by OpenAI's name: a flagged image is its safety
+# system's 400 `content_policy_violation`.
+CODES = {"content_filtered": "content_policy_violation"}
 
 
 install(bp, render_error)
@@ -227,9 +232,9 @@ def _stream(job: Job, body: ImagesOptions, event: str, warnings: list[str]) -> R
             return []
         if ended.error or not ended.images:
             failure = job_failure(ended)
-            return [
-                _event("error", {"error": {"message": failure.message, "type": "server_error", "code": failure.code}})
-            ]
+            kind = "invalid_request_error" if failure.status < 500 else "server_error"
+            code = CODES.get(failure.code, failure.code)
+            return [_event("error", {"error": {"message": failure.message, "type": kind, "code": code}})]
         usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0}
         completed = {
             "type": f"{event}.completed",

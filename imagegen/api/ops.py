@@ -9,7 +9,7 @@ from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from imagegen import __version__
+from imagegen import __version__, provenance
 from imagegen.api import schemas, services
 from imagegen.api.docs import raw, spec
 from imagegen.api.guard import operator, public, unlimited
@@ -61,6 +61,7 @@ def status() -> dict[str, Any]:
             **svc.queue.describe().view(),
             "queue": {"depth": queue.depth, "max": queue.max, "active": len(queue.running)},
             "images": svc.images.stats(),
+            "provenance": provenance.describe(svc.settings),
             **svc.monitor.summary(),
         },
         "alerts": svc.alerts.check(system),

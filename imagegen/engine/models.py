@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import numpy as np
 import psutil
 import safetensors.torch
 import torch
@@ -103,6 +104,35 @@ class ModelInfo:
     weight_bytes: dict[str, int] | None = None  # per component, and "total", from the state dicts
     loras: list[str] = field(default_factory=list)  # the LoRA adapters loaded into it, least recently used first
     controlnets: list[str] = field(default_factory=list)  # the ControlNets loaded beside it, the same way
+    safety_checker: str | None = None  # its own checker once loaded: on (runs), off (SAFETY_CHECKER), none
+    filtered: int = 0  # images its safety checker flagged since this process started
+
+
+@dataclass(frozen=True)
+class SafetyChecker:
+    """A model's own safety checker (SD's StableDiffusionSafetyChecker) and its image processor,
+    taken off the pipeline, which would otherwise black out a flagged image and say nothing: the
+    engine runs it on the decoded images itself and acts as SAFETY_ACTION says."""
+
+    model: torch.nn.Module
+    processor: Any
+
+    @classmethod
+    def detach(cls, pipe: DiffusionPipeline) -> SafetyChecker | None:
+        """The pipeline's checker, taken off it (None where it has none)."""
+        model, processor = getattr(pipe, "safety_checker", None), getattr(pipe, "feature_extractor", None)
+        if model is None or processor is None:
+            return None
+        pipe.safety_checker = None
+        return cls(model, processor)
+
+    def flagged(self, images: list[Image.Image]) -> list[bool]:
+        """Which images the checker flags."""
+        parameter = next(self.model.parameters())
+        pixels = self.processor(images, return_tensors="pt").pixel_values.to(parameter.device, parameter.dtype)
+        with torch.no_grad():
+            _, flags = self.model(clip_input=pixels, images=[np.asarray(image) for image in images])
+        return [bool(flag) for flag in flags]
 
 
 def resolve_device(setting: str) -> str:
@@ -167,7 +197,10 @@ def load_pipeline(spec: ModelSpec, dtype: torch.dtype, device: str | None) -> Di
     if not source.is_file():
         quantized = load_arguments(spec.quantization, spec.source, dtype)
         placed = {"device_map": device} if device else {}
-        return DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, use_safetensors=True, **placed, **quantized)
+        unchecked = {"safety_checker": None, "requires_safety_checker": False} if spec.safety_checker == "off" else {}
+        return DiffusionPipeline.from_pretrained(
+            spec.source, dtype=dtype, use_safetensors=True, **placed, **quantized, **unchecked
+        )
     if source.suffix != ".safetensors" or spec.family is None:
         raise ValueError(f"only .safetensors checkpoints are loaded, not {source.name}")
     config = Settings.resolve_source(spec.entry.config) if spec.entry.config else None
@@ -281,6 +314,7 @@ class ModelManager:
         self._adapters: dict[str, OrderedDict[str, str]] = {}
         self._families: dict[str, Family] = {}
         self._default_schedulers: dict[str, Any] = {}
+        self._checkers: dict[str, SafetyChecker] = {}  # per model, its own safety checker where it runs
         self._schedulers: dict[tuple[str, str, str], Any] = {}
         # With MODEL_PRELOAD the worker loads the default model first, so it is "loading" from the start.
         first_state = ModelState.LOADING if settings.model_preload else ModelState.UNLOADED
@@ -317,6 +351,22 @@ class ModelManager:
         """The family of a loaded model."""
         return self._families[model_id]
 
+    def _checking(self, spec: ModelSpec, checker: SafetyChecker | None) -> str:
+        """Its checker's state once loaded (ModelSpec.safety_checker's words): with SAFETY_CHECKER=off
+        the one it ships was never loaded."""
+        if self.settings.safety_checker == "off" and (checker is not None or spec.safety_checker == "off"):
+            return "off"
+        return "none" if checker is None else "on"
+
+    def flagged(self, model_id: str, images: list[Image.Image]) -> list[bool]:
+        """Which of a loaded model's images its safety checker flags (none, where none runs)."""
+        checker = self._checkers.get(model_id)
+        if checker is None or not images:
+            return [False] * len(images)
+        flags = checker.flagged(images)
+        self._set(model_id, filtered=self.state(model_id).filtered + sum(flags))
+        return flags
+
     def _load(self, model_id: str) -> DiffusionPipeline:
         spec = self.catalogue[model_id]
         dtype = resolve_dtype(spec.entry.dtype, self.device) if spec.entry.dtype else self.dtype
@@ -337,6 +387,9 @@ class ModelManager:
             warming = time.perf_counter()
             self._warm_up(pipe, family, spec)
             compiled = round(time.perf_counter() - warming, 3) if how != "none" else None
+            checker = SafetyChecker.detach(pipe)
+            if checker is None and self.settings.safety_checker == "on":
+                raise UnservedModel(f"model {model_id} ships no safety checker, and SAFETY_CHECKER=on runs one")
         except Exception as exc:
             failures = self.state(model_id).failures + 1
             wait = backoff(LOAD_RETRY_SECONDS, failures, MAX_RETRY_SECONDS)
@@ -347,6 +400,10 @@ class ModelManager:
         seconds = time.perf_counter() - started
         self._default_schedulers[model_id] = pipe.scheduler
         self._families[model_id] = family
+        if checker is not None and self.settings.safety_checker != "off":
+            self._checkers[model_id] = checker
+        else:
+            self._checkers.pop(model_id, None)
         self._set(
             model_id,
             state=ModelState.READY,
@@ -361,6 +418,7 @@ class ModelManager:
             weight_bytes=pipeline_bytes(pipe),
             compile_seconds=compiled,
             ready_after_start_seconds=round(time.time() - psutil.Process().create_time(), 3),
+            safety_checker=self._checking(spec, checker),
         )
         log.info("loaded model %s in %.2fs; after: %s", model_id, seconds, memory_snapshot(self.device))
         return pipe
@@ -684,6 +742,7 @@ class ModelManager:
             for key in [key for key in self._schedulers if key[0] == target]:
                 del self._schedulers[key]
             self._families.pop(target, None)
+            self._checkers.pop(target, None)
             for key in [key for key in self._controlnets if key[0] == target]:
                 del self._controlnets[key]
             self._references.pop(target, None)

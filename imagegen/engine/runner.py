@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from botocore.exceptions import BotoCoreError
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from sqlalchemy.exc import DBAPIError
 
 from config import Settings
-from imagegen import infotext
 from imagegen.edits import composite, masked_area
 from imagegen.endings import Endings
 from imagegen.engine.caching import step_caching
@@ -36,6 +35,7 @@ from imagegen.logs import job_context
 from imagegen.loras import AdapterFailed
 from imagegen.monitoring import Monitor
 from imagegen.preprocessors import PREPROCESSORS
+from imagegen.provenance import Provenance
 from imagegen.states import backoff
 from imagegen.storage import ImageStore
 from imagegen.upscalers import LATENT, NONE
@@ -74,6 +74,11 @@ def tiled(pipe: Any, tiling: bool) -> Iterator[None]:
     finally:
         for module in convolutions:
             module.padding_mode = "zeros"
+
+
+def blurred(image: Image.Image) -> Image.Image:
+    """An image blurred past recognition (SAFETY_ACTION=blur): a Gaussian blur a quarter of its side."""
+    return image.filter(ImageFilter.GaussianBlur(max(image.size) / 4))
 
 
 class Outage(Exception):
@@ -144,6 +149,7 @@ class Engine:
         self.jobs = endings.jobs
         self.name = name
         self.exclusive = exclusive  # the only engine on its jobs (local mode): it takes over any unfinished job
+        self.provenance = Provenance(settings)
         self.jobs_done = 0
         self.current: list[Job] = []  # the batch running now, whose leases the worker's heartbeat renews
         self.progressed_at: float | None = None  # monotonic time of the batch's start or last step; None when idle
@@ -217,13 +223,20 @@ class Engine:
                 pipe = self._pipeline(runnable, params.mode)
                 family = self.models.family(params.model)
                 images = self._generate(pipe, runnable, inputs)
+            runnable, images, screened = self._screen(runnable, images)
+            if not runnable:
+                return []
             # A member cancelled meanwhile, or taken over after this worker hung, is not this worker's
             # to end: its images are dropped, the others' kept.
             held = self.jobs.held(runnable)
             for job, job_images in zip(runnable, images, strict=True):
                 if job.id in held:
-                    stored = self._store(job, job_images)
-                    warnings = cut(pipe, family, job.params) if family else []
+                    stored = self._store(job, job_images, inputs[job.id][0])
+                    warnings = [
+                        *(cut(pipe, family, job.params) if family else []),
+                        *screened.get(job.id, []),
+                        *self.provenance.warnings(job.params),
+                    ]
                     if not self.endings.end(job, JobStatus.SUCCEEDED, stored, lease=job.lease, warnings=warnings):
                         # cancelled (or taken over) between `held` and its ending: what it stored is
                         # no job's, so nothing would serve it or sweep it (its records name it)
@@ -598,16 +611,44 @@ class Engine:
             stored[job.id] = step
         return stored
 
-    def _store(self, job: Job, images: list[Any]) -> list[dict[str, Any]]:
-        """Each image stored, each store counting as the batch's progress for the watchdog (a slow
-        storage is an outage to wait out, not a hung device whose jobs another worker should take)."""
+    def _screen(
+        self, jobs: list[Job], images: list[list[Image.Image]]
+    ) -> tuple[list[Job], list[list[Image.Image]], dict[str, list[str]]]:
+        """The generated images through their model's own safety checker (SAFETY_CHECKER). A job with
+        a flagged image ends failed (`content_filtered`) and stores nothing, not to run again; with
+        SAFETY_ACTION=blur its flagged images are kept blurred past recognition, and its warnings
+        say which. The jobs and images kept, and those warnings by job id."""
+        model = jobs[0].params.model
+        flags = iter(self.models.flagged(model, [image for job_images in images for image in job_images]))
+        kept: tuple[list[Job], list[list[Image.Image]]] = ([], [])
+        warned: dict[str, list[str]] = {}
+        for job, job_images in zip(jobs, images, strict=True):
+            marks = [next(flags) for _ in job_images]
+            if any(marks):
+                log.warning("the safety checker flagged %d of job %s's %d images", sum(marks), job.id, len(marks))
+                if self.settings.safety_action == "fail":
+                    message = "The model's safety checker flagged the image; nothing was stored."
+                    error = {"code": "content_filtered", "message": message}
+                    self.endings.end(job, JobStatus.FAILED, error=error, lease=job.lease)
+                    continue
+                job_images = [blurred(image) if mark else image for image, mark in zip(job_images, marks, strict=True)]
+                shown = ", ".join(str(index) for index, mark in enumerate(marks) if mark)
+                warned[job.id] = [f"content_filtered: the safety checker flagged images {shown}; they are blurred"]
+            kept[0].append(job)
+            kept[1].append(job_images)
+        return kept[0], kept[1], warned
+
+    def _store(self, job: Job, images: list[Any], parent: Image.Image | None) -> list[dict[str, Any]]:
+        """Each image encoded with its provenance (`parent`: an edit's image) and stored, each store
+        counting as the batch's progress for the watchdog (a slow storage is an outage to wait out,
+        not a hung device whose jobs another worker should take)."""
         p = job.params
         stored = []
         for index, (image, seed) in enumerate(zip(images, p.seeds, strict=True)):
             self.progressed_at = time.monotonic()
+            data = self.provenance.encode(image, p, index, parent)
             try:
-                text = infotext.write(p, index)
-                saved = self.images.save(image, p.image_metadata(index), job.id, text, p.output_format, p.quality)
+                saved = self.images.save(data, job.id, p.output_format)
             except STORAGE_ERRORS as exc:
                 raise Outage(f"storing an image: {exc}") from exc
             width, height = p.output_size
