@@ -42,7 +42,8 @@ def list_jobs() -> dict[str, Any]:
     if not re.fullmatch(r"[0-9]{1,3}", limit) or not 1 <= int(limit) <= 500:  # ASCII digits: "¹" is a digit too
         raise APIError("invalid_request", "`limit` must be between 1 and 500", {"field": "limit"})
     jobs = svc.jobs.recent(client_key(), JobStatus(status) if status else None, int(limit))
-    return {"jobs": [job_view(job) for job in jobs]}
+    places = scheduling.positions(svc.jobs.queued())  # once, not once per queued job
+    return {"jobs": [job_view(job, places=places) for job in jobs]}
 
 
 JOB_ID = {"job_id": "The id from POST /generate."}

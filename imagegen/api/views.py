@@ -41,8 +41,9 @@ def image_views(job: Job, response_format: str = "url") -> list[dict[str, Any]]:
     return views
 
 
-def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
-    """A job as GET /jobs/<id> shows it: state, position or progress, then images or error."""
+def job_view(job: Job, response_format: str = "url", places: dict[str, int] | None = None) -> dict[str, Any]:
+    """A job as GET /jobs/<id> shows it: state, position or progress, then images or error
+    (`places`: the queue's, `scheduling.positions`, where a caller shows many jobs at once)."""
     svc = services()
     view: dict[str, Any] = {
         "id": job.id,
@@ -55,7 +56,8 @@ def job_view(job: Job, response_format: str = "url") -> dict[str, Any]:
         "priority": PRIORITIES[job.priority],
     }
     if job.status == JobStatus.QUEUED:
-        view["position"] = scheduling.positions(svc.jobs.queued()).get(job.id, 1)  # 1: taken meanwhile
+        places = scheduling.positions(svc.jobs.queued()) if places is None else places
+        view["position"] = places.get(job.id, 1)  # 1: taken meanwhile
         if reason := svc.queue.waits_for(job.params.model):
             view["reason"] = reason
     if job.status == JobStatus.RUNNING:
