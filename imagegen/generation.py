@@ -286,7 +286,7 @@ class GenerationService:
             return caller
         if not caller.admin and PRIORITIES.index(asked) > PRIORITIES.index(caller.priority):
             message = (
-                f"`priority` {asked} is above your API key's class ({caller.priority}); only an admin may raise it"
+                f"`priority` {asked} is above your class ({caller.priority}, your API key's); only an admin may raise it"
             )
             raise Refusal(message, "priority", code="forbidden")
         return replace(caller, priority=asked)
