@@ -285,9 +285,7 @@ class GenerationService:
         if asked is None or asked == caller.priority:
             return caller
         if not caller.admin and PRIORITIES.index(asked) > PRIORITIES.index(caller.priority):
-            message = (
-                f"`priority` {asked} is above your class ({caller.priority}, your API key's); only an admin may raise it"
-            )
+            message = f"`priority` {asked} is above your class ({caller.priority}, your key's); only an admin raises it"
             raise Refusal(message, "priority", code="forbidden")
         return replace(caller, priority=asked)
 

@@ -140,7 +140,7 @@ def test_a_keys_class_orders_the_queue_and_a_request_may_lower_its_own_but_not_r
     as_staff, as_boss = {"X-API-Key": staff}, {"X-API-Key": boss}
     raised = client.post("/generate", json={**body, "priority": "high"}, headers=as_staff)
     assert raised.status_code == 403 and raised.json["error"]["details"][0]["field"] == "priority"
-    assert "above your class (normal, your API key's)" in raised.json["error"]["message"]
+    assert "above your class (normal, your key's)" in raised.json["error"]["message"]
     later = client.post("/generate", json={**body, "priority": "low"}, headers=as_staff).json["id"]
     staffs = [client.post("/generate", json=body, headers=as_staff).json["id"] for _ in range(4)]
     urgent = client.post("/generate", json=body, headers=as_boss).json["id"]
