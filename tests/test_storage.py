@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import time
+from typing import Any
 
 import pytest
 from PIL import Image
 from sqlalchemy import update
 
 from imagegen.db import Database, images
-from imagegen.storage import ImageStore
+from imagegen.storage import ImageStore, image_bytes
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -28,9 +29,14 @@ def png(color: str = "red") -> Image.Image:
     return Image.new("RGB", (8, 8), color)
 
 
+def encoded(image: Image.Image, parameters: dict[str, Any]) -> bytes:
+    """A PNG as the engine stores one, its parameters in the `imagegen` chunk."""
+    return image_bytes(image, "png", parameters=parameters)
+
+
 def test_save_writes_png_with_parameters_under_random_name(store):
-    first = store.save(png(), {"prompt": "p", "seed": 1}, "job1")
-    second = store.save(png(), {"prompt": "p", "seed": 1}, "job1")
+    first = store.save(encoded(png(), {"prompt": "p", "seed": 1}), "job1")
+    second = store.save(encoded(png(), {"prompt": "p", "seed": 1}), "job1")
     assert first.name != second.name and len(first.name) == 26
     with Image.open(io.BytesIO(store.read(first.name))) as image:
         assert json.loads(image.text["imagegen"]) == {"prompt": "p", "seed": 1}
@@ -55,8 +61,8 @@ def test_find_refuses_a_well_formed_file_it_has_no_record_of(store):
 
 
 def test_delete_older_than_removes_files_and_records(store):
-    old = store.save(png(), {}, "j")
-    fresh = store.save(png(), {}, "j")
+    old = store.save(encoded(png(), {}), "j")
+    fresh = store.save(encoded(png(), {}), "j")
     with store.db.transaction() as conn:  # `old` was written two hours ago
         conn.execute(update(images).where(images.c.name == old.name).values(created_at=images.c.created_at - 7200))
     assert store.delete_older_than(3600, dry_run=True)["deleted"] == 1
@@ -67,7 +73,7 @@ def test_delete_older_than_removes_files_and_records(store):
 
 
 def test_quota_deletes_the_oldest_first(store):
-    saved = [store.save(png(color), {}, "j") for color in ("red", "green", "blue")]
+    saved = [store.save(encoded(png(color), {}), "j") for color in ("red", "green", "blue")]
     keep = saved[-1].bytes + saved[-2].bytes
     assert store.enforce_quota(keep) == {"deleted": 1, "bytes": saved[0].bytes}
     assert [store.find(image.name) is not None for image in saved] == [False, True, True]
@@ -78,7 +84,7 @@ def test_presigned_url_fetches_the_object(s3_endpoint, s3_url, tmp_path):
     import urllib.request
 
     store = ImageStore(s3_url, Database(f"sqlite:///{tmp_path / 'db.sqlite3'}"), endpoint_url=s3_endpoint)
-    saved = store.save(png(), {}, "j")
+    saved = store.save(encoded(png(), {}), "j")
     url = store.presigned_url(saved.name, 60)
     assert "Signature=" in url or "X-Amz-Signature=" in url
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -117,14 +123,14 @@ def test_presigned_urls_redirect_to_the_object(app_factory, s3_endpoint, s3_url)
 def test_a_cleanup_goes_on_past_files_already_gone(store):
     """Two cleanups at once (replicas on one folder, /cleanup during the loop's pass): the first
     file found missing must not leave the rest, uncounted, on the disk."""
-    gone, kept = store.save(png("red"), {}, "j"), store.save(png("blue"), {}, "j")
+    gone, kept = store.save(encoded(png("red"), {}), "j"), store.save(encoded(png("blue"), {}), "j")
     store.fs.rm_file(f"{store.root}/{gone.name}")  # the other cleanup was first
     assert store.enforce_quota(0)["deleted"] == 2
     assert not store.fs.exists(f"{store.root}/{kept.name}") and store.stats()["count"] == 0
 
 
 def test_files_no_record_names_are_swept_once_past_the_grace(store):
-    tracked, tracked_input = store.save(png(), {}, "j"), store.save_input(png("green"))
+    tracked, tracked_input = store.save(encoded(png(), {}), "j"), store.save_input(png("green"))
     orphan, orphan_input = "B" * 22 + ".png", "0" * 32 + ".png"  # a crash between file and record
     for name in (orphan, f"inputs/{orphan_input}", "notes.txt"):
         store.fs.pipe_file(f"{store.root}/{name}", b"left behind")
