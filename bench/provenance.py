@@ -31,7 +31,7 @@ from config import Settings
 from imagegen import create_app
 from imagegen.jobs import GenerationParams
 from imagegen.provenance import Provenance, watermark, watermarked
-from tools.make_c2pa_cert import make_chain
+from tools.make_c2pa_cert import write_chain
 
 
 def cpu_ms(provenance: Provenance, image: Image.Image, params: GenerationParams) -> float:
@@ -47,13 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
     with tempfile.TemporaryDirectory() as folder:
-        chain, key = make_chain()
-        (Path(folder) / "chain.pem").write_bytes(chain)
-        (Path(folder) / "key.pem").write_bytes(key)
+        chain, key = write_chain(Path(folder))
         plain = Provenance(Settings(_env_file=None))
-        signed = Provenance(
-            Settings(_env_file=None, c2pa_cert=Path(folder) / "chain.pem", c2pa_key=Path(folder) / "key.pem")
-        )
+        signed = Provenance(Settings(_env_file=None, c2pa_cert=chain, c2pa_key=key))
         rows = []
         for output_format in ("png", "jpeg", "webp"):
             params = GenerationParams(

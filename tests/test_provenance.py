@@ -15,7 +15,7 @@ from PIL import Image
 from imagegen import __version__
 from imagegen.provenance import CREATED, EDITED, watermarked
 from tests.conftest import ADMIN, TINY_MODEL, wait_ready
-from tools.make_c2pa_cert import make_chain
+from tools.make_c2pa_cert import write_chain
 
 DEMO = "models/demo-shapes"
 BODY = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3, "response_format": "b64_json"}
@@ -25,10 +25,7 @@ KINDS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("c2pa")
-    made, key = make_chain()
-    (folder / "chain.pem").write_bytes(made)
-    (folder / "key.pem").write_bytes(key)
-    return folder / "chain.pem", folder / "key.pem"
+    return write_chain(folder)
 
 
 def generate(client: Any, **fields: Any) -> bytes:

@@ -81,21 +81,26 @@ def make_chain(days: int = 365) -> tuple[bytes, bytes]:
     return chain, private
 
 
+def write_chain(folder: Path, days: int = 365) -> tuple[Path, Path]:
+    """A new chain and key written into `folder`, the key readable by its owner alone: the paths to
+    give as C2PA_CERT and C2PA_KEY."""
+    chain, private = make_chain(days)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "chain.pem").write_bytes(chain)
+    key_file = folder / "key.pem"
+    key_file.unlink(missing_ok=True)
+    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write(private)
+    return folder / "chain.pem", key_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the folder for chain.pem and key.pem")
     parser.add_argument("--days", type=int, default=365, help="how long the signing certificate is valid")
     args = parser.parse_args()
-    chain, private = make_chain(args.days)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "chain.pem").write_bytes(chain)
-    key_file = args.out / "key.pem"
-    key_file.unlink(missing_ok=True)
-    with os.fdopen(
-        os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb"
-    ) as out:  # never readable by others
-        out.write(private)
-    print(f"C2PA_CERT={args.out / 'chain.pem'}\nC2PA_KEY={key_file}")
+    chain, key = write_chain(args.out, args.days)
+    print(f"C2PA_CERT={chain}\nC2PA_KEY={key}")
 
 
 if __name__ == "__main__":

@@ -110,15 +110,20 @@ class EditRequest(VariationRequest):
     mask: bytes | None = None
 
 
-def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
-    kind = {
+def error_type(status: int) -> str:
+    """OpenAI's `type` of an error with this status."""
+    return {
         400: "invalid_request_error",
         401: "authentication_error",
         403: "permission_error",
         404: "not_found_error",
         429: "rate_limit_error",
     }.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    response = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+    error = {"message": message, "type": error_type(status), "param": param, "code": code}
+    response = jsonify({"error": error})
     response.status_code = status
     return response
 
@@ -232,9 +237,9 @@ def _stream(job: Job, body: ImagesOptions, event: str, warnings: list[str]) -> R
             return []
         if ended.error or not ended.images:
             failure = job_failure(ended)
-            kind = "invalid_request_error" if failure.status < 500 else "server_error"
             code = CODES.get(failure.code, failure.code)
-            return [_event("error", {"error": {"message": failure.message, "type": kind, "code": code}})]
+            error = {"message": failure.message, "type": error_type(failure.status), "code": code}
+            return [_event("error", {"error": error})]
         usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0}
         completed = {
             "type": f"{event}.completed",
